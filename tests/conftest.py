@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_unet(sample_size: int = 8, in_channels: int = 1, seed: int = 0):
+    """A ~20k-parameter UNet2DModel built from config, with attention, for fast tests."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(sample_size=sample_size, in_channels=in_channels, out_channels=in_channels,
+                       block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
+                       attention_head_dim=8).eval()
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path: Path) -> Path:
+    from tmpq.model import embedded_scheduler_config, save_pipeline_dir
+
+    out = tmp_path / "tiny-ddpm"
+    save_pipeline_dir(tiny_unet(), embedded_scheduler_config(), out)
+    return out

@@ -1,0 +1,5 @@
+import sys
+
+from tmpq.cli import main
+
+sys.exit(main())

@@ -1,0 +1,250 @@
+"""The ``tmpq`` command line. Every user error is one line on stderr and exit status 2, never a traceback."""
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+from tmpq.errors import TmpqError
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from tmpq.train import UNetTrainConfig, train_unet
+
+    cfg = UNetTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                          resolution=args.resolution, threads=args.threads, ema_decay=args.ema_decay)
+    out = Path(args.out)
+    manifest = train_unet(cfg, out, command=_command_line())
+    print(f"saved the trained EMA model to {out} (final loss {manifest['metrics']['final_loss_mean_last100']:.4f})")
+
+
+def _parse_int_list(text: str, what: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.replace(" ", "").split(",") if v != ""]
+    except ValueError:
+        raise TmpqError(f"{what}: expected comma-separated integers, got {text!r}") from None
+    if not vals:
+        raise TmpqError(f"{what}: empty list")
+    return vals
+
+
+def _schedules(args: argparse.Namespace, num_train_timesteps: int) -> list[tuple[str, tuple[int, ...]]]:
+    """(label, timesteps) pairs from --timesteps, or from every --schedule x --steps combination."""
+    from tmpq.schedules import make_timesteps, validate_timesteps
+
+    if getattr(args, "timesteps", None):
+        ts = validate_timesteps(_parse_int_list(args.timesteps, "timesteps"), num_train_timesteps)
+        return [("custom", ts)]
+    names = [s for s in args.schedule.replace(" ", "").split(",") if s]
+    steps = _parse_int_list(str(args.steps), "steps")
+    return [(name, make_timesteps(name, n, num_train_timesteps)) for name in names for n in steps]
+
+
+def _set_threads(n: int) -> None:
+    import torch
+
+    if n < 1:
+        raise TmpqError(f"threads: must be >= 1, got {n}")
+    torch.set_num_threads(n)
+
+
+def _cmd_sample(args: argparse.Namespace) -> None:
+    from tmpq.grid import save_grid
+    from tmpq.model import load_model
+    from tmpq.sampler import make_scheduler, sample_images
+
+    _set_threads(args.threads)
+    out = Path(args.out)
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+        raise TmpqError(f"--out must be a .png or .jpg file, got {out}")
+    m = load_model(args.model)
+    (label, ts), *rest = _schedules(args, m.num_train_timesteps)
+    if rest:
+        raise TmpqError("sample: give one schedule and one step count")
+    imgs = sample_images(m.unet, make_scheduler(m.scheduler_config), ts, args.n, seed=args.seed,
+                         batch_size=args.batch_size, eta=args.eta, desc=f"sample {label} {len(ts)} steps")
+    save_grid(imgs, out, nrow=args.nrow, scale=args.scale)
+    print(f"wrote {out} ({args.n} images, {label} schedule, timesteps {list(ts)})")
+
+
+def _build_reference(args: argparse.Namespace, extractor, sample_shape: tuple[int, int, int]):
+    """--ref if given; otherwise the embedded real digits, which only fit a 1-channel model."""
+    from evaluators.quality import embedded_reference, load_reference
+
+    if args.ref:
+        return load_reference(args.ref, extractor)
+    if sample_shape[0] != 1:
+        raise TmpqError(f"--ref: the model makes {sample_shape[0]}-channel images; the embedded MNIST reference does "
+                        "not fit, give reference statistics (.npz)")
+    return embedded_reference(extractor, args.ref_split, args.resolution)
+
+
+def _cmd_fid(args: argparse.Namespace) -> None:
+    import json
+
+    from evaluators.features import make_extractor
+    from evaluators.quality import evaluate_schedule
+    from tmpq.model import load_model
+    from tmpq.sampler import make_scheduler
+
+    _set_threads(args.threads)
+    if args.n < 2:
+        raise TmpqError(f"--n: must be >= 2 for FID, got {args.n}")
+    m = load_model(args.model)
+    schedules = _schedules(args, m.num_train_timesteps)
+    extractor = make_extractor(args.extractor, args.inception_weights)
+    ref = _build_reference(args, extractor, m.sample_shape)
+    scheduler = make_scheduler(m.scheduler_config)
+    rows = []
+    for label, ts in schedules:
+        row = evaluate_schedule(m.unet, scheduler, ts, args.n, extractor, ref, seed=args.seed,
+                                batch_size=args.batch_size, eta=args.eta, desc=f"{label} {len(ts)} steps")
+        row = {"schedule": label, **row}
+        rows.append(row)
+        print(_format_row(row), flush=True)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"command": _command_line(), "rows": rows}, indent=2) + "\n")
+        print(f"wrote {out}")
+
+
+def _format_row(row: dict) -> str:
+    kid = f"  KID {row['kid']:.5f} +- {row['kid_std']:.5f}" if "kid" in row else ""
+    return (f"{row['schedule']:>8} {row['steps']:>4} steps  N={row['n']}  FID({row['extractor']}) {row['fid']:.3f}"
+            f"{kid}  [{row['images_per_s']:.1f} img/s]")
+
+
+def _cmd_ref_stats(args: argparse.Namespace) -> None:
+    from evaluators.features import make_extractor
+    from evaluators.quality import embedded_reference
+
+    extractor = make_extractor(args.extractor, args.inception_weights)
+    ref = embedded_reference(extractor, args.ref_split, args.resolution)
+    path = ref.stats.save(args.out)
+    print(f"wrote {path} and {path.name}.json (N={ref.stats.n}, extractor {extractor.name})")
+
+
+def _cmd_train_classifier(args: argparse.Namespace) -> None:
+    from evaluators.classifier import ClassifierTrainConfig, train_classifier
+
+    _set_threads(args.threads)
+    cfg = ClassifierTrainConfig(epochs=args.epochs, seed=args.seed, resolution=args.resolution)
+    man = train_classifier(cfg, Path(args.out), command=_command_line())
+    print(f"saved the domain classifier to {args.out} (held-out accuracy {man['metrics']['heldout_accuracy']:.4f})")
+
+
+def _command_line() -> str:
+    return "tmpq " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``tmpq: error: ...``) and exit status 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="tmpq", description="Timestep x mixed-precision co-optimisation of diffusion models.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log diagnostics (INFO level) to stderr")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train the embedded MNIST DDPM (reproduces the committed weights)",
+                       description="Train the embedded 16x16 MNIST DDPM (epsilon loss, 1000 linear-beta steps, EMA) "
+                                   "and save it as a DDPMPipeline directory with a manifest.")
+    t.add_argument("--out", default="results/train/mnist16-ddpm", help="output pipeline directory (default: %(default)s)")
+    t.add_argument("--steps", type=int, default=1500, help="optimisation steps (default: %(default)s)")
+    t.add_argument("--batch-size", type=int, default=128, help="images per step (default: %(default)s)")
+    t.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate, cosine decay (default: %(default)s)")
+    t.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the saved weights (default: %(default)s)")
+    t.add_argument("--seed", type=int, default=0, help="seed of all randomness (default: %(default)s)")
+    t.add_argument("--resolution", type=int, default=16, choices=(16, 28), help="image size (default: %(default)s)")
+    t.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    t.set_defaults(func=_cmd_train)
+
+    c = sub.add_parser("train-classifier", help="train the embedded domain classifier (FID feature extractor)",
+                       description="Train the small MNIST CNN whose penultimate layer is the domain FID feature space "
+                                   "(train split 4,000 digits; held-out split 1,000 digits for its accuracy).")
+    c.add_argument("--out", default="results/train/mnist16-classifier", help="output directory (default: %(default)s)")
+    c.add_argument("--epochs", type=int, default=30, help="training epochs (default: %(default)s)")
+    c.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+    c.add_argument("--resolution", type=int, default=16, choices=(16, 28), help="image size (default: %(default)s)")
+    c.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    c.set_defaults(func=_cmd_train_classifier)
+
+    def add_model_and_schedule(q: argparse.ArgumentParser, steps_default: str, many: bool) -> None:
+        q.add_argument("--model", default=None, help="local diffusers model directory: a DDPMPipeline directory "
+                       "(model_index.json, unet/, scheduler/) or a bare UNet2DModel directory (default: the embedded "
+                       "MNIST model)")
+        q.add_argument("--steps", default=steps_default, help="number of denoising steps" +
+                       (", or a comma-separated list" if many else "") + " (default: %(default)s)")
+        q.add_argument("--schedule", default="quad", help="timestep spacing: uniform (DDIM) or quad (quadratic DDIM)"
+                       + (", or a comma-separated list" if many else "") + " (default: %(default)s)")
+        q.add_argument("--timesteps", default=None, help="explicit strictly descending timesteps, e.g. 800,450,200,"
+                       "50,0 (overrides --steps / --schedule)")
+        q.add_argument("--seed", type=int, default=0, help="noise-bank seed: image i always gets the same noise "
+                       "(default: %(default)s)")
+        q.add_argument("--eta", type=float, default=0.0, help="DDIM eta, 0 = deterministic (default: %(default)s)")
+        q.add_argument("--batch-size", type=int, default=256, help="images per UNet batch (default: %(default)s)")
+        q.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+
+    s = sub.add_parser("sample", help="render a grid of samples along a schedule",
+                       description="Sample images with respaced DDIM along a uniform / quadratic / explicit schedule "
+                                   "and save them as a PNG grid.")
+    add_model_and_schedule(s, "10", many=False)
+    s.add_argument("--n", type=int, default=64, help="number of images (default: %(default)s)")
+    s.add_argument("--nrow", type=int, default=8, help="images per grid row (default: %(default)s)")
+    s.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscaling of the grid (default: %(default)s)")
+    s.add_argument("--out", default="results/samples/grid.png", help="output PNG (default: %(default)s)")
+    s.set_defaults(func=_cmd_sample)
+
+    f = sub.add_parser("fid", help="FID / KID of schedules against reference statistics",
+                       description="Sample N images per schedule from the seeded noise bank and report FID (and KID "
+                                   "where reference features are known) against the reference statistics.")
+    add_model_and_schedule(f, "10", many=True)
+    f.add_argument("--n", type=int, default=10000, help="generated images per schedule (default: %(default)s)")
+    f.add_argument("--extractor", default="domain", help="feature extractor: domain (embedded MNIST classifier), "
+                   "inception (pytorch-fid InceptionV3, needs --inception-weights), random (tests) (default: %(default)s)")
+    f.add_argument("--inception-weights", default=None, help="local pytorch-fid Inception weights file "
+                   "(pt_inception-2015-12-05-*.pth or .safetensors); never downloaded")
+    f.add_argument("--ref", default=None, help="reference statistics .npz (mu, sigma; pytorch-fid format). Default: "
+                   "computed from the embedded real MNIST digits")
+    f.add_argument("--ref-split", default="all", help="embedded digits split for the reference (default: %(default)s, "
+                   "N=5000)")
+    f.add_argument("--resolution", type=int, default=16, choices=(16, 28), help="embedded reference resolution "
+                   "(default: %(default)s)")
+    f.add_argument("--out", default=None, help="write the result rows as JSON here")
+    f.set_defaults(func=_cmd_fid)
+
+    r = sub.add_parser("ref-stats", help="save reference statistics of the embedded digits (.npz + .json sidecar)",
+                       description="Compute feature statistics of the real embedded digits and save them in "
+                                   "pytorch-fid's .npz format with a JSON provenance sidecar.")
+    r.add_argument("--out", required=True, help="output .npz path")
+    r.add_argument("--extractor", default="domain", help="domain, inception or random (default: %(default)s)")
+    r.add_argument("--inception-weights", default=None, help="local Inception weights file (for --extractor inception)")
+    r.add_argument("--ref-split", default="all", help="split: all, train, heldout, half0, half1 (default: %(default)s)")
+    r.add_argument("--resolution", type=int, default=16, choices=(16, 28), help="image size (default: %(default)s)")
+    r.set_defaults(func=_cmd_ref_stats)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except TmpqError as exc:
+        print(f"tmpq: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tmpq: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

