@@ -1,0 +1,87 @@
+"""Pure fake-quantization functions (torch only).
+
+Conventions match PyTorch's reference ops so that, for equal scale / zero-point, results are bit-exact with
+``torch.fake_quantize_per_tensor_affine`` / ``torch.fake_quantize_per_channel_affine``:
+``q = clamp(round_half_even(x * (1 / scale)) + zero_point, qmin, qmax)``, ``x_hat = (q - zero_point) * scale``.
+Symmetric ranges are signed ``[-2^(b-1), 2^(b-1) - 1]`` with zero-point 0; asymmetric ranges are ``[0, 2^b - 1]``.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
+    """Integer range of a ``bits``-bit quantizer.
+
+    Example:
+        >>> qrange(8, True), qrange(4, False)
+        ((-128, 127), (0, 15))
+    """
+    if symmetric:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2 ** bits - 1
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round half to even in the forward pass, identity gradient in the backward pass (straight-through)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Affine fake quantization with broadcastable ``scale`` / ``zero_point`` (zero-point as float holding integers).
+
+    Gradients: straight-through inside the range, zero outside (as the torch ops) for ``x``; LSQ-style gradients
+    flow to ``scale`` when it requires grad.
+
+    Example:
+        >>> fake_quant(torch.tensor([0.26, -3.0]), torch.tensor(0.5), torch.tensor(0.0), -4, 3)
+        tensor([ 0.5000, -2.0000])
+    """
+    inv = 1.0 / scale
+    xs = x * inv
+    q = torch.round(xs) + zero_point
+    inside = (q >= qmin) & (q <= qmax)
+    # value: the clamped integer exactly; gradient: straight-through where unclipped (LSQ's scale gradient follows)
+    q = q.clamp(qmin, qmax).detach() + (xs - xs.detach()) * inside
+    return (q - zero_point) * scale
+
+
+def channel_view(t: torch.Tensor, ndim: int, axis: int = 0) -> torch.Tensor:
+    """Reshape a per-channel vector to broadcast along ``axis`` of an ``ndim``-d tensor."""
+    shape = [1] * ndim
+    shape[axis] = -1
+    return t.reshape(shape)
+
+
+def to_groups(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int]:
+    """View a weight [C_out, ...] as [C_out, n_groups, group_size] along its flattened input dimension, padding the
+    last group with zeros when needed; returns the view and the pad length."""
+    flat = w.reshape(w.shape[0], -1)
+    pad = (-flat.shape[1]) % group_size
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    return flat.reshape(w.shape[0], -1, group_size), pad
+
+
+def from_groups(g: torch.Tensor, shape: torch.Size, pad: int) -> torch.Tensor:
+    """Inverse of :func:`to_groups`."""
+    flat = g.reshape(shape[0], -1)
+    if pad:
+        flat = flat[:, :-pad]
+    return flat.reshape(shape)
+
+
+def affine_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool,
+                  eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero-point covering [lo, hi] (elementwise tensors). Symmetric: scale = max|.| / qmax, zp = 0.
+    Asymmetric: the range is widened to include 0, scale = (hi - lo) / (2^b - 1), zp = round(-lo / scale)."""
+    qmin, qmax = qrange(bits, symmetric)
+    if symmetric:
+        amax = torch.maximum(lo.abs(), hi.abs())
+        scale = torch.clamp(amax / qmax, min=eps)
+        return scale, torch.zeros_like(scale)
+    lo = torch.clamp(lo, max=0.0)
+    hi = torch.clamp(hi, min=0.0)
+    scale = torch.clamp((hi - lo) / (qmax - qmin), min=eps)
+    zp = torch.clamp(torch.round(-lo / scale), qmin, qmax)
+    return scale, zp
