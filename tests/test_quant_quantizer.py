@@ -91,7 +91,7 @@ def test_percentile_clips_a_lone_outlier():
     x = torch.randn(20000, generator=torch.Generator().manual_seed(0))
     x[0] = 1000.0
     errs = _errors(x, 4, skip=1)  # error on the 19,999 inliers
-    assert errs["percentile"] < errs["minmax"] / 100
+    assert errs["percentile"] < errs["minmax"] / 20
 
 
 def test_mse_search_beats_minmax_on_heavy_tails():
