@@ -1,0 +1,151 @@
+"""Quantized Conv2d / Linear with K weight and K' activation quantizer options sharing one FP weight.
+
+A ``QuantLayer`` wraps an existing ``nn.Conv2d`` / ``nn.Linear`` (no copy of its weight). ``set_bits(w, a)`` picks
+the option indices (``None``: full precision) in O(1); nothing is recalibrated. ``split`` gives Q-Diffusion's split
+quantization of a UNet skip concatenation: input channels ``[:split]`` and ``[split:]`` get separate activation
+quantizers (their ranges differ by an order of magnitude).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from quant.quantizer import AffineQuantizer, QuantError
+
+
+class QuantLayer(nn.Module):
+    """Base of the quantized wrappers; subclasses implement ``_op(x, w)``."""
+
+    def __init__(self, module: nn.Module, w_bits: Sequence[int], a_bits: Sequence[int], *,
+                 w_symmetric: bool = True, w_granularity: str = "channel", group_size: int | None = None,
+                 w_observer: str = "mse", a_symmetric: bool = False, a_observer: str = "mse",
+                 split: int | None = None):
+        super().__init__()
+        self.module = module
+        weight = module.weight
+        in_features = weight[0].numel()
+        self.w_bits, self.a_bits = tuple(int(b) for b in w_bits), tuple(int(b) for b in a_bits)
+        if not self.w_bits or not self.a_bits:
+            raise QuantError("a quantized layer needs at least one weight and one activation bit option")
+        self.w_quant = nn.ModuleList(
+            AffineQuantizer(b, w_symmetric, w_granularity, channels=weight.shape[0], group_size=group_size,
+                            in_features=in_features, observer=w_observer) for b in self.w_bits)
+        self.a_quant = nn.ModuleList(AffineQuantizer(b, a_symmetric, "tensor", observer=a_observer)
+                                     for b in self.a_bits)
+        self.split = split
+        if split is not None:
+            in_ch = weight.shape[1]
+            if not 0 < split < in_ch:
+                raise QuantError(f"split: {split} is not inside the {in_ch} input channels")
+            self.a_quant_split = nn.ModuleList(AffineQuantizer(b, a_symmetric, "tensor", observer=a_observer)
+                                               for b in self.a_bits)
+        self.w_index: int | None = None
+        self.a_index: int | None = None
+        self.observing = False
+        self._w_cache: dict[int, torch.Tensor] = {}
+
+    # -- option switching ---------------------------------------------------------------------------------------
+    def set_bits(self, w_index: int | None, a_index: int | None) -> None:
+        """Select weight / activation options by index (``None`` = full precision)."""
+        if w_index is not None and not 0 <= w_index < len(self.w_quant):
+            raise QuantError(f"weight option index {w_index} out of range for {len(self.w_quant)} options")
+        if a_index is not None and not 0 <= a_index < len(self.a_quant):
+            raise QuantError(f"activation option index {a_index} out of range for {len(self.a_quant)} options")
+        self.w_index, self.a_index = w_index, a_index
+
+    # -- calibration --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def calibrate_weights(self) -> None:
+        """Observe the FP weight once and freeze every weight option."""
+        for q in self.w_quant:
+            q.observe(self.module.weight)
+            q.freeze()
+        self._w_cache.clear()
+
+    def freeze_activations(self, index: int | None = None) -> None:
+        """Freeze the activation option(s) observed so far (all if ``index`` is None)."""
+        idx = range(len(self.a_quant)) if index is None else [index]
+        for i in idx:
+            self.a_quant[i].freeze()
+            if self.split is not None:
+                self.a_quant_split[i].freeze()
+
+    # -- forward ------------------------------------------------------------------------------------------------
+    def quantized_weight(self) -> torch.Tensor:
+        if self.w_index is None:
+            return self.module.weight
+        q = self.w_quant[self.w_index]
+        if torch.is_grad_enabled() and (self.module.weight.requires_grad or any(p.requires_grad for p in q.parameters())):
+            return q(self.module.weight)
+        w = self._w_cache.get(self.w_index)
+        if w is None:
+            w = self._w_cache[self.w_index] = q(self.module.weight).detach()
+        return w
+
+    def invalidate_cache(self) -> None:
+        """Forget cached quantized weights (call after changing weights or weight-quantizer state)."""
+        self._w_cache.clear()
+
+    def _act(self, x: torch.Tensor) -> torch.Tensor:
+        if self.a_index is None:
+            return x
+        if self.split is None:
+            if self.observing:
+                self.a_quant[self.a_index].observe(x)
+                return x
+            return self.a_quant[self.a_index](x)
+        a, b = x[:, : self.split], x[:, self.split:]
+        qa, qb = self.a_quant[self.a_index], self.a_quant_split[self.a_index]
+        if self.observing:
+            qa.observe(a)
+            qb.observe(b)
+            return x
+        return torch.cat([qa(a), qb(b)], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._op(self._act(x), self.quantized_weight())
+
+    def _op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def load_state_dict(self, *args, **kwargs):
+        self._w_cache.clear()
+        return super().load_state_dict(*args, **kwargs)
+
+
+class QuantConv2d(QuantLayer):
+    """``nn.Conv2d`` with switchable quantizer options (shares the wrapped module's weight and bias)."""
+
+    def _op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        if m.padding_mode != "zeros":
+            x = F.pad(x, m._reversed_padding_repeated_twice, mode=m.padding_mode)
+            return F.conv2d(x, w, m.bias, m.stride, 0, m.dilation, m.groups)
+        return F.conv2d(x, w, m.bias, m.stride, m.padding, m.dilation, m.groups)
+
+
+class QuantLinear(QuantLayer):
+    """``nn.Linear`` with switchable quantizer options (shares the wrapped module's weight and bias)."""
+
+    def _op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, w, self.module.bias)
+
+
+WRAPPERS: dict[type, type[QuantLayer]] = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
+
+
+def wrap(module: nn.Module, **kwargs) -> QuantLayer:
+    """Wrap a module through the type -> wrapper registry.
+
+    Example:
+        >>> q = wrap(nn.Linear(4, 3), w_bits=(8, 4), a_bits=(8,))
+        >>> type(q).__name__
+        'QuantLinear'
+    """
+    for cls in type(module).__mro__:
+        if cls in WRAPPERS:
+            return WRAPPERS[cls](module, **kwargs)
+    raise QuantError(f"no quantized wrapper registered for {type(module).__name__}")

@@ -1,0 +1,89 @@
+import pytest
+import torch
+import torch.nn as nn
+
+from quant import QuantError
+from quant.layers import QuantConv2d, QuantLinear, wrap
+
+
+def _calibrated(layer, x):
+    layer.calibrate_weights()
+    layer.observing = True
+    for i in range(len(layer.a_quant)):
+        layer.set_bits(0, i)
+        layer(x)
+    layer.observing = False
+    layer.freeze_activations()
+    return layer
+
+
+def test_fp_passthrough_is_exact():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    q = wrap(conv, w_bits=(8, 4), a_bits=(8,))
+    x = torch.randn(2, 4, 5, 5)
+    assert isinstance(q, QuantConv2d)
+    assert torch.equal(q(x), conv(x))  # w_index = a_index = None
+
+
+def test_options_switch_and_lower_bits_hurt_more():
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 16)
+    x = torch.randn(64, 32)
+    q = _calibrated(wrap(lin, w_bits=(8, 6, 4), a_bits=(8, 4), a_observer="minmax"), x)
+    ref = lin(x)
+    errs = []
+    for wi in range(3):
+        q.set_bits(wi, 0)
+        errs.append((q(x) - ref).pow(2).mean().item())
+    assert errs[0] < errs[1] < errs[2]
+    q.set_bits(0, 1)
+    assert (q(x) - ref).pow(2).mean().item() > errs[0]
+    q.set_bits(None, None)
+    assert torch.equal(q(x), ref)
+
+
+def test_weight_is_shared_not_copied():
+    lin = nn.Linear(8, 4)
+    q = QuantLinear(lin, w_bits=(8,), a_bits=(8,))
+    assert q.module.weight is lin.weight
+    assert sum(p.numel() for p in q.parameters()) == sum(p.numel() for p in lin.parameters())
+
+
+def test_split_quantization_handles_different_ranges():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 4, 1)
+    with torch.no_grad():
+        conv.weight[:, :4] *= 400.0  # both halves matter for the output, as a UNet skip does
+    x = torch.cat([torch.randn(16, 4, 4, 4) * 0.05, torch.randn(16, 4, 4, 4) * 20], dim=1)
+    plain = _calibrated(QuantConv2d(conv, w_bits=(8,), a_bits=(6,), a_observer="minmax"), x)
+    split = _calibrated(QuantConv2d(conv, w_bits=(8,), a_bits=(6,), a_observer="minmax", split=4), x)
+    ref = conv(x)
+    plain.set_bits(None, 0)  # FP weights: isolate the activation quantization
+    split.set_bits(None, 0)
+    assert (split(x) - ref).pow(2).mean() < (plain(x) - ref).pow(2).mean() / 4
+
+
+def test_state_dict_round_trip_into_fresh_layer():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, 3)
+    x = torch.randn(4, 3, 6, 6)
+    src = _calibrated(QuantConv2d(conv, w_bits=(8, 4), a_bits=(8, 6), split=1), x)
+    dst = QuantConv2d(nn.Conv2d(3, 5, 3), w_bits=(8, 4), a_bits=(8, 6), split=1)
+    dst.load_state_dict(src.state_dict())
+    for wi, ai in [(0, 0), (1, 1), (1, 0)]:
+        src.set_bits(wi, ai)
+        dst.set_bits(wi, ai)
+        assert torch.equal(src(x), dst(x))
+
+
+def test_bad_inputs():
+    with pytest.raises(QuantError, match="not a supported bit-width"):
+        wrap(nn.Linear(4, 4), w_bits=(8, 1), a_bits=(8,))
+    with pytest.raises(QuantError, match="no quantized wrapper"):
+        wrap(nn.GroupNorm(2, 4), w_bits=(8,), a_bits=(8,))
+    q = wrap(nn.Linear(4, 4), w_bits=(8,), a_bits=(8,))
+    with pytest.raises(QuantError, match="out of range"):
+        q.set_bits(1, 0)
+    with pytest.raises(QuantError, match="split"):
+        QuantConv2d(nn.Conv2d(4, 4, 1), w_bits=(8,), a_bits=(8,), split=4)
