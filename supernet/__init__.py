@@ -1,1 +1,5 @@
-"""The weight-sharing quantized supernet over a diffusers denoiser. Filled in by the supernet issue."""
+"""The weight-sharing quantized supernet over a diffusers denoiser."""
+from supernet.config import LayerInfo, SupernetConfig
+from supernet.supernet import QuantSupernet, model_fingerprint
+
+__all__ = ["LayerInfo", "QuantSupernet", "SupernetConfig", "model_fingerprint"]

@@ -1,0 +1,89 @@
+"""Supernet configuration and the value types that cross process / disk boundaries (JSON round-trip)."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from quant.quantizer import GRANULARITIES, OBSERVERS, SUPPORTED_BITS
+from tmpq.errors import TmpqError
+
+
+@dataclass(frozen=True)
+class SupernetConfig:
+    """Which layers are quantized, with which bit options, and how.
+
+    - ``w_bits`` / ``a_bits``: candidate weight / activation bit-widths of every searchable layer.
+    - ``include`` / ``exclude``: ``fnmatch`` patterns over module FQNs (Conv2d / Linear only).
+    - ``pin``: FQN pattern -> ``[w_bits, a_bits]``; matching layers are fixed (default: first and last layer at 8).
+    - ``tie``: regexes with one capture group; layers whose match captures the same text share one gene
+      (e.g. ``(.*attentions\\.\\d+)\\.to_[qkv]$`` ties the q, k, v projections of each attention).
+    - ``split_skip``: Q-Diffusion split quantization of the UNet skip concatenation.
+    """
+
+    w_bits: tuple[int, ...] = (8, 6, 4)
+    a_bits: tuple[int, ...] = (8, 6)
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    pin: dict = field(default_factory=lambda: {"conv_in": [8, 8], "conv_out": [8, 8]})
+    tie: tuple[str, ...] = ()
+    w_granularity: str = "channel"
+    group_size: int | None = None
+    w_symmetric: bool = True
+    a_symmetric: bool = False
+    w_observer: str = "mse"
+    a_observer: str = "mse"
+    split_skip: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "w_bits", tuple(int(b) for b in self.w_bits))
+        object.__setattr__(self, "a_bits", tuple(int(b) for b in self.a_bits))
+        object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "tie", tuple(self.tie))
+        self.validate()
+
+    def validate(self) -> None:
+        for key in ("w_bits", "a_bits"):
+            bits = getattr(self, key)
+            if not bits:
+                raise TmpqError(f"supernet.{key}: needs at least one bit-width")
+            if len(set(bits)) != len(bits):
+                raise TmpqError(f"supernet.{key}: repeated bit-width in {list(bits)}")
+            for b in bits:
+                if b not in SUPPORTED_BITS:
+                    raise TmpqError(f"supernet.{key}: {b} is not a supported bit-width (2..16)")
+        for pat, wa in self.pin.items():
+            if not isinstance(wa, (list, tuple)) or len(wa) != 2:
+                raise TmpqError(f"supernet.pin.{pat}: must be [w_bits, a_bits], got {wa!r}")
+            for b in wa:
+                if b not in SUPPORTED_BITS:
+                    raise TmpqError(f"supernet.pin.{pat}: {b} is not a supported bit-width (2..16)")
+        if self.w_granularity not in GRANULARITIES:
+            raise TmpqError(f"supernet.w_granularity: unknown {self.w_granularity!r}; choose one of "
+                            f"{', '.join(GRANULARITIES)}")
+        if self.w_granularity == "group" and not (self.group_size and self.group_size > 0):
+            raise TmpqError("supernet.group_size: must be a positive integer for group granularity")
+        for key in ("w_observer", "a_observer"):
+            if getattr(self, key) not in OBSERVERS:
+                raise TmpqError(f"supernet.{key}: unknown {getattr(self, key)!r}; choose one of {', '.join(OBSERVERS)}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "SupernetConfig":
+        d = json.loads(text)
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One quantized layer: FQN, kind, MACs per sample per denoiser call, weight count, gene (None if pinned)."""
+
+    fqn: str
+    kind: str
+    macs: int
+    params: int
+    gene: int | None
+    pinned: tuple[int, int] | None = None
+    split: int | None = None

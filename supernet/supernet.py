@@ -1,0 +1,325 @@
+"""The weight-sharing quantized supernet: every selected Conv2d / Linear of a diffusers denoiser is wrapped (in place,
+through the type -> wrapper registry of ``quant.layers``) with one quantizer per candidate bit-width; a bit allocation
+is served by switching option indices, never by recalibrating."""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from quant.layers import WRAPPERS, QuantLayer, wrap
+from quant.quantizer import QuantError
+from supernet.config import LayerInfo, SupernetConfig
+from tmpq.errors import TmpqError
+
+SUPERNET_FORMAT = "tmpq.supernet"
+SUPERNET_VERSION = 1
+
+
+def model_fingerprint(unet: nn.Module) -> str:
+    """SHA-256 over the FP parameter names, shapes and values (identifies 'the same model')."""
+    h = hashlib.sha256()
+    for name, p in sorted(unet.state_dict().items()):
+        if ".w_quant." in name or ".a_quant" in name:
+            continue
+        h.update(name.replace(".module.", ".").encode())
+        h.update(str(tuple(p.shape)).encode())
+        h.update(p.detach().float().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _skip_splits(unet: nn.Module) -> dict[str, int]:
+    """FQN -> split channel for the convolutions that read a UNet skip concatenation ``cat([h, skip])``.
+
+    In diffusers' up blocks each resnet reads ``cat([h, skip])`` where ``h`` has the channels of the previously
+    executed resnet (the mid block's last resnet for the first up block)."""
+    splits: dict[str, int] = {}
+    mid = getattr(unet, "mid_block", None)
+    if mid is None or not hasattr(unet, "up_blocks"):
+        return splits
+    prev = mid.resnets[-1].out_channels
+    for i, block in enumerate(unet.up_blocks):
+        for j, res in enumerate(block.resnets):
+            if res.in_channels > prev:
+                for part in ("conv1", "conv_shortcut"):
+                    if getattr(res, part, None) is not None:
+                        splits[f"up_blocks.{i}.resnets.{j}.{part}"] = prev
+            prev = res.out_channels
+    return splits
+
+
+class QuantSupernet(nn.Module):
+    """Wrap ``unet`` in place; ``set_bits`` selects any per-gene allocation instantly.
+
+    Example:
+        >>> from tmpq.model import load_model
+        >>> net = QuantSupernet(load_model().unet, SupernetConfig())
+        >>> net.set_uniform(8, 8)   # after calibrate(); doctest: +SKIP
+    """
+
+    def __init__(self, unet: nn.Module, config: SupernetConfig | None = None):
+        super().__init__()
+        self.config = config = config or SupernetConfig()
+        self.fingerprint = model_fingerprint(unet)
+        self.unet = unet
+        splits = _skip_splits(unet) if config.split_skip else {}
+        candidates = [(n, m) for n, m in unet.named_modules() if type(m) in WRAPPERS]
+        selected = [(n, m) for n, m in candidates
+                    if any(fnmatch.fnmatchcase(n, p) for p in config.include)
+                    and not any(fnmatch.fnmatchcase(n, p) for p in config.exclude)]
+        if not selected:
+            raise TmpqError("supernet.include: the patterns match no Conv2d / Linear layer")
+        for pat in config.pin:
+            if not any(fnmatch.fnmatchcase(n, pat) for n, _ in selected):
+                raise TmpqError(f"supernet.pin: pattern {pat!r} matches no quantized layer")
+        tie_res = [re.compile(t) for t in config.tie]
+        for t, rx in zip(config.tie, tie_res):
+            if rx.groups != 1:
+                raise TmpqError(f"supernet.tie: regex {t!r} needs exactly one capture group")
+            if not any(rx.search(n) for n, _ in selected):
+                raise TmpqError(f"supernet.tie: regex {t!r} matches no quantized layer")
+
+        self.layers: dict[str, QuantLayer] = {}
+        self.genes: list[tuple[str, ...]] = []
+        gene_of_key: dict[str, int] = {}
+        self._pinned: dict[str, tuple[int, int]] = {}
+        for name, mod in selected:
+            pin = next((tuple(wa) for p, wa in config.pin.items() if fnmatch.fnmatchcase(name, p)), None)
+            w_opts, a_opts = ((pin[0],), (pin[1],)) if pin else (config.w_bits, config.a_bits)
+            layer = wrap(mod, w_bits=w_opts, a_bits=a_opts, w_symmetric=config.w_symmetric,
+                         w_granularity=config.w_granularity, group_size=config.group_size,
+                         w_observer=config.w_observer, a_symmetric=config.a_symmetric,
+                         a_observer=config.a_observer, split=splits.get(name))
+            self._replace(name, layer)
+            self.layers[name] = layer
+            if pin:
+                self._pinned[name] = pin
+                continue
+            key = name
+            for rx in tie_res:
+                mt = rx.search(name)
+                if mt:
+                    key = "tie:" + mt.group(1)
+                    break
+            if key not in gene_of_key:
+                gene_of_key[key] = len(self.genes)
+                self.genes.append(())
+            g = gene_of_key[key]
+            self.genes[g] = self.genes[g] + (name,)
+        self._gene_of = {n: g for g, names in enumerate(self.genes) for n in names}
+        self.infos = self._profile()
+        self._calibrated = False
+
+    def _replace(self, fqn: str, new: nn.Module) -> None:
+        parent_name, _, child = fqn.rpartition(".")
+        parent = self.unet.get_submodule(parent_name) if parent_name else self.unet
+        setattr(parent, child, new)
+
+    # -- cost model ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _profile(self) -> list[LayerInfo]:
+        """Per-layer MACs per sample per denoiser call, from one forward with hooks (profiled once)."""
+        macs: dict[str, int] = {}
+        hooks = []
+        for name, layer in self.layers.items():
+            def hook(mod, inp, out, name=name):
+                # each output element costs (in / groups) * kh * kw (conv) or in_features (linear) MACs
+                macs[name] = int(out.numel() // out.shape[0]) * mod.module.weight[0].numel()
+            hooks.append(layer.register_forward_hook(hook))
+        saved = {n: (lay.w_index, lay.a_index) for n, lay in self.layers.items()}
+        for lay in self.layers.values():
+            lay.set_bits(None, None)
+        try:
+            cfg = self.unet.config
+            size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+            x = torch.zeros(1, cfg.in_channels, size, size, device=self._device())
+            self.unet(x, torch.tensor([500], device=x.device))
+        finally:
+            for h in hooks:
+                h.remove()
+            for n, (w, a) in saved.items():
+                self.layers[n].set_bits(w, a)
+        infos = []
+        for name, layer in self.layers.items():
+            infos.append(LayerInfo(fqn=name, kind=type(layer.module).__name__, macs=macs.get(name, 0),
+                                   params=layer.module.weight.numel(), gene=self._gene_of.get(name),
+                                   pinned=self._pinned.get(name), split=layer.split))
+        return infos
+
+    def _device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def num_genes(self) -> int:
+        return len(self.genes)
+
+    def layer_table(self) -> list[dict]:
+        return [info.__dict__ for info in self.infos]
+
+    def bitops(self, allocation: Sequence[tuple[int, int]]) -> int:
+        """BitOPs of one denoiser call for one sample: sum over layers of MACs * b_w * b_a (pinned at their bits)."""
+        alloc = self._check_allocation(allocation)
+        total = 0
+        for info in self.infos:
+            w, a = info.pinned if info.pinned else alloc[info.gene]
+            total += info.macs * w * a
+        return total
+
+    def size_mb(self, allocation: Sequence[tuple[int, int]]) -> float:
+        """Storage of the quantized weights at their bits plus every other parameter at 32 bits, in MB (1e6 B)."""
+        alloc = self._check_allocation(allocation)
+        bits = 0
+        quantized = 0
+        for info in self.infos:
+            w = info.pinned[0] if info.pinned else alloc[info.gene][0]
+            bits += info.params * w
+            quantized += info.params
+        other = sum(p.numel() for p in self.unet.parameters()) - quantized
+        return (bits + 32 * other) / 8 / 1e6
+
+    # -- option switching ---------------------------------------------------------------------------------------
+    def _check_allocation(self, allocation) -> list[tuple[int, int]]:
+        alloc = [tuple(int(b) for b in wa) for wa in allocation]
+        if len(alloc) != self.num_genes:
+            raise TmpqError(f"allocation: expected {self.num_genes} (w_bits, a_bits) genes, got {len(alloc)}")
+        for g, wa in enumerate(alloc):
+            if len(wa) != 2:
+                raise TmpqError(f"allocation: gene {g} must be (w_bits, a_bits), got {wa!r}")
+            if wa[0] not in self.config.w_bits:
+                raise TmpqError(f"allocation: gene {g} ({self.genes[g][0]}): weight bits {wa[0]} not in options "
+                                f"{list(self.config.w_bits)}")
+            if wa[1] not in self.config.a_bits:
+                raise TmpqError(f"allocation: gene {g} ({self.genes[g][0]}): activation bits {wa[1]} not in options "
+                                f"{list(self.config.a_bits)}")
+        return alloc
+
+    def set_bits(self, allocation: Sequence[tuple[int, int]]) -> None:
+        """Serve a per-gene (w_bits, a_bits) allocation: O(layers) index switches, no recalibration."""
+        alloc = self._check_allocation(allocation)
+        w_idx = {b: i for i, b in enumerate(self.config.w_bits)}
+        a_idx = {b: i for i, b in enumerate(self.config.a_bits)}
+        for name, layer in self.layers.items():
+            g = self._gene_of.get(name)
+            if g is None:
+                layer.set_bits(0, 0)
+            else:
+                layer.set_bits(w_idx[alloc[g][0]], a_idx[alloc[g][1]])
+
+    def set_uniform(self, w_bits: int, a_bits: int) -> None:
+        self.set_bits([(w_bits, a_bits)] * self.num_genes)
+
+    def set_fp(self) -> None:
+        """Full-precision passthrough (every layer, pinned ones included)."""
+        for layer in self.layers.values():
+            layer.set_bits(None, None)
+
+    def forward(self, *args, **kwargs):
+        return self.unet(*args, **kwargs)
+
+    # -- calibration --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def calibrate(self, data: Iterable[tuple[torch.Tensor, torch.Tensor]], mode: str = "per-option",
+                  seed: int = 0, progress: bool = True) -> None:
+        """Calibrate every option of every layer once.
+
+        Weights: each option observes the FP weight (per-channel MSE search by default).
+        Activations, ``per-option``: for each activation option j the whole model runs at (w ~ a_bits[j], a_bits[j])
+        (the authors' code); ``random-path``: each batch runs a random per-gene allocation (the paper text), each
+        layer's active option observes. ``data`` yields (x_t, t) batches captured from the FP sampler.
+        """
+        if mode not in ("per-option", "random-path"):
+            raise TmpqError(f"calibration.mode: unknown {mode!r}; choose per-option or random-path")
+        batches = list(data)
+        if not batches:
+            raise TmpqError("calibration: no calibration data")
+        for layer in self.layers.values():
+            layer.calibrate_weights()
+        for layer in self.layers.values():
+            layer.observing = True
+        try:
+            if mode == "per-option":
+                for a in self.config.a_bits:
+                    w = a if a in self.config.w_bits else max(self.config.w_bits)
+                    self.set_uniform(w, a)
+                    for x, t in tqdm(batches, desc=f"calibrate A{a} (W{w})", disable=not progress, leave=False):
+                        self.unet(x, t)
+            else:
+                rng = np.random.default_rng(seed)
+                seen: set[tuple[str, int]] = set()
+                for x, t in tqdm(batches, desc="calibrate random-path", disable=not progress, leave=False):
+                    alloc = [(int(rng.choice(self.config.w_bits)), int(rng.choice(self.config.a_bits)))
+                             for _ in range(self.num_genes)]
+                    self.set_bits(alloc)
+                    seen |= {(n, lay.a_index) for n, lay in self.layers.items()}
+                    self.unet(x, t)
+                # every option must have seen data: fill gaps with uniform passes at the missing option
+                for j, a in enumerate(self.config.a_bits):
+                    if any((n, j) not in seen for n in self._gene_of):
+                        self.set_uniform(max(self.config.w_bits), a)
+                        for x, t in batches[: max(1, len(batches) // 4)]:
+                            self.unet(x, t)
+        finally:
+            for layer in self.layers.values():
+                layer.observing = False
+        for layer in self.layers.values():
+            layer.freeze_activations()
+            layer.invalidate_cache()
+        self._calibrated = True
+        self.set_fp()
+
+    # -- persistence --------------------------------------------------------------------------------------------
+    def quantizer_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().contiguous().cpu() for k, v in self.unet.state_dict().items()
+                if ".w_quant." in k or ".a_quant" in k}
+
+    def save(self, path: Path | str) -> Path:
+        """Quantizer state as safetensors; config, fingerprint and format in its metadata (atomic write)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"format": SUPERNET_FORMAT, "version": str(SUPERNET_VERSION), "config": self.config.to_json(),
+                "model_fingerprint": self.fingerprint}
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(self.quantizer_state(), str(tmp), metadata=meta)
+        tmp.replace(path)
+        return path
+
+    def load(self, path: Path | str) -> None:
+        """Load quantizer state saved by :meth:`save`; refuses a file for another model or config."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise TmpqError(f"supernet file not found: {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:
+            raise TmpqError(f"corrupt or truncated supernet file {path}: {str(exc).splitlines()[0]}") from None
+        if meta.get("format") != SUPERNET_FORMAT:
+            raise TmpqError(f"{path} is not a tmpq supernet file (format {meta.get('format')!r})")
+        if meta.get("model_fingerprint") != self.fingerprint:
+            raise TmpqError(f"supernet file {path} was calibrated for a different model "
+                            f"({meta.get('model_fingerprint', '?')[:12]} vs {self.fingerprint[:12]})")
+        if json.loads(meta.get("config", "{}")) != json.loads(self.config.to_json()):
+            raise TmpqError(f"supernet file {path} was made with a different supernet config")
+        try:
+            missing, unexpected = self.unet.load_state_dict(state, strict=False)
+        except RuntimeError as exc:
+            raise TmpqError(f"supernet file {path} does not fit: {str(exc).splitlines()[0]}") from None
+        missing = [k for k in missing if ".w_quant." in k or ".a_quant" in k]
+        if missing or unexpected:
+            raise TmpqError(f"supernet file {path} does not fit: missing {missing[:2]}, unexpected {unexpected[:2]}")
+        for layer in self.layers.values():
+            layer.invalidate_cache()
+        self._calibrated = True
