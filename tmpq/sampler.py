@@ -127,13 +127,17 @@ class NoiseBank:
 
 @torch.inference_mode()
 def sample_batch(unet: torch.nn.Module, scheduler: RespacedDDIMScheduler, timesteps: Sequence[int],
-                 bank: NoiseBank, indices: Sequence[int], eta: float = 0.0) -> torch.Tensor:
-    """Denoise the bank's images ``indices`` along ``timesteps``; returns images in [-1, 1]."""
+                 bank: NoiseBank, indices: Sequence[int], eta: float = 0.0, on_step=None) -> torch.Tensor:
+    """Denoise the bank's images ``indices`` along ``timesteps``; returns images in [-1, 1].
+
+    ``on_step(k, t, x_t)``, if given, sees the denoiser input of every step (calibration-data capture)."""
     scheduler.set_timesteps(timesteps=timesteps)
     device = next(unet.parameters()).device
     x = bank.initial(indices).to(device)
     for k, t in enumerate(scheduler.timesteps.tolist()):
         t_in = torch.full((x.shape[0],), t, dtype=torch.int64, device=device)
+        if on_step is not None:
+            on_step(k, t, x)
         eps = unet(x, t_in).sample
         noise = bank.eta(indices, k).to(device) if eta > 0 else None
         x = scheduler.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample

@@ -1,0 +1,130 @@
+"""Calibration data: denoiser inputs (x_t, t) captured along the FP sampler's trajectories.
+
+Three strategies (compared in the supernet report):
+- ``uniform`` (Q-Diffusion): keep x_t at ``n_steps`` uniformly spaced steps of the trajectory, every sample each time.
+- ``ndtc`` (PTQ4DM): per sample, a timestep drawn from N(0.4 T, 0.4 T) (biased to the clean end), snapped to the
+  nearest trajectory step.
+- ``eda`` (EDA-DM style): per-step sample counts allocated by density + lambda * diversity of the denoiser's
+  mid-block features, then the most diverse samples of each step (farthest-point selection).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tmpq.errors import TmpqError
+from tmpq.sampler import NoiseBank, sample_batch
+from tmpq.schedules import make_timesteps
+
+STRATEGIES = ("uniform", "ndtc", "eda")
+
+
+@dataclass
+class CalibData:
+    """Captured denoiser inputs: x [N, C, H, W] and integer timesteps t [N]."""
+
+    x: torch.Tensor
+    t: torch.Tensor
+    strategy: str
+
+    def batches(self, batch_size: int = 64):
+        for i in range(0, len(self.t), batch_size):
+            yield self.x[i:i + batch_size], self.t[i:i + batch_size]
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+
+@torch.no_grad()
+def capture_trajectories(unet, scheduler, n_samples: int, sampler_steps: int, seed: int = 10_000,
+                         schedule: str = "uniform") -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the FP sampler on ``n_samples`` noise-bank images (seed distinct from evaluation seeds) and return every
+    step's denoiser input: xs [steps, n, C, H, W] and the timesteps [steps]."""
+    ts = make_timesteps(schedule, sampler_steps, scheduler.config.num_train_timesteps)
+    shape = (unet.config.in_channels, *(2 * [unet.config.sample_size]
+                                        if isinstance(unet.config.sample_size, int) else unet.config.sample_size))
+    bank = NoiseBank(seed, shape)
+    xs: list[torch.Tensor] = []
+    sample_batch(unet, scheduler, ts, bank, list(range(n_samples)), on_step=lambda k, t, x: xs.append(x.clone()))
+    return torch.stack(xs), torch.tensor(ts)
+
+
+def _mid_features(unet, x: torch.Tensor, t: torch.Tensor) -> np.ndarray:
+    feats = []
+
+    def hook(mod, inp, out):
+        feats.append(out.mean(dim=(2, 3)).double().cpu())
+
+    h = unet.mid_block.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            for i in range(0, len(t), 256):
+                unet(x[i:i + 256], t[i:i + 256])
+    finally:
+        h.remove()
+    return torch.cat(feats).numpy()
+
+
+def _farthest_points(f: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    chosen = [int(rng.integers(len(f)))]
+    d = np.linalg.norm(f - f[chosen[0]], axis=1)
+    while len(chosen) < k:
+        nxt = int(d.argmax())
+        chosen.append(nxt)
+        d = np.minimum(d, np.linalg.norm(f - f[nxt], axis=1))
+    return np.array(chosen)
+
+
+def make_calib_data(unet, scheduler, strategy: str = "uniform", n_steps: int = 20, per_step: int = 32,
+                    sampler_steps: int = 100, seed: int = 10_000, lam: float = 1.0) -> CalibData:
+    """Build ``n_steps x per_step`` calibration pairs with the named strategy (default 20 x 32 = 640).
+
+    Example:
+        >>> data = make_calib_data(unet, sched, "ndtc", n_steps=4, per_step=8)  # doctest: +SKIP
+    """
+    if strategy not in STRATEGIES:
+        raise TmpqError(f"calibration.strategy: unknown {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if n_steps < 1 or per_step < 1 or sampler_steps < n_steps:
+        raise TmpqError(f"calibration: need 1 <= n_steps <= sampler_steps and per_step >= 1, got n_steps={n_steps}, "
+                        f"per_step={per_step}, sampler_steps={sampler_steps}")
+    rng = np.random.default_rng(seed)
+    T = scheduler.config.num_train_timesteps
+    if strategy == "uniform":
+        xs, ts = capture_trajectories(unet, scheduler, per_step, sampler_steps, seed)
+        keep = np.unique(np.linspace(0, sampler_steps - 1, n_steps).round().astype(int))
+        x = xs[keep].flatten(0, 1)
+        t = ts[keep].repeat_interleave(per_step)
+        return CalibData(x, t, strategy)
+    total = n_steps * per_step
+    if strategy == "ndtc":
+        xs, ts = capture_trajectories(unet, scheduler, total, sampler_steps, seed)
+        want = np.clip(rng.normal(0.4 * T, 0.4 * T, size=total), 0, T - 1)
+        step = np.abs(ts.numpy()[None, :] - want[:, None]).argmin(1)  # nearest trajectory step per sample
+        x = torch.stack([xs[s, i] for i, s in enumerate(step)])
+        return CalibData(x, ts[step], strategy)
+    # eda: density + lambda * diversity per step, then farthest-point selection inside each step
+    pool = max(per_step * 2, 16)
+    xs, ts = capture_trajectories(unet, scheduler, pool, sampler_steps, seed)
+    cand = np.unique(np.linspace(0, sampler_steps - 1, min(sampler_steps, 2 * n_steps)).round().astype(int))
+    feats = {s: _mid_features(unet, xs[s], ts[s].repeat(pool)) for s in cand}
+    allf = np.concatenate(list(feats.values()))
+    mu, sd = allf.mean(0), allf.std(0) + 1e-8
+    centre = ((allf - mu) / sd).mean(0)
+    dens = np.array([-np.linalg.norm(((feats[s] - mu) / sd).mean(0) - centre) for s in cand])
+    div = np.array([((feats[s] - mu) / sd).std(0).mean() for s in cand])
+    z = lambda v: (v - v.mean()) / (v.std() + 1e-12)  # noqa: E731
+    score = z(dens) + lam * z(div)
+    w = np.exp(score - score.max())
+    counts = np.floor(w / w.sum() * total).astype(int)
+    counts[np.argsort(-w)[: total - counts.sum()]] += 1
+    counts = np.minimum(counts, pool)
+    xs_out, ts_out = [], []
+    for s, c in zip(cand, counts):
+        if c == 0:
+            continue
+        idx = _farthest_points((feats[s] - mu) / sd, int(c), rng)
+        xs_out.append(xs[s, idx])
+        ts_out.append(ts[s].repeat(int(c)))
+    return CalibData(torch.cat(xs_out), torch.cat(ts_out), strategy)
