@@ -22,7 +22,7 @@ class QuantLayer(nn.Module):
     def __init__(self, module: nn.Module, w_bits: Sequence[int], a_bits: Sequence[int], *,
                  w_symmetric: bool = True, w_granularity: str = "channel", group_size: int | None = None,
                  w_observer: str = "mse", a_symmetric: bool = False, a_observer: str = "mse",
-                 split: int | None = None):
+                 split: int | None = None, w_rounding: str = "nearest"):
         super().__init__()
         self.module = module
         weight = module.weight
@@ -30,9 +30,19 @@ class QuantLayer(nn.Module):
         self.w_bits, self.a_bits = tuple(int(b) for b in w_bits), tuple(int(b) for b in a_bits)
         if not self.w_bits or not self.a_bits:
             raise QuantError("a quantized layer needs at least one weight and one activation bit option")
-        self.w_quant = nn.ModuleList(
-            AffineQuantizer(b, w_symmetric, w_granularity, channels=weight.shape[0], group_size=group_size,
-                            in_features=in_features, observer=w_observer) for b in self.w_bits)
+        if w_rounding not in ("nearest", "adaround"):
+            raise QuantError(f"w_rounding: unknown {w_rounding!r}; choose nearest or adaround")
+        if w_rounding == "adaround":
+            if w_granularity != "channel":
+                raise QuantError("w_rounding adaround supports channel granularity only")
+            from quant.adaround import AdaRoundQuantizer
+
+            self.w_quant = nn.ModuleList(AdaRoundQuantizer(b, tuple(weight.shape), w_symmetric, w_observer)
+                                         for b in self.w_bits)
+        else:
+            self.w_quant = nn.ModuleList(
+                AffineQuantizer(b, w_symmetric, w_granularity, channels=weight.shape[0], group_size=group_size,
+                                in_features=in_features, observer=w_observer) for b in self.w_bits)
         self.a_quant = nn.ModuleList(AffineQuantizer(b, a_symmetric, "tensor", observer=a_observer)
                                      for b in self.a_bits)
         self.split = split
@@ -63,6 +73,8 @@ class QuantLayer(nn.Module):
         for q in self.w_quant:
             q.observe(self.module.weight)
             q.freeze()
+            if hasattr(q, "init_rounding"):
+                q.init_rounding(self.module.weight)
         self._w_cache.clear()
 
     def freeze_activations(self, index: int | None = None) -> None:
