@@ -18,6 +18,8 @@ class SupernetConfig:
     - ``tie``: regexes with one capture group; layers whose match captures the same text share one gene
       (e.g. ``(.*attentions\\.\\d+)\\.to_[qkv]$`` ties the q, k, v projections of each attention).
     - ``split_skip``: Q-Diffusion split quantization of the UNet skip concatenation.
+    - ``w_rounding``: ``nearest`` or ``adaround`` (learned rounding, BRECQ block reconstruction over the modules
+      whose class is in ``block_types``; layers outside any block are reconstructed on their own).
     """
 
     w_bits: tuple[int, ...] = (8, 6, 4)
@@ -33,6 +35,8 @@ class SupernetConfig:
     w_observer: str = "mse"
     a_observer: str = "mse"
     split_skip: bool = True
+    w_rounding: str = "nearest"
+    block_types: tuple[str, ...] = ("ResnetBlock2D", "Attention", "Downsample2D", "Upsample2D", "TimestepEmbedding")
 
     def __post_init__(self):
         object.__setattr__(self, "w_bits", tuple(int(b) for b in self.w_bits))
@@ -40,6 +44,7 @@ class SupernetConfig:
         object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
         object.__setattr__(self, "tie", tuple(self.tie))
+        object.__setattr__(self, "block_types", tuple(self.block_types))
         self.validate()
 
     def validate(self) -> None:
@@ -63,6 +68,10 @@ class SupernetConfig:
                             f"{', '.join(GRANULARITIES)}")
         if self.w_granularity == "group" and not (self.group_size and self.group_size > 0):
             raise TmpqError("supernet.group_size: must be a positive integer for group granularity")
+        if self.w_rounding not in ("nearest", "adaround"):
+            raise TmpqError(f"supernet.w_rounding: unknown {self.w_rounding!r}; choose nearest or adaround")
+        if self.w_rounding == "adaround" and self.w_granularity != "channel":
+            raise TmpqError("supernet.w_rounding: adaround needs w_granularity = channel")
         for key in ("w_observer", "a_observer"):
             if getattr(self, key) not in OBSERVERS:
                 raise TmpqError(f"supernet.{key}: unknown {getattr(self, key)!r}; choose one of {', '.join(OBSERVERS)}")

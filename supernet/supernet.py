@@ -97,7 +97,7 @@ class QuantSupernet(nn.Module):
             layer = wrap(mod, w_bits=w_opts, a_bits=a_opts, w_symmetric=config.w_symmetric,
                          w_granularity=config.w_granularity, group_size=config.group_size,
                          w_observer=config.w_observer, a_symmetric=config.a_symmetric,
-                         a_observer=config.a_observer, split=splits.get(name))
+                         a_observer=config.a_observer, split=splits.get(name), w_rounding=config.w_rounding)
             self._replace(name, layer)
             self.layers[name] = layer
             if pin:
@@ -225,6 +225,43 @@ class QuantSupernet(nn.Module):
         return self.unet(*args, **kwargs)
 
     # -- calibration --------------------------------------------------------------------------------------------
+    def blocks(self) -> list[tuple[str, nn.Module]]:
+        """Reconstruction units: outermost modules of a ``block_types`` class, plus each quantized layer that lies
+        in none of them."""
+        out: list[tuple[str, nn.Module]] = []
+        covered: set[str] = set()
+        for name, mod in self.unet.named_modules():
+            if type(mod).__name__ in self.config.block_types and not any(name.startswith(c + ".") for c in covered):
+                out.append((name, mod))
+                covered.add(name)
+        for name, layer in self.layers.items():
+            if not any(name.startswith(c + ".") for c in covered):
+                out.append((name, layer))
+        return out
+
+    def reconstruct(self, data: list[tuple[torch.Tensor, torch.Tensor]], iters: int = 200, lr: float = 1e-3,
+                    progress: bool = True) -> list[dict]:
+        """BRECQ / AdaRound for every weight option, block by block (whole model at that option, as the authors'
+        code). Needs ``w_rounding = "adaround"`` and frozen activation quantizers (``calibrate`` first)."""
+        from quant.reconstruct import capture_block, reconstruct_block
+
+        if self.config.w_rounding != "adaround":
+            raise TmpqError("reconstruction needs supernet.w_rounding = adaround")
+        blocks = self.blocks()
+        reports = []
+        self.set_fp()
+        caches = {}
+        for name, block in tqdm(blocks, desc="cache block I/O", disable=not progress, leave=False):
+            caches[name] = capture_block(self.unet, block, lambda: [self.unet(x, t) for x, t in data])
+        for w in self.config.w_bits:
+            a = w if w in self.config.a_bits else max(self.config.a_bits)
+            self.set_uniform(w, a)
+            for name, block in tqdm(blocks, desc=f"reconstruct W{w}A{a}", disable=not progress, leave=False):
+                res = reconstruct_block(block, caches[name], iters=iters, lr=lr)
+                reports.append({"block": name, "w_bits": w, "a_bits": a, **res})
+        self.set_fp()
+        return reports
+
     @torch.no_grad()
     def calibrate(self, data: Iterable[tuple[torch.Tensor, torch.Tensor]], mode: str = "per-option",
                   seed: int = 0, progress: bool = True) -> None:

@@ -150,3 +150,17 @@ def test_bad_allocations_and_configs(calibrated):
 def test_config_json_round_trip():
     cfg = SupernetConfig(w_bits=(8, 7, 6, 5), a_bits=(8, 7, 6, 5), tie=TIE_QKV, w_granularity="group", group_size=8)
     assert SupernetConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_adaround_reconstruction_lowers_block_error():
+    net = QuantSupernet(tiny_unet(), SupernetConfig(w_bits=(4,), a_bits=(8,), w_rounding="adaround",
+                                                    w_observer="minmax", a_observer="minmax"))
+    data = _data(2)
+    net.calibrate(data, progress=False)
+    names = [n for n, _ in net.blocks()]
+    assert "conv_in" in names and "conv_out" in names and any(".resnets." in n for n in names)
+    assert not any(a != b and b.startswith(a + ".") for a in names for b in names)  # outermost only
+    reports = net.reconstruct(data, iters=40, lr=1e-2, progress=False)
+    learned = [r for r in reports if r["layers"]]
+    assert learned
+    assert sum(r["loss_after"] for r in learned) < sum(r["loss_before"] for r in learned)
