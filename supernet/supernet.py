@@ -264,74 +264,99 @@ class QuantSupernet(nn.Module):
 
     @torch.no_grad()
     def calibrate(self, data: Iterable[tuple[torch.Tensor, torch.Tensor]], mode: str = "per-option",
-                  seed: int = 0, progress: bool = True) -> None:
+                  seed: int = 0, progress: bool = True, checkpoint: Path | str | None = None) -> None:
         """Calibrate every option of every layer once.
 
         Weights: each option observes the FP weight (per-channel MSE search by default).
-        Activations, ``per-option``: for each activation option j the whole model runs at (w ~ a_bits[j], a_bits[j])
-        (the authors' code); ``random-path``: each batch runs a random per-gene allocation (the paper text), each
-        layer's active option observes. ``data`` yields (x_t, t) batches captured from the FP sampler.
+        Activations, ``per-option``: for each activation option the whole model runs at (w ~ a, a) (the authors'
+        code); ``random-path``: each batch runs a random per-gene allocation (the paper text) and each layer's active
+        option observes. ``data`` yields (x_t, t) batches captured from the FP sampler. With ``checkpoint``, the
+        state is saved after every finished activation option and a rerun resumes after the last finished one.
         """
         if mode not in ("per-option", "random-path"):
             raise TmpqError(f"calibration.mode: unknown {mode!r}; choose per-option or random-path")
         batches = list(data)
         if not batches:
             raise TmpqError("calibration: no calibration data")
-        for layer in self.layers.values():
-            layer.calibrate_weights()
-        for layer in self.layers.values():
-            layer.observing = True
-        try:
-            if mode == "per-option":
-                for a in self.config.a_bits:
-                    w = a if a in self.config.w_bits else max(self.config.w_bits)
-                    self.set_uniform(w, a)
-                    for x, t in tqdm(batches, desc=f"calibrate A{a} (W{w})", disable=not progress, leave=False):
-                        self.unet(x, t)
-            else:
-                rng = np.random.default_rng(seed)
-                seen: set[tuple[str, int]] = set()
-                for x, t in tqdm(batches, desc="calibrate random-path", disable=not progress, leave=False):
-                    alloc = [(int(rng.choice(self.config.w_bits)), int(rng.choice(self.config.a_bits)))
-                             for _ in range(self.num_genes)]
-                    self.set_bits(alloc)
-                    seen |= {(n, lay.a_index) for n, lay in self.layers.items()}
-                    self.unet(x, t)
-                # every option must have seen data: fill gaps with uniform passes at the missing option
-                for j, a in enumerate(self.config.a_bits):
-                    if any((n, j) not in seen for n in self._gene_of):
-                        self.set_uniform(max(self.config.w_bits), a)
-                        for x, t in batches[: max(1, len(batches) // 4)]:
-                            self.unet(x, t)
-        finally:
+        done: list[int] = []
+        if checkpoint is not None and Path(checkpoint).is_file():
+            progress_meta = self.load(checkpoint, allow_partial=True)
+            if progress_meta.get("mode") == mode:
+                done = list(progress_meta.get("done_a_bits", []))
+        if not done:
             for layer in self.layers.values():
-                layer.observing = False
+                layer.calibrate_weights()
+        if mode == "per-option":
+            for j, a in enumerate(self.config.a_bits):
+                if a in done:
+                    continue
+                w = a if a in self.config.w_bits else max(self.config.w_bits)
+                self.set_uniform(w, a)
+                self._observe(tqdm(batches, desc=f"calibrate A{a} (W{w})", disable=not progress, leave=False))
+                for name, layer in self.layers.items():
+                    if name in self._gene_of:
+                        layer.freeze_activations(j)
+                    elif not bool(layer.a_quant[0].frozen):
+                        layer.freeze_activations(0)
+                done.append(a)
+                if checkpoint is not None and len(done) < len(self.config.a_bits):
+                    self.save(checkpoint, progress={"mode": mode, "done_a_bits": done, "complete": False})
+        else:
+            rng = np.random.default_rng(seed)
+            seen: set[tuple[str, int]] = set()
+            for x, t in tqdm(batches, desc="calibrate random-path", disable=not progress, leave=False):
+                alloc = [(int(rng.choice(self.config.w_bits)), int(rng.choice(self.config.a_bits)))
+                         for _ in range(self.num_genes)]
+                self.set_bits(alloc)
+                seen |= {(n, lay.a_index) for n, lay in self.layers.items()}
+                self._observe([(x, t)])
+            # every option must have seen data: fill gaps with uniform passes at the missing option
+            for j, a in enumerate(self.config.a_bits):
+                if any((n, j) not in seen for n in self._gene_of):
+                    self.set_uniform(max(self.config.w_bits), a)
+                    self._observe(batches[: max(1, len(batches) // 4)])
+            for layer in self.layers.values():
+                layer.freeze_activations()
         for layer in self.layers.values():
-            layer.freeze_activations()
             layer.invalidate_cache()
         self._calibrated = True
         self.set_fp()
+        if checkpoint is not None:
+            self.save(checkpoint, progress={"mode": mode, "done_a_bits": list(self.config.a_bits), "complete": True})
+
+    def _observe(self, batches) -> None:
+        for layer in self.layers.values():
+            layer.observing = True
+        try:
+            for x, t in batches:
+                self.unet(x, t)
+        finally:
+            for layer in self.layers.values():
+                layer.observing = False
 
     # -- persistence --------------------------------------------------------------------------------------------
     def quantizer_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().contiguous().cpu() for k, v in self.unet.state_dict().items()
                 if ".w_quant." in k or ".a_quant" in k}
 
-    def save(self, path: Path | str) -> Path:
-        """Quantizer state as safetensors; config, fingerprint and format in its metadata (atomic write)."""
+    def save(self, path: Path | str, progress: dict | None = None) -> Path:
+        """Quantizer state as safetensors; config, fingerprint, format and calibration progress in its metadata
+        (atomic write: a crash leaves the previous file)."""
         from safetensors.torch import save_file
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format": SUPERNET_FORMAT, "version": str(SUPERNET_VERSION), "config": self.config.to_json(),
-                "model_fingerprint": self.fingerprint}
+                "model_fingerprint": self.fingerprint,
+                "progress": json.dumps(progress or {"complete": True})}
         tmp = path.with_name(f".{path.name}.tmp")
         save_file(self.quantizer_state(), str(tmp), metadata=meta)
         tmp.replace(path)
         return path
 
-    def load(self, path: Path | str) -> None:
-        """Load quantizer state saved by :meth:`save`; refuses a file for another model or config."""
+    def load(self, path: Path | str, allow_partial: bool = False) -> dict:
+        """Load quantizer state saved by :meth:`save`; refuses a file for another model or config, and an unfinished
+        calibration unless ``allow_partial``. Returns the calibration progress record."""
         from safetensors import safe_open
 
         path = Path(path)
@@ -350,6 +375,10 @@ class QuantSupernet(nn.Module):
                             f"({meta.get('model_fingerprint', '?')[:12]} vs {self.fingerprint[:12]})")
         if json.loads(meta.get("config", "{}")) != json.loads(self.config.to_json()):
             raise TmpqError(f"supernet file {path} was made with a different supernet config")
+        progress = json.loads(meta.get("progress", "{}"))
+        if not progress.get("complete") and not allow_partial:
+            raise TmpqError(f"supernet file {path} holds an unfinished calibration (done: "
+                            f"{progress.get('done_a_bits')}); rerun calibration to resume it")
         try:
             missing, unexpected = self.unet.load_state_dict(state, strict=False)
         except RuntimeError as exc:
@@ -359,4 +388,5 @@ class QuantSupernet(nn.Module):
             raise TmpqError(f"supernet file {path} does not fit: missing {missing[:2]}, unexpected {unexpected[:2]}")
         for layer in self.layers.values():
             layer.invalidate_cache()
-        self._calibrated = True
+        self._calibrated = bool(progress.get("complete"))
+        return progress

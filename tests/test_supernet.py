@@ -164,3 +164,37 @@ def test_adaround_reconstruction_lowers_block_error():
     learned = [r for r in reports if r["layers"]]
     assert learned
     assert sum(r["loss_after"] for r in learned) < sum(r["loss_before"] for r in learned)
+
+
+def test_interrupted_calibration_resumes_per_option(tmp_path):
+    cfg = SupernetConfig(w_observer="minmax", a_observer="minmax")
+    data = _data(2)
+    full = QuantSupernet(tiny_unet(), cfg)
+    full.calibrate(data, progress=False)
+
+    ckpt = tmp_path / "calib.safetensors"
+    first = QuantSupernet(tiny_unet(), cfg)
+    calls = {"n": 0}
+    real_observe = first._observe
+
+    def dying_observe(batches):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # killed during the second activation option
+        real_observe(batches)
+
+    first._observe = dying_observe
+    with pytest.raises(KeyboardInterrupt):
+        first.calibrate(data, progress=False, checkpoint=ckpt)
+    with pytest.raises(TmpqError, match="unfinished calibration"):
+        QuantSupernet(tiny_unet(), cfg).load(ckpt)
+
+    resumed = QuantSupernet(tiny_unet(), cfg)
+    seen = []
+    real = resumed._observe
+    resumed._observe = lambda b: (seen.append(1), real(b))
+    resumed.calibrate(data, progress=False, checkpoint=ckpt)
+    assert len(seen) == 1  # only the unfinished option ran again
+    for k, v in full.quantizer_state().items():
+        assert torch.equal(v, resumed.quantizer_state()[k]), k
+    QuantSupernet(tiny_unet(), cfg).load(ckpt)  # now complete
