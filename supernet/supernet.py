@@ -354,6 +354,29 @@ class QuantSupernet(nn.Module):
         tmp.replace(path)
         return path
 
+    @classmethod
+    def from_file(cls, unet: nn.Module, path: Path | str) -> "QuantSupernet":
+        """Build the supernet described in a saved file's metadata over ``unet`` and load its calibrated state."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise TmpqError(f"supernet file not found: {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except Exception as exc:
+            raise TmpqError(f"corrupt or truncated supernet file {path}: {str(exc).splitlines()[0]}") from None
+        if meta.get("format") != SUPERNET_FORMAT:
+            raise TmpqError(f"{path} is not a tmpq supernet file (format {meta.get('format')!r})")
+        try:
+            config = SupernetConfig.from_json(meta["config"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TmpqError(f"supernet file {path} has a malformed config: {exc}") from None
+        net = cls(unet, config)
+        net.load(path)
+        return net
+
     def load(self, path: Path | str, allow_partial: bool = False) -> dict:
         """Load quantizer state saved by :meth:`save`; refuses a file for another model or config, and an unfinished
         calibration unless ``allow_partial``. Returns the calibration progress record."""

@@ -136,6 +136,72 @@ def _cmd_train_classifier(args: argparse.Namespace) -> None:
     print(f"saved the domain classifier to {args.out} (held-out accuracy {man['metrics']['heldout_accuracy']:.4f})")
 
 
+def _supernet_config(args: argparse.Namespace):
+    from supernet import SupernetConfig
+
+    w_bits = (8, 7, 6, 5) if args.preset == "paper" else tuple(_parse_int_list(args.w_bits, "--w-bits"))
+    a_bits = (8, 7, 6, 5) if args.preset == "paper" else tuple(_parse_int_list(args.a_bits, "--a-bits"))
+    tie = (r"(.*attentions\.\d+)\.to_[qkv]$",) if args.tie_qkv else ()
+    return SupernetConfig(w_bits=w_bits, a_bits=a_bits, tie=tie, w_rounding=args.rounding,
+                          w_granularity=args.w_granularity, group_size=args.group_size)
+
+
+def _cmd_profile(args: argparse.Namespace) -> None:
+    from supernet import QuantSupernet
+    from tmpq.model import load_model
+
+    m = load_model(args.model)
+    net = QuantSupernet(m.unet, _supernet_config(args))
+    print(f"{'layer':<48} {'kind':<7} {'MACs':>10} {'params':>8}  gene / pin")
+    for info in net.infos:
+        tag = f"pinned W{info.pinned[0]}A{info.pinned[1]}" if info.pinned else f"gene {info.gene}"
+        split = f" split@{info.split}" if info.split else ""
+        print(f"{info.fqn:<48} {info.kind:<7} {info.macs:>10,} {info.params:>8,}  {tag}{split}")
+    total = sum(i.macs for i in net.infos)
+    print(f"{len(net.infos)} quantized layers, {net.num_genes} genes, {total:,} MACs per sample per denoiser call")
+    for w in net.config.w_bits:
+        for a in net.config.a_bits:
+            alloc = [(w, a)] * net.num_genes
+            print(f"uniform W{w}A{a}: {net.bitops(alloc) / 1e9:.4f} GBitOPs per call, {net.size_mb(alloc):.3f} MB")
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> None:
+    import json
+    import time
+
+    from supernet import QuantSupernet
+    from supernet.calib_data import make_calib_data
+    from tmpq.model import load_model
+    from tmpq.sampler import make_scheduler
+
+    _set_threads(args.threads)
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise TmpqError(f"--out must end in .safetensors, got {out}")
+    m = load_model(args.model)
+    cfg = _supernet_config(args)
+    net = QuantSupernet(m.unet, cfg)
+    t0 = time.perf_counter()
+    data = make_calib_data(m.unet, make_scheduler(m.scheduler_config), args.strategy, n_steps=args.calib_steps,
+                           per_step=args.calib_per_step, sampler_steps=args.sampler_steps, seed=args.seed)
+    net.set_fp()
+    batches = list(data.batches(args.batch_size))
+    ckpt = out.with_name(out.stem + ".partial.safetensors")
+    net.calibrate(batches, mode=args.mode, seed=args.seed, checkpoint=ckpt)
+    recon = []
+    if args.rounding == "adaround" and args.recon_iters > 0:
+        recon = net.reconstruct(batches, iters=args.recon_iters)
+    net.save(out)
+    ckpt.unlink(missing_ok=True)
+    wall = time.perf_counter() - t0
+    side = {"command": _command_line(), "config": json.loads(cfg.to_json()), "mode": args.mode,
+            "strategy": args.strategy, "calib_pairs": len(data), "wall_s": round(wall, 1),
+            "reconstruction": recon}
+    out.with_name(out.name + ".json").write_text(json.dumps(side, indent=2) + "\n")
+    print(f"wrote {out} ({len(net.layers)} layers x {len(cfg.w_bits)} W / {len(cfg.a_bits)} A options, "
+          f"{len(data)} calibration pairs, {wall:.0f} s)")
+
+
 def _command_line() -> str:
     return "tmpq " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
@@ -218,6 +284,47 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: %(default)s)")
     f.add_argument("--out", default=None, help="write the result rows as JSON here")
     f.set_defaults(func=_cmd_fid)
+
+    def add_supernet_options(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--model", default=None, help="local diffusers model directory (default: the embedded model)")
+        q.add_argument("--w-bits", default="8,6,4", help="weight bit options (default: %(default)s)")
+        q.add_argument("--a-bits", default="8,6", help="activation bit options (default: %(default)s)")
+        q.add_argument("--preset", default=None, choices=("paper",), help="paper: W and A in {8,7,6,5}")
+        q.add_argument("--tie-qkv", action="store_true", help="one gene for the q, k, v projections of each attention")
+        q.add_argument("--rounding", default="nearest", choices=("nearest", "adaround"),
+                       help="weight rounding: nearest, or adaround with BRECQ block reconstruction (default: %(default)s)")
+        q.add_argument("--w-granularity", default="channel", choices=("channel", "group", "tensor"),
+                       help="weight quantizer granularity (default: %(default)s)")
+        q.add_argument("--group-size", type=int, default=None, help="inputs per group for --w-granularity group")
+
+    pr = sub.add_parser("profile", help="per-layer MAC table, genes and uniform BitOPs of the supernet",
+                        description="Wrap the model as a supernet and print every quantized layer with its MACs per "
+                                    "denoiser call, its gene or pin, and the BitOPs / size of each uniform option.")
+    add_supernet_options(pr)
+    pr.set_defaults(func=_cmd_profile)
+
+    ca = sub.add_parser("calibrate", help="calibrate every bit option of the supernet once and save it",
+                        description="Capture calibration data along FP trajectories, calibrate every weight and "
+                                    "activation option of every layer, and save the quantizer state (safetensors). "
+                                    "An interrupted run resumes per activation option.")
+    add_supernet_options(ca)
+    ca.add_argument("--mode", default="per-option", choices=("per-option", "random-path"),
+                    help="per-option: whole model at one option (authors' code); random-path: random per-layer "
+                         "options per batch (paper text) (default: %(default)s)")
+    ca.add_argument("--strategy", default="uniform", choices=("uniform", "ndtc", "eda"),
+                    help="calibration data: uniform over steps (Q-Diffusion), ndtc (PTQ4DM), eda (density + "
+                         "diversity) (default: %(default)s)")
+    ca.add_argument("--calib-steps", type=int, default=20, help="timesteps of calibration data (default: %(default)s)")
+    ca.add_argument("--calib-per-step", type=int, default=32, help="samples per timestep (default: %(default)s)")
+    ca.add_argument("--sampler-steps", type=int, default=100, help="FP DDIM steps of the captured trajectories "
+                    "(default: %(default)s)")
+    ca.add_argument("--recon-iters", type=int, default=200, help="reconstruction iterations per block and option "
+                    "with --rounding adaround (default: %(default)s)")
+    ca.add_argument("--batch-size", type=int, default=64, help="calibration batch size (default: %(default)s)")
+    ca.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+    ca.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    ca.add_argument("--out", default="results/supernet/supernet.safetensors", help="output file (default: %(default)s)")
+    ca.set_defaults(func=_cmd_calibrate)
 
     r = sub.add_parser("ref-stats", help="save reference statistics of the embedded digits (.npz + .json sidecar)",
                        description="Compute feature statistics of the real embedded digits and save them in "
