@@ -160,3 +160,14 @@ def test_use_before_calibration_is_refused():
         q(torch.ones(3))
     with pytest.raises(QuantError, match="before any observe"):
         q.freeze()
+
+
+def test_inference_fast_path_equals_autograd_path():
+    x = torch.randn(2, 3, 8, 8) * 5
+    q = AffineQuantizer(6, False, "tensor")
+    q.observe(x)
+    q.freeze()
+    with torch.no_grad():
+        fast = q(x)
+    slow = q(x.clone().requires_grad_())
+    assert torch.equal(fast, slow.detach())
