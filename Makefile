@@ -24,7 +24,7 @@ test: $(STAMP)
 
 # The committed baseline report (results/baseline/); about 2 h on 2 cores, resumable.
 baseline: $(STAMP)
-	$(BIN)/python benchmarks/baseline.py --n 10000 --steps 5,10,20,50,100
+	$(BIN)/python -m benchmarks.baseline --n 10000 --steps 5,10,20,50,100
 
 clean:
 	rm -rf $(VENV) results/demo

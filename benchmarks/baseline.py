@@ -1,24 +1,19 @@
 """Baseline benchmark of the embedded model: FID / KID of DDIM uniform and quadratic schedules, the real-vs-real
 floor, and FP sampling throughput. Resumable: finished rows live in results/baseline/rows.jsonl and are skipped.
 
-    .venv/bin/python benchmarks/baseline.py --n 10000 --steps 5,10,20,50,100
+    .venv/bin/python -m benchmarks.baseline --n 10000 --steps 5,10,20,50,100
 
 Writes results/baseline/README.md (table + commands + machine), fid_vs_steps.png and sample grids.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import shlex
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from benchmarks.common import RowLog
 from evaluators.features import make_extractor
 from evaluators.fid import FeatureStats, kid
 from evaluators.quality import embedded_reference, score_features
@@ -27,19 +22,6 @@ from tmpq.grid import save_grid
 from tmpq.model import load_model
 from tmpq.sampler import make_scheduler, sample_images
 from tmpq.schedules import make_timesteps
-
-
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), " \
-           f"Python {platform.python_version()}"
 
 
 def throughput(unet, sched, steps: int, batch: int, seed: int) -> float:
@@ -64,46 +46,32 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows_path = out / "rows.jsonl"
-    done = {}
-    if rows_path.exists():
-        for line in rows_path.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                done[(r["kind"], r.get("schedule"), r.get("steps"), r["n"], r["seed"])] = r
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    log = RowLog(out / "rows.jsonl", ("kind", "schedule", "steps", "n", "seed"))
+    done = log.rows
 
     m = load_model(None)
     sched = make_scheduler(m.scheduler_config)
     ext = make_extractor("domain")
     ref = embedded_reference(ext, "all", 16)
 
-    def append(row: dict) -> None:
-        row.update(command=command, machine=machine(), finished=time.strftime("%Y-%m-%d %H:%M:%S"))
-        with open(rows_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        done[(row["kind"], row.get("schedule"), row.get("steps"), row["n"], row["seed"])] = row
-        print(json.dumps({k: row[k] for k in row if k not in ("timesteps", "command", "machine")}), flush=True)
+    append = log.append
 
     if not args.report_only:
-        if ("floor", None, None, 2500, 0) not in done:
+        if not log.has(kind="floor", n=2500, seed=0):
             a, _ = load_digits("half0", 16)
             b, _ = load_digits("half1", 16)
             fa, fb = ext(a), ext(b)
             k, ks = kid(fa, fb)
             append({"kind": "floor", "n": 2500, "seed": 0, "fid": FeatureStats.from_features(fa).fid(
                 FeatureStats.from_features(fb)), "kid": k, "kid_std": ks, "note": "half0 vs half1 of the 5,000 digits"})
-        if ("throughput", "quad", 10, args.batch_size, args.seed) not in done:
+        if not log.has(kind="throughput", schedule="quad", steps=10, n=args.batch_size, seed=args.seed):
             ips = throughput(m.unet, sched, 10, args.batch_size, args.seed)
             append({"kind": "throughput", "schedule": "quad", "steps": 10, "n": args.batch_size, "seed": args.seed,
                     "images_per_s": round(ips, 2), "threads": args.threads})
         steps = [int(s) for s in args.steps.split(",")]
         for n_steps in steps:
             for name in args.schedules.split(","):
-                key = ("fid", name, n_steps, args.n, args.seed)
-                if key in done:
+                if log.has(kind="fid", schedule=name, steps=n_steps, n=args.n, seed=args.seed):
                     continue
                 ts = make_timesteps(name, n_steps)
                 t0 = time.perf_counter()
@@ -127,10 +95,11 @@ def write_report(out: Path, done: dict) -> None:
              "images vs the real reference (all 5,000 embedded digits, 16x16). Deterministic DDIM (eta = 0), noise "
              "bank seed 0: every row uses the same initial noise for image i.", ""]
     if rows:
-        lines += ["| schedule | steps | N gen | FID | KID x1e3 (± std) | sampling img/s |", "|---|---:|---:|---:|---:|---:|"]
+        lines += ["| schedule | steps | N gen | FID | KID x1e3 (± std over 100 subsets of 1,000) |",
+                  "|---|---:|---:|---:|---:|"]
         for r in rows:
             lines.append(f"| {r['schedule']} | {r['steps']} | {r['n']} | {r['fid']:.3f} | "
-                         f"{1e3 * r['kid']:.3f} ± {1e3 * r['kid_std']:.3f} | {r['images_per_s']:.1f} |")
+                         f"{1e3 * r['kid']:.2f} ± {1e3 * r['kid_std']:.2f} |")
         lines.append("")
     if floor:
         lines += [f"Real-vs-real floor ({floor['note']}, N = 2,500 vs 2,500): FID {floor['fid']:.3f}, "
@@ -139,7 +108,8 @@ def write_report(out: Path, done: dict) -> None:
                   "unbiased and compares directly.", ""]
     for r in tp:
         lines += [f"FP sampling throughput: **{r['images_per_s']:.1f} images/s** ({r['schedule']} DDIM, {r['steps']} "
-                  f"steps, batch {r['n']}, {r['threads']} torch threads, after a warm-up batch).", ""]
+                  f"steps, batch {r['n']}, {r['threads']} torch threads, after a warm-up batch, measured with nothing "
+                  "else running; the FID rows' wall times are not reported because other work shared the CPU).", ""]
     if rows:
         _plot(out, rows, floor)
         lines += ["![FID vs steps](fid_vs_steps.png)", "", "Sample grids (first 64 images of each row): "
