@@ -288,7 +288,7 @@ class QuantSupernet(nn.Module):
                 layer.calibrate_weights()
         if mode == "per-option":
             for j, a in enumerate(self.config.a_bits):
-                if a in done:
+                if a in done or (j > 0 and self.num_genes == 0):  # all layers pinned: one pass is all there is
                     continue
                 w = a if a in self.config.w_bits else max(self.config.w_bits)
                 self.set_uniform(w, a)

@@ -1,0 +1,156 @@
+"""Supernet benchmark (issue 3): fidelity of the shared supernet vs per-allocation calibration, quality of uniform
+options, and cost. Resumable: finished rows live in <out>/rows.jsonl.
+
+    .venv/bin/python -m benchmarks.supernet --n-alloc 20 --fid-n 2000
+
+Fidelity: ``--n-alloc`` random allocations spanning the BitOPs range (stratified by BitOPs quantile), each scored
+(paired pixel MSE to the FP teacher on the same noise, and FID at ``--fid-n``) with the shared supernet of each
+calibration mode and with a supernet calibrated for that allocation alone; Kendall tau between the rankings.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.common import RowLog
+from evaluators.features import make_extractor
+from evaluators.quality import embedded_reference, score_features
+from supernet import QuantSupernet, SupernetConfig
+from supernet.calib_data import make_calib_data
+from tmpq.model import load_model
+from tmpq.sampler import make_scheduler, sample_images
+from tmpq.schedules import make_timesteps
+
+
+def random_allocations(net: QuantSupernet, k: int, seed: int, pool: int = 2000) -> list[list[tuple[int, int]]]:
+    """k allocations at evenly spaced BitOPs quantiles of a random pool (per-gene uniform options)."""
+    rng = np.random.default_rng(seed)
+    cfg = net.config
+    cands = []
+    for _ in range(pool):
+        # mix per-gene probabilities so the pool spans the whole BitOPs range, not just its middle
+        p_low = rng.uniform(0, 1)
+        alloc = []
+        for _g in range(net.num_genes):
+            w = cfg.w_bits[-1] if rng.uniform() < p_low else int(rng.choice(cfg.w_bits))
+            a = cfg.a_bits[-1] if rng.uniform() < p_low else int(rng.choice(cfg.a_bits))
+            alloc.append((int(w), int(a)))
+        cands.append((net.bitops(alloc), alloc))
+    cands.sort(key=lambda c: c[0])
+    idx = np.linspace(0, len(cands) - 1, k).round().astype(int)
+    return [cands[i][1] for i in idx]
+
+
+def standalone(unet_loader, alloc, genes, base_cfg: SupernetConfig, batches, mode: str) -> QuantSupernet:
+    """A supernet with every layer pinned to its allocated bits: calibration for that allocation alone."""
+    pin = dict(base_cfg.pin)
+    for g, names in enumerate(genes):
+        for n in names:
+            pin[n] = list(alloc[g])
+    cfg = SupernetConfig(**{**json.loads(base_cfg.to_json()), "pin": pin})
+    net = QuantSupernet(unet_loader(), cfg)
+    net.calibrate(batches, mode=mode, progress=False)
+    net.set_bits([])  # every layer pinned: no genes
+    return net
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n-alloc", type=int, default=20)
+    ap.add_argument("--fid-n", type=int, default=2000)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--schedule", default="quad")
+    ap.add_argument("--modes", default="per-option,random-path")
+    ap.add_argument("--strategy", default="uniform")
+    ap.add_argument("--quality-steps", type=int, default=100)
+    ap.add_argument("--quality-n", type=int, default=2000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="results/supernet")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    log = RowLog(out / "rows.jsonl", ("kind", "mode", "alloc_id", "name", "n", "seed"))
+    base = load_model(None)
+    sched = make_scheduler(base.scheduler_config)
+    ext = make_extractor("domain")
+    ref = embedded_reference(ext)
+    ts = make_timesteps(args.schedule, args.steps)
+    cfg = SupernetConfig()
+
+    def fresh_unet():
+        return load_model(None).unet
+
+    def score(unet, n, timesteps, teacher=None):
+        imgs = sample_images(unet, sched, timesteps, n, seed=args.seed, progress=False)
+        row = score_features(ext(imgs), ref)
+        if teacher is not None:
+            row["paired_mse"] = float((imgs - teacher[:n]).pow(2).mean())
+        return row, imgs
+
+    t0 = time.perf_counter()
+    calib = make_calib_data(base.unet, sched, args.strategy, seed=10_000)
+    batches = list(calib.batches(64))
+    calib_capture_s = time.perf_counter() - t0
+    teacher_row, teacher = score(base.unet, args.fid_n, ts)
+    if not log.has(kind="fp", name=f"{args.schedule}{args.steps}", n=args.fid_n, seed=args.seed):
+        log.append({"kind": "fp", "name": f"{args.schedule}{args.steps}", "n": args.fid_n, "seed": args.seed,
+                    "calib_capture_s": round(calib_capture_s, 1), **teacher_row})
+
+    probe = QuantSupernet(fresh_unet(), cfg)
+    allocs = random_allocations(probe, args.n_alloc, args.seed)
+    genes = probe.genes
+    for i, alloc in enumerate(allocs):
+        if log.has(kind="standalone", alloc_id=i, n=args.fid_n, seed=args.seed):
+            continue
+        net = standalone(fresh_unet, alloc, genes, cfg, batches, "per-option")
+        row, _ = score(net.unet, args.fid_n, ts, teacher)
+        log.append({"kind": "standalone", "alloc_id": i, "n": args.fid_n, "seed": args.seed,
+                    "bitops": probe.bitops(alloc), "bits": alloc, **row})
+    for mode in args.modes.split(","):
+        if all(log.has(kind="shared", mode=mode, alloc_id=i, n=args.fid_n, seed=args.seed) for i in range(len(allocs))):
+            continue
+        net = QuantSupernet(fresh_unet(), cfg)
+        t0 = time.perf_counter()
+        net.calibrate(batches, mode=mode)
+        calib_s = time.perf_counter() - t0
+        for i, alloc in enumerate(allocs):
+            if log.has(kind="shared", mode=mode, alloc_id=i, n=args.fid_n, seed=args.seed):
+                continue
+            net.set_bits(alloc)
+            row, _ = score(net.unet, args.fid_n, ts, teacher)
+            log.append({"kind": "shared", "mode": mode, "alloc_id": i, "n": args.fid_n, "seed": args.seed,
+                        "bitops": net.bitops(alloc), "calib_s": round(calib_s, 1), **row})
+    write_report(out, log, args)
+
+
+def write_report(out: Path, log: RowLog, args) -> None:
+    from scipy.stats import kendalltau
+
+    rows = list(log.rows.values())
+    alone = {r["alloc_id"]: r for r in rows if r["kind"] == "standalone"}
+    lines = ["# Supernet fidelity", "", f"{len(alone)} allocations, FID at N = {args.fid_n} (domain extractor), "
+             f"{args.schedule} DDIM {args.steps} steps, noise seed {args.seed}.", "",
+             "| mode | Kendall tau (FID) | Kendall tau (paired MSE) | calibration s |", "|---|---:|---:|---:|"]
+    for mode in args.modes.split(","):
+        shared = {r["alloc_id"]: r for r in rows if r["kind"] == "shared" and r.get("mode") == mode}
+        ids = sorted(set(shared) & set(alone))
+        if len(ids) < 3:
+            continue
+        tf = kendalltau([shared[i]["fid"] for i in ids], [alone[i]["fid"] for i in ids])[0]
+        tm = kendalltau([shared[i]["paired_mse"] for i in ids], [alone[i]["paired_mse"] for i in ids])[0]
+        lines.append(f"| {mode} | {tf:.3f} | {tm:.3f} | {shared[ids[0]]['calib_s']} |")
+    any_row = next(iter(log.rows.values()), None)
+    if any_row:
+        lines += ["", f"- command: `{any_row['command']}`", f"- machine: {any_row['machine']}"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
