@@ -56,6 +56,24 @@ def _skip_splits(unet: nn.Module) -> dict[str, int]:
     return splits
 
 
+def read_supernet_file(path: Path | str, tensors: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Metadata (and tensors) of a supernet file; a missing, damaged or foreign file is a one-line ``TmpqError``."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise TmpqError(f"supernet file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+    except Exception as exc:
+        raise TmpqError(f"corrupt or truncated supernet file {path}: {str(exc).splitlines()[0]}") from None
+    if meta.get("format") != SUPERNET_FORMAT:
+        raise TmpqError(f"{path} is not a tmpq supernet file (format {meta.get('format')!r})")
+    return meta, state
+
+
 class QuantSupernet(nn.Module):
     """Wrap ``unet`` in place; ``set_bits`` selects any per-gene allocation instantly.
 
@@ -357,18 +375,7 @@ class QuantSupernet(nn.Module):
     @classmethod
     def from_file(cls, unet: nn.Module, path: Path | str) -> "QuantSupernet":
         """Build the supernet described in a saved file's metadata over ``unet`` and load its calibrated state."""
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise TmpqError(f"supernet file not found: {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-        except Exception as exc:
-            raise TmpqError(f"corrupt or truncated supernet file {path}: {str(exc).splitlines()[0]}") from None
-        if meta.get("format") != SUPERNET_FORMAT:
-            raise TmpqError(f"{path} is not a tmpq supernet file (format {meta.get('format')!r})")
+        meta, _ = read_supernet_file(path, tensors=False)
         try:
             config = SupernetConfig.from_json(meta["config"])
         except (KeyError, TypeError, ValueError) as exc:
@@ -380,19 +387,8 @@ class QuantSupernet(nn.Module):
     def load(self, path: Path | str, allow_partial: bool = False) -> dict:
         """Load quantizer state saved by :meth:`save`; refuses a file for another model or config, and an unfinished
         calibration unless ``allow_partial``. Returns the calibration progress record."""
-        from safetensors import safe_open
-
         path = Path(path)
-        if not path.is_file():
-            raise TmpqError(f"supernet file not found: {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                state = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as exc:
-            raise TmpqError(f"corrupt or truncated supernet file {path}: {str(exc).splitlines()[0]}") from None
-        if meta.get("format") != SUPERNET_FORMAT:
-            raise TmpqError(f"{path} is not a tmpq supernet file (format {meta.get('format')!r})")
+        meta, state = read_supernet_file(path, tensors=True)
         if meta.get("model_fingerprint") != self.fingerprint:
             raise TmpqError(f"supernet file {path} was calibrated for a different model "
                             f"({meta.get('model_fingerprint', '?')[:12]} vs {self.fingerprint[:12]})")
