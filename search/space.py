@@ -1,0 +1,218 @@
+"""The search space: time groups x per-gene bit options, its integer genome codec, the analytic cost model, and
+operators (sampling, mutation, uniform crossover) that always produce valid candidates. Pure Python / NumPy.
+
+Genome layout (ints): ``[time offsets (n)] + [w option index (G x B)] + [a option index (G x B)]`` where n is the
+number of steps (one gene per time group), G the number of bit genes and B = 1 (bits shared by all steps, the
+default) or n (bits per time group).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from search.groups import TimeGroups
+from tmpq.errors import TmpqError
+
+SPACE_FORMAT = "tmpq.search-space"
+SPACE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A schedule (strictly descending) and bits: one (w, a) per gene, or per (time group, gene) in per-group mode.
+
+    Example:
+        >>> c = Candidate((800, 50, 0), ((8, 8), (6, 6)))
+        >>> len(c.key)
+        16
+    """
+
+    timesteps: tuple[int, ...]
+    bits: tuple
+
+    @property
+    def key(self) -> str:
+        blob = json.dumps({"t": list(self.timesteps), "b": _listify(self.bits)}, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        return {"timesteps": list(self.timesteps), "bits": _listify(self.bits), "key": self.key}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Candidate":
+        return cls(tuple(int(t) for t in d["timesteps"]), _tuplify(d["bits"]))
+
+
+def _listify(x):
+    return [_listify(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else int(x)
+
+
+@dataclass(frozen=True)
+class GeneLayer:
+    """What the cost model needs of one quantized layer (from ``supernet.LayerInfo``)."""
+
+    fqn: str
+    macs: int
+    params: int
+    gene: int | None
+    pinned: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    groups: TimeGroups
+    layers: tuple[GeneLayer, ...]
+    num_genes: int
+    w_bits: tuple[int, ...]
+    a_bits: tuple[int, ...]
+    per_group_bits: bool = False
+    other_params: int = 0  # parameters outside the quantized layers (kept at 32 bits)
+    bitops_budget: float | None = None
+    size_budget_mb: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    # -- shape of the genome --------------------------------------------------------------------------------------
+    @property
+    def n_steps(self) -> int:
+        return self.groups.n
+
+    @property
+    def bit_blocks(self) -> int:
+        return self.n_steps if self.per_group_bits else 1
+
+    @property
+    def genome_length(self) -> int:
+        return self.n_steps + 2 * self.num_genes * self.bit_blocks
+
+    def upper_bounds(self) -> np.ndarray:
+        """Exclusive upper bound of every gene (lower bounds are 0)."""
+        nb = self.num_genes * self.bit_blocks
+        return np.array(list(self.groups.sizes) + [len(self.w_bits)] * nb + [len(self.a_bits)] * nb, dtype=np.int64)
+
+    # -- codec ----------------------------------------------------------------------------------------------------
+    def decode(self, genome: Sequence[int]) -> Candidate:
+        g = np.asarray(genome, dtype=np.int64)
+        if g.shape != (self.genome_length,):
+            raise TmpqError(f"genome: expected {self.genome_length} genes, got {g.size}")
+        if np.any(g < 0) or np.any(g >= self.upper_bounds()):
+            bad = int(np.argmax((g < 0) | (g >= self.upper_bounds())))
+            raise TmpqError(f"genome: gene {bad} = {int(g[bad])} outside [0, {int(self.upper_bounds()[bad])})")
+        n, nb = self.n_steps, self.num_genes * self.bit_blocks
+        ts = self.groups.schedule(g[:n].tolist())
+        w = [self.w_bits[i] for i in g[n:n + nb]]
+        a = [self.a_bits[i] for i in g[n + nb:]]
+        pairs = tuple(zip(w, a))
+        if self.per_group_bits:
+            bits = tuple(tuple(pairs[b * self.num_genes:(b + 1) * self.num_genes]) for b in range(self.n_steps))
+        else:
+            bits = tuple(pairs)
+        return Candidate(ts, bits)
+
+    def encode(self, cand: Candidate) -> np.ndarray:
+        offs = self.groups.offsets(cand.timesteps)
+        blocks = cand.bits if self.per_group_bits else (cand.bits,)
+        if len(blocks) != self.bit_blocks or any(len(b) != self.num_genes for b in blocks):
+            raise TmpqError(f"candidate bits: expected {self.bit_blocks} x {self.num_genes} (w, a) pairs")
+        w_idx, a_idx = [], []
+        for block in blocks:
+            for w, a in block:
+                if w not in self.w_bits or a not in self.a_bits:
+                    raise TmpqError(f"candidate bits: ({w}, {a}) not in options W{list(self.w_bits)} A{list(self.a_bits)}")
+                w_idx.append(self.w_bits.index(w))
+                a_idx.append(self.a_bits.index(a))
+        return np.array(list(offs) + w_idx + a_idx, dtype=np.int64)
+
+    # -- analytic cost ----------------------------------------------------------------------------------------------
+    def _step_bits(self, cand: Candidate) -> list[tuple]:
+        """Per sampling step (in schedule order), the per-gene (w, a) allocation used."""
+        if not self.per_group_bits:
+            return [cand.bits] * len(cand.timesteps)
+        # bits[g] belongs to time group g; the schedule runs from the last group to the first
+        return list(reversed(cand.bits))
+
+    def bitops(self, cand: Candidate) -> float:
+        """BitOPs of the whole schedule per sample: sum over steps and layers of MACs * b_w * b_a."""
+        total = 0
+        for alloc in self._step_bits(cand):
+            for lay in self.layers:
+                w, a = lay.pinned if lay.pinned else alloc[lay.gene]
+                total += lay.macs * w * a
+        return float(total)
+
+    def size_mb(self, cand: Candidate) -> float:
+        """Weights at their bits (each distinct precision a layer needs is stored) + other parameters at 32 bits."""
+        allocs = self._step_bits(cand)
+        bits = 32 * self.other_params
+        for lay in self.layers:
+            ws = {lay.pinned[0]} if lay.pinned else {alloc[lay.gene][0] for alloc in allocs}
+            bits += lay.params * sum(ws)
+        return bits / 8 / 1e6
+
+    def feasible(self, cand: Candidate) -> bool:
+        if self.bitops_budget is not None and self.bitops(cand) > self.bitops_budget:
+            return False
+        if self.size_budget_mb is not None and self.size_mb(cand) > self.size_budget_mb:
+            return False
+        return True
+
+    def uniform_candidate(self, w: int, a: int, offsets: Sequence[int] | None = None) -> Candidate:
+        offs = list(offsets) if offsets is not None else list(self.groups.seed_offsets())
+        block = tuple((w, a) for _ in range(self.num_genes))
+        bits = tuple(block for _ in range(self.n_steps)) if self.per_group_bits else block
+        return Candidate(self.groups.schedule(offs), bits)
+
+    # -- operators (explicit generators) ----------------------------------------------------------------------------
+    def sample(self, rng: np.random.Generator) -> np.ndarray:
+        return rng.integers(0, self.upper_bounds())
+
+    def mutate(self, genome: np.ndarray, rng: np.random.Generator, p: float = 0.25) -> np.ndarray:
+        """Each gene is redrawn with probability p (uniform over its domain)."""
+        out = np.array(genome, dtype=np.int64)
+        hit = rng.random(out.size) < p
+        out[hit] = rng.integers(0, self.upper_bounds()[hit])
+        return out
+
+    def crossover(self, a: np.ndarray, b: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Uniform crossover: each gene from either parent with probability 1/2."""
+        return np.where(rng.random(len(a)) < 0.5, a, b).astype(np.int64)
+
+    def sample_feasible(self, rng: np.random.Generator, tries: int = 1000) -> np.ndarray:
+        for _ in range(tries):
+            g = self.sample(rng)
+            if self.feasible(self.decode(g)):
+                return g
+        raise TmpqError(f"search space: no feasible candidate in {tries} random draws; the budget is too tight")
+
+    # -- persistence ----------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"format": SPACE_FORMAT, "version": SPACE_VERSION, "groups": self.groups.to_dict(),
+                "layers": [lay.__dict__ | {"pinned": list(lay.pinned) if lay.pinned else None} for lay in self.layers],
+                "num_genes": self.num_genes, "w_bits": list(self.w_bits), "a_bits": list(self.a_bits),
+                "per_group_bits": self.per_group_bits, "other_params": self.other_params,
+                "bitops_budget": self.bitops_budget, "size_budget_mb": self.size_budget_mb, "extra": self.extra}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SearchSpace":
+        if d.get("format") != SPACE_FORMAT:
+            raise TmpqError(f"not a tmpq search space (format {d.get('format')!r})")
+        layers = tuple(GeneLayer(lay["fqn"], int(lay["macs"]), int(lay["params"]), lay["gene"],
+                                 tuple(lay["pinned"]) if lay["pinned"] else None) for lay in d["layers"])
+        return cls(TimeGroups.from_dict(d["groups"]), layers, int(d["num_genes"]), tuple(d["w_bits"]),
+                   tuple(d["a_bits"]), bool(d["per_group_bits"]), int(d["other_params"]), d["bitops_budget"],
+                   d["size_budget_mb"], dict(d.get("extra", {})))
+
+    @classmethod
+    def from_supernet(cls, net, groups: TimeGroups, per_group_bits: bool = False, **budgets) -> "SearchSpace":
+        """Build the space from a ``QuantSupernet``'s layer table (the only torch-touching constructor)."""
+        layers = tuple(GeneLayer(i.fqn, i.macs, i.params, i.gene, i.pinned) for i in net.infos)
+        other = sum(p.numel() for p in net.unet.parameters()) - sum(i.params for i in net.infos)
+        return cls(groups, layers, net.num_genes, net.config.w_bits, net.config.a_bits, per_group_bits, other,
+                   **budgets)
