@@ -126,7 +126,75 @@ def main() -> None:
             row, _ = score(net.unet, args.fid_n, ts, teacher)
             log.append({"kind": "shared", "mode": mode, "alloc_id": i, "n": args.fid_n, "seed": args.seed,
                         "bitops": net.bitops(alloc), "calib_s": round(calib_s, 1), **row})
+    quality_and_cost(args, log, fresh_unet, sched, ext, ref, batches)
     write_report(out, log, args)
+
+
+def quality_and_cost(args, log: RowLog, fresh_unet, sched, ext, ref, batches) -> None:
+    """Uniform options at ``--quality-steps`` uniform DDIM vs FP; calibration-data strategies; timing and memory."""
+    ts_q = make_timesteps("uniform", args.quality_steps)
+    if not log.has(kind="quality", name="fp", n=args.quality_n, seed=args.seed):
+        imgs = sample_images(fresh_unet(), sched, ts_q, args.quality_n, seed=args.seed, desc="FP quality")
+        log.append({"kind": "quality", "name": "fp", "n": args.quality_n, "seed": args.seed,
+                    "steps": args.quality_steps, **score_features(ext(imgs), ref)})
+    net = QuantSupernet(fresh_unet(), SupernetConfig())
+    t0 = time.perf_counter()
+    net.calibrate(batches, mode="per-option")
+    calib_s = time.perf_counter() - t0
+    lowest = (min(net.config.w_bits), min(net.config.a_bits))
+    for w, a in [(8, 8), (6, 6), (4, 8), lowest]:
+        name = f"W{w}A{a}"
+        if log.has(kind="quality", name=name, n=args.quality_n, seed=args.seed):
+            continue
+        net.set_uniform(w, a)
+        imgs = sample_images(net.unet, sched, ts_q, args.quality_n, seed=args.seed, desc=f"{name} quality")
+        log.append({"kind": "quality", "name": name, "n": args.quality_n, "seed": args.seed,
+                    "steps": args.quality_steps, "calib_s": round(calib_s, 1), **score_features(ext(imgs), ref)})
+    if not log.has(kind="cost", name="timing", n=256, seed=args.seed):
+        ts10 = make_timesteps("quad", 10)
+        fp_unet = fresh_unet()
+
+        def timed(unet):
+            sample_images(unet, sched, ts10, 32, batch_size=32, progress=False)
+            t0 = time.perf_counter()
+            sample_images(unet, sched, ts10, 256, batch_size=256, progress=False)
+            return time.perf_counter() - t0
+
+        fp_s = timed(fp_unet)
+        net.set_uniform(6, 6)
+        fq_s = timed(net.unet)
+        x = torch.randn(256, 1, 16, 16)
+        t = torch.full((256,), 500)
+        with torch.no_grad():
+            fp_unet(x, t)
+            t0 = time.perf_counter()
+            fp_unet(x, t)
+            fwd_s = time.perf_counter() - t0
+        alloc = [(4, 6)] * net.num_genes
+        t0 = time.perf_counter()
+        for _ in range(100):
+            net.set_bits(alloc)
+        set_s = (time.perf_counter() - t0) / 100
+        q_bytes = sum(v.numel() * v.element_size() for v in net.quantizer_state().values())
+        fp_bytes = sum(p.numel() * p.element_size() for p in fp_unet.parameters())
+        log.append({"kind": "cost", "name": "timing", "n": 256, "seed": args.seed, "fp_sample_s": round(fp_s, 3),
+                    "fakequant_sample_s": round(fq_s, 3), "ratio": round(fq_s / fp_s, 3),
+                    "unet_forward_s": round(fwd_s, 4), "set_bits_s": set_s, "set_bits_frac": set_s / fwd_s,
+                    "quantizer_state_bytes": q_bytes, "fp_param_bytes": fp_bytes, "calib_all_options_s": round(calib_s, 1)})
+    base = load_model(None)
+    ts10 = make_timesteps(args.schedule, args.steps)
+    for strategy in ("uniform", "ndtc", "eda"):
+        if all(log.has(kind="strategy", mode=strategy, name=f"W{w}A{a}", n=args.fid_n, seed=args.seed)
+               for w, a in [(6, 6), lowest]):
+            continue
+        data = make_calib_data(base.unet, sched, strategy, seed=10_000)
+        snet = QuantSupernet(fresh_unet(), SupernetConfig())
+        snet.calibrate(list(data.batches(64)), mode="per-option")
+        for w, a in [(6, 6), lowest]:
+            snet.set_uniform(w, a)
+            imgs = sample_images(snet.unet, sched, ts10, args.fid_n, seed=args.seed, progress=False)
+            log.append({"kind": "strategy", "mode": strategy, "name": f"W{w}A{a}", "n": args.fid_n,
+                        "seed": args.seed, **score_features(ext(imgs), ref)})
 
 
 def write_report(out: Path, log: RowLog, args) -> None:
@@ -145,6 +213,28 @@ def write_report(out: Path, log: RowLog, args) -> None:
         tf = kendalltau([shared[i]["fid"] for i in ids], [alone[i]["fid"] for i in ids])[0]
         tm = kendalltau([shared[i]["paired_mse"] for i in ids], [alone[i]["paired_mse"] for i in ids])[0]
         lines.append(f"| {mode} | {tf:.3f} | {tm:.3f} | {shared[ids[0]]['calib_s']} |")
+    quality = {r["name"]: r for r in rows if r["kind"] == "quality"}
+    if quality:
+        fp = quality.get("fp")
+        lines += ["", f"## Quality: uniform options, uniform DDIM {args.quality_steps} steps, N = {args.quality_n}", "",
+                  "| config | FID | vs FP | KID x1e3 |", "|---|---:|---:|---:|"]
+        for name, r in quality.items():
+            rel = f"{r['fid'] / fp['fid']:.3f}x" if fp else "-"
+            lines.append(f"| {name} | {r['fid']:.3f} | {rel} | {1e3 * r['kid']:.2f} |")
+    strat = [r for r in rows if r["kind"] == "strategy"]
+    if strat:
+        lines += ["", f"## Calibration data strategies (per-option, {args.schedule} {args.steps} steps, N = {args.fid_n})",
+                  "", "| strategy | config | FID |", "|---|---|---:|"]
+        lines += [f"| {r['mode']} | {r['name']} | {r['fid']:.3f} |" for r in strat]
+    cost = next((r for r in rows if r["kind"] == "cost"), None)
+    if cost:
+        lines += ["", "## Cost", "",
+                  f"- fake-quant (W6A6) / FP sampling time, quad 10 steps, batch 256: {cost['ratio']:.2f}",
+                  f"- set_bits: {1e6 * cost['set_bits_s']:.0f} us = {100 * cost['set_bits_frac']:.2f} % of one UNet "
+                  f"forward at batch 256 ({cost['unet_forward_s']:.3f} s)",
+                  f"- quantizer state {cost['quantizer_state_bytes'] / 1e6:.2f} MB vs FP parameters "
+                  f"{cost['fp_param_bytes'] / 1e6:.2f} MB",
+                  f"- calibration of all options (per-option, nearest rounding): {cost['calib_all_options_s']} s"]
     any_row = next(iter(log.rows.values()), None)
     if any_row:
         lines += ["", f"- command: `{any_row['command']}`", f"- machine: {any_row['machine']}"]
