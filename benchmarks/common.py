@@ -26,7 +26,11 @@ def machine() -> str:
 
 
 def command_line() -> str:
-    return "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    """The command as typed from the repository root (``python -m benchmarks.X ...``), without absolute paths."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    head = f"python -m {spec.name}" if spec is not None and spec.name else "python " + Path(sys.argv[0]).name
+    return " ".join([head, *(shlex.quote(a) for a in sys.argv[1:])])
 
 
 class RowLog:

@@ -69,6 +69,9 @@ def main() -> None:
     ap.add_argument("--strategy", default="uniform")
     ap.add_argument("--quality-steps", type=int, default=100)
     ap.add_argument("--quality-n", type=int, default=2000)
+    ap.add_argument("--calib-steps", type=int, default=20)
+    ap.add_argument("--calib-per-step", type=int, default=32)
+    ap.add_argument("--sampler-steps", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="results/supernet")
@@ -94,7 +97,10 @@ def main() -> None:
         return row, imgs
 
     t0 = time.perf_counter()
-    calib = make_calib_data(base.unet, sched, args.strategy, seed=10_000)
+    calib_kw = dict(n_steps=args.calib_steps, per_step=args.calib_per_step, sampler_steps=args.sampler_steps,
+                    seed=10_000)
+    args.calib_kw = calib_kw
+    calib = make_calib_data(base.unet, sched, args.strategy, **calib_kw)
     batches = list(calib.batches(64))
     calib_capture_s = time.perf_counter() - t0
     teacher_row, teacher = score(base.unet, args.fid_n, ts)
@@ -187,7 +193,7 @@ def quality_and_cost(args, log: RowLog, fresh_unet, sched, ext, ref, batches) ->
         if all(log.has(kind="strategy", mode=strategy, name=f"W{w}A{a}", n=args.fid_n, seed=args.seed)
                for w, a in [(6, 6), lowest]):
             continue
-        data = make_calib_data(base.unet, sched, strategy, seed=10_000)
+        data = make_calib_data(base.unet, sched, strategy, **args.calib_kw)
         snet = QuantSupernet(fresh_unet(), SupernetConfig())
         snet.calibrate(list(data.batches(64)), mode="per-option")
         for w, a in [(6, 6), lowest]:

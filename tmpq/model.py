@@ -120,7 +120,8 @@ def load_model(path: str | os.PathLike | None = None, device: str = "cpu") -> Lo
         raise TmpqError(f"no {WEIGHTS_NAME} in model directory {unet_dir}")
     check_safetensors(weights)
     try:
-        unet = UNet2DModel.from_pretrained(str(unet_dir), use_safetensors=True, local_files_only=True)
+        unet = UNet2DModel.from_pretrained(str(unet_dir), use_safetensors=True, local_files_only=True,
+                                           low_cpu_mem_usage=False)
     except Exception as exc:
         raise TmpqError(f"cannot load UNet2DModel from {unet_dir}: {str(exc).splitlines()[0]}") from None
     unet.eval().requires_grad_(False).to(device)
