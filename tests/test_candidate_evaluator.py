@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+from conftest import tiny_unet
+from evaluators.candidate import CandidateEvaluator, ProxyConfig
+from evaluators.features import RandomExtractor
+from evaluators.fid import FeatureStats
+from evaluators.quality import Reference
+from supernet import QuantSupernet, SupernetConfig
+from tmpq.errors import TmpqError
+from tmpq.model import embedded_scheduler_config
+from tmpq.sampler import make_scheduler
+from tmpq.schedules import quadratic_timesteps
+
+
+@pytest.fixture(scope="module")
+def evaluator():
+    net = QuantSupernet(tiny_unet(), SupernetConfig(w_observer="minmax", a_observer="minmax"))
+    g = torch.Generator().manual_seed(0)
+    net.calibrate([(torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 1000, (8,), generator=g))],
+                  progress=False)
+    ext = RandomExtractor(seed=0, dim=8)
+    ref_feats = ext(torch.rand(64, 1, 8, 8) * 2 - 1)
+    ref = Reference(FeatureStats.from_features(ref_feats), ref_feats)
+    cfg = ProxyConfig(n_images=8, teacher_steps=20, batch_size=8)
+    return CandidateEvaluator(net, make_scheduler(embedded_scheduler_config()), ext, ref, cfg), net
+
+
+def test_paired_proxy_is_deterministic_and_orders_bits(evaluator):
+    ev, net = evaluator
+    ts = quadratic_timesteps(5)
+    hi = ev.evaluate(ts, [(8, 8)] * net.num_genes)
+    hi2 = ev.evaluate(ts, [(8, 8)] * net.num_genes)
+    lo = ev.evaluate(ts, [(4, 6)] * net.num_genes)
+    assert hi["fid_proxy"] == hi2["fid_proxy"]
+    assert hi["paired_pixel_mse"] < lo["paired_pixel_mse"]
+
+
+def test_more_steps_get_closer_to_teacher(evaluator):
+    ev, net = evaluator
+    few = ev.evaluate(quadratic_timesteps(2), [(8, 8)] * net.num_genes)
+    many = ev.evaluate(quadratic_timesteps(15), [(8, 8)] * net.num_genes)
+    assert many["paired_pixel_mse"] < few["paired_pixel_mse"]
+
+
+def test_bad_proxy_config():
+    with pytest.raises(TmpqError, match="proxy.name"):
+        ProxyConfig(name="clip").validate()
+    with pytest.raises(TmpqError, match="n_images"):
+        ProxyConfig(n_images=1).validate()
