@@ -1,0 +1,202 @@
+"""The run configuration: one validated tree of frozen dataclasses, TOML in, resolved JSON out.
+
+Every error names the key at fault, e.g. ``search.population: must be >= 2, got 0``. Unknown keys are errors
+(a typo must not silently fall back to a default).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tmpq.errors import TmpqError
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    path: str = "embedded"
+
+
+@dataclass(frozen=True)
+class SupernetSection:
+    w_bits: tuple[int, ...] = (8, 6, 4)
+    a_bits: tuple[int, ...] = (8, 6)
+    tie_qkv: bool = True
+    w_rounding: str = "nearest"
+    w_granularity: str = "channel"
+    group_size: int = 0
+
+
+@dataclass(frozen=True)
+class CalibrationSection:
+    mode: str = "per-option"
+    strategy: str = "uniform"
+    steps: int = 20
+    per_step: int = 32
+    sampler_steps: int = 100
+    batch_size: int = 64
+    recon_iters: int = 0
+    seed: int = 10_000
+
+
+@dataclass(frozen=True)
+class SearchSection:
+    engine: str = "pymoo"
+    steps: int = 10
+    grouping: str = "quad"
+    population: int = 50
+    generations: int = 6
+    seed: int = 0
+    per_group_bits: bool = False
+    bitops_budget: str = "w6a6"
+    size_budget_mb: float = 0.0
+
+
+@dataclass(frozen=True)
+class ProxySection:
+    name: str = "paired-feat"
+    n_images: int = 128
+    seed: int = 0
+    teacher_steps: int = 100
+    teacher_schedule: str = "uniform"
+
+
+@dataclass(frozen=True)
+class ExecutorSection:
+    kind: str = "local"
+    address: str = ""
+    workers: int = 2
+    threads_per_worker: int = 1
+    timeout_s: float = 600.0
+    retries: int = 1
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    supernet: SupernetSection = field(default_factory=SupernetSection)
+    calibration: CalibrationSection = field(default_factory=CalibrationSection)
+    search: SearchSection = field(default_factory=SearchSection)
+    proxy: ProxySection = field(default_factory=ProxySection)
+    executor: ExecutorSection = field(default_factory=ExecutorSection)
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+CHOICES = {
+    "supernet.w_rounding": ("nearest", "adaround"),
+    "supernet.w_granularity": ("channel", "group", "tensor"),
+    "calibration.mode": ("per-option", "random-path"),
+    "calibration.strategy": ("uniform", "ndtc", "eda"),
+    "search.engine": ("pymoo", "optuna", "paper-ea", "random"),
+    "search.grouping": ("quad", "uniform", "sensitivity"),
+    "proxy.name": ("paired-feat", "fid"),
+    "proxy.teacher_schedule": ("uniform", "quad"),
+    "executor.kind": ("local", "ray"),
+}
+MINIMUM = {
+    "calibration.steps": 1, "calibration.per_step": 1, "calibration.sampler_steps": 1, "calibration.batch_size": 1,
+    "calibration.recon_iters": 0, "search.steps": 1, "search.population": 2, "search.generations": 1,
+    "search.size_budget_mb": 0, "proxy.n_images": 2, "proxy.teacher_steps": 1, "executor.workers": 1,
+    "executor.threads_per_worker": 1, "executor.timeout_s": 1, "executor.retries": 0, "supernet.group_size": 0,
+}
+
+
+def _coerce(key: str, value, tp):
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        (item, _ellipsis) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or not value:
+            raise TmpqError(f"{key}: must be a non-empty list, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise TmpqError(f"{key}: must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TmpqError(f"{key}: must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TmpqError(f"{key}: must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise TmpqError(f"{key}: must be a string, got {value!r}")
+        return value
+    raise TmpqError(f"{key}: unsupported type {tp}")  # pragma: no cover
+
+
+def _build(cls, data, prefix: str):
+    if not isinstance(data, dict):
+        raise TmpqError(f"{prefix or 'config'}: must be a table, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise TmpqError(f"{where}{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name in names & set(data):
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data[name], key)
+        else:
+            kwargs[name] = _check(key, _coerce(key, data[name], tp))
+    return cls(**kwargs)
+
+
+def _check(key: str, value):
+    if key in CHOICES and value not in CHOICES[key]:
+        raise TmpqError(f"{key}: must be one of {', '.join(CHOICES[key])}, got {value!r}")
+    if key in MINIMUM and value < MINIMUM[key]:
+        raise TmpqError(f"{key}: must be >= {MINIMUM[key]}, got {value}")
+    if key in ("supernet.w_bits", "supernet.a_bits"):
+        for b in value:
+            if not 2 <= b <= 16:
+                raise TmpqError(f"{key}: {b} is not a supported bit-width (2..16)")
+        if len(set(value)) != len(value):
+            raise TmpqError(f"{key}: repeated bit-width in {list(value)}")
+    if key == "search.bitops_budget":
+        ok = value in ("", "none") or (value.lower().startswith("w") and "a" in value.lower()) or _is_number(value)
+        if not ok:
+            raise TmpqError(f"{key}: must be 'none', a uniform option like 'w6a6', or a number, got {value!r}")
+    return value
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def config_from_dict(data: dict) -> RunConfig:
+    """Validate a plain dict (as TOML gives) into a ``RunConfig``."""
+    return _build(RunConfig, data, "")
+
+
+def load_config(path: str | Path | None) -> RunConfig:
+    """Read and validate a TOML config (``None``: all defaults).
+
+    Example:
+        >>> load_config(None).search.population
+        50
+    """
+    if path is None:
+        return RunConfig()
+    p = Path(path)
+    if not p.is_file():
+        raise TmpqError(f"config file not found: {p}")
+    try:
+        data = tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise TmpqError(f"malformed config {p}: {exc}") from None
+    return config_from_dict(data)
