@@ -1,0 +1,173 @@
+"""Run a search: calibrate (or reuse) the supernet, build the space and the engine, evaluate generations through an
+executor, append every evaluation to the log as it finishes, compact each generation.
+
+Resume replays the log: the engine is deterministic given its seed and what it was told, so rerunning the loop
+with logged evaluations served from the log reproduces every ask; only candidates missing from the log are
+evaluated. A killed driver therefore loses at most the evaluations in flight, and repeats none that were logged.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from search.rundir import EvalResult, RunDir
+from tmpq.config import RunConfig
+from tmpq.errors import TmpqError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a worker needs to build its evaluator (picklable; no tensors)."""
+
+    model: str
+    supernet_file: str
+    proxy: dict
+    threads: int = 1
+
+    def __call__(self):
+        import torch
+
+        from evaluators.candidate import CandidateEvaluator, ProxyConfig
+        from evaluators.features import make_extractor
+        from evaluators.quality import embedded_reference
+        from supernet import QuantSupernet
+        from tmpq.model import load_model
+        from tmpq.sampler import make_scheduler
+
+        torch.set_num_threads(self.threads)
+        m = load_model(None if self.model == "embedded" else self.model)
+        net = QuantSupernet.from_file(m.unet, self.supernet_file)
+        ext = make_extractor("domain") if m.sample_shape[0] == 1 else make_extractor("random", seed=0)
+        ref = embedded_reference(ext) if self.proxy.get("name") == "fid" else None
+        return CandidateEvaluator(net, make_scheduler(m.scheduler_config), ext, ref, ProxyConfig(**self.proxy))
+
+
+def run_fingerprint(cfg: RunConfig, model_fp: str) -> str:
+    from tmpq.data import data_fingerprint
+
+    blob = json.dumps({"config": cfg.to_dict(), "model": model_fp, "data": data_fingerprint()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _budget(space, spec: str) -> float | None:
+    spec = spec.strip().lower()
+    if spec in ("", "none"):
+        return None
+    if spec.startswith("w"):
+        w, a = (int(v) for v in spec[1:].split("a"))
+        if w not in space.w_bits or a not in space.a_bits:
+            raise TmpqError(f"search.bitops_budget: {spec} is not a uniform option of the supernet")
+        return space.bitops(space.uniform_candidate(w, a))
+    return float(spec)
+
+
+def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=None, progress: bool = True) -> RunDir:
+    """Run (or resume) a search; returns the run directory. ``executor`` overrides the configured one (tests)."""
+    from dataclasses import replace
+
+    from search.engines import make_engine
+    from search.groups import quadratic_groups, uniform_groups
+    from search.space import SearchSpace
+    from supernet import QuantSupernet, SupernetConfig
+    from supernet.calib_data import make_calib_data
+    from tmpq.model import load_model
+    from tmpq.sampler import make_scheduler
+
+    m = load_model(None if cfg.model.path == "embedded" else cfg.model.path)
+    sc = cfg.supernet
+    snc = SupernetConfig(w_bits=sc.w_bits, a_bits=sc.a_bits, w_rounding=sc.w_rounding,
+                         w_granularity=sc.w_granularity, group_size=sc.group_size or None,
+                         tie=(r"(.*attentions\.\d+)\.to_[qkv]$",) if sc.tie_qkv else ())
+    net = QuantSupernet(m.unet, snc)
+    fp = run_fingerprint(cfg, net.fingerprint)
+    groups = {"quad": quadratic_groups, "uniform": uniform_groups}.get(cfg.search.grouping)
+    if groups is None:
+        raise TmpqError(f"search.grouping: {cfg.search.grouping!r} needs a sensitivity profile; not wired yet")
+    space = SearchSpace.from_supernet(net, groups(cfg.search.steps, m.num_train_timesteps),
+                                      per_group_bits=cfg.search.per_group_bits)
+    space = replace(space, bitops_budget=_budget(space, cfg.search.bitops_budget),
+                    size_budget_mb=cfg.search.size_budget_mb or None)
+    if resume:
+        run = RunDir.reopen(run_path, fp)
+    else:
+        run = RunDir.create(run_path, cfg.to_dict(), space.to_dict(), fp)
+    sn_file = run.path / "supernet.safetensors"
+    if not sn_file.is_file():
+        cal = cfg.calibration
+        data = make_calib_data(m.unet, make_scheduler(m.scheduler_config), cal.strategy, n_steps=cal.steps,
+                               per_step=cal.per_step, sampler_steps=cal.sampler_steps, seed=cal.seed)
+        batches = list(data.batches(cal.batch_size))
+        net.calibrate(batches, mode=cal.mode, progress=progress,
+                      checkpoint=run.path / "supernet.partial.safetensors")
+        if sc.w_rounding == "adaround" and cal.recon_iters > 0:
+            net.reconstruct(batches, iters=cal.recon_iters, progress=progress)
+        net.save(sn_file)
+        (run.path / "supernet.partial.safetensors").unlink(missing_ok=True)
+    del net
+    proxy = json.loads(json.dumps(cfg.proxy.__dict__))
+    if executor is None:
+        spec = WorkerSpec(cfg.model.path, str(sn_file.resolve()), proxy, cfg.executor.threads_per_worker)
+        if cfg.executor.kind == "ray":
+            from search.executors import RayExecutor
+
+            executor = RayExecutor(spec, workers=cfg.executor.workers, threads_per_worker=cfg.executor.threads_per_worker,
+                                   timeout_s=cfg.executor.timeout_s, retries=cfg.executor.retries,
+                                   address=cfg.executor.address, temp_dir=str(run.path / "ray"))
+        else:
+            from search.executors import LocalExecutor
+
+            executor = LocalExecutor(spec)
+    seed_cand = space.uniform_candidate(6, 6) if 6 in space.w_bits and 6 in space.a_bits else None
+    seeds = [space.encode(seed_cand)] if seed_cand is not None and space.feasible(seed_cand) else []
+    engine = make_engine(cfg.search.engine, space, seed=cfg.search.seed, population=cfg.search.population,
+                         seeds=seeds)
+    logged = {r.key: r for r in run.replay()}
+    proxy_info = {"name": cfg.proxy.name, "version": 1, "n_images": cfg.proxy.n_images}
+    try:
+        for gen in range(cfg.search.generations):
+            genomes = engine.ask()
+            cands = [space.decode(g) for g in genomes]
+            todo, seen_now = [], set()
+            from search.executors import Task
+
+            for c in cands:
+                if c.key not in logged and c.key not in seen_now:
+                    todo.append(Task(c.key, c.timesteps, c.bits))
+                    seen_now.add(c.key)
+            t0 = time.perf_counter()
+            for task, out in executor.map(todo):
+                cand = next(c for c in cands if c.key == task.key)
+                objectives = dict(out.objectives)
+                if out.status == "ok":
+                    objectives["bitops"] = space.bitops(cand)
+                    objectives["size_mb"] = space.size_mb(cand)
+                res = EvalResult(key=task.key, status=out.status, timesteps=cand.timesteps, bits=cand.bits,
+                                 objectives=objectives, proxy=proxy_info, n_images=cfg.proxy.n_images,
+                                 seed=cfg.proxy.seed, wall_s=round(out.wall_s, 3), worker=out.worker,
+                                 error=out.error, generation=gen, origin=engine.name)
+                run.append(res)
+                logged[task.key] = res
+            F = np.array([[logged[c.key].objectives.get("fid_proxy", np.inf),
+                           space.bitops(c) if logged[c.key].status == "ok" else np.inf] for c in cands])
+            engine.tell(genomes, F[:, : engine.n_obj] if engine.n_obj == 1 else F)
+            run.compact()
+            if progress:
+                ok = [r for r in logged.values() if r.status == "ok"]
+                best = min((r.objectives["fid_proxy"] for r in ok), default=float("nan"))
+                import pandas as pd
+
+                front = pd.read_parquet(run.path / "pareto.parquet")
+                print(f"generation {gen + 1}/{cfg.search.generations}: {len(logged)} evaluations "
+                      f"({len(todo)} new, {time.perf_counter() - t0:.0f} s), best proxy {best:.4g}, "
+                      f"front {len(front)}", flush=True)
+    finally:
+        executor.close()
+    return run
