@@ -1,2 +1,9 @@
 """tmpq: timestep x mixed-precision co-optimisation of diffusion models."""
 __version__ = "0.1.0"
+
+
+def load_run(path):
+    """Open a search run directory; see :func:`tmpq.api.load_run`."""
+    from tmpq.api import load_run as _load_run
+
+    return _load_run(path)

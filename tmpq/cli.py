@@ -202,6 +202,53 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
           f"{len(data)} calibration pairs, {wall:.0f} s)")
 
 
+def _cmd_search(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from search.service import run_search
+    from tmpq.config import config_from_dict, load_config
+
+    if args.resume:
+        import json
+
+        run_path = Path(args.resume)
+        cfg_file = run_path / "config.resolved.json"
+        if not cfg_file.is_file():
+            raise TmpqError(f"--resume: not a tmpq run directory (no config.resolved.json): {run_path}")
+        data = json.loads(cfg_file.read_text())
+        data.pop("fingerprint", None)
+        cfg = config_from_dict(data)
+        if args.config:
+            cfg = load_config(args.config)
+    else:
+        cfg = load_config(args.config)
+    overrides = {}
+    if args.engine:
+        overrides["search"] = dataclasses.replace(cfg.search, engine=args.engine)
+    if args.executor or args.ray_address:
+        overrides["executor"] = dataclasses.replace(cfg.executor, kind=args.executor or "ray",
+                                                    address=args.ray_address or cfg.executor.address)
+    cfg = config_from_dict({**cfg.to_dict(), **{k: dataclasses.asdict(v) for k, v in overrides.items()}})
+    _set_threads(args.threads)
+    run_path = Path(args.resume) if args.resume else Path(args.run_dir)
+    run = run_search(cfg, run_path, resume=bool(args.resume))
+    print(f"run directory: {run.path} (evaluations.parquet, pareto.parquet, pareto.csv)")
+
+
+def _cmd_pareto(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from tmpq.api import load_run
+
+    front = load_run(args.run).pareto()
+    if front.empty:
+        print("no successful evaluations yet")
+        return
+    cols = [c for c in ("key", "fid_proxy", "bitops", "size_mb", "steps", "timesteps", "generation") if c in front]
+    with pd.option_context("display.max_colwidth", 60, "display.width", 160):
+        print(front[cols].to_string(index=False))
+
+
 def _command_line() -> str:
     return "tmpq " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
@@ -325,6 +372,24 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
     ca.add_argument("--out", default="results/supernet/supernet.safetensors", help="output file (default: %(default)s)")
     ca.set_defaults(func=_cmd_calibrate)
+
+    se = sub.add_parser("search", help="joint timestep x bit-width search (writes a run directory)",
+                        description="Calibrate the supernet once, then search schedules and per-layer bits with an "
+                                    "evolutionary engine; every evaluation is logged as it finishes and the run "
+                                    "resumes from its log.")
+    se.add_argument("--config", default=None, help="TOML config (default: built-in defaults; see configs/)")
+    se.add_argument("--engine", default=None, choices=("pymoo", "paper-ea", "random"), help="override search.engine")
+    se.add_argument("--executor", default=None, choices=("local", "ray"), help="override executor.kind")
+    se.add_argument("--ray-address", default=None, help="join a Ray cluster: auto or HOST:PORT (implies --executor ray)")
+    se.add_argument("--run-dir", default="results/runs/default", help="new run directory (default: %(default)s)")
+    se.add_argument("--resume", default=None, metavar="RUN", help="resume the run in directory RUN")
+    se.add_argument("--threads", type=int, default=2, help="torch CPU threads of the driver (default: %(default)s)")
+    se.set_defaults(func=_cmd_search)
+
+    pa = sub.add_parser("pareto", help="print the Pareto front of a run",
+                        description="Print the non-dominated evaluations (proxy vs BitOPs) of a run directory.")
+    pa.add_argument("run", help="run directory")
+    pa.set_defaults(func=_cmd_pareto)
 
     r = sub.add_parser("ref-stats", help="save reference statistics of the embedded digits (.npz + .json sidecar)",
                        description="Compute feature statistics of the real embedded digits and save them in "
