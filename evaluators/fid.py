@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from tmpq.errors import TmpqError
+from tmpq.fileio import atomic_write
 
 STATS_FORMAT = "tmpq.feature-stats"
 STATS_VERSION = 1
@@ -103,8 +102,8 @@ class FeatureStats:
             raise TmpqError(f"statistics file must end in .npz: {path}")
         path.parent.mkdir(parents=True, exist_ok=True)
         sidecar = {"format": STATS_FORMAT, "version": STATS_VERSION, "n": self.n, **self.meta}
-        _atomic_write(path, lambda f: np.savez(f, mu=self.mu, sigma=self.sigma))
-        _atomic_write(sidecar_path(path), lambda f: f.write((json.dumps(sidecar, indent=2, sort_keys=True) + "\n").encode()))
+        atomic_write(path, lambda f: np.savez(f, mu=self.mu, sigma=self.sigma))
+        atomic_write(sidecar_path(path), lambda f: f.write((json.dumps(sidecar, indent=2, sort_keys=True) + "\n").encode()))
         return path
 
     @classmethod
@@ -134,16 +133,3 @@ class FeatureStats:
 
 def sidecar_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
