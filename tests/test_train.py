@@ -24,6 +24,42 @@ def test_train_unet_is_seeded(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_train_unet_resumes_after_a_crash_bit_identically(tmp_path, monkeypatch):
+    import pytest
+
+    import tmpq.train as tr
+    from tmpq.errors import TmpqError
+
+    cfg = UNetTrainConfig(steps=5, batch_size=4, warmup=1)
+    train_unet(cfg, tmp_path / "ref", ckpt_every=2)
+    assert not (tmp_path / "ref" / tr.CKPT_NAME).exists()  # removed once the model is saved
+
+    real_update, calls = tr.EMA.update, []
+
+    def crash_on_fourth(self, model):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        real_update(self, model)
+
+    monkeypatch.setattr(tr.EMA, "update", crash_on_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        train_unet(cfg, tmp_path / "m", ckpt_every=2)
+    monkeypatch.setattr(tr.EMA, "update", real_update)
+    ckpt = tmp_path / "m" / tr.CKPT_NAME
+    assert torch.load(ckpt, weights_only=True)["step"] == 2
+    with pytest.raises(TmpqError, match="lr"):  # other settings refuse the checkpoint
+        train_unet(UNetTrainConfig(steps=5, batch_size=4, warmup=1, lr=5e-4), tmp_path / "m", ckpt_every=2)
+    man = train_unet(cfg, tmp_path / "m", ckpt_every=2)
+    a, b = load_model(tmp_path / "ref").unet.state_dict(), load_model(tmp_path / "m").unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert man["metrics"]["final_loss_mean_last100"] == pytest.approx(
+        json.loads((tmp_path / "ref" / "manifest.json").read_text())["metrics"]["final_loss_mean_last100"])
+    ckpt.write_bytes(b"garbage")
+    with pytest.raises(TmpqError, match="unreadable training checkpoint"):
+        train_unet(cfg, tmp_path / "m", ckpt_every=2)
+
+
 def test_train_classifier_manifest(tmp_path):
     from evaluators.classifier import ClassifierTrainConfig, train_classifier
     from evaluators.features import DomainExtractor

@@ -267,9 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train the embedded MNIST DDPM (reproduces the committed weights)",
                        description="Train the embedded 16x16 MNIST DDPM (epsilon loss, 1000 linear-beta steps, EMA) "
-                                   "and save it as a DDPMPipeline directory with a manifest.")
+                                   "and save it as a DDPMPipeline directory with a manifest. The training state is "
+                                   "checkpointed every 250 steps into OUT/.train-checkpoint.pt; rerunning the same "
+                                   "command resumes from it.")
     t.add_argument("--out", default="results/train/mnist16-ddpm", help="output pipeline directory (default: %(default)s)")
-    t.add_argument("--steps", type=int, default=1500, help="optimisation steps (default: %(default)s)")
+    t.add_argument("--steps", type=int, default=6000, help="optimisation steps (default: %(default)s)")
     t.add_argument("--batch-size", type=int, default=128, help="images per step (default: %(default)s)")
     t.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate, cosine decay (default: %(default)s)")
     t.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the saved weights (default: %(default)s)")

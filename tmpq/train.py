@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 class UNetTrainConfig:
     """Hyper-parameters of ``tmpq train`` (the embedded DDPM)."""
 
-    steps: int = 1500
+    steps: int = 6000
     batch_size: int = 128
     lr: float = 1e-3
     warmup: int = 100
@@ -72,8 +72,38 @@ def _lr_lambda(cfg: UNetTrainConfig):
     return f
 
 
-def train_unet(cfg: UNetTrainConfig, out: Path, command: str = "") -> dict:
+CKPT_NAME = ".train-checkpoint.pt"
+
+
+def _save_checkpoint(path: Path, cfg: UNetTrainConfig, step: int, unet, ema: EMA, opt, sched, gen, losses, wall) -> None:
+    from tmpq.fileio import atomic_write
+
+    state = {"config": asdict(cfg), "step": step, "unet": unet.state_dict(), "ema": ema.model.state_dict(),
+             "ema_step": ema.step, "opt": opt.state_dict(), "sched": sched.state_dict(),
+             "gen": gen.get_state(), "losses": torch.tensor(losses, dtype=torch.float64), "wall": wall}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def _load_checkpoint(path: Path, cfg: UNetTrainConfig) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is reported the same way
+        raise TmpqError(f"{path}: unreadable training checkpoint ({type(e).__name__}); delete it to start over") from e
+    if state.get("config") != asdict(cfg):
+        diff = sorted(k for k, v in asdict(cfg).items() if state.get("config", {}).get(k) != v)
+        raise TmpqError(f"{path}: checkpoint was written with different settings ({', '.join(diff)}); "
+                        "use the same options or delete it to start over")
+    return state
+
+
+def train_unet(cfg: UNetTrainConfig, out: Path, command: str = "", ckpt_every: int = 250) -> dict:
     """Train the embedded DDPM (epsilon loss, 1000 linear-beta steps, EMA) and save it as a pipeline directory.
+
+    Every ``ckpt_every`` steps the full training state goes to ``out/.train-checkpoint.pt``; a rerun with the same
+    settings resumes from it and ends with bit-identical weights. The checkpoint is removed once the model is saved.
 
     Example:
         >>> train_unet(UNetTrainConfig(steps=2, batch_size=4), Path("/tmp/m"))  # doctest: +SKIP
@@ -95,9 +125,24 @@ def train_unet(cfg: UNetTrainConfig, out: Path, command: str = "") -> dict:
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
     unet.train()
-    t0 = time.time()
+    out = Path(out)
+    ckpt = out / CKPT_NAME
     losses: list[float] = []
-    bar = tqdm(range(cfg.steps), desc="train unet", unit="step", dynamic_ncols=True)
+    start, wall0 = 0, 0.0
+    state = _load_checkpoint(ckpt, cfg)
+    if state is not None:
+        unet.load_state_dict(state["unet"])
+        ema.model.load_state_dict(state["ema"])
+        ema.step = int(state["ema_step"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        gen.set_state(state["gen"])
+        losses = state["losses"].tolist()
+        start, wall0 = int(state["step"]), float(state["wall"])
+        log.info("resuming %s at step %d", ckpt, start)
+    t0 = time.time()
+    bar = tqdm(range(start, cfg.steps), desc="train unet", unit="step", dynamic_ncols=True,
+               initial=start, total=cfg.steps)
     for step in bar:
         idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=gen)
         x0 = x_all[idx]
@@ -114,7 +159,9 @@ def train_unet(cfg: UNetTrainConfig, out: Path, command: str = "") -> dict:
         losses.append(loss.item())
         if step % 10 == 0:
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
-    wall = time.time() - t0
+        if ckpt_every > 0 and (step + 1) % ckpt_every == 0 and step + 1 < cfg.steps:
+            _save_checkpoint(ckpt, cfg, step + 1, unet, ema, opt, sched, gen, losses, wall0 + time.time() - t0)
+    wall = wall0 + time.time() - t0
     manifest = {
         "format": "tmpq.embedded-model",
         "version": 1,
@@ -128,6 +175,7 @@ def train_unet(cfg: UNetTrainConfig, out: Path, command: str = "") -> dict:
         "python": sys.version.split()[0],
     }
     save_pipeline_dir(ema.model, sched_cfg, out, manifest)
+    ckpt.unlink(missing_ok=True)
     log.info("saved %s (%.1f s)", out, wall)
     return manifest
 
