@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from quant.functional import fake_quant_split_inference
 from quant.quantizer import AffineQuantizer, QuantError
 
 
@@ -115,6 +116,9 @@ class QuantLayer(nn.Module):
             qa.observe(a)
             qb.observe(b)
             return x
+        grads = torch.is_grad_enabled() and (x.requires_grad or qa.scale.requires_grad or qb.scale.requires_grad)
+        if not grads and qa.granularity == qb.granularity == "tensor" and bool(qa.frozen) and bool(qb.frozen):
+            return fake_quant_split_inference(x, self.split, qa.inference_params(), qb.inference_params())
         return torch.cat([qa(a), qb(b)], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from quant.functional import affine_params, channel_view, fake_quant, from_groups, qrange, to_groups
+from quant.functional import (affine_params, channel_view, fake_quant, fake_quant_inference, from_groups, qrange,
+                              to_groups)
 
 GRANULARITIES = ("tensor", "channel", "group")
 OBSERVERS = ("minmax", "percentile", "mse")
@@ -155,14 +156,17 @@ class AffineQuantizer(nn.Module):
         return best_scale, best_zp
 
     # -- quantization -------------------------------------------------------------------------------------------
+    def inference_params(self) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """``(scale, zero_point, qmin, qmax)`` for the no-grad kernels of :mod:`quant.functional`."""
+        return self.scale.detach(), self.zero_point.detach(), self.qmin, self.qmax
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not bool(self.frozen):
             raise QuantError("quantizer used before calibration (observe + freeze, or load a state_dict)")
         if self.granularity == "tensor":
-            if not (torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad)) and x.dtype == torch.float32:
-                # inference fast path: PyTorch's fused kernel, bit-exact with fake_quant (tested)
-                return torch.fake_quantize_per_tensor_affine(x, self.scale.detach(), self.zero_point.to(torch.int32),
-                                                             self.qmin, self.qmax)
+            if not (torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad)):
+                # inference fast path: in-place ops, bit-exact with fake_quant and the torch reference op (tested)
+                return fake_quant_inference(x, self.scale, self.zero_point, self.qmin, self.qmax)
             return fake_quant(x, self.scale, self.zero_point, self.qmin, self.qmax)
         if self.granularity == "channel":
             return fake_quant(x, channel_view(self.scale, x.ndim), channel_view(self.zero_point, x.ndim),

@@ -87,3 +87,20 @@ def test_bad_inputs():
         q.set_bits(1, 0)
     with pytest.raises(QuantError, match="split"):
         QuantConv2d(nn.Conv2d(4, 4, 1), w_bits=(8,), a_bits=(8,), split=4)
+
+
+def test_split_inference_kernel_equals_cat_of_quantized_halves():
+    torch.manual_seed(1)
+    conv = nn.Conv2d(8, 4, 3, padding=1)
+    x = torch.cat([torch.randn(6, 3, 5, 5) * 0.1, torch.randn(6, 5, 5, 5) * 7], dim=1)
+    q = _calibrated(QuantConv2d(conv, w_bits=(8,), a_bits=(6, 4), split=3), x)
+    for i in range(2):
+        q.set_bits(0, i)
+        qa, qb = q.a_quant[i], q.a_quant_split[i]
+        ref = torch.cat([qa(x[:, :3]), qb(x[:, 3:])], dim=1)
+        for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+            with torch.no_grad():
+                fast = q._act(inp)
+            assert torch.equal(fast, ref)
+        slow = q._act(x.clone().requires_grad_())  # autograd path: the torch.cat of the two halves
+        assert torch.equal(slow.detach(), ref)

@@ -171,3 +171,20 @@ def test_inference_fast_path_equals_autograd_path():
         fast = q(x)
     slow = q(x.clone().requires_grad_())
     assert torch.equal(fast, slow.detach())
+
+
+def test_inplace_inference_kernel_bit_exact_over_many_scales():
+    from quant.functional import fake_quant_inference
+
+    g = torch.Generator().manual_seed(7)
+    x = (torch.randn(4, 8, 6, 6, generator=g) * 4).contiguous(memory_format=torch.channels_last)
+    for i in range(200):
+        bits, symmetric = (8, 6, 4, 3)[i % 4], bool(i % 2)
+        qmin, qmax = qrange(bits, symmetric)
+        scale = torch.rand(1, generator=g) * 0.5 + 1e-3
+        zp = torch.tensor(0.0) if symmetric else torch.randint(qmin, qmax + 1, (1,), generator=g).float()
+        ref = torch.fake_quantize_per_tensor_affine(x, scale, zp.to(torch.int32), qmin, qmax)
+        out = fake_quant_inference(x, scale, zp, qmin, qmax)
+        assert torch.equal(out, ref), (bits, symmetric, float(scale), float(zp))
+        assert out.is_contiguous(memory_format=torch.channels_last)  # no layout change before the next conv
+        assert torch.equal(out, fake_quant(x, scale, zp, qmin, qmax))
