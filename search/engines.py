@@ -2,6 +2,8 @@
 
 - ``pymoo``: NSGA-II (pymoo) with tmpq's own sampling / mutation / crossover and a budget repair, so every asked
   genome is valid and feasible.
+- ``optuna``: Optuna's ``NSGAIISampler`` on a persistent RDB study (SQLite in the run directory by default, or any
+  SQLAlchemy URL such as PostgreSQL); infeasible proposals are rejected analytically before evaluation.
 - ``paper-ea``: TMPQ-DM's single-objective EA (population 50: keep the top 10, 25 mutants at p = 0.25,
   10 uniform crossovers, 15 random), seeded with the quadratic-DDIM schedule at uniform W6A6.
 - ``random``: uniform random feasible genomes.
@@ -11,14 +13,17 @@ All randomness comes from the engine's ``numpy.random.Generator`` (seeded).
 """
 from __future__ import annotations
 
+import json
+import uuid
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
 from search.space import SearchSpace
 from tmpq.errors import TmpqError
 
-ENGINES = ("pymoo", "paper-ea", "random")
+ENGINES = ("pymoo", "optuna", "paper-ea", "random")
 
 
 def repair(space: SearchSpace, genome: np.ndarray, rng: np.random.Generator, tries: int = 200) -> np.ndarray:
@@ -190,11 +195,218 @@ class PymooNSGA2(Engine):
         self.generation += 1
 
 
+FAILED_VALUE = 1e300  # objective an engine is told for a failed evaluation: finite, dominated by every real one
+
+
+def optuna_study_for_run(run_path: Path, storage: str = "") -> tuple[str, str]:
+    """The storage URL and study name of a run's Optuna study.
+
+    ``storage`` empty: SQLite ``<run>/optuna.db`` (resolved when the run starts, so a relative run directory works);
+    otherwise any SQLAlchemy URL, e.g. ``postgresql+psycopg2://tmpq@db.example:5432/tmpq`` (keep passwords out of
+    the URL, which is part of the resolved config: libpq reads ``PGPASSWORD`` and ``~/.pgpass``). The study name is
+    made once per run (``tmpq-<run directory name>-<8 hex>``) and kept in ``<run>/optuna.json``, so a resume finds
+    its own study, also in a database that many runs share.
+    """
+    from tmpq.fileio import atomic_write_bytes
+
+    run_path = Path(run_path)
+    url = storage or f"sqlite:///{(run_path / 'optuna.db').resolve()}"
+    meta = run_path / "optuna.json"
+    if meta.is_file():
+        name = str(json.loads(meta.read_text())["study_name"])
+    else:
+        name = f"tmpq-{run_path.resolve().name}-{uuid.uuid4().hex[:8]}"
+        atomic_write_bytes(meta, (json.dumps({"study_name": name}, indent=2) + "\n").encode())
+    return url, name
+
+
+def _redact(url: str) -> str:
+    """A database URL with its password (if any) replaced by ``***``, for messages."""
+    import re
+
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
+
+
+def _open_rdb(url: str):
+    """Optuna's RDB storage for ``url``; on SQLite in WAL mode with ``synchronous=NORMAL`` (the evaluation log is the
+    record of truth; a commit per parameter with a full fsync each made SQLite about 7x slower)."""
+    import optuna
+
+    try:
+        rdb = optuna.storages.RDBStorage(url)
+    except Exception as exc:  # bad URL, missing driver, server down: one line naming the key
+        msg = (str(exc).strip().splitlines() or [""])[0]
+        raise TmpqError(f"search.storage: cannot open {_redact(url)}: {type(exc).__name__}: {msg}") from None
+    if rdb.engine.dialect.name == "sqlite":
+        from sqlalchemy import event
+
+        def _pragmas(dbapi_conn, _record):
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.close()
+
+        event.listen(rdb.engine, "connect", _pragmas)
+        rdb.engine.dispose()  # connections opened while creating the tables predate the pragmas
+    return rdb
+
+
+class OptunaNSGA2(Engine):
+    """Optuna's NSGA-II (``NSGAIISampler``) driven through Optuna's ask / tell API, on an RDB study.
+
+    Gene ``i`` is the integer parameter ``g<i>`` in ``[0, upper_bound_i)``. ``ask()`` returns exactly ``population``
+    feasible genomes. Each Optuna proposal is checked analytically against the budgets before it is returned: an
+    infeasible one is told at once with state FAIL (user attr ``tmpq_infeasible``, its relative budget overshoot
+    recorded as constraints) and never handed out for evaluation. After ``max_rejects`` (default 10 x population)
+    rejections in one ask, the remaining places are filled by repairing the last rejected proposal (bits lowered,
+    schedule kept, as the pymoo engine's repair) and enqueuing it with ``enqueue_trial``, so Optuna records it and
+    breeds from it like any trial.
+    The ``seeds`` are enqueued when the study is created. Every handed-out trial carries its budget slack as Optuna
+    constraints (``bitops`` / ``size_mb``: cost / budget - 1, feasible when <= 0) and user attrs ``tmpq_generation``
+    and ``tmpq_key`` (the candidate key of ``evaluations.jsonl``).
+
+    Failure handling. Optuna's NSGA-II puts a new trial in the newest generation until that generation has
+    ``population`` COMPLETE trials, and then starts the next one. So:
+
+    - rejected proposals are told FAIL, not COMPLETE with large values and a positive violation: as COMPLETE they
+      would count towards the generation, and a budget that rejects a population's worth of proposals in one ask
+      would start the next generation early from an incomplete parent pool. Nothing is lost: constrained domination
+      would rank them after every feasible trial, and each generation has ``population`` feasible ones;
+    - a failed evaluation (a non-finite objective) is told COMPLETE with ``FAILED_VALUE`` (1e300) in place of each
+      non-finite objective: dominated by every real evaluation, never preferred as a parent, and the generation stays
+      full. Told FAIL it would leave the generation short, and Optuna would fold the next batch into it.
+
+    Persistence and resume. ``storage`` is an SQLAlchemy URL (``None``: in memory); the study (``study_name``) is
+    opened with ``load_if_exists``. The number of generations told is the study user attr ``tmpq_generations``, read
+    back as ``self.generation``, and the search service starts its loop there: a resumed run *continues* the study
+    rather than replaying it (replaying would double its trials). The candidates of an interrupted generation
+    (trials tagged with that generation and still RUNNING, or already told before the interruption) are handed out
+    again by the first ``ask()`` (the service serves the logged ones from its log), topped up with new proposals;
+    other stale RUNNING trials are marked FAIL. The sampler's random stream restarts on resume (reseeded from the
+    seed and the number of stored trials), so unlike the pymoo engine's replay, an interrupted-and-resumed run is
+    not bit-identical to an uninterrupted one; it is deterministic given the stored study and the seed.
+    """
+
+    name = "optuna"
+
+    def __init__(self, space: SearchSpace, seed: int = 0, population: int = 50, seeds: Sequence[np.ndarray] = (),
+                 storage: str | None = None, study_name: str | None = None, max_rejects: int | None = None,
+                 n_obj: int = 2):
+        super().__init__(space, seed)
+        import optuna
+        from optuna.trial import TrialState
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # one INFO line per trial otherwise
+        self.population, self.n_obj = population, n_obj
+        self.max_rejects = 10 * population if max_rejects is None else max_rejects
+        self._ub = [int(u) for u in space.upper_bounds()]
+        self._states = TrialState
+        rdb = _open_rdb(storage) if storage else None
+        # NSGA-II is set below, once we know whether the study is new (its seed depends on that)
+        self.study = optuna.create_study(storage=rdb, study_name=study_name or "tmpq",
+                                         sampler=optuna.samplers.RandomSampler(seed=seed),
+                                         directions=["minimize"] * n_obj, load_if_exists=True)
+        attrs = self.study.user_attrs
+        trials = self.study.get_trials(deepcopy=False)
+        if "tmpq_population" in attrs:
+            for key, want in (("tmpq_population", population), ("tmpq_genome_length", space.genome_length),
+                              ("tmpq_n_obj", n_obj)):
+                if attrs.get(key) != want:
+                    raise TmpqError(f"optuna study {self.study.study_name!r}: stored {key[5:]} {attrs.get(key)} "
+                                    f"differs from this search's {want}; use a new study")
+        sampler_seed = seed if not trials else int(np.random.SeedSequence([seed, len(trials)]).generate_state(1)[0])
+        self.rng = np.random.default_rng(sampler_seed)
+        self.study.sampler = optuna.samplers.NSGAIISampler(population_size=population, seed=sampler_seed)
+        if "tmpq_population" not in attrs:
+            for g in seeds:
+                self.study.enqueue_trial(self._params(g), user_attrs={"tmpq_origin": "seed"})
+            self.study.set_user_attr("tmpq_population", population)
+            self.study.set_user_attr("tmpq_genome_length", space.genome_length)
+            self.study.set_user_attr("tmpq_n_obj", n_obj)
+        self.generation = int(attrs.get("tmpq_generations", 0))
+        self._pending: list[tuple[int, np.ndarray]] = []
+        for t in trials:
+            if t.state not in (TrialState.RUNNING, TrialState.COMPLETE):
+                continue
+            g = self._genome(t)
+            if (t.user_attrs.get("tmpq_generation") == self.generation and g is not None
+                    and space.feasible(space.decode(g)) and len(self._pending) < population):
+                self._pending.append((t.number, g))
+            elif t.state == TrialState.RUNNING:
+                self.study.tell(t.number, state=TrialState.FAIL)
+        self._asked: list[tuple[int, np.ndarray]] = []
+
+    def _params(self, genome: np.ndarray) -> dict:
+        return {f"g{i}": int(v) for i, v in enumerate(np.asarray(genome))}
+
+    def _genome(self, trial) -> np.ndarray | None:
+        try:
+            g = np.array([trial.params[f"g{i}"] for i in range(len(self._ub))], dtype=np.int64)
+        except KeyError:
+            return None
+        return g if "tmpq_key" in trial.user_attrs else None
+
+    def _constraints(self, cand) -> dict[str, float]:
+        sp, out = self.space, {}
+        if sp.bitops_budget is not None:
+            out["bitops"] = sp.bitops(cand) / sp.bitops_budget - 1.0
+        if sp.size_budget_mb is not None:
+            out["size_mb"] = sp.size_mb(cand) / sp.size_budget_mb - 1.0
+        return out
+
+    def ask(self) -> list[np.ndarray]:
+        if self._asked:
+            raise TmpqError("optuna engine: ask() called again before tell() of the previous generation")
+        out, self._pending = list(self._pending), []
+        rejects, last_bad = 0, None
+        while len(out) < self.population:
+            if rejects >= self.max_rejects:
+                fix = (repair(self.space, last_bad, self.rng) if last_bad is not None
+                       else self.space.sample_feasible(self.rng))
+                self.study.enqueue_trial(self._params(fix), user_attrs={"tmpq_origin": "repair"})
+            trial = self.study.ask()
+            # Pin the trial's NSGA-II generation: Optuna assigns it when relative sampling first runs, which never
+            # happens for an enqueued trial (all its params fixed), and such a trial would belong to no population.
+            trial.relative_params  # noqa: B018
+            g = np.array([trial.suggest_int(f"g{i}", 0, ub - 1) for i, ub in enumerate(self._ub)], dtype=np.int64)
+            cand = self.space.decode(g)
+            for k, v in self._constraints(cand).items():  # Optuna 5's replacement of constraints_func
+                trial.set_constraint(k, v)
+            trial.set_user_attr("tmpq_generation", self.generation)
+            if not self.space.feasible(cand):
+                trial.set_user_attr("tmpq_infeasible", True)
+                self.study.tell(trial, state=self._states.FAIL)
+                rejects, last_bad = rejects + 1, g
+                continue
+            trial.set_user_attr("tmpq_key", cand.key)
+            out.append((trial.number, g))
+        self._asked = out
+        return [g.copy() for _, g in out]
+
+    def tell(self, genomes, F) -> None:
+        F = np.asarray(F, dtype=np.float64).reshape(len(genomes), -1)[:, : self.n_obj]
+        if len(genomes) != len(self._asked) or not all(
+                np.array_equal(np.asarray(g), a) for g, (_, a) in zip(genomes, self._asked)):
+            raise TmpqError("optuna engine: tell() needs exactly the genomes of the last ask(), in order")
+        for (number, _), f in zip(self._asked, F):
+            values = np.where(np.isfinite(f), f, FAILED_VALUE)
+            self.study.tell(number, [float(v) for v in values], skip_if_finished=True)
+        self._asked = []
+        self.generation += 1
+        self.study.set_user_attr("tmpq_generations", self.generation)
+
+
 def make_engine(name: str, space: SearchSpace, seed: int = 0, population: int = 50,
-                seeds: Sequence[np.ndarray] = ()) -> Engine:
-    """Build a named engine (``pymoo``, ``paper-ea`` or ``random``)."""
+                seeds: Sequence[np.ndarray] = (), storage: str | None = None,
+                study_name: str | None = None) -> Engine:
+    """Build a named engine (``pymoo``, ``optuna``, ``paper-ea`` or ``random``).
+
+    ``storage`` / ``study_name``: the Optuna study (an SQLAlchemy URL, ``None`` in memory); other engines ignore them.
+    """
     if name == "pymoo":
         return PymooNSGA2(space, seed, population=population, seeds=seeds)
+    if name == "optuna":
+        return OptunaNSGA2(space, seed, population=population, seeds=seeds, storage=storage, study_name=study_name)
     if name == "paper-ea":
         return PaperEA(space, seed, seeds=seeds)
     if name == "random":

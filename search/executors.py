@@ -64,17 +64,92 @@ class LocalExecutor:
         self._evaluator = None
 
 
+# Ray's unix sockets live at <temp>/session_<date>_<pid>/sockets/plasma_store(.N); AF_UNIX paths are limited to
+# 107 bytes, so a temp dir longer than this is replaced by a short one under /tmp (symlinked from the requested path).
+_MAX_RAY_TEMP = 38
+
+
+def _short_temp_dir(temp_dir: str) -> str:
+    import tempfile
+
+    path = os.path.abspath(temp_dir)
+    if len(path) <= _MAX_RAY_TEMP:
+        os.makedirs(path, exist_ok=True)
+        return path
+    if os.path.islink(path):
+        target = os.readlink(path)
+        if os.path.isdir(target) and len(target) <= _MAX_RAY_TEMP:
+            return target
+        os.unlink(path)
+    short = tempfile.mkdtemp(prefix="tmpq-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.symlink(short, path)  # the run directory still points at Ray's logs
+    return short
+
+
+def _enable_token_auth_to_join() -> None:
+    """Token authentication when joining a cluster by address.
+
+    Ray (2.60 as installed; see ray/_private/authentication/) turns token authentication on by itself for a
+    cluster that ``ray.init()`` starts (the token is generated once into ``~/.ray/auth_token``) and for
+    ``address="auto"``, but not for an explicit ``HOST:PORT``:
+    there the driver only sends its token if ``RAY_AUTH_MODE=token`` is set, and a token-protected cluster refuses
+    it otherwise ("InvalidAuthToken"). So, unless ``RAY_AUTH_MODE`` is set explicitly, tmpq switches token mode on
+    whenever a token is available to this process: ``RAY_AUTH_TOKEN`` (the token itself), ``RAY_AUTH_TOKEN_PATH``
+    (a file) or ``~/.ray/auth_token``; the token must be the one the cluster's nodes were started with.
+    (``ray start`` itself turns token mode on only with ``RAY_AUTH_MODE=token`` or an existing token, and never
+    generates one: start every node with ``RAY_AUTH_MODE=token`` and the same token; tests/test_search_ray.py.)
+    """
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # pragma: no cover - a Ray without token authentication
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+class _RayWorker:
+    """The body of a Ray actor: one evaluator, built once; ``ping`` answers when it is built."""
+
+    def __init__(self, factory, threads: int):
+        import ray
+        import torch
+
+        torch.set_num_threads(threads)
+        self.name = f"{_worker_name()}@{ray.get_runtime_context().get_node_id()[:8]}"
+        self.evaluator = factory()
+
+    def ping(self) -> str:
+        return self.name
+
+    def run(self, task: Task) -> Outcome:
+        out = run_task(self.evaluator, task)
+        out.worker = self.name
+        return out
+
+
 class RayExecutor:
     """Long-lived Ray actors, each holding its own evaluator built from ``factory`` (a picklable callable).
 
     ``address``: ``""`` starts a local Ray (dashboard off, token auth on, temp dir inside ``temp_dir``);
-    ``auto`` or ``HOST:PORT`` joins an existing cluster.
+    ``auto`` or ``HOST:PORT`` joins an existing cluster (see ``_enable_token_auth_to_join`` for its token).
+    A task goes only to an actor whose evaluator is built (within ``start_timeout_s``), and ``timeout_s`` runs
+    from then; an actor that dies or times out is killed and replaced, its task retried up to ``retries`` times,
+    then reported failed with its error.
+    An actor that cannot build its evaluator ``retries + 1`` times in a row is given up; when all are, the search
+    stops with an error (a broken worker setup must not be logged as failed candidates).
+    Worker names are ``host:pid@node`` (the first 8 hex digits of the Ray node id).
     """
 
     name = "ray"
 
     def __init__(self, factory: Callable[[], object], workers: int = 2, threads_per_worker: int = 1,
-                 timeout_s: float = 600.0, retries: int = 1, address: str = "", temp_dir: str | None = None):
+                 timeout_s: float = 600.0, retries: int = 1, address: str = "", temp_dir: str | None = None,
+                 start_timeout_s: float | None = None):
         try:
             import ray
         except ImportError as exc:  # pragma: no cover - ray is a dependency
@@ -82,86 +157,151 @@ class RayExecutor:
         self.ray = ray
         self.factory, self.workers, self.threads = factory, workers, threads_per_worker
         self.timeout_s, self.retries = timeout_s, retries
+        # building an evaluator (model, supernet) may take longer than one evaluation; never less than 10 min
+        self.start_timeout_s = max(timeout_s, 600.0) if start_timeout_s is None else start_timeout_s
         self._owns_ray = False
         if not ray.is_initialized():
-            kwargs = dict(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+            kwargs = dict(include_dashboard=False, log_to_driver=False)
             if address:
+                _enable_token_auth_to_join()
                 kwargs["address"] = address
             else:
+                # "local", not None: a RAY_ADDRESS in the environment must not turn this into a join
+                kwargs["address"] = "local"
                 kwargs["num_cpus"] = max(workers * threads_per_worker, os.cpu_count() or 1)
                 if temp_dir:
-                    kwargs["_temp_dir"] = os.path.abspath(temp_dir)
+                    kwargs["_temp_dir"] = _short_temp_dir(temp_dir)
             try:
                 ray.init(**kwargs)
             except Exception as exc:
+                hint = (" (a cluster with token authentication needs its token here: RAY_AUTH_TOKEN, "
+                        "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)") if address else ""
                 raise TmpqError(f"executor.address: cannot start or join Ray at {address or 'local'}: "
-                                f"{str(exc).splitlines()[0]}") from None
+                                f"{_first_line(exc) or type(exc).__name__}{hint}") from None
             self._owns_ray = True
+        self._Worker = ray.remote(num_cpus=threads_per_worker, max_restarts=0, max_task_retries=0)(_RayWorker)
+        self.actors: list = [None] * workers
+        self.names = ["ray"] * workers
+        self._starting: dict = {}  # ping ref -> (slot, t0)
+        self._idle: list[int] = []
+        self._start_failures = [0] * workers
+        self._given_up: set[int] = set()
+        self._last_start_error = ""
+        for i in range(workers):
+            self._spawn(i)
 
-        @ray.remote(num_cpus=threads_per_worker, max_restarts=0)
-        class _Worker:
-            def __init__(self, factory, threads):
-                import torch
+    def _spawn(self, i: int, kill: bool = False) -> None:
+        if kill and self.actors[i] is not None:
+            try:
+                self.ray.kill(self.actors[i], no_restart=True)
+            except Exception:
+                pass
+        self.actors[i] = self._Worker.remote(self.factory, self.threads)
+        self.names[i] = "ray"
+        self._starting[self.actors[i].ping.remote()] = (i, time.monotonic())
 
-                torch.set_num_threads(threads)
-                self.evaluator = factory()
-
-            def run(self, task):
-                return run_task(self.evaluator, task)
-
-            def ping(self):
-                return _worker_name()
-
-        self._Worker = _Worker
-        self.actors = [self._spawn() for _ in range(workers)]
-
-    def _spawn(self):
-        return self._Worker.remote(self.factory, self.threads)
+    def _start_failed(self, i: int, exc: BaseException) -> None:
+        self._start_failures[i] += 1
+        self._last_start_error = f"{type(exc).__name__}: {_first_line(exc)}"
+        if self._start_failures[i] > self.retries:
+            self._given_up.add(i)
+            try:
+                self.ray.kill(self.actors[i], no_restart=True)
+            except Exception:
+                pass
+            if len(self._given_up) == self.workers:
+                raise TmpqError(f"no Ray worker could build its evaluator ({self.retries + 1} tries each); last "
+                                f"error: {self._last_start_error}")
+        else:
+            self._spawn(i, kill=True)
 
     def map(self, tasks: list[Task]) -> Iterator[tuple[Task, Outcome]]:
         ray = self.ray
-        pending: dict = {}
         queue = [(t, 0) for t in tasks]
-        idle = list(range(len(self.actors)))
-        while queue or pending:
-            while queue and idle:
-                i = idle.pop()
+        running: dict = {}  # task ref -> (slot, task, attempt, t0)
+        while queue or running:
+            while queue and self._idle:
+                i = self._idle.pop(0)
                 task, attempt = queue.pop(0)
-                ref = self.actors[i].run.remote(task)
-                pending[ref] = (i, task, attempt, time.monotonic())
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
-            now = time.monotonic()
+                running[self.actors[i].run.remote(task)] = (i, task, attempt, time.monotonic())
+            ready, _ = ray.wait([*running, *self._starting], num_returns=1, timeout=0.5)
             for ref in ready:
-                i, task, attempt, _t0 = pending.pop(ref)
+                if ref in self._starting:
+                    self._started(ref)
+                    continue
+                i, task, attempt, _t0 = running.pop(ref)
                 try:
                     out = ray.get(ref)
-                    idle.append(i)
-                    yield task, out
-                except Exception as exc:  # actor died or task raised inside Ray
-                    self.actors[i] = self._spawn()
-                    idle.append(i)
-                    yield from self._retry_or_fail(queue, task, attempt, exc)
-            for ref, (i, task, attempt, t0) in list(pending.items()):
+                except Exception as exc:  # the actor died (or the task could not run) mid-evaluation
+                    name = self.names[i]
+                    self._spawn(i, kill=True)
+                    yield from self._retry_or_fail(queue, task, attempt, exc, name)
+                    continue
+                self._idle.append(i)
+                yield task, out
+            now = time.monotonic()
+            for ref, (i, task, attempt, t0) in list(running.items()):
                 if now - t0 > self.timeout_s:
-                    pending.pop(ref)
-                    ray.kill(self.actors[i])
-                    self.actors[i] = self._spawn()
-                    idle.append(i)
+                    running.pop(ref)
+                    name = self.names[i]
+                    self._spawn(i, kill=True)
                     yield from self._retry_or_fail(queue, task, attempt,
-                                                   TimeoutError(f"no answer in {self.timeout_s:.0f} s"))
+                                                   TimeoutError(f"no answer in {self.timeout_s:g} s"), name)
+            self._check_start_timeouts(now)
 
-    def _retry_or_fail(self, queue, task, attempt, exc) -> Iterator[tuple[Task, Outcome]]:
+    def wait_ready(self) -> None:
+        """Block until every worker has built its evaluator (or been given up); e.g. before timing ``map``."""
+        while self._starting:
+            ready, _ = self.ray.wait(list(self._starting), num_returns=1, timeout=0.5)
+            for ref in ready:
+                self._started(ref)
+            self._check_start_timeouts(time.monotonic())
+
+    def _started(self, ref) -> None:
+        i, _t0 = self._starting.pop(ref)
+        try:
+            self.names[i] = self.ray.get(ref)
+        except Exception as exc:  # the evaluator could not be built (or the actor died doing so)
+            self._start_failed(i, exc)
+            return
+        self._start_failures[i] = 0
+        self._idle.append(i)
+
+    def _check_start_timeouts(self, now: float) -> None:
+        for ref, (i, t0) in list(self._starting.items()):
+            if now - t0 > self.start_timeout_s:
+                self._starting.pop(ref)
+                self._start_failed(i, TimeoutError(f"evaluator not built in {self.start_timeout_s:g} s"))
+
+    def _retry_or_fail(self, queue, task, attempt, exc, worker: str) -> Iterator[tuple[Task, Outcome]]:
         if attempt < self.retries:
             queue.append((task, attempt + 1))
             return
-        yield task, Outcome("failed", {}, 0.0, "ray", f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
-                                                       f" (after {attempt + 1} attempts)")
+        yield task, Outcome("failed", {}, 0.0, worker,
+                            f"{type(exc).__name__}: {_first_line(exc)} (after {attempt + 1} attempts)")
 
     def close(self) -> None:
         for a in self.actors:
             try:
-                self.ray.kill(a)
+                self.ray.kill(a, no_restart=True)
             except Exception:
                 pass
+        self.actors = []
+        self._starting.clear()
+        self._idle.clear()
         if self._owns_ray:
+            self._owns_ray = False
             self.ray.shutdown()
+
+
+def _first_line(exc: BaseException) -> str:
+    """One line about ``exc``: for a Ray error that carries a remote traceback, its last line (the original
+    ``SomeError: message``), else the first line; terminal colour codes removed."""
+    import re
+
+    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    if len(lines) > 1 and re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b.*:", lines[-1]):
+        return lines[-1]
+    return lines[0]

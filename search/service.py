@@ -53,7 +53,10 @@ class WorkerSpec:
 def run_fingerprint(cfg: RunConfig, model_fp: str) -> str:
     from tmpq.data import data_fingerprint
 
-    blob = json.dumps({"config": cfg.to_dict(), "model": model_fp, "data": data_fingerprint()}, sort_keys=True)
+    # The executor section is left out: local and Ray give bit-identical evaluations at the same threads_per_worker
+    # (tests/test_search_ray.py), so a run may resume on another executor or at a new cluster address.
+    config = {k: v for k, v in cfg.to_dict().items() if k != "executor"}
+    blob = json.dumps({"config": config, "model": model_fp, "data": data_fingerprint()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -127,12 +130,17 @@ def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=No
             executor = LocalExecutor(spec)
     seed_cand = space.uniform_candidate(6, 6) if 6 in space.w_bits and 6 in space.a_bits else None
     seeds = [space.encode(seed_cand)] if seed_cand is not None and space.feasible(seed_cand) else []
+    storage = study_name = None
+    if cfg.search.engine == "optuna":  # a persistent study: resume continues it from engine.generation
+        from search.engines import optuna_study_for_run
+
+        storage, study_name = optuna_study_for_run(run.path, cfg.search.storage)
     engine = make_engine(cfg.search.engine, space, seed=cfg.search.seed, population=cfg.search.population,
-                         seeds=seeds)
+                         seeds=seeds, storage=storage, study_name=study_name)
     logged = {r.key: r for r in run.replay()}
     proxy_info = {"name": cfg.proxy.name, "version": 1, "n_images": cfg.proxy.n_images}
     try:
-        for gen in range(cfg.search.generations):
+        for gen in range(engine.generation, cfg.search.generations):  # > 0 only for a resumed Optuna study
             genomes = engine.ask()
             cands = [space.decode(g) for g in genomes]
             todo, seen_now = [], set()

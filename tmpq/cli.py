@@ -7,6 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from tmpq.config import CHOICES
 from tmpq.errors import TmpqError
 
 
@@ -380,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "evolutionary engine; every evaluation is logged as it finishes and the run "
                                     "resumes from its log.")
     se.add_argument("--config", default=None, help="TOML config (default: built-in defaults; see configs/)")
-    se.add_argument("--engine", default=None, choices=("pymoo", "paper-ea", "random"), help="override search.engine")
+    se.add_argument("--engine", default=None, choices=CHOICES["search.engine"],
+                    help="override search.engine")
     se.add_argument("--executor", default=None, choices=("local", "ray"), help="override executor.kind")
     se.add_argument("--ray-address", default=None, help="join a Ray cluster: auto or HOST:PORT (implies --executor ray)")
     se.add_argument("--run-dir", default="results/runs/default", help="new run directory (default: %(default)s)")

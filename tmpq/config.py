@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -53,6 +54,9 @@ class SearchSection:
     per_group_bits: bool = False
     bitops_budget: str = "w6a6"
     size_budget_mb: float = 0.0
+    # engine optuna only: "" = SQLite optuna.db in the run directory, else an SQLAlchemy database URL such as
+    # postgresql+psycopg2://user@host:5432/db (no password in it: libpq reads PGPASSWORD / ~/.pgpass)
+    storage: str = ""
 
 
 @dataclass(frozen=True)
@@ -167,6 +171,9 @@ def _check(key: str, value):
         ok = value in ("", "none") or (value.lower().startswith("w") and "a" in value.lower()) or _is_number(value)
         if not ok:
             raise TmpqError(f"{key}: must be 'none', a uniform option like 'w6a6', or a number, got {value!r}")
+    if key == "search.storage" and value and not re.match(r"[A-Za-z][A-Za-z0-9]*(\+[A-Za-z0-9_]+)?://", value):
+        raise TmpqError(f"{key}: must be empty (SQLite optuna.db in the run directory) or a database URL such as "
+                        f"sqlite:///optuna.db or postgresql+psycopg2://user@host:5432/db, got {value!r}")
     return value
 
 

@@ -1,0 +1,147 @@
+"""Executor scaling: N evaluations of one fixed candidate list with the local executor and with 1, 2, ... Ray actors
+(``threads_per_worker`` torch threads each, default 1), on this machine.
+
+    .venv/bin/python -m benchmarks.ray_scaling --config configs/tiny.toml --n 24 --workers 1,2
+
+The candidates are ``--n`` feasible random draws from the search space of ``--config`` (seeded by ``--seed``); the
+supernet is calibrated once into ``--work`` and reused. Each executor first builds its evaluators and evaluates one
+warm-up candidate per worker (``startup_s``), then the N candidates are timed (``evals_per_s``). Every executor
+must give the same objectives for every candidate (checked). Rows are appended to ``--out`` (a JSON list), each
+with the command, machine and seed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import command_line, machine
+from tmpq.fileio import atomic_write_bytes
+
+
+def build(cfg, work: Path):
+    """The supernet file (calibrated once, as ``run_search`` does) and the search space of ``cfg``."""
+    from dataclasses import replace
+
+    from search.groups import quadratic_groups, uniform_groups
+    from search.service import _budget
+    from search.space import SearchSpace
+    from supernet import QuantSupernet, SupernetConfig
+    from supernet.calib_data import make_calib_data
+    from tmpq.model import load_model
+    from tmpq.sampler import make_scheduler
+
+    m = load_model(None if cfg.model.path == "embedded" else cfg.model.path)
+    sc = cfg.supernet
+    net = QuantSupernet(m.unet, SupernetConfig(w_bits=sc.w_bits, a_bits=sc.a_bits, w_rounding=sc.w_rounding,
+                                               w_granularity=sc.w_granularity, group_size=sc.group_size or None,
+                                               tie=(r"(.*attentions\.\d+)\.to_[qkv]$",) if sc.tie_qkv else ()))
+    groups = {"quad": quadratic_groups, "uniform": uniform_groups}[cfg.search.grouping]
+    space = SearchSpace.from_supernet(net, groups(cfg.search.steps, m.num_train_timesteps),
+                                      per_group_bits=cfg.search.per_group_bits)
+    space = replace(space, bitops_budget=_budget(space, cfg.search.bitops_budget),
+                    size_budget_mb=cfg.search.size_budget_mb or None)
+    sn_file = work / f"supernet-{net.fingerprint[:12]}.safetensors"
+    if not sn_file.is_file():
+        cal = cfg.calibration
+        data = make_calib_data(m.unet, make_scheduler(m.scheduler_config), cal.strategy, n_steps=cal.steps,
+                               per_step=cal.per_step, sampler_steps=cal.sampler_steps, seed=cal.seed)
+        net.calibrate(list(data.batches(cal.batch_size)), mode=cal.mode, progress=False)
+        work.mkdir(parents=True, exist_ok=True)
+        net.save(sn_file)
+    return sn_file, space
+
+
+def time_executor(make, tasks, warmup, workers: int) -> tuple[dict, float, float]:
+    """(outcomes by key, startup_s, wall_s of the timed tasks)."""
+    t0 = time.perf_counter()
+    ex = make()
+    try:
+        if hasattr(ex, "wait_ready"):
+            ex.wait_ready()  # every actor built, so the warm-up gives each one a candidate
+        for _task, out in ex.map(warmup[:workers]):
+            assert out.status == "ok", out.error
+        startup = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        outs = {task.key: out for task, out in ex.map(tasks)}
+        wall = time.perf_counter() - t1
+    finally:
+        ex.close()
+    return outs, startup, wall
+
+
+def main(argv: list[str] | None = None) -> None:
+    from search.executors import LocalExecutor, RayExecutor, Task
+    from search.service import WorkerSpec
+    from tmpq.config import load_config
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="configs/tiny.toml", help="TOML run config (default: %(default)s)")
+    ap.add_argument("--model", default=None, help="override model.path")
+    ap.add_argument("--n", type=int, default=24, help="timed evaluations per executor (default: %(default)s)")
+    ap.add_argument("--workers", default="1,2", help="Ray actor counts, comma-separated (default: %(default)s)")
+    ap.add_argument("--threads-per-worker", type=int, default=1, help="torch threads per worker (default: 1)")
+    ap.add_argument("--seed", type=int, default=0, help="candidate sampling seed (default: %(default)s)")
+    ap.add_argument("--no-local", action="store_true", help="skip the local executor")
+    ap.add_argument("--work", default="results/search/ray_scaling_work", help="supernet cache directory")
+    ap.add_argument("--out", default="results/search/ray_scaling.json", help="JSON list of rows to append to")
+    args = ap.parse_args(argv)
+
+    cfg = load_config(args.config)
+    if args.model:
+        from tmpq.config import config_from_dict
+
+        cfg = config_from_dict({**cfg.to_dict(), "model": {"path": args.model}})
+    sn_file, space = build(cfg, Path(args.work))
+    workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    rng = np.random.default_rng(args.seed)
+    cands, seen = [], set()
+    while len(cands) < args.n + max(workers, default=1):
+        c = space.decode(space.sample_feasible(rng))
+        if c.key not in seen:
+            seen.add(c.key)
+            cands.append(c)
+    tasks = [Task(c.key, c.timesteps, c.bits) for c in cands]
+    warmup, timed = tasks[args.n:], tasks[: args.n]
+    spec = WorkerSpec(cfg.model.path, str(sn_file.resolve()), json.loads(json.dumps(cfg.proxy.__dict__)),
+                      args.threads_per_worker)
+
+    runs = [("local", 1, lambda: LocalExecutor(spec))] if not args.no_local else []
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))  # short: Ray's unix socket paths live in it
+    for w in workers:
+        # a fresh local Ray per row, as `tmpq search` starts one
+        runs.append(("ray", w, lambda w=w: RayExecutor(spec, workers=w, threads_per_worker=args.threads_per_worker,
+                                                       timeout_s=cfg.executor.timeout_s, retries=0,
+                                                       temp_dir=str(ray_tmp / f"x{w}"))))
+    out_path = Path(args.out)
+    rows = json.loads(out_path.read_text()) if out_path.is_file() else []
+    reference = None
+    for kind, w, make in runs:
+        outs, startup, wall = time_executor(make, timed, warmup, w)
+        failed = [k for k, o in outs.items() if o.status != "ok"]
+        if failed:
+            raise SystemExit(f"{kind} x{w}: {len(failed)} evaluations failed: {outs[failed[0]].error}")
+        values = {k: {n: v for n, v in o.objectives.items() if n != "eval_s"} for k, o in outs.items()}
+        reference = reference or values
+        row = {"executor": kind, "workers": w, "threads_per_worker": args.threads_per_worker, "n": args.n,
+               "startup_s": round(startup, 2), "wall_s": round(wall, 3), "evals_per_s": round(args.n / wall, 3),
+               "same_objectives_as_first": values == reference, "config": args.config,
+               "model": cfg.model.path, "seed": args.seed, "command": command_line(), "machine": machine(),
+               "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        print(f"{kind:5s} x{w}: {row['evals_per_s']:.2f} evaluations/s ({args.n} in {wall:.1f} s; "
+              f"startup {startup:.1f} s){'' if row['same_objectives_as_first'] else '  OBJECTIVES DIFFER'}",
+              flush=True)
+        rows.append(row)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out_path, (json.dumps(rows, indent=1) + "\n").encode())
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    print(f"wrote {out_path}")
+
+
+if __name__ == "__main__":
+    main()
