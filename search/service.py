@@ -72,12 +72,32 @@ def _budget(space, spec: str) -> float | None:
     return float(spec)
 
 
+def _time_groups(cfg: RunConfig, m, resumed_run: Path | None):
+    """Time groups of the configured grouping. ``sensitivity`` profiles the FP model once (64 bank images along
+    100-step uniform DDIM, seed = search.seed); a resumed run reuses the groups stored in its search_space.json, so
+    round-off in a re-profile can never change the space under a running search."""
+    from search.groups import TimeGroups, quadratic_groups, sensitivity_groups, uniform_groups
+
+    kind, n, T = cfg.search.grouping, cfg.search.steps, m.num_train_timesteps
+    if kind == "quad":
+        return quadratic_groups(n, T)
+    if kind == "uniform":
+        return uniform_groups(n, T)
+    stored = resumed_run / "search_space.json" if resumed_run is not None else None
+    if stored is not None and stored.is_file():
+        return TimeGroups.from_dict(json.loads(stored.read_text())["groups"])
+    from search.sensitivity import sensitivity_profile
+    from tmpq.sampler import make_scheduler
+
+    prof = sensitivity_profile(m.unet, make_scheduler(m.scheduler_config), seed=cfg.search.seed)
+    return sensitivity_groups(prof, n)
+
+
 def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=None, progress: bool = True) -> RunDir:
     """Run (or resume) a search; returns the run directory. ``executor`` overrides the configured one (tests)."""
     from dataclasses import replace
 
     from search.engines import make_engine
-    from search.groups import quadratic_groups, uniform_groups
     from search.space import SearchSpace
     from supernet import QuantSupernet, SupernetConfig
     from supernet.calib_data import make_calib_data
@@ -89,13 +109,10 @@ def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=No
     snc = SupernetConfig(w_bits=sc.w_bits, a_bits=sc.a_bits, w_rounding=sc.w_rounding,
                          w_granularity=sc.w_granularity, group_size=sc.group_size or None,
                          tie=(r"(.*attentions\.\d+)\.to_[qkv]$",) if sc.tie_qkv else ())
+    groups = _time_groups(cfg, m, run_path if resume else None)  # before wrapping: profiles the FP model
     net = QuantSupernet(m.unet, snc)
     fp = run_fingerprint(cfg, net.fingerprint)
-    groups = {"quad": quadratic_groups, "uniform": uniform_groups}.get(cfg.search.grouping)
-    if groups is None:
-        raise TmpqError(f"search.grouping: {cfg.search.grouping!r} needs a sensitivity profile; not wired yet")
-    space = SearchSpace.from_supernet(net, groups(cfg.search.steps, m.num_train_timesteps),
-                                      per_group_bits=cfg.search.per_group_bits)
+    space = SearchSpace.from_supernet(net, groups, per_group_bits=cfg.search.per_group_bits)
     space = replace(space, bitops_budget=_budget(space, cfg.search.bitops_budget),
                     size_budget_mb=cfg.search.size_budget_mb or None)
     if resume:
