@@ -1,0 +1,15 @@
+"""The shipped configs load, and default.toml documents exactly the built-in defaults."""
+from pathlib import Path
+
+from tmpq.config import RunConfig, load_config
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def test_default_toml_equals_builtin_defaults():
+    assert load_config(CONFIGS / "default.toml").to_dict() == RunConfig().to_dict()
+
+
+def test_every_shipped_config_loads():
+    for path in sorted(CONFIGS.glob("*.toml")):
+        assert load_config(path).search.population >= 2, path
