@@ -59,20 +59,36 @@ class CandidateEvaluator:
         self.teacher = self._sample(teacher_ts)
         self.teacher_feats = extractor(self.teacher)
 
-    def _sample(self, timesteps) -> torch.Tensor:
+    def _sample(self, timesteps, on_step=None) -> torch.Tensor:
         from tmpq.sampler import sample_images
 
         return sample_images(self.net.unet, self.scheduler, timesteps, self.cfg.n_images, seed=self.cfg.seed,
-                             batch_size=self.cfg.batch_size, progress=False)
+                             batch_size=self.cfg.batch_size, progress=False, on_step=on_step)
 
     @torch.no_grad()
-    def evaluate(self, timesteps, bits, per_group_bits: bool = False) -> dict:
-        """Objectives of one candidate: ``fid_proxy`` (the configured proxy) and its companions."""
-        if per_group_bits:
-            raise TmpqError("per-time-group bits are not served by the evaluator yet")
+    def evaluate(self, timesteps, bits, per_group_bits: bool | None = None) -> dict:
+        """Objectives of one candidate: ``fid_proxy`` (the configured proxy) and its companions.
+
+        ``bits``: one allocation (a (w, a) pair per gene) for every step, or, per time group, one allocation per
+        group in ascending time order (``bits[g]`` serves the schedule's step in group g: the schedule runs from the
+        last group to the first). ``per_group_bits=None`` tells the two apart by shape.
+        """
+        if per_group_bits is None:
+            per_group_bits = len(bits) > 0 and isinstance(bits[0][0], (tuple, list))
         t0 = time.perf_counter()
-        self.net.set_bits(bits)
-        imgs = self._sample(timesteps)
+        on_step = None
+        if per_group_bits:
+            if len(bits) != len(timesteps):
+                raise TmpqError(f"per-group bits: {len(bits)} allocations for {len(timesteps)} steps")
+            steps = list(reversed(bits))  # step k (descending t) lies in group n-1-k
+
+            def on_step(k, t, x):
+                self.net.set_bits(steps[k])
+
+            self.net.set_bits(steps[0])
+        else:
+            self.net.set_bits(bits)
+        imgs = self._sample(timesteps, on_step)
         feats = self.extractor(imgs)
         out = {"paired_pixel_mse": float((imgs - self.teacher).pow(2).mean()),
                "paired_feat": float(np.mean(np.sum((feats - self.teacher_feats) ** 2, axis=1)))}

@@ -48,3 +48,27 @@ def test_bad_proxy_config():
         ProxyConfig(name="clip").validate()
     with pytest.raises(TmpqError, match="n_images"):
         ProxyConfig(n_images=1).validate()
+
+
+def test_per_group_bits_switch_per_step(evaluator):
+    ev, net = evaluator
+    ts = quadratic_timesteps(4)
+    hi, lo = tuple([(8, 8)] * net.num_genes), tuple([(4, 6)] * net.num_genes)
+    # the same allocation in every group is the shared-bits candidate, value for value
+    assert ev.evaluate(ts, (hi,) * 4)["fid_proxy"] == ev.evaluate(ts, hi)["fid_proxy"]
+    seen = []
+    real_set_bits = net.set_bits
+
+    def spy(alloc):
+        seen.append(tuple(alloc))
+        real_set_bits(alloc)
+
+    net.set_bits = spy
+    try:
+        mixed = ev.evaluate(ts, (lo, hi, hi, hi))  # group 0 (smallest t) low: the last step runs at W4A6
+    finally:
+        del net.set_bits
+    assert seen[1:] == [hi, hi, hi, lo]  # seen[0]: the set before sampling; then one per step, descending t
+    assert mixed["fid_proxy"] != ev.evaluate(ts, (hi,) * 4)["fid_proxy"]
+    with pytest.raises(TmpqError, match="per-group bits"):
+        ev.evaluate(ts, (hi,) * 3)

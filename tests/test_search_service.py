@@ -59,3 +59,13 @@ def test_sensitivity_grouping_search_and_resume_reuse_stored_groups(tiny_model_d
 
     monkeypatch.setattr(sens, "sensitivity_profile", no_profile)
     run_search(cfg, tmp_path / "run", resume=True, progress=False)
+
+
+def test_per_group_bits_search_runs_and_loads(tiny_model_dir, tmp_path):
+    from tmpq.api import load_run
+
+    run = run_search(tiny_cfg(tiny_model_dir, per_group_bits=True, generations=1), tmp_path / "run", progress=False)
+    ev = load_run(run.path).evaluations
+    assert set(ev["status"]) == {"ok"}
+    bits = ev["bits"].iloc[0]
+    assert len(bits) == 3 and all(len(block) == len(bits[0]) and len(block[0]) == 2 for block in bits)

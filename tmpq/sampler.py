@@ -146,8 +146,10 @@ def sample_batch(unet: torch.nn.Module, scheduler: RespacedDDIMScheduler, timest
 
 def sample_images(unet: torch.nn.Module, scheduler: RespacedDDIMScheduler, timesteps: Sequence[int], n: int, *,
                   seed: int = 0, batch_size: int = 256, eta: float = 0.0, start: int = 0,
-                  progress: bool = True, desc: str = "sample") -> torch.Tensor:
+                  progress: bool = True, desc: str = "sample", on_step=None) -> torch.Tensor:
     """Sample ``n`` images (bank indices ``start .. start+n-1``) in batches, with a progress bar.
+
+    ``on_step(k, t, x_t)`` is called before every denoiser call (see :func:`sample_batch`).
 
     Example:
         >>> from tmpq.model import load_model
@@ -165,7 +167,7 @@ def sample_images(unet: torch.nn.Module, scheduler: RespacedDDIMScheduler, times
     with tqdm(total=n, desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
         for s in range(start, start + n, batch_size):
             idx = list(range(s, min(s + batch_size, start + n)))
-            out.append(sample_batch(unet, scheduler, timesteps, bank, idx, eta=eta).cpu())
+            out.append(sample_batch(unet, scheduler, timesteps, bank, idx, eta=eta, on_step=on_step).cpu())
             bar.update(len(idx))
     return torch.cat(out)
 
