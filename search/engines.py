@@ -34,7 +34,8 @@ def repair(space: SearchSpace, genome: np.ndarray, rng: np.random.Generator, tri
     n = space.n_steps
     ub = space.upper_bounds()
     for _ in range(tries):
-        raisable = [i for i in range(n, len(g)) if g[i] < ub[i] - 1]  # options are ordered high -> low bits
+        held = {i for i, _ in space.fixed}
+        raisable = [i for i in range(n, len(g)) if g[i] < ub[i] - 1 and i not in held]  # options: high -> low bits
         if not raisable:
             break
         i = int(rng.choice(raisable))
@@ -368,7 +369,9 @@ class OptunaNSGA2(Engine):
             # Pin the trial's NSGA-II generation: Optuna assigns it when relative sampling first runs, which never
             # happens for an enqueued trial (all its params fixed), and such a trial would belong to no population.
             trial.relative_params  # noqa: B018
-            g = np.array([trial.suggest_int(f"g{i}", 0, ub - 1) for i, ub in enumerate(self._ub)], dtype=np.int64)
+            held = dict(self.space.fixed)
+            g = np.array([trial.suggest_int(f"g{i}", held.get(i, 0), held.get(i, ub - 1))
+                          for i, ub in enumerate(self._ub)], dtype=np.int64)
             cand = self.space.decode(g)
             for k, v in self._constraints(cand).items():  # Optuna 5's replacement of constraints_func
                 trial.set_constraint(k, v)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,12 +61,19 @@ def run_fingerprint(cfg: RunConfig, model_fp: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def _uniform_option(spec: str, key: str) -> tuple[int, int]:
+    m = re.fullmatch(r"w(\d+)a(\d+)", spec.strip().lower())
+    if not m:
+        raise TmpqError(f"{key}: expected a uniform option like w6a6, got {spec!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
 def _budget(space, spec: str) -> float | None:
     spec = spec.strip().lower()
     if spec in ("", "none"):
         return None
     if spec.startswith("w"):
-        w, a = (int(v) for v in spec[1:].split("a"))
+        w, a = _uniform_option(spec, "search.bitops_budget")
         if w not in space.w_bits or a not in space.a_bits:
             raise TmpqError(f"search.bitops_budget: {spec} is not a uniform option of the supernet")
         return space.bitops(space.uniform_candidate(w, a))
@@ -113,6 +121,7 @@ def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=No
     net = QuantSupernet(m.unet, snc)
     fp = run_fingerprint(cfg, net.fingerprint)
     space = SearchSpace.from_supernet(net, groups, per_group_bits=cfg.search.per_group_bits)
+    space = space.restrict(cfg.search.axes, _uniform_option(cfg.search.fixed_bits, "search.fixed_bits"))
     space = replace(space, bitops_budget=_budget(space, cfg.search.bitops_budget),
                     size_budget_mb=cfg.search.size_budget_mb or None)
     if resume:

@@ -78,6 +78,7 @@ class SearchSpace:
     bitops_budget: float | None = None
     size_budget_mb: float | None = None
     extra: dict = field(default_factory=dict)
+    fixed: tuple[tuple[int, int], ...] = ()  # (gene index, value) held constant: single-axis searches
 
     # -- shape of the genome --------------------------------------------------------------------------------------
     @property
@@ -157,6 +158,8 @@ class SearchSpace:
         return bits / 8 / 1e6
 
     def feasible(self, cand: Candidate) -> bool:
+        if self.fixed and not self.respects_fixed(self.encode(cand)):
+            return False
         if self.bitops_budget is not None and self.bitops(cand) > self.bitops_budget:
             return False
         if self.size_budget_mb is not None and self.size_mb(cand) > self.size_budget_mb:
@@ -169,20 +172,49 @@ class SearchSpace:
         bits = tuple(block for _ in range(self.n_steps)) if self.per_group_bits else block
         return Candidate(self.groups.schedule(offs), bits)
 
+    # -- single-axis restriction -----------------------------------------------------------------------------------
+    def restrict(self, axes: str, fixed_bits: tuple[int, int] | None = None) -> "SearchSpace":
+        """``joint`` (everything free), ``time`` (every bit gene held at the uniform option ``fixed_bits``) or
+        ``bits`` (every time gene held at its group's seed offset: for quad groups, quadratic DDIM)."""
+        from dataclasses import replace
+
+        n = self.n_steps
+        if axes == "joint":
+            return replace(self, fixed=())
+        if axes == "bits":
+            return replace(self, fixed=tuple((i, int(o)) for i, o in enumerate(self.groups.seed_offsets())))
+        if axes == "time":
+            if fixed_bits is None or fixed_bits[0] not in self.w_bits or fixed_bits[1] not in self.a_bits:
+                raise TmpqError(f"search.fixed_bits: W{fixed_bits[0] if fixed_bits else '?'}A"
+                                f"{fixed_bits[1] if fixed_bits else '?'} is not a uniform option of the supernet "
+                                f"(W{list(self.w_bits)} A{list(self.a_bits)})")
+            nb = self.num_genes * self.bit_blocks
+            wi, ai = self.w_bits.index(fixed_bits[0]), self.a_bits.index(fixed_bits[1])
+            return replace(self, fixed=tuple((n + j, wi) for j in range(nb)) + tuple((n + nb + j, ai) for j in range(nb)))
+        raise TmpqError(f"search.axes: unknown {axes!r}; choose joint, time or bits")
+
+    def _hold(self, g: np.ndarray) -> np.ndarray:
+        for i, v in self.fixed:
+            g[i] = v
+        return g
+
+    def respects_fixed(self, genome: Sequence[int]) -> bool:
+        return all(int(genome[i]) == v for i, v in self.fixed)
+
     # -- operators (explicit generators) ----------------------------------------------------------------------------
     def sample(self, rng: np.random.Generator) -> np.ndarray:
-        return rng.integers(0, self.upper_bounds())
+        return self._hold(rng.integers(0, self.upper_bounds()))
 
     def mutate(self, genome: np.ndarray, rng: np.random.Generator, p: float = 0.25) -> np.ndarray:
-        """Each gene is redrawn with probability p (uniform over its domain)."""
+        """Each free gene is redrawn with probability p (uniform over its domain)."""
         out = np.array(genome, dtype=np.int64)
         hit = rng.random(out.size) < p
         out[hit] = rng.integers(0, self.upper_bounds()[hit])
-        return out
+        return self._hold(out)
 
     def crossover(self, a: np.ndarray, b: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Uniform crossover: each gene from either parent with probability 1/2."""
-        return np.where(rng.random(len(a)) < 0.5, a, b).astype(np.int64)
+        return self._hold(np.where(rng.random(len(a)) < 0.5, a, b).astype(np.int64))
 
     def sample_feasible(self, rng: np.random.Generator, tries: int = 1000) -> np.ndarray:
         for _ in range(tries):
@@ -197,7 +229,8 @@ class SearchSpace:
                 "layers": [lay.__dict__ | {"pinned": list(lay.pinned) if lay.pinned else None} for lay in self.layers],
                 "num_genes": self.num_genes, "w_bits": list(self.w_bits), "a_bits": list(self.a_bits),
                 "per_group_bits": self.per_group_bits, "other_params": self.other_params,
-                "bitops_budget": self.bitops_budget, "size_budget_mb": self.size_budget_mb, "extra": self.extra}
+                "bitops_budget": self.bitops_budget, "size_budget_mb": self.size_budget_mb, "extra": self.extra,
+                "fixed": [list(f) for f in self.fixed]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "SearchSpace":
@@ -207,7 +240,8 @@ class SearchSpace:
                                  tuple(lay["pinned"]) if lay["pinned"] else None) for lay in d["layers"])
         return cls(TimeGroups.from_dict(d["groups"]), layers, int(d["num_genes"]), tuple(d["w_bits"]),
                    tuple(d["a_bits"]), bool(d["per_group_bits"]), int(d["other_params"]), d["bitops_budget"],
-                   d["size_budget_mb"], dict(d.get("extra", {})))
+                   d["size_budget_mb"], dict(d.get("extra", {})),
+                   tuple((int(i), int(v)) for i, v in d.get("fixed", [])))
 
     @classmethod
     def from_supernet(cls, net, groups: TimeGroups, per_group_bits: bool = False, **budgets) -> "SearchSpace":

@@ -69,3 +69,20 @@ def test_per_group_bits_search_runs_and_loads(tiny_model_dir, tmp_path):
     assert set(ev["status"]) == {"ok"}
     bits = ev["bits"].iloc[0]
     assert len(bits) == 3 and all(len(block) == len(bits[0]) and len(block[0]) == 2 for block in bits)
+
+
+@pytest.mark.parametrize("engine", ["pymoo", "optuna"])
+def test_single_axis_searches_hold_the_other_axis(tiny_model_dir, tmp_path, engine):
+    from search.groups import quadratic_groups
+    from tmpq.api import load_run
+
+    quad = list(quadratic_groups(3).schedule(quadratic_groups(3).seed_offsets()))
+    run = run_search(tiny_cfg(tiny_model_dir, axes="bits", engine=engine, generations=1), tmp_path / "b",
+                     progress=False)
+    ev = load_run(run.path).evaluations
+    assert len(ev) >= 2 and all(list(t) == quad for t in ev["timesteps"])
+    run = run_search(tiny_cfg(tiny_model_dir, axes="time", fixed_bits="w4a8", engine=engine, generations=1),
+                     tmp_path / "t", progress=False)
+    ev = load_run(run.path).evaluations
+    assert len({tuple(t) for t in ev["timesteps"]}) >= 2
+    assert all(tuple(p) == (4, 8) for bits in ev["bits"] for p in bits)

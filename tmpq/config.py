@@ -57,6 +57,10 @@ class SearchSection:
     # engine optuna only: "" = SQLite optuna.db in the run directory, else an SQLAlchemy database URL such as
     # postgresql+psycopg2://user@host:5432/db (no password in it: libpq reads PGPASSWORD / ~/.pgpass)
     storage: str = ""
+    # "joint" (timesteps x bits), "time" (bits held at fixed_bits for every layer) or "bits" (schedule held at the
+    # groups' seed: quadratic DDIM for quad groups): the single-axis searches of the paper's ablation
+    axes: str = "joint"
+    fixed_bits: str = "w8a8"
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,7 @@ CHOICES = {
     "calibration.strategy": ("uniform", "ndtc", "eda"),
     "search.engine": ("pymoo", "optuna", "paper-ea", "random"),
     "search.grouping": ("quad", "uniform", "sensitivity"),
+    "search.axes": ("joint", "time", "bits"),
     "proxy.name": ("paired-feat", "fid"),
     "proxy.teacher_schedule": ("uniform", "quad"),
     "executor.kind": ("local", "ray"),
@@ -168,13 +173,18 @@ def _check(key: str, value):
         if len(set(value)) != len(value):
             raise TmpqError(f"{key}: repeated bit-width in {list(value)}")
     if key == "search.bitops_budget":
-        ok = value in ("", "none") or (value.lower().startswith("w") and "a" in value.lower()) or _is_number(value)
+        ok = value.strip().lower() in ("", "none") or _UNIFORM.fullmatch(value.strip().lower()) or _is_number(value)
         if not ok:
             raise TmpqError(f"{key}: must be 'none', a uniform option like 'w6a6', or a number, got {value!r}")
+    if key == "search.fixed_bits" and not _UNIFORM.fullmatch(value.strip().lower()):
+        raise TmpqError(f"{key}: must be a uniform option like 'w8a8', got {value!r}")
     if key == "search.storage" and value and not re.match(r"[A-Za-z][A-Za-z0-9]*(\+[A-Za-z0-9_]+)?://", value):
         raise TmpqError(f"{key}: must be empty (SQLite optuna.db in the run directory) or a database URL such as "
                         f"sqlite:///optuna.db or postgresql+psycopg2://user@host:5432/db, got {value!r}")
     return value
+
+
+_UNIFORM = re.compile(r"w(\d+)a(\d+)")
 
 
 def _is_number(text: str) -> bool:
