@@ -124,11 +124,18 @@ def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=No
     space = space.restrict(cfg.search.axes, _uniform_option(cfg.search.fixed_bits, "search.fixed_bits"))
     space = replace(space, bitops_budget=_budget(space, cfg.search.bitops_budget),
                     size_budget_mb=cfg.search.size_budget_mb or None)
+    given = Path(cfg.calibration.supernet_file) if cfg.calibration.supernet_file else None
+    if given is not None:
+        net.load(given)  # refuses a missing, corrupt, unfinished or foreign file before any run directory exists
     if resume:
         run = RunDir.reopen(run_path, fp)
     else:
         run = RunDir.create(run_path, cfg.to_dict(), space.to_dict(), fp)
     sn_file = run.path / "supernet.safetensors"
+    if not sn_file.is_file() and given is not None:
+        from tmpq.fileio import atomic_write_bytes
+
+        atomic_write_bytes(sn_file, given.read_bytes())
     if not sn_file.is_file():
         cal = cfg.calibration
         data = make_calib_data(m.unet, make_scheduler(m.scheduler_config), cal.strategy, n_steps=cal.steps,

@@ -86,3 +86,28 @@ def test_single_axis_searches_hold_the_other_axis(tiny_model_dir, tmp_path, engi
     ev = load_run(run.path).evaluations
     assert len({tuple(t) for t in ev["timesteps"]}) >= 2
     assert all(tuple(p) == (4, 8) for bits in ev["bits"] for p in bits)
+
+
+def test_given_supernet_file_is_used_without_calibrating(tiny_model_dir, tmp_path, monkeypatch):
+    from supernet import QuantSupernet
+    from tmpq.api import load_run
+
+    first = run_search(tiny_cfg(tiny_model_dir, generations=1), tmp_path / "a", progress=False)
+
+    def no_calibration(*a, **k):
+        raise AssertionError("a given supernet file must not be recalibrated")
+
+    monkeypatch.setattr(QuantSupernet, "calibrate", no_calibration)
+    cfg = tiny_cfg(tiny_model_dir, generations=1)
+    cfg = cfg.__class__(**{**cfg.__dict__, "calibration": cfg.calibration.__class__(
+        **{**cfg.calibration.__dict__, "supernet_file": str(first.path / "supernet.safetensors")})})
+    second = run_search(cfg, tmp_path / "b", progress=False)
+    a, b = load_run(first.path).evaluations, load_run(second.path).evaluations
+    assert a["key"].tolist() == b["key"].tolist() and a["fid_proxy"].tolist() == b["fid_proxy"].tolist()
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a supernet")
+    cfg = cfg.__class__(**{**cfg.__dict__, "calibration": cfg.calibration.__class__(
+        **{**cfg.calibration.__dict__, "supernet_file": str(bad)})})
+    with pytest.raises(TmpqError, match="corrupt or truncated supernet file"):
+        run_search(cfg, tmp_path / "c", progress=False)
+    assert not (tmp_path / "c").exists()

@@ -41,6 +41,9 @@ class CalibrationSection:
     batch_size: int = 64
     recon_iters: int = 0
     seed: int = 10_000
+    # a supernet already calibrated (tmpq calibrate --out FILE) for this model and supernet config: copied into the
+    # run instead of calibrating (the data settings above are then not used)
+    supernet_file: str = ""
 
 
 @dataclass(frozen=True)
