@@ -7,3 +7,10 @@ def load_run(path):
     from tmpq.api import load_run as _load_run
 
     return _load_run(path)
+
+
+def apply_export(pipeline_or_unet, export_dir):
+    """Quantize a stock diffusers pipeline / UNet as exported by ``tmpq export``; see :func:`tmpq.export.apply_export`."""
+    from tmpq.export import apply_export as _apply_export
+
+    return _apply_export(pipeline_or_unet, export_dir)

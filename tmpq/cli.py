@@ -60,12 +60,23 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
         raise TmpqError(f"--out must be a .png or .jpg file, got {out}")
-    m = load_model(args.model)
-    (label, ts), *rest = _schedules(args, m.num_train_timesteps)
-    if rest:
-        raise TmpqError("sample: give one schedule and one step count")
-    imgs = sample_images(m.unet, make_scheduler(m.scheduler_config), ts, args.n, seed=args.seed,
-                         batch_size=args.batch_size, eta=args.eta, desc=f"sample {label} {len(ts)} steps")
+    if args.export:
+        if args.model:
+            raise TmpqError("sample: give an export directory or --model, not both")
+        from tmpq.export import load_export
+
+        unet, sched, ts, _manifest = load_export(args.export)
+        label = "exported"
+        if args.timesteps:
+            raise TmpqError("sample: an export brings its own searched timesteps; --timesteps does not apply")
+    else:
+        m = load_model(args.model)
+        (label, ts), *rest = _schedules(args, m.num_train_timesteps)
+        if rest:
+            raise TmpqError("sample: give one schedule and one step count")
+        unet, sched = m.unet, make_scheduler(m.scheduler_config)
+    imgs = sample_images(unet, sched, ts, args.n, seed=args.seed, batch_size=args.batch_size, eta=args.eta,
+                         desc=f"sample {label} {len(ts)} steps")
     save_grid(imgs, out, nrow=args.nrow, scale=args.scale)
     print(f"wrote {out} ({args.n} images, {label} schedule, timesteps {list(ts)})")
 
@@ -236,6 +247,16 @@ def _cmd_search(args: argparse.Namespace) -> None:
     print(f"run directory: {run.path} (evaluations.parquet, pareto.parquet, pareto.csv)")
 
 
+def _cmd_export(args: argparse.Namespace) -> None:
+    from tmpq.export import export_candidate
+
+    _set_threads(args.threads)
+    man = export_candidate(args.run, args.candidate, args.out, command=_command_line())
+    n_layers = len(man["layers"])
+    print(f"exported candidate {args.candidate} to {args.out}: {len(man['sampler']['timesteps'])} steps "
+          f"{man['sampler']['timesteps']}, {n_layers} quantized layers; render it with: tmpq sample {args.out}")
+
+
 def _cmd_pareto(args: argparse.Namespace) -> None:
     import pandas as pd
 
@@ -315,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nrow", type=int, default=8, help="images per grid row (default: %(default)s)")
     s.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscaling of the grid (default: %(default)s)")
     s.add_argument("--out", default="results/samples/grid.png", help="output PNG (default: %(default)s)")
+    s.add_argument("export", nargs="?", default=None, help="optional export directory (tmpq export): sample the "
+                   "exported quantized model along its searched timesteps")
     s.set_defaults(func=_cmd_sample)
 
     f = sub.add_parser("fid", help="FID / KID of schedules against reference statistics",
@@ -389,6 +412,17 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--resume", default=None, metavar="RUN", help="resume the run in directory RUN")
     se.add_argument("--threads", type=int, default=2, help="torch CPU threads of the driver (default: %(default)s)")
     se.set_defaults(func=_cmd_search)
+
+    ex = sub.add_parser("export", help="export one candidate of a run for deployment",
+                        description="Write a deployable export of one evaluated candidate: a DDPMPipeline directory "
+                                    "(FP weights) plus tmpq_export.json (searched timesteps, per-layer bits, "
+                                    "provenance, file hashes) and quantizers.safetensors. Apply it to a stock "
+                                    "pipeline with tmpq.apply_export(pipe, DIR); render it with tmpq sample DIR.")
+    ex.add_argument("run", help="run directory")
+    ex.add_argument("--candidate", required=True, help="candidate key (the key column of tmpq pareto RUN)")
+    ex.add_argument("--out", required=True, help="new export directory")
+    ex.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    ex.set_defaults(func=_cmd_export)
 
     pa = sub.add_parser("pareto", help="print the Pareto front of a run",
                         description="Print the non-dominated evaluations (proxy vs BitOPs) of a run directory.")

@@ -1,0 +1,114 @@
+"""Export of a searched candidate: a self-contained directory that a fresh process turns back into the same
+quantized model, with the same samples."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.test_search_service import tiny_cfg
+from tmpq.errors import TmpqError
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from search.service import run_search
+    from tests.conftest import tiny_unet
+    from tmpq.api import load_run
+    from tmpq.export import export_candidate
+    from tmpq.model import embedded_scheduler_config, save_pipeline_dir
+
+    root = tmp_path_factory.mktemp("export")
+    model = root / "tiny-ddpm"
+    save_pipeline_dir(tiny_unet(), embedded_scheduler_config(), model)
+    run = run_search(tiny_cfg(model, generations=1), root / "run", progress=False)
+    front = load_run(run.path).pareto()
+    key = front["key"].iloc[0]
+    man = export_candidate(run.path, key, root / "exp", command="test")
+    return root, run, key, man
+
+
+def _supernet_samples(run, key, n=6):
+    """The candidate's images from the search's own supernet: the reference an export must reproduce."""
+    from supernet import QuantSupernet
+    from tmpq.api import load_run
+    from tmpq.model import load_model
+    from tmpq.sampler import make_scheduler, sample_images
+
+    row = load_run(run.path).evaluations.set_index("key").loc[key]
+    m = load_model(json.loads((run.path / "config.resolved.json").read_text())["model"]["path"])
+    net = QuantSupernet.from_file(m.unet, run.path / "supernet.safetensors")
+    net.set_bits([tuple(p) for p in row["bits"]])
+    return sample_images(m.unet, make_scheduler(m.scheduler_config), list(row["timesteps"]), n, seed=3,
+                         batch_size=n, progress=False)
+
+
+def test_export_manifest_and_files(exported):
+    root, run, key, man = exported
+    assert man["format"] == "tmpq.export" and man["version"] == 1
+    assert man["provenance"]["candidate"] == key
+    assert man["sampler"]["timesteps"] == sorted(man["sampler"]["timesteps"], reverse=True)
+    assert all({"w_bits", "a_bits", "granularity"} <= set(v) for v in man["layers"].values())
+    assert {"quantizers.safetensors", "unet/diffusion_pytorch_model.safetensors"} <= set(man["files"])
+    assert not list(root.glob(".exp.*"))  # no temporary directory left behind
+
+
+def test_apply_export_to_a_stock_pipeline_reproduces_the_search_samples(exported):
+    from diffusers import DDPMPipeline
+
+    import tmpq
+    from tmpq.sampler import sample_images
+
+    root, run, key, man = exported
+    pipe = tmpq.apply_export(DDPMPipeline.from_pretrained(str(root / "exp")), root / "exp")
+    assert pipe.tmpq_timesteps == man["sampler"]["timesteps"]
+    imgs = sample_images(pipe.unet, pipe.scheduler, pipe.tmpq_timesteps, 6, seed=3, batch_size=6, progress=False)
+    ref = _supernet_samples(run, key)
+    assert torch.equal(imgs, ref)
+
+
+def test_export_in_a_fresh_process_gives_identical_samples(exported, tmp_path):
+    from tmpq.export import load_export
+    from tmpq.sampler import sample_images
+
+    root, run, key, man = exported
+    code = ("import torch,sys; from tmpq.export import load_export; from tmpq.sampler import sample_images;"
+            "u,s,ts,_=load_export(sys.argv[1]); torch.save(sample_images(u,s,ts,6,seed=3,batch_size=6,"
+            "progress=False), sys.argv[2])")
+    subprocess.run([sys.executable, "-c", code, str(root / "exp"), str(tmp_path / "x.pt")], check=True)
+    fresh = torch.load(tmp_path / "x.pt", weights_only=True)
+    unet, sched, ts, _ = load_export(root / "exp")
+    here = sample_images(unet, sched, ts, 6, seed=3, batch_size=6, progress=False)
+    assert torch.equal(fresh, here) and torch.equal(here, _supernet_samples(run, key))
+
+
+def test_export_cli_and_bad_inputs(exported, tmp_path):
+    from tmpq.export import export_candidate, read_export
+
+    root, run, key, man = exported
+    r = subprocess.run([sys.executable, "-m", "tmpq", "sample", str(root / "exp"), "--n", "4",
+                        "--out", str(tmp_path / "g.png")], capture_output=True, text=True)
+    assert r.returncode == 0 and (tmp_path / "g.png").is_file(), r.stderr
+    with pytest.raises(TmpqError, match="no successful evaluation"):
+        export_candidate(run.path, "0" * 16, tmp_path / "nope")
+    assert not (tmp_path / "nope").exists()
+    with pytest.raises(TmpqError, match="exists and is not empty"):
+        export_candidate(run.path, key, root / "exp")
+    # a modified file is caught by its hash; a foreign model is refused by the quantizer file
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(root / "exp", bad)
+    q = bad / "quantizers.safetensors"
+    q.write_bytes(q.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(TmpqError, match="quantizers.safetensors does not match its SHA-256"):
+        read_export(bad)
+    r = subprocess.run([sys.executable, "-m", "tmpq", "sample", str(bad), "--out", str(tmp_path / "b.png")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "SHA-256" in r.stderr
+    from tests.conftest import tiny_unet
+    from tmpq.export import apply_export
+
+    with pytest.raises(TmpqError, match="different model"):
+        apply_export(tiny_unet(seed=5), root / "exp")

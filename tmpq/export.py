@@ -1,0 +1,241 @@
+"""Deployable export of one searched candidate, and applying it to a stock diffusers model.
+
+An export directory is a complete ``DDPMPipeline`` directory (``model_index.json``, ``unet/``, ``scheduler/``: the FP
+weights, loadable by diffusers alone) plus
+
+- ``tmpq_export.json``: ``format`` / ``version``; the sampler (scheduler class, its config, the searched timesteps,
+  eta); per-layer FQN -> ``{w_bits, a_bits, granularity, ...}``; ``modules_to_not_convert``; the candidate's
+  metrics; provenance (run, candidate key, fingerprints, tmpq version); SHA-256 of every file;
+- ``quantizers.safetensors``: the calibrated quantizer state of exactly the exported bit-widths (one option per
+  layer), in tmpq's supernet-file format with every layer pinned, so loading verifies model and config.
+
+``apply_export(pipeline_or_unet, DIR)`` turns a stock pipeline / UNet of the same model into the exported model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from tmpq.errors import TmpqError
+
+EXPORT_FORMAT = "tmpq.export"
+EXPORT_VERSION = 1
+EXPORT_JSON = "tmpq_export.json"
+QUANT_FILE = "quantizers.safetensors"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _pinned_config(base, layer_bits: dict[str, tuple[int, int]]):
+    """The supernet config with every quantized layer pinned to its exported (w, a): one option per layer."""
+    from supernet import SupernetConfig
+
+    d = json.loads(base.to_json())
+    d["pin"] = {fqn: [int(w), int(a)] for fqn, (w, a) in sorted(layer_bits.items())}
+    d["tie"] = []
+    return SupernetConfig.from_json(json.dumps(d))
+
+
+def _select_state(net, layer_bits: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
+    """Quantizer tensors of the chosen option of every layer, re-indexed to option 0."""
+    state = net.quantizer_state()
+    out = {}
+    for fqn, layer in net.layers.items():
+        w, a = layer_bits[fqn]
+        wi, ai = list(layer.w_bits).index(w), list(layer.a_bits).index(a)
+        for kind, idx in (("w_quant", wi), ("a_quant", ai), ("a_quant_split", ai)):
+            prefix = f"{fqn}.{kind}.{idx}."
+            for k, v in state.items():
+                if k.startswith(prefix):
+                    out[f"{fqn}.{kind}.0.{k[len(prefix):]}"] = v
+    return out
+
+
+def export_candidate(run_path: str | Path, key: str, out: str | Path, command: str = "") -> dict:
+    """Write the export of candidate ``key`` of a search run to ``out`` (atomically: a crash leaves no half export).
+
+    Returns the export manifest (the content of ``tmpq_export.json``).
+    """
+    from supernet import QuantSupernet
+    from supernet.supernet import read_supernet_file
+    from tmpq import __version__
+    from tmpq.api import load_run
+    from tmpq.model import load_model, save_pipeline_dir
+    from tmpq.sampler import make_scheduler
+
+    run = load_run(run_path)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise TmpqError(f"--out {out} exists and is not empty")
+    ev = run.evaluations
+    rows = ev[(ev["key"] == key) & (ev["status"] == "ok")] if len(ev) else ev
+    if len(rows) == 0:
+        known = ", ".join(run.pareto()["key"].head(5).tolist()) if len(ev) else "none"
+        raise TmpqError(f"--candidate {key}: no successful evaluation with this key in {run.path} "
+                        f"(Pareto keys: {known})")
+    row = rows.iloc[-1]
+    cfg = run.config
+    sn_file = run.path / "supernet.safetensors"
+    meta, _ = read_supernet_file(sn_file, tensors=False)
+    model_path = cfg["model"]["path"]
+    m = load_model(None if model_path == "embedded" else model_path)
+    fp_state = {k: v.clone() for k, v in m.unet.state_dict().items()}
+    net = QuantSupernet.from_file(m.unet, sn_file)
+    bits = [tuple(int(v) for v in p) for p in row["bits"]]
+    if bits and isinstance(row["bits"][0][0], (list, tuple)):
+        raise TmpqError("export: per-time-group bits are not exportable yet (format v1 has one allocation)")
+    alloc = net._check_allocation(bits)
+    layer_bits = {}
+    for info in net.infos:
+        layer_bits[info.fqn] = tuple(info.pinned) if info.pinned else tuple(alloc[info.gene])
+    state = _select_state(net, layer_bits)
+    timesteps = [int(t) for t in row["timesteps"]]
+
+    # the pinned single-option supernet over a clean copy of the FP model: its file verifies on load
+    m2 = load_model(None if model_path == "embedded" else model_path)
+    m2.unet.load_state_dict(fp_state)
+    pinned = QuantSupernet(m2.unet, _pinned_config(net.config, layer_bits))
+    missing, unexpected = pinned.unet.load_state_dict(state, strict=False)
+    missing = [k for k in missing if ".w_quant." in k or ".a_quant" in k]
+    if missing or unexpected:  # pragma: no cover - a bug, not a user error
+        raise TmpqError(f"export: quantizer state does not fit ({missing[:2]}, {unexpected[:2]})")
+
+    wrapped = set(pinned.layers)
+    convertible = [n for n, mod in pinned.unet.named_modules()
+                   if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)) and not any(
+                       n == w or n == f"{w}.module" for w in wrapped)]
+    sched = make_scheduler(m.scheduler_config)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    try:
+        save_pipeline_dir(_fp_copy(m, fp_state), m.scheduler_config, tmp)
+        pinned.save(tmp / QUANT_FILE)
+        layers = {}
+        for info in pinned.infos:
+            lay = pinned.layers[info.fqn]
+            w, a = layer_bits[info.fqn]
+            layers[info.fqn] = {"w_bits": w, "a_bits": a, "granularity": lay.w_quant[0].granularity,
+                                "w_symmetric": lay.w_quant[0].symmetric, "a_symmetric": lay.a_quant[0].symmetric,
+                                "group_size": getattr(lay.w_quant[0], "group_size", None), "split": info.split,
+                                "kind": info.kind, "macs": info.macs}
+        objectives = {k: float(row[k]) for k in ("fid_proxy", "bitops", "size_mb", "paired_feat",
+                                                 "paired_pixel_mse") if k in row and row[k] == row[k]}
+        manifest = {
+            "format": EXPORT_FORMAT, "version": EXPORT_VERSION,
+            "sampler": {"class": "tmpq.sampler.RespacedDDIMScheduler", "base_class": "diffusers.DDIMScheduler",
+                        "config": dict(sched.config), "timesteps": timesteps, "eta": 0.0},
+            "layers": layers,
+            "modules_to_not_convert": convertible,
+            "supernet_config": json.loads(pinned.config.to_json()),
+            "metrics": {**objectives, "proxy": row.get("proxy") if "proxy" in row else None},
+            "provenance": {"run": run.path.name,
+                           "candidate": key, "run_fingerprint": cfg.get("fingerprint"),
+                           "model_fingerprint": pinned.fingerprint, "model": model_path,
+                           "search_supernet_format": meta.get("format"), "tmpq_version": __version__,
+                           "command": command},
+        }
+        manifest["files"] = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / EXPORT_JSON).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=_json_default) + "\n")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return json.loads((out / EXPORT_JSON).read_text())
+
+
+def _fp_copy(m, fp_state):
+    unet = m.unet.__class__.from_config(m.unet.config)
+    unet.load_state_dict(fp_state)
+    return unet
+
+
+def _json_default(o):
+    if isinstance(o, (tuple, set)):
+        return list(o)
+    if hasattr(o, "item"):
+        return o.item()
+    return str(o)
+
+
+def read_export(path: str | Path, verify: bool = True) -> dict:
+    """The manifest of an export directory; ``verify`` checks every file's SHA-256 (a one-line error names a bad
+    or missing file)."""
+    path = Path(path)
+    mf = path / EXPORT_JSON
+    if not mf.is_file():
+        raise TmpqError(f"not a tmpq export (no {EXPORT_JSON}): {path}")
+    try:
+        manifest = json.loads(mf.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TmpqError(f"{mf}: malformed JSON ({exc})") from None
+    if manifest.get("format") != EXPORT_FORMAT:
+        raise TmpqError(f"{mf}: not a tmpq export (format {manifest.get('format')!r})")
+    if manifest.get("version") != EXPORT_VERSION:
+        raise TmpqError(f"{mf}: export version {manifest.get('version')} is not supported (this tmpq reads "
+                        f"{EXPORT_VERSION})")
+    if verify:
+        for rel, digest in manifest.get("files", {}).items():
+            f = path / rel
+            if not f.is_file():
+                raise TmpqError(f"export {path}: missing file {rel}")
+            if _sha256(f) != digest:
+                raise TmpqError(f"export {path}: {rel} does not match its SHA-256 in {EXPORT_JSON} (modified or "
+                                "corrupt)")
+    return manifest
+
+
+def apply_export(pipeline_or_unet, export_dir: str | Path):
+    """Quantize a stock diffusers ``UNet2DModel`` (or a pipeline holding one as ``.unet``) in place as exported;
+    a pipeline also gets the exported sampler (``RespacedDDIMScheduler``) and ``pipeline.tmpq_timesteps``.
+
+    Returns the same object. Refuses a model whose weights differ from the exported one.
+
+    Example:
+        >>> from diffusers import DDPMPipeline
+        >>> pipe = apply_export(DDPMPipeline.from_pretrained("exports/best"), "exports/best")  # doctest: +SKIP
+    """
+    from supernet import QuantSupernet
+    from tmpq.sampler import RespacedDDIMScheduler
+
+    export_dir = Path(export_dir)
+    manifest = read_export(export_dir)
+    unet = getattr(pipeline_or_unet, "unet", pipeline_or_unet)
+    if not isinstance(unet, torch.nn.Module):
+        raise TmpqError(f"apply_export: expected a diffusers UNet or a pipeline with .unet, got "
+                        f"{type(pipeline_or_unet).__name__}")
+    if next(unet.parameters()).device.type == "cpu":
+        # tmpq's CPU layout (as load_model): the same conv kernels, hence bit-identical samples, on every path
+        unet.to(memory_format=torch.channels_last)
+    net = QuantSupernet.from_file(unet, export_dir / QUANT_FILE)
+    net.set_bits([])
+    unet.tmpq_supernet = net  # keeps the wrapper reachable (layers are replaced in place inside unet)
+    if unet is not pipeline_or_unet:
+        sampler = manifest["sampler"]
+        pipeline_or_unet.scheduler = RespacedDDIMScheduler.from_config(sampler["config"])
+        pipeline_or_unet.tmpq_timesteps = list(sampler["timesteps"])
+    return pipeline_or_unet
+
+
+def load_export(export_dir: str | Path, device: str = "cpu"):
+    """``(unet, scheduler, timesteps, manifest)`` of an export directory: the FP model it contains, quantized."""
+    from tmpq.model import load_model
+    from tmpq.sampler import make_scheduler
+
+    manifest = read_export(export_dir)
+    m = load_model(export_dir, device=device)
+    apply_export(m.unet, export_dir)
+    return m.unet, make_scheduler(m.scheduler_config), list(manifest["sampler"]["timesteps"]), manifest
