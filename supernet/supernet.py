@@ -271,7 +271,7 @@ class QuantSupernet(nn.Module):
         caches = {}
         for name, block in tqdm(blocks, desc="cache block I/O", disable=not progress, leave=False):
             caches[name] = capture_block(self.unet, block, lambda: [self.unet(x, t) for x, t in data])
-        for w in self.config.w_bits:
+        for w in (self.config.w_bits if self.num_genes else self.config.w_bits[:1]):  # all pinned: one pass
             a = w if w in self.config.a_bits else max(self.config.a_bits)
             self.set_uniform(w, a)
             for name, block in tqdm(blocks, desc=f"reconstruct W{w}A{a}", disable=not progress, leave=False):

@@ -247,6 +247,24 @@ def _cmd_search(args: argparse.Namespace) -> None:
     print(f"run directory: {run.path} (evaluations.parquet, pareto.parquet, pareto.csv)")
 
 
+def _cmd_validate(args: argparse.Namespace) -> None:
+    from evaluators.final import ValidateConfig, validate_run
+
+    _set_threads(args.threads)
+    cfg = ValidateConfig(top_k=args.top_k, n=args.n, seeds=tuple(_parse_int_list(args.seeds, "seeds")),
+                         calib_per_step=args.calib_per_step, recon_iters=args.recon_iters,
+                         distill_iters=args.distill_iters, batch_size=args.batch_size,
+                         keys=tuple(args.candidate or ()))
+    df = validate_run(args.run, cfg, progress=True)
+    import json
+
+    print(df[["key", "fid_mean", "fid_std", "seeds", "fid_proxy", "bitops"]].to_string(index=False))
+    summary = json.loads((Path(args.run) / "final.json").read_text())
+    tau = summary.get("kendall_tau_proxy_vs_fid")
+    print(f"wrote {args.run}/final.parquet ({len(df)} points, N = {cfg.n} x {len(cfg.seeds)} seeds)"
+          + (f"; Kendall tau proxy vs final FID = {tau:.3f}" if tau is not None else ""))
+
+
 def _cmd_export(args: argparse.Namespace) -> None:
     from tmpq.export import export_candidate
 
@@ -412,6 +430,28 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--resume", default=None, metavar="RUN", help="resume the run in directory RUN")
     se.add_argument("--threads", type=int, default=2, help="torch CPU threads of the driver (default: %(default)s)")
     se.set_defaults(func=_cmd_search)
+
+    va = sub.add_parser("validate", help="re-calibrate and score Pareto points with large-N FID",
+                        description="For each Pareto point (or the top K by proxy, or --candidate keys): "
+                                    "re-calibrate at exactly its allocation with calibration data captured along "
+                                    "its own schedule, optionally reconstruct (BRECQ/AdaRound) and distil "
+                                    "quantizer scales from the FP teacher, then FID/KID at N over several seeds. "
+                                    "Writes RUN/final.parquet and RUN/final.json; resumable per point and seed.")
+    va.add_argument("run", help="run directory")
+    va.add_argument("--top-k", type=int, default=0, help="validate the K best points by proxy (default: the whole "
+                    "front)")
+    va.add_argument("--candidate", action="append", help="validate this key (repeatable; overrides --top-k)")
+    va.add_argument("--n", type=int, default=10000, help="generated images per seed (default: %(default)s)")
+    va.add_argument("--seeds", default="1,2", help="noise-bank seeds, comma-separated (default: %(default)s)")
+    va.add_argument("--calib-per-step", type=int, default=64, help="calibration inputs per step of the point's "
+                    "schedule (default: %(default)s)")
+    va.add_argument("--recon-iters", type=int, default=0, help="BRECQ/AdaRound iterations per block, 0 = off "
+                    "(default: %(default)s)")
+    va.add_argument("--distill-iters", type=int, default=0, help="quantizer-scale distillation steps, 0 = off "
+                    "(default: %(default)s)")
+    va.add_argument("--batch-size", type=int, default=256, help="images per UNet batch (default: %(default)s)")
+    va.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    va.set_defaults(func=_cmd_validate)
 
     ex = sub.add_parser("export", help="export one candidate of a run for deployment",
                         description="Write a deployable export of one evaluated candidate: a DDPMPipeline directory "

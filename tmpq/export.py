@@ -92,25 +92,29 @@ def export_candidate(run_path: str | Path, key: str, out: str | Path, command: s
     model_path = cfg["model"]["path"]
     m = load_model(None if model_path == "embedded" else model_path)
     fp_state = {k: v.clone() for k, v in m.unet.state_dict().items()}
-    net = QuantSupernet.from_file(m.unet, sn_file)
-    bits = [tuple(int(v) for v in p) for p in row["bits"]]
-    if bits and isinstance(row["bits"][0][0], (list, tuple)):
+    if row["bits"] and isinstance(row["bits"][0][0], (list, tuple)):
         raise TmpqError("export: per-time-group bits are not exportable yet (format v1 has one allocation)")
-    alloc = net._check_allocation(bits)
-    layer_bits = {}
-    for info in net.infos:
-        layer_bits[info.fqn] = tuple(info.pinned) if info.pinned else tuple(alloc[info.gene])
-    state = _select_state(net, layer_bits)
     timesteps = [int(t) for t in row["timesteps"]]
-
-    # the pinned single-option supernet over a clean copy of the FP model: its file verifies on load
     m2 = load_model(None if model_path == "embedded" else model_path)
     m2.unet.load_state_dict(fp_state)
-    pinned = QuantSupernet(m2.unet, _pinned_config(net.config, layer_bits))
-    missing, unexpected = pinned.unet.load_state_dict(state, strict=False)
-    missing = [k for k in missing if ".w_quant." in k or ".a_quant" in k]
-    if missing or unexpected:  # pragma: no cover - a bug, not a user error
-        raise TmpqError(f"export: quantizer state does not fit ({missing[:2]}, {unexpected[:2]})")
+    validated = run.path / "final" / f"{key}.safetensors"
+    if validated.is_file():
+        # tmpq validate re-calibrated this point at exactly its bits along its own schedule: export that state
+        pinned = QuantSupernet.from_file(m2.unet, validated)
+        layer_bits = {fqn: tuple(wa) for fqn, wa in pinned.config.pin.items()}
+        source = "validated (tmpq validate: re-calibrated at this allocation along this schedule)"
+    else:
+        net = QuantSupernet.from_file(m.unet, sn_file)
+        alloc = net._check_allocation([tuple(int(v) for v in p) for p in row["bits"]])
+        layer_bits = {i.fqn: tuple(i.pinned) if i.pinned else tuple(alloc[i.gene]) for i in net.infos}
+        state = _select_state(net, layer_bits)
+        # the pinned single-option supernet over a clean copy of the FP model: its file verifies on load
+        pinned = QuantSupernet(m2.unet, _pinned_config(net.config, layer_bits))
+        missing, unexpected = pinned.unet.load_state_dict(state, strict=False)
+        missing = [k for k in missing if ".w_quant." in k or ".a_quant" in k]
+        if missing or unexpected:  # pragma: no cover - a bug, not a user error
+            raise TmpqError(f"export: quantizer state does not fit ({missing[:2]}, {unexpected[:2]})")
+        source = "search supernet (shared weights, not re-calibrated)"
 
     wrapped = set(pinned.layers)
     convertible = [n for n, mod in pinned.unet.named_modules()
@@ -131,6 +135,16 @@ def export_candidate(run_path: str | Path, key: str, out: str | Path, command: s
                                 "kind": info.kind, "macs": info.macs}
         objectives = {k: float(row[k]) for k in ("fid_proxy", "bitops", "size_mb", "paired_feat",
                                                  "paired_pixel_mse") if k in row and row[k] == row[k]}
+        final = run.path / "final.parquet"
+        if validated.is_file() and final.is_file():
+            import pandas as pd
+
+            fr = pd.read_parquet(final)
+            fr = fr[fr["key"] == key]
+            if len(fr):
+                r = fr.iloc[0]
+                objectives.update({"final_fid_mean": float(r["fid_mean"]), "final_fid_seeds": int(r["seeds"]),
+                                   "final_n": int(r["n"])})
         manifest = {
             "format": EXPORT_FORMAT, "version": EXPORT_VERSION,
             "sampler": {"class": "tmpq.sampler.RespacedDDIMScheduler", "base_class": "diffusers.DDIMScheduler",
@@ -140,7 +154,7 @@ def export_candidate(run_path: str | Path, key: str, out: str | Path, command: s
             "supernet_config": json.loads(pinned.config.to_json()),
             "metrics": {**objectives, "proxy": row.get("proxy") if "proxy" in row else None},
             "provenance": {"run": run.path.name,
-                           "candidate": key, "run_fingerprint": cfg.get("fingerprint"),
+                           "candidate": key, "run_fingerprint": cfg.get("fingerprint"), "quantizers": source,
                            "model_fingerprint": pinned.fingerprint, "model": model_path,
                            "search_supernet_format": meta.get("format"), "tmpq_version": __version__,
                            "command": command},

@@ -1,0 +1,211 @@
+"""Final evaluator (``tmpq validate``): re-calibrate each chosen Pareto point at exactly its allocation, with
+calibration data captured along its own schedule, optionally reconstruct (BRECQ / AdaRound) and briefly re-train
+(distillation of quantizer scales from the FP teacher), then score FID / KID at large N over several seeds.
+
+Resumable per (point, seed): rows go to ``RUN/final/rows.jsonl`` as they finish; each point's calibrated quantizers
+are kept as ``RUN/final/<key>.safetensors`` (a pinned supernet file, which ``tmpq export`` prefers over the search
+supernet). ``RUN/final.parquet`` (one row per point: mean / std over seeds) and ``RUN/final.json`` (rank correlation
+of the search proxy with the final FID) are rewritten atomically after every point.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from tmpq.errors import TmpqError
+
+FINAL_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    top_k: int = 0                  # 0: every Pareto point; else the K points with the best proxy
+    n: int = 10_000                 # generated images per seed
+    seeds: tuple[int, ...] = (1, 2)  # noise-bank seeds (the search proxy used seed 0)
+    calib_per_step: int = 64        # calibration inputs captured at each step of the point's own schedule
+    calib_seed: int = 20_000
+    recon_iters: int = 0            # > 0: BRECQ block reconstruction with AdaRound weights
+    distill_iters: int = 0          # > 0: distil quantizer scales from the FP teacher
+    distill_lr: float = 1e-4
+    batch_size: int = 256
+    keys: tuple[str, ...] = field(default_factory=tuple)  # explicit candidate keys (overrides top_k)
+
+    def validate(self) -> None:
+        if self.top_k < 0:
+            raise TmpqError(f"--top-k: must be >= 0, got {self.top_k}")
+        if self.n < 2:
+            raise TmpqError(f"--n: must be >= 2, got {self.n}")
+        if not self.seeds:
+            raise TmpqError("--seeds: give at least one seed")
+        for key in ("calib_per_step", "batch_size"):
+            if getattr(self, key) < 1:
+                raise TmpqError(f"--{key.replace('_', '-')}: must be >= 1, got {getattr(self, key)}")
+
+
+def choose_points(front, cfg: ValidateConfig):
+    if cfg.keys:
+        missing = [k for k in cfg.keys if k not in set(front["key"])]
+        if missing:
+            raise TmpqError(f"--candidate {missing[0]}: not a Pareto point of this run")
+        return front[front["key"].isin(cfg.keys)]
+    if cfg.top_k:
+        return front.sort_values("fid_proxy").head(cfg.top_k)
+    return front
+
+
+def _capture_along(unet, scheduler, timesteps, n: int, seed: int, batch: int = 64):
+    """(x_t, t) batches of the FP sampler along exactly ``timesteps`` (n trajectories; every step kept)."""
+    from tmpq.sampler import NoiseBank, sample_batch
+
+    size = unet.config.sample_size
+    shape = (unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
+    bank = NoiseBank(seed, shape)
+    xs, ts = [], []
+
+    def grab(k, t, x):
+        xs.append(x.clone())
+        ts.append(torch.full((x.shape[0],), int(t), dtype=torch.int64))
+
+    with torch.no_grad():
+        for s in range(0, n, batch):
+            sample_batch(unet, scheduler, timesteps, bank, list(range(s, min(s + batch, n))), on_step=grab)
+    x, t = torch.cat(xs), torch.cat(ts)
+    return [(x[i:i + batch], t[i:i + batch]) for i in range(0, len(t), batch)]
+
+
+def recalibrate_point(run_path: Path, key: str, timesteps, bits, cfg: ValidateConfig, progress: bool = True):
+    """A pinned supernet for exactly this allocation, calibrated on data along this schedule; returns (net, info)."""
+    from quant.distill import distill_scales, frozen_copy
+    from supernet import QuantSupernet, SupernetConfig
+    from supernet.supernet import read_supernet_file
+    from tmpq.export import _pinned_config
+    from tmpq.model import load_model
+    from tmpq.sampler import make_scheduler
+
+    run_cfg = json.loads((run_path / "config.resolved.json").read_text())
+    model_path = run_cfg["model"]["path"]
+    m = load_model(None if model_path == "embedded" else model_path)
+    teacher = frozen_copy(m.unet)
+    sched = make_scheduler(m.scheduler_config)
+    meta, _ = read_supernet_file(run_path / "supernet.safetensors", tensors=False)
+    base = SupernetConfig.from_json(meta["config"])
+    if cfg.recon_iters > 0 and base.w_rounding != "adaround":
+        base = SupernetConfig.from_json(json.dumps({**json.loads(base.to_json()), "w_rounding": "adaround"}))
+    probe = QuantSupernet(frozen_copy(m.unet), base)
+    alloc = probe._check_allocation([tuple(int(v) for v in p) for p in bits])
+    layer_bits = {i.fqn: tuple(i.pinned) if i.pinned else tuple(alloc[i.gene]) for i in probe.infos}
+    del probe
+    net = QuantSupernet(m.unet, _pinned_config(base, layer_bits))
+    t0 = time.perf_counter()
+    data = _capture_along(teacher, sched, list(timesteps), cfg.calib_per_step, cfg.calib_seed)
+    net.calibrate(data, mode="per-option", progress=progress)
+    info = {"calib_inputs": sum(len(t) for _, t in data), "calib_s": round(time.perf_counter() - t0, 1)}
+    net.set_bits([])
+    if cfg.recon_iters > 0:
+        t0 = time.perf_counter()
+        # reconstruct() walks the weight options; with every layer pinned there is exactly one
+        net.reconstruct(data, iters=cfg.recon_iters, progress=progress)
+        net.set_bits([])
+        info["recon_s"] = round(time.perf_counter() - t0, 1)
+    if cfg.distill_iters > 0:
+        t0 = time.perf_counter()
+        rep = distill_scales(net.unet, teacher, data, iters=cfg.distill_iters, lr=cfg.distill_lr, progress=progress)
+        info.update({"distill_loss_before": rep["loss_before"], "distill_loss_after": rep["loss_after"],
+                     "distill_s": round(time.perf_counter() - t0, 1)})
+    return net, sched, info
+
+
+def validate_run(run_path: str | Path, cfg: ValidateConfig, progress: bool = True):
+    """Validate the chosen Pareto points of a run; returns the per-point DataFrame (also ``RUN/final.parquet``)."""
+    from benchmarks.common import RowLog
+    from evaluators.features import make_extractor
+    from evaluators.quality import embedded_reference, score_features
+    from tmpq.api import load_run
+    from tmpq.sampler import sample_images
+
+    cfg.validate()
+    run = load_run(run_path)
+    front = run.pareto()
+    if front.empty:
+        raise TmpqError(f"{run.path}: no successful evaluations to validate")
+    points = choose_points(front, cfg)
+    out = run.path / "final"
+    out.mkdir(exist_ok=True)
+    log = RowLog(out / "rows.jsonl", ("key", "seed", "n", "settings"))
+    settings = json.dumps({k: v for k, v in asdict(cfg).items() if k not in ("top_k", "keys", "seeds", "batch_size")},
+                          sort_keys=True)
+    ext = None
+    ref = None
+    for i, (_, p) in enumerate(points.iterrows()):
+        key = p["key"]
+        todo = [s for s in cfg.seeds if not log.has(key=key, seed=s, n=cfg.n, settings=settings)]
+        if not todo:
+            continue
+        if ext is None:
+            ext = make_extractor("domain")
+            ref = embedded_reference(ext)
+        if progress:
+            print(f"validate point {i + 1}/{len(points)} {key}: {len(p['timesteps'])} steps, proxy "
+                  f"{p['fid_proxy']:.4g}, {p['bitops'] / 1e9:.3g} GBitOPs", flush=True)
+        net, sched, info = recalibrate_point(run.path, key, p["timesteps"], p["bits"], cfg, progress)
+        net.save(out / f"{key}.safetensors")
+        for seed in todo:
+            t0 = time.perf_counter()
+            imgs = sample_images(net.unet, sched, list(p["timesteps"]), cfg.n, seed=seed, batch_size=cfg.batch_size,
+                                 progress=progress, desc=f"{key} seed {seed}")
+            s = score_features(ext(imgs), ref)
+            log.append({"key": key, "seed": seed, "n": cfg.n, "settings": settings, "fid": s["fid"],
+                        "kid": s.get("kid"), "kid_std": s.get("kid_std"), "timesteps": list(p["timesteps"]),
+                        "bits": json.loads(json.dumps(p["bits"])), "bitops": float(p["bitops"]),
+                        "fid_proxy": float(p["fid_proxy"]), "sample_s": round(time.perf_counter() - t0, 1),
+                        **info})
+        _write_summary(run.path, log, settings, cfg)
+    return _write_summary(run.path, log, settings, cfg)
+
+
+def _write_summary(run_path: Path, log, settings: str, cfg: ValidateConfig):
+    import pandas as pd
+    from scipy.stats import kendalltau, spearmanr
+
+    from tmpq.fileio import atomic_write, atomic_write_bytes
+
+    rows = [r for r in log.rows.values() if r["settings"] == settings and r["n"] == cfg.n]
+    if not rows:
+        return pd.DataFrame()
+    df = pd.DataFrame(rows)
+    agg = df.groupby("key").agg(fid_mean=("fid", "mean"), fid_std=("fid", "std"), kid_mean=("kid", "mean"),
+                                seeds=("seed", "count"), fid_proxy=("fid_proxy", "first"),
+                                bitops=("bitops", "first")).reset_index()
+    first = df.drop_duplicates("key").set_index("key")
+    agg["timesteps"] = [first.loc[k, "timesteps"] for k in agg["key"]]
+    agg["bits"] = [first.loc[k, "bits"] for k in agg["key"]]
+    agg["n"] = cfg.n
+    agg = agg.sort_values("bitops").reset_index(drop=True)
+    atomic_write(run_path / "final.parquet", lambda f: agg.to_parquet(f, index=False))
+    summary = {"version": FINAL_VERSION, "points": len(agg), "n": cfg.n, "seeds": list(cfg.seeds),
+               "settings": json.loads(settings)}
+    if len(agg) >= 3:
+        summary["kendall_tau_proxy_vs_fid"] = float(kendalltau(agg["fid_proxy"], agg["fid_mean"])[0])
+        summary["spearman_proxy_vs_fid"] = float(spearmanr(agg["fid_proxy"], agg["fid_mean"])[0])
+    atomic_write_bytes(run_path / "final.json", (json.dumps(summary, indent=2) + "\n").encode())
+    return agg
+
+
+def best_validated(run_path: str | Path, bitops_budget: float | None = None) -> dict | None:
+    """The validated point with the lowest mean FID (under an optional BitOPs budget), or None."""
+    import pandas as pd
+
+    p = Path(run_path) / "final.parquet"
+    if not p.is_file():
+        return None
+    df = pd.read_parquet(p)
+    if bitops_budget is not None:
+        df = df[df["bitops"] <= bitops_budget]
+    if df.empty:
+        return None
+    return df.sort_values("fid_mean").iloc[0].to_dict()
+
