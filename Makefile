@@ -4,25 +4,29 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tmpq-installed
 
-.PHONY: setup postgres demo test baseline clean
+.PHONY: setup sysdeps demo test baseline clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-setup: $(STAMP) postgres
+setup: $(STAMP) sysdeps
 
-# Debian's PostgreSQL server, for the Optuna engine's PostgreSQL test (it starts a throwaway server on loopback).
-# Installed only when no initdb is there; without apt-get (or root / sudo) that test is skipped, not failed.
-postgres:
-	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then :; \
+# Debian packages that two tests need: PostgreSQL's server (the Optuna engine's PostgreSQL test starts a throwaway
+# server on loopback) and Chromium (the report test renders report.html headless). Installed only when missing;
+# without apt-get (or root / sudo) those tests are skipped with a reason, not failed.
+sysdeps:
+	@missing=; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	if [ -z "$$missing" ]; then :; \
 	elif ! command -v apt-get >/dev/null 2>&1; then \
-		echo "note: no apt-get here; install PostgreSQL's server (initdb, pg_ctl) by hand, else its test is skipped"; \
+		echo "note: no apt-get here; install$$missing by hand, else their tests are skipped"; \
 	else \
 		SUDO=; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
-		{ $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q postgresql; } \
-			|| echo "note: could not install Debian's postgresql; its test will be skipped"; \
+		{ $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $$missing; } \
+			|| echo "note: could not install$$missing from Debian; their tests will be skipped"; \
 	fi
 
 # Main job on the embedded default: a sample grid and an FID/KID table (N=2,000 per row, about 5 min on 2 cores).
@@ -31,7 +35,7 @@ demo: $(STAMP)
 	$(BIN)/tmpq fid --steps 5,10,20 --schedule uniform,quad --n 2000 --out results/demo/fid.json
 	@echo "demo outputs: results/demo/quad_10steps.png, results/demo/fid.json"
 
-test: $(STAMP) postgres
+test: $(STAMP) sysdeps
 	$(BIN)/python -m pytest -q
 
 # The committed baseline report (results/baseline/); about 2 h on 2 cores, resumable.

@@ -59,15 +59,17 @@ class CandidateEvaluator:
         self.teacher = self._sample(teacher_ts)
         self.teacher_feats = extractor(self.teacher)
 
-    def _sample(self, timesteps, on_step=None) -> torch.Tensor:
+    def _sample(self, timesteps, on_step=None, n: int | None = None, seed: int | None = None) -> torch.Tensor:
         from tmpq.sampler import sample_images
 
-        return sample_images(self.net.unet, self.scheduler, timesteps, self.cfg.n_images, seed=self.cfg.seed,
-                             batch_size=self.cfg.batch_size, progress=False, on_step=on_step)
+        n = self.cfg.n_images if n is None else n
+        return sample_images(self.net.unet, self.scheduler, timesteps, n, seed=self.cfg.seed if seed is None else seed,
+                             batch_size=min(self.cfg.batch_size, n), progress=False, on_step=on_step)
 
     @torch.no_grad()
-    def evaluate(self, timesteps, bits, per_group_bits: bool | None = None) -> dict:
-        """Objectives of one candidate: ``fid_proxy`` (the configured proxy) and its companions.
+    def images(self, timesteps, bits, per_group_bits: bool | None = None, n: int | None = None,
+               seed: int | None = None) -> torch.Tensor:
+        """The candidate's images (the proxy's bank images by default).
 
         ``bits``: one allocation (a (w, a) pair per gene) for every step, or, per time group, one allocation per
         group in ascending time order (``bits[g]`` serves the schedule's step in group g: the schedule runs from the
@@ -75,7 +77,6 @@ class CandidateEvaluator:
         """
         if per_group_bits is None:
             per_group_bits = len(bits) > 0 and isinstance(bits[0][0], (tuple, list))
-        t0 = time.perf_counter()
         on_step = None
         if per_group_bits:
             if len(bits) != len(timesteps):
@@ -88,7 +89,14 @@ class CandidateEvaluator:
             self.net.set_bits(steps[0])
         else:
             self.net.set_bits(bits)
-        imgs = self._sample(timesteps, on_step)
+        return self._sample(timesteps, on_step, n, seed)
+
+    @torch.no_grad()
+    def evaluate(self, timesteps, bits, per_group_bits: bool | None = None) -> dict:
+        """Objectives of one candidate: ``fid_proxy`` (the configured proxy) and its companions (see :meth:`images`
+        for ``bits``)."""
+        t0 = time.perf_counter()
+        imgs = self.images(timesteps, bits, per_group_bits)
         feats = self.extractor(imgs)
         out = {"paired_pixel_mse": float((imgs - self.teacher).pow(2).mean()),
                "paired_feat": float(np.mean(np.sum((feats - self.teacher_feats) ** 2, axis=1)))}

@@ -265,6 +265,14 @@ def _cmd_validate(args: argparse.Namespace) -> None:
           + (f"; Kendall tau proxy vs final FID = {tau:.3f}" if tau is not None else ""))
 
 
+def _cmd_report(args: argparse.Namespace) -> None:
+    from tmpq.report import write_report
+
+    _set_threads(args.threads)
+    path = write_report(args.run, baselines=not args.no_baselines, grids=not args.no_grids)
+    print(f"wrote {path} (open it in a browser)")
+
+
 def _cmd_export(args: argparse.Namespace) -> None:
     from tmpq.export import export_candidate
 
@@ -452,6 +460,16 @@ def build_parser() -> argparse.ArgumentParser:
     va.add_argument("--batch-size", type=int, default=256, help="images per UNet batch (default: %(default)s)")
     va.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
     va.set_defaults(func=_cmd_validate)
+
+    rp = sub.add_parser("report", help="write RUN/report/report.html (Pareto plot, sample grids, tables)",
+                        description="Write an HTML report of a run: the Pareto plot with uniform baselines (scored "
+                                    "with the run's supernet and proxy) and validated FIDs, a sample grid for every "
+                                    "front point beside the FP reference, and the tables.")
+    rp.add_argument("run", help="run directory")
+    rp.add_argument("--no-baselines", action="store_true", help="skip scoring the uniform baselines")
+    rp.add_argument("--no-grids", action="store_true", help="skip the sample grids")
+    rp.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    rp.set_defaults(func=_cmd_report)
 
     ex = sub.add_parser("export", help="export one candidate of a run for deployment",
                         description="Write a deployable export of one evaluated candidate: a DDPMPipeline directory "

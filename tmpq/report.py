@@ -1,0 +1,189 @@
+"""``tmpq report RUN``: one self-contained HTML page (``RUN/report/report.html`` with its PNGs beside it).
+
+- the Pareto plot: every evaluation (proxy vs GBitOPs), the front, uniform W/A baselines at the run's schedule
+  scored with the same supernet and proxy, and (when ``tmpq validate`` ran) the final FID of the validated points;
+- a sample grid for every front point beside the FP reference (same noise-bank images);
+- the front and final tables.
+
+Baselines and grids are computed once and cached under ``RUN/report/`` (a rerun only rewrites the page).
+"""
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from tmpq.errors import TmpqError
+
+GRID_N = 16
+
+
+def _fmt(v, spec=".4g") -> str:
+    try:
+        return format(float(v), spec)
+    except (TypeError, ValueError):
+        return html.escape(str(v))
+
+
+def _evaluator(run_path: Path, cfg: dict):
+    from search.service import WorkerSpec
+
+    spec = WorkerSpec(cfg["model"]["path"], str(run_path / "supernet.safetensors"), cfg["proxy"], 2)
+    return spec()
+
+
+def _baselines(run_path: Path, cfg: dict, space, ev_factory, out: Path) -> list[dict]:
+    cache = out / "baselines.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    rows = []
+    ev = ev_factory()
+    for w in space.w_bits:
+        for a in space.a_bits:
+            if (w, a) not in {(max(space.w_bits), max(space.a_bits)), (6, 6), (min(space.w_bits), max(space.a_bits))}:
+                continue
+            cand = space.uniform_candidate(w, a)
+            obj = ev.evaluate(cand.timesteps, cand.bits)
+            rows.append({"name": f"W{w}A{a} {space.groups.kind} DDIM {space.n_steps}", "w": w, "a": a,
+                         "fid_proxy": obj["fid_proxy"], "bitops": space.bitops(cand)})
+    from tmpq.fileio import atomic_write_bytes
+
+    atomic_write_bytes(cache, json.dumps(rows, indent=2).encode())
+    return rows
+
+
+def _grids(front, ev_factory, out: Path) -> dict[str, str]:
+    """PNG grid per front key (and 'fp' for the teacher), cached by file name."""
+    from tmpq.grid import save_grid
+
+    names = {"fp": "grid_fp.png", **{k: f"grid_{k}.png" for k in front["key"]}}
+    if all((out / f).is_file() for f in names.values()):
+        return names
+    ev = ev_factory()
+    save_grid(ev.teacher[:GRID_N], out / names["fp"], nrow=8, scale=3)
+    for _, p in front.iterrows():
+        f = out / names[p["key"]]
+        if f.is_file():
+            continue
+        imgs = ev.images(list(p["timesteps"]), json.loads(json.dumps(p["bits"])), n=GRID_N)
+        save_grid(imgs, f, nrow=8, scale=3)
+    return names
+
+
+def _plot(ev_df, front, baselines, final, out: Path) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = ev_df[ev_df["status"] == "ok"]
+    fig, axes = plt.subplots(1, 2 if final is not None else 1, figsize=(11 if final is not None else 6.5, 4.2),
+                             squeeze=False)
+    ax = axes[0][0]
+    ax.scatter(ok["bitops"] / 1e9, ok["fid_proxy"], s=8, color="0.75", label="evaluated")
+    f = front.sort_values("bitops")
+    ax.step(f["bitops"] / 1e9, f["fid_proxy"], where="post", color="C0", lw=1.5, label="Pareto front")
+    ax.scatter(f["bitops"] / 1e9, f["fid_proxy"], s=18, color="C0")
+    for b in baselines:
+        ax.scatter(b["bitops"] / 1e9, b["fid_proxy"], marker="x", s=50, color="C3")
+        ax.annotate(f"W{b['w']}A{b['a']}", (b["bitops"] / 1e9, b["fid_proxy"]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("GBitOPs per image (whole schedule)")
+    ax.set_ylabel("search proxy (lower is better)")
+    ax.set_yscale("log")
+    ax.set_title("search: proxy vs BitOPs (x: uniform baselines)")
+    ax.legend(fontsize=8)
+    if final is not None:
+        ax2 = axes[0][1]
+        fs = final.sort_values("bitops")
+        ax2.errorbar(fs["bitops"] / 1e9, fs["fid_mean"], yerr=fs["fid_std"].fillna(0), fmt="o-", color="C2",
+                     label=f"validated FID (N = {int(fs['n'].iloc[0])})")
+        ax2.set_xlabel("GBitOPs per image (whole schedule)")
+        ax2.set_ylabel("FID (domain extractor)")
+        ax2.set_title("validated points: final FID vs BitOPs")
+        ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "pareto.png", dpi=110)
+    plt.close(fig)
+    return "pareto.png"
+
+
+def write_report(run_path: str | Path, baselines: bool = True, grids: bool = True) -> Path:
+    """Write ``RUN/report/report.html`` and return its path."""
+    import pandas as pd
+
+    from search.space import SearchSpace
+    from tmpq.api import load_run
+    from tmpq.fileio import atomic_write_bytes
+
+    run = load_run(run_path)
+    front = run.pareto()
+    if front.empty:
+        raise TmpqError(f"{run.path}: no successful evaluations to report")
+    cfg = run.config
+    space = SearchSpace.from_dict(json.loads((run.path / "search_space.json").read_text()))
+    out = run.path / "report"
+    out.mkdir(exist_ok=True)
+    cache: dict = {}
+
+    def ev_factory():
+        if "ev" not in cache:
+            cache["ev"] = _evaluator(run.path, cfg)
+        return cache["ev"]
+
+    base = _baselines(run.path, cfg, space, ev_factory, out) if baselines else []
+    final = pd.read_parquet(run.path / "final.parquet") if (run.path / "final.parquet").is_file() else None
+    plot = _plot(run.evaluations, front, base, final, out)
+    names = _grids(front, ev_factory, out) if grids else {}
+    fin = final.set_index("key") if final is not None else None
+
+    rows = []
+    for _, p in front.sort_values("bitops").iterrows():
+        k = p["key"]
+        fid = (f"{_fmt(fin.loc[k, 'fid_mean'])} ± {_fmt(fin.loc[k, 'fid_std'], '.2g')}"
+               if fin is not None and k in fin.index else "–")
+        img = f'<img src="{names[k]}" alt="samples of {k}">' if k in names else ""
+        rows.append(f"<tr><td><code>{html.escape(k)}</code></td><td>{_fmt(p['fid_proxy'])}</td>"
+                    f"<td>{_fmt(p['bitops'] / 1e9)}</td><td>{_fmt(p.get('size_mb', float('nan')), '.3f')}</td>"
+                    f"<td>{fid}</td><td>{html.escape(str(list(p['timesteps'])))}</td><td>{img}</td></tr>")
+    base_rows = "".join(f"<tr><td>{html.escape(b['name'])}</td><td>{_fmt(b['fid_proxy'])}</td>"
+                        f"<td>{_fmt(b['bitops'] / 1e9)}</td></tr>" for b in base)
+    final_note = ""
+    if (run.path / "final.json").is_file():
+        s = json.loads((run.path / "final.json").read_text())
+        tau = s.get("kendall_tau_proxy_vs_fid")
+        final_note = (f"<p>Validated: {s['points']} points, FID at N = {s['n']} over seeds {s['seeds']}"
+                      + (f"; Kendall τ between the search proxy and the final FID: <b>{tau:.3f}</b>" if tau is not None
+                         else "") + ".</p>")
+    fp_img = f'<img src="{names["fp"]}" alt="FP reference samples">' if "fp" in names else ""
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>tmpq report: {html.escape(run.path.name)}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px;vertical-align:middle}}img{{image-rendering:pixelated}}
+code{{font-size:12px}}</style></head><body>
+<h1>tmpq search report: {html.escape(run.path.name)}</h1>
+<p>{len(run.evaluations)} evaluations, {len(front)} Pareto points; {space.n_steps} steps ({html.escape(space.groups.kind)}
+time groups); bits W{list(space.w_bits)} × A{list(space.a_bits)}; proxy <code>{html.escape(cfg['proxy']['name'])}</code>
+at N = {cfg['proxy']['n_images']}.</p>
+{final_note}
+<h2>Pareto front</h2><img src="{plot}" alt="Pareto plot">
+<h2>Uniform baselines (same supernet, same proxy)</h2>
+<table><tr><th>config</th><th>proxy</th><th>GBitOPs</th></tr>{base_rows}</table>
+<h2>Front points</h2>
+<p>FP reference (teacher: {html.escape(cfg['proxy']['teacher_schedule'])} DDIM {cfg['proxy']['teacher_steps']} steps,
+the same {GRID_N} noise-bank images as every grid below):</p>{fp_img}
+<table><tr><th>key</th><th>proxy</th><th>GBitOPs</th><th>size MB</th><th>final FID</th><th>timesteps</th>
+<th>samples</th></tr>{''.join(rows)}</table>
+<script>
+// marks the page for automated checks: how many images decoded
+window.addEventListener('load', () => {{
+  const imgs = [...document.images];
+  const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+  document.body.setAttribute('data-images', ok + '/' + imgs.length);
+}});
+</script>
+</body></html>
+"""
+    path = out / "report.html"
+    atomic_write_bytes(path, page.encode())
+    return path
