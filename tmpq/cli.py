@@ -265,6 +265,23 @@ def _cmd_validate(args: argparse.Namespace) -> None:
           + (f"; Kendall tau proxy vs final FID = {tau:.3f}" if tau is not None else ""))
 
 
+def _cmd_run(args: argparse.Namespace) -> None:
+    from tmpq.config import load_config
+    from tmpq.pipeline import MainJobConfig, main_job
+
+    _set_threads(args.threads)
+    cfg = load_config(args.config)
+    job = MainJobConfig(top_k=args.top_k, validate_n=args.validate_n,
+                        seeds=tuple(_parse_int_list(args.seeds, "seeds")), budget=args.budget)
+    s = main_job(cfg, Path(args.run_dir), job)
+    b = s["best"]
+    print(f"\ndone in {sum(s['timings'].values()):.0f} s: best point under {args.budget}: {b['key']} "
+          f"(FID {b['fid_mean']:.3f} at N = {args.validate_n}, {b['bitops'] / 1e9:.3g} GBitOPs, "
+          f"timesteps {list(b['timesteps'])})")
+    print(f"report: {s['report']}")
+    print(f"export: {s['export']}  (tmpq sample {s['export']}; tmpq.apply_export(pipeline, \"{s['export']}\"))")
+
+
 def _cmd_report(args: argparse.Namespace) -> None:
     from tmpq.report import write_report
 
@@ -460,6 +477,21 @@ def build_parser() -> argparse.ArgumentParser:
     va.add_argument("--batch-size", type=int, default=256, help="images per UNet batch (default: %(default)s)")
     va.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
     va.set_defaults(func=_cmd_validate)
+
+    rn = sub.add_parser("run", help="the main job: calibrate, search, validate, export, report (resumable)",
+                        description="Run the whole pipeline on a config: calibrate the supernet, search, validate "
+                                    "the best points under the export budget with large-N FID, export the best "
+                                    "validated point and write the HTML report. Rerun the same command to resume.")
+    rn.add_argument("--config", default="configs/demo.toml", help="TOML config (default: %(default)s)")
+    rn.add_argument("--run-dir", default="results/runs/demo", help="run directory (default: %(default)s)")
+    rn.add_argument("--top-k", type=int, default=3, help="points to validate (default: %(default)s)")
+    rn.add_argument("--validate-n", type=int, default=2000, help="FID images per seed in validation "
+                    "(default: %(default)s)")
+    rn.add_argument("--seeds", default="1,2", help="validation noise-bank seeds (default: %(default)s)")
+    rn.add_argument("--budget", default="w6a6", help="export budget: BitOPs <= this uniform option at the same "
+                    "steps, or none (default: %(default)s)")
+    rn.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    rn.set_defaults(func=_cmd_run)
 
     rp = sub.add_parser("report", help="write RUN/report/report.html (Pareto plot, sample grids, tables)",
                         description="Write an HTML report of a run: the Pareto plot with uniform baselines (scored "

@@ -1,0 +1,85 @@
+"""The main job (``tmpq run``): calibrate the supernet -> search -> validate the best points under a BitOPs budget ->
+export the best validated point -> HTML report. Every stage is resumable, so rerunning the same command after an
+interruption continues where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tmpq.errors import TmpqError
+
+
+@dataclass(frozen=True)
+class MainJobConfig:
+    top_k: int = 3                 # validated points (the best proxies under the budget)
+    validate_n: int = 2000         # FID images per seed in validation
+    seeds: tuple[int, ...] = (1, 2)
+    budget: str = "w6a6"           # export budget: BitOPs <= this uniform option at the same steps ("none": no budget)
+
+
+def _budget_bitops(run_path: Path, spec: str) -> float | None:
+    from search.space import SearchSpace
+    from search.service import _budget
+
+    space = SearchSpace.from_dict(json.loads((run_path / "search_space.json").read_text()))
+    return _budget(space.restrict("joint"), spec)
+
+
+def main_job(cfg, run_path: str | Path, job: MainJobConfig = MainJobConfig(), progress: bool = True) -> dict:
+    """Run (or resume) the whole pipeline; returns ``{"run", "report", "export", "best", "timings"}``."""
+    from evaluators.final import ValidateConfig, best_validated, validate_run
+    from search.service import run_search
+    from tmpq.api import load_run
+    from tmpq.export import EXPORT_JSON, export_candidate
+    from tmpq.report import write_report
+
+    run_path = Path(run_path)
+    timings = {}
+
+    def stage(name: str):
+        if progress:
+            print(f"\n== {name} ==", flush=True)
+        return time.perf_counter()
+
+    t0 = stage("search (calibrates the supernet first)")
+    resume = (run_path / "config.resolved.json").is_file()
+    run_search(cfg, run_path, resume=resume, progress=progress)
+    timings["search_s"] = round(time.perf_counter() - t0, 1)
+
+    t0 = stage(f"validate the {job.top_k} best points under the {job.budget} budget")
+    front = load_run(run_path).pareto()
+    limit = _budget_bitops(run_path, job.budget)
+    eligible = front if limit is None else front[front["bitops"] <= limit]
+    if eligible.empty:
+        raise TmpqError(f"no Pareto point is within the export budget {job.budget}; lower search budgets or pass "
+                        "--budget none")
+    keys = tuple(eligible.sort_values("fid_proxy").head(job.top_k)["key"])
+    validate_run(run_path, ValidateConfig(n=job.validate_n, seeds=job.seeds, keys=keys), progress=progress)
+    timings["validate_s"] = round(time.perf_counter() - t0, 1)
+
+    t0 = stage("export the best validated point")
+    best = best_validated(run_path, limit)
+    if best is None:  # pragma: no cover - validate_run wrote at least one row above
+        raise TmpqError("validation produced no points")
+    export_dir = run_path / "export"
+    current = json.loads((export_dir / EXPORT_JSON).read_text()) if (export_dir / EXPORT_JSON).is_file() else None
+    if current is None or current["provenance"]["candidate"] != best["key"]:
+        if export_dir.exists():
+            import shutil
+
+            shutil.rmtree(export_dir)
+        export_candidate(run_path, best["key"], export_dir, command="tmpq run")
+    timings["export_s"] = round(time.perf_counter() - t0, 1)
+
+    t0 = stage("report")
+    report = write_report(run_path)
+    timings["report_s"] = round(time.perf_counter() - t0, 1)
+    summary = {"run": str(run_path), "report": str(report), "export": str(export_dir),
+               "best": {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in best.items()}, "timings": timings}
+    from tmpq.fileio import atomic_write_bytes
+
+    atomic_write_bytes(run_path / "main_job.json", (json.dumps(summary, indent=2, default=str) + "\n").encode())
+    return summary
