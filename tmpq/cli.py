@@ -282,6 +282,52 @@ def _cmd_run(args: argparse.Namespace) -> None:
     print(f"export: {s['export']}  (tmpq sample {s['export']}; tmpq.apply_export(pipeline, \"{s['export']}\"))")
 
 
+def _cmd_speed(args: argparse.Namespace) -> None:
+    import json
+
+    from evaluators.features import make_extractor
+    from evaluators.quality import embedded_reference, score_features
+    from tmpq.deploy import time_sampling, to_int8
+    from tmpq.export import load_export
+    from tmpq.model import load_model
+    from tmpq.sampler import make_scheduler, sample_images
+    from tmpq.schedules import make_timesteps
+
+    _set_threads(args.threads)
+    fp = load_model(args.export)  # the export holds the FP weights: the FP reference is the same model
+    unet, sched, ts, _ = load_export(args.export)
+    T = fp.num_train_timesteps
+    rows = {"fp_100_uniform_s": time_sampling(fp.unet, make_scheduler(fp.scheduler_config),
+                                              make_timesteps("uniform", 100, T), args.n, args.batch_size),
+            "fp_export_schedule_s": time_sampling(fp.unet, sched, ts, args.n, args.batch_size),
+            "fakequant_export_s": time_sampling(unet, sched, ts, args.n, args.batch_size)}
+    fq_imgs = sample_images(unet, sched, ts, args.n, seed=0, batch_size=args.batch_size, progress=False)
+    unet, layers = to_int8(unet)
+    rows["int8_export_s"] = time_sampling(unet, sched, ts, args.n, args.batch_size)
+    i8_imgs = sample_images(unet, sched, ts, args.n, seed=0, batch_size=args.batch_size, progress=False)
+    rows["int8_vs_fakequant_pixel_mse"] = float((i8_imgs - fq_imgs).pow(2).mean())
+    if args.fid_n and fp.sample_shape[0] == 1:
+        ext = make_extractor("domain")
+        ref = embedded_reference(ext)
+        for name, u in (("fakequant", load_export(args.export)[0]), ("int8", unet)):
+            imgs = sample_images(u, sched, ts, args.fid_n, seed=1, batch_size=args.batch_size, progress=False)
+            rows[f"{name}_fid_n{args.fid_n}"] = score_features(ext(imgs), ref)["fid"]
+    n8 = sum(r["int8"] for r in layers)
+    rows.update({"images": args.n, "batch_size": args.batch_size, "threads": args.threads, "steps": len(ts),
+                 "int8_layers": n8, "fallback_layers": len(layers) - n8, "layers": layers})
+    print(f"{'FP, uniform DDIM 100 steps':36s} {rows['fp_100_uniform_s']:8.2f} s")
+    print(f"{'FP, exported schedule':36s} {rows['fp_export_schedule_s']:8.2f} s")
+    print(f"{'fake quantization, exported':36s} {rows['fakequant_export_s']:8.2f} s")
+    print(f"{'real int8 kernels, exported':36s} {rows['int8_export_s']:8.2f} s  ({n8}/{len(layers)} layers int8)")
+    for r in layers:
+        if not r["int8"]:
+            print(f"  fallback (fake-quant): {r['fqn']}: {r['why']}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+        print(f"wrote {args.out}")
+
+
 def _cmd_report(args: argparse.Namespace) -> None:
     from tmpq.report import write_report
 
@@ -492,6 +538,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "steps, or none (default: %(default)s)")
     rn.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
     rn.set_defaults(func=_cmd_run)
+
+    sp = sub.add_parser("speed", help="wall-clock of an export: FP 100 steps vs fake quantization vs real int8",
+                        description="Time sampling with the exported model: FP at 100 uniform DDIM steps, FP and "
+                                    "fake quantization at the exported schedule, and real int8 CPU kernels "
+                                    "(torch.ao dynamic Conv2d / Linear) for every layer they run exactly; names the "
+                                    "layers that fall back.")
+    sp.add_argument("export", help="export directory (tmpq export)")
+    sp.add_argument("--n", type=int, default=256, help="images per timing (default: %(default)s)")
+    sp.add_argument("--batch-size", type=int, default=256, help="images per UNet batch (default: %(default)s)")
+    sp.add_argument("--fid-n", type=int, default=0, help="also FID of fake-quant vs int8 at this N (default: off)")
+    sp.add_argument("--out", default=None, help="write the numbers as JSON here")
+    sp.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    sp.set_defaults(func=_cmd_speed)
 
     rp = sub.add_parser("report", help="write RUN/report/report.html (Pareto plot, sample grids, tables)",
                         description="Write an HTML report of a run: the Pareto plot with uniform baselines (scored "

@@ -1,0 +1,129 @@
+"""Real low-bit kernels on CPU for an exported model (``tmpq speed``).
+
+PyTorch's int8 CPU kernels (``torch.ao.nn.quantized.dynamic`` Conv2d / Linear on the x86 / fbgemm engine) take
+int8 weights with per-output-channel scales and quantize activations on the fly (per tensor, per call). Every
+exported weight option of <= 8 bits is an integer grid times a per-channel scale, so it is stored *exactly* in
+int8 with the exported scales: the weights the int8 kernels multiply are the exported ones. Activations are the
+kernel's own dynamic 8-bit quantization (reduce_range: 7 bits on x86), not the exported static A-bits, so outputs
+differ slightly from fake quantization; ``tmpq speed`` reports that difference beside the timings.
+
+A layer falls back to fake quantization (and is named as such) when the kernels cannot run it exactly: weight bits
+above 8, asymmetric or group-wise weight quantization, a non-zeros padding mode.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+
+import torch
+import torch.nn as nn
+
+from quant.layers import QuantConv2d, QuantLayer, QuantLinear
+
+
+def _why_not_int8(layer: QuantLayer) -> str | None:
+    q = layer.w_quant[layer.w_index if layer.w_index is not None else 0]
+    if layer.w_index is None:
+        return "full-precision weights"
+    if q.bits > 8:
+        return f"{q.bits}-bit weights (int8 kernels hold <= 8)"
+    if not q.symmetric:
+        return "asymmetric weights (the int8 kernels take zero-point 0)"
+    if q.granularity == "group":
+        return "group-wise weight scales"
+    if isinstance(layer, QuantConv2d) and layer.module.padding_mode != "zeros":
+        return f"padding_mode {layer.module.padding_mode}"
+    return None
+
+
+def _qint8(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    zp = torch.zeros(w.shape[0], dtype=torch.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qw = torch.quantize_per_channel(w, scale, zp, 0, torch.qint8)
+    # the int8 weights are the exported grid exactly (dequantized == fake-quantized weight)
+    if not torch.equal(qw.dequantize(), w):
+        raise AssertionError("an int8 weight does not hold the exported grid")
+    return qw
+
+
+def _dyn_conv(m: nn.Conv2d, qw: torch.Tensor, bias):
+    from torch.ao.nn.quantized import dynamic as qd
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = qd.Conv2d(qw.shape[1] * m.groups, qw.shape[0], m.kernel_size, m.stride, m.padding, m.dilation,
+                        m.groups, bias is not None)
+        out.set_weight_bias(qw, bias)
+    return out
+
+
+class SplitInt8Conv2d(nn.Module):
+    """A conv over a skip concatenation as two int8 convs over its halves (exact: conv is linear in its input),
+    so each half gets its own dynamic activation range, as split quantization gives it its own static one."""
+
+    def __init__(self, a: nn.Module, b: nn.Module, split: int):
+        super().__init__()
+        self.a, self.b, self.split = a, b, split
+
+    def forward(self, x):
+        return self.a(x[:, : self.split].contiguous()) + self.b(x[:, self.split:].contiguous())
+
+
+def _int8_module(layer: QuantLayer) -> nn.Module:
+    from torch.ao.nn.quantized import dynamic as qd
+
+    q = layer.w_quant[layer.w_index]
+    w = layer.quantized_weight().detach().float().contiguous()
+    scale = q.scale.detach().reshape(-1).double()
+    if scale.numel() == 1:
+        scale = scale.expand(w.shape[0]).contiguous()
+    m = layer.module
+    bias = None if m.bias is None else m.bias.detach().float()
+    if isinstance(layer, QuantConv2d):
+        if layer.split is not None and m.groups == 1:
+            s = layer.split
+            return SplitInt8Conv2d(_dyn_conv(m, _qint8(w[:, :s].contiguous(), scale), bias),
+                                   _dyn_conv(m, _qint8(w[:, s:].contiguous(), scale), None), s)
+        return _dyn_conv(m, _qint8(w, scale), bias)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = qd.Linear(m.in_features, m.out_features, bias_=m.bias is not None)
+        out.set_weight_bias(_qint8(w, scale), bias)
+    return out
+
+
+def to_int8(unet: nn.Module) -> tuple[nn.Module, list[dict]]:
+    """Replace every quantized layer the int8 kernels can run exactly by its int8 module (in place).
+
+    Returns the model and one row per quantized layer: ``{"fqn", "kind", "w_bits", "a_bits", "int8", "why"}``.
+    """
+    torch.backends.quantized.engine = "x86" if "x86" in torch.backends.quantized.supported_engines else \
+        torch.backends.quantized.engine
+    rows = []
+    for name, layer in list(unet.named_modules()):
+        if not isinstance(layer, (QuantConv2d, QuantLinear)):
+            continue
+        why = _why_not_int8(layer)
+        wq = layer.w_quant[layer.w_index] if layer.w_index is not None else None
+        aq = layer.a_quant[layer.a_index] if layer.a_index is not None else None
+        rows.append({"fqn": name, "kind": type(layer.module).__name__, "w_bits": wq.bits if wq else 32,
+                     "a_bits": aq.bits if aq else 32, "int8": why is None, "why": why or ""})
+        if why is None:
+            parent_name, _, child = name.rpartition(".")
+            parent = unet.get_submodule(parent_name) if parent_name else unet
+            setattr(parent, child, _int8_module(layer))
+    return unet, rows
+
+
+def time_sampling(unet, scheduler, timesteps, n: int, batch: int, repeats: int = 3, seed: int = 0) -> float:
+    """Median wall-clock seconds to sample ``n`` images (after one warm-up batch)."""
+    from tmpq.sampler import sample_images
+
+    sample_images(unet, scheduler, timesteps, min(batch, 16), seed=seed, batch_size=min(batch, 16), progress=False)
+    walls = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sample_images(unet, scheduler, timesteps, n, seed=seed, batch_size=batch, progress=False)
+        walls.append(time.perf_counter() - t0)
+    return sorted(walls)[len(walls) // 2]
