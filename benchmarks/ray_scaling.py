@@ -28,32 +28,21 @@ def build(cfg, work: Path):
     """The supernet file (calibrated once, as ``run_search`` does) and the search space of ``cfg``."""
     from dataclasses import replace
 
-    from search.groups import quadratic_groups, uniform_groups
-    from search.service import _budget
+    from search.service import _budget, _time_groups, calibrate_to_file, supernet_config
     from search.space import SearchSpace
-    from supernet import QuantSupernet, SupernetConfig
-    from supernet.calib_data import make_calib_data
+    from supernet import QuantSupernet
     from tmpq.model import load_model
-    from tmpq.sampler import make_scheduler
 
     m = load_model(None if cfg.model.path == "embedded" else cfg.model.path)
-    sc = cfg.supernet
-    net = QuantSupernet(m.unet, SupernetConfig(w_bits=sc.w_bits, a_bits=sc.a_bits, w_rounding=sc.w_rounding,
-                                               w_granularity=sc.w_granularity, group_size=sc.group_size or None,
-                                               tie=(r"(.*attentions\.\d+)\.to_[qkv]$",) if sc.tie_qkv else ()))
-    groups = {"quad": quadratic_groups, "uniform": uniform_groups}[cfg.search.grouping]
-    space = SearchSpace.from_supernet(net, groups(cfg.search.steps, m.num_train_timesteps),
-                                      per_group_bits=cfg.search.per_group_bits)
+    groups = _time_groups(cfg, m, None)  # before wrapping: a sensitivity grouping profiles the FP model
+    net = QuantSupernet(m.unet, supernet_config(cfg))
+    space = SearchSpace.from_supernet(net, groups, per_group_bits=cfg.search.per_group_bits)
     space = replace(space, bitops_budget=_budget(space, cfg.search.bitops_budget),
                     size_budget_mb=cfg.search.size_budget_mb or None)
     sn_file = work / f"supernet-{net.fingerprint[:12]}.safetensors"
     if not sn_file.is_file():
-        cal = cfg.calibration
-        data = make_calib_data(m.unet, make_scheduler(m.scheduler_config), cal.strategy, n_steps=cal.steps,
-                               per_step=cal.per_step, sampler_steps=cal.sampler_steps, seed=cal.seed)
-        net.calibrate(list(data.batches(cal.batch_size)), mode=cal.mode, progress=False)
         work.mkdir(parents=True, exist_ok=True)
-        net.save(sn_file)
+        calibrate_to_file(cfg, m, net, sn_file, progress=False)
     return sn_file, space
 
 

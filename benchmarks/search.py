@@ -30,29 +30,20 @@ UNIFORM_BASELINES = [(w, a, sched, n) for (w, a) in ((8, 8), (6, 6), (4, 8)) for
 # -- shared pieces ---------------------------------------------------------------------------------------------------
 def supernet_file(out: Path, threads: int) -> Path:
     """Calibrate the default supernet once (resumable per option) and keep it for every part."""
-    from supernet import QuantSupernet, SupernetConfig
-    from supernet.calib_data import make_calib_data
+    from search.service import calibrate_to_file, supernet_config
+    from supernet import QuantSupernet
     from tmpq.config import RunConfig
     from tmpq.model import load_model
-    from tmpq.sampler import make_scheduler
 
     path = out / "supernet.safetensors"
     if path.is_file():
         return path
     torch.set_num_threads(threads)
     cfg = RunConfig()
-    sc, cal = cfg.supernet, cfg.calibration
     m = load_model(None)
-    net = QuantSupernet(m.unet, SupernetConfig(w_bits=sc.w_bits, a_bits=sc.a_bits, w_rounding=sc.w_rounding,
-                                               w_granularity=sc.w_granularity, group_size=sc.group_size or None,
-                                               tie=(r"(.*attentions\.\d+)\.to_[qkv]$",) if sc.tie_qkv else ()))
-    data = make_calib_data(m.unet, make_scheduler(m.scheduler_config), cal.strategy, n_steps=cal.steps,
-                           per_step=cal.per_step, sampler_steps=cal.sampler_steps, seed=cal.seed)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    net.calibrate(list(data.batches(cal.batch_size)), mode=cal.mode, checkpoint=out / "supernet.partial.safetensors")
-    net.save(path)
-    (out / "supernet.partial.safetensors").unlink(missing_ok=True)
+    calibrate_to_file(cfg, m, QuantSupernet(m.unet, supernet_config(cfg)), path)
     print(f"calibrated the shared supernet in {time.perf_counter() - t0:.0f} s -> {path}", flush=True)
     return path
 

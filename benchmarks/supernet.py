@@ -10,7 +10,6 @@ calibration mode and with a supernet calibrated for that allocation alone; Kenda
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -46,14 +45,9 @@ def random_allocations(net: QuantSupernet, k: int, seed: int, pool: int = 2000) 
     return [cands[i][1] for i in idx]
 
 
-def standalone(unet_loader, alloc, genes, base_cfg: SupernetConfig, batches, mode: str) -> QuantSupernet:
+def standalone(unet_loader, alloc, probe: QuantSupernet, batches, mode: str) -> QuantSupernet:
     """A supernet with every layer pinned to its allocated bits: calibration for that allocation alone."""
-    pin = dict(base_cfg.pin)
-    for g, names in enumerate(genes):
-        for n in names:
-            pin[n] = list(alloc[g])
-    cfg = SupernetConfig(**{**json.loads(base_cfg.to_json()), "pin": pin})
-    net = QuantSupernet(unet_loader(), cfg)
+    net = QuantSupernet(unet_loader(), probe.pinned_config(alloc))
     net.calibrate(batches, mode=mode, progress=False)
     net.set_bits([])  # every layer pinned: no genes
     return net
@@ -110,11 +104,10 @@ def main() -> None:
 
     probe = QuantSupernet(fresh_unet(), cfg)
     allocs = random_allocations(probe, args.n_alloc, args.seed)
-    genes = probe.genes
     for i, alloc in enumerate(allocs):
         if log.has(kind="standalone", alloc_id=i, n=args.fid_n, seed=args.seed):
             continue
-        net = standalone(fresh_unet, alloc, genes, cfg, batches, "per-option")
+        net = standalone(fresh_unet, alloc, probe, batches, "per-option")
         row, _ = score(net.unet, args.fid_n, ts, teacher)
         log.append({"kind": "standalone", "alloc_id": i, "n": args.fid_n, "seed": args.seed,
                     "bitops": probe.bitops(alloc), "bits": alloc, **row})

@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import hashlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,16 +16,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from tmpq.errors import TmpqError
+from tmpq.fileio import file_sha256
 
 EXTRACTORS = ("domain", "inception", "random")
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class FeatureExtractor:

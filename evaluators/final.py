@@ -82,7 +82,6 @@ def recalibrate_point(run_path: Path, key: str, timesteps, bits, cfg: ValidateCo
     from quant.distill import distill_scales, frozen_copy
     from supernet import QuantSupernet, SupernetConfig
     from supernet.supernet import read_supernet_file
-    from tmpq.export import _pinned_config
     from tmpq.model import load_model
     from tmpq.sampler import make_scheduler
 
@@ -96,10 +95,8 @@ def recalibrate_point(run_path: Path, key: str, timesteps, bits, cfg: ValidateCo
     if cfg.recon_iters > 0 and base.w_rounding != "adaround":
         base = SupernetConfig.from_json(json.dumps({**json.loads(base.to_json()), "w_rounding": "adaround"}))
     probe = QuantSupernet(frozen_copy(m.unet), base)
-    alloc = probe._check_allocation([tuple(int(v) for v in p) for p in bits])
-    layer_bits = {i.fqn: tuple(i.pinned) if i.pinned else tuple(alloc[i.gene]) for i in probe.infos}
+    net = QuantSupernet(m.unet, probe.pinned_config([tuple(int(v) for v in p) for p in bits]))
     del probe
-    net = QuantSupernet(m.unet, _pinned_config(base, layer_bits))
     t0 = time.perf_counter()
     data = _capture_along(teacher, sched, list(timesteps), cfg.calib_per_step, cfg.calib_seed)
     net.calibrate(data, mode="per-option", progress=progress)
@@ -121,10 +118,10 @@ def recalibrate_point(run_path: Path, key: str, timesteps, bits, cfg: ValidateCo
 
 def validate_run(run_path: str | Path, cfg: ValidateConfig, progress: bool = True):
     """Validate the chosen Pareto points of a run; returns the per-point DataFrame (also ``RUN/final.parquet``)."""
-    from benchmarks.common import RowLog
     from evaluators.features import make_extractor
     from evaluators.quality import embedded_reference, score_features
     from tmpq.api import load_run
+    from tmpq.rowlog import RowLog
     from tmpq.sampler import sample_images
 
     cfg.validate()

@@ -101,24 +101,47 @@ def _time_groups(cfg: RunConfig, m, resumed_run: Path | None):
     return sensitivity_groups(prof, n)
 
 
+def supernet_config(cfg: RunConfig):
+    """The ``SupernetConfig`` of a run's ``[supernet]`` section."""
+    from supernet import SupernetConfig
+    from supernet.config import TIE_QKV
+
+    sc = cfg.supernet
+    return SupernetConfig(w_bits=sc.w_bits, a_bits=sc.a_bits, w_rounding=sc.w_rounding,
+                          w_granularity=sc.w_granularity, group_size=sc.group_size or None,
+                          tie=(TIE_QKV,) if sc.tie_qkv else ())
+
+
+def calibrate_to_file(cfg: RunConfig, m, net, sn_file: Path, progress: bool = True) -> None:
+    """Calibrate ``net`` (over the FP model ``m``) as the run's ``[calibration]`` section says and save it to
+    ``sn_file``; resumable per option through ``supernet.partial.safetensors`` beside it."""
+    from supernet.calib_data import make_calib_data
+    from tmpq.sampler import make_scheduler
+
+    cal = cfg.calibration
+    partial = Path(sn_file).parent / "supernet.partial.safetensors"
+    data = make_calib_data(m.unet, make_scheduler(m.scheduler_config), cal.strategy, n_steps=cal.steps,
+                           per_step=cal.per_step, sampler_steps=cal.sampler_steps, seed=cal.seed)
+    batches = list(data.batches(cal.batch_size))
+    net.calibrate(batches, mode=cal.mode, progress=progress, checkpoint=partial)
+    if cfg.supernet.w_rounding == "adaround" and cal.recon_iters > 0:
+        net.reconstruct(batches, iters=cal.recon_iters, progress=progress)
+    net.save(sn_file)
+    partial.unlink(missing_ok=True)
+
+
 def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=None, progress: bool = True) -> RunDir:
     """Run (or resume) a search; returns the run directory. ``executor`` overrides the configured one (tests)."""
     from dataclasses import replace
 
     from search.engines import make_engine
     from search.space import SearchSpace
-    from supernet import QuantSupernet, SupernetConfig
-    from supernet.calib_data import make_calib_data
+    from supernet import QuantSupernet
     from tmpq.model import load_model
-    from tmpq.sampler import make_scheduler
 
     m = load_model(None if cfg.model.path == "embedded" else cfg.model.path)
-    sc = cfg.supernet
-    snc = SupernetConfig(w_bits=sc.w_bits, a_bits=sc.a_bits, w_rounding=sc.w_rounding,
-                         w_granularity=sc.w_granularity, group_size=sc.group_size or None,
-                         tie=(r"(.*attentions\.\d+)\.to_[qkv]$",) if sc.tie_qkv else ())
     groups = _time_groups(cfg, m, run_path if resume else None)  # before wrapping: profiles the FP model
-    net = QuantSupernet(m.unet, snc)
+    net = QuantSupernet(m.unet, supernet_config(cfg))
     fp = run_fingerprint(cfg, net.fingerprint)
     space = SearchSpace.from_supernet(net, groups, per_group_bits=cfg.search.per_group_bits)
     space = space.restrict(cfg.search.axes, _uniform_option(cfg.search.fixed_bits, "search.fixed_bits"))
@@ -137,16 +160,7 @@ def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=No
 
         atomic_write_bytes(sn_file, given.read_bytes())
     if not sn_file.is_file():
-        cal = cfg.calibration
-        data = make_calib_data(m.unet, make_scheduler(m.scheduler_config), cal.strategy, n_steps=cal.steps,
-                               per_step=cal.per_step, sampler_steps=cal.sampler_steps, seed=cal.seed)
-        batches = list(data.batches(cal.batch_size))
-        net.calibrate(batches, mode=cal.mode, progress=progress,
-                      checkpoint=run.path / "supernet.partial.safetensors")
-        if sc.w_rounding == "adaround" and cal.recon_iters > 0:
-            net.reconstruct(batches, iters=cal.recon_iters, progress=progress)
-        net.save(sn_file)
-        (run.path / "supernet.partial.safetensors").unlink(missing_ok=True)
+        calibrate_to_file(cfg, m, net, sn_file, progress)
     del net
     proxy = json.loads(json.dumps(cfg.proxy.__dict__))
     if executor is None:

@@ -7,6 +7,9 @@ from dataclasses import asdict, dataclass, field
 from quant.quantizer import GRANULARITIES, OBSERVERS, SUPPORTED_BITS
 from tmpq.errors import TmpqError
 
+# ties the q, k, v projections of each diffusers attention block into one gene (config tie_qkv / --tie-qkv)
+TIE_QKV = r"(.*attentions\.\d+)\.to_[qkv]$"
+
 
 @dataclass(frozen=True)
 class SupernetConfig:

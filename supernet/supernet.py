@@ -203,6 +203,19 @@ class QuantSupernet(nn.Module):
         other = sum(p.numel() for p in self.unet.parameters()) - quantized
         return (bits + 32 * other) / 8 / 1e6
 
+    def layer_bits(self, allocation: Sequence[tuple[int, int]]) -> dict[str, tuple[int, int]]:
+        """(w_bits, a_bits) of every quantized layer under ``allocation`` (pinned layers at their pins)."""
+        alloc = self._check_allocation(allocation)
+        return {i.fqn: tuple(i.pinned) if i.pinned else tuple(alloc[i.gene]) for i in self.infos}
+
+    def pinned_config(self, allocation: Sequence[tuple[int, int]]) -> SupernetConfig:
+        """This config with every quantized layer pinned to its bits under ``allocation``: the supernet of exactly
+        that allocation (one option per layer, no genes), to calibrate it alone or to export it."""
+        d = json.loads(self.config.to_json())
+        d["pin"] = {fqn: [w, a] for fqn, (w, a) in sorted(self.layer_bits(allocation).items())}
+        d["tie"] = []
+        return SupernetConfig.from_json(json.dumps(d))
+
     # -- option switching ---------------------------------------------------------------------------------------
     def _check_allocation(self, allocation) -> list[tuple[int, int]]:
         alloc = [tuple(int(b) for b in wa) for wa in allocation]

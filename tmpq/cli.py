@@ -150,10 +150,11 @@ def _cmd_train_classifier(args: argparse.Namespace) -> None:
 
 def _supernet_config(args: argparse.Namespace):
     from supernet import SupernetConfig
+    from supernet.config import TIE_QKV
 
     w_bits = (8, 7, 6, 5) if args.preset == "paper" else tuple(_parse_int_list(args.w_bits, "--w-bits"))
     a_bits = (8, 7, 6, 5) if args.preset == "paper" else tuple(_parse_int_list(args.a_bits, "--a-bits"))
-    tie = (r"(.*attentions\.\d+)\.to_[qkv]$",) if args.tie_qkv else ()
+    tie = (TIE_QKV,) if args.tie_qkv else ()
     return SupernetConfig(w_bits=w_bits, a_bits=a_bits, tie=tie, w_rounding=args.rounding,
                           w_granularity=args.w_granularity, group_size=args.group_size)
 
@@ -364,6 +365,10 @@ def _command_line() -> str:
     return "tmpq " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
+def _add_threads(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (``tmpq: error: ...``) and exit status 2."""
 
@@ -388,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the saved weights (default: %(default)s)")
     t.add_argument("--seed", type=int, default=0, help="seed of all randomness (default: %(default)s)")
     t.add_argument("--resolution", type=int, default=16, choices=(16, 28), help="image size (default: %(default)s)")
-    t.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    _add_threads(t)
     t.set_defaults(func=_cmd_train)
 
     c = sub.add_parser("train-classifier", help="train the embedded domain classifier (FID feature extractor)",
@@ -398,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--epochs", type=int, default=30, help="training epochs (default: %(default)s)")
     c.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
     c.add_argument("--resolution", type=int, default=16, choices=(16, 28), help="image size (default: %(default)s)")
-    c.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    _add_threads(c)
     c.set_defaults(func=_cmd_train_classifier)
 
     def add_model_and_schedule(q: argparse.ArgumentParser, steps_default: str, many: bool) -> None:
@@ -415,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: %(default)s)")
         q.add_argument("--eta", type=float, default=0.0, help="DDIM eta, 0 = deterministic (default: %(default)s)")
         q.add_argument("--batch-size", type=int, default=256, help="images per UNet batch (default: %(default)s)")
-        q.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+        _add_threads(q)
 
     s = sub.add_parser("sample", help="render a grid of samples along a schedule",
                        description="Sample images with respaced DDIM along a uniform / quadratic / explicit schedule "
@@ -484,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "with --rounding adaround (default: %(default)s)")
     ca.add_argument("--batch-size", type=int, default=64, help="calibration batch size (default: %(default)s)")
     ca.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
-    ca.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    _add_threads(ca)
     ca.add_argument("--out", default="results/supernet/supernet.safetensors", help="output file (default: %(default)s)")
     ca.set_defaults(func=_cmd_calibrate)
 
@@ -521,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     va.add_argument("--distill-iters", type=int, default=0, help="quantizer-scale distillation steps, 0 = off "
                     "(default: %(default)s)")
     va.add_argument("--batch-size", type=int, default=256, help="images per UNet batch (default: %(default)s)")
-    va.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    _add_threads(va)
     va.set_defaults(func=_cmd_validate)
 
     rn = sub.add_parser("run", help="the main job: calibrate, search, validate, export, report (resumable)",
@@ -536,7 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     rn.add_argument("--seeds", default="1,2", help="validation noise-bank seeds (default: %(default)s)")
     rn.add_argument("--budget", default="w6a6", help="export budget: BitOPs <= this uniform option at the same "
                     "steps, or none (default: %(default)s)")
-    rn.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    _add_threads(rn)
     rn.set_defaults(func=_cmd_run)
 
     sp = sub.add_parser("speed", help="wall-clock of an export: FP 100 steps vs fake quantization vs real int8",
@@ -549,7 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--batch-size", type=int, default=256, help="images per UNet batch (default: %(default)s)")
     sp.add_argument("--fid-n", type=int, default=0, help="also FID of fake-quant vs int8 at this N (default: off)")
     sp.add_argument("--out", default=None, help="write the numbers as JSON here")
-    sp.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    _add_threads(sp)
     sp.set_defaults(func=_cmd_speed)
 
     rp = sub.add_parser("report", help="write RUN/report/report.html (Pareto plot, sample grids, tables)",
@@ -559,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("run", help="run directory")
     rp.add_argument("--no-baselines", action="store_true", help="skip scoring the uniform baselines")
     rp.add_argument("--no-grids", action="store_true", help="skip the sample grids")
-    rp.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    _add_threads(rp)
     rp.set_defaults(func=_cmd_report)
 
     ex = sub.add_parser("export", help="export one candidate of a run for deployment",
@@ -570,7 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("run", help="run directory")
     ex.add_argument("--candidate", required=True, help="candidate key (the key column of tmpq pareto RUN)")
     ex.add_argument("--out", required=True, help="new export directory")
-    ex.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
+    _add_threads(ex)
     ex.set_defaults(func=_cmd_export)
 
     pa = sub.add_parser("pareto", help="print the Pareto front of a run",

@@ -22,9 +22,9 @@ from quant.layers import QuantConv2d, QuantLayer, QuantLinear
 
 
 def _why_not_int8(layer: QuantLayer) -> str | None:
-    q = layer.w_quant[layer.w_index if layer.w_index is not None else 0]
     if layer.w_index is None:
         return "full-precision weights"
+    q = layer.w_quant[layer.w_index]
     if q.bits > 8:
         return f"{q.bits}-bit weights (int8 kernels hold <= 8)"
     if not q.symmetric:

@@ -13,7 +13,7 @@ weights, loadable by diffusers alone) plus
 """
 from __future__ import annotations
 
-import hashlib
+import copy
 import json
 import os
 import shutil
@@ -23,29 +23,12 @@ from pathlib import Path
 import torch
 
 from tmpq.errors import TmpqError
+from tmpq.fileio import file_sha256
 
 EXPORT_FORMAT = "tmpq.export"
 EXPORT_VERSION = 1
 EXPORT_JSON = "tmpq_export.json"
 QUANT_FILE = "quantizers.safetensors"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _pinned_config(base, layer_bits: dict[str, tuple[int, int]]):
-    """The supernet config with every quantized layer pinned to its exported (w, a): one option per layer."""
-    from supernet import SupernetConfig
-
-    d = json.loads(base.to_json())
-    d["pin"] = {fqn: [int(w), int(a)] for fqn, (w, a) in sorted(layer_bits.items())}
-    d["tie"] = []
-    return SupernetConfig.from_json(json.dumps(d))
 
 
 def _select_state(net, layer_bits: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
@@ -90,26 +73,24 @@ def export_candidate(run_path: str | Path, key: str, out: str | Path, command: s
     sn_file = run.path / "supernet.safetensors"
     meta, _ = read_supernet_file(sn_file, tensors=False)
     model_path = cfg["model"]["path"]
-    m = load_model(None if model_path == "embedded" else model_path)
-    fp_state = {k: v.clone() for k, v in m.unet.state_dict().items()}
     if row["bits"] and isinstance(row["bits"][0][0], (list, tuple)):
         raise TmpqError("export: per-time-group bits are not exportable yet (format v1 has one allocation)")
     timesteps = [int(t) for t in row["timesteps"]]
-    m2 = load_model(None if model_path == "embedded" else model_path)
-    m2.unet.load_state_dict(fp_state)
+    m = load_model(None if model_path == "embedded" else model_path)
+    fp_unet = copy.deepcopy(m.unet)  # the FP weights the export directory carries (m.unet gets wrapped below)
     validated = run.path / "final" / f"{key}.safetensors"
     if validated.is_file():
         # tmpq validate re-calibrated this point at exactly its bits along its own schedule: export that state
-        pinned = QuantSupernet.from_file(m2.unet, validated)
+        pinned = QuantSupernet.from_file(m.unet, validated)
         layer_bits = {fqn: tuple(wa) for fqn, wa in pinned.config.pin.items()}
         source = "validated (tmpq validate: re-calibrated at this allocation along this schedule)"
     else:
-        net = QuantSupernet.from_file(m.unet, sn_file)
-        alloc = net._check_allocation([tuple(int(v) for v in p) for p in row["bits"]])
-        layer_bits = {i.fqn: tuple(i.pinned) if i.pinned else tuple(alloc[i.gene]) for i in net.infos}
+        net = QuantSupernet.from_file(copy.deepcopy(fp_unet), sn_file)
+        bits = [tuple(int(v) for v in p) for p in row["bits"]]
+        layer_bits = net.layer_bits(bits)
         state = _select_state(net, layer_bits)
-        # the pinned single-option supernet over a clean copy of the FP model: its file verifies on load
-        pinned = QuantSupernet(m2.unet, _pinned_config(net.config, layer_bits))
+        # the pinned single-option supernet over the FP model: its file verifies on load
+        pinned = QuantSupernet(m.unet, net.pinned_config(bits))
         missing, unexpected = pinned.unet.load_state_dict(state, strict=False)
         missing = [k for k in missing if ".w_quant." in k or ".a_quant" in k]
         if missing or unexpected:  # pragma: no cover - a bug, not a user error
@@ -123,7 +104,7 @@ def export_candidate(run_path: str | Path, key: str, out: str | Path, command: s
     sched = make_scheduler(m.scheduler_config)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
     try:
-        save_pipeline_dir(_fp_copy(m, fp_state), m.scheduler_config, tmp)
+        save_pipeline_dir(fp_unet, m.scheduler_config, tmp)
         pinned.save(tmp / QUANT_FILE)
         layers = {}
         for info in pinned.infos:
@@ -159,7 +140,8 @@ def export_candidate(run_path: str | Path, key: str, out: str | Path, command: s
                            "search_supernet_format": meta.get("format"), "tmpq_version": __version__,
                            "command": command},
         }
-        manifest["files"] = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        manifest["files"] = {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*"))
+                             if p.is_file()}
         (tmp / EXPORT_JSON).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=_json_default) + "\n")
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.exists():
@@ -169,12 +151,6 @@ def export_candidate(run_path: str | Path, key: str, out: str | Path, command: s
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return json.loads((out / EXPORT_JSON).read_text())
-
-
-def _fp_copy(m, fp_state):
-    unet = m.unet.__class__.from_config(m.unet.config)
-    unet.load_state_dict(fp_state)
-    return unet
 
 
 def _json_default(o):
@@ -206,7 +182,7 @@ def read_export(path: str | Path, verify: bool = True) -> dict:
             f = path / rel
             if not f.is_file():
                 raise TmpqError(f"export {path}: missing file {rel}")
-            if _sha256(f) != digest:
+            if file_sha256(f) != digest:
                 raise TmpqError(f"export {path}: {rel} does not match its SHA-256 in {EXPORT_JSON} (modified or "
                                 "corrupt)")
     return manifest

@@ -25,7 +25,7 @@ def _budget_bitops(run_path: Path, spec: str) -> float | None:
     from search.service import _budget
 
     space = SearchSpace.from_dict(json.loads((run_path / "search_space.json").read_text()))
-    return _budget(space.restrict("joint"), spec)
+    return _budget(space, spec)
 
 
 def main_job(cfg, run_path: str | Path, job: MainJobConfig = MainJobConfig(), progress: bool = True) -> dict:

@@ -32,7 +32,7 @@ def _evaluator(run_path: Path, cfg: dict):
     return spec()
 
 
-def _baselines(run_path: Path, cfg: dict, space, ev_factory, out: Path) -> list[dict]:
+def _baselines(space, ev_factory, out: Path) -> list[dict]:
     cache = out / "baselines.json"
     if cache.is_file():
         return json.loads(cache.read_text())
@@ -131,7 +131,7 @@ def write_report(run_path: str | Path, baselines: bool = True, grids: bool = Tru
             cache["ev"] = _evaluator(run.path, cfg)
         return cache["ev"]
 
-    base = _baselines(run.path, cfg, space, ev_factory, out) if baselines else []
+    base = _baselines(space, ev_factory, out) if baselines else []
     final = pd.read_parquet(run.path / "final.parquet") if (run.path / "final.parquet").is_file() else None
     plot = _plot(run.evaluations, front, base, final, out)
     names = _grids(front, ev_factory, out) if grids else {}
