@@ -3,7 +3,8 @@ floor, and FP sampling throughput. Resumable: finished rows live in results/base
 
     .venv/bin/python -m benchmarks.baseline --n 10000 --steps 5,10,20,50,100
 
-Writes results/baseline/README.md (table + commands + machine), fid_vs_steps.png and sample grids.
+Writes results/baseline/README.md (table + commands + machine), fid_vs_steps.png and sample grids; the text of
+results/baseline/FINDINGS.md (hand-written, if present) is placed under the title.
 """
 from __future__ import annotations
 
@@ -90,8 +91,11 @@ def write_report(out: Path, done: dict) -> None:
     rows = sorted((r for r in done.values() if r["kind"] == "fid"), key=lambda r: (r["schedule"], r["steps"]))
     floor = next((r for r in done.values() if r["kind"] == "floor"), None)
     tp = [r for r in done.values() if r["kind"] == "throughput"]
-    lines = ["# Baseline: FP embedded model, DDIM uniform vs quadratic", "",
-             "FID / KID with the domain extractor (embedded MNIST classifier, 128-d penultimate features), generated "
+    lines = ["# Baseline: FP embedded model, DDIM uniform vs quadratic", ""]
+    findings = out / "FINDINGS.md"  # the hand-written reading of the numbers, kept across report rewrites
+    if findings.is_file():
+        lines += [findings.read_text().strip(), ""]
+    lines += ["FID / KID with the domain extractor (embedded MNIST classifier, 128-d penultimate features), generated "
              "images vs the real reference (all 5,000 embedded digits, 16x16). Deterministic DDIM (eta = 0), noise "
              "bank seed 0: every row uses the same initial noise for image i.", ""]
     if rows:

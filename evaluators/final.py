@@ -1,6 +1,7 @@
 """Final evaluator (``tmpq validate``): re-calibrate each chosen Pareto point at exactly its allocation, with
 calibration data captured along its own schedule, optionally reconstruct (BRECQ / AdaRound) and briefly re-train
-(distillation of quantizer scales from the FP teacher), then score FID / KID at large N over several seeds.
+(distillation from the FP teacher of the quantizer scales, and of the multi-basis binarizer's scales for 1- / 2-bit
+weight options, BinaryDM-style), then score FID / KID at large N over several seeds.
 
 Resumable per (point, seed): rows go to ``RUN/final/rows.jsonl`` as they finish; each point's calibrated quantizers
 are kept as ``RUN/final/<key>.safetensors`` (a pinned supernet file, which ``tmpq export`` prefers over the search
@@ -29,7 +30,7 @@ class ValidateConfig:
     calib_per_step: int = 64        # calibration inputs captured at each step of the point's own schedule
     calib_seed: int = 20_000
     recon_iters: int = 0            # > 0: BRECQ block reconstruction with AdaRound weights
-    distill_iters: int = 0          # > 0: distil quantizer scales from the FP teacher
+    distill_iters: int = 0          # > 0: distil quantizer (and binarizer) scales from the FP teacher
     distill_lr: float = 1e-4
     batch_size: int = 256
     keys: tuple[str, ...] = field(default_factory=tuple)  # explicit candidate keys (overrides top_k)

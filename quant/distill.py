@@ -1,5 +1,6 @@
 """Brief re-training of a calibrated quantized denoiser: distillation from its FP teacher by tuning the quantizers'
-step sizes (LSQ-style straight-through gradients), the weights themselves stay frozen.
+step sizes (LSQ-style straight-through gradients) and, for 1- / 2-bit weight options, the per-channel scales of the
+multi-basis binarizer (BinaryDM); the weights themselves stay frozen.
 
 The loss is the MSE between the quantized and the FP model's noise predictions on the same (x_t, t) inputs, e.g.
 captured along the schedule the quantized model will run.
@@ -13,11 +14,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from quant.binarize import MultiBasisBinarizer
 from quant.layers import QuantLayer
-from quant.quantizer import AffineQuantizer
 
 
-def _make_scale_learnable(q: AffineQuantizer) -> nn.Parameter:
+def _make_scale_learnable(q: nn.Module) -> nn.Parameter:
+    if isinstance(q, MultiBasisBinarizer):
+        return q.alpha.requires_grad_(True)
     if isinstance(q.scale, nn.Parameter):
         return q.scale
     value = q.scale.detach().clone()
@@ -26,7 +29,7 @@ def _make_scale_learnable(q: AffineQuantizer) -> nn.Parameter:
     return q.scale
 
 
-def _active_quantizers(model: nn.Module) -> list[AffineQuantizer]:
+def _active_quantizers(model: nn.Module) -> list[nn.Module]:
     out = []
     for layer in model.modules():
         if not isinstance(layer, QuantLayer):

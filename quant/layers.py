@@ -23,7 +23,7 @@ class QuantLayer(nn.Module):
     def __init__(self, module: nn.Module, w_bits: Sequence[int], a_bits: Sequence[int], *,
                  w_symmetric: bool = True, w_granularity: str = "channel", group_size: int | None = None,
                  w_observer: str = "mse", a_symmetric: bool = False, a_observer: str = "mse",
-                 split: int | None = None, w_rounding: str = "nearest"):
+                 split: int | None = None, w_rounding: str = "nearest", w_two_bit: str = "multibasis"):
         super().__init__()
         self.module = module
         weight = module.weight
@@ -33,17 +33,24 @@ class QuantLayer(nn.Module):
             raise QuantError("a quantized layer needs at least one weight and one activation bit option")
         if w_rounding not in ("nearest", "adaround"):
             raise QuantError(f"w_rounding: unknown {w_rounding!r}; choose nearest or adaround")
-        if w_rounding == "adaround":
-            if w_granularity != "channel":
-                raise QuantError("w_rounding adaround supports channel granularity only")
-            from quant.adaround import AdaRoundQuantizer
+        if w_two_bit not in ("multibasis", "affine"):
+            raise QuantError(f"w_two_bit: unknown {w_two_bit!r}; choose multibasis or affine")
+        if w_rounding == "adaround" and w_granularity != "channel":
+            raise QuantError("w_rounding adaround supports channel granularity only")
 
-            self.w_quant = nn.ModuleList(AdaRoundQuantizer(b, tuple(weight.shape), w_symmetric, w_observer)
-                                         for b in self.w_bits)
-        else:
-            self.w_quant = nn.ModuleList(
-                AffineQuantizer(b, w_symmetric, w_granularity, channels=weight.shape[0], group_size=group_size,
-                                in_features=in_features, observer=w_observer) for b in self.w_bits)
+        def weight_quantizer(b: int) -> nn.Module:
+            if b == 1 or (b == 2 and w_two_bit == "multibasis"):  # BinaryDM-style sign bases, one per bit
+                from quant.binarize import MultiBasisBinarizer
+
+                return MultiBasisBinarizer(b, weight.shape[0])
+            if w_rounding == "adaround":
+                from quant.adaround import AdaRoundQuantizer
+
+                return AdaRoundQuantizer(b, tuple(weight.shape), w_symmetric, w_observer)
+            return AffineQuantizer(b, w_symmetric, w_granularity, channels=weight.shape[0], group_size=group_size,
+                                   in_features=in_features, observer=w_observer)
+
+        self.w_quant = nn.ModuleList(weight_quantizer(b) for b in self.w_bits)
         self.a_quant = nn.ModuleList(AffineQuantizer(b, a_symmetric, "tensor", observer=a_observer)
                                      for b in self.a_bits)
         self.split = split

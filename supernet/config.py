@@ -4,11 +4,20 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from quant.binarize import BINARY_BITS
 from quant.quantizer import GRANULARITIES, OBSERVERS, SUPPORTED_BITS
 from tmpq.errors import TmpqError
 
 # ties the q, k, v projections of each diffusers attention block into one gene (config tie_qkv / --tie-qkv)
 TIE_QKV = r"(.*attentions\.\d+)\.to_[qkv]$"
+
+
+def _check_bits(key: str, b, weight: bool) -> None:
+    """Weights take 1..16 bits (1 and 2 through the multi-basis binarizer), activations 2..16."""
+    ok = b in SUPPORTED_BITS or (weight and b in BINARY_BITS)
+    if not ok:
+        raise TmpqError(f"{key}: {b} is not a supported bit-width "
+                        f"({'1..16 for weights' if weight else '2..16 for activations'})")
 
 
 @dataclass(frozen=True)
@@ -23,6 +32,8 @@ class SupernetConfig:
     - ``split_skip``: Q-Diffusion split quantization of the UNet skip concatenation.
     - ``w_rounding``: ``nearest`` or ``adaround`` (learned rounding, BRECQ block reconstruction over the modules
       whose class is in ``block_types``; layers outside any block are reconstructed on their own).
+    - ``w_two_bit``: 2-bit weight options as ``multibasis`` (BinaryDM-style two sign bases, ``quant.binarize``) or
+      ``affine``; 1-bit weight options are always one sign basis.
     """
 
     w_bits: tuple[int, ...] = (8, 6, 4)
@@ -39,6 +50,7 @@ class SupernetConfig:
     a_observer: str = "mse"
     split_skip: bool = True
     w_rounding: str = "nearest"
+    w_two_bit: str = "multibasis"
     block_types: tuple[str, ...] = ("ResnetBlock2D", "Attention", "Downsample2D", "Upsample2D", "TimestepEmbedding")
 
     def __post_init__(self):
@@ -58,14 +70,14 @@ class SupernetConfig:
             if len(set(bits)) != len(bits):
                 raise TmpqError(f"supernet.{key}: repeated bit-width in {list(bits)}")
             for b in bits:
-                if b not in SUPPORTED_BITS:
-                    raise TmpqError(f"supernet.{key}: {b} is not a supported bit-width (2..16)")
+                _check_bits(f"supernet.{key}", b, weight=key == "w_bits")
         for pat, wa in self.pin.items():
             if not isinstance(wa, (list, tuple)) or len(wa) != 2:
                 raise TmpqError(f"supernet.pin.{pat}: must be [w_bits, a_bits], got {wa!r}")
-            for b in wa:
-                if b not in SUPPORTED_BITS:
-                    raise TmpqError(f"supernet.pin.{pat}: {b} is not a supported bit-width (2..16)")
+            _check_bits(f"supernet.pin.{pat}", wa[0], weight=True)
+            _check_bits(f"supernet.pin.{pat}", wa[1], weight=False)
+        if self.w_two_bit not in ("multibasis", "affine"):
+            raise TmpqError(f"supernet.w_two_bit: unknown {self.w_two_bit!r}; choose multibasis or affine")
         if self.w_granularity not in GRANULARITIES:
             raise TmpqError(f"supernet.w_granularity: unknown {self.w_granularity!r}; choose one of "
                             f"{', '.join(GRANULARITIES)}")

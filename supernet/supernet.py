@@ -115,7 +115,8 @@ class QuantSupernet(nn.Module):
             layer = wrap(mod, w_bits=w_opts, a_bits=a_opts, w_symmetric=config.w_symmetric,
                          w_granularity=config.w_granularity, group_size=config.group_size,
                          w_observer=config.w_observer, a_symmetric=config.a_symmetric,
-                         a_observer=config.a_observer, split=splits.get(name), w_rounding=config.w_rounding)
+                         a_observer=config.a_observer, split=splits.get(name), w_rounding=config.w_rounding,
+                         w_two_bit=config.w_two_bit)
             self._replace(name, layer)
             self.layers[name] = layer
             if pin:

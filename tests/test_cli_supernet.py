@@ -26,7 +26,7 @@ def test_calibrate_tiny_and_resume_file_cleanup(tiny_model_dir, tmp_path):
 
 
 def test_calibrate_bad_bits(tiny_model_dir, tmp_path):
-    assert_clean_error(run("calibrate", "--model", str(tiny_model_dir), "--w-bits", "8,1", "--out",
+    assert_clean_error(run("calibrate", "--model", str(tiny_model_dir), "--w-bits", "8,0", "--out",
                            str(tmp_path / "x.safetensors")), "supernet.w_bits", "not a supported bit-width")
 
 

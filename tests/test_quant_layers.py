@@ -79,7 +79,7 @@ def test_state_dict_round_trip_into_fresh_layer():
 
 def test_bad_inputs():
     with pytest.raises(QuantError, match="not a supported bit-width"):
-        wrap(nn.Linear(4, 4), w_bits=(8, 1), a_bits=(8,))
+        wrap(nn.Linear(4, 4), w_bits=(8, 0), a_bits=(8,))
     with pytest.raises(QuantError, match="no quantized wrapper"):
         wrap(nn.GroupNorm(2, 4), w_bits=(8,), a_bits=(8,))
     q = wrap(nn.Linear(4, 4), w_bits=(8,), a_bits=(8,))

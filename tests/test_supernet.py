@@ -140,7 +140,9 @@ def test_bad_allocations_and_configs(calibrated):
     with pytest.raises(TmpqError, match="activation bits 4 not in options"):
         net.bitops([(8, 4)] * net.num_genes)
     with pytest.raises(TmpqError, match="not a supported bit-width"):
-        SupernetConfig(w_bits=(8, 1))
+        SupernetConfig(w_bits=(8, 0))
+    with pytest.raises(TmpqError, match=r"not a supported bit-width \(2..16 for activations\)"):
+        SupernetConfig(a_bits=(8, 1))
     with pytest.raises(TmpqError, match="matches no quantized layer"):
         QuantSupernet(tiny_unet(), SupernetConfig(pin={"decoder.*": [8, 8]}))
     with pytest.raises(TmpqError, match="calibration.mode"):

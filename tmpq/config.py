@@ -29,6 +29,9 @@ class SupernetSection:
     w_rounding: str = "nearest"
     w_granularity: str = "channel"
     group_size: int = 0
+    # 2-bit weight options: "multibasis" (BinaryDM-style two sign bases with learnable scales) or "affine" (a uniform
+    # 2-bit grid); 1-bit weight options are always a one-basis binarizer
+    w_two_bit: str = "multibasis"
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,7 @@ class RunConfig:
 CHOICES = {
     "supernet.w_rounding": ("nearest", "adaround"),
     "supernet.w_granularity": ("channel", "group", "tensor"),
+    "supernet.w_two_bit": ("multibasis", "affine"),
     "calibration.mode": ("per-option", "random-path"),
     "calibration.strategy": ("uniform", "ndtc", "eda"),
     "search.engine": ("pymoo", "optuna", "paper-ea", "random"),
@@ -170,9 +174,10 @@ def _check(key: str, value):
     if key in MINIMUM and value < MINIMUM[key]:
         raise TmpqError(f"{key}: must be >= {MINIMUM[key]}, got {value}")
     if key in ("supernet.w_bits", "supernet.a_bits"):
+        lo = 1 if key == "supernet.w_bits" else 2  # 1-bit weights: binarized; activations need >= 2 bits
         for b in value:
-            if not 2 <= b <= 16:
-                raise TmpqError(f"{key}: {b} is not a supported bit-width (2..16)")
+            if not lo <= b <= 16:
+                raise TmpqError(f"{key}: {b} is not a supported bit-width ({lo}..16)")
         if len(set(value)) != len(value):
             raise TmpqError(f"{key}: repeated bit-width in {list(value)}")
     if key == "search.bitops_budget":

@@ -8,7 +8,7 @@ kernel's own dynamic 8-bit quantization (reduce_range: 7 bits on x86), not the e
 differ slightly from fake quantization; ``tmpq speed`` reports that difference beside the timings.
 
 A layer falls back to fake quantization (and is named as such) when the kernels cannot run it exactly: weight bits
-above 8, asymmetric or group-wise weight quantization, a non-zeros padding mode.
+above 8, asymmetric, group-wise or multi-basis binarized weights, a non-zeros padding mode.
 """
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ def _why_not_int8(layer: QuantLayer) -> str | None:
     if layer.w_index is None:
         return "full-precision weights"
     q = layer.w_quant[layer.w_index]
+    if q.granularity == "multibasis":
+        return f"{q.bits}-bit multi-basis binarized weights (sums of scaled signs, not one integer grid)"
     if q.bits > 8:
         return f"{q.bits}-bit weights (int8 kernels hold <= 8)"
     if not q.symmetric:
