@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import RowLog
+from benchmarks.common import RowLog, findings
 from evaluators.features import make_extractor
 from evaluators.fid import FeatureStats, kid
 from evaluators.quality import embedded_reference, score_features
@@ -91,10 +91,7 @@ def write_report(out: Path, done: dict) -> None:
     rows = sorted((r for r in done.values() if r["kind"] == "fid"), key=lambda r: (r["schedule"], r["steps"]))
     floor = next((r for r in done.values() if r["kind"] == "floor"), None)
     tp = [r for r in done.values() if r["kind"] == "throughput"]
-    lines = ["# Baseline: FP embedded model, DDIM uniform vs quadratic", ""]
-    findings = out / "FINDINGS.md"  # the hand-written reading of the numbers, kept across report rewrites
-    if findings.is_file():
-        lines += [findings.read_text().strip(), ""]
+    lines = ["# Baseline: FP embedded model, DDIM uniform vs quadratic", "", *findings(out)]
     lines += ["FID / KID with the domain extractor (embedded MNIST classifier, 128-d penultimate features), generated "
              "images vs the real reference (all 5,000 embedded digits, 16x16). Deterministic DDIM (eta = 0), noise "
              "bank seed 0: every row uses the same initial noise for image i.", ""]

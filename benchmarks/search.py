@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import RowLog
+from benchmarks.common import RowLog, findings
 
 UNIFORM_BASELINES = [(w, a, sched, n) for (w, a) in ((8, 8), (6, 6), (4, 8)) for sched in ("uniform", "quad")
                      for n in (5, 10, 20)]
@@ -195,7 +195,7 @@ def write_report(args, log: RowLog) -> None:
 
     out = Path(args.out)
     rows = list(log.rows.values())
-    lines = ["# Search benchmark (issue 4)", "",
+    lines = ["# Search benchmark (issue 4)", "", *findings(out),
              f"Embedded model, {args.steps}-step schedules (quadratic time groups unless stated), supernet "
              "W{8,6,4} x A{8,6} calibrated once with the default settings, proxy "
              f"`{args.proxy}` at N = {args.proxy_n} (FP teacher: uniform DDIM 100 steps, same noise bank).", ""]

@@ -68,10 +68,21 @@ def _uniform_option(spec: str, key: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
+_FP_FRACTION = re.compile(r"([0-9]*\.?[0-9]+)\s*%\s*fp(\d+)")
+
+
+def fp_bitops(space, steps: int) -> float:
+    """BitOPs per image of the FP model (32-bit weights x 32-bit activations) at ``steps`` denoiser calls."""
+    return float(sum(lay.macs for lay in space.layers)) * 32 * 32 * steps
+
+
 def _budget(space, spec: str) -> float | None:
     spec = spec.strip().lower()
     if spec in ("", "none"):
         return None
+    m = _FP_FRACTION.fullmatch(spec)
+    if m:  # a percentage of the FP model (32-bit weights and activations) at N denoising steps
+        return float(m.group(1)) / 100.0 * fp_bitops(space, int(m.group(2)))
     if spec.startswith("w"):
         w, a = _uniform_option(spec, "search.bitops_budget")
         if w not in space.w_bits or a not in space.a_bits:

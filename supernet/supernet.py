@@ -16,7 +16,6 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from quant.layers import WRAPPERS, QuantLayer, wrap
-from quant.quantizer import QuantError
 from supernet.config import LayerInfo, SupernetConfig
 from tmpq.errors import TmpqError
 

@@ -130,3 +130,19 @@ def test_single_axis_restriction_holds_genes_through_every_operator(seed, per_gr
         full.restrict("time", (5, 8))
     with pytest.raises(TmpqError, match="axes"):
         full.restrict("diagonal")
+
+
+def test_budget_specs_uniform_option_number_and_share_of_the_fp_model():
+    from search.service import _budget, fp_bitops
+    from tmpq.config import config_from_dict
+
+    sp = make_space(n=10)
+    macs = 100 + sum(1000 * (g + 1) for g in range(5)) + 100
+    assert fp_bitops(sp, 100) == macs * 32 * 32 * 100
+    assert _budget(sp, "1% fp100") == pytest.approx(0.01 * macs * 32 * 32 * 100)
+    assert _budget(sp, "0.5%fp50") == pytest.approx(0.005 * macs * 32 * 32 * 50)
+    assert _budget(sp, "w6a6") == sp.bitops(sp.uniform_candidate(6, 6))
+    assert _budget(sp, "none") is None and _budget(sp, "12345") == 12345.0
+    assert config_from_dict({"search": {"bitops_budget": "1% fp100"}}).search.bitops_budget == "1% fp100"
+    with pytest.raises(TmpqError, match="search.bitops_budget"):
+        config_from_dict({"search": {"bitops_budget": "1% of fp"}})

@@ -286,40 +286,17 @@ def _cmd_run(args: argparse.Namespace) -> None:
 def _cmd_speed(args: argparse.Namespace) -> None:
     import json
 
-    from evaluators.features import make_extractor
-    from evaluators.quality import embedded_reference, score_features
-    from tmpq.deploy import time_sampling, to_int8
-    from tmpq.export import load_export
-    from tmpq.model import load_model
-    from tmpq.sampler import make_scheduler, sample_images
-    from tmpq.schedules import make_timesteps
+    from tmpq.deploy import measure_speed
 
     _set_threads(args.threads)
-    fp = load_model(args.export)  # the export holds the FP weights: the FP reference is the same model
-    unet, sched, ts, _ = load_export(args.export)
-    T = fp.num_train_timesteps
-    rows = {"fp_100_uniform_s": time_sampling(fp.unet, make_scheduler(fp.scheduler_config),
-                                              make_timesteps("uniform", 100, T), args.n, args.batch_size),
-            "fp_export_schedule_s": time_sampling(fp.unet, sched, ts, args.n, args.batch_size),
-            "fakequant_export_s": time_sampling(unet, sched, ts, args.n, args.batch_size)}
-    fq_imgs = sample_images(unet, sched, ts, args.n, seed=0, batch_size=args.batch_size, progress=False)
-    unet, layers = to_int8(unet)
-    rows["int8_export_s"] = time_sampling(unet, sched, ts, args.n, args.batch_size)
-    i8_imgs = sample_images(unet, sched, ts, args.n, seed=0, batch_size=args.batch_size, progress=False)
-    rows["int8_vs_fakequant_pixel_mse"] = float((i8_imgs - fq_imgs).pow(2).mean())
-    if args.fid_n and fp.sample_shape[0] == 1:
-        ext = make_extractor("domain")
-        ref = embedded_reference(ext)
-        for name, u in (("fakequant", load_export(args.export)[0]), ("int8", unet)):
-            imgs = sample_images(u, sched, ts, args.fid_n, seed=1, batch_size=args.batch_size, progress=False)
-            rows[f"{name}_fid_n{args.fid_n}"] = score_features(ext(imgs), ref)["fid"]
-    n8 = sum(r["int8"] for r in layers)
-    rows.update({"images": args.n, "batch_size": args.batch_size, "threads": args.threads, "steps": len(ts),
-                 "int8_layers": n8, "fallback_layers": len(layers) - n8, "layers": layers})
+    rows = measure_speed(args.export, n=args.n, batch_size=args.batch_size, fid_n=args.fid_n)
+    rows["threads"] = args.threads
+    layers = rows["layers"]
     print(f"{'FP, uniform DDIM 100 steps':36s} {rows['fp_100_uniform_s']:8.2f} s")
     print(f"{'FP, exported schedule':36s} {rows['fp_export_schedule_s']:8.2f} s")
     print(f"{'fake quantization, exported':36s} {rows['fakequant_export_s']:8.2f} s")
-    print(f"{'real int8 kernels, exported':36s} {rows['int8_export_s']:8.2f} s  ({n8}/{len(layers)} layers int8)")
+    print(f"{'real int8 kernels, exported':36s} {rows['int8_export_s']:8.2f} s  "
+          f"({rows['int8_layers']}/{len(layers)} layers int8)")
     for r in layers:
         if not r["int8"]:
             print(f"  fallback (fake-quant): {r['fqn']}: {r['why']}")
@@ -540,7 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: %(default)s)")
     rn.add_argument("--seeds", default="1,2", help="validation noise-bank seeds (default: %(default)s)")
     rn.add_argument("--budget", default="w6a6", help="export budget: BitOPs <= this uniform option at the same "
-                    "steps, or none (default: %(default)s)")
+                    "steps (w6a6), a share of the FP model ('1%% fp100': 1 %% of its BitOPs at 100 steps), a number, "
+                    "or none (default: %(default)s)")
     _add_threads(rn)
     rn.set_defaults(func=_cmd_run)
 

@@ -181,9 +181,11 @@ def _check(key: str, value):
         if len(set(value)) != len(value):
             raise TmpqError(f"{key}: repeated bit-width in {list(value)}")
     if key == "search.bitops_budget":
-        ok = value.strip().lower() in ("", "none") or _UNIFORM.fullmatch(value.strip().lower()) or _is_number(value)
+        v = value.strip().lower()
+        ok = v in ("", "none") or _UNIFORM.fullmatch(v) or _is_number(value) or _FP_FRACTION.fullmatch(v)
         if not ok:
-            raise TmpqError(f"{key}: must be 'none', a uniform option like 'w6a6', or a number, got {value!r}")
+            raise TmpqError(f"{key}: must be 'none', a uniform option like 'w6a6', a share of the FP model like "
+                            f"'1% fp100' (1 % of its BitOPs at 100 steps), or a number, got {value!r}")
     if key == "search.fixed_bits" and not _UNIFORM.fullmatch(value.strip().lower()):
         raise TmpqError(f"{key}: must be a uniform option like 'w8a8', got {value!r}")
     if key == "search.storage" and value and not re.match(r"[A-Za-z][A-Za-z0-9]*(\+[A-Za-z0-9_]+)?://", value):
@@ -193,6 +195,7 @@ def _check(key: str, value):
 
 
 _UNIFORM = re.compile(r"w(\d+)a(\d+)")
+_FP_FRACTION = re.compile(r"([0-9]*\.?[0-9]+)\s*%\s*fp(\d+)")
 
 
 def _is_number(text: str) -> bool:

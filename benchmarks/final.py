@@ -1,0 +1,199 @@
+"""Final benchmark (issue 5): search -> validate at large N -> export -> real speed, on the embedded default, against
+the FP 100-step model. Resumable (the search run, validation rows and the speed file are reused when present).
+
+    .venv/bin/python -m benchmarks.final --config configs/final.toml
+
+- Budget: BitOPs x steps <= ``--budget-frac`` (default 1 %) of the FP model at 100 steps (32-bit weights and
+  activations, every quantizable layer's MACs, 100 denoiser calls).
+- Validation: the ``--top-k`` best proxies under that budget plus ``--spread`` front points spread over BitOPs (so
+  the proxy-vs-FID rank correlation covers the whole front), each re-calibrated at its own allocation along its own
+  schedule and scored by FID / KID at ``--n`` over ``--seeds``.
+- Reference: the FP uniform DDIM 100-step FID of ``results/baseline/rows.jsonl`` (N = 10,000, seed 0).
+- Speed: ``tmpq speed`` on the export of the best validated point under the budget.
+
+Writes results/final/README.md, validated.png and speed.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.common import findings
+
+
+def fp100_reference(baseline_rows: Path) -> dict:
+    for line in baseline_rows.read_text().splitlines():
+        r = json.loads(line)
+        if r.get("kind") == "fid" and r.get("schedule") == "uniform" and r.get("steps") == 100:
+            return r
+    raise SystemExit(f"{baseline_rows}: no uniform 100-step FP row (run python -m benchmarks.baseline first)")
+
+
+def choose_keys(front, budget: float, top_k: int, spread: int) -> list[str]:
+    under = front[front["bitops"] <= budget].sort_values("fid_proxy")
+    keys = list(under["key"].head(top_k))
+    rest = front[~front["key"].isin(keys)].sort_values("bitops")
+    if spread and len(rest):
+        idx = np.unique(np.linspace(0, len(rest) - 1, min(spread, len(rest))).round().astype(int))
+        keys += list(rest.iloc[idx]["key"])
+    return keys
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/final.toml")
+    ap.add_argument("--out", default="results/final")
+    ap.add_argument("--budget-frac", type=float, default=0.01)
+    ap.add_argument("--top-k", type=int, default=3)
+    ap.add_argument("--spread", type=int, default=3)
+    ap.add_argument("--n", type=int, default=10_000)
+    ap.add_argument("--seeds", default="1,2")
+    ap.add_argument("--distill-iters", type=int, default=0)
+    ap.add_argument("--speed-n", type=int, default=256)
+    ap.add_argument("--speed-fid-n", type=int, default=2000)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--baseline", default="results/baseline/rows.jsonl")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from evaluators.final import ValidateConfig, validate_run
+    from search.service import run_search
+    from search.space import SearchSpace
+    from tmpq.api import load_run
+    from tmpq.config import load_config
+    from tmpq.deploy import measure_speed
+    from tmpq.export import EXPORT_JSON, export_candidate
+    from tmpq.rowlog import command_line, machine
+
+    out = Path(args.out)
+    run_path = out / "run"
+    cfg = load_config(args.config)
+    t0 = time.perf_counter()
+    run_search(cfg, run_path, resume=(run_path / "config.resolved.json").is_file(), progress=True)
+    search_s = time.perf_counter() - t0
+
+    space = SearchSpace.from_dict(json.loads((run_path / "search_space.json").read_text()))
+    fp100_bitops = float(sum(lay.macs for lay in space.layers)) * 32 * 32 * 100
+    budget = args.budget_frac * fp100_bitops
+    ref = fp100_reference(Path(args.baseline))
+    run = load_run(run_path)
+    front = run.pareto()
+    keys = choose_keys(front, budget, args.top_k, args.spread)
+    vcfg = ValidateConfig(n=args.n, seeds=tuple(int(s) for s in args.seeds.split(",")), keys=tuple(keys),
+                          distill_iters=args.distill_iters)
+    t0 = time.perf_counter()
+    final = validate_run(run_path, vcfg, progress=True)
+    validate_s = time.perf_counter() - t0
+    summary = json.loads((run_path / "final.json").read_text())
+    final["bitops_frac"] = final["bitops"] / fp100_bitops
+    final["fid_vs_fp100"] = final["fid_mean"] / ref["fid"]
+    under = final[final["bitops"] <= budget].sort_values("fid_mean")
+
+    speed = None
+    if len(under):
+        best = under.iloc[0]
+        export_dir = out / "export"
+        current = json.loads((export_dir / EXPORT_JSON).read_text()) if (export_dir / EXPORT_JSON).is_file() else None
+        if current is None or current["provenance"]["candidate"] != best["key"]:
+            if export_dir.exists():
+                import shutil
+
+                shutil.rmtree(export_dir)
+            export_candidate(run_path, best["key"], export_dir, command="python -m benchmarks.final")
+        speed_file = out / "speed.json"
+        speed = json.loads(speed_file.read_text()) if speed_file.is_file() else None
+        if speed is None or speed.get("candidate") != best["key"]:
+            speed = measure_speed(export_dir, n=args.speed_n, batch_size=args.speed_n, fid_n=args.speed_fid_n)
+            speed.update({"candidate": best["key"], "threads": args.threads})
+            speed_file.write_text(json.dumps(speed, indent=2) + "\n")
+    _plot(out, final, budget, fp100_bitops, ref)
+    _write(out, args, cfg, final, under, ref, summary, speed, fp100_bitops, budget,
+           {"search_s": round(search_s, 1), "validate_s": round(validate_s, 1)}, command_line(), machine(args.threads))
+    print(json.dumps({"report": str(out / "README.md")}))
+
+
+def _plot(out: Path, final, budget: float, fp100: float, ref: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    x = 100 * final["bitops"] / fp100
+    ax.errorbar(x, final["fid_mean"], yerr=final["fid_std"].fillna(0), fmt="o", label="validated points")
+    for xi, yi, steps in zip(x, final["fid_mean"], final["timesteps"]):
+        ax.annotate(f"{len(steps)} st", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.axhline(ref["fid"], color="gray", ls="--", label=f"FP uniform DDIM 100 steps ({ref['fid']:.3f})")
+    ax.axhline(1.15 * ref["fid"], color="gray", ls=":", label="1.15 x FP 100 steps")
+    ax.axvline(100 * budget / fp100, color="red", ls=":", label="budget")
+    ax.set_xlabel("BitOPs x steps, % of the FP 100-step model")
+    ax.set_ylabel("FID (domain extractor)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "validated.png", dpi=120)
+    plt.close(fig)
+
+
+def _write(out, args, cfg, final, under, ref, summary, speed, fp100, budget, timings, cmd, mach) -> None:
+    s = cfg.search
+    lines = ["# Final evaluation on the embedded default (issue 5)", "", *findings(out),
+             f"Search: `{args.config}` ({s.engine}, {s.steps} steps with {s.grouping} time groups, population "
+             f"{s.population} x {s.generations} generations, proxy {cfg.proxy.name} at N = {cfg.proxy.n_images}); "
+             f"search wall {timings['search_s']:.0f} s in this invocation (0 if resumed from a finished run).", "",
+             f"Reference: FP uniform DDIM 100 steps, FID **{ref['fid']:.3f}** (N = {ref['n']}, noise seed "
+             f"{ref['seed']}, `results/baseline/`). Budget: BitOPs x steps <= {100 * args.budget_frac:g} % of the FP "
+             f"100-step model = {budget / 1e9:.3g} GBitOPs per image ({fp100 / 1e9:.4g} GBitOPs at FP 100 steps, "
+             "32-bit weights and activations).", "",
+             f"## Validated points (N = {args.n} per seed, seeds {args.seeds}; re-calibrated at their own allocation "
+             f"along their own schedule{', distillation ' + str(args.distill_iters) + ' iterations' if args.distill_iters else ''})",
+             "", "| key | steps | % FP100 BitOPs | proxy | FID mean ± std | x FP100 | KID x1e3 | under budget |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for _, r in final.sort_values("bitops").iterrows():
+        std = "-" if r["fid_std"] != r["fid_std"] else f"{r['fid_std']:.3f}"
+        lines.append(f"| {r['key']} | {len(r['timesteps'])} | {100 * r['bitops_frac']:.3f} | {r['fid_proxy']:.4g} | "
+                     f"{r['fid_mean']:.3f} ± {std} | {r['fid_vs_fp100']:.2f} | {1e3 * r['kid_mean']:.2f} | "
+                     f"{'yes' if r['bitops'] <= budget else 'no'} |")
+    tau = summary.get("kendall_tau_proxy_vs_fid")
+    lines += ["", f"Kendall tau, search proxy vs validated FID over {len(final)} points: "
+              + (f"**{tau:.3f}**" if tau is not None else "n/a (fewer than 3 points)"), ""]
+    if len(under):
+        b = under.iloc[0]
+        verdict = "meets" if b["fid_vs_fp100"] <= 1.15 else "misses"
+        lines += [f"Best point under the budget: `{b['key']}`, {len(b['timesteps'])} steps {list(b['timesteps'])}, "
+                  f"{100 * b['bitops_frac']:.3f} % of FP 100-step BitOPs, FID {b['fid_mean']:.3f} = "
+                  f"{b['fid_vs_fp100']:.2f} x FP 100 steps: it **{verdict}** the 1.15 x target.", ""]
+    else:
+        lines += ["No validated point lies under the budget.", ""]
+    lines += ["![validated points](validated.png)", ""]
+    if speed:
+        lines += [f"## Speed (`tmpq speed` on the export of `{speed['candidate']}`; {speed['images']} images, batch "
+                  f"{speed['batch_size']}, {speed['threads']} threads, median of 3)", "",
+                  "| path | wall s | speed-up vs FP 100 steps |", "|---|---:|---:|",
+                  f"| FP, uniform DDIM 100 steps | {speed['fp_100_uniform_s']:.2f} | 1.00x |",
+                  f"| FP, exported schedule ({speed['steps']} steps) | {speed['fp_export_schedule_s']:.2f} | "
+                  f"{speed['fp_100_uniform_s'] / speed['fp_export_schedule_s']:.2f}x |",
+                  f"| fake quantization, exported | {speed['fakequant_export_s']:.2f} | "
+                  f"{speed['speedup_fakequant_vs_fp100']:.2f}x |",
+                  f"| real int8 kernels, exported | {speed['int8_export_s']:.2f} | {speed['speedup_int8_vs_fp100']:.2f}x |",
+                  "", f"Real int8 vs fake quantization at the same schedule: **{speed['speedup_int8_vs_fakequant']:.2f}x**; "
+                  f"{speed['int8_layers']} layers run int8 kernels, {speed['fallback_layers']} fall back to fake "
+                  f"quantization: " + ("; ".join(sorted({r['why'] for r in speed['layers'] if not r['int8']})) or "none")
+                  + f". Pixel MSE int8 vs fake-quant on the same noise: {speed['int8_vs_fakequant_pixel_mse']:.2e}."]
+        fids = {k: v for k, v in speed.items() if "_fid_n" in k}
+        if fids:
+            lines.append("FID at the speed benchmark's N (seed 1): " + ", ".join(f"{k}: {v:.3f}" for k, v in fids.items())
+                         + ".")
+        lines.append("")
+    lines += ["## How it was produced", "", f"- command: `{cmd}` (resumable)", f"- machine: {mach}",
+              f"- validation wall {timings['validate_s']:.0f} s in this invocation", ""]
+    (out / "README.md").write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
