@@ -182,6 +182,15 @@ def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=No
             executor = RayExecutor(spec, workers=cfg.executor.workers, threads_per_worker=cfg.executor.threads_per_worker,
                                    timeout_s=cfg.executor.timeout_s, retries=cfg.executor.retries,
                                    address=cfg.executor.address, temp_dir=str(run.path / "ray"))
+            if cfg.executor.address:
+                # on a joined cluster every actor builds its evaluator before the first generation (bounded by its
+                # start timeout; an actor that cannot is given up), so the work spreads over the nodes instead of
+                # running on whichever actor came up first
+                if progress:
+                    print(f"starting {cfg.executor.workers} Ray workers ...", flush=True)
+                executor.wait_ready()
+                if progress:
+                    print("Ray workers: " + ", ".join(executor.names), flush=True)
         else:
             from search.executors import LocalExecutor
 
