@@ -62,12 +62,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from evaluators.final import ValidateConfig, validate_run
-    from search.service import run_search
+    from search.service import fp_bitops, run_search
     from search.space import SearchSpace
     from tmpq.api import load_run
     from tmpq.config import load_config
     from tmpq.deploy import measure_speed
-    from tmpq.export import EXPORT_JSON, export_candidate
+    from tmpq.export import ensure_export
     from tmpq.rowlog import command_line, machine
 
     out = Path(args.out)
@@ -78,7 +78,7 @@ def main() -> None:
     search_s = time.perf_counter() - t0
 
     space = SearchSpace.from_dict(json.loads((run_path / "search_space.json").read_text()))
-    fp100_bitops = float(sum(lay.macs for lay in space.layers)) * 32 * 32 * 100
+    fp100_bitops = fp_bitops(space, 100)
     budget = args.budget_frac * fp100_bitops
     ref = fp100_reference(Path(args.baseline))
     run = load_run(run_path)
@@ -97,14 +97,7 @@ def main() -> None:
     speed = None
     if len(under):
         best = under.iloc[0]
-        export_dir = out / "export"
-        current = json.loads((export_dir / EXPORT_JSON).read_text()) if (export_dir / EXPORT_JSON).is_file() else None
-        if current is None or current["provenance"]["candidate"] != best["key"]:
-            if export_dir.exists():
-                import shutil
-
-                shutil.rmtree(export_dir)
-            export_candidate(run_path, best["key"], export_dir, command="python -m benchmarks.final")
+        export_dir = ensure_export(run_path, best["key"], out / "export", command="python -m benchmarks.final")
         speed_file = out / "speed.json"
         speed = json.loads(speed_file.read_text()) if speed_file.is_file() else None
         if speed is None or speed.get("candidate") != best["key"]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from search.rundir import EvalResult, RunDir
-from tmpq.config import RunConfig
+from tmpq.config import _FP_FRACTION, _UNIFORM, RunConfig
 from tmpq.errors import TmpqError
 
 log = logging.getLogger(__name__)
@@ -62,13 +61,10 @@ def run_fingerprint(cfg: RunConfig, model_fp: str) -> str:
 
 
 def _uniform_option(spec: str, key: str) -> tuple[int, int]:
-    m = re.fullmatch(r"w(\d+)a(\d+)", spec.strip().lower())
+    m = _UNIFORM.fullmatch(spec.strip().lower())
     if not m:
         raise TmpqError(f"{key}: expected a uniform option like w6a6, got {spec!r}")
     return int(m.group(1)), int(m.group(2))
-
-
-_FP_FRACTION = re.compile(r"([0-9]*\.?[0-9]+)\s*%\s*fp(\d+)")
 
 
 def fp_bitops(space, steps: int) -> float:
@@ -182,15 +178,14 @@ def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=No
             executor = RayExecutor(spec, workers=cfg.executor.workers, threads_per_worker=cfg.executor.threads_per_worker,
                                    timeout_s=cfg.executor.timeout_s, retries=cfg.executor.retries,
                                    address=cfg.executor.address, temp_dir=str(run.path / "ray"))
-            if cfg.executor.address:
-                # on a joined cluster every actor builds its evaluator before the first generation (bounded by its
-                # start timeout; an actor that cannot is given up), so the work spreads over the nodes instead of
-                # running on whichever actor came up first
-                if progress:
-                    print(f"starting {cfg.executor.workers} Ray workers ...", flush=True)
-                executor.wait_ready()
-                if progress:
-                    print("Ray workers: " + ", ".join(executor.names), flush=True)
+            # every actor builds its evaluator before the first generation (bounded by its start timeout; an actor
+            # that cannot is given up), so the work spreads over all of them instead of running on whichever came
+            # up first (a joined cluster's second node can take much longer)
+            if progress:
+                print(f"starting {cfg.executor.workers} Ray workers ...", flush=True)
+            executor.wait_ready()
+            if progress:
+                print("Ray workers: " + ", ".join(executor.names), flush=True)
         else:
             from search.executors import LocalExecutor
 

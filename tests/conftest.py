@@ -20,6 +20,13 @@ def tiny_unet(sample_size: int = 8, in_channels: int = 1, seed: int = 0):
                        attention_head_dim=8).eval()
 
 
+def calib_batches(n: int = 3, seed: int = 0, batch: int = 4, size: int = 8):
+    """n seeded (x_t, t) batches shaped for :func:`tiny_unet` (calibration data for supernet tests)."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 1, size, size, generator=g), torch.randint(0, 1000, (batch,), generator=g))
+            for _ in range(n)]
+
+
 @pytest.fixture
 def tiny_model_dir(tmp_path: Path) -> Path:
     from tmpq.model import embedded_scheduler_config, save_pipeline_dir

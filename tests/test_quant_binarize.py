@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import calib_batches as _data
 from conftest import tiny_unet
 from quant.binarize import MultiBasisBinarizer
 from quant.distill import distill_scales, frozen_copy
@@ -76,11 +77,6 @@ def test_layers_pick_the_binarizer_for_one_and_two_bit_options():
     assert isinstance(aff.w_quant[0], AffineQuantizer)
     with pytest.raises(QuantError, match="w_two_bit"):
         wrap(nn.Conv2d(3, 4, 3), w_bits=(2,), a_bits=(8,), w_two_bit="ternary")
-
-
-def _data(n=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(4, 1, 8, 8, generator=g), torch.randint(0, 1000, (4,), generator=g)) for _ in range(n)]
 
 
 def test_binarized_supernet_calibrates_serves_and_distils():

@@ -3,16 +3,12 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import calib_batches as _data
 from conftest import tiny_unet
 from supernet import QuantSupernet, SupernetConfig
 from tmpq.errors import TmpqError
 
 TIE_QKV = (r"(.*attentions\.\d+)\.to_[qkv]$",)
-
-
-def _data(n=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(4, 1, 8, 8, generator=g), torch.randint(0, 1000, (4,), generator=g)) for _ in range(n)]
 
 
 @pytest.fixture(scope="module")

@@ -46,6 +46,19 @@ def _select_state(net, layer_bits: dict[str, tuple[int, int]]) -> dict[str, torc
     return out
 
 
+def ensure_export(run_path: str | Path, key: str, out: str | Path, command: str = "") -> Path:
+    """``out`` holding the export of candidate ``key``: kept when it already is, else (re)written. Resumable jobs
+    (``tmpq run``, benchmarks) call this instead of re-exporting on every rerun."""
+    out = Path(out)
+    manifest = out / EXPORT_JSON
+    if manifest.is_file() and json.loads(manifest.read_text())["provenance"]["candidate"] == key:
+        return out
+    if out.exists():
+        shutil.rmtree(out)
+    export_candidate(run_path, key, out, command=command)
+    return out
+
+
 def export_candidate(run_path: str | Path, key: str, out: str | Path, command: str = "") -> dict:
     """Write the export of candidate ``key`` of a search run to ``out`` (atomically: a crash leaves no half export).
 

@@ -33,7 +33,7 @@ def main_job(cfg, run_path: str | Path, job: MainJobConfig = MainJobConfig(), pr
     from evaluators.final import ValidateConfig, best_validated, validate_run
     from search.service import run_search
     from tmpq.api import load_run
-    from tmpq.export import EXPORT_JSON, export_candidate
+    from tmpq.export import ensure_export
     from tmpq.report import write_report
 
     run_path = Path(run_path)
@@ -64,14 +64,7 @@ def main_job(cfg, run_path: str | Path, job: MainJobConfig = MainJobConfig(), pr
     best = best_validated(run_path, limit)
     if best is None:  # pragma: no cover - validate_run wrote at least one row above
         raise TmpqError("validation produced no points")
-    export_dir = run_path / "export"
-    current = json.loads((export_dir / EXPORT_JSON).read_text()) if (export_dir / EXPORT_JSON).is_file() else None
-    if current is None or current["provenance"]["candidate"] != best["key"]:
-        if export_dir.exists():
-            import shutil
-
-            shutil.rmtree(export_dir)
-        export_candidate(run_path, best["key"], export_dir, command="tmpq run")
+    export_dir = ensure_export(run_path, best["key"], run_path / "export", command="tmpq run")
     timings["export_s"] = round(time.perf_counter() - t0, 1)
 
     t0 = stage("report")
