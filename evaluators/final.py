@@ -112,6 +112,9 @@ def recalibrate_point(run_path: Path, key: str, timesteps, bits, cfg: ValidateCo
     if cfg.distill_iters > 0:
         t0 = time.perf_counter()
         rep = distill_scales(net.unet, teacher, data, iters=cfg.distill_iters, lr=cfg.distill_lr, progress=progress)
+        if net.config.bias_correction:  # tuned scales moved the options' output means
+            net.correct_bias(data)
+            net.set_bits([])
         info.update({"distill_loss_before": rep["loss_before"], "distill_loss_after": rep["loss_after"],
                      "distill_s": round(time.perf_counter() - t0, 1)})
     return net, sched, info

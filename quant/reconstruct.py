@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from quant.adaround import AdaRoundQuantizer
-from quant.layers import QuantLayer
+from quant.layers import QuantLayer, correct_bias
 
 
 @dataclass
@@ -70,10 +70,12 @@ def _active_adaround(layers: Iterable[QuantLayer]) -> list[tuple[QuantLayer, Ada
 
 def reconstruct_block(block: nn.Module, cache: BlockCache, iters: int = 500, lr: float = 1e-3, lam: float = 0.01,
                       warmup: float = 0.2, beta: tuple[float, float] = (20.0, 2.0), batch_calls: int = 1,
-                      generator: torch.Generator | None = None) -> dict:
+                      generator: torch.Generator | None = None, bias_correction: bool = False) -> dict:
     """Optimise the active AdaRound options of every ``QuantLayer`` in ``block``; returns losses before / after.
 
     The block runs with its current option indices (activation quantizers frozen), so call it once per option.
+    The active options' bias corrections are zeroed while the rounding is learned (soft rounding starts at the FP
+    weight, which needs none) and, with ``bias_correction``, measured again on the cached FP inputs afterwards.
     """
     layers = [m for m in block.modules() if isinstance(m, QuantLayer)]
     pairs = _active_adaround(layers)
@@ -90,6 +92,7 @@ def reconstruct_block(block: nn.Module, cache: BlockCache, iters: int = 500, lr:
     with torch.no_grad():
         before = sum(float(block_loss(i)) for i in range(len(cache.inputs))) / len(cache.inputs)
     for layer, q in pairs:
+        q.bias_shift.zero_()
         q.hard.fill_(False)
         q.alpha.requires_grad_(True)
         layer.invalidate_cache()
@@ -113,6 +116,8 @@ def reconstruct_block(block: nn.Module, cache: BlockCache, iters: int = 500, lr:
             q.alpha.requires_grad_(False)
             q.hard.fill_(True)
             layer.invalidate_cache()
+    if bias_correction:
+        correct_bias(layers, lambda: [block(*a, **k) for a, k in cache.inputs])
     with torch.no_grad():
         after = sum(float(block_loss(i)) for i in range(len(cache.inputs))) / len(cache.inputs)
     return {"layers": len(pairs), "loss_before": before, "loss_after": after}

@@ -34,6 +34,8 @@ class SupernetConfig:
       whose class is in ``block_types``; layers outside any block are reconstructed on their own).
     - ``w_two_bit``: 2-bit weight options as ``multibasis`` (BinaryDM-style two sign bases, ``quant.binarize``) or
       ``affine``; 1-bit weight options are always one sign basis.
+    - ``bias_correction``: subtract each weight option's mean output shift on the calibration inputs from the layer's
+      bias (see ``quant.layers``).
     """
 
     w_bits: tuple[int, ...] = (8, 6, 4)
@@ -51,6 +53,7 @@ class SupernetConfig:
     split_skip: bool = True
     w_rounding: str = "nearest"
     w_two_bit: str = "multibasis"
+    bias_correction: bool = True
     block_types: tuple[str, ...] = ("ResnetBlock2D", "Attention", "Downsample2D", "Upsample2D", "TimestepEmbedding")
 
     def __post_init__(self):

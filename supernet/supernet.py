@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from quant.layers import WRAPPERS, QuantLayer, wrap
+from quant.layers import WRAPPERS, QuantLayer, correct_bias, wrap
 from supernet.config import LayerInfo, SupernetConfig
 from tmpq.errors import TmpqError
 
@@ -288,10 +288,17 @@ class QuantSupernet(nn.Module):
             a = w if w in self.config.a_bits else max(self.config.a_bits)
             self.set_uniform(w, a)
             for name, block in tqdm(blocks, desc=f"reconstruct W{w}A{a}", disable=not progress, leave=False):
-                res = reconstruct_block(block, caches[name], iters=iters, lr=lr)
+                res = reconstruct_block(block, caches[name], iters=iters, lr=lr,
+                                        bias_correction=self.config.bias_correction)
                 reports.append({"block": name, "w_bits": w, "a_bits": a, **res})
         self.set_fp()
         return reports
+
+    @torch.no_grad()
+    def correct_bias(self, data: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Bias correction of every weight option of every layer: one FP pass over ``data`` measures each option's
+        mean output shift on the layer's FP inputs (``quant.layers.correct_bias``)."""
+        correct_bias(self.layers.values(), lambda: [self.unet(x, t) for x, t in data])
 
     @torch.no_grad()
     def calibrate(self, data: Iterable[tuple[torch.Tensor, torch.Tensor]], mode: str = "per-option",
@@ -317,6 +324,8 @@ class QuantSupernet(nn.Module):
         if not done:
             for layer in self.layers.values():
                 layer.calibrate_weights()
+            if self.config.bias_correction:
+                self.correct_bias(batches)
         if mode == "per-option":
             for j, a in enumerate(self.config.a_bits):
                 if a in done or (j > 0 and self.num_genes == 0):  # all layers pinned: one pass is all there is

@@ -104,3 +104,36 @@ def test_split_inference_kernel_equals_cat_of_quantized_halves():
             assert torch.equal(fast, ref)
         slow = q._act(x.clone().requires_grad_())  # autograd path: the torch.cat of the two halves
         assert torch.equal(slow.detach(), ref)
+
+
+@pytest.mark.parametrize("make,shape", [(lambda: nn.Conv2d(6, 2, 3, padding=1), (5, 6, 7, 7)),
+                                        (lambda: nn.Linear(6, 3, bias=False), (5, 4, 6))])
+def test_bias_correction_removes_the_mean_output_shift_of_every_weight_option(make, shape):
+    torch.manual_seed(0)
+    mod = make()
+    lay = wrap(mod, w_bits=(8, 4, 2), a_bits=(8,), w_observer="minmax")
+    lay.calibrate_weights()
+    xs = [torch.randn(*shape) + 0.7 for _ in range(3)]  # non-zero mean inputs: rounding errors shift the output
+    c = lay.channel_dim
+
+    def mean_out(k):
+        lay.set_bits(k, None)
+        with torch.no_grad():
+            out = torch.cat([lay(x).movedim(c, 0).reshape(lay.module.weight.shape[0], -1) for x in xs], 1)
+        return out.mean(1)
+
+    ref = mean_out(None)
+    before = [mean_out(k) - ref for k in range(3)]
+    lay.begin_bias_correction()
+    with torch.no_grad():
+        for x in xs:
+            assert torch.equal(lay(x), mod(x))  # observing passes the FP output through
+    lay.end_bias_correction()
+    lay.invalidate_cache()
+    for k in range(3):
+        after = mean_out(k) - ref
+        assert after.abs().max() < 1e-4, (k, after)
+        assert before[k].abs().max() > 10 * after.abs().max()
+    with pytest.raises(QuantError, match="saw no inputs"):
+        lay.begin_bias_correction()
+        lay.end_bias_correction()

@@ -196,3 +196,24 @@ def test_interrupted_calibration_resumes_per_option(tmp_path):
     for k, v in full.quantizer_state().items():
         assert torch.equal(v, resumed.quantizer_state()[k]), k
     QuantSupernet(tiny_unet(), cfg).load(ckpt)  # now complete
+
+
+def test_bias_correction_is_part_of_calibration_and_of_the_saved_state(tmp_path):
+    data = _data(2)
+    on = QuantSupernet(tiny_unet(), SupernetConfig(w_observer="minmax", a_observer="minmax"))
+    on.calibrate(data, progress=False)
+    shifts = [q.bias_shift for lay in on.layers.values() for q in lay.w_quant]
+    assert any(float(s.abs().max()) > 0 for s in shifts)
+    path = on.save(tmp_path / "s.safetensors")
+    fresh = QuantSupernet(tiny_unet(), on.config)
+    fresh.load(path)
+    x, t = data[0]
+    on.set_uniform(4, 6)
+    fresh.set_uniform(4, 6)
+    with torch.no_grad():
+        assert torch.equal(on(x, t).sample, fresh(x, t).sample)
+    off = QuantSupernet(tiny_unet(), SupernetConfig(w_observer="minmax", a_observer="minmax", bias_correction=False))
+    off.calibrate(data, progress=False)
+    assert all(float(q.bias_shift.abs().max()) == 0 for lay in off.layers.values() for q in lay.w_quant)
+    with pytest.raises(TmpqError, match="different supernet config"):
+        off.load(path)

@@ -32,6 +32,7 @@ class SupernetSection:
     # 2-bit weight options: "multibasis" (BinaryDM-style two sign bases with learnable scales) or "affine" (a uniform
     # 2-bit grid); 1-bit weight options are always a one-basis binarizer
     w_two_bit: str = "multibasis"
+    bias_correction: bool = True
 
 
 @dataclass(frozen=True)

@@ -81,7 +81,8 @@ def _int8_module(layer: QuantLayer) -> nn.Module:
     if scale.numel() == 1:
         scale = scale.expand(w.shape[0]).contiguous()
     m = layer.module
-    bias = None if m.bias is None else m.bias.detach().float()
+    bias = layer._bias()  # the layer's bias plus the active option's bias correction
+    bias = None if bias is None else bias.detach().float()
     if isinstance(layer, QuantConv2d):
         if layer.split is not None and m.groups == 1:
             s = layer.split
@@ -90,7 +91,7 @@ def _int8_module(layer: QuantLayer) -> nn.Module:
         return _dyn_conv(m, _qint8(w, scale), bias)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = qd.Linear(m.in_features, m.out_features, bias_=m.bias is not None)
+        out = qd.Linear(m.in_features, m.out_features, bias_=bias is not None)
         out.set_weight_bias(_qint8(w, scale), bias)
     return out
 
