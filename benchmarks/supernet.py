@@ -69,6 +69,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="results/supernet")
+    ap.add_argument("--parts", default="quality,cost,fidelity,strategy",
+                    help="comma list, run in this order: quality, cost, fidelity, strategy")
     ap.add_argument("--report-only", action="store_true", help="only rewrite README.md from rows.jsonl")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -101,11 +103,25 @@ def main() -> None:
     calib = make_calib_data(base.unet, sched, args.strategy, **calib_kw)
     batches = list(calib.batches(64))
     calib_capture_s = time.perf_counter() - t0
-    teacher_row, teacher = score(base.unet, args.fid_n, ts)
-    if not log.has(kind="fp", name=f"{args.schedule}{args.steps}", n=args.fid_n, seed=args.seed):
-        log.append({"kind": "fp", "name": f"{args.schedule}{args.steps}", "n": args.fid_n, "seed": args.seed,
-                    "calib_capture_s": round(calib_capture_s, 1), **teacher_row})
+    parts = args.parts.split(",")
+    teacher = None
+    fp_key = dict(kind="fp", name=f"{args.schedule}{args.steps}", n=args.fid_n, seed=args.seed)
+    if "fidelity" in parts or not log.has(**fp_key):
+        teacher_row, teacher = score(base.unet, args.fid_n, ts)
+        if not log.has(**fp_key):
+            log.append({**fp_key, "calib_capture_s": round(calib_capture_s, 1), **teacher_row})
+    if {"quality", "cost"} & set(parts):
+        quality_and_cost(args, log, fresh_unet, sched, ext, ref, batches, parts)
+    if "fidelity" in parts:
+        fidelity(args, log, fresh_unet, cfg, batches, score, teacher)
+    if "strategy" in parts:
+        strategies(args, log, fresh_unet, sched, ext, ref)
+    write_report(out, log, args)
 
+
+def fidelity(args, log: RowLog, fresh_unet, cfg, batches, score, teacher) -> None:
+    """Shared supernet (each mode) vs per-allocation calibration on ``--n-alloc`` random allocations."""
+    ts = make_timesteps(args.schedule, args.steps)
     probe = QuantSupernet(fresh_unet(), cfg)
     allocs = random_allocations(probe, args.n_alloc, args.seed)
     for i, alloc in enumerate(allocs):
@@ -129,12 +145,10 @@ def main() -> None:
             row, _ = score(net.unet, args.fid_n, ts, teacher)
             log.append({"kind": "shared", "mode": mode, "alloc_id": i, "n": args.fid_n, "seed": args.seed,
                         "bitops": net.bitops(alloc), "calib_s": round(calib_s, 1), **row})
-    quality_and_cost(args, log, fresh_unet, sched, ext, ref, batches)
-    write_report(out, log, args)
 
 
-def quality_and_cost(args, log: RowLog, fresh_unet, sched, ext, ref, batches) -> None:
-    """Uniform options at ``--quality-steps`` uniform DDIM vs FP; calibration-data strategies; timing and memory."""
+def quality_and_cost(args, log: RowLog, fresh_unet, sched, ext, ref, batches, parts) -> None:
+    """Uniform options at ``--quality-steps`` uniform DDIM vs FP; timing and memory."""
     ts_q = make_timesteps("uniform", args.quality_steps)
     if not log.has(kind="quality", name="fp", n=args.quality_n, seed=args.seed):
         imgs = sample_images(fresh_unet(), sched, ts_q, args.quality_n, seed=args.seed, desc="FP quality")
@@ -147,13 +161,13 @@ def quality_and_cost(args, log: RowLog, fresh_unet, sched, ext, ref, batches) ->
     lowest = (min(net.config.w_bits), min(net.config.a_bits))
     for w, a in [(8, 8), (6, 6), (4, 8), lowest]:
         name = f"W{w}A{a}"
-        if log.has(kind="quality", name=name, n=args.quality_n, seed=args.seed):
+        if "quality" not in parts or log.has(kind="quality", name=name, n=args.quality_n, seed=args.seed):
             continue
         net.set_uniform(w, a)
         imgs = sample_images(net.unet, sched, ts_q, args.quality_n, seed=args.seed, desc=f"{name} quality")
         log.append({"kind": "quality", "name": name, "n": args.quality_n, "seed": args.seed,
                     "steps": args.quality_steps, "calib_s": round(calib_s, 1), **score_features(ext(imgs), ref)})
-    if not log.has(kind="cost", name="timing", n=256, seed=args.seed):
+    if "cost" in parts and not log.has(kind="cost", name="timing", n=256, seed=args.seed):
         ts10 = make_timesteps("quad", 10)
         fp_unet = fresh_unet()
 
@@ -184,8 +198,14 @@ def quality_and_cost(args, log: RowLog, fresh_unet, sched, ext, ref, batches) ->
                     "fakequant_sample_s": round(fq_s, 3), "ratio": round(fq_s / fp_s, 3),
                     "unet_forward_s": round(fwd_s, 4), "set_bits_s": set_s, "set_bits_frac": set_s / fwd_s,
                     "quantizer_state_bytes": q_bytes, "fp_param_bytes": fp_bytes, "calib_all_options_s": round(calib_s, 1)})
+
+
+def strategies(args, log: RowLog, fresh_unet, sched, ext, ref) -> None:
+    """Calibration-data strategies (uniform, NDTC, EDA-style) at W6A6 and the lowest option."""
     base = load_model(None)
     ts10 = make_timesteps(args.schedule, args.steps)
+    cfg = SupernetConfig()
+    lowest = (min(cfg.w_bits), min(cfg.a_bits))
     for strategy in ("uniform", "ndtc", "eda"):
         if all(log.has(kind="strategy", mode=strategy, name=f"W{w}A{a}", n=args.fid_n, seed=args.seed)
                for w, a in [(6, 6), lowest]):

@@ -46,19 +46,36 @@ def run_task(evaluator, task: Task) -> Outcome:
 
 
 class LocalExecutor:
-    """Evaluates in this process with one evaluator built by ``factory()`` on first use."""
+    """Evaluates in this process with one evaluator built by ``factory()`` on first use.
+
+    Evaluations run at the factory's ``threads`` (as a Ray actor would) and the process's torch thread count is
+    restored after each one: the driver's later work (calibrating another supernet, say) must not inherit the
+    worker's setting, since float reductions, and so calibrated scales, differ between thread counts.
+    """
 
     name = "local"
 
     def __init__(self, factory: Callable[[], object]):
         self.factory = factory
+        self.threads = getattr(factory, "threads", None)
         self._evaluator = None
+
+    def _at_worker_threads(self, fn: Callable[[], object]):
+        import torch
+
+        prev = torch.get_num_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(prev)
 
     def map(self, tasks: list[Task]) -> Iterator[tuple[Task, Outcome]]:
         if self._evaluator is None:
-            self._evaluator = self.factory()
+            self._evaluator = self._at_worker_threads(self.factory)
         for task in tasks:
-            yield task, run_task(self._evaluator, task)
+            yield task, self._at_worker_threads(lambda t=task: run_task(self._evaluator, t))
 
     def close(self) -> None:
         self._evaluator = None
