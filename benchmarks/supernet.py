@@ -225,10 +225,12 @@ def write_report(out: Path, log: RowLog, args) -> None:
 
     rows = list(log.rows.values())
     alone = {r["alloc_id"]: r for r in rows if r["kind"] == "standalone"}
-    lines = ["# Supernet benchmark (issue 3)", "", *findings(out), "## Fidelity", "", f"{len(alone)} allocations, FID at N = {args.fid_n} (domain extractor), "
-             f"{args.schedule} DDIM {args.steps} steps, noise seed {args.seed}.", "",
-             "| mode | Kendall tau (FID) | Kendall tau (paired MSE) | calibration s |", "|---|---:|---:|---:|"]
-    for mode in args.modes.split(","):
+    lines = ["# Supernet benchmark (issue 3)", "", *findings(out)]
+    if alone:
+        lines += ["## Fidelity", "", f"{len(alone)} allocations, FID at N = {args.fid_n} (domain extractor), "
+                  f"{args.schedule} DDIM {args.steps} steps, noise seed {args.seed}.", "",
+                  "| mode | Kendall tau (FID) | Kendall tau (paired MSE) | calibration s |", "|---|---:|---:|---:|"]
+    for mode in args.modes.split(",") if alone else ():
         shared = {r["alloc_id"]: r for r in rows if r["kind"] == "shared" and r.get("mode") == mode}
         ids = sorted(set(shared) & set(alone))
         if len(ids) < 3:

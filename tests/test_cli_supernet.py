@@ -6,7 +6,7 @@ from test_cli import assert_clean_error, run
 def test_profile_tiny(tiny_model_dir):
     res = run("profile", "--model", str(tiny_model_dir), "--tie-qkv")
     assert res.returncode == 0, res.stderr
-    assert "pinned W8A8" in res.stdout and "uniform W4A6" in res.stdout and "split@" in res.stdout
+    assert "pinned W8A16" in res.stdout and "uniform W4A6" in res.stdout and "split@" in res.stdout
 
 
 def test_calibrate_tiny_and_resume_file_cleanup(tiny_model_dir, tmp_path):

@@ -8,7 +8,8 @@ kernel's own dynamic 8-bit quantization (reduce_range: 7 bits on x86), not the e
 differ slightly from fake quantization; ``tmpq speed`` reports that difference beside the timings.
 
 A layer falls back to fake quantization (and is named as such) when the kernels cannot run it exactly: weight bits
-above 8, asymmetric, group-wise or multi-basis binarized weights, a non-zeros padding mode.
+above 8, asymmetric, group-wise or multi-basis binarized weights, activations above 8 bits (the default pins the
+first and last layers' inputs at 16), a non-zeros padding mode.
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ def _why_not_int8(layer: QuantLayer) -> str | None:
         return "group-wise weight scales"
     if isinstance(layer, QuantConv2d) and layer.module.padding_mode != "zeros":
         return f"padding_mode {layer.module.padding_mode}"
+    if layer.a_index is not None and layer.a_quant[layer.a_index].bits > 8:
+        return f"{layer.a_quant[layer.a_index].bits}-bit activations (the kernels quantize inputs to 8 bits)"
     return None
 
 
