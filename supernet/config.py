@@ -26,11 +26,14 @@ class SupernetConfig:
 
     - ``w_bits`` / ``a_bits``: candidate weight / activation bit-widths of every searchable layer.
     - ``include`` / ``exclude``: ``fnmatch`` patterns over module FQNs (Conv2d / Linear only).
-    - ``pin``: FQN pattern -> ``[w_bits, a_bits]``; matching layers are fixed. Default: the first and last layer at
-      8-bit weights and 16-bit inputs. Their MACs are a sliver of the model's (one input / output image channel), but
-      an 8-bit grid on the sampler state x_t (conv_in's input) is the largest single error of uniform W8A8: alone it
-      gave 0.0011 of the 0.0013 paired MSE of all 8-bit activations (embedded model, 20 uniform DDIM steps, 64
-      images); at 16 bits W8A8 fell from 0.0016 to 0.00022 (conv_in and conv_out both at A16).
+    - ``pin``: FQN pattern -> ``[w_bits, a_bits]``; matching layers are fixed. Default: ``conv_in`` at 8-bit weights
+      and 16-bit inputs, ``conv_out`` at 16 / 16. Both carry one image channel, so their MACs are a sliver of the
+      model's (over W8A8 pins, BitOPs of uniform W8A8 +0.5 %, of W4A6 +1.3 %, embedded model), and both were the
+      largest single errors of uniform W8A8 (embedded model, 20 uniform DDIM steps, 64 images, paired pixel MSE to
+      FP; ``benchmarks/supernet_diag.py``): the 8-bit grid on the sampler state x_t (``conv_in``'s input) gave
+      0.0011 of the 0.0013 of all 8-bit activations, and ``conv_out``'s one-scale 8-bit weights (one output
+      channel) 0.00024, more than all other weights together. W8A8: 0.0016 with both pinned W8A8, 0.00022 with
+      16-bit inputs, 0.00017 with ``conv_out`` at W16A16 as well.
     - ``tie``: regexes with one capture group; layers whose match captures the same text share one gene
       (e.g. ``(.*attentions\\.\\d+)\\.to_[qkv]$`` ties the q, k, v projections of each attention).
     - ``split_skip``: Q-Diffusion split quantization of the UNet skip concatenation.
@@ -46,7 +49,7 @@ class SupernetConfig:
     a_bits: tuple[int, ...] = (8, 6)
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
-    pin: dict = field(default_factory=lambda: {"conv_in": [8, 16], "conv_out": [8, 16]})
+    pin: dict = field(default_factory=lambda: {"conv_in": [8, 16], "conv_out": [16, 16]})
     tie: tuple[str, ...] = ()
     w_granularity: str = "channel"
     group_size: int | None = None

@@ -128,11 +128,11 @@ def test_int8_kernels_hold_the_exported_weights_and_stay_close(exported, tmp_pat
     n_quant = sum(isinstance(m, QuantLayer) for m in unet.modules())
     unet, layers = to_int8(unet)  # raises if an int8 weight differs from the exported grid
     assert len(layers) == n_quant
-    # symmetric per-channel weights: every layer runs int8 but the first and last, pinned at 16-bit inputs
+    # symmetric per-channel weights: every layer runs int8 but the first and last (16-bit pins)
     wide = {r["fqn"] for r in layers if r["a_bits"] > 8}
     assert wide == {"conv_in", "conv_out"}
     assert all(r["int8"] != (r["fqn"] in wide) for r in layers)
-    assert all("16-bit activations" in r["why"] for r in layers if r["fqn"] in wide)
+    assert all("16-bit" in r["why"] for r in layers if r["fqn"] in wide)
     assert sum(isinstance(m, QuantLayer) for m in unet.modules()) == len(wide)  # the fallbacks stay fake-quant
     with torch.no_grad():
         out = unet(x, t).sample

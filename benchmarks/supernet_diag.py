@@ -1,0 +1,95 @@
+"""Where does a uniform option's error come from? Paired pixel MSE to the FP model on the same noise (uniform DDIM,
+``--steps``, ``--n`` images) of the default supernet with: only weights quantized, only activations quantized, both,
+and the activations of one layer at a time. Rows go to ``<out>/diag.jsonl`` (resumable, one row per setting).
+
+    .venv/bin/python -m benchmarks.supernet_diag --bits 8 --pins 8,8       # the old default pins (W8A8 first/last)
+    .venv/bin/python -m benchmarks.supernet_diag --bits 8 --pins 8,16      # the default pins (16-bit inputs)
+    .venv/bin/python -m benchmarks.supernet_diag --bits 6 --pins 8,16 --per-layer
+    .venv/bin/python -m benchmarks.supernet_diag --bits 8 --pins 8,16 --per-layer-weights
+
+Calibration data and settings are those of ``benchmarks.supernet`` (uniform, 20 steps x 32 inputs from a 100-step
+FP trajectory, seed 10000; per-option calibration).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import RowLog
+
+
+def main() -> None:
+    from supernet import QuantSupernet, SupernetConfig
+    from supernet.calib_data import make_calib_data
+    from tmpq.model import load_model
+    from tmpq.sampler import make_scheduler, sample_images
+    from tmpq.schedules import make_timesteps
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bits", type=int, default=8, help="the uniform option: W{bits}A{bits} (A8 when A{bits} is "
+                    "not an option)")
+    ap.add_argument("--pins", default="8,16", help="w_bits,a_bits of conv_in and conv_out, or IN/OUT for each "
+                    "(8,16/16,16) (default: %(default)s)")
+    ap.add_argument("--per-layer", action="store_true", help="also the activations of one layer at a time")
+    ap.add_argument("--per-layer-weights", action="store_true", help="also the weights of one layer at a time")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--n", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="results/supernet/diag")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    pins = [[int(b) for b in part.split(",")] for part in args.pins.split("/")]
+    cfg = SupernetConfig(pin={"conv_in": pins[0], "conv_out": pins[-1]})
+    log = RowLog(Path(args.out) / "diag.jsonl", ("pins", "setting", "bits", "steps", "n"))
+    key = {"pins": args.pins, "bits": args.bits, "steps": args.steps, "n": args.n}
+
+    base = load_model(None)
+    sched = make_scheduler(base.scheduler_config)
+    ts = make_timesteps("uniform", args.steps)
+    teacher = sample_images(base.unet, sched, ts, args.n, seed=0, progress=False)
+    data = make_calib_data(base.unet, sched, "uniform", n_steps=20, per_step=32, sampler_steps=100, seed=10_000)
+    net = QuantSupernet(load_model(None).unet, cfg)
+    t0 = time.perf_counter()
+    net.calibrate(list(data.batches(64)), progress=False)
+    print(f"calibrated in {time.perf_counter() - t0:.0f} s", flush=True)
+    wi = cfg.w_bits.index(args.bits)
+    ai = cfg.a_bits.index(args.bits if args.bits in cfg.a_bits else 8)
+
+    def measure(setting: str, setup) -> None:
+        if log.has(setting=setting, **key):
+            return
+        net.set_uniform(args.bits, cfg.a_bits[ai])  # pinned layers at their pins
+        setup()
+        mse = float((sample_images(net.unet, sched, ts, args.n, seed=0, progress=False) - teacher).pow(2).mean())
+        log.append({"setting": setting, **key, "paired_mse": mse})
+        print(f"{mse:.6f}  {setting}", flush=True)
+
+    pinned = {i.fqn for i in net.infos if i.pinned}
+
+    def only(w: bool, a: bool, names=None):
+        def setup():
+            for name, layer in net.layers.items():
+                if names is not None and name not in names:
+                    layer.set_bits(None, None)
+                elif name in pinned:  # a pinned layer has one option of each kind: index 0
+                    layer.set_bits(0 if w else None, 0 if a else None)
+                else:
+                    layer.set_bits(wi if w else None, ai if a else None)
+        return setup
+
+    measure("weights only", only(True, False))
+    measure("activations only", only(False, True))
+    measure("weights and activations", lambda: None)
+    if args.per_layer:
+        for name in net.layers:
+            measure(f"activations of {name}", only(False, True, {name}))
+    if args.per_layer_weights:
+        for name in net.layers:
+            measure(f"weights of {name}", only(True, False, {name}))
+
+
+if __name__ == "__main__":
+    main()
