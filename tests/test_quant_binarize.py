@@ -108,10 +108,11 @@ def test_binarized_supernet_calibrates_serves_and_distils():
 def test_int8_deployment_names_binarized_layers_as_fallback():
     from tmpq.deploy import to_int8
 
-    net = QuantSupernet(tiny_unet(), SupernetConfig(w_bits=(8, 1), a_bits=(8,)))
+    pin = {"conv_in": [8, 8], "conv_out": [8, 8]}  # 8-bit pins (the default's are 16-bit), so int8 can run them
+    net = QuantSupernet(tiny_unet(), SupernetConfig(w_bits=(8, 1), a_bits=(8,), pin=pin))
     net.calibrate(_data(), progress=False)
     net.set_bits([(1, 8)] * net.num_genes)
     _, rows = to_int8(net.unet)
     binarized = [r for r in rows if r["w_bits"] == 1]
     assert binarized and all(not r["int8"] and "binarized" in r["why"] for r in binarized)
-    assert any(r["int8"] for r in rows)  # the pinned 8-bit first / last layers still run int8
+    assert {r["fqn"] for r in rows if r["int8"]} == {"conv_in", "conv_out"}  # the pinned 8-bit layers run int8
