@@ -6,7 +6,7 @@ quantization of a UNet skip concatenation: input channels ``[:split]`` and ``[sp
 quantizers (their ranges differ by an order of magnitude).
 
 Bias correction: every weight option carries a ``bias_shift`` buffer (one value per output channel, zero until
-:meth:`QuantLayer.correct_bias` runs) that is added to the layer's bias whenever that option is active. Rounding
+:func:`correct_bias` runs) that is added to the layer's bias whenever that option is active. Rounding
 errors of a weight tensor are not noise-like: their sum over an output channel's inputs shifts the mean output, and
 a diffusion sampler integrates that shift over every step (measured: the one-scale 8-bit ``conv_out`` of the
 embedded model alone moved its samples 20x more than random weight noise of twice the size). The shift is
@@ -172,7 +172,8 @@ class QuantLayer(nn.Module):
             q.bias_shift.copy_((-s / self._shift_n).to(q.bias_shift.dtype))
         self._shift_sum, self._shift_n = None, 0
 
-    def _bias(self) -> torch.Tensor | None:
+    def active_bias(self) -> torch.Tensor | None:
+        """The wrapped module's bias plus the active weight option's ``bias_shift`` (``None`` only when both are)."""
         b = self.module.bias
         if self.w_index is None:
             return b
@@ -183,7 +184,7 @@ class QuantLayer(nn.Module):
         if self.bias_observing:
             self._observe_shift(x)
             return self._op(x, self.module.weight, self.module.bias)
-        return self._op(self._act(x), self.quantized_weight(), self._bias())
+        return self._op(self._act(x), self.quantized_weight(), self.active_bias())
 
     def _op(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError

@@ -84,7 +84,7 @@ def _int8_module(layer: QuantLayer) -> nn.Module:
     if scale.numel() == 1:
         scale = scale.expand(w.shape[0]).contiguous()
     m = layer.module
-    bias = layer._bias()  # the layer's bias plus the active option's bias correction
+    bias = layer.active_bias()  # the layer's bias plus the active option's bias correction
     bias = None if bias is None else bias.detach().float()
     if isinstance(layer, QuantConv2d):
         if layer.split is not None and m.groups == 1:
