@@ -12,6 +12,7 @@ with the command, machine and seed.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import tempfile
@@ -39,8 +40,13 @@ def build(cfg, work: Path):
     space = SearchSpace.from_supernet(net, groups, per_group_bits=cfg.search.per_group_bits)
     space = replace(space, bitops_budget=_budget(space, cfg.search.bitops_budget),
                     size_budget_mb=cfg.search.size_budget_mb or None)
-    sn_file = work / f"supernet-{net.fingerprint[:12]}.safetensors"
-    if not sn_file.is_file():
+    # cached per model x supernet options x calibration settings (configs with other bit options get their own file)
+    key = hashlib.sha256(json.dumps([net.fingerprint, net.config.to_json(), cfg.calibration.__dict__],
+                                    sort_keys=True, default=str).encode()).hexdigest()[:12]
+    sn_file = work / f"supernet-{key}.safetensors"
+    if sn_file.is_file():
+        net.load(sn_file)  # refuses a file that does not fit this config
+    else:
         work.mkdir(parents=True, exist_ok=True)
         calibrate_to_file(cfg, m, net, sn_file, progress=False)
     return sn_file, space
