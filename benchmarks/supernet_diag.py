@@ -35,6 +35,7 @@ def main() -> None:
                     "(8,16/16,16) (default: %(default)s)")
     ap.add_argument("--per-layer", action="store_true", help="also the activations of one layer at a time")
     ap.add_argument("--per-layer-weights", action="store_true", help="also the weights of one layer at a time")
+    ap.add_argument("--a-observer", default="mse", help="activation observer (default: %(default)s)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
@@ -42,7 +43,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     pins = [[int(b) for b in part.split(",")] for part in args.pins.split("/")]
-    cfg = SupernetConfig(pin={"conv_in": pins[0], "conv_out": pins[-1]})
+    cfg = SupernetConfig(pin={"conv_in": pins[0], "conv_out": pins[-1]}, a_observer=args.a_observer)
+    tag = "" if args.a_observer == "mse" else f" [{args.a_observer} observer]"
     log = RowLog(Path(args.out) / "diag.jsonl", ("pins", "setting", "bits", "steps", "n"))
     key = {"pins": args.pins, "bits": args.bits, "steps": args.steps, "n": args.n}
 
@@ -59,6 +61,7 @@ def main() -> None:
     ai = cfg.a_bits.index(args.bits if args.bits in cfg.a_bits else 8)
 
     def measure(setting: str, setup) -> None:
+        setting += tag
         if log.has(setting=setting, **key):
             return
         net.set_uniform(args.bits, cfg.a_bits[ai])  # pinned layers at their pins

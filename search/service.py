@@ -117,7 +117,7 @@ def supernet_config(cfg: RunConfig):
     return SupernetConfig(w_bits=sc.w_bits, a_bits=sc.a_bits, w_rounding=sc.w_rounding,
                           w_granularity=sc.w_granularity, group_size=sc.group_size or None,
                           tie=(TIE_QKV,) if sc.tie_qkv else (), w_two_bit=sc.w_two_bit,
-                          bias_correction=sc.bias_correction)
+                          bias_correction=sc.bias_correction, w_observer=sc.w_observer, a_observer=sc.a_observer)
 
 
 def calibrate_to_file(cfg: RunConfig, m, net, sn_file: Path, progress: bool = True) -> None:

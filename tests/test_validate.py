@@ -23,11 +23,21 @@ def tiny_run(tmp_path_factory):
     return run_search(tiny_cfg(root / "tiny-ddpm", generations=1), root / "run", progress=False).path
 
 
-def test_validate_is_resumable_and_writes_the_summary(tiny_run, monkeypatch):
+VALIDATE = dict(top_k=3, n=16, seeds=(1, 2), calib_per_step=4, distill_iters=3, batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def validated(tiny_run):
+    """The tiny run validated once (final.parquet written); any test that needs it may run first or alone."""
     import evaluators.final as fin
 
-    cfg = fin.ValidateConfig(top_k=3, n=16, seeds=(1, 2), calib_per_step=4, distill_iters=3, batch_size=16)
-    df = fin.validate_run(tiny_run, cfg, progress=False)
+    return fin.validate_run(tiny_run, fin.ValidateConfig(**VALIDATE), progress=False)
+
+
+def test_validate_is_resumable_and_writes_the_summary(tiny_run, validated, monkeypatch):
+    import evaluators.final as fin
+
+    cfg, df = fin.ValidateConfig(**VALIDATE), validated
     assert 1 <= len(df) <= 3 and set(df["seeds"]) == {2}
     assert (tiny_run / "final.parquet").is_file() and json.loads((tiny_run / "final.json").read_text())["n"] == 16
     rows = (tiny_run / "final" / "rows.jsonl").read_text().splitlines()
@@ -56,7 +66,7 @@ def test_distillation_never_worsens_the_tuning_loss(tiny_run):
     assert all(not q.requires_grad for q in net.unet.parameters())  # tuned scales are frozen again
 
 
-def test_export_prefers_validated_quantizers(tiny_run, tmp_path):
+def test_export_prefers_validated_quantizers(tiny_run, validated, tmp_path):
     from tmpq.export import export_candidate, load_export
     from tmpq.sampler import sample_images
 

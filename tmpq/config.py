@@ -33,6 +33,8 @@ class SupernetSection:
     # 2-bit grid); 1-bit weight options are always a one-basis binarizer
     w_two_bit: str = "multibasis"
     bias_correction: bool = True
+    w_observer: str = "mse"
+    a_observer: str = "minmax"
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,8 @@ class RunConfig:
 
 CHOICES = {
     "supernet.w_rounding": ("nearest", "adaround"),
+    "supernet.w_observer": ("minmax", "percentile", "mse"),
+    "supernet.a_observer": ("minmax", "percentile", "mse"),
     "supernet.w_granularity": ("channel", "group", "tensor"),
     "supernet.w_two_bit": ("multibasis", "affine"),
     "calibration.mode": ("per-option", "random-path"),
