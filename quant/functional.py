@@ -51,9 +51,9 @@ def fake_quant_inference(x: torch.Tensor, scale: torch.Tensor, zero_point: torch
                          qmax: int) -> torch.Tensor:
     """:func:`fake_quant`'s forward value with one output buffer and in-place ops (no autograd graph).
 
-    The same float operations in the same order, so bit-exact with :func:`fake_quant` (tested). On CPU it is about
-    6x faster than ``torch.fake_quantize_per_tensor_affine`` on channels-last activations (that kernel also builds
-    the gradient mask).
+    Bit-exact with :func:`fake_quant` (tested): the same scaling and rounding, the clamp shifted by the zero-point.
+    On CPU it is about 6x faster than ``torch.fake_quantize_per_tensor_affine`` on channels-last activations (that
+    kernel also builds the gradient mask).
     """
     scale, zero_point = _scalar(scale), _scalar(zero_point)
     return _fq_(x * (1.0 / scale), scale, zero_point, qmin, qmax)
@@ -65,7 +65,10 @@ def _scalar(t: torch.Tensor) -> torch.Tensor:
 
 
 def _fq_(y: torch.Tensor, scale, zero_point, qmin: int, qmax: int) -> torch.Tensor:
-    return y.round_().add_(zero_point).clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
+    # clamp(round(y) + zp, qmin, qmax) - zp == clamp(round(y), qmin - zp, qmax - zp) exactly (integers far below
+    # 2^24; beyond that both clamp to the same bound): three in-place passes instead of five
+    zp = float(zero_point) if zero_point.numel() == 1 else zero_point
+    return y.round_().clamp_(qmin - zp, qmax - zp).mul_(scale)
 
 
 @torch.no_grad()
