@@ -27,6 +27,7 @@ def test_defaults_round_trip(tmp_path):
     ({"supernet": {"w_bits": [8, 0]}}, "supernet.w_bits: 0 is not a supported bit-width"),
     ({"supernet": {"a_bits": [8, 1]}}, "supernet.a_bits: 1 is not a supported bit-width (2..16)"),
     ({"supernet": {"w_two_bit": "ternary"}}, "supernet.w_two_bit: must be one of"),
+    ({"supernet": {"a_observer": "kl"}}, "supernet.a_observer: must be one of minmax, percentile, mse"),
     ({"supernet": {"w_bits": []}}, "supernet.w_bits: must be a non-empty list"),
     ({"executor": {"retries": -1}}, "executor.retries: must be >= 0"),
     ({"search": {"bitops_budget": "cheap"}}, "search.bitops_budget"),
@@ -65,3 +66,11 @@ def test_random_configs_either_validate_or_fail_cleanly(section, key, value):
         assert "\n" not in msg and msg.split(":")[0].startswith(section)
     else:
         assert isinstance(cfg, RunConfig)
+
+
+def test_observer_keys_reach_the_supernet_config():
+    from search.service import supernet_config
+
+    sc = supernet_config(config_from_dict({"supernet": {"w_observer": "minmax", "a_observer": "mse"}}))
+    assert (sc.w_observer, sc.a_observer) == ("minmax", "mse")
+    assert supernet_config(config_from_dict({})).a_observer == "minmax"  # the default (results/supernet)
