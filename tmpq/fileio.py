@@ -9,12 +9,27 @@ from pathlib import Path
 from typing import BinaryIO
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Call ``write(f)`` on a temporary binary file and move it over ``path``; a crash leaves the old file."""
+    """Call ``write(f)`` on a temporary binary file and move it over ``path``; a crash leaves the old file. The file
+    gets the permissions a plain ``open(path, "wb")`` would give it (mkstemp's are owner-only)."""
     path = Path(path)
+    try:
+        mode = path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        mode = 0o666 & ~_UMASK
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
             write(f)
             f.flush()
             os.fsync(f.fileno())
