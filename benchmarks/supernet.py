@@ -10,6 +10,7 @@ calibration mode and with a supernet calibrated for that allocation alone; Kenda
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -63,6 +64,10 @@ def main() -> None:
     ap.add_argument("--strategy", default="uniform")
     ap.add_argument("--quality-steps", type=int, default=100)
     ap.add_argument("--quality-n", type=int, default=2000)
+    ap.add_argument("--quality-options", default="", help="comma list of uniform options to score (e.g. W8A8; "
+                    "default: W8A8, W6A6, W4A8 and the lowest)")
+    ap.add_argument("--fp-from-baseline", default="", help="take the FP quality row from this baseline rows.jsonl "
+                    "(e.g. results/baseline/rows.jsonl) instead of sampling it")
     ap.add_argument("--calib-steps", type=int, default=20)
     ap.add_argument("--calib-per-step", type=int, default=32)
     ap.add_argument("--sampler-steps", type=int, default=100)
@@ -147,9 +152,26 @@ def fidelity(args, log: RowLog, fresh_unet, cfg, batches, score, teacher) -> Non
                         "bitops": net.bitops(alloc), "calib_s": round(calib_s, 1), **row})
 
 
+def fp_baseline_row(args) -> dict:
+    """The FP uniform DDIM row at ``--quality-steps`` / ``--quality-n`` / ``--seed`` of the baseline benchmark (same
+    sampler, per-image noise seeds, extractor and reference as the quality rows here)."""
+    for line in Path(args.fp_from_baseline).read_text().splitlines():
+        r = json.loads(line)
+        if (r.get("kind"), r.get("schedule"), r.get("steps"), r.get("n"), r.get("seed")) == (
+                "fid", "uniform", args.quality_steps, args.quality_n, args.seed):
+            return r
+    raise SystemExit(f"{args.fp_from_baseline}: no FP uniform {args.quality_steps}-step row at N = {args.quality_n}, "
+                     f"seed {args.seed}")
+
+
 def quality_and_cost(args, log: RowLog, fresh_unet, sched, ext, ref, batches, parts) -> None:
     """Uniform options at ``--quality-steps`` uniform DDIM vs FP; timing and memory."""
     ts_q = make_timesteps("uniform", args.quality_steps)
+    fp_row = fp_baseline_row(args) if args.fp_from_baseline else None
+    if fp_row is not None and not log.has(kind="quality", name="fp", n=args.quality_n, seed=args.seed):
+        log.append({"kind": "quality", "name": "fp", "n": args.quality_n, "seed": args.seed,
+                    "steps": args.quality_steps, "fid": fp_row["fid"], "kid": fp_row.get("kid"),
+                    "source": f"{args.fp_from_baseline} ({fp_row['command']}, {fp_row['finished']})"})
     if not log.has(kind="quality", name="fp", n=args.quality_n, seed=args.seed):
         imgs = sample_images(fresh_unet(), sched, ts_q, args.quality_n, seed=args.seed, desc="FP quality")
         log.append({"kind": "quality", "name": "fp", "n": args.quality_n, "seed": args.seed,
@@ -161,6 +183,8 @@ def quality_and_cost(args, log: RowLog, fresh_unet, sched, ext, ref, batches, pa
     lowest = (min(net.config.w_bits), min(net.config.a_bits))
     for w, a in [(8, 8), (6, 6), (4, 8), lowest]:
         name = f"W{w}A{a}"
+        if args.quality_options and name not in args.quality_options.split(","):
+            continue
         if "quality" not in parts or log.has(kind="quality", name=name, n=args.quality_n, seed=args.seed):
             continue
         net.set_uniform(w, a)
@@ -177,9 +201,12 @@ def quality_and_cost(args, log: RowLog, fresh_unet, sched, ext, ref, batches, pa
             sample_images(unet, sched, ts10, 256, batch_size=256, progress=False)
             return time.perf_counter() - t0
 
-        fp_s = timed(fp_unet)
         net.set_uniform(6, 6)
-        fq_s = timed(net.unet)
+        fp_runs, fq_runs = [], []
+        for _ in range(3):  # alternated, medians: one pair of runs on a shared 2-core machine is noisy
+            fp_runs.append(timed(fp_unet))
+            fq_runs.append(timed(net.unet))
+        fp_s, fq_s = float(np.median(fp_runs)), float(np.median(fq_runs))
         x = torch.randn(256, 1, 16, 16)
         t = torch.full((256,), 500)
         with torch.no_grad():
@@ -196,6 +223,7 @@ def quality_and_cost(args, log: RowLog, fresh_unet, sched, ext, ref, batches, pa
         fp_bytes = sum(p.numel() * p.element_size() for p in fp_unet.parameters())
         log.append({"kind": "cost", "name": "timing", "n": 256, "seed": args.seed, "fp_sample_s": round(fp_s, 3),
                     "fakequant_sample_s": round(fq_s, 3), "ratio": round(fq_s / fp_s, 3),
+                    "fp_runs_s": [round(v, 3) for v in fp_runs], "fakequant_runs_s": [round(v, 3) for v in fq_runs],
                     "unet_forward_s": round(fwd_s, 4), "set_bits_s": set_s, "set_bits_frac": set_s / fwd_s,
                     "quantizer_state_bytes": q_bytes, "fp_param_bytes": fp_bytes, "calib_all_options_s": round(calib_s, 1)})
 
@@ -238,14 +266,18 @@ def write_report(out: Path, log: RowLog, args) -> None:
         tf = kendalltau([shared[i]["fid"] for i in ids], [alone[i]["fid"] for i in ids])[0]
         tm = kendalltau([shared[i]["paired_mse"] for i in ids], [alone[i]["paired_mse"] for i in ids])[0]
         lines.append(f"| {mode} | {tf:.3f} | {tm:.3f} | {shared[ids[0]]['calib_s']} |")
-    quality = {r["name"]: r for r in rows if r["kind"] == "quality"}
-    if quality:
+    for n in sorted({r["n"] for r in rows if r["kind"] == "quality"}):
+        quality = {r["name"]: r for r in rows if r["kind"] == "quality" and r["n"] == n}
         fp = quality.get("fp")
-        lines += ["", f"## Quality: uniform options, uniform DDIM {args.quality_steps} steps, N = {args.quality_n}", "",
+        steps = next(iter(quality.values()))["steps"]
+        lines += ["", f"## Quality: uniform options, uniform DDIM {steps} steps, N = {n}, seed {args.seed}", "",
                   "| config | FID | vs FP | KID x1e3 |", "|---|---:|---:|---:|"]
         for name, r in quality.items():
             rel = f"{r['fid'] / fp['fid']:.3f}x" if fp else "-"
-            lines.append(f"| {name} | {r['fid']:.3f} | {rel} | {1e3 * r['kid']:.2f} |")
+            kid = f"{1e3 * r['kid']:.2f}" if r.get("kid") is not None else "-"
+            lines.append(f"| {name} | {r['fid']:.3f} | {rel} | {kid} |")
+        if fp and fp.get("source"):
+            lines.append(f"\nFP row from {fp['source']}.")
     strat = [r for r in rows if r["kind"] == "strategy"]
     if strat:
         lines += ["", f"## Calibration data strategies (per-option, {args.schedule} {args.steps} steps, N = {args.fid_n})",
@@ -254,7 +286,8 @@ def write_report(out: Path, log: RowLog, args) -> None:
     cost = next((r for r in rows if r["kind"] == "cost"), None)
     if cost:
         lines += ["", "## Cost", "",
-                  f"- fake-quant (W6A6) / FP sampling time, quad 10 steps, batch 256: {cost['ratio']:.2f}",
+                  f"- fake-quant (W6A6) / FP sampling time, quad 10 steps, 256 images in one batch (median of "
+                  f"{len(cost.get('fp_runs_s', [0]))} alternated runs each): {cost['ratio']:.2f}",
                   f"- set_bits: {1e6 * cost['set_bits_s']:.0f} us = {100 * cost['set_bits_frac']:.2f} % of one UNet "
                   f"forward at batch 256 ({cost['unet_forward_s']:.3f} s)",
                   f"- quantizer state {cost['quantizer_state_bytes'] / 1e6:.2f} MB vs FP parameters "

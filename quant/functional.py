@@ -74,15 +74,23 @@ def _fq_(y: torch.Tensor, scale, zero_point, qmin: int, qmax: int) -> torch.Tens
 @torch.no_grad()
 def fake_quant_split_inference(x: torch.Tensor, split: int, first, second) -> torch.Tensor:
     """Per-tensor fake quantization of ``x[:, :split]`` and ``x[:, split:]`` with two ``(scale, zero_point, qmin,
-    qmax)`` parameter sets, written straight into one output (no ``torch.cat``); bit-exact with quantizing each half
-    by :func:`fake_quant_inference` and concatenating."""
-    y = torch.empty_like(x)
-    for sl, (scale, zp, qmin, qmax) in ((slice(None, split), first), (slice(split, None), second)):
-        ys = y[:, sl]
-        scale, zp = _scalar(scale), _scalar(zp)
-        torch.mul(x[:, sl], 1.0 / scale, out=ys)
-        _fq_(ys, scale, zp, qmin, qmax)
-    return y
+    qmax)`` parameter sets, bit-exact with quantizing each half by :func:`fake_quant_inference` and concatenating.
+
+    One pass over the whole tensor with per-channel parameter vectors (the halves' values repeated), so a
+    channels-last input stays one contiguous, vectorized operand (slicing it into halves made strided views and
+    temporary copies: 1.5x slower on the embedded model's skip concatenations)."""
+    channels = x.shape[1]
+    (s1, z1, lo1, hi1), (s2, z2, lo2, hi2) = first, second
+
+    def per_channel(a, b) -> torch.Tensor:
+        a, b = torch.as_tensor(a, dtype=x.dtype).reshape(()), torch.as_tensor(b, dtype=x.dtype).reshape(())
+        v = torch.cat([a.expand(split), b.expand(channels - split)])
+        return v.reshape([1, channels] + [1] * (x.ndim - 2))
+
+    scale, zp = per_channel(s1, s2), per_channel(z1, z2)
+    lo, hi = per_channel(lo1, lo2) - zp, per_channel(hi1, hi2) - zp
+    y = x * (1.0 / scale)
+    return y.round_().clamp_(lo, hi).mul_(scale)
 
 
 def channel_view(t: torch.Tensor, ndim: int, axis: int = 0) -> torch.Tensor:

@@ -116,9 +116,13 @@ class QuantLayer(nn.Module):
         q = self.w_quant[self.w_index]
         if torch.is_grad_enabled() and (self.module.weight.requires_grad or any(p.requires_grad for p in q.parameters())):
             return q(self.module.weight)
+        weight = self.module.weight
         w = self._w_cache.get(self.w_index)
-        if w is None:
-            w = self._w_cache[self.w_index] = q(self.module.weight).detach()
+        if w is None or w.stride() != weight.stride():  # (re)built in the weight's memory format: a channels-last
+            w = q(weight).detach()                      # model must not convert its weights in every conv call
+            if w.stride() != weight.stride():
+                w = torch.empty_strided(weight.shape, weight.stride(), dtype=w.dtype, device=w.device).copy_(w)
+            self._w_cache[self.w_index] = w
         return w
 
     def invalidate_cache(self) -> None:

@@ -137,3 +137,18 @@ def test_bias_correction_removes_the_mean_output_shift_of_every_weight_option(ma
     with pytest.raises(QuantError, match="saw no inputs"):
         lay.begin_bias_correction()
         lay.end_bias_correction()
+
+
+def test_cached_quantized_weight_follows_the_weights_memory_format():
+    torch.manual_seed(3)
+    conv = nn.Conv2d(8, 6, 3, padding=1)
+    q = _calibrated(QuantConv2d(conv, w_bits=(8, 4), a_bits=(8,)), torch.randn(4, 8, 5, 5))
+    q.set_bits(1, 0)
+    before = q.quantized_weight().clone()
+    x = torch.randn(2, 8, 5, 5)
+    out = q(x)
+    q.to(memory_format=torch.channels_last)  # as the sampler does; the cache was built contiguous
+    w = q.quantized_weight()
+    assert w.stride() == conv.weight.stride() != before.stride()
+    assert torch.equal(w, before)  # same values, no re-quantization drift
+    assert torch.allclose(q(x.contiguous(memory_format=torch.channels_last)), out, atol=1e-6)
