@@ -167,9 +167,12 @@ def part_fidelity(args, log: RowLog, sn: Path) -> None:
 
 def part_front(args, log: RowLog, sn: Path) -> None:
     baseline_points(args, log, sn)
+    # the paper's EA has its own population (50 new candidates per generation): it gets as many generations as give
+    # it the same evaluation budget as the others (population x generations), and the paper's BitOPs constraint
+    paper_gens = max(1, round(args.population * args.generations / 50))
     for seed in range(args.seeds):
         for engine in ("pymoo", "random", "paper-ea"):
-            extra = {"bitops_budget": "w6a6"} if engine == "paper-ea" else {}  # the paper's constraint
+            extra = {"bitops_budget": "w6a6", "generations": paper_gens} if engine == "paper-ea" else {}
             search(args, log, f"{engine}-s{seed}", sn, engine=engine, seed=seed, **extra)
 
 
