@@ -26,6 +26,9 @@ from benchmarks.common import RowLog, findings
 
 UNIFORM_BASELINES = [(w, a, sched, n) for (w, a) in ((8, 8), (6, 6), (4, 8)) for sched in ("uniform", "quad")
                      for n in (5, 10, 20)]
+# the FP model on the same schedules, scored by the same proxy: what each schedule costs before any quantization
+# (reported beside the baselines, not part of the dominance check)
+FP_SCHEDULES = [(sched, n) for sched in ("uniform", "quad") for n in (5, 10, 20)]
 
 
 # -- shared pieces ---------------------------------------------------------------------------------------------------
@@ -113,6 +116,15 @@ def baseline_points(args, log: RowLog, sn: Path) -> list[dict]:
                         "fid_proxy": obj["fid_proxy"], "gbitops": ev.net.bitops(alloc) * n / 1e9,
                         "eval_s": obj["eval_s"]})
         rows.append(next(r for r in log.rows.values() if r["kind"] == "baseline" and r["name"] == name))
+    for sched, n in FP_SCHEDULES:
+        name = f"FP {sched} {n}"
+        if not log.has(kind="fp-schedule", name=name):
+            if ev is None:
+                ev = evaluator(args, sn)
+            obj = ev.evaluate(make_timesteps(sched, n), None)
+            log.append({"kind": "fp-schedule", "name": name, "schedule": sched, "steps": n,
+                        "fid_proxy": obj["fid_proxy"], "paired_pixel_mse": obj["paired_pixel_mse"],
+                        "eval_s": obj["eval_s"]})
     return rows
 
 
@@ -217,6 +229,20 @@ def write_report(args, log: RowLog) -> None:
             cost = float(np.mean([r[cost_key] for r in fid]))
             lines.append(f"| {label} | {tau:.3f} | {cost:.1f} | {100 * cost / cost10k:.1f} % |")
         lines += ["", f"FID@10k: mean {cost10k:.0f} s per candidate (sampling + features).", ""]
+    base_rows = [r for r in rows if r["kind"] == "baseline"]
+    fp_rows = {r["name"]: r for r in rows if r["kind"] == "fp-schedule"}
+    if base_rows:
+        lines += ["## Uniform baselines and the FP model on the same schedules (proxy, lower is better)", "",
+                  "| schedule | FP | W8A8 | W6A6 | W4A8 |", "|---|---:|---:|---:|---:|"]
+        for sched in ("uniform", "quad"):
+            for n in (5, 10, 20):
+                fp = fp_rows.get(f"FP {sched} {n}")
+                cells = [f"{fp['fid_proxy']:.2f}" if fp else "-"]
+                for w, a in ((8, 8), (6, 6), (4, 8)):
+                    b = next((r for r in base_rows if r["name"] == f"W{w}A{a} {sched} {n}"), None)
+                    cells.append(f"{b['fid_proxy']:.2f} ({b['gbitops']:.1f} G)" if b else "-")
+                lines.append(f"| {sched} {n} | " + " | ".join(cells) + " |")
+        lines.append("")
     runs = {r["name"]: r for r in rows if r["kind"] == "search"}
     base = [r for r in rows if r["kind"] == "baseline"]
     all_pts = {name: points(out / "runs" / name) for name in runs}

@@ -73,8 +73,12 @@ class CandidateEvaluator:
 
         ``bits``: one allocation (a (w, a) pair per gene) for every step, or, per time group, one allocation per
         group in ascending time order (``bits[g]`` serves the schedule's step in group g: the schedule runs from the
-        last group to the first). ``per_group_bits=None`` tells the two apart by shape.
+        last group to the first). ``per_group_bits=None`` tells the two apart by shape. ``bits=None``: the FP
+        model (every layer passed through), the reference point of a schedule.
         """
+        if bits is None:
+            self.net.set_fp()
+            return self._sample(timesteps, None, n, seed)
         if per_group_bits is None:
             per_group_bits = len(bits) > 0 and isinstance(bits[0][0], (tuple, list))
         on_step = None

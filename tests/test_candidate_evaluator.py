@@ -72,3 +72,13 @@ def test_per_group_bits_switch_per_step(evaluator):
     assert mixed["fid_proxy"] != ev.evaluate(ts, (hi,) * 4)["fid_proxy"]
     with pytest.raises(TmpqError, match="per-group bits"):
         ev.evaluate(ts, (hi,) * 3)
+
+
+def test_fp_reference_of_a_schedule(evaluator):
+    ev, net = evaluator
+    from tmpq.schedules import make_timesteps
+
+    ts = make_timesteps("uniform", 20)  # the teacher's own schedule (uniform, 20 steps): FP gives the teacher exactly
+    fp = ev.evaluate(ts, None)
+    assert fp["paired_pixel_mse"] == 0.0 and fp["fid_proxy"] == pytest.approx(0.0, abs=1e-9)
+    assert ev.evaluate(ts, [(4, 6)] * net.num_genes)["paired_pixel_mse"] > 0.0
