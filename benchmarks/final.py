@@ -23,15 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import findings
-
-
-def fp100_reference(baseline_rows: Path) -> dict:
-    for line in baseline_rows.read_text().splitlines():
-        r = json.loads(line)
-        if r.get("kind") == "fid" and r.get("schedule") == "uniform" and r.get("steps") == 100:
-            return r
-    raise SystemExit(f"{baseline_rows}: no uniform 100-step FP row (run python -m benchmarks.baseline first)")
+from benchmarks.common import baseline_fp_row, findings
 
 
 def choose_keys(front, budget: float, top_k: int, spread: int) -> list[str]:
@@ -80,7 +72,7 @@ def main() -> None:
     space = SearchSpace.from_dict(json.loads((run_path / "search_space.json").read_text()))
     fp100_bitops = fp_bitops(space, 100)
     budget = args.budget_frac * fp100_bitops
-    ref = fp100_reference(Path(args.baseline))
+    ref = baseline_fp_row(Path(args.baseline), 100)
     run = load_run(run_path)
     front = run.pareto()
     keys = choose_keys(front, budget, args.top_k, args.spread)

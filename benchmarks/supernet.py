@@ -10,14 +10,13 @@ calibration mode and with a supernet calibrated for that allocation alone; Kenda
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from benchmarks.common import RowLog, findings
+from benchmarks.common import RowLog, baseline_fp_row, findings
 from evaluators.features import make_extractor
 from evaluators.quality import embedded_reference, score_features
 from supernet import QuantSupernet, SupernetConfig
@@ -152,22 +151,11 @@ def fidelity(args, log: RowLog, fresh_unet, cfg, batches, score, teacher) -> Non
                         "bitops": net.bitops(alloc), "calib_s": round(calib_s, 1), **row})
 
 
-def fp_baseline_row(args) -> dict:
-    """The FP uniform DDIM row at ``--quality-steps`` / ``--quality-n`` / ``--seed`` of the baseline benchmark (same
-    sampler, per-image noise seeds, extractor and reference as the quality rows here)."""
-    for line in Path(args.fp_from_baseline).read_text().splitlines():
-        r = json.loads(line)
-        if (r.get("kind"), r.get("schedule"), r.get("steps"), r.get("n"), r.get("seed")) == (
-                "fid", "uniform", args.quality_steps, args.quality_n, args.seed):
-            return r
-    raise SystemExit(f"{args.fp_from_baseline}: no FP uniform {args.quality_steps}-step row at N = {args.quality_n}, "
-                     f"seed {args.seed}")
-
-
 def quality_and_cost(args, log: RowLog, fresh_unet, sched, ext, ref, batches, parts) -> None:
     """Uniform options at ``--quality-steps`` uniform DDIM vs FP; timing and memory."""
     ts_q = make_timesteps("uniform", args.quality_steps)
-    fp_row = fp_baseline_row(args) if args.fp_from_baseline else None
+    fp_row = (baseline_fp_row(args.fp_from_baseline, args.quality_steps, args.quality_n, args.seed)
+              if args.fp_from_baseline else None)
     if fp_row is not None and not log.has(kind="quality", name="fp", n=args.quality_n, seed=args.seed):
         log.append({"kind": "quality", "name": "fp", "n": args.quality_n, "seed": args.seed,
                     "steps": args.quality_steps, "fid": fp_row["fid"], "kid": fp_row.get("kid"),

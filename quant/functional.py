@@ -67,7 +67,7 @@ def _scalar(t: torch.Tensor) -> torch.Tensor:
 def _fq_(y: torch.Tensor, scale, zero_point, qmin: int, qmax: int) -> torch.Tensor:
     # clamp(round(y) + zp, qmin, qmax) - zp == clamp(round(y), qmin - zp, qmax - zp) exactly (integers far below
     # 2^24; beyond that both clamp to the same bound): three in-place passes instead of five
-    zp = float(zero_point) if zero_point.numel() == 1 else zero_point
+    zp = float(zero_point)  # per-tensor only (the split kernel broadcasts per-channel vectors itself)
     return y.round_().clamp_(qmin - zp, qmax - zp).mul_(scale)
 
 

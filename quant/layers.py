@@ -119,10 +119,8 @@ class QuantLayer(nn.Module):
         weight = self.module.weight
         w = self._w_cache.get(self.w_index)
         if w is None or w.stride() != weight.stride():  # (re)built in the weight's memory format: a channels-last
-            w = q(weight).detach()                      # model must not convert its weights in every conv call
-            if w.stride() != weight.stride():
-                w = torch.empty_strided(weight.shape, weight.stride(), dtype=w.dtype, device=w.device).copy_(w)
-            self._w_cache[self.w_index] = w
+            # model must not convert its weights in every conv call (empty_like keeps the weight's strides)
+            w = self._w_cache[self.w_index] = torch.empty_like(weight).copy_(q(weight).detach())
         return w
 
     def invalidate_cache(self) -> None:
