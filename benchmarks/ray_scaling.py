@@ -27,19 +27,14 @@ from tmpq.fileio import atomic_write_bytes
 
 def build(cfg, work: Path):
     """The supernet file (calibrated once, as ``run_search`` does) and the search space of ``cfg``."""
-    from dataclasses import replace
-
-    from search.service import _budget, _time_groups, calibrate_to_file, supernet_config
-    from search.space import SearchSpace
+    from search.service import _time_groups, build_space, calibrate_to_file, supernet_config
     from supernet import QuantSupernet
     from tmpq.model import load_model
 
     m = load_model(None if cfg.model.path == "embedded" else cfg.model.path)
-    groups = _time_groups(cfg, m, None)  # before wrapping: a sensitivity grouping profiles the FP model
+    groups, step_groups = _time_groups(cfg, m, None)  # before wrapping: a sensitivity grouping profiles the FP model
     net = QuantSupernet(m.unet, supernet_config(cfg))
-    space = SearchSpace.from_supernet(net, groups, per_group_bits=cfg.search.per_group_bits)
-    space = replace(space, bitops_budget=_budget(space, cfg.search.bitops_budget),
-                    size_budget_mb=cfg.search.size_budget_mb or None)
+    space = build_space(cfg, net, groups, step_groups)
     # cached per model x supernet options x calibration settings (configs with other bit options get their own file)
     key = hashlib.sha256(json.dumps([net.fingerprint, net.config.to_json(), cfg.calibration.__dict__],
                                     sort_keys=True, default=str).encode()).hexdigest()[:12]

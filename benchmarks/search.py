@@ -28,6 +28,8 @@ UNIFORM_BASELINES = [(w, a, sched, n) for (w, a) in ((8, 8), (6, 6), (4, 8)) for
                      for n in (5, 10, 20)]
 # the FP model on the same schedules, scored by the same proxy: what each schedule costs before any quantization
 # (reported beside the baselines, not part of the dominance check)
+# step counts of the fidelity candidates (the proxy must rank across step counts as well as bit allocations)
+FIDELITY_STEPS = (5, 7, 10, 14, 20)
 FP_SCHEDULES = [(sched, n) for sched in ("uniform", "quad") for n in (5, 10, 20)]
 
 
@@ -57,8 +59,9 @@ def run_config(args, sn: Path, **search):
 
     return config_from_dict({
         "calibration": {"supernet_file": str(sn)},
-        "search": {"engine": "pymoo", "steps": args.steps, "population": args.population,
-                   "generations": args.generations, "bitops_budget": "none", **search},
+        "search": {"engine": "pymoo", "steps": args.steps, "step_choices": list(args.step_choices),
+                   "population": args.population, "generations": args.generations, "bitops_budget": "none",
+                   **search},
         "proxy": {"name": args.proxy, "n_images": args.proxy_n},
         "executor": {"kind": "local", "threads_per_worker": args.threads},
     })
@@ -132,49 +135,58 @@ def baseline_points(args, log: RowLog, sn: Path) -> list[dict]:
 def part_fidelity(args, log: RowLog, sn: Path) -> None:
     """>= 30 diverse candidates: each proxy (and its wall time) vs FID at N = 10,000 on the same candidate."""
     from evaluators.quality import embedded_reference, score_features
-    from search.groups import quadratic_groups
+    from search.groups import quadratic_groups, uniform_groups
     from search.space import SearchSpace
     from tmpq.sampler import sample_images
 
     ev = evaluator(args, sn)
-    space = SearchSpace.from_supernet(ev.net, quadratic_groups(args.steps))
+    # diverse candidates: step count (5-20), grouping (quad / uniform), one timestep drawn per group, and random bits
+    # with a per-candidate probability of the lower options, so that total BitOPs span the whole range
+    spaces = {(grp, n): SearchSpace.from_supernet(ev.net, make(n)) for grp, make in
+              (("quad", quadratic_groups), ("uniform", uniform_groups)) for n in FIDELITY_STEPS}
+    keys = sorted(spaces)
     rng = np.random.default_rng(args.seed)
     pool = []
-    for _ in range(3000):  # random schedules x bits, mixed per-gene probabilities so BitOPs span its whole range
+    for _ in range(3000):
+        space = spaces[keys[rng.integers(len(keys))]]
         g = space.sample(rng)
-        p_low = rng.uniform()
         bits = g[space.n_steps:]
-        low = rng.uniform(size=bits.size) < p_low
+        low = rng.uniform(size=bits.size) < rng.uniform()
         ub = space.upper_bounds()[space.n_steps:]
         bits[low] = ub[low] - 1
         g[space.n_steps:] = bits
-        pool.append((space.bitops(space.decode(g)), g))
+        c = space.decode(g)
+        pool.append((space.bitops(c), c))
     pool.sort(key=lambda x: x[0])
+    base = spaces[("quad", 10)]
     picks = [pool[i][1] for i in np.linspace(0, len(pool) - 1, args.n_cand - 3).round().astype(int)]
-    picks += [space.encode(space.uniform_candidate(w, a)) for w, a in ((8, 8), (6, 6), (4, 8))]
+    picks += [base.uniform_candidate(w, a) for w, a in ((8, 8), (6, 6), (4, 8))]
     ref = embedded_reference(ev.extractor)
-    for i, g in enumerate(picks):
+    # visited in a shuffled order, so that a partial run already spans the BitOPs range
+    for i in np.random.default_rng(args.seed).permutation(len(picks)).tolist():
+        c = picks[i]
         if log.has(kind="fidelity", name=f"cand{i:02d}"):
             continue
-        c = space.decode(g)
         proxy = ev.evaluate(c.timesteps, c.bits)
-        small = {}
-        for n in args.small_n:
-            ev.net.set_bits(c.bits)
-            t0 = time.perf_counter()
-            imgs = sample_images(ev.net.unet, ev.scheduler, c.timesteps, n, seed=args.seed + 1, progress=False)
-            s = score_features(ev.extractor(imgs), ref)
-            small[f"fid_n{n}"], small[f"fid_n{n}_s"] = s["fid"], time.perf_counter() - t0
         ev.net.set_bits(c.bits)
         t0 = time.perf_counter()
         imgs = sample_images(ev.net.unet, ev.scheduler, c.timesteps, 10_000, seed=args.seed + 1,
                              desc=f"cand {i} FID@10k")
-        full = score_features(ev.extractor(imgs), ref)
+        feats = ev.extractor(imgs)
+        full_s = time.perf_counter() - t0
+        full = score_features(feats, ref)
+        # small-N FID / KID on the first n images: the noise bank is indexed, so these are exactly the images a
+        # separate n-image run with the same seed would draw (common noise across candidates); cost ~ n / 10,000
+        small = {}
+        for n in args.small_n:
+            s = score_features(feats[:n], ref)
+            small[f"fid_n{n}"], small[f"kid_n{n}"] = s["fid"], s.get("kid")
         log.append({"kind": "fidelity", "name": f"cand{i:02d}", "timesteps": list(c.timesteps),
-                    "bits": [list(b) for b in c.bits], "gbitops": space.bitops(c) / 1e9,
+                    "bits": [list(b) for b in c.bits], "steps": len(c.timesteps),
+                    "gbitops": base.bitops(c) / 1e9,
                     "paired_feat": proxy["paired_feat"], "paired_pixel_mse": proxy["paired_pixel_mse"],
                     "proxy_s": proxy["eval_s"], "proxy_n": args.proxy_n, **small,
-                    "fid10k": full["fid"], "kid10k": full.get("kid"), "fid10k_s": time.perf_counter() - t0})
+                    "fid10k": full["fid"], "kid10k": full.get("kid"), "fid10k_s": round(full_s, 1)})
 
 
 def part_front(args, log: RowLog, sn: Path) -> None:
@@ -212,7 +224,9 @@ def write_report(args, log: RowLog) -> None:
     out = Path(args.out)
     rows = list(log.rows.values())
     lines = ["# Search benchmark (issue 4)", "", *findings(out),
-             f"Embedded model, {args.steps}-step schedules (quadratic time groups unless stated), supernet "
+             "Embedded model; searches pick the step count from "
+             f"{', '.join(map(str, args.step_choices or [args.steps]))} (reference {args.steps} steps; quadratic "
+             "time groups unless stated), supernet "
              "W{8,6,4} x A{8,6} calibrated once with the default settings, proxy "
              f"`{args.proxy}` at N = {args.proxy_n} (FP teacher: uniform DDIM 100 steps, same noise bank).", ""]
     fid = [r for r in rows if r["kind"] == "fidelity"]
@@ -221,13 +235,22 @@ def write_report(args, log: RowLog) -> None:
         lines += [f"## Proxy fidelity ({len(fid)} candidates)", "",
                   "| proxy | Kendall tau vs FID@10k | mean wall s | cost vs FID@10k |", "|---|---:|---:|---:|"]
         cost10k = float(np.mean([r["fid10k_s"] for r in fid]))
-        cands = [("paired-feat (N=%d)" % fid[0]["proxy_n"], "paired_feat", "proxy_s"),
-                 ("paired pixel MSE (N=%d)" % fid[0]["proxy_n"], "paired_pixel_mse", "proxy_s")]
-        cands += [(f"FID at N={k[5:]}", k, f"{k}_s") for k in fid[0] if k.startswith("fid_n") and not k.endswith("_s")]
-        for label, key, cost_key in cands:
+        pn = fid[0]["proxy_n"]
+        cands = [(f"paired-feat (N={pn})", "paired_feat", float(np.mean([r["proxy_s"] for r in fid]))),
+                 (f"paired pixel MSE (N={pn})", "paired_pixel_mse", float(np.mean([r["proxy_s"] for r in fid])))]
+        for k in fid[0]:  # small-N FID / KID: the first n of the 10,000 images, so their cost is n / 10,000 of it
+            if k.startswith(("fid_n", "kid_n")) and all(r.get(k) is not None for r in fid):
+                cands.append((f"{k[:3].upper()} at N={k[5:]}", k, cost10k * int(k[5:]) / 10_000))
+        cands.append(("KID at N=10,000", "kid10k", cost10k))
+        for label, key, cost in cands:
             tau = kendalltau([r[key] for r in fid], ref)[0]
-            cost = float(np.mean([r[cost_key] for r in fid]))
             lines.append(f"| {label} | {tau:.3f} | {cost:.1f} | {100 * cost / cost10k:.1f} % |")
+        by_steps = sorted({r["steps"] for r in fid if "steps" in r})
+        for n in by_steps:  # within one step count: does the proxy rank bit allocations?
+            sub = [r for r in fid if r.get("steps") == n]
+            if len(sub) >= 4:
+                lines.append(f"| paired-feat within {n} steps ({len(sub)} cands) | "
+                             f"{kendalltau([r['paired_feat'] for r in sub], [r['fid10k'] for r in sub])[0]:.3f} | | |")
         lines += ["", f"FID@10k: mean {cost10k:.0f} s per candidate (sampling + features).", ""]
     base_rows = [r for r in rows if r["kind"] == "baseline"]
     fp_rows = {r["name"]: r for r in rows if r["kind"] == "fp-schedule"}
@@ -312,14 +335,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", required=True, choices=("fidelity", "front", "axes", "grouping", "report"))
     ap.add_argument("--out", default="results/search")
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=10, help="reference step count (budgets, bits-only search)")
+    ap.add_argument("--step-choices", type=lambda s: [int(v) for v in s.split(",") if v], default=[5, 7, 10, 14, 20],
+                    help="step counts the searches may pick (a step-count gene); '' = fixed at --steps")
     ap.add_argument("--population", type=int, default=40)
     ap.add_argument("--generations", type=int, default=5)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--proxy", default="paired-feat", choices=("paired-feat", "fid"))
     ap.add_argument("--proxy-n", type=int, default=128)
     ap.add_argument("--n-cand", type=int, default=32)
-    ap.add_argument("--small-n", type=lambda s: [int(v) for v in s.split(",")], default=[500, 1000])
+    ap.add_argument("--small-n", type=lambda s: [int(v) for v in s.split(",")], default=[250, 500])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()

@@ -31,7 +31,7 @@ def repair(space: SearchSpace, genome: np.ndarray, rng: np.random.Generator, tri
     g = np.array(genome, dtype=np.int64)
     if space.feasible(space.decode(g)):
         return g
-    n = space.n_steps
+    n = space.bits_start
     ub = space.upper_bounds()
     for _ in range(tries):
         held = {i for i, _ in space.fixed}

@@ -88,24 +88,44 @@ def _budget(space, spec: str) -> float | None:
 
 
 def _time_groups(cfg: RunConfig, m, resumed_run: Path | None):
-    """Time groups of the configured grouping. ``sensitivity`` profiles the FP model once (64 bank images along
-    100-step uniform DDIM, seed = search.seed); a resumed run reuses the groups stored in its search_space.json, so
-    round-off in a re-profile can never change the space under a running search."""
+    """Time groups of the configured grouping (the reference ``search.steps``) and, with ``search.step_choices``, one
+    grouping per step choice. ``sensitivity`` profiles the FP model once (64 bank images along 100-step uniform DDIM,
+    seed = search.seed); a resumed run reuses the groups stored in its search_space.json, so round-off in a re-profile
+    can never change the space under a running search."""
     from search.groups import TimeGroups, quadratic_groups, sensitivity_groups, uniform_groups
 
-    kind, n, T = cfg.search.grouping, cfg.search.steps, m.num_train_timesteps
-    if kind == "quad":
-        return quadratic_groups(n, T)
-    if kind == "uniform":
-        return uniform_groups(n, T)
-    stored = resumed_run / "search_space.json" if resumed_run is not None else None
-    if stored is not None and stored.is_file():
-        return TimeGroups.from_dict(json.loads(stored.read_text())["groups"])
-    from search.sensitivity import sensitivity_profile
-    from tmpq.sampler import make_scheduler
+    kind, T = cfg.search.grouping, m.num_train_timesteps
+    choices = cfg.search.step_choices or (cfg.search.steps,)
+    if kind in ("quad", "uniform"):
+        make = quadratic_groups if kind == "quad" else uniform_groups
+        per = {n: make(n, T) for n in choices}
+    else:
+        stored = resumed_run / "search_space.json" if resumed_run is not None else None
+        if stored is not None and stored.is_file():
+            d = json.loads(stored.read_text())
+            found = [TimeGroups.from_dict(g) for g in d.get("step_groups") or [d["groups"]]]
+            per = {g.n: g for g in found}
+        else:
+            from search.sensitivity import sensitivity_profile
+            from tmpq.sampler import make_scheduler
 
-    prof = sensitivity_profile(m.unet, make_scheduler(m.scheduler_config), seed=cfg.search.seed)
-    return sensitivity_groups(prof, n)
+            prof = sensitivity_profile(m.unet, make_scheduler(m.scheduler_config), seed=cfg.search.seed)
+            per = {n: sensitivity_groups(prof, n) for n in choices}
+    steps = tuple(per[n] for n in sorted(per)) if cfg.search.step_choices else ()
+    return per[cfg.search.steps], steps
+
+
+def build_space(cfg: RunConfig, net, groups, step_groups=()):
+    """The run's search space: the supernet's genes on ``groups`` (and step choices), restricted to the configured
+    axes, with its BitOPs and size budgets."""
+    from dataclasses import replace
+
+    from search.space import SearchSpace
+
+    space = SearchSpace.from_supernet(net, groups, per_group_bits=cfg.search.per_group_bits, step_groups=step_groups)
+    space = space.restrict(cfg.search.axes, _uniform_option(cfg.search.fixed_bits, "search.fixed_bits"))
+    return replace(space, bitops_budget=_budget(space, cfg.search.bitops_budget),
+                   size_budget_mb=cfg.search.size_budget_mb or None)
 
 
 def supernet_config(cfg: RunConfig):
@@ -140,21 +160,15 @@ def calibrate_to_file(cfg: RunConfig, m, net, sn_file: Path, progress: bool = Tr
 
 def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=None, progress: bool = True) -> RunDir:
     """Run (or resume) a search; returns the run directory. ``executor`` overrides the configured one (tests)."""
-    from dataclasses import replace
-
     from search.engines import make_engine
-    from search.space import SearchSpace
     from supernet import QuantSupernet
     from tmpq.model import load_model
 
     m = load_model(None if cfg.model.path == "embedded" else cfg.model.path)
-    groups = _time_groups(cfg, m, run_path if resume else None)  # before wrapping: profiles the FP model
+    groups, step_groups = _time_groups(cfg, m, run_path if resume else None)  # before wrapping: profiles the FP model
     net = QuantSupernet(m.unet, supernet_config(cfg))
     fp = run_fingerprint(cfg, net.fingerprint)
-    space = SearchSpace.from_supernet(net, groups, per_group_bits=cfg.search.per_group_bits)
-    space = space.restrict(cfg.search.axes, _uniform_option(cfg.search.fixed_bits, "search.fixed_bits"))
-    space = replace(space, bitops_budget=_budget(space, cfg.search.bitops_budget),
-                    size_budget_mb=cfg.search.size_budget_mb or None)
+    space = build_space(cfg, net, groups, step_groups)
     given = Path(cfg.calibration.supernet_file) if cfg.calibration.supernet_file else None
     if given is not None:
         net.load(given)  # refuses a missing, corrupt, unfinished or foreign file before any run directory exists

@@ -4,6 +4,11 @@ operators (sampling, mutation, uniform crossover) that always produce valid cand
 Genome layout (ints): ``[time offsets (n)] + [w option index (G x B)] + [a option index (G x B)]`` where n is the
 number of steps (one gene per time group), G the number of bit genes and B = 1 (bits shared by all steps, the
 default) or n (bits per time group).
+
+With a step-count gene (``step_groups``: one grouping per allowed step count) the time part is
+``[step-count choice] + [time position (n_max)]``: a position v in [0, R) selects offset ``v * size // R`` of its
+group (R = the largest group size of any choice), so every gene keeps one domain whatever the step count; the positions
+past the chosen count are unused. Bits are shared by all steps in this mode.
 """
 from __future__ import annotations
 
@@ -79,6 +84,20 @@ class SearchSpace:
     size_budget_mb: float | None = None
     extra: dict = field(default_factory=dict)
     fixed: tuple[tuple[int, int], ...] = ()  # (gene index, value) held constant: single-axis searches
+    # one grouping per allowed step count (ascending; ``groups`` is one of them, the reference): the step count is a
+    # gene. Empty: the step count is fixed at ``groups.n``.
+    step_groups: tuple[TimeGroups, ...] = ()
+
+    def __post_init__(self):
+        if self.step_groups:
+            if self.per_group_bits:
+                raise TmpqError("search.per_group_bits: bits per time group need a fixed step count "
+                                "(drop search.step_choices)")
+            if len({g.n for g in self.step_groups}) != len(self.step_groups):
+                raise TmpqError(f"search.step_choices: repeated step count in {[g.n for g in self.step_groups]}")
+            if self.groups not in self.step_groups:
+                raise TmpqError(f"search.steps: {self.groups.n} must be one of the step choices "
+                                f"{[g.n for g in self.step_groups]}")
 
     # -- shape of the genome --------------------------------------------------------------------------------------
     @property
@@ -86,17 +105,54 @@ class SearchSpace:
         return self.groups.n
 
     @property
+    def step_choices(self) -> tuple[int, ...]:
+        """The step counts a candidate may have."""
+        return tuple(g.n for g in self.step_groups) if self.step_groups else (self.groups.n,)
+
+    @property
+    def bits_start(self) -> int:
+        """Index of the first bit gene (= number of time genes)."""
+        if self.step_groups:
+            return 1 + max(self.step_choices)
+        return self.n_steps
+
+    @property
+    def _resolution(self) -> int:
+        return max(max(g.sizes) for g in self.step_groups)
+
+    @property
     def bit_blocks(self) -> int:
         return self.n_steps if self.per_group_bits else 1
 
     @property
     def genome_length(self) -> int:
-        return self.n_steps + 2 * self.num_genes * self.bit_blocks
+        return self.bits_start + 2 * self.num_genes * self.bit_blocks
 
     def upper_bounds(self) -> np.ndarray:
         """Exclusive upper bound of every gene (lower bounds are 0)."""
         nb = self.num_genes * self.bit_blocks
-        return np.array(list(self.groups.sizes) + [len(self.w_bits)] * nb + [len(self.a_bits)] * nb, dtype=np.int64)
+        if self.step_groups:
+            time = [len(self.step_groups)] + [self._resolution] * max(self.step_choices)
+        else:
+            time = list(self.groups.sizes)
+        return np.array(time + [len(self.w_bits)] * nb + [len(self.a_bits)] * nb, dtype=np.int64)
+
+    def _time_decode(self, g: np.ndarray) -> tuple[int, ...]:
+        if not self.step_groups:
+            return self.groups.schedule(g[:self.n_steps].tolist())
+        grp, r = self.step_groups[int(g[0])], self._resolution
+        return grp.schedule([int(v) * size // r for v, size in zip(g[1:1 + grp.n], grp.sizes)])
+
+    def _time_encode(self, timesteps: Sequence[int]) -> list[int]:
+        if not self.step_groups:
+            return list(self.groups.offsets(timesteps))
+        if len(timesteps) not in self.step_choices:
+            raise TmpqError(f"schedule of {len(timesteps)} steps: the space allows {list(self.step_choices)} steps")
+        k = self.step_choices.index(len(timesteps))
+        grp, r = self.step_groups[k], self._resolution
+        # the smallest position that decodes to each offset: ceil(offset * R / size)
+        pos = [-(-o * r // size) for o, size in zip(grp.offsets(timesteps), grp.sizes)]
+        return [k] + pos + [0] * (max(self.step_choices) - grp.n)
 
     # -- codec ----------------------------------------------------------------------------------------------------
     def decode(self, genome: Sequence[int]) -> Candidate:
@@ -106,8 +162,8 @@ class SearchSpace:
         if np.any(g < 0) or np.any(g >= self.upper_bounds()):
             bad = int(np.argmax((g < 0) | (g >= self.upper_bounds())))
             raise TmpqError(f"genome: gene {bad} = {int(g[bad])} outside [0, {int(self.upper_bounds()[bad])})")
-        n, nb = self.n_steps, self.num_genes * self.bit_blocks
-        ts = self.groups.schedule(g[:n].tolist())
+        n, nb = self.bits_start, self.num_genes * self.bit_blocks
+        ts = self._time_decode(g)
         w = [self.w_bits[i] for i in g[n:n + nb]]
         a = [self.a_bits[i] for i in g[n + nb:]]
         pairs = tuple(zip(w, a))
@@ -118,7 +174,7 @@ class SearchSpace:
         return Candidate(ts, bits)
 
     def encode(self, cand: Candidate) -> np.ndarray:
-        offs = self.groups.offsets(cand.timesteps)
+        offs = self._time_encode(cand.timesteps)
         blocks = cand.bits if self.per_group_bits else (cand.bits,)
         if len(blocks) != self.bit_blocks or any(len(b) != self.num_genes for b in blocks):
             raise TmpqError(f"candidate bits: expected {self.bit_blocks} x {self.num_genes} (w, a) pairs")
@@ -166,11 +222,19 @@ class SearchSpace:
             return False
         return True
 
-    def uniform_candidate(self, w: int, a: int, offsets: Sequence[int] | None = None) -> Candidate:
-        offs = list(offsets) if offsets is not None else list(self.groups.seed_offsets())
+    def uniform_candidate(self, w: int, a: int, offsets: Sequence[int] | None = None,
+                          steps: int | None = None) -> Candidate:
+        """Every gene at (w, a) on the seed schedule (first timestep of every group) of the reference grouping, or of
+        the ``steps`` choice of a space with a step-count gene."""
+        grp = self.groups
+        if steps is not None and steps != grp.n:
+            if steps not in self.step_choices:
+                raise TmpqError(f"steps: {steps} is not a step choice of the space {list(self.step_choices)}")
+            grp = self.step_groups[self.step_choices.index(steps)]
+        offs = list(offsets) if offsets is not None else list(grp.seed_offsets())
         block = tuple((w, a) for _ in range(self.num_genes))
         bits = tuple(block for _ in range(self.n_steps)) if self.per_group_bits else block
-        return Candidate(self.groups.schedule(offs), bits)
+        return Candidate(grp.schedule(offs), bits)
 
     # -- single-axis restriction -----------------------------------------------------------------------------------
     def restrict(self, axes: str, fixed_bits: tuple[int, int] | None = None) -> "SearchSpace":
@@ -178,11 +242,12 @@ class SearchSpace:
         ``bits`` (every time gene held at its group's seed offset: for quad groups, quadratic DDIM)."""
         from dataclasses import replace
 
-        n = self.n_steps
+        n = self.bits_start
         if axes == "joint":
             return replace(self, fixed=())
-        if axes == "bits":
-            return replace(self, fixed=tuple((i, int(o)) for i, o in enumerate(self.groups.seed_offsets())))
+        if axes == "bits":  # the reference step count on its groups' seed schedule
+            time = self._time_encode(self.groups.schedule(self.groups.seed_offsets()))
+            return replace(self, fixed=tuple((i, int(o)) for i, o in enumerate(time)))
         if axes == "time":
             if fixed_bits is None or fixed_bits[0] not in self.w_bits or fixed_bits[1] not in self.a_bits:
                 raise TmpqError(f"search.fixed_bits: W{fixed_bits[0] if fixed_bits else '?'}A"
@@ -230,7 +295,7 @@ class SearchSpace:
                 "num_genes": self.num_genes, "w_bits": list(self.w_bits), "a_bits": list(self.a_bits),
                 "per_group_bits": self.per_group_bits, "other_params": self.other_params,
                 "bitops_budget": self.bitops_budget, "size_budget_mb": self.size_budget_mb, "extra": self.extra,
-                "fixed": [list(f) for f in self.fixed]}
+                "fixed": [list(f) for f in self.fixed], "step_groups": [g.to_dict() for g in self.step_groups]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "SearchSpace":
@@ -241,12 +306,14 @@ class SearchSpace:
         return cls(TimeGroups.from_dict(d["groups"]), layers, int(d["num_genes"]), tuple(d["w_bits"]),
                    tuple(d["a_bits"]), bool(d["per_group_bits"]), int(d["other_params"]), d["bitops_budget"],
                    d["size_budget_mb"], dict(d.get("extra", {})),
-                   tuple((int(i), int(v)) for i, v in d.get("fixed", [])))
+                   tuple((int(i), int(v)) for i, v in d.get("fixed", [])),
+                   tuple(TimeGroups.from_dict(g) for g in d.get("step_groups", [])))
 
     @classmethod
-    def from_supernet(cls, net, groups: TimeGroups, per_group_bits: bool = False, **budgets) -> "SearchSpace":
+    def from_supernet(cls, net, groups: TimeGroups, per_group_bits: bool = False,
+                      step_groups: Sequence[TimeGroups] = (), **budgets) -> "SearchSpace":
         """Build the space from a ``QuantSupernet``'s layer table (the only torch-touching constructor)."""
         layers = tuple(GeneLayer(i.fqn, i.macs, i.params, i.gene, i.pinned) for i in net.infos)
         other = sum(p.numel() for p in net.unet.parameters()) - sum(i.params for i in net.infos)
         return cls(groups, layers, net.num_genes, net.config.w_bits, net.config.a_bits, per_group_bits, other,
-                   **budgets)
+                   step_groups=tuple(sorted(step_groups, key=lambda g: g.n)), **budgets)

@@ -19,7 +19,9 @@ def reported(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("report")
     save_pipeline_dir(tiny_unet(), embedded_scheduler_config(), root / "tiny-ddpm")
-    run = run_search(tiny_cfg(root / "tiny-ddpm", generations=1), root / "run", progress=False).path
+    # with a step-count gene: the report's baselines cover every step choice
+    run = run_search(tiny_cfg(root / "tiny-ddpm", generations=1, step_choices=[2, 3]), root / "run",
+                     progress=False).path
     r = subprocess.run([sys.executable, "-m", "tmpq", "report", str(run)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     return run
@@ -34,6 +36,10 @@ def test_report_files(reported):
     for k in front["key"]:
         assert f"grid_{k}.png" in page and (out / f"grid_{k}.png").is_file()
     assert (out / "pareto.png").is_file() and (out / "grid_fp.png").is_file() and (out / "baselines.json").is_file()
+    import json
+
+    names = [b["name"] for b in json.loads((out / "baselines.json").read_text())]
+    assert {n.split()[-1] for n in names} == {"2", "3"} and "2/3 steps" in page
     srcs = re.findall(r'<img src="([^"]+)"', page)
     assert srcs and all(not s.startswith("/") for s in srcs)  # relative: the folder can be moved or served
 

@@ -111,3 +111,25 @@ def test_given_supernet_file_is_used_without_calibrating(tiny_model_dir, tmp_pat
     with pytest.raises(TmpqError, match="corrupt or truncated supernet file"):
         run_search(cfg, tmp_path / "c", progress=False)
     assert not (tmp_path / "c").exists()
+
+
+def test_step_count_gene_search_mixes_step_counts_and_resumes(tiny_model_dir, tmp_path):
+    from tmpq.api import load_run
+
+    cfg = tiny_cfg(tiny_model_dir, steps=3, step_choices=[2, 3, 4], generations=2)
+    run = run_search(cfg, tmp_path / "run", progress=False)
+    ev = load_run(run.path).evaluations
+    assert set(ev["status"]) == {"ok"}
+    assert len({len(t) for t in ev["timesteps"]}) >= 2  # the step count is searched
+    import json
+
+    from search.space import Candidate, SearchSpace
+
+    space = SearchSpace.from_dict(json.loads((run.path / "search_space.json").read_text()))
+    assert space.step_choices == (2, 3, 4)
+    for t, b, bits in zip(ev["timesteps"], ev["bitops"], ev["bits"]):  # cost of each row at its own step count
+        c = Candidate(tuple(int(x) for x in t), tuple(tuple(int(v) for v in p) for p in bits))
+        assert b == space.bitops(c) and space.decode(space.encode(c)) == c
+    n_lines = len(run.log_path.read_text().splitlines())
+    run_search(cfg, tmp_path / "run", resume=True, progress=False)
+    assert len(run.log_path.read_text().splitlines()) == n_lines

@@ -146,3 +146,64 @@ def test_budget_specs_uniform_option_number_and_share_of_the_fp_model():
     assert config_from_dict({"search": {"bitops_budget": "1% fp100"}}).search.bitops_budget == "1% fp100"
     with pytest.raises(TmpqError, match="search.bitops_budget"):
         config_from_dict({"search": {"bitops_budget": "1% of fp"}})
+
+
+def make_step_space(choices=(3, 5, 8), ref=5, **kw):
+    from dataclasses import replace
+
+    base = make_space(n=ref)
+    return replace(base, step_groups=tuple(quadratic_groups(n) for n in choices), **kw)
+
+
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_step_gene_operators_produce_candidates_of_every_allowed_length(seed):
+    sp = make_step_space()
+    rng = np.random.default_rng(seed)
+    a, b = sp.sample(rng), sp.sample(rng)
+    for g in (a, b, sp.mutate(a, rng, 0.5), sp.crossover(a, b, rng)):
+        c = sp.decode(g)
+        n = len(c.timesteps)
+        assert n == sp.step_choices[g[0]] and all(x > y for x, y in zip(c.timesteps, c.timesteps[1:]))
+        quadratic_groups(n).offsets(c.timesteps)  # one timestep in each of that step count's groups
+        assert sp.decode(sp.encode(c)) == c  # positions past the chosen count are unused: compare decoded
+
+
+def test_step_gene_covers_every_offset_and_costs_scale_with_steps():
+    sp = make_step_space(choices=(2, 4), ref=4)
+    assert sp.genome_length == 1 + 4 + 2 * 5 and sp.bits_start == 5
+    grp = quadratic_groups(2)
+    # every timestep of every group is reachable (the position resolution is the largest group size)
+    for g, size in enumerate(grp.sizes):
+        for off in range(size):
+            offs = [0, 0]
+            offs[g] = off
+            c = Candidate(grp.schedule(offs), sp.uniform_candidate(8, 8).bits)
+            assert sp.decode(sp.encode(c)) == c
+    two, four = sp.uniform_candidate(6, 6, steps=2), sp.uniform_candidate(6, 6)
+    assert len(two.timesteps) == 2 and len(four.timesteps) == 4
+    assert sp.bitops(four) == 2 * sp.bitops(two)
+    assert SearchSpace.from_dict(json.loads(json.dumps(sp.to_dict()))) == sp
+    with pytest.raises(TmpqError, match="allows"):
+        sp.encode(Candidate(quadratic_groups(3).schedule([0, 0, 0]), two.bits))
+    with pytest.raises(TmpqError, match="not a step choice"):
+        sp.uniform_candidate(6, 6, steps=3)
+
+
+def test_step_gene_bits_only_holds_the_reference_schedule_and_bad_spaces_are_refused():
+    sp = make_step_space().restrict("bits")
+    rng = np.random.default_rng(0)
+    ref = quadratic_groups(5).schedule(quadratic_groups(5).seed_offsets())
+    for _ in range(20):
+        assert sp.decode(sp.mutate(sp.sample(rng), rng, 1.0)).timesteps == ref
+    with pytest.raises(TmpqError, match="must be one of the step choices"):
+        make_step_space(choices=(3, 8), ref=5)
+    with pytest.raises(TmpqError, match="per_group_bits"):
+        make_step_space(per_group_bits=True)
+    from tmpq.config import config_from_dict
+
+    assert config_from_dict({"search": {"steps": 5, "step_choices": [3, 5]}}).search.step_choices == (3, 5)
+    with pytest.raises(TmpqError, match="search.steps: 10 must be one of"):
+        config_from_dict({"search": {"step_choices": [3, 5]}})
+    with pytest.raises(TmpqError, match="search.step_choices"):
+        config_from_dict({"search": {"steps": 5, "step_choices": [5, 5]}})

@@ -56,6 +56,9 @@ class CalibrationSection:
 class SearchSection:
     engine: str = "pymoo"
     steps: int = 10
+    # more than one step count: the step count becomes a gene (each choice with its own groups of the grouping
+    # kind); ``steps`` must be one of them (the reference for budgets like w6a6 and for the bits-only search)
+    step_choices: tuple[int, ...] = ()
     grouping: str = "quad"
     population: int = 50
     generations: int = 6
@@ -127,11 +130,14 @@ MINIMUM = {
 }
 
 
+EMPTY_OK = {"search.step_choices"}  # list keys whose empty list means "off"
+
+
 def _coerce(key: str, value, tp):
     origin = typing.get_origin(tp)
     if origin is tuple:
         (item, _ellipsis) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)) or not value:
+        if not isinstance(value, (list, tuple)) or (not value and key not in EMPTY_OK):
             raise TmpqError(f"{key}: must be a non-empty list, got {value!r}")
         return tuple(_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value))
     if tp is bool:
@@ -191,6 +197,9 @@ def _check(key: str, value):
         if not ok:
             raise TmpqError(f"{key}: must be 'none', a uniform option like 'w6a6', a share of the FP model like "
                             f"'1% fp100' (1 % of its BitOPs at 100 steps), or a number, got {value!r}")
+    if key == "search.step_choices":
+        if any(n < 1 for n in value) or len(set(value)) != len(value):
+            raise TmpqError(f"{key}: must be distinct step counts >= 1, got {list(value)}")
     if key == "search.fixed_bits" and not _UNIFORM.fullmatch(value.strip().lower()):
         raise TmpqError(f"{key}: must be a uniform option like 'w8a8', got {value!r}")
     if key == "search.storage" and value and not re.match(r"[A-Za-z][A-Za-z0-9]*(\+[A-Za-z0-9_]+)?://", value):
@@ -213,7 +222,13 @@ def _is_number(text: str) -> bool:
 
 def config_from_dict(data: dict) -> RunConfig:
     """Validate a plain dict (as TOML gives) into a ``RunConfig``."""
-    return _build(RunConfig, data, "")
+    cfg = _build(RunConfig, data, "")
+    s = cfg.search
+    if s.step_choices and s.steps not in s.step_choices:
+        raise TmpqError(f"search.steps: {s.steps} must be one of search.step_choices {list(s.step_choices)}")
+    if s.step_choices and s.per_group_bits:
+        raise TmpqError("search.per_group_bits: bits per time group need a fixed step count (drop search.step_choices)")
+    return cfg
 
 
 def load_config(path: str | Path | None) -> RunConfig:

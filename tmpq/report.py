@@ -42,10 +42,11 @@ def _baselines(space, ev_factory, out: Path) -> list[dict]:
         for a in space.a_bits:
             if (w, a) not in {(max(space.w_bits), max(space.a_bits)), (6, 6), (min(space.w_bits), max(space.a_bits))}:
                 continue
-            cand = space.uniform_candidate(w, a)
-            obj = ev.evaluate(cand.timesteps, cand.bits)
-            rows.append({"name": f"W{w}A{a} {space.groups.kind} DDIM {space.n_steps}", "w": w, "a": a,
-                         "fid_proxy": obj["fid_proxy"], "bitops": space.bitops(cand)})
+            for n in space.step_choices:  # every step count the search could pick
+                cand = space.uniform_candidate(w, a, steps=n)
+                obj = ev.evaluate(cand.timesteps, cand.bits)
+                rows.append({"name": f"W{w}A{a} {space.groups.kind} DDIM {n}", "w": w, "a": a,
+                             "fid_proxy": obj["fid_proxy"], "bitops": space.bitops(cand)})
     from tmpq.fileio import atomic_write_bytes
 
     atomic_write_bytes(cache, json.dumps(rows, indent=2).encode())
@@ -162,7 +163,7 @@ def write_report(run_path: str | Path, baselines: bool = True, grids: bool = Tru
 td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px;vertical-align:middle}}img{{image-rendering:pixelated}}
 code{{font-size:12px}}</style></head><body>
 <h1>tmpq search report: {html.escape(run.path.name)}</h1>
-<p>{len(run.evaluations)} evaluations, {len(front)} Pareto points; {space.n_steps} steps ({html.escape(space.groups.kind)}
+<p>{len(run.evaluations)} evaluations, {len(front)} Pareto points; {'/'.join(map(str, space.step_choices))} steps ({html.escape(space.groups.kind)}
 time groups); bits W{list(space.w_bits)} × A{list(space.a_bits)}; proxy <code>{html.escape(cfg['proxy']['name'])}</code>
 at N = {cfg['proxy']['n_images']}.</p>
 {final_note}
