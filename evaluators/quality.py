@@ -23,8 +23,22 @@ class Reference:
     feats: np.ndarray | None = None
 
 
+_REFERENCES: dict[tuple, Reference] = {}
+
+
 def embedded_reference(extractor: FeatureExtractor, split: str = "all", resolution: int = 16) -> Reference:
-    """Reference of the real embedded MNIST digits (split ``all``: N = 5,000)."""
+    """Reference of the real embedded MNIST digits (split ``all``: N = 5,000); kept per process and extractor
+    weights (a search worker, the proxy and the validator need the same one; arrays made read-only)."""
+    key = (extractor.name, extractor.fingerprint, split, resolution)
+    if key not in _REFERENCES:
+        ref = _embedded_reference(extractor, split, resolution)
+        for a in (ref.stats.mu, ref.stats.sigma, ref.feats):
+            a.setflags(write=False)
+        _REFERENCES[key] = ref
+    return _REFERENCES[key]
+
+
+def _embedded_reference(extractor: FeatureExtractor, split: str, resolution: int) -> Reference:
     from tmpq.data import data_fingerprint, load_digits
 
     x, _ = load_digits(split, resolution)

@@ -35,9 +35,8 @@ class WorkerSpec:
     def __call__(self):
         import torch
 
-        from evaluators.candidate import CandidateEvaluator, ProxyConfig
+        from evaluators.candidate import CandidateEvaluator, ProxyConfig, proxy_reference
         from evaluators.features import make_extractor
-        from evaluators.quality import embedded_reference
         from supernet import QuantSupernet
         from tmpq.model import load_model
         from tmpq.sampler import make_scheduler
@@ -46,8 +45,9 @@ class WorkerSpec:
         m = load_model(None if self.model == "embedded" else self.model)
         net = QuantSupernet.from_file(m.unet, self.supernet_file)
         ext = make_extractor("domain") if m.sample_shape[0] == 1 else make_extractor("random", seed=0)
-        ref = embedded_reference(ext) if self.proxy.get("name") == "fid" else None
-        return CandidateEvaluator(net, make_scheduler(m.scheduler_config), ext, ref, ProxyConfig(**self.proxy))
+        cfg = ProxyConfig(**self.proxy)
+        ref = proxy_reference(cfg, ext, m.sample_shape[0])
+        return CandidateEvaluator(net, make_scheduler(m.scheduler_config), ext, ref, cfg)
 
 
 def run_fingerprint(cfg: RunConfig, model_fp: str) -> str:
@@ -56,6 +56,10 @@ def run_fingerprint(cfg: RunConfig, model_fp: str) -> str:
     # The executor section is left out: local and Ray give bit-identical evaluations at the same threads_per_worker
     # (tests/test_search_ray.py), so a run may resume on another executor or at a new cluster address.
     config = {k: v for k, v in cfg.to_dict().items() if k != "executor"}
+    # keys added after runs already existed count only when set, so those runs still resume
+    for section, key, default in (("search", "step_choices", []), ("proxy", "reference", "")):
+        if config[section].get(key) == default:
+            del config[section][key]
     blob = json.dumps({"config": config, "model": model_fp, "data": data_fingerprint()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -115,6 +119,14 @@ def _time_groups(cfg: RunConfig, m, resumed_run: Path | None):
     return per[cfg.search.steps], steps
 
 
+def check_proxy(cfg: RunConfig, channels: int) -> None:
+    """Refuse, before any run directory exists, a ``fid`` proxy that has no reference for this model."""
+    from evaluators.candidate import check_reference
+
+    if cfg.proxy.name == "fid":
+        check_reference(cfg.proxy.reference, channels)
+
+
 def build_space(cfg: RunConfig, net, groups, step_groups=()):
     """The run's search space: the supernet's genes on ``groups`` (and step choices), restricted to the configured
     axes, with its BitOPs and size budgets."""
@@ -165,6 +177,7 @@ def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=No
     from tmpq.model import load_model
 
     m = load_model(None if cfg.model.path == "embedded" else cfg.model.path)
+    check_proxy(cfg, m.sample_shape[0])
     groups, step_groups = _time_groups(cfg, m, run_path if resume else None)  # before wrapping: profiles the FP model
     net = QuantSupernet(m.unet, supernet_config(cfg))
     fp = run_fingerprint(cfg, net.fingerprint)

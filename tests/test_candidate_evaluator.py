@@ -22,7 +22,7 @@ def evaluator():
     ext = RandomExtractor(seed=0, dim=8)
     ref_feats = ext(torch.rand(64, 1, 8, 8) * 2 - 1)
     ref = Reference(FeatureStats.from_features(ref_feats), ref_feats)
-    cfg = ProxyConfig(n_images=8, teacher_steps=20, batch_size=8)
+    cfg = ProxyConfig(name="paired-feat", n_images=8, teacher_steps=20, batch_size=8)
     return CandidateEvaluator(net, make_scheduler(embedded_scheduler_config()), ext, ref, cfg), net
 
 

@@ -133,3 +133,28 @@ def test_step_count_gene_search_mixes_step_counts_and_resumes(tiny_model_dir, tm
     n_lines = len(run.log_path.read_text().splitlines())
     run_search(cfg, tmp_path / "run", resume=True, progress=False)
     assert len(run.log_path.read_text().splitlines()) == n_lines
+
+
+def test_fid_proxy_without_a_reference_is_refused_before_any_run_directory(tiny_model_dir, tmp_path):
+    from tests.conftest import tiny_unet
+    from tmpq.model import embedded_scheduler_config, save_pipeline_dir
+
+    rgb = tmp_path / "rgb-ddpm"
+    save_pipeline_dir(tiny_unet(in_channels=3), embedded_scheduler_config(), rgb)
+    cfg = tiny_cfg(rgb)
+    cfg = config_from_dict({**cfg.to_dict(), "proxy": {"name": "fid", "n_images": 4}})
+    with pytest.raises(TmpqError, match="proxy.reference: proxy fid on a 3-channel model"):
+        run_search(cfg, tmp_path / "run", progress=False)
+    cfg = config_from_dict({**tiny_cfg(tiny_model_dir).to_dict(),
+                            "proxy": {"name": "fid", "n_images": 4, "reference": str(tmp_path / "nope.npz")}})
+    with pytest.raises(TmpqError, match="proxy.reference: no such file"):
+        run_search(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_fid_proxy_search_on_a_one_channel_model_scores_against_the_digits(tiny_model_dir, tmp_path):
+    from tmpq.api import load_run
+
+    cfg = config_from_dict({**tiny_cfg(tiny_model_dir, generations=1).to_dict(), "proxy": {"name": "fid", "n_images": 8}})
+    ev = load_run(run_search(cfg, tmp_path / "run", progress=False).path).evaluations
+    assert set(ev["status"]) == {"ok"} and (ev["fid_proxy"] > 0).all()

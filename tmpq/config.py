@@ -77,11 +77,14 @@ class SearchSection:
 
 @dataclass(frozen=True)
 class ProxySection:
-    name: str = "paired-feat"
+    name: str = "fid"
     n_images: int = 128
     seed: int = 0
     teacher_steps: int = 100
     teacher_schedule: str = "uniform"
+    # proxy fid only: reference statistics (.npz, pytorch-fid format, of the model's training data, same extractor);
+    # "" = the embedded MNIST digits (1-channel models only)
+    reference: str = ""
 
 
 @dataclass(frozen=True)

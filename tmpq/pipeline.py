@@ -17,7 +17,7 @@ class MainJobConfig:
     top_k: int = 3                 # validated points (the best proxies under the budget)
     validate_n: int = 2000         # FID images per seed in validation
     seeds: tuple[int, ...] = (1, 2)
-    budget: str = "w6a6"           # export budget: BitOPs <= this uniform option at the same steps ("none": no budget)
+    budget: str = "w6a6"           # export budget: BitOPs <= this uniform option at search.steps ("none": no budget)
 
 
 def _budget_bitops(run_path: Path, spec: str) -> float | None:
