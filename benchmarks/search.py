@@ -170,11 +170,7 @@ def part_fidelity(args, log: RowLog, sn: Path) -> None:
             ev.net.set_bits([tuple(p) for p in r["bits"]])
             imgs = sample_images(ev.net.unet, ev.scheduler, r["timesteps"], max(missing), seed=args.seed + 1,
                                  progress=False)
-            feats = ev.extractor(imgs)
-            extra = {}
-            for n in missing:
-                s = score_features(feats[:n], ref)
-                extra[f"fid_n{n}"], extra[f"kid_n{n}"] = s["fid"], s.get("kid")
+            extra = _small_n_scores(ev.extractor(imgs), ref, missing)
             log.append({k: v for k, v in r.items() if k not in ("command", "machine", "finished")} | extra
                        | {"backfilled": sorted(extra)})
     # visited in a shuffled order, so that a partial run already spans the BitOPs range
@@ -192,16 +188,24 @@ def part_fidelity(args, log: RowLog, sn: Path) -> None:
         full = score_features(feats, ref)
         # small-N FID / KID on the first n images: the noise bank is indexed, so these are exactly the images a
         # separate n-image run with the same seed would draw (common noise across candidates); cost ~ n / 10,000
-        small = {}
-        for n in args.small_n:
-            s = score_features(feats[:n], ref)
-            small[f"fid_n{n}"], small[f"kid_n{n}"] = s["fid"], s.get("kid")
+        small = _small_n_scores(feats, ref, args.small_n)
         log.append({"kind": "fidelity", "name": f"cand{i:02d}", "timesteps": list(c.timesteps),
                     "bits": [list(b) for b in c.bits], "steps": len(c.timesteps),
                     "gbitops": base.bitops(c) / 1e9,
                     "paired_feat": proxy["paired_feat"], "paired_pixel_mse": proxy["paired_pixel_mse"],
                     "proxy_s": proxy["eval_s"], "proxy_n": args.proxy_n, **small,
                     "fid10k": full["fid"], "kid10k": full.get("kid"), "fid10k_s": round(full_s, 1)})
+
+
+def _small_n_scores(feats: np.ndarray, ref, ns) -> dict:
+    """FID and KID of the first n feature rows, for each n in ``ns``."""
+    from evaluators.quality import score_features
+
+    out = {}
+    for n in ns:
+        s = score_features(feats[:n], ref)
+        out[f"fid_n{n}"], out[f"kid_n{n}"] = s["fid"], s.get("kid")
+    return out
 
 
 def part_front(args, log: RowLog, sn: Path) -> None:
@@ -253,7 +257,8 @@ def write_report(args, log: RowLog) -> None:
         pn = fid[0]["proxy_n"]
         cands = [(f"paired-feat (N={pn})", "paired_feat", float(np.mean([r["proxy_s"] for r in fid]))),
                  (f"paired pixel MSE (N={pn})", "paired_pixel_mse", float(np.mean([r["proxy_s"] for r in fid])))]
-        for k in sorted(fid[0], key=lambda k: (k[:3], int(k[5:]) if k[5:].isdigit() else 0)):  # small-N FID / KID: the first n of the 10,000 images, so their cost is n / 10,000 of it
+        # small-N FID / KID: the first n of the 10,000 images, so their cost is n / 10,000 of it
+        for k in sorted(fid[0], key=lambda k: (k[:3], int(k[5:]) if k[5:].isdigit() else 0)):
             if k.startswith(("fid_n", "kid_n")) and all(r.get(k) is not None for r in fid):
                 cands.append((f"{k[:3].upper()} at N={k[5:]}", k, cost10k * int(k[5:]) / 10_000))
         cands.append(("KID at N=10,000", "kid10k", cost10k))
@@ -314,7 +319,8 @@ def write_report(args, log: RowLog) -> None:
         for other in ("random", "paper-ea"):
             for label, rp, tf in regions:
                 rp = tf(rp[None, :])[0]
-                pairs = [(hypervolume_2d(tf(all_pts[f"pymoo-s{s}"]), rp), hypervolume_2d(tf(all_pts[f"{other}-s{s}"]), rp))
+                pairs = [(hypervolume_2d(tf(all_pts[f"pymoo-s{s}"]), rp),
+                          hypervolume_2d(tf(all_pts[f"{other}-s{s}"]), rp))
                          for s in range(args.seeds) if f"pymoo-s{s}" in all_pts and f"{other}-s{s}" in all_pts]
                 if pairs and np.mean([b for _, b in pairs]) > 0:
                     ratio = float(np.mean([a for a, _ in pairs]) / np.mean([b for _, b in pairs]))

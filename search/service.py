@@ -115,7 +115,7 @@ def _time_groups(cfg: RunConfig, m, resumed_run: Path | None):
 
             prof = sensitivity_profile(m.unet, make_scheduler(m.scheduler_config), seed=cfg.search.seed)
             per = {n: sensitivity_groups(prof, n) for n in choices}
-    steps = tuple(per[n] for n in sorted(per)) if cfg.search.step_choices else ()
+    steps = tuple(per.values()) if cfg.search.step_choices else ()  # from_supernet orders them
     return per[cfg.search.steps], steps
 
 

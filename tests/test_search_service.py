@@ -155,6 +155,7 @@ def test_fid_proxy_without_a_reference_is_refused_before_any_run_directory(tiny_
 def test_fid_proxy_search_on_a_one_channel_model_scores_against_the_digits(tiny_model_dir, tmp_path):
     from tmpq.api import load_run
 
-    cfg = config_from_dict({**tiny_cfg(tiny_model_dir, generations=1).to_dict(), "proxy": {"name": "fid", "n_images": 8}})
+    cfg = config_from_dict({**tiny_cfg(tiny_model_dir, generations=1).to_dict(),
+                            "proxy": {"name": "fid", "n_images": 8}})
     ev = load_run(run_search(cfg, tmp_path / "run", progress=False).path).evaluations
     assert set(ev["status"]) == {"ok"} and (ev["fid_proxy"] > 0).all()

@@ -517,8 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: %(default)s)")
     rn.add_argument("--seeds", default="1,2", help="validation noise-bank seeds (default: %(default)s)")
     rn.add_argument("--budget", default="w6a6", help="export budget: BitOPs <= this uniform option at the "
-                    "config's search.steps (w6a6), a share of the FP model ('1%% fp100': 1 %% of its BitOPs at 100 steps), a number, "
-                    "or none (default: %(default)s)")
+                    "config's search.steps (w6a6), a share of the FP model ('1%% fp100': 1 %% of its BitOPs at 100 "
+                    "steps), a number, or none (default: %(default)s)")
     _add_threads(rn)
     rn.set_defaults(func=_cmd_run)
 

@@ -163,8 +163,8 @@ def write_report(run_path: str | Path, baselines: bool = True, grids: bool = Tru
 td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px;vertical-align:middle}}img{{image-rendering:pixelated}}
 code{{font-size:12px}}</style></head><body>
 <h1>tmpq search report: {html.escape(run.path.name)}</h1>
-<p>{len(run.evaluations)} evaluations, {len(front)} Pareto points; {'/'.join(map(str, space.step_choices))} steps ({html.escape(space.groups.kind)}
-time groups); bits W{list(space.w_bits)} × A{list(space.a_bits)}; proxy <code>{html.escape(cfg['proxy']['name'])}</code>
+<p>{len(run.evaluations)} evaluations, {len(front)} Pareto points; {'/'.join(map(str, space.step_choices))} steps
+({html.escape(space.groups.kind)} time groups); bits W{list(space.w_bits)} × A{list(space.a_bits)}; proxy <code>{html.escape(cfg['proxy']['name'])}</code>
 at N = {cfg['proxy']['n_images']}.</p>
 {final_note}
 <h2>Pareto front</h2><img src="{plot}" alt="Pareto plot">
