@@ -332,7 +332,8 @@ def write_report(args, log: RowLog) -> None:
     any_row = next(iter(log.rows.values()), None)
     if any_row:
         lines += ["## How it was produced", "", f"- commands: `{args.cmd_doc}` (parts: fidelity, front, axes, grouping; "
-                  "resumable)", f"- machine: {any_row['machine']}", f"- seed {args.seed}; rows in `rows.jsonl`", ""]
+                  "resumable)", f"- machine: {any_row['machine']}", f"- seed {args.seed} (fidelity candidates drawn with it, their images from noise-bank seed {args.seed + 1}); "
+                  f"search seeds 0..{args.seeds - 1} in the front part; rows in `rows.jsonl`", ""]
     (out / "README.md").write_text("\n".join(lines))
 
 
