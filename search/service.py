@@ -218,8 +218,8 @@ def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=No
             from search.executors import LocalExecutor
 
             executor = LocalExecutor(spec)
-    seed_cand = space.uniform_candidate(6, 6) if 6 in space.w_bits and 6 in space.a_bits else None
-    seeds = [space.encode(seed_cand)] if seed_cand is not None and space.feasible(seed_cand) else []
+    # the first generation starts from the uniform options at every step choice (at most half of it)
+    seeds = space.uniform_seeds(max(1, cfg.search.population // 2))
     storage = study_name = None
     if cfg.search.engine == "optuna":  # a persistent study: resume continues it from engine.generation
         from search.engines import optuna_study_for_run

@@ -236,6 +236,26 @@ class SearchSpace:
         bits = tuple(block for _ in range(self.n_steps)) if self.per_group_bits else block
         return Candidate(grp.schedule(offs), bits)
 
+    def uniform_seeds(self, limit: int) -> list[np.ndarray]:
+        """Genomes of the uniform options (every (w, a) pair) at every step choice on its groups' seed schedule, the
+        feasible ones that respect the held genes, at most ``limit``: the first generation's seeds, so that a search
+        starts from every uniform baseline it is compared with. Uniform W6A6 at the reference step count comes first
+        (the paper's seed); past ``limit`` the rest are thinned evenly over BitOPs."""
+        first, rest, seen = [], [], set()
+        for steps in sorted(self.step_choices, key=lambda s: s != self.groups.n):
+            for w in self.w_bits:
+                for a in self.a_bits:
+                    c = self.uniform_candidate(w, a, steps=steps)
+                    if c.key in seen or not self.feasible(c):
+                        continue
+                    seen.add(c.key)
+                    (first if (steps, w, a) == (self.groups.n, 6, 6) else rest).append(c)
+        rest.sort(key=self.bitops)
+        room = max(0, limit - len(first))
+        if len(rest) > room:
+            rest = [rest[i] for i in np.unique(np.linspace(0, len(rest) - 1, room).round().astype(int))] if room else []
+        return [self.encode(c) for c in first + rest]
+
     # -- single-axis restriction -----------------------------------------------------------------------------------
     def restrict(self, axes: str, fixed_bits: tuple[int, int] | None = None) -> "SearchSpace":
         """``joint`` (everything free), ``time`` (every bit gene held at the uniform option ``fixed_bits``) or

@@ -207,3 +207,26 @@ def test_step_gene_bits_only_holds_the_reference_schedule_and_bad_spaces_are_ref
         config_from_dict({"search": {"step_choices": [3, 5]}})
     with pytest.raises(TmpqError, match="search.step_choices"):
         config_from_dict({"search": {"steps": 5, "step_choices": [5, 5]}})
+
+
+def test_uniform_seeds_cover_every_option_at_every_step_count_within_budget_and_held_genes():
+    from dataclasses import replace
+
+    sp = make_step_space()
+    seeds = [sp.decode(g) for g in sp.uniform_seeds(100)]
+    got = {(len(c.timesteps), c.bits[0]) for c in seeds}
+    assert got == {(n, (w, a)) for n in (3, 5, 8) for w in (8, 6, 4) for a in (8, 6)} and len(seeds) == 18
+    assert seeds[0] == sp.uniform_candidate(6, 6)  # the paper's seed (reference steps, W6A6) first
+    # thinned evenly over BitOPs past the limit, keeping the paper's seed and both ends
+    few = [sp.decode(g) for g in sp.uniform_seeds(5)]
+    costs = sorted(sp.bitops(c) for c in seeds[1:])
+    assert len(few) == 5 and few[0] == seeds[0]
+    assert sp.bitops(few[1]) == costs[0] and sp.bitops(few[-1]) == costs[-1]
+    # a budget drops what does not fit; a time-only search seeds only its held bits; a bits-only one its schedule
+    budget = sp.bitops(sp.uniform_candidate(6, 6))
+    assert all(sp.bitops(sp.decode(g)) <= budget for g in replace(sp, bitops_budget=budget).uniform_seeds(100))
+    held = [sp.decode(g) for g in sp.restrict("time", (4, 8)).uniform_seeds(100)]
+    assert {c.bits[0] for c in held} == {(4, 8)} and len(held) == 3
+    ref = sp.uniform_candidate(8, 8).timesteps
+    fixed_t = [sp.decode(g) for g in sp.restrict("bits").uniform_seeds(100)]
+    assert len(fixed_t) == 6 and all(c.timesteps == ref for c in fixed_t)
