@@ -327,6 +327,7 @@ def write_report(args, log: RowLog) -> None:
                     lines.append(f"- mean hypervolume pymoo / {other} ({label}) over {len(pairs)} seeds: "
                                  f"**{ratio:.3f}x**")
         lines.append("")
+        lines += _axes_table(all_pts, refpt)
         _plot(out, all_pts, base)
         lines += ["![fronts](fronts.png)", ""]
     any_row = next(iter(log.rows.values()), None)
@@ -335,6 +336,42 @@ def write_report(args, log: RowLog) -> None:
                   "resumable)", f"- machine: {any_row['machine']}", f"- seed {args.seed} (fidelity candidates drawn with it, their images from noise-bank seed {args.seed + 1}); "
                   f"search seeds 0..{args.seeds - 1} in the front part; rows in `rows.jsonl`", ""]
     (out / "README.md").write_text("\n".join(lines))
+
+
+AXES_RUNS = {"time-w8a8": "timestep-only, bits held at uniform W8A8", "time-w6a6": "timestep-only, uniform W6A6",
+             "time-w4a8": "timestep-only, uniform W4A8", "time-all": "timestep-only, the three uniform options together",
+             "bits-quad": "bits-only, schedule held at quadratic DDIM", "group-uniform": "joint, uniform time groups",
+             "group-sensitivity": "joint, data-driven (sensitivity) time groups"}
+
+
+def _axes_table(all_pts: dict, refpt: np.ndarray) -> list[str]:
+    """The joint search (pymoo-s0: quadratic groups) against the single-axis and other-grouping searches: hypervolume
+    on linear and log10 proxy, and coverage both ways (share of one front weakly dominated by the other's front)."""
+    from search.pareto import dominates_all, hypervolume_2d, non_dominated
+
+    joint = all_pts.get("pymoo-s0")
+    pts = dict(all_pts)
+    times = [pts[k] for k in ("time-w8a8", "time-w6a6", "time-w4a8") if k in pts]
+    if len(times) == 3:  # the three fixed-bit searches share the budget: their union is the timestep-only front
+        pts["time-all"] = np.concatenate(times)
+    others = [k for k in AXES_RUNS if k in pts]
+    if joint is None or not others:
+        return []
+    logp = lambda p: np.stack([np.log10(p[:, 0]), p[:, 1]], axis=1)  # noqa: E731
+    jf = joint[non_dominated(joint)]
+    lines = ["## Joint vs single-axis searches, and time groupings", "",
+             "Against the joint search `pymoo-s0` (quadratic groups, same evaluation budget; the three timestep-only "
+             "searches get a third of it each). Coverage C(A, B) = share of B's front weakly dominated by A's front.", "",
+             "| run | what | evaluations | HV | HV log10 proxy | HV / joint | C(joint, run) | C(run, joint) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    hj, hjl = hypervolume_2d(joint, refpt), hypervolume_2d(logp(joint), logp(refpt[None, :])[0])
+    for k in others:
+        p = pts[k]
+        f = p[non_dominated(p)]
+        h, hl = hypervolume_2d(p, refpt), hypervolume_2d(logp(p), logp(refpt[None, :])[0])
+        lines.append(f"| {k} | {AXES_RUNS[k]} | {len(p)} | {h:.4g} | {hl:.4g} | {h / hj:.3f} (log {hl / hjl:.3f}) | "
+                     f"{dominates_all(jf, f).mean():.2f} | {dominates_all(f, jf).mean():.2f} |")
+    return lines + [""]
 
 
 def _plot_fidelity(out: Path, fid: list[dict]) -> None:
@@ -367,19 +404,25 @@ def _plot(out: Path, all_pts: dict, base: list[dict]) -> None:
 
     from search.pareto import non_dominated
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, p in sorted(all_pts.items()):
-        if name.endswith("-s0") or not name.split("-s")[-1].isdigit():
+    panels = [("engines (seed 0)", [k for k in sorted(all_pts) if k.endswith("-s0")]),
+              ("joint vs single-axis, groupings", ["pymoo-s0"] + [k for k in AXES_RUNS if k in all_pts])]
+    panels = [(t, names) for t, names in panels if any(n in all_pts for n in names) and (t.startswith("engines")
+                                                                                      or len(names) > 1)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    for ax, (title, names) in zip(axes[0], panels):
+        for name in names:
+            p = all_pts[name]
             f = p[non_dominated(p)]
             f = f[np.argsort(f[:, 1])]
             ax.step(f[:, 1], f[:, 0], where="post", label=name, lw=1.2)
-    for b in base:
-        ax.scatter(b["gbitops"], b["fid_proxy"], marker="x" if b["schedule"] == "uniform" else "+", color="k", s=25)
-    ax.set_xlabel("GBitOPs per image (whole schedule)")
-    ax.set_ylabel("proxy (lower is better)")
-    ax.set_yscale("log")
-    ax.set_title("fronts (seed 0) and uniform baselines (x: uniform DDIM, +: quad)")
-    ax.legend(fontsize=7)
+        for b in base:
+            ax.scatter(b["gbitops"], b["fid_proxy"], marker="x" if b["schedule"] == "uniform" else "+", color="k",
+                       s=25)
+        ax.set_xlabel("GBitOPs per image (whole schedule)")
+        ax.set_ylabel("proxy (lower is better)")
+        ax.set_yscale("log")
+        ax.set_title(f"{title}; x: uniform DDIM, +: quad baselines", fontsize=9)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "fronts.png", dpi=120)
     plt.close(fig)
