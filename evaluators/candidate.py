@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from evaluators.fid import FeatureStats
 from evaluators.quality import Reference, score_features
 from tmpq.errors import TmpqError
 
@@ -124,31 +124,42 @@ class CandidateEvaluator:
                 f"{self.cfg.teacher_steps}", "extractor": self.extractor.name}
 
 
-def check_reference(reference: str, channels: int) -> None:
-    """Refuse a ``fid`` proxy without a usable reference (cheap: no features computed)."""
-    from pathlib import Path
-
+def check_reference(reference: str, channels: int, key: str = "proxy.reference",
+                    hint: str = "; set proxy.reference or use proxy.name = paired-feat") -> None:
+    """Refuse FID without a usable reference (cheap: no features computed): a missing file, or no file for a model
+    that is not 1-channel (the embedded digits are the only built-in reference)."""
     if reference and not Path(reference).is_file():
-        raise TmpqError(f"proxy.reference: no such file {reference}")
+        raise TmpqError(f"{key}: no such file {reference}")
     if not reference and channels != 1:
-        raise TmpqError(f"proxy.reference: proxy fid on a {channels}-channel model needs reference statistics of its "
-                        "data (an .npz in pytorch-fid format); set proxy.reference or use proxy.name = paired-feat")
+        raise TmpqError(f"{key}: FID on a {channels}-channel model needs reference statistics of its data (an .npz in "
+                        f"pytorch-fid format){hint}")
 
 
-def proxy_reference(cfg: ProxyConfig, extractor, channels: int) -> Reference | None:
-    """The reference of the ``fid`` proxy (``None`` for the paired proxy): ``cfg.reference`` if given, else the
-    embedded digits, which only a 1-channel model can be compared with."""
-    if cfg.name != "fid":
-        return None
-    check_reference(cfg.reference, channels)
-    if cfg.reference:
+def scoring_extractor(channels: int):
+    """The extractor that scores a model's images: the domain (digit) classifier for 1-channel models, the seeded
+    random CNN on the model's channels otherwise (reference statistics must come from that same extractor: the
+    fingerprint is checked)."""
+    from evaluators.features import RandomExtractor, make_extractor
+
+    return make_extractor("domain") if channels == 1 else RandomExtractor(seed=0, in_channels=channels)
+
+
+def quality_reference(reference: str, extractor, channels: int, key: str = "proxy.reference") -> Reference:
+    """``reference`` statistics (.npz) if given, else the embedded digits (1-channel models only; refused otherwise,
+    naming ``key``)."""
+    check_reference(reference, channels, key, hint="")
+    if reference:
         from evaluators.quality import load_reference
 
-        return load_reference(cfg.reference, extractor)
+        return load_reference(reference, extractor)
     from evaluators.quality import embedded_reference
 
     return embedded_reference(extractor)
 
 
-def teacher_stats(feats: np.ndarray) -> FeatureStats:
-    return FeatureStats.from_features(feats)
+def proxy_reference(cfg: ProxyConfig, extractor, channels: int) -> Reference | None:
+    """The reference of the ``fid`` proxy (``None`` for the paired proxy)."""
+    if cfg.name != "fid":
+        return None
+    check_reference(cfg.reference, channels)
+    return quality_reference(cfg.reference, extractor, channels)

@@ -78,17 +78,21 @@ def _capture_along(unet, scheduler, timesteps, n: int, seed: int, batch: int = 6
     return [(x[i:i + batch], t[i:i + batch]) for i in range(0, len(t), batch)]
 
 
+def _model(run_cfg: dict):
+    from tmpq.model import load_model
+
+    path = run_cfg["model"]["path"]
+    return load_model(None if path == "embedded" else path)
+
+
 def recalibrate_point(run_path: Path, key: str, timesteps, bits, cfg: ValidateConfig, progress: bool = True):
     """A pinned supernet for exactly this allocation, calibrated on data along this schedule; returns (net, info)."""
     from quant.distill import distill_scales, frozen_copy
     from supernet import QuantSupernet, SupernetConfig
     from supernet.supernet import read_supernet_file
-    from tmpq.model import load_model
     from tmpq.sampler import make_scheduler
 
-    run_cfg = json.loads((run_path / "config.resolved.json").read_text())
-    model_path = run_cfg["model"]["path"]
-    m = load_model(None if model_path == "embedded" else model_path)
+    m = _model(json.loads((run_path / "config.resolved.json").read_text()))
     teacher = frozen_copy(m.unet)
     sched = make_scheduler(m.scheduler_config)
     meta, _ = read_supernet_file(run_path / "supernet.safetensors", tensors=False)
@@ -122,8 +126,8 @@ def recalibrate_point(run_path: Path, key: str, timesteps, bits, cfg: ValidateCo
 
 def validate_run(run_path: str | Path, cfg: ValidateConfig, progress: bool = True):
     """Validate the chosen Pareto points of a run; returns the per-point DataFrame (also ``RUN/final.parquet``)."""
-    from evaluators.features import make_extractor
-    from evaluators.quality import embedded_reference, score_features
+    from evaluators.candidate import check_reference, quality_reference, scoring_extractor
+    from evaluators.quality import score_features
     from tmpq.api import load_run
     from tmpq.rowlog import RowLog
     from tmpq.sampler import sample_images
@@ -134,6 +138,11 @@ def validate_run(run_path: str | Path, cfg: ValidateConfig, progress: bool = Tru
     if front.empty:
         raise TmpqError(f"{run.path}: no successful evaluations to validate")
     points = choose_points(front, cfg)
+    # scored like the run's proxy: the same extractor and reference (proxy.reference, else the embedded digits)
+    run_cfg = json.loads((run.path / "config.resolved.json").read_text())
+    reference = run_cfg.get("proxy", {}).get("reference", "")
+    channels = _model(run_cfg).sample_shape[0]
+    check_reference(reference, channels, hint="; validation scores against the run's proxy.reference")
     out = run.path / "final"
     out.mkdir(exist_ok=True)
     log = RowLog(out / "rows.jsonl", ("key", "seed", "n", "settings"))
@@ -147,8 +156,8 @@ def validate_run(run_path: str | Path, cfg: ValidateConfig, progress: bool = Tru
         if not todo:
             continue
         if ext is None:
-            ext = make_extractor("domain")
-            ref = embedded_reference(ext)
+            ext = scoring_extractor(channels)
+            ref = quality_reference(reference, ext, channels)
         if progress:
             print(f"validate point {i + 1}/{len(points)} {key}: {len(p['timesteps'])} steps, proxy "
                   f"{p['fid_proxy']:.4g}, {p['bitops'] / 1e9:.3g} GBitOPs", flush=True)

@@ -35,8 +35,7 @@ class WorkerSpec:
     def __call__(self):
         import torch
 
-        from evaluators.candidate import CandidateEvaluator, ProxyConfig, proxy_reference
-        from evaluators.features import make_extractor
+        from evaluators.candidate import CandidateEvaluator, ProxyConfig, proxy_reference, scoring_extractor
         from supernet import QuantSupernet
         from tmpq.model import load_model
         from tmpq.sampler import make_scheduler
@@ -44,7 +43,7 @@ class WorkerSpec:
         torch.set_num_threads(self.threads)
         m = load_model(None if self.model == "embedded" else self.model)
         net = QuantSupernet.from_file(m.unet, self.supernet_file)
-        ext = make_extractor("domain") if m.sample_shape[0] == 1 else make_extractor("random", seed=0)
+        ext = scoring_extractor(m.sample_shape[0])
         cfg = ProxyConfig(**self.proxy)
         ref = proxy_reference(cfg, ext, m.sample_shape[0])
         return CandidateEvaluator(net, make_scheduler(m.scheduler_config), ext, ref, cfg)

@@ -143,7 +143,7 @@ def test_fid_proxy_without_a_reference_is_refused_before_any_run_directory(tiny_
     save_pipeline_dir(tiny_unet(in_channels=3), embedded_scheduler_config(), rgb)
     cfg = tiny_cfg(rgb)
     cfg = config_from_dict({**cfg.to_dict(), "proxy": {"name": "fid", "n_images": 4}})
-    with pytest.raises(TmpqError, match="proxy.reference: proxy fid on a 3-channel model"):
+    with pytest.raises(TmpqError, match="proxy.reference: FID on a 3-channel model"):
         run_search(cfg, tmp_path / "run", progress=False)
     cfg = config_from_dict({**tiny_cfg(tiny_model_dir).to_dict(),
                             "proxy": {"name": "fid", "n_images": 4, "reference": str(tmp_path / "nope.npz")}})

@@ -89,3 +89,34 @@ def test_validate_cli_errors(tiny_run, tmp_path):
         from evaluators.final import ValidateConfig
 
         ValidateConfig(n=1).validate()
+
+
+def test_validation_of_a_three_channel_run_scores_against_the_runs_reference(tmp_path):
+    """A 3-channel model: validation uses the run's proxy.reference with the random extractor, and without a
+    reference it is refused in one line before any re-calibration."""
+    import evaluators.final as fin
+    from evaluators.candidate import scoring_extractor
+    from evaluators.fid import FeatureStats
+    from search.service import run_search
+    from tests.conftest import tiny_unet
+    from tmpq.config import config_from_dict
+    from tmpq.model import embedded_scheduler_config, save_pipeline_dir
+
+    rgb = tmp_path / "rgb-ddpm"
+    save_pipeline_dir(tiny_unet(in_channels=3), embedded_scheduler_config(), rgb)
+    ext = scoring_extractor(3)
+    g = torch.Generator().manual_seed(0)
+    stats = FeatureStats.from_features(ext(torch.rand(64, 3, 8, 8, generator=g) * 2 - 1))
+    stats.meta["extractor"] = {"name": ext.name, "fingerprint": ext.fingerprint}
+    ref = stats.save(tmp_path / "rgb_ref.npz")
+    base = tiny_cfg(rgb, generations=1).to_dict()
+    vcfg = fin.ValidateConfig(top_k=1, n=8, seeds=(1,), calib_per_step=2, batch_size=8)
+    run = run_search(config_from_dict({**base, "proxy": {"name": "fid", "n_images": 8, "reference": str(ref)}}),
+                     tmp_path / "run", progress=False).path
+    df = fin.validate_run(run, vcfg, progress=False)
+    assert len(df) == 1 and df["fid_mean"].iloc[0] > 0
+    bare = run_search(config_from_dict({**base, "proxy": {"name": "paired-feat", "n_images": 4}}), tmp_path / "bare",
+                      progress=False).path
+    with pytest.raises(TmpqError, match="proxy.reference: FID on a 3-channel model .* validation"):
+        fin.validate_run(bare, vcfg, progress=False)
+    assert not (bare / "final" / "rows.jsonl").exists()
