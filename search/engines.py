@@ -136,11 +136,17 @@ class PymooNSGA2(Engine):
 
     name = "pymoo"
 
-    def __init__(self, space: SearchSpace, seed: int = 0, population: int = 50, p_mutation: float = 0.25,
+    def __init__(self, space: SearchSpace, seed: int = 0, population: int = 50, p_mutation: float | None = None,
                  seeds: Sequence[np.ndarray] = (), n_obj: int = 2):
         super().__init__(space, seed)
+        # per-gene mutation probability; None = 1 / free genes (pymoo's and Optuna's default). At the paper EA's 0.25
+        # a 129-gene child has ~32 genes redrawn at random and the search is little better than random search.
+        free = space.genome_length - len(space.fixed)
+        p_mutation = p_mutation if p_mutation is not None else min(0.5, 1.0 / max(1, free))
+        self.p_mutation = p_mutation
         from pymoo.algorithms.moo.nsga2 import NSGA2
         from pymoo.core.crossover import Crossover
+        from pymoo.core.duplicate import DuplicateElimination
         from pymoo.core.mutation import Mutation
         from pymoo.core.population import Population
         from pymoo.core.problem import Problem
@@ -173,17 +179,35 @@ class PymooNSGA2(Engine):
                 rs = random_state if random_state is not None else np.random.default_rng(0)
                 return np.array([repair(sp, x.astype(np.int64), rs) for x in X], dtype=np.int64)
 
+        history: set[str] = set()  # keys of every candidate asked so far
+        self._history = history
+
+        class _Duplicates(DuplicateElimination):
+            """Duplicates by decoded candidate (genomes differing only in unused time positions are one candidate),
+            and against every candidate asked before, so each offspring is a new evaluation."""
+
+            def _do(self, pop, other, is_duplicate):
+                seen = set(history) if other is None else {sp.decode(o.X).key for o in other}
+                for i, ind in enumerate(pop):
+                    k = sp.decode(ind.X).key
+                    if k in seen:
+                        is_duplicate[i] = True
+                    seen.add(k)
+                return is_duplicate
+
         problem = Problem(n_var=sp.genome_length, n_obj=n_obj, xl=np.zeros(sp.genome_length),
                           xu=sp.upper_bounds() - 1, vtype=int)
         self._Population = Population
         self.algorithm = NSGA2(pop_size=population, sampling=_Sampling(), crossover=_Crossover(),
-                               mutation=_Mutation(), repair=_Repair(), eliminate_duplicates=True)
+                               mutation=_Mutation(), repair=_Repair(), eliminate_duplicates=_Duplicates())
         self.algorithm.setup(problem, termination=MaximumGenerationTermination(10**9), seed=seed, verbose=False)
         self._pop = None
 
     def ask(self) -> list[np.ndarray]:
         self._pop = self.algorithm.ask()
-        return [np.asarray(x, dtype=np.int64) for x in self._pop.get("X")]
+        out = [np.asarray(x, dtype=np.int64) for x in self._pop.get("X")]
+        self._history.update(self.space.decode(g).key for g in out)
+        return out
 
     def tell(self, genomes, F) -> None:
         from pymoo.core.evaluator import Evaluator
@@ -401,13 +425,14 @@ class OptunaNSGA2(Engine):
 
 def make_engine(name: str, space: SearchSpace, seed: int = 0, population: int = 50,
                 seeds: Sequence[np.ndarray] = (), storage: str | None = None,
-                study_name: str | None = None) -> Engine:
+                study_name: str | None = None, p_mutation: float | None = None) -> Engine:
     """Build a named engine (``pymoo``, ``optuna``, ``paper-ea`` or ``random``).
 
     ``storage`` / ``study_name``: the Optuna study (an SQLAlchemy URL, ``None`` in memory); other engines ignore them.
+    ``p_mutation``: pymoo's per-gene mutation probability (``None``: 1 / free genes).
     """
     if name == "pymoo":
-        return PymooNSGA2(space, seed, population=population, seeds=seeds)
+        return PymooNSGA2(space, seed, population=population, seeds=seeds, p_mutation=p_mutation)
     if name == "optuna":
         return OptunaNSGA2(space, seed, population=population, seeds=seeds, storage=storage, study_name=study_name)
     if name == "paper-ea":

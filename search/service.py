@@ -56,7 +56,8 @@ def run_fingerprint(cfg: RunConfig, model_fp: str) -> str:
     # (tests/test_search_ray.py), so a run may resume on another executor or at a new cluster address.
     config = {k: v for k, v in cfg.to_dict().items() if k != "executor"}
     # keys added after runs already existed count only when set, so those runs still resume
-    for section, key, default in (("search", "step_choices", []), ("proxy", "reference", "")):
+    for section, key, default in (("search", "step_choices", []), ("proxy", "reference", ""),
+                                  ("search", "mutation_prob", 0.0)):
         if config[section].get(key) == default:
             del config[section][key]
     blob = json.dumps({"config": config, "model": model_fp, "data": data_fingerprint()}, sort_keys=True)
@@ -225,7 +226,8 @@ def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=No
 
         storage, study_name = optuna_study_for_run(run.path, cfg.search.storage)
     engine = make_engine(cfg.search.engine, space, seed=cfg.search.seed, population=cfg.search.population,
-                         seeds=seeds, storage=storage, study_name=study_name)
+                         seeds=seeds, storage=storage, study_name=study_name,
+                         p_mutation=cfg.search.mutation_prob or None)
     logged = {r.key: r for r in run.replay()}
     proxy_info = {"name": cfg.proxy.name, "version": 1, "n_images": cfg.proxy.n_images}
     try:

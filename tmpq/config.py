@@ -73,6 +73,9 @@ class SearchSection:
     # groups' seed: quadratic DDIM for quad groups): the single-axis searches of the paper's ablation
     axes: str = "joint"
     fixed_bits: str = "w8a8"
+    # engine pymoo: per-gene mutation probability of NSGA-II's offspring; 0 = 1 / (number of free genes), pymoo's
+    # and Optuna's convention (the paper EA keeps its own 0.25)
+    mutation_prob: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -203,6 +206,8 @@ def _check(key: str, value):
     if key == "search.step_choices":
         if any(n < 1 for n in value) or len(set(value)) != len(value):
             raise TmpqError(f"{key}: must be distinct step counts >= 1, got {list(value)}")
+    if key == "search.mutation_prob" and not 0 <= value <= 1:
+        raise TmpqError(f"{key}: must be in [0, 1] (0 = 1 / number of genes), got {value}")
     if key == "search.fixed_bits" and not _UNIFORM.fullmatch(value.strip().lower()):
         raise TmpqError(f"{key}: must be a uniform option like 'w8a8', got {value!r}")
     if key == "search.storage" and value and not re.match(r"[A-Za-z][A-Za-z0-9]*(\+[A-Za-z0-9_]+)?://", value):
