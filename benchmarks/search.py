@@ -221,10 +221,12 @@ def part_front(args, log: RowLog, sn: Path) -> None:
 
 def part_axes(args, log: RowLog, sn: Path) -> None:
     search(args, log, "pymoo-s0", sn, engine="pymoo", seed=0)
-    # time-only: one search per uniform bit option, a third of the budget each (same total evaluations)
-    gens = max(1, round(args.generations / 3))
+    # time-only: one search per uniform bit option, a third of the budget each (same total evaluations: 2
+    # generations of a third of the joint search's evaluations / 2)
+    gens = 2
+    pop = max(2, round(args.population * args.generations / (3 * gens)))
     for w, a in ((8, 8), (6, 6), (4, 8)):
-        search(args, log, f"time-w{w}a{a}", sn, axes="time", fixed_bits=f"w{w}a{a}", generations=gens)
+        search(args, log, f"time-w{w}a{a}", sn, axes="time", fixed_bits=f"w{w}a{a}", generations=gens, population=pop)
     search(args, log, "bits-quad", sn, axes="bits")
 
 
