@@ -37,6 +37,8 @@ class ProxyConfig:
     teacher_schedule: str = "uniform"
     batch_size: int = 128
     reference: str = ""  # proxy fid: reference statistics file ("" = the embedded digits; see proxy_reference)
+    extractor: str = "auto"  # see scoring_extractor
+    inception_weights: str = ""
 
     def validate(self) -> None:
         if self.name not in PROXIES:
@@ -135,13 +137,28 @@ def check_reference(reference: str, channels: int, key: str = "proxy.reference",
                         f"pytorch-fid format){hint}")
 
 
-def scoring_extractor(channels: int):
-    """The extractor that scores a model's images: the domain (digit) classifier for 1-channel models, the seeded
-    random CNN on the model's channels otherwise (reference statistics must come from that same extractor: the
-    fingerprint is checked)."""
+def check_extractor(channels: int, name: str, inception_weights: str) -> None:
+    """Refuse (cheaply, before any work) an extractor that cannot read this model's images or has no weights."""
+    if name == "domain" and channels != 1:
+        raise TmpqError(f"proxy.extractor: the domain extractor reads 1-channel digits; this model has {channels} "
+                        "channels (use auto, random or inception)")
+    if name == "inception" and not Path(inception_weights or "").is_file():
+        raise TmpqError(f"proxy.inception_weights: no such file {inception_weights!r} (needed by proxy.extractor = "
+                        "inception; tmpq never downloads weights)")
+
+
+def scoring_extractor(channels: int, name: str = "auto", inception_weights: str = ""):
+    """The extractor that scores a model's images. ``auto``: the domain (digit) classifier for 1-channel models, the
+    seeded random CNN on the model's channels otherwise; ``inception``: pytorch-fid's InceptionV3 from a local
+    weights file. Reference statistics must come from the same extractor (its fingerprint is checked)."""
     from evaluators.features import RandomExtractor, make_extractor
 
-    return make_extractor("domain") if channels == 1 else RandomExtractor(seed=0, in_channels=channels)
+    check_extractor(channels, name, inception_weights)
+    if name == "auto":
+        name = "domain" if channels == 1 else "random"
+    if name == "random":
+        return RandomExtractor(seed=0, in_channels=channels)
+    return make_extractor(name, inception_weights or None)
 
 
 def quality_reference(reference: str, extractor, channels: int, key: str = "proxy.reference") -> Reference:

@@ -156,7 +156,8 @@ def validate_run(run_path: str | Path, cfg: ValidateConfig, progress: bool = Tru
         if not todo:
             continue
         if ext is None:
-            ext = scoring_extractor(channels)
+            proxy = run_cfg.get("proxy", {})
+            ext = scoring_extractor(channels, proxy.get("extractor", "auto"), proxy.get("inception_weights", ""))
             ref = quality_reference(reference, ext, channels)
         if progress:
             print(f"validate point {i + 1}/{len(points)} {key}: {len(p['timesteps'])} steps, proxy "

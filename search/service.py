@@ -43,7 +43,8 @@ class WorkerSpec:
         torch.set_num_threads(self.threads)
         m = load_model(None if self.model == "embedded" else self.model)
         net = QuantSupernet.from_file(m.unet, self.supernet_file)
-        ext = scoring_extractor(m.sample_shape[0])
+        ext = scoring_extractor(m.sample_shape[0], self.proxy.get("extractor", "auto"),
+                                self.proxy.get("inception_weights", ""))
         cfg = ProxyConfig(**self.proxy)
         ref = proxy_reference(cfg, ext, m.sample_shape[0])
         return CandidateEvaluator(net, make_scheduler(m.scheduler_config), ext, ref, cfg)
@@ -57,7 +58,8 @@ def run_fingerprint(cfg: RunConfig, model_fp: str) -> str:
     config = {k: v for k, v in cfg.to_dict().items() if k != "executor"}
     # keys added after runs already existed count only when set, so those runs still resume
     for section, key, default in (("search", "step_choices", []), ("proxy", "reference", ""),
-                                  ("search", "mutation_prob", 0.0)):
+                                  ("search", "mutation_prob", 0.0), ("proxy", "extractor", "auto"),
+                                  ("proxy", "inception_weights", "")):
         if config[section].get(key) == default:
             del config[section][key]
     blob = json.dumps({"config": config, "model": model_fp, "data": data_fingerprint()}, sort_keys=True)
@@ -120,9 +122,11 @@ def _time_groups(cfg: RunConfig, m, resumed_run: Path | None):
 
 
 def check_proxy(cfg: RunConfig, channels: int) -> None:
-    """Refuse, before any run directory exists, a ``fid`` proxy that has no reference for this model."""
-    from evaluators.candidate import check_reference
+    """Refuse, before any run directory exists, a proxy whose extractor cannot read this model's images (or has no
+    weights file), and a ``fid`` proxy that has no reference for this model."""
+    from evaluators.candidate import check_extractor, check_reference
 
+    check_extractor(channels, cfg.proxy.extractor, cfg.proxy.inception_weights)
     if cfg.proxy.name == "fid":
         check_reference(cfg.proxy.reference, channels)
 

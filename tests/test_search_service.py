@@ -149,6 +149,15 @@ def test_fid_proxy_without_a_reference_is_refused_before_any_run_directory(tiny_
                             "proxy": {"name": "fid", "n_images": 4, "reference": str(tmp_path / "nope.npz")}})
     with pytest.raises(TmpqError, match="proxy.reference: no such file"):
         run_search(cfg, tmp_path / "run", progress=False)
+    paired = {"name": "paired-feat", "n_images": 4}
+    cfg = config_from_dict({**tiny_cfg(rgb).to_dict(), "proxy": {**paired, "extractor": "domain"}})
+    with pytest.raises(TmpqError, match="proxy.extractor: the domain extractor reads 1-channel digits; this model "
+                                        "has 3 channels"):
+        run_search(cfg, tmp_path / "run", progress=False)
+    cfg = config_from_dict({**tiny_cfg(rgb).to_dict(), "proxy": {**paired, "extractor": "inception",
+                                                                "inception_weights": str(tmp_path / "pt.pth")}})
+    with pytest.raises(TmpqError, match="proxy.inception_weights: no such file .*pt.pth"):
+        run_search(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
 
 

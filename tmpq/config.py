@@ -88,6 +88,11 @@ class ProxySection:
     # proxy fid only: reference statistics (.npz, pytorch-fid format, of the model's training data, same extractor);
     # "" = the embedded MNIST digits (1-channel models only)
     reference: str = ""
+    # features of both proxies and of validation: "auto" = the domain digit classifier for 1-channel models, else a
+    # seeded random CNN on the model's channels; "inception" = pytorch-fid's InceptionV3 from inception_weights (a
+    # local file: tmpq never downloads), the usual choice for RGB models such as a CIFAR-10 DDPM
+    extractor: str = "auto"
+    inception_weights: str = ""
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,7 @@ CHOICES = {
     "search.axes": ("joint", "time", "bits"),
     "proxy.name": ("paired-feat", "fid"),
     "proxy.teacher_schedule": ("uniform", "quad"),
+    "proxy.extractor": ("auto", "domain", "inception", "random"),
     "executor.kind": ("local", "ray"),
 }
 MINIMUM = {
