@@ -142,13 +142,34 @@ def test_int8_kernels_hold_the_exported_weights_and_stay_close(exported, tmp_pat
     with torch.no_grad():
         fp = load_model(root / "exp").unet(x, t).sample
     err = lambda a: float((a - fp).pow(2).mean() / fp.pow(2).mean())  # noqa: E731
-    # Same int8 weights, but the kernels quantize activations dynamically (per tensor, min-max, 7 bits) instead
-    # of with the exported calibrated scales: on this random tiny UNet that costs ~0.2 relative MSE vs FP where
-    # fake quantization costs ~0.03 (measured). Real-model quality of this path is reported by tmpq speed --fid-n;
-    # here only a catastrophic conversion error (wrong weights / bias / layout) must fail.
-    assert err(out) < 0.5, (err(out), err(ref))
+    # Same int8 weights; the kernels quantize activations dynamically (per tensor, min-max, 7 bits) instead of with
+    # the exported calibrated scales, which moves the output a little, not more than the quantization itself does
+    assert err(out) < 2 * err(ref) + 1e-3, (err(out), err(ref))
     r = subprocess.run([sys.executable, "-m", "tmpq", "speed", str(root / "exp"), "--n", "8", "--batch-size", "8",
                         "--out", str(tmp_path / "speed.json"), "--threads", "1"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-1500:]
     rows = json.loads((tmp_path / "speed.json").read_text())
     assert rows["int8_layers"] == n_quant - len(wide) and rows["int8_export_s"] > 0
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (1, 1, 0), (3, 2, 1)])
+def test_int8_conv_equals_the_conv_of_its_dynamically_quantized_input(kernel, stride, padding):
+    """The int8 conv is exactly a conv of the 7-bit per-tensor min-max quantized input with the int8 weights, also
+    where the output leaves the input's range (PyTorch's dynamic quantized Conv2d clips it there)."""
+    from tmpq.deploy import Int8Conv2d, _qint8
+
+    g = torch.Generator().manual_seed(0)
+    conv = torch.nn.Conv2d(16, 24, kernel, stride, padding)
+    w = torch.randn(24, 16, kernel, kernel, generator=g) * 3.0  # outputs far outside the input's range
+    scale = (w.abs().amax(dim=(1, 2, 3)) / 31).double()
+    w = torch.round(w / scale.float().view(-1, 1, 1, 1)) * scale.float().view(-1, 1, 1, 1)  # a 6-bit grid
+    bias = torch.randn(24, generator=g)
+    x = torch.rand(4, 16, 9, 9, generator=g) * 2.5 - 0.3
+    lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    s = (hi - lo) / 127
+    zp = round(-lo / s)
+    xq = (torch.clamp(torch.round(x / s) + zp, 0, 127) - zp) * s
+    want = torch.nn.functional.conv2d(xq, w, bias, stride, padding)
+    got = Int8Conv2d(conv, _qint8(w, scale), bias)(x)
+    assert want.abs().max() > 10 * x.abs().max()
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
