@@ -1,21 +1,24 @@
 """Real low-bit kernels on CPU for an exported model (``tmpq speed``).
 
-PyTorch's int8 CPU GEMM (``torch.ao.nn.quantized.dynamic.Linear`` on the x86 / fbgemm engine; convs through im2col,
-see :class:`Int8Conv2d`) takes int8 weights with per-output-channel scales, quantizes activations on the fly (per
-tensor, per call) and returns float32. Every
-exported weight option of <= 8 bits is an integer grid times a per-channel scale, so it is stored *exactly* in
-int8 with the exported scales: the weights the int8 kernels multiply are the exported ones. Activations are the
-kernel's own dynamic 8-bit quantization (reduce_range: 7 bits on x86), not the exported static A-bits, so outputs
-differ slightly from fake quantization; ``tmpq speed`` reports that difference beside the timings.
+PyTorch's oneDNN int8 kernels (``torch.ops.onednn.qconv2d_pointwise`` / ``qlinear_pointwise``, the ones PyTorch's
+own x86 int8 lowering uses) take uint8 activations with a static per-tensor scale and zero-point, int8 weights with
+per-output-channel scales, accumulate in int32 and return float32. Every exported option of <= 8 bits is an integer
+grid times its scales, so both operands are stored *exactly*: the activations are quantized with the exported,
+calibrated A-bit quantizer (same rounding, same clamp to its 2^A levels, shifted into uint8) and the weights are the
+exported grid. An int8 layer therefore computes what fake quantization computes, up to float rounding (tested).
+
+Not ``torch.ao.nn.quantized.dynamic.Conv2d``: that kernel requantizes its *output* to 8 bits with the input's scale
+and zero-point before dequantizing, so every output outside the input's range is clipped (measured: 65 % relative
+error on one resnet conv of the embedded UNet, FID 34 instead of 0.6 for a whole export).
 
 A layer falls back to fake quantization (and is named as such) when the kernels cannot run it exactly: weight bits
 above 8, asymmetric, group-wise or multi-basis binarized weights, activations above 8 bits (the default pins the
-first and last layers' inputs at 16), a non-zeros padding mode, a grouped conv.
+first and last layers' inputs at 16) or not per tensor, full-precision activations, a non-zeros or string padding,
+a grouped conv; all of them when this PyTorch build has no oneDNN int8 kernels.
 """
 from __future__ import annotations
 
 import time
-import warnings
 
 import torch
 import torch.nn as nn
@@ -23,7 +26,14 @@ import torch.nn as nn
 from quant.layers import QuantConv2d, QuantLayer, QuantLinear
 
 
+def onednn_available() -> bool:
+    return all(hasattr(torch.ops.onednn, op) for op in ("qconv_prepack", "qconv2d_pointwise", "qlinear_prepack",
+                                                        "qlinear_pointwise"))
+
+
 def _why_not_int8(layer: QuantLayer) -> str | None:
+    if not onednn_available():
+        return "no oneDNN int8 kernels in this PyTorch build"
     if layer.w_index is None:
         return "full-precision weights"
     q = layer.w_quant[layer.w_index]
@@ -35,96 +45,118 @@ def _why_not_int8(layer: QuantLayer) -> str | None:
         return "asymmetric weights (the int8 kernels take zero-point 0)"
     if q.granularity == "group":
         return "group-wise weight scales"
-    if isinstance(layer, QuantConv2d) and layer.module.padding_mode != "zeros":
-        return f"padding_mode {layer.module.padding_mode}"
-    if isinstance(layer, QuantConv2d) and isinstance(layer.module.padding, str):
-        return f"padding {layer.module.padding!r}"
-    if isinstance(layer, QuantConv2d) and layer.module.groups != 1:
-        return f"grouped conv (groups = {layer.module.groups})"
-    if layer.a_index is not None and layer.a_quant[layer.a_index].bits > 8:
-        return f"{layer.a_quant[layer.a_index].bits}-bit activations (the kernels quantize inputs to 8 bits)"
+    if isinstance(layer, QuantConv2d):
+        m = layer.module
+        if m.padding_mode != "zeros":
+            return f"padding_mode {m.padding_mode}"
+        if isinstance(m.padding, str):
+            return f"padding {m.padding!r}"
+        if m.groups != 1:
+            return f"grouped conv (groups = {m.groups})"
+    if layer.a_index is None:
+        return "full-precision activations"
+    acts = [layer.a_quant[layer.a_index]] + ([layer.a_quant_split[layer.a_index]] if layer.split is not None else [])
+    for a in acts:
+        if a.bits > 8:
+            return f"{a.bits}-bit activations (the kernels take 8-bit inputs)"
+        if a.granularity != "tensor":
+            return f"{a.granularity}-wise activation scales (the kernels take one per tensor)"
     return None
 
 
-def _qint8(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    zp = torch.zeros(w.shape[0], dtype=torch.int64)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        qw = torch.quantize_per_channel(w, scale, zp, 0, torch.qint8)
-    # the int8 weights are the exported grid exactly (dequantized == fake-quantized weight)
-    if not torch.equal(qw.dequantize(), w):
+def _int8_weight(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The exported weight grid as int8 integers (checked exact)."""
+    s = scale.double().reshape(-1, *([1] * (w.dim() - 1)))
+    wi = torch.round(w.double() / s)
+    if wi.min() < -128 or wi.max() > 127 or not torch.equal((wi * s).float(), w):
         raise AssertionError("an int8 weight does not hold the exported grid")
-    return qw
+    return wi.to(torch.int8)
 
 
-def _dyn_linear(qw: torch.Tensor, bias) -> nn.Module:
-    from torch.ao.nn.quantized import dynamic as qd
+class _StaticInput:
+    """The exported activation quantizer as uint8: q = clamp(round(x / s) + zp, qmin, qmax) shifted by -qmin."""
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        out = qd.Linear(qw.shape[1], qw.shape[0], bias_=bias is not None)
-        out.set_weight_bias(qw, bias)
-    return out
+    def __init__(self, aq):
+        self.inv = 1.0 / aq.scale.detach().reshape(-1)[0]
+        self.scale = float(aq.scale.detach().reshape(-1)[0])
+        self.zp, self.qmin, self.qmax = float(aq.zero_point.detach().reshape(-1)[0]), aq.qmin, aq.qmax
+        self.zp_u8 = int(self.zp) - self.qmin
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        q = torch.round(x * self.inv).add_(self.zp).clamp_(self.qmin, self.qmax).sub_(self.qmin)
+        return q.to(torch.uint8)
 
 
 class Int8Conv2d(nn.Module):
-    """A conv as an int8 GEMM: im2col (``unfold``; a 1x1 stride-1 conv needs none) and PyTorch's dynamic int8 Linear
-    kernel, which quantizes its input per tensor on the fly and returns float32.
+    """A conv on oneDNN's static int8 kernel with float32 output (see the module docstring)."""
 
-    Not ``torch.ao.nn.quantized.dynamic.Conv2d``: that kernel requantizes its *output* to 8 bits with the input's
-    scale and zero point before dequantizing, so every output outside the input's range is clipped (measured: 65 %
-    relative error on one resnet conv of the embedded UNet, FID 34 instead of 0.6 for a whole export)."""
-
-    def __init__(self, conv: nn.Conv2d, qw: torch.Tensor, bias):
+    def __init__(self, conv: nn.Conv2d, w: torch.Tensor, w_scale: torch.Tensor, bias, aq):
         super().__init__()
-        self.lin = _dyn_linear(qw.reshape(qw.shape[0], -1), bias)
-        self.kernel_size, self.stride = conv.kernel_size, conv.stride
-        self.padding, self.dilation = conv.padding, conv.dilation
-        self.pointwise = self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
+        self.inp = _StaticInput(aq)
+        self.w_scale = w_scale.float().contiguous()
+        self.w_zp = torch.zeros_like(self.w_scale, dtype=torch.int64)
+        self.bias = bias
+        self.args = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
+        wi = _int8_weight(w, w_scale).contiguous(memory_format=torch.channels_last)
+        self.packed = torch.ops.onednn.qconv_prepack(wi, self.w_scale, self.inp.scale, self.inp.zp_u8, *self.args,
+                                                     None)
 
     def forward(self, x):
-        n, c, h, w = x.shape
-        if self.pointwise:
-            oh, ow = h, w
-            cols = x.permute(0, 2, 3, 1).reshape(-1, c)
-        else:
-            (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
-            oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-            ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-            cols = nn.functional.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
-            cols = cols.transpose(1, 2).reshape(n * oh * ow, -1)
-        y = self.lin(cols)
-        return y.reshape(n, oh, ow, -1).permute(0, 3, 1, 2)  # a channels-last view, as the sampler keeps the model
+        u = self.inp(x).contiguous(memory_format=torch.channels_last)
+        return torch.ops.onednn.qconv2d_pointwise(u, self.inp.scale, self.inp.zp_u8, self.packed, self.w_scale,
+                                                  self.w_zp, self.bias, *self.args, 1.0, 0, torch.float32, "none",
+                                                  [], None)
+
+
+class Int8Linear(nn.Module):
+    """A Linear on oneDNN's static int8 kernel with float32 output; any leading dimensions."""
+
+    def __init__(self, w: torch.Tensor, w_scale: torch.Tensor, bias, aq):
+        super().__init__()
+        self.inp = _StaticInput(aq)
+        self.w_scale = w_scale.float().contiguous()
+        self.w_zp = torch.zeros_like(self.w_scale, dtype=torch.int64)
+        self.bias, self.out_features = bias, w.shape[0]
+        self.packed = torch.ops.onednn.qlinear_prepack(_int8_weight(w, w_scale), None)
+
+    def forward(self, x):
+        lead = x.shape[:-1]
+        u = self.inp(x.reshape(-1, x.shape[-1])).contiguous()
+        y = torch.ops.onednn.qlinear_pointwise(u, self.inp.scale, self.inp.zp_u8, self.packed, self.w_scale,
+                                               self.w_zp, self.bias, 1.0, 0, torch.float32, "none", [], "")
+        return y.reshape(*lead, self.out_features)
 
 
 class SplitInt8Conv2d(nn.Module):
     """A conv over a skip concatenation as two int8 convs over its halves (exact: conv is linear in its input),
-    so each half gets its own dynamic activation range, as split quantization gives it its own static one."""
+    each with its half's own activation quantizer, as split quantization has it."""
 
     def __init__(self, a: nn.Module, b: nn.Module, split: int):
         super().__init__()
         self.a, self.b, self.split = a, b, split
 
     def forward(self, x):
-        return self.a(x[:, : self.split].contiguous()) + self.b(x[:, self.split:].contiguous())
+        return self.a(x[:, : self.split]) + self.b(x[:, self.split:])
 
 
 def _int8_module(layer: QuantLayer) -> nn.Module:
     q = layer.w_quant[layer.w_index]
     w = layer.quantized_weight().detach().float().contiguous()
-    scale = q.scale.detach().reshape(-1).double()
+    scale = q.scale.detach().reshape(-1).float()
     if scale.numel() == 1:
         scale = scale.expand(w.shape[0]).contiguous()
     m = layer.module
     bias = layer.active_bias()  # the layer's bias plus the active option's bias correction
-    bias = None if bias is None else bias.detach().float()
+    bias = None if bias is None else bias.detach().float().contiguous()
+    aq = layer.a_quant[layer.a_index]
     if isinstance(layer, QuantConv2d):
         if layer.split is not None:
             s = layer.split
-            return SplitInt8Conv2d(Int8Conv2d(m, _qint8(w[:, :s].contiguous(), scale), bias),
-                                   Int8Conv2d(m, _qint8(w[:, s:].contiguous(), scale), None), s)
-        return Int8Conv2d(m, _qint8(w, scale), bias)
-    return _dyn_linear(_qint8(w, scale), bias)
+            return SplitInt8Conv2d(Int8Conv2d(m, w[:, :s].contiguous(), scale, bias, aq),
+                                   Int8Conv2d(m, w[:, s:].contiguous(), scale, None,
+                                              layer.a_quant_split[layer.a_index]), s)
+        return Int8Conv2d(m, w, scale, bias, aq)
+    return Int8Linear(w, scale, bias, aq)
 
 
 def to_int8(unet: nn.Module) -> tuple[nn.Module, list[dict]]:
@@ -132,8 +164,6 @@ def to_int8(unet: nn.Module) -> tuple[nn.Module, list[dict]]:
 
     Returns the model and one row per quantized layer: ``{"fqn", "kind", "w_bits", "a_bits", "int8", "why"}``.
     """
-    torch.backends.quantized.engine = "x86" if "x86" in torch.backends.quantized.supported_engines else \
-        torch.backends.quantized.engine
     rows = []
     for name, layer in list(unet.named_modules()):
         if not isinstance(layer, (QuantConv2d, QuantLinear)):
