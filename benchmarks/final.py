@@ -166,7 +166,9 @@ def _plot(out: Path, final, budget: float, fp100: float, ref: dict) -> None:
 def _write(out, args, cfg, final, under, ref, summary, speed, fp100, budget, timings, cmd, mach, gap=None) -> None:
     s = cfg.search
     lines = ["# Final evaluation on the embedded default (issue 5)", "", *findings(out),
-             f"Search: `{args.config}` ({s.engine}, {s.steps} steps with {s.grouping} time groups, population "
+             f"Search: `{args.config}` ({s.engine}, "
+             + (f"steps {'/'.join(map(str, s.step_choices))}" if s.step_choices else f"{s.steps} steps")
+             + f" on {s.grouping} time groups, population "
              f"{s.population} x {s.generations} generations, proxy {cfg.proxy.name} at N = {cfg.proxy.n_images}); "
              f"search wall {timings['search_s']:.0f} s in this invocation (0 if resumed from a finished run).", "",
              f"Reference: FP uniform DDIM 100 steps, FID **{ref['fid']:.3f}** (N = {ref['n']}, noise seed "
