@@ -59,7 +59,7 @@ def run_config(args, sn: Path, **search):
 
     return config_from_dict({
         "calibration": {"supernet_file": str(sn)},
-        "search": {"engine": "pymoo", "steps": args.steps, "step_choices": list(args.step_choices),
+        "search": {"engine": "pymoo", "grouping": "quad", "steps": args.steps, "step_choices": list(args.step_choices),
                    "population": args.population, "generations": args.generations, "bitops_budget": "none",
                    **search},
         "proxy": {"name": args.proxy, "n_images": args.proxy_n},

@@ -77,8 +77,8 @@ def test_single_axis_searches_hold_the_other_axis(tiny_model_dir, tmp_path, engi
     from tmpq.api import load_run
 
     quad = list(quadratic_groups(3).schedule(quadratic_groups(3).seed_offsets()))
-    run = run_search(tiny_cfg(tiny_model_dir, axes="bits", engine=engine, generations=1), tmp_path / "b",
-                     progress=False)
+    run = run_search(tiny_cfg(tiny_model_dir, axes="bits", engine=engine, generations=1, grouping="quad"),
+                     tmp_path / "b", progress=False)
     ev = load_run(run.path).evaluations
     assert len(ev) >= 2 and all(list(t) == quad for t in ev["timesteps"])
     run = run_search(tiny_cfg(tiny_model_dir, axes="time", fixed_bits="w4a8", engine=engine, generations=1),
