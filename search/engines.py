@@ -5,7 +5,10 @@
 - ``optuna``: Optuna's ``NSGAIISampler`` on a persistent RDB study (SQLite in the run directory by default, or any
   SQLAlchemy URL such as PostgreSQL); infeasible proposals are rejected analytically before evaluation.
 - ``paper-ea``: TMPQ-DM's single-objective EA (population 50: keep the top 10, 25 mutants at p = 0.25,
-  10 uniform crossovers, 15 random), seeded with the quadratic-DDIM schedule at uniform W6A6.
+  10 uniform crossovers, 15 random).
+
+Every engine's first generation starts from the service's seeds (``SearchSpace.uniform_seeds``: the uniform options
+at every step choice, as far as the budget allows; the paper's seed, uniform W6A6 at the reference step count, first).
 - ``random``: uniform random feasible genomes.
 
 Objectives are minimised; a failed evaluation is told as ``inf`` (never kept, never a reported fitness).
