@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("--out", default="results/search/operators.json")
     args = ap.parse_args()
 
+    from benchmarks.search import log_proxy
     from search.engines import make_engine
     from search.pareto import hypervolume_2d
     from tmpq.rowlog import command_line, machine
@@ -77,12 +78,11 @@ def main() -> None:
     L = sp.genome_length
     settings = [("random", "random", None), ("pymoo p=0.25", "pymoo", 0.25), ("pymoo p=1/L", "pymoo", None),
                 ("pymoo p=3/L", "pymoo", 3 / L)]
-    log = lambda p: np.stack([np.log10(p[:, 0]), p[:, 1]], axis=1)  # noqa: E731
     rows = []
     for seeded in (True, False):
         seeds = sp.uniform_seeds(args.population // 2) if seeded else []
-        pts = {label: [log(run(make_engine(eng, sp, seed=s, population=args.population, seeds=seeds, p_mutation=p),
-                               sp, obj, args.generations)) for s in range(args.seeds)]
+        pts = {label: [log_proxy(run(make_engine(eng, sp, seed=s, population=args.population, seeds=seeds,
+                                                 p_mutation=p), sp, obj, args.generations)) for s in range(args.seeds)]
                for label, eng, p in settings}
         ref = np.vstack([p for v in pts.values() for p in v]).max(axis=0) + np.array([0.1, 5.0])
         base = np.mean([hypervolume_2d(p, ref) for p in pts["random"]])

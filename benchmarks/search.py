@@ -197,6 +197,11 @@ def part_fidelity(args, log: RowLog, sn: Path) -> None:
                     "fid10k": full["fid"], "kid10k": full.get("kid"), "fid10k_s": round(full_s, 1)})
 
 
+def log_proxy(p: np.ndarray) -> np.ndarray:
+    """(proxy, GBitOPs) rows with the proxy on log10: the proxy spans an order of magnitude."""
+    return np.stack([np.log10(p[:, 0]), p[:, 1]], axis=1)
+
+
 def _small_n_scores(feats: np.ndarray, ref, ns) -> dict:
     """FID and KID of the first n feature rows, for each n in ``ns``."""
     from evaluators.quality import score_features
@@ -302,8 +307,8 @@ def write_report(args, log: RowLog) -> None:
         refpt = bstack.max(axis=0) * 1.1
         hv = {name: hypervolume_2d(p, refpt) for name, p in all_pts.items()}
         lines += ["## Front quality", "", f"Hypervolume of all evaluated points (proxy, GBitOPs) against the reference "
-                  f"point ({refpt[0]:.4g}, {refpt[1]:.4g}) = 1.1 x the uniform baselines' worst proxy and largest BitOPs "
-                  "(points beyond it add nothing).", "",
+                  f"point ({refpt[0]:.4g}, {refpt[1]:.4g}) = 1.1 x the uniform baselines' worst proxy and largest "
+                  "BitOPs (points beyond it add nothing).", "",
                   "| run | evaluations | hypervolume | front size | dominates all uniform baselines |",
                   "|---|---:|---:|---:|---|"]
         bpts = np.array([[b["fid_proxy"], b["gbitops"]] for b in base]) if base else np.zeros((0, 2))
@@ -316,7 +321,7 @@ def write_report(args, log: RowLog) -> None:
         w6 = next((b["gbitops"] for b in base if b["name"] == f"W6A6 quad {args.steps}"), None)
         # the proxy spans an order of magnitude (FID@128 from ~1.6 to ~27): on a linear axis the hypervolume is
         # dominated by the easy high-proxy region, so it is also given on log10(proxy) (same reference point, logged)
-        ident, logp = (lambda p: p), (lambda p: np.stack([np.log10(p[:, 0]), p[:, 1]], axis=1))
+        ident, logp = (lambda p: p), log_proxy
         regions = [("whole range", refpt, ident), ("whole range, log10 proxy", refpt, logp)]
         if w6:
             regions += [("BitOPs <= W6A6", np.array([refpt[0], w6]), ident),
@@ -337,14 +342,17 @@ def write_report(args, log: RowLog) -> None:
         lines += ["![fronts](fronts.png)", ""]
     any_row = next(iter(log.rows.values()), None)
     if any_row:
-        lines += ["## How it was produced", "", f"- commands: `{args.cmd_doc}` (parts: fidelity, front, axes, grouping; "
-                  "resumable)", f"- machine: {any_row['machine']}", f"- seed {args.seed} (fidelity candidates drawn with it, their images from noise-bank seed {args.seed + 1}); "
-                  f"search seeds 0..{args.seeds - 1} in the front part; rows in `rows.jsonl`", ""]
+        lines += ["## How it was produced", "",
+                  f"- commands: `{args.cmd_doc}` (parts: fidelity, front, axes, grouping; resumable)",
+                  f"- machine: {any_row['machine']}",
+                  f"- seed {args.seed} (fidelity candidates drawn with it, their images from noise-bank seed "
+                  f"{args.seed + 1}); search seeds 0..{args.seeds - 1} in the front part; rows in `rows.jsonl`", ""]
     (out / "README.md").write_text("\n".join(lines))
 
 
 AXES_RUNS = {"time-w8a8": "timestep-only, bits held at uniform W8A8", "time-w6a6": "timestep-only, uniform W6A6",
-             "time-w4a8": "timestep-only, uniform W4A8", "time-all": "timestep-only, the three uniform options together",
+             "time-w4a8": "timestep-only, uniform W4A8",
+             "time-all": "timestep-only, the three uniform options together",
              "bits-quad": "bits-only, schedule held at quadratic DDIM", "group-uniform": "joint, uniform time groups",
              "group-sensitivity": "joint, data-driven (sensitivity) time groups"}
 
@@ -362,18 +370,18 @@ def _axes_table(all_pts: dict, refpt: np.ndarray) -> list[str]:
     others = [k for k in AXES_RUNS if k in pts]
     if joint is None or not others:
         return []
-    logp = lambda p: np.stack([np.log10(p[:, 0]), p[:, 1]], axis=1)  # noqa: E731
     jf = joint[non_dominated(joint)]
     lines = ["## Joint vs single-axis searches, and time groupings", "",
              "Against the joint search `pymoo-s0` (quadratic groups, same evaluation budget; the three timestep-only "
-             "searches get a third of it each). Coverage C(A, B) = share of B's front weakly dominated by A's front.", "",
+             "searches get a third of it each). Coverage C(A, B) = share of B's front weakly dominated by A's "
+             "front.", "",
              "| run | what | evaluations | HV | HV log10 proxy | HV / joint | C(joint, run) | C(run, joint) |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
-    hj, hjl = hypervolume_2d(joint, refpt), hypervolume_2d(logp(joint), logp(refpt[None, :])[0])
+    hj, hjl = hypervolume_2d(joint, refpt), hypervolume_2d(log_proxy(joint), log_proxy(refpt[None, :])[0])
     for k in others:
         p = pts[k]
         f = p[non_dominated(p)]
-        h, hl = hypervolume_2d(p, refpt), hypervolume_2d(logp(p), logp(refpt[None, :])[0])
+        h, hl = hypervolume_2d(p, refpt), hypervolume_2d(log_proxy(p), log_proxy(refpt[None, :])[0])
         lines.append(f"| {k} | {AXES_RUNS[k]} | {len(p)} | {h:.4g} | {hl:.4g} | {h / hj:.3f} (log {hl / hjl:.3f}) | "
                      f"{dominates_all(jf, f).mean():.2f} | {dominates_all(f, jf).mean():.2f} |")
     return lines + [""]

@@ -126,8 +126,10 @@ class CandidateEvaluator:
                 f"{self.cfg.teacher_steps}", "extractor": self.extractor.name}
 
 
-def check_reference(reference: str, channels: int, key: str = "proxy.reference",
-                    hint: str = "; set proxy.reference or use proxy.name = paired-feat") -> None:
+PROXY_HINT = "; set proxy.reference or use proxy.name = paired-feat"
+
+
+def check_reference(reference: str, channels: int, key: str = "proxy.reference", hint: str = PROXY_HINT) -> None:
     """Refuse FID without a usable reference (cheap: no features computed): a missing file, or no file for a model
     that is not 1-channel (the embedded digits are the only built-in reference)."""
     if reference and not Path(reference).is_file():
@@ -161,10 +163,11 @@ def scoring_extractor(channels: int, name: str = "auto", inception_weights: str 
     return make_extractor(name, inception_weights or None)
 
 
-def quality_reference(reference: str, extractor, channels: int, key: str = "proxy.reference") -> Reference:
+def quality_reference(reference: str, extractor, channels: int, key: str = "proxy.reference",
+                      hint: str = "") -> Reference:
     """``reference`` statistics (.npz) if given, else the embedded digits (1-channel models only; refused otherwise,
-    naming ``key``)."""
-    check_reference(reference, channels, key, hint="")
+    naming ``key``, with ``hint``)."""
+    check_reference(reference, channels, key, hint)
     if reference:
         from evaluators.quality import load_reference
 
@@ -178,5 +181,4 @@ def proxy_reference(cfg: ProxyConfig, extractor, channels: int) -> Reference | N
     """The reference of the ``fid`` proxy (``None`` for the paired proxy)."""
     if cfg.name != "fid":
         return None
-    check_reference(cfg.reference, channels)
-    return quality_reference(cfg.reference, extractor, channels)
+    return quality_reference(cfg.reference, extractor, channels, hint=PROXY_HINT)

@@ -140,7 +140,8 @@ def validate_run(run_path: str | Path, cfg: ValidateConfig, progress: bool = Tru
     points = choose_points(front, cfg)
     # scored like the run's proxy: the same extractor and reference (proxy.reference, else the embedded digits)
     run_cfg = json.loads((run.path / "config.resolved.json").read_text())
-    reference = run_cfg.get("proxy", {}).get("reference", "")
+    proxy = run_cfg.get("proxy", {})
+    reference = proxy.get("reference", "")
     channels = _model(run_cfg).sample_shape[0]
     check_reference(reference, channels, hint="; validation scores against the run's proxy.reference")
     out = run.path / "final"
@@ -156,7 +157,6 @@ def validate_run(run_path: str | Path, cfg: ValidateConfig, progress: bool = Tru
         if not todo:
             continue
         if ext is None:
-            proxy = run_cfg.get("proxy", {})
             ext = scoring_extractor(channels, proxy.get("extractor", "auto"), proxy.get("inception_weights", ""))
             ref = quality_reference(reference, ext, channels)
         if progress:

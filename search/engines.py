@@ -6,10 +6,10 @@
   SQLAlchemy URL such as PostgreSQL); infeasible proposals are rejected analytically before evaluation.
 - ``paper-ea``: TMPQ-DM's single-objective EA (population 50: keep the top 10, 25 mutants at p = 0.25,
   10 uniform crossovers, 15 random).
+- ``random``: uniform random feasible genomes.
 
 Every engine's first generation starts from the service's seeds (``SearchSpace.uniform_seeds``: the uniform options
 at every step choice, as far as the budget allows; the paper's seed, uniform W6A6 at the reference step count, first).
-- ``random``: uniform random feasible genomes.
 
 Objectives are minimised; a failed evaluation is told as ``inf`` (never kept, never a reported fitness).
 All randomness comes from the engine's ``numpy.random.Generator`` (seeded).
@@ -146,7 +146,6 @@ class PymooNSGA2(Engine):
         # a 129-gene child has ~32 genes redrawn at random and the search is little better than random search.
         free = space.genome_length - len(space.fixed)
         p_mutation = p_mutation if p_mutation is not None else min(0.5, 1.0 / max(1, free))
-        self.p_mutation = p_mutation
         from pymoo.algorithms.moo.nsga2 import NSGA2
         from pymoo.core.crossover import Crossover
         from pymoo.core.duplicate import DuplicateElimination

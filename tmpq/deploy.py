@@ -87,15 +87,23 @@ class _StaticInput:
         return q.to(torch.uint8)
 
 
-class Int8Conv2d(nn.Module):
-    """A conv on oneDNN's static int8 kernel with float32 output (see the module docstring)."""
+class _Int8Op(nn.Module):
+    """What a oneDNN int8 layer holds besides its packed weight: the input quantizer, weight scales and zero-points
+    (all 0: symmetric), and the float bias."""
 
-    def __init__(self, conv: nn.Conv2d, w: torch.Tensor, w_scale: torch.Tensor, bias, aq):
+    def __init__(self, w_scale: torch.Tensor, bias, aq):
         super().__init__()
         self.inp = _StaticInput(aq)
         self.w_scale = w_scale.float().contiguous()
         self.w_zp = torch.zeros_like(self.w_scale, dtype=torch.int64)
         self.bias = bias
+
+
+class Int8Conv2d(_Int8Op):
+    """A conv on oneDNN's static int8 kernel with float32 output (see the module docstring)."""
+
+    def __init__(self, conv: nn.Conv2d, w: torch.Tensor, w_scale: torch.Tensor, bias, aq):
+        super().__init__(w_scale, bias, aq)
         self.args = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
         wi = _int8_weight(w, w_scale).contiguous(memory_format=torch.channels_last)
         self.packed = torch.ops.onednn.qconv_prepack(wi, self.w_scale, self.inp.scale, self.inp.zp_u8, *self.args,
@@ -108,15 +116,12 @@ class Int8Conv2d(nn.Module):
                                                   [], None)
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(_Int8Op):
     """A Linear on oneDNN's static int8 kernel with float32 output; any leading dimensions."""
 
     def __init__(self, w: torch.Tensor, w_scale: torch.Tensor, bias, aq):
-        super().__init__()
-        self.inp = _StaticInput(aq)
-        self.w_scale = w_scale.float().contiguous()
-        self.w_zp = torch.zeros_like(self.w_scale, dtype=torch.int64)
-        self.bias, self.out_features = bias, w.shape[0]
+        super().__init__(w_scale, bias, aq)
+        self.out_features = w.shape[0]
         self.packed = torch.ops.onednn.qlinear_prepack(_int8_weight(w, w_scale), None)
 
     def forward(self, x):
