@@ -66,6 +66,12 @@ def test_apply_export_to_a_stock_pipeline_reproduces_the_search_samples(exported
     imgs = sample_images(pipe.unet, pipe.scheduler, pipe.tmpq_timesteps, 6, seed=3, batch_size=6, progress=False)
     ref = _supernet_samples(run, key)
     assert torch.equal(imgs, ref)
+    # the quantized model stays an ordinary module tree: no cycle through the supernet wrapper
+    pipe.to("cpu")
+    pipe.unet.eval()
+    assert not any(".tmpq_supernet." in k for k in pipe.unet.state_dict())
+    assert torch.equal(sample_images(pipe.unet, pipe.scheduler, pipe.tmpq_timesteps, 6, seed=3, batch_size=6,
+                                     progress=False), ref)
 
 
 def test_export_in_a_fresh_process_gives_identical_samples(exported, tmp_path):

@@ -225,7 +225,9 @@ def apply_export(pipeline_or_unet, export_dir: str | Path):
         unet.to(memory_format=torch.channels_last)
     net = QuantSupernet.from_file(unet, export_dir / QUANT_FILE)
     net.set_bits([])
-    unet.tmpq_supernet = net  # keeps the wrapper reachable (layers are replaced in place inside unet)
+    # keep the wrapper reachable without registering it as a submodule: it holds ``unet`` itself, and a module
+    # cycle sends .eval() / .to() / state_dict() of the user's model (or pipeline) into infinite recursion
+    object.__setattr__(unet, "tmpq_supernet", net)
     if unet is not pipeline_or_unet:
         sampler = manifest["sampler"]
         pipeline_or_unet.scheduler = RespacedDDIMScheduler.from_config(sampler["config"])
