@@ -187,3 +187,29 @@ def test_int8_conv_and_linear_compute_what_fake_quantization_computes(kernel, st
         want = torch.nn.functional.linear(aq(xl), lw, bias)
         got = Int8Linear(lw, scale, bias, aq)(xl)
     assert got.shape == want.shape and torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("bits,a_sym", [(8, False), (8, True), (6, False), (6, True)])
+def test_int8_input_codes_are_the_fake_quantizer_codes(bits, a_sym, fused):
+    """The deployed input quantizer (one fused quantize pass to bytes) gives exactly the calibrated quantizer's
+    levels, ties and both clamps included."""
+    from quant.quantizer import AffineQuantizer
+    from tmpq.deploy import _StaticInput
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 8, 16, 16, generator=g) * 2 + 0.5
+    aq = AffineQuantizer(bits, symmetric=a_sym)
+    aq.observe(x[:1] * 0.5)  # a range narrower than the data: both clamps are exercised
+    aq.freeze()
+    s = float(aq.scale.reshape(-1)[0])
+    x[0, 0, 0, :4] = torch.tensor([0.5, 1.5, -2.5, 3.5]) * s  # exact ties (round half to even)
+    inp = _StaticInput(aq)
+    if fused and not inp.fused:
+        pytest.skip("this PyTorch build has no fused per-tensor quantize")
+    inp.fused = fused
+    u = inp(x)
+    assert u.dtype == torch.uint8 and int(u.max()) <= aq.qmax - aq.qmin
+    got = (u.float() + aq.qmin - float(aq.zero_point.reshape(-1)[0])) * s
+    with torch.no_grad():
+        assert torch.equal(got, aq(x))
