@@ -155,6 +155,11 @@ def test_int8_kernels_hold_the_exported_weights_and_stay_close(exported, tmp_pat
     assert r.returncode == 0, r.stderr[-1500:]
     rows = json.loads((tmp_path / "speed.json").read_text())
     assert rows["int8_layers"] == n_quant - len(wide) and rows["int8_export_s"] > 0
+    # the profiled conv / Linear share is a real fraction and the Amdahl bound follows from it
+    share = rows["op_shares"]["fp"]["conv_linear_share"]
+    assert 0 < share < 1 and rows["op_shares"]["int8"]["conv_linear_ms"] > 0
+    assert rows["speedup_bound_vs_fp100"] == pytest.approx(
+        rows["fp_100_uniform_s"] / rows["fp_export_schedule_s"] / (1 - share))
 
 
 @pytest.mark.parametrize("kernel,stride,padding,a_sym", [(3, 1, 1, False), (1, 1, 0, True), (3, 2, 1, False)])

@@ -297,6 +297,10 @@ def _cmd_speed(args: argparse.Namespace) -> None:
     print(f"{'fake quantization, exported':36s} {rows['fakequant_export_s']:8.2f} s")
     print(f"{'real int8 kernels, exported':36s} {rows['int8_export_s']:8.2f} s  "
           f"({rows['int8_layers']}/{len(layers)} layers int8)")
+    sh = rows["op_shares"]
+    print(f"conv + Linear share of one denoiser call: FP {sh['fp']['conv_linear_share']:.0%} of "
+          f"{sh['fp']['total_ms']:.0f} ms, int8 {sh['int8']['conv_linear_share']:.0%} of {sh['int8']['total_ms']:.0f} ms;"
+          f" speed-up bound vs FP 100 steps with free convs / Linears: {rows['speedup_bound_vs_fp100']:.1f}x")
     for r in layers:
         if not r["int8"]:
             print(f"  fallback (fake-quant): {r['fqn']}: {r['why']}")

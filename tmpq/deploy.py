@@ -222,6 +222,29 @@ def time_sampling(unet, scheduler, timesteps, n: int, batch: int, repeats: int =
     return sorted(walls)[len(walls) // 2]
 
 
+_MATMUL_OPS = ("aten::mkldnn_convolution", "aten::convolution_overrideable", "aten::thnn_conv2d",
+               "aten::slow_conv2d_forward", "aten::addmm", "aten::mm", "onednn::qconv2d_pointwise",
+               "onednn::qlinear_pointwise")
+
+
+@torch.no_grad()
+def op_shares(unet, batch: int, t: int = 500) -> dict:
+    """Where one denoiser call's CPU time goes (``torch.profiler``, self time, one call after a warm-up):
+    ``{"total_ms", "conv_linear_ms", "conv_linear_share"}``. The conv / Linear share bounds what faster
+    conv / Linear kernels can give per step (Amdahl): at most 1 / (1 - share)."""
+    cfg = unet.config
+    h, w = (cfg.sample_size, cfg.sample_size) if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)
+    x = torch.randn(batch, cfg.in_channels, h, w).contiguous(memory_format=torch.channels_last)
+    tt = torch.full((batch,), t)
+    unet(x, tt)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        unet(x, tt)
+    rows = prof.key_averages()
+    total = sum(r.self_cpu_time_total for r in rows) / 1e3
+    mm = sum(r.self_cpu_time_total for r in rows if r.key in _MATMUL_OPS) / 1e3
+    return {"total_ms": total, "conv_linear_ms": mm, "conv_linear_share": mm / total if total else 0.0}
+
+
 def measure_speed(export_dir, n: int = 256, batch_size: int = 256, fid_n: int = 0) -> dict:
     """Wall-clock of an export (``tmpq speed``): FP at 100 uniform DDIM steps, FP and fake quantization at the
     exported schedule, real int8 kernels at the exported schedule; the pixel MSE between int8 and fake-quant images
@@ -251,9 +274,13 @@ def measure_speed(export_dir, n: int = 256, batch_size: int = 256, fid_n: int = 
         for name, u in (("fakequant", load_export(export_dir)[0]), ("int8", unet)):
             imgs = sample_images(u, sched, ts, fid_n, seed=1, batch_size=batch_size, progress=False)
             rows[f"{name}_fid_n{fid_n}"] = score_features(ext(imgs), ref)["fid"]
+    shares = {"fp": op_shares(fp.unet, batch_size), "int8": op_shares(unet, batch_size)}
     n8 = sum(r["int8"] for r in layers)
     rows.update({"images": n, "batch_size": batch_size, "steps": len(ts), "int8_layers": n8,
-                 "fallback_layers": len(layers) - n8, "layers": layers,
+                 "fallback_layers": len(layers) - n8, "layers": layers, "op_shares": shares,
+                 # Amdahl: infinitely fast convs / Linears on the exported schedule, vs FP 100 steps
+                 "speedup_bound_vs_fp100": rows["fp_100_uniform_s"] / rows["fp_export_schedule_s"]
+                 / (1 - shares["fp"]["conv_linear_share"]),
                  "speedup_int8_vs_fp100": rows["fp_100_uniform_s"] / rows["int8_export_s"],
                  "speedup_fakequant_vs_fp100": rows["fp_100_uniform_s"] / rows["fakequant_export_s"],
                  "speedup_int8_vs_fakequant": rows["fakequant_export_s"] / rows["int8_export_s"]})
