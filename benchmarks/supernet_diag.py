@@ -6,6 +6,12 @@ and the activations of one layer at a time. Rows go to ``<out>/diag.jsonl`` (res
     .venv/bin/python -m benchmarks.supernet_diag --bits 8 --pins 8,16      # the default pins (16-bit inputs)
     .venv/bin/python -m benchmarks.supernet_diag --bits 6 --pins 8,16 --per-layer
     .venv/bin/python -m benchmarks.supernet_diag --bits 8 --pins 8,16 --per-layer-weights
+    .venv/bin/python -m benchmarks.supernet_diag --bits 8 --pins 8,16/16,16 --steps 100 --n 256 --time-groups 1,2,4
+
+``--time-groups``: an experiment towards timestep-aware quantization (TDQ-style). The calibration timesteps are cut
+into G contiguous groups of equal count; one supernet is calibrated (activation ranges and bias correction) on each
+group's inputs alone, and every denoiser call runs the supernet of the group its timestep falls in. G = 1 is the
+default supernet.
 
 Calibration data and settings are those of ``benchmarks.supernet`` (uniform, 20 steps x 32 inputs from a 100-step
 FP trajectory, seed 10000; per-option calibration).
@@ -39,6 +45,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--time-groups", default="", help="comma list of G: W{bits} with per-time-group calibration "
+                    "(see above) instead of the weight / activation split")
     ap.add_argument("--out", default="results/supernet/diag")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -53,6 +61,16 @@ def main() -> None:
     ts = make_timesteps("uniform", args.steps)
     teacher = sample_images(base.unet, sched, ts, args.n, seed=0, progress=False)
     data = make_calib_data(base.unet, sched, "uniform", n_steps=20, per_step=32, sampler_steps=100, seed=10_000)
+    if args.time_groups:
+        for g in (int(v) for v in args.time_groups.split(",")):
+            setting = f"W{args.bits} per-time-group calibration, G = {g}{tag}"
+            if log.has(setting=setting, **key):
+                continue
+            model = _time_grouped(data, cfg, g, args.bits)
+            mse = float((sample_images(model, sched, ts, args.n, seed=0, progress=False) - teacher).pow(2).mean())
+            log.append({"setting": setting, **key, "paired_mse": mse, "group_starts": model.starts})
+            print(f"{mse:.6f}  {setting}", flush=True)
+        return
     net = QuantSupernet(load_model(None).unet, cfg)
     t0 = time.perf_counter()
     net.calibrate(list(data.batches(64)), progress=False)
@@ -92,6 +110,36 @@ def main() -> None:
     if args.per_layer_weights:
         for name in net.layers:
             measure(f"weights of {name}", only(True, False, {name}))
+
+
+class _ByTime(torch.nn.Module):
+    """Routes each denoiser call to the supernet of its timestep's group (one timestep per call, as the sampler)."""
+
+    def __init__(self, nets, starts: list[int]):
+        super().__init__()
+        self.nets, self.starts, self.config = torch.nn.ModuleList(nets), starts, nets[0].unet.config
+
+    def forward(self, x, t, **kwargs):
+        tt = int(torch.as_tensor(t).reshape(-1)[0])
+        return self.nets[sum(tt >= s for s in self.starts)](x, t, **kwargs)
+
+
+def _time_grouped(data, cfg, groups: int, bits: int) -> _ByTime:
+    import numpy as np
+
+    from supernet import QuantSupernet
+    from tmpq.model import load_model
+
+    parts = np.array_split(np.unique(data.t.numpy()), groups)
+    nets = []
+    for part in parts:
+        keep = torch.isin(data.t, torch.as_tensor(part))
+        x, t = data.x[keep], data.t[keep]
+        net = QuantSupernet(load_model(None).unet, cfg)
+        net.calibrate([(x[i:i + 64], t[i:i + 64]) for i in range(0, len(t), 64)], progress=False)
+        net.set_uniform(bits, bits if bits in cfg.a_bits else 8)
+        nets.append(net)
+    return _ByTime(nets, [int(p[0]) for p in parts[1:]])
 
 
 if __name__ == "__main__":
