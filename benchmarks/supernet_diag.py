@@ -6,7 +6,8 @@ and the activations of one layer at a time. Rows go to ``<out>/diag.jsonl`` (res
     .venv/bin/python -m benchmarks.supernet_diag --bits 8 --pins 8,16      # the default pins (16-bit inputs)
     .venv/bin/python -m benchmarks.supernet_diag --bits 6 --pins 8,16 --per-layer
     .venv/bin/python -m benchmarks.supernet_diag --bits 8 --pins 8,16 --per-layer-weights
-    .venv/bin/python -m benchmarks.supernet_diag --bits 8 --pins 8,16/16,16 --steps 100 --n 256 --time-groups 1,2,4
+    .venv/bin/python -m benchmarks.supernet_diag --bits 8 --pins 8,16/16,16 --steps 100 --n 256 --time-groups 1,2,4 \
+        --a-observer minmax [--fid-n 2000]
 
 ``--time-groups``: an experiment towards timestep-aware quantization (TDQ-style). The calibration timesteps are cut
 into G contiguous groups of equal count; one supernet is calibrated (activation ranges and bias correction) on each
@@ -47,6 +48,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--time-groups", default="", help="comma list of G: W{bits} with per-time-group calibration "
                     "(see above) instead of the weight / activation split")
+    ap.add_argument("--fid-n", type=int, default=0, help="with --time-groups: also FID / KID at this N (noise seed "
+                    "0, domain extractor, as the supernet benchmark's quality part)")
     ap.add_argument("--out", default="results/supernet/diag")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -63,12 +66,21 @@ def main() -> None:
     data = make_calib_data(base.unet, sched, "uniform", n_steps=20, per_step=32, sampler_steps=100, seed=10_000)
     if args.time_groups:
         for g in (int(v) for v in args.time_groups.split(",")):
-            setting = f"W{args.bits} per-time-group calibration, G = {g}{tag}"
+            setting = f"W{args.bits} per-time-group calibration, G = {g}{tag}" + (
+                f", FID at N = {args.fid_n}" if args.fid_n else "")
             if log.has(setting=setting, **key):
                 continue
             model = _time_grouped(data, cfg, g, args.bits)
             mse = float((sample_images(model, sched, ts, args.n, seed=0, progress=False) - teacher).pow(2).mean())
-            log.append({"setting": setting, **key, "paired_mse": mse, "group_starts": model.starts})
+            row = {"setting": setting, **key, "paired_mse": mse, "group_starts": model.starts}
+            if args.fid_n:  # the protocol of benchmarks.supernet's quality part: noise seed 0, domain extractor
+                from evaluators.features import make_extractor
+                from evaluators.quality import embedded_reference, score_features
+
+                ext = make_extractor("domain")
+                imgs = sample_images(model, sched, ts, args.fid_n, seed=0, desc=f"G = {g}")
+                row.update({f"{k}_n{args.fid_n}": v for k, v in score_features(ext(imgs), embedded_reference(ext)).items()})
+            log.append(row)
             print(f"{mse:.6f}  {setting}", flush=True)
         return
     net = QuantSupernet(load_model(None).unet, cfg)
