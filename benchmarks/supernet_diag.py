@@ -79,7 +79,8 @@ def main() -> None:
 
                 ext = make_extractor("domain")
                 imgs = sample_images(model, sched, ts, args.fid_n, seed=0, desc=f"G = {g}")
-                row.update({f"{k}_n{args.fid_n}": v for k, v in score_features(ext(imgs), embedded_reference(ext)).items()})
+                scores = score_features(ext(imgs), embedded_reference(ext))
+                row.update({f"{k}_n{args.fid_n}": v for k, v in scores.items()})
             log.append(row)
             print(f"{mse:.6f}  {setting}", flush=True)
         return

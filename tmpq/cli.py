@@ -299,8 +299,8 @@ def _cmd_speed(args: argparse.Namespace) -> None:
           f"({rows['int8_layers']}/{len(layers)} layers int8)")
     sh = rows["op_shares"]
     print(f"conv + Linear share of one denoiser call: FP {sh['fp']['conv_linear_share']:.0%} of "
-          f"{sh['fp']['total_ms']:.0f} ms, int8 {sh['int8']['conv_linear_share']:.0%} of {sh['int8']['total_ms']:.0f} ms;"
-          f" speed-up bound vs FP 100 steps with free convs / Linears: {rows['speedup_bound_vs_fp100']:.1f}x")
+          f"{sh['fp']['total_ms']:.0f} ms, int8 {sh['int8']['conv_linear_share']:.0%} of "
+          f"{sh['int8']['total_ms']:.0f} ms; speed-up bound vs FP 100 steps with free convs / Linears: {rows['speedup_bound_vs_fp100']:.1f}x")
     for r in layers:
         if not r["int8"]:
             print(f"  fallback (fake-quant): {r['fqn']}: {r['why']}")
