@@ -300,7 +300,8 @@ def _cmd_speed(args: argparse.Namespace) -> None:
     sh = rows["op_shares"]
     print(f"conv + Linear share of one denoiser call: FP {sh['fp']['conv_linear_share']:.0%} of "
           f"{sh['fp']['total_ms']:.0f} ms, int8 {sh['int8']['conv_linear_share']:.0%} of "
-          f"{sh['int8']['total_ms']:.0f} ms; speed-up bound vs FP 100 steps with free convs / Linears: {rows['speedup_bound_vs_fp100']:.1f}x")
+          f"{sh['int8']['total_ms']:.0f} ms; speed-up bound vs FP 100 steps with free convs / Linears: "
+          f"{rows['speedup_bound_vs_fp100']:.1f}x")
     for r in layers:
         if not r["int8"]:
             print(f"  fallback (fake-quant): {r['fqn']}: {r['why']}")
