@@ -246,6 +246,9 @@ def part_grouping(args, log: RowLog, sn: Path) -> None:
     search(args, log, "pymoo-s0", sn, engine="pymoo", seed=0)
     for grouping in ("uniform", "sensitivity"):
         search(args, log, f"group-{grouping}", sn, grouping=grouping)
+    # the default grouping on further seeds: does its front dominate every uniform baseline on more than one seed?
+    for seed in range(1, args.seeds):
+        search(args, log, f"group-uniform-s{seed}", sn, grouping="uniform", seed=seed)
 
 
 # -- report ------------------------------------------------------------------------------------------------------------
