@@ -90,17 +90,19 @@ def _evaluations(run_path: Path):
     return ev[ev["status"] == "ok"]
 
 
+def _proxy_gbitops(ev) -> np.ndarray:
+    return np.stack([ev["fid_proxy"].to_numpy(float), ev["bitops"].to_numpy(float) / 1e9], axis=1)
+
+
 def points(run_path: Path) -> np.ndarray:
     """(proxy, GBitOPs) of every successful evaluation of a run."""
-    ev = _evaluations(run_path)
-    return np.stack([ev["fid_proxy"].to_numpy(float), ev["bitops"].to_numpy(float) / 1e9], axis=1)
+    return _proxy_gbitops(_evaluations(run_path))
 
 
 def seed_points(run_path: Path) -> np.ndarray:
     """(proxy, GBitOPs) of a run's uniform-bit seeds: first-generation candidates with one option on every gene."""
     ev = _evaluations(run_path)
-    uni = ev[(ev["generation"] == 0) & ev["bits"].map(lambda b: len({tuple(x) for x in b}) == 1)]
-    return np.stack([uni["fid_proxy"].to_numpy(float), uni["bitops"].to_numpy(float) / 1e9], axis=1)
+    return _proxy_gbitops(ev[(ev["generation"] == 0) & ev["bits"].map(lambda b: len({tuple(x) for x in b}) == 1)])
 
 
 def evaluator(args, sn: Path):

@@ -18,6 +18,7 @@ a grouped conv; all of them when this PyTorch build has no oneDNN int8 kernels.
 """
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 
@@ -74,10 +75,13 @@ def _int8_weight(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return wi.to(torch.int8)
 
 
+@functools.cache
 def _fused_quantize_available() -> bool:
+    """Probed once per process. quint8 tensor creation is deprecated upstream (its kernel still runs) and PyTorch
+    warns about it once per process: the probe takes that warning, so the per-layer calls need no filter."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # quint8 tensor creation is deprecated upstream; its kernel still runs
+            warnings.simplefilter("ignore")
             torch.quantize_per_tensor(torch.zeros(1), 1.0, 0, torch.quint8).int_repr()
         return True
     except (AttributeError, RuntimeError):
@@ -103,9 +107,7 @@ class _StaticInput:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                q = torch.quantize_per_tensor(x, self.scale, self.zp_u8, torch.quint8).int_repr()
+            q = torch.quantize_per_tensor(x, self.scale, self.zp_u8, torch.quint8).int_repr()
             return q.clamp_(0, self.top) if self.top < 255 else q
         # round(x / s) + zp - qmin: the integer shift after rounding keeps the ties of fake quantization
         return torch.round(x * self.inv).add_(self.zp_u8).clamp_(0, self.top).to(torch.uint8)
@@ -232,10 +234,12 @@ def op_shares(unet, batch: int, t: int = 500) -> dict:
     """Where one denoiser call's CPU time goes (``torch.profiler``, self time, one call after a warm-up):
     ``{"total_ms", "conv_linear_ms", "conv_linear_share"}``. The conv / Linear share bounds what faster
     conv / Linear kernels can give per step (Amdahl): at most 1 / (1 - share)."""
+    from tmpq.sampler import _size2
+
     cfg = unet.config
-    h, w = (cfg.sample_size, cfg.sample_size) if isinstance(cfg.sample_size, int) else tuple(cfg.sample_size)
     g = torch.Generator().manual_seed(0)  # leaves the global RNG alone
-    x = torch.randn(batch, cfg.in_channels, h, w, generator=g).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(batch, cfg.in_channels, *_size2(cfg.sample_size), generator=g)
+    x = x.contiguous(memory_format=torch.channels_last)
     tt = torch.full((batch,), t)
     unet(x, tt)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
