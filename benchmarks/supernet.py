@@ -67,6 +67,8 @@ def main() -> None:
                     "default: W8A8, W6A6, W4A8 and the lowest)")
     ap.add_argument("--fp-from-baseline", default="", help="take the FP quality row from this baseline rows.jsonl "
                     "(e.g. results/baseline/rows.jsonl) instead of sampling it")
+    ap.add_argument("--time-groups", type=int, default=1, help="quality part: supernet.time_groups of the supernet "
+                    "(rows named e.g. 'W8A8, time_groups 4'; the cost part is skipped when > 1)")
     ap.add_argument("--calib-steps", type=int, default=20)
     ap.add_argument("--calib-per-step", type=int, default=32)
     ap.add_argument("--sampler-steps", type=int, default=100)
@@ -164,7 +166,8 @@ def quality_and_cost(args, log: RowLog, fresh_unet, sched, ext, ref, batches, pa
         imgs = sample_images(fresh_unet(), sched, ts_q, args.quality_n, seed=args.seed, desc="FP quality")
         log.append({"kind": "quality", "name": "fp", "n": args.quality_n, "seed": args.seed,
                     "steps": args.quality_steps, **score_features(ext(imgs), ref)})
-    net = QuantSupernet(fresh_unet(), SupernetConfig())
+    tg = args.time_groups
+    net = QuantSupernet(fresh_unet(), SupernetConfig(time_groups=tg))
     t0 = time.perf_counter()
     net.calibrate(batches, mode="per-option")
     calib_s = time.perf_counter() - t0
@@ -173,13 +176,16 @@ def quality_and_cost(args, log: RowLog, fresh_unet, sched, ext, ref, batches, pa
         name = f"W{w}A{a}"
         if args.quality_options and name not in args.quality_options.split(","):
             continue
+        name += f", time_groups {tg}" if tg > 1 else ""
         if "quality" not in parts or log.has(kind="quality", name=name, n=args.quality_n, seed=args.seed):
             continue
         net.set_uniform(w, a)
         imgs = sample_images(net.unet, sched, ts_q, args.quality_n, seed=args.seed, desc=f"{name} quality")
         log.append({"kind": "quality", "name": name, "n": args.quality_n, "seed": args.seed,
                     "steps": args.quality_steps, "calib_s": round(calib_s, 1), **score_features(ext(imgs), ref)})
-    if "cost" in parts and not log.has(kind="cost", name="timing", n=256, seed=args.seed):
+    if "cost" in parts and tg > 1:
+        print("cost part skipped: it times the default supernet (--time-groups 1)")
+    elif "cost" in parts and not log.has(kind="cost", name="timing", n=256, seed=args.seed):
         ts10 = make_timesteps("quad", 10)
         fp_unet = fresh_unet()
 

@@ -99,6 +99,9 @@ def recalibrate_point(run_path: Path, key: str, timesteps, bits, cfg: ValidateCo
     base = SupernetConfig.from_json(meta["config"])
     if cfg.recon_iters > 0 and base.w_rounding != "adaround":
         base = SupernetConfig.from_json(json.dumps({**json.loads(base.to_json()), "w_rounding": "adaround"}))
+    if cfg.distill_iters > 0 and base.time_groups > 1:
+        raise TmpqError("--distill-iters: scale distillation trains one range per quantizer; it does not combine "
+                        "with supernet.time_groups > 1")
     probe = QuantSupernet(frozen_copy(m.unet), base)
     net = QuantSupernet(m.unet, probe.pinned_config([tuple(int(v) for v in p) for p in bits]))
     del probe

@@ -34,7 +34,8 @@ class QuantLayer(nn.Module):
     def __init__(self, module: nn.Module, w_bits: Sequence[int], a_bits: Sequence[int], *,
                  w_symmetric: bool = True, w_granularity: str = "channel", group_size: int | None = None,
                  w_observer: str = "mse", a_symmetric: bool = False, a_observer: str = "mse",
-                 split: int | None = None, w_rounding: str = "nearest", w_two_bit: str = "multibasis"):
+                 split: int | None = None, w_rounding: str = "nearest", w_two_bit: str = "multibasis",
+                 time_groups: int = 1):
         super().__init__()
         self.module = module
         weight = module.weight
@@ -73,6 +74,16 @@ class QuantLayer(nn.Module):
                 raise QuantError(f"split: {split} is not inside the {in_ch} input channels")
             self.a_quant_split = nn.ModuleList(AffineQuantizer(b, a_symmetric, "tensor", observer=a_observer)
                                                for b in self.a_bits)
+        self.time_groups = int(time_groups)
+        if self.time_groups < 1:
+            raise QuantError(f"time_groups: must be >= 1, got {time_groups}")
+        if self.time_groups > 1:  # one bank row per timestep group, explicit state from __init__ on
+            for q in self.activation_quantizers():
+                q.register_buffer("tg_scale", torch.ones(self.time_groups, *q.scale.shape))
+                q.register_buffer("tg_zero_point", torch.zeros(self.time_groups, *q.zero_point.shape))
+            for q in self.w_quant:
+                q.register_buffer("tg_bias_shift", torch.zeros(self.time_groups, weight.shape[0]))
+        self.live_group = 0  # the timestep group whose bank row is live (time_groups > 1)
         self.w_index: int | None = None
         self.a_index: int | None = None
         self.observing = False
@@ -89,6 +100,31 @@ class QuantLayer(nn.Module):
         if a_index is not None and not 0 <= a_index < len(self.a_quant):
             raise QuantError(f"activation option index {a_index} out of range for {len(self.a_quant)} options")
         self.w_index, self.a_index = w_index, a_index
+
+    def activation_quantizers(self) -> list[AffineQuantizer]:
+        """Every activation quantizer of this layer (each option, both halves of a split input)."""
+        return list(self.a_quant) + (list(self.a_quant_split) if self.split is not None else [])
+
+    # -- timestep groups ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def store_time_group(self, g: int) -> None:
+        """Copy the live activation ranges and bias corrections of every option into bank row ``g``."""
+        for q in self.activation_quantizers():
+            q.tg_scale[g].copy_(q.scale.detach())
+            q.tg_zero_point[g].copy_(q.zero_point)
+        for q in self.w_quant:
+            q.tg_bias_shift[g].copy_(q.bias_shift)
+        self.live_group = g
+
+    @torch.no_grad()
+    def load_time_group(self, g: int) -> None:
+        """Make bank row ``g`` live: a few small copies per option, no recalibration."""
+        for q in self.activation_quantizers():
+            q.scale.data.copy_(q.tg_scale[g])
+            q.zero_point.copy_(q.tg_zero_point[g])
+        for q in self.w_quant:
+            q.bias_shift.copy_(q.tg_bias_shift[g])
+        self.live_group = g
 
     # -- calibration --------------------------------------------------------------------------------------------
     @torch.no_grad()

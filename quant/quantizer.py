@@ -128,6 +128,12 @@ class AffineQuantizer(nn.Module):
         self._lo = self._hi = None
         self._samples = []
 
+    def reset(self) -> None:
+        """Forget observations and unfreeze (the next ``freeze`` uses only what is observed from now on)."""
+        self._lo = self._hi = None
+        self._samples = []
+        self.frozen.fill_(False)
+
     def _stacked_samples(self) -> torch.Tensor:
         if self.granularity == "tensor":
             return torch.cat(self._samples).reshape(1, -1)

@@ -59,7 +59,7 @@ def run_fingerprint(cfg: RunConfig, model_fp: str) -> str:
     # keys added after runs already existed count only when set, so those runs still resume
     for section, key, default in (("search", "step_choices", []), ("proxy", "reference", ""),
                                   ("search", "mutation_prob", 0.0), ("proxy", "extractor", "auto"),
-                                  ("proxy", "inception_weights", "")):
+                                  ("proxy", "inception_weights", ""), ("supernet", "time_groups", 1)):
         if config[section].get(key) == default:
             del config[section][key]
     blob = json.dumps({"config": config, "model": model_fp, "data": data_fingerprint()}, sort_keys=True)
@@ -153,7 +153,8 @@ def supernet_config(cfg: RunConfig):
     return SupernetConfig(w_bits=sc.w_bits, a_bits=sc.a_bits, w_rounding=sc.w_rounding,
                           w_granularity=sc.w_granularity, group_size=sc.group_size or None,
                           tie=(TIE_QKV,) if sc.tie_qkv else (), w_two_bit=sc.w_two_bit,
-                          bias_correction=sc.bias_correction, w_observer=sc.w_observer, a_observer=sc.a_observer)
+                          bias_correction=sc.bias_correction, w_observer=sc.w_observer, a_observer=sc.a_observer,
+                          time_groups=sc.time_groups)
 
 
 def calibrate_to_file(cfg: RunConfig, m, net, sn_file: Path, progress: bool = True) -> None:

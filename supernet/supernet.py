@@ -20,7 +20,7 @@ from supernet.config import LayerInfo, SupernetConfig
 from tmpq.errors import TmpqError
 
 SUPERNET_FORMAT = "tmpq.supernet"
-SUPERNET_VERSION = 1
+SUPERNET_VERSION = 2  # 2: optional time_groups (banks + time_starts); v1 files load unchanged
 
 
 def model_fingerprint(unet: nn.Module) -> str:
@@ -115,7 +115,7 @@ class QuantSupernet(nn.Module):
                          w_granularity=config.w_granularity, group_size=config.group_size,
                          w_observer=config.w_observer, a_symmetric=config.a_symmetric,
                          a_observer=config.a_observer, split=splits.get(name), w_rounding=config.w_rounding,
-                         w_two_bit=config.w_two_bit)
+                         w_two_bit=config.w_two_bit, time_groups=config.time_groups)
             self._replace(name, layer)
             self.layers[name] = layer
             if pin:
@@ -135,6 +135,12 @@ class QuantSupernet(nn.Module):
         self._gene_of = {n: g for g, names in enumerate(self.genes) for n in names}
         self.infos = self._profile()
         self._calibrated = False
+        # timestep groups: group g holds the calibration timesteps t with time_starts[g-1] <= t < time_starts[g];
+        # set by calibrate() / load(); until then no routing
+        self.time_starts: list[int] = []
+        self._live_group: int | None = None
+        if config.time_groups > 1:
+            unet.register_forward_pre_hook(self._route_by_timestep, with_kwargs=True)
 
     def _replace(self, fqn: str, new: nn.Module) -> None:
         parent_name, _, child = fqn.rpartition(".")
@@ -255,6 +261,36 @@ class QuantSupernet(nn.Module):
     def forward(self, *args, **kwargs):
         return self.unet(*args, **kwargs)
 
+    # -- timestep groups ----------------------------------------------------------------------------------------
+    def time_group_of(self, t) -> int:
+        """Group index of timestep(s) ``t``; every timestep of one denoiser call must fall in the same group."""
+        ts = torch.as_tensor(t).reshape(-1)
+        if ts.numel() == 0:
+            raise TmpqError("time_groups: a denoiser call without a timestep")
+        starts = torch.as_tensor(self.time_starts, dtype=ts.dtype, device=ts.device)
+        groups = torch.bucketize(ts, starts, right=True)
+        g = int(groups[0])
+        if ts.numel() > 1 and not bool((groups == g).all()):
+            raise TmpqError(f"time_groups: one denoiser call mixes timesteps of groups {sorted(set(groups.tolist()))} "
+                            f"(group starts {self.time_starts}); call the denoiser with one timestep group per batch")
+        return g
+
+    def select_time_group(self, g: int) -> None:
+        """Make group ``g``'s activation ranges and bias corrections live in every layer (skipped if already)."""
+        if g != self._live_group:
+            for layer in self.layers.values():
+                layer.load_time_group(g)
+            self._live_group = g
+
+    def _route_by_timestep(self, module, args, kwargs):
+        if not self.time_starts:  # not calibrated / loaded yet: calibration drives the groups itself
+            return None
+        t = args[1] if len(args) > 1 else kwargs.get("timestep")
+        if t is None:
+            raise TmpqError("time_groups: the denoiser was called without a timestep")
+        self.select_time_group(self.time_group_of(t))
+        return None
+
     # -- calibration --------------------------------------------------------------------------------------------
     def blocks(self) -> list[tuple[str, nn.Module]]:
         """Reconstruction units: outermost modules of a ``block_types`` class, plus each quantized layer that lies
@@ -309,30 +345,81 @@ class QuantSupernet(nn.Module):
         Activations, ``per-option``: for each activation option the whole model runs at (w ~ a, a) (the authors'
         code); ``random-path``: each batch runs a random per-gene allocation (the paper text) and each layer's active
         option observes. ``data`` yields (x_t, t) batches captured from the FP sampler. With ``checkpoint``, the
-        state is saved after every finished activation option and a rerun resumes after the last finished one.
+        state is saved after every finished activation option (every finished timestep group with ``time_groups``
+        > 1) and a rerun resumes after the last finished one.
+
+        ``time_groups`` G > 1: the distinct calibration timesteps are split into G contiguous groups of equal count
+        (fewer if there are fewer timesteps); bias correction and activation ranges run once per group on its data
+        and are kept in the layers' banks; afterwards each denoiser call makes its timestep's group live.
         """
         if mode not in ("per-option", "random-path"):
             raise TmpqError(f"calibration.mode: unknown {mode!r}; choose per-option or random-path")
         batches = list(data)
         if not batches:
             raise TmpqError("calibration: no calibration data")
-        done: list[int] = []
+        G = self.config.time_groups  # bank rows; the groups actually formed: len(parts)
+        parts = [np.unique(torch.cat([t.reshape(-1) for _, t in batches]).cpu().numpy())]
+        if G > 1:  # data with fewer distinct timesteps than groups: one group per timestep (the bank's last rows
+            # stay unused)
+            parts = np.array_split(parts[0], min(G, len(parts[0])))
+        starts = [int(p[0]) for p in parts[1:]]
+        progress_meta: dict = {}
         if checkpoint is not None and Path(checkpoint).is_file():
             progress_meta = self.load(checkpoint, allow_partial=True)
-            if progress_meta.get("mode") == mode:
-                done = list(progress_meta.get("done_a_bits", []))
-        if not done:
+            if progress_meta.get("mode") != mode or progress_meta.get("time_starts", []) != starts:
+                progress_meta = {}
+        done_groups = list(progress_meta.get("done_groups", []))
+        done = list(progress_meta.get("done_a_bits", []))
+        self.time_starts, self._live_group = [], None  # no routing while calibrating
+        if not done and not done_groups:
             for layer in self.layers.values():
                 layer.calibrate_weights()
-            if self.config.bias_correction:
-                self.correct_bias(batches)
+        for g, part in enumerate(parts):
+            if g in done_groups:
+                continue
+            if len(parts) > 1:
+                keep = torch.as_tensor(part)
+                group = [(x[m], t[m]) for x, t in batches
+                         for m in [torch.isin(t.reshape(-1).cpu(), keep).to(t.device)] if bool(m.any())]
+                for layer in self.layers.values():  # every group observes afresh
+                    for q in layer.activation_quantizers():
+                        q.reset()
+            else:
+                group = batches
+            desc = f" [time group {g + 1}/{len(parts)}]" if len(parts) > 1 else ""
+            self._calibrate_activations(group, mode, seed, progress, desc, done if g == len(done_groups) else [],
+                                        checkpoint if G == 1 else None)
+            done = []
+            if G > 1:
+                for layer in self.layers.values():
+                    layer.store_time_group(g)
+                done_groups.append(g)
+                if checkpoint is not None and len(done_groups) < len(parts):
+                    self.time_starts = starts
+                    self.save(checkpoint, progress={"mode": mode, "time_starts": starts, "done_groups": done_groups,
+                                                    "complete": False})
+                    self.time_starts = []
+        for layer in self.layers.values():
+            layer.invalidate_cache()
+        self.time_starts, self._live_group = starts, (len(parts) - 1 if G > 1 else None)
+        self._calibrated = True
+        self.set_fp()
+        if checkpoint is not None:
+            self.save(checkpoint, progress={"mode": mode, "done_a_bits": list(self.config.a_bits), "time_starts": starts,
+                                            "done_groups": list(range(len(parts))), "complete": True})
+
+    def _calibrate_activations(self, batches, mode: str, seed: int, progress: bool, desc: str, done: list[int],
+                               checkpoint) -> None:
+        """Bias correction and activation ranges of every option on ``batches`` (one timestep group)."""
+        if not done and self.config.bias_correction:
+            self.correct_bias(batches)
         if mode == "per-option":
             for j, a in enumerate(self.config.a_bits):
                 if a in done or (j > 0 and self.num_genes == 0):  # all layers pinned: one pass is all there is
                     continue
                 w = a if a in self.config.w_bits else max(self.config.w_bits)
                 self.set_uniform(w, a)
-                self._observe(tqdm(batches, desc=f"calibrate A{a} (W{w})", disable=not progress, leave=False))
+                self._observe(tqdm(batches, desc=f"calibrate A{a} (W{w}){desc}", disable=not progress, leave=False))
                 for name, layer in self.layers.items():
                     if name in self._gene_of:
                         layer.freeze_activations(j)
@@ -344,7 +431,7 @@ class QuantSupernet(nn.Module):
         else:
             rng = np.random.default_rng(seed)
             seen: set[tuple[str, int]] = set()
-            for x, t in tqdm(batches, desc="calibrate random-path", disable=not progress, leave=False):
+            for x, t in tqdm(batches, desc=f"calibrate random-path{desc}", disable=not progress, leave=False):
                 alloc = [(int(rng.choice(self.config.w_bits)), int(rng.choice(self.config.a_bits)))
                          for _ in range(self.num_genes)]
                 self.set_bits(alloc)
@@ -357,12 +444,6 @@ class QuantSupernet(nn.Module):
                     self._observe(batches[: max(1, len(batches) // 4)])
             for layer in self.layers.values():
                 layer.freeze_activations()
-        for layer in self.layers.values():
-            layer.invalidate_cache()
-        self._calibrated = True
-        self.set_fp()
-        if checkpoint is not None:
-            self.save(checkpoint, progress={"mode": mode, "done_a_bits": list(self.config.a_bits), "complete": True})
 
     def _observe(self, batches) -> None:
         for layer in self.layers.values():
@@ -389,6 +470,8 @@ class QuantSupernet(nn.Module):
         meta = {"format": SUPERNET_FORMAT, "version": str(SUPERNET_VERSION), "config": self.config.to_json(),
                 "model_fingerprint": self.fingerprint,
                 "progress": json.dumps(progress or {"complete": True})}
+        if self.config.time_groups > 1:
+            meta["time_starts"] = json.dumps(self.time_starts)
         tmp = path.with_name(f".{path.name}.tmp")
         save_file(self.quantizer_state(), str(tmp), metadata=meta)
         tmp.replace(path)
@@ -429,5 +512,15 @@ class QuantSupernet(nn.Module):
             raise TmpqError(f"supernet file {path} does not fit: missing {missing[:2]}, unexpected {unexpected[:2]}")
         for layer in self.layers.values():
             layer.invalidate_cache()
+        self.time_starts, self._live_group = [], None
+        if self.config.time_groups > 1:
+            try:
+                starts = [int(v) for v in json.loads(meta["time_starts"])]
+            except (KeyError, TypeError, ValueError):
+                starts = None
+            if progress.get("complete") and (starts is None or len(starts) >= self.config.time_groups):
+                raise TmpqError(f"supernet file {path} lacks the boundaries of its {self.config.time_groups} "
+                                f"timestep groups")
+            self.time_starts = starts or []
         self._calibrated = bool(progress.get("complete"))
         return progress

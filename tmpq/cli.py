@@ -156,7 +156,8 @@ def _supernet_config(args: argparse.Namespace):
     a_bits = (8, 7, 6, 5) if args.preset == "paper" else tuple(_parse_int_list(args.a_bits, "--a-bits"))
     tie = (TIE_QKV,) if args.tie_qkv else ()
     return SupernetConfig(w_bits=w_bits, a_bits=a_bits, tie=tie, w_rounding=args.rounding,
-                          w_granularity=args.w_granularity, group_size=args.group_size)
+                          w_granularity=args.w_granularity, group_size=args.group_size,
+                          time_groups=args.time_groups)
 
 
 def _cmd_profile(args: argparse.Namespace) -> None:
@@ -445,6 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--w-granularity", default="channel", choices=("channel", "group", "tensor"),
                        help="weight quantizer granularity (default: %(default)s)")
         q.add_argument("--group-size", type=int, default=None, help="inputs per group for --w-granularity group")
+        q.add_argument("--time-groups", type=int, default=1, help="activation ranges and bias corrections per "
+                       "contiguous group of calibration timesteps, switched by timestep (default: %(default)s)")
 
     pr = sub.add_parser("profile", help="per-layer MAC table, genes and uniform BitOPs of the supernet",
                         description="Wrap the model as a supernet and print every quantized layer with its MACs per "

@@ -35,6 +35,9 @@ class SupernetSection:
     bias_correction: bool = True
     w_observer: str = "mse"
     a_observer: str = "minmax"
+    # > 1: activation ranges and bias corrections calibrated per contiguous group of calibration timesteps and
+    # switched by the denoiser call's timestep (SupernetConfig.time_groups)
+    time_groups: int = 1
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,7 @@ MINIMUM = {
     "calibration.recon_iters": 0, "search.steps": 1, "search.population": 2, "search.generations": 1,
     "search.size_budget_mb": 0, "proxy.n_images": 2, "proxy.teacher_steps": 1, "executor.workers": 1,
     "executor.threads_per_worker": 1, "executor.timeout_s": 1, "executor.retries": 0, "supernet.group_size": 0,
+    "supernet.time_groups": 1,
 }
 
 

@@ -170,7 +170,34 @@ class SplitInt8Conv2d(nn.Module):
         return self.a(x[:, : self.split]) + self.b(x[:, self.split:])
 
 
+class TimeGroupedInt8(nn.Module):
+    """One int8 module per timestep group (``supernet.time_groups``: each group its own input ranges and bias
+    corrections, the same weight grid); runs the one of the group the supernet's timestep routing made live."""
+
+    def __init__(self, per_group: list[nn.Module], layer: QuantLayer):
+        super().__init__()
+        self.per_group = nn.ModuleList(per_group)
+        object.__setattr__(self, "source", layer)  # the replaced layer: its live_group follows the routing
+
+    def forward(self, x):
+        return self.per_group[self.source.live_group](x)
+
+
 def _int8_module(layer: QuantLayer) -> nn.Module:
+    if layer.time_groups > 1:
+        live = layer.live_group
+        try:
+            per_group = []
+            for g in range(layer.time_groups):
+                layer.load_time_group(g)
+                per_group.append(_int8_single(layer))
+        finally:
+            layer.load_time_group(live)
+        return TimeGroupedInt8(per_group, layer)
+    return _int8_single(layer)
+
+
+def _int8_single(layer: QuantLayer) -> nn.Module:
     q = layer.w_quant[layer.w_index]
     w = layer.quantized_weight().detach().float().contiguous()
     scale = q.scale.detach().reshape(-1).float()

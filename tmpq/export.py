@@ -104,6 +104,7 @@ def export_candidate(run_path: str | Path, key: str, out: str | Path, command: s
         state = _select_state(net, layer_bits)
         # the pinned single-option supernet over the FP model: its file verifies on load
         pinned = QuantSupernet(m.unet, net.pinned_config(bits))
+        pinned.time_starts = list(net.time_starts)  # the same timestep groups (banks re-indexed with the options)
         missing, unexpected = pinned.unet.load_state_dict(state, strict=False)
         missing = [k for k in missing if ".w_quant." in k or ".a_quant" in k]
         if missing or unexpected:  # pragma: no cover - a bug, not a user error
