@@ -163,3 +163,29 @@ def test_int8_deployment_keeps_one_static_range_per_group():
     # 1 of 4 timesteps at ~3e-5, with time_groups = 1 too); serving the other group's ranges is ~3e-3
     errs = sorted(float((a - b).pow(2).mean() / b.pow(2).mean()) for a, b in zip(out, ref))
     assert errs[len(errs) // 2] < 1e-10 and errs[-1] < 3e-4, errs
+
+
+def test_search_and_export_with_time_groups_reproduce_the_supernet_samples(tiny_model_dir, tmp_path):
+    from diffusers import DDPMPipeline
+
+    import tmpq
+    from search.service import run_search
+    from tests.test_export import _supernet_samples
+    from tests.test_search_service import tiny_cfg
+    from tmpq.api import load_run
+    from tmpq.config import config_from_dict
+    from tmpq.export import export_candidate
+    from tmpq.sampler import sample_images
+
+    d = tiny_cfg(tiny_model_dir, generations=1).to_dict()
+    d["supernet"]["time_groups"] = 2
+    d.pop("executor")
+    run = run_search(config_from_dict(d), tmp_path / "run", progress=False)
+    sn = QuantSupernet.from_file(tiny_unet(), run.path / "supernet.safetensors")
+    assert sn.config.time_groups == 2 and len(sn.time_starts) == 1
+    key = load_run(run.path).pareto()["key"].iloc[0]
+    export_candidate(run.path, key, tmp_path / "exp", command="test")
+    pipe = tmpq.apply_export(DDPMPipeline.from_pretrained(str(tmp_path / "exp")), tmp_path / "exp")
+    assert pipe.unet.tmpq_supernet.time_starts == sn.time_starts
+    imgs = sample_images(pipe.unet, pipe.scheduler, pipe.tmpq_timesteps, 6, seed=3, batch_size=6, progress=False)
+    assert torch.equal(imgs, _supernet_samples(run, key))
