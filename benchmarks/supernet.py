@@ -69,6 +69,7 @@ def main() -> None:
                     "(e.g. results/baseline/rows.jsonl) instead of sampling it")
     ap.add_argument("--time-groups", type=int, default=1, help="quality part: supernet.time_groups of the supernet "
                     "(rows named e.g. 'W8A8, time_groups 4'; the cost part is skipped when > 1)")
+    ap.add_argument("--tg-list", default="1,4,2", help="timegroups part: the time_groups values to compare")
     ap.add_argument("--calib-steps", type=int, default=20)
     ap.add_argument("--calib-per-step", type=int, default=32)
     ap.add_argument("--sampler-steps", type=int, default=100)
@@ -76,7 +77,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="results/supernet")
     ap.add_argument("--parts", default="quality,cost,fidelity,strategy",
-                    help="comma list, run in this order: quality, cost, fidelity, strategy")
+                    help="comma list, run in this order: quality, cost, fidelity, strategy, timegroups")
     ap.add_argument("--report-only", action="store_true", help="only rewrite README.md from rows.jsonl")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -122,7 +123,28 @@ def main() -> None:
         fidelity(args, log, fresh_unet, cfg, batches, score, teacher)
     if "strategy" in parts:
         strategies(args, log, fresh_unet, sched, ext, ref)
+    if "timegroups" in parts:
+        time_groups_few_steps(args, log, fresh_unet, sched, ext, ref, batches)
     write_report(out, log, args)
+
+
+def time_groups_few_steps(args, log: RowLog, fresh_unet, sched, ext, ref, batches) -> None:
+    """supernet.time_groups at the search's step counts: uniform W6A6 / W4A6, quad DDIM 10 and 20 steps, FID at
+    ``--fid-n`` (the strategy part's protocol), for G in ``--tg-list``."""
+    for g in (int(v) for v in args.tg_list.split(",")):
+        todo = [(steps, w, a) for steps in (10, 20) for w, a in ((6, 6), (4, 6))
+                if not log.has(kind="timegroups", mode=f"G{g}", name=f"W{w}A{a} quad{steps}", n=args.fid_n,
+                               seed=args.seed)]
+        if not todo:
+            continue
+        net = QuantSupernet(fresh_unet(), SupernetConfig(time_groups=g))
+        net.calibrate(batches, mode="per-option", progress=False)
+        for steps, w, a in todo:
+            net.set_uniform(w, a)
+            imgs = sample_images(net.unet, sched, make_timesteps("quad", steps), args.fid_n, seed=args.seed,
+                                 progress=False)
+            log.append({"kind": "timegroups", "mode": f"G{g}", "name": f"W{w}A{a} quad{steps}", "n": args.fid_n,
+                        "seed": args.seed, "steps": steps, **score_features(ext(imgs), ref)})
 
 
 def fidelity(args, log: RowLog, fresh_unet, cfg, batches, score, teacher) -> None:
@@ -277,6 +299,16 @@ def write_report(out: Path, log: RowLog, args) -> None:
         lines += ["", f"## Calibration data strategies (per-option, {args.schedule} {args.steps} steps, N = {args.fid_n})",
                   "", "| strategy | config | FID |", "|---|---|---:|"]
         lines += [f"| {r['mode']} | {r['name']} | {r['fid']:.3f} |" for r in strat]
+    tgs = [r for r in rows if r["kind"] == "timegroups"]
+    if tgs:
+        names = sorted({r["name"] for r in tgs}, key=lambda v: (v.split()[1], v))
+        lines += ["", f"## time_groups at few steps (per-option, uniform calibration data, N = {tgs[0]['n']}, "
+                  f"seed {tgs[0]['seed']}; FID)", "", "| time_groups | " + " | ".join(names) + " |",
+                  "|---|" + "---:|" * len(names)]
+        for mode in sorted({r["mode"] for r in tgs}, key=lambda m: int(m[1:])):
+            cells = [next((f"{r['fid']:.3f}" for r in tgs if r["mode"] == mode and r["name"] == nm), "-")
+                     for nm in names]
+            lines.append(f"| {mode[1:]} | " + " | ".join(cells) + " |")
     cost = next((r for r in rows if r["kind"] == "cost"), None)
     if cost:
         lines += ["", "## Cost", "",

@@ -97,18 +97,23 @@ def recalibrate_point(run_path: Path, key: str, timesteps, bits, cfg: ValidateCo
     sched = make_scheduler(m.scheduler_config)
     meta, _ = read_supernet_file(run_path / "supernet.safetensors", tensors=False)
     base = SupernetConfig.from_json(meta["config"])
+    over = {}
     if cfg.recon_iters > 0 and base.w_rounding != "adaround":
-        base = SupernetConfig.from_json(json.dumps({**json.loads(base.to_json()), "w_rounding": "adaround"}))
-    if cfg.distill_iters > 0 and base.time_groups > 1:
-        raise TmpqError("--distill-iters: scale distillation trains one range per quantizer; it does not combine "
-                        "with supernet.time_groups > 1")
+        over["w_rounding"] = "adaround"
+    if (cfg.recon_iters > 0 or cfg.distill_iters > 0) and base.time_groups > 1:
+        # reconstruction and scale distillation train one range per quantizer on mixed-timestep batches: the point
+        # is re-calibrated with one set of ranges for all timesteps
+        over["time_groups"] = 1
+    if over:
+        base = SupernetConfig.from_json(json.dumps({**json.loads(base.to_json()), **over}))
     probe = QuantSupernet(frozen_copy(m.unet), base)
     net = QuantSupernet(m.unet, probe.pinned_config([tuple(int(v) for v in p) for p in bits]))
     del probe
     t0 = time.perf_counter()
     data = _capture_along(teacher, sched, list(timesteps), cfg.calib_per_step, cfg.calib_seed)
     net.calibrate(data, mode="per-option", progress=progress)
-    info = {"calib_inputs": sum(len(t) for _, t in data), "calib_s": round(time.perf_counter() - t0, 1)}
+    info = {"calib_inputs": sum(len(t) for _, t in data), "calib_s": round(time.perf_counter() - t0, 1),
+            "time_groups": net.config.time_groups}
     net.set_bits([])
     if cfg.recon_iters > 0:
         t0 = time.perf_counter()

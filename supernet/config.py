@@ -112,7 +112,7 @@ class SupernetConfig:
             raise TmpqError(f"supernet.time_groups: must be a positive integer, got {self.time_groups!r}")
         if self.time_groups > 1 and self.w_rounding == "adaround":
             raise TmpqError("supernet.time_groups: > 1 does not combine with w_rounding = adaround (block "
-                            "reconstruction runs on mixed-timestep batches)")
+                            "reconstruction runs on mixed-timestep batches); set supernet.time_groups = 1")
         for key in ("w_observer", "a_observer"):
             if getattr(self, key) not in OBSERVERS:
                 raise TmpqError(f"supernet.{key}: unknown {getattr(self, key)!r}; choose one of {', '.join(OBSERVERS)}")

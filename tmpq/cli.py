@@ -446,8 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--w-granularity", default="channel", choices=("channel", "group", "tensor"),
                        help="weight quantizer granularity (default: %(default)s)")
         q.add_argument("--group-size", type=int, default=None, help="inputs per group for --w-granularity group")
-        q.add_argument("--time-groups", type=int, default=1, help="activation ranges and bias corrections per "
-                       "contiguous group of calibration timesteps, switched by timestep (default: %(default)s)")
+        q.add_argument("--time-groups", type=int, default=4, help="activation ranges and bias corrections per "
+                       "contiguous group of calibration timesteps, switched by timestep; 1 with --rounding adaround "
+                       "(default: %(default)s, as a search run's supernet.time_groups)")
 
     pr = sub.add_parser("profile", help="per-layer MAC table, genes and uniform BitOPs of the supernet",
                         description="Wrap the model as a supernet and print every quantized layer with its MACs per "

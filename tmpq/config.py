@@ -35,9 +35,9 @@ class SupernetSection:
     bias_correction: bool = True
     w_observer: str = "mse"
     a_observer: str = "minmax"
-    # > 1: activation ranges and bias corrections calibrated per contiguous group of calibration timesteps and
-    # switched by the denoiser call's timestep (SupernetConfig.time_groups)
-    time_groups: int = 1
+    # activation ranges and bias corrections calibrated per contiguous group of calibration timesteps and switched by
+    # the denoiser call's timestep (SupernetConfig.time_groups); 1 = one set for all timesteps (needed by adaround)
+    time_groups: int = 4
 
 
 @dataclass(frozen=True)
