@@ -67,8 +67,9 @@ def main() -> None:
                     "default: W8A8, W6A6, W4A8 and the lowest)")
     ap.add_argument("--fp-from-baseline", default="", help="take the FP quality row from this baseline rows.jsonl "
                     "(e.g. results/baseline/rows.jsonl) instead of sampling it")
-    ap.add_argument("--time-groups", type=int, default=1, help="quality part: supernet.time_groups of the supernet "
-                    "(rows named e.g. 'W8A8, time_groups 4'; the cost part is skipped when > 1)")
+    ap.add_argument("--time-groups", type=int, default=1, help="supernet.time_groups of the quality and fidelity "
+                    "parts' supernets (quality rows named e.g. 'W8A8, time_groups 4'; fidelity rows are not: give "
+                    "them their own --out; the cost part is skipped when > 1)")
     ap.add_argument("--tg-list", default="1,4,2", help="timegroups part: the time_groups values to compare")
     ap.add_argument("--calib-steps", type=int, default=20)
     ap.add_argument("--calib-per-step", type=int, default=32)
@@ -91,7 +92,7 @@ def main() -> None:
     ext = make_extractor("domain")
     ref = embedded_reference(ext)
     ts = make_timesteps(args.schedule, args.steps)
-    cfg = SupernetConfig()
+    cfg = SupernetConfig(time_groups=args.time_groups)
 
     def fresh_unet():
         return load_model(None).unet
