@@ -199,7 +199,9 @@ def quality_and_cost(args, log: RowLog, fresh_unet, sched, ext, ref, batches, pa
         name = f"W{w}A{a}"
         if args.quality_options and name not in args.quality_options.split(","):
             continue
-        name += f", time_groups {tg}" if tg > 1 else ""
+        name += (f", time_groups {tg}" if tg > 1 else "") + (
+            f", calibration {args.calib_steps} x {args.calib_per_step}" if (args.calib_steps, args.calib_per_step)
+            != (20, 32) else "")
         if "quality" not in parts or log.has(kind="quality", name=name, n=args.quality_n, seed=args.seed):
             continue
         net.set_uniform(w, a)
