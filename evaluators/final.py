@@ -10,6 +10,7 @@ of the search proxy with the final FID) are rewritten atomically after every poi
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -105,7 +106,7 @@ def recalibrate_point(run_path: Path, key: str, timesteps, bits, cfg: ValidateCo
         # is re-calibrated with one set of ranges for all timesteps
         over["time_groups"] = 1
     if over:
-        base = SupernetConfig.from_json(json.dumps({**json.loads(base.to_json()), **over}))
+        base = dataclasses.replace(base, **over)  # validated again by __post_init__
     probe = QuantSupernet(frozen_copy(m.unet), base)
     net = QuantSupernet(m.unet, probe.pinned_config([tuple(int(v) for v in p) for p in bits]))
     del probe

@@ -27,6 +27,37 @@ def calib_batches(n: int = 3, seed: int = 0, batch: int = 4, size: int = 8):
             for _ in range(n)]
 
 
+def interrupted_then_resumed(cfg, data, ckpt, die_at: int):
+    """Calibrate a tiny-UNet supernet of ``cfg`` with ``checkpoint=ckpt``, killed (KeyboardInterrupt) in its
+    ``die_at``-th observation pass; check the unfinished checkpoint is refused; resume it in a fresh supernet.
+    Returns ``(resumed net, observation passes the resumed run made)``."""
+    from supernet import QuantSupernet
+    from tmpq.errors import TmpqError
+
+    first = QuantSupernet(tiny_unet(), cfg)
+    calls = {"n": 0}
+    real_observe = first._observe
+
+    def dying_observe(batches):
+        calls["n"] += 1
+        if calls["n"] == die_at:
+            raise KeyboardInterrupt
+        real_observe(batches)
+
+    first._observe = dying_observe
+    with pytest.raises(KeyboardInterrupt):
+        first.calibrate(data, progress=False, checkpoint=ckpt)
+    with pytest.raises(TmpqError, match="unfinished calibration"):
+        QuantSupernet(tiny_unet(), cfg).load(ckpt)
+
+    resumed = QuantSupernet(tiny_unet(), cfg)
+    seen = []
+    real = resumed._observe
+    resumed._observe = lambda b: (seen.append(1), real(b))
+    resumed.calibrate(data, progress=False, checkpoint=ckpt)
+    return resumed, len(seen)
+
+
 @pytest.fixture
 def tiny_model_dir(tmp_path: Path) -> Path:
     from tmpq.model import embedded_scheduler_config, save_pipeline_dir

@@ -4,6 +4,7 @@ import torch
 import torch.nn as nn
 
 from conftest import calib_batches as _data
+from conftest import interrupted_then_resumed
 from conftest import tiny_unet
 from supernet import QuantSupernet, SupernetConfig
 from tmpq.errors import TmpqError
@@ -171,28 +172,8 @@ def test_interrupted_calibration_resumes_per_option(tmp_path):
     full.calibrate(data, progress=False)
 
     ckpt = tmp_path / "calib.safetensors"
-    first = QuantSupernet(tiny_unet(), cfg)
-    calls = {"n": 0}
-    real_observe = first._observe
-
-    def dying_observe(batches):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt  # killed during the second activation option
-        real_observe(batches)
-
-    first._observe = dying_observe
-    with pytest.raises(KeyboardInterrupt):
-        first.calibrate(data, progress=False, checkpoint=ckpt)
-    with pytest.raises(TmpqError, match="unfinished calibration"):
-        QuantSupernet(tiny_unet(), cfg).load(ckpt)
-
-    resumed = QuantSupernet(tiny_unet(), cfg)
-    seen = []
-    real = resumed._observe
-    resumed._observe = lambda b: (seen.append(1), real(b))
-    resumed.calibrate(data, progress=False, checkpoint=ckpt)
-    assert len(seen) == 1  # only the unfinished option ran again
+    resumed, passes = interrupted_then_resumed(cfg, data, ckpt, die_at=2)  # killed during the second option
+    assert passes == 1  # only the unfinished option ran again
     for k, v in full.quantizer_state().items():
         assert torch.equal(v, resumed.quantizer_state()[k]), k
     QuantSupernet(tiny_unet(), cfg).load(ckpt)  # now complete

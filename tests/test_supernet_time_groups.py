@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_unet
+from conftest import interrupted_then_resumed, tiny_unet
 from supernet import QuantSupernet, SupernetConfig
 from tmpq.errors import TmpqError
 
@@ -105,28 +105,9 @@ def test_interrupted_grouped_calibration_resumes_per_group(tmp_path):
     full.calibrate(data, progress=False)
 
     ckpt = tmp_path / "calib.safetensors"
-    first = QuantSupernet(tiny_unet(), cfg)
-    calls = {"n": 0}
-    real_observe = first._observe
-
-    def dying_observe(batches):
-        calls["n"] += 1
-        if calls["n"] == 5:  # two options per group: dies in group 3's first option
-            raise KeyboardInterrupt
-        real_observe(batches)
-
-    first._observe = dying_observe
-    with pytest.raises(KeyboardInterrupt):
-        first.calibrate(data, progress=False, checkpoint=ckpt)
-    with pytest.raises(TmpqError, match="unfinished calibration"):
-        QuantSupernet(tiny_unet(), cfg).load(ckpt)
-
-    resumed = QuantSupernet(tiny_unet(), cfg)
-    seen = []
-    real = resumed._observe
-    resumed._observe = lambda b: (seen.append(1), real(b))
-    resumed.calibrate(data, progress=False, checkpoint=ckpt)
-    assert len(seen) == 2  # only the unfinished group (its two options) ran again
+    # two options per group: killed in group 3's first option
+    resumed, passes = interrupted_then_resumed(cfg, data, ckpt, die_at=5)
+    assert passes == 2  # only the unfinished group (its two options) ran again
     for k, v in full.quantizer_state().items():
         assert torch.equal(v, resumed.quantizer_state()[k]), k
     assert QuantSupernet.from_file(tiny_unet(), ckpt).time_starts == [400, 800]
