@@ -69,7 +69,7 @@ def main() -> None:
                     "(e.g. results/baseline/rows.jsonl) instead of sampling it")
     ap.add_argument("--time-groups", type=int, default=1, help="supernet.time_groups of the quality and fidelity "
                     "parts' supernets (quality rows named e.g. 'W8A8, time_groups 4'; fidelity rows are not: give "
-                    "them their own --out; the cost part is skipped when > 1)")
+                    "them their own --out; with > 1 the cost part times sampling against one set of ranges)")
     ap.add_argument("--tg-list", default="1,4,2", help="timegroups part: the time_groups values to compare")
     ap.add_argument("--calib-steps", type=int, default=20)
     ap.add_argument("--calib-per-step", type=int, default=32)
@@ -208,18 +208,31 @@ def quality_and_cost(args, log: RowLog, fresh_unet, sched, ext, ref, batches, pa
         imgs = sample_images(net.unet, sched, ts_q, args.quality_n, seed=args.seed, desc=f"{name} quality")
         log.append({"kind": "quality", "name": name, "n": args.quality_n, "seed": args.seed,
                     "steps": args.quality_steps, "calib_s": round(calib_s, 1), **score_features(ext(imgs), ref)})
-    if "cost" in parts and tg > 1:
-        print("cost part skipped: it times the default supernet (--time-groups 1)")
+    ts10 = make_timesteps("quad", 10)
+
+    def timed(unet):
+        sample_images(unet, sched, ts10, 32, batch_size=32, progress=False)
+        t0 = time.perf_counter()
+        sample_images(unet, sched, ts10, 256, batch_size=256, progress=False)
+        return time.perf_counter() - t0
+
+    if "cost" in parts and tg > 1:  # what the time groups cost: sampling against one set of ranges
+        name = f"timing time_groups {tg} vs 1"
+        if not log.has(kind="cost", name=name, n=256, seed=args.seed):
+            one = QuantSupernet(fresh_unet(), SupernetConfig())
+            one.calibrate(batches, mode="per-option", progress=False)
+            net.set_uniform(6, 6)
+            one.set_uniform(6, 6)
+            one_runs, tg_runs = [], []
+            for _ in range(3):  # alternated, medians
+                one_runs.append(timed(one.unet))
+                tg_runs.append(timed(net.unet))
+            log.append({"kind": "cost", "name": name, "n": 256, "seed": args.seed,
+                        "ratio": round(float(np.median(tg_runs) / np.median(one_runs)), 3),
+                        "one_set_runs_s": [round(v, 3) for v in one_runs],
+                        "time_groups_runs_s": [round(v, 3) for v in tg_runs]})
     elif "cost" in parts and not log.has(kind="cost", name="timing", n=256, seed=args.seed):
-        ts10 = make_timesteps("quad", 10)
         fp_unet = fresh_unet()
-
-        def timed(unet):
-            sample_images(unet, sched, ts10, 32, batch_size=32, progress=False)
-            t0 = time.perf_counter()
-            sample_images(unet, sched, ts10, 256, batch_size=256, progress=False)
-            return time.perf_counter() - t0
-
         net.set_uniform(6, 6)
         fp_runs, fq_runs = [], []
         for _ in range(3):  # alternated, medians: one pair of runs on a shared 2-core machine is noisy
@@ -312,7 +325,8 @@ def write_report(out: Path, log: RowLog, args) -> None:
             cells = [next((f"{r['fid']:.3f}" for r in tgs if r["mode"] == mode and r["name"] == nm), "-")
                      for nm in names]
             lines.append(f"| {mode[1:]} | " + " | ".join(cells) + " |")
-    cost = next((r for r in rows if r["kind"] == "cost"), None)
+    tg_cost = [r for r in rows if r["kind"] == "cost" and r["name"].startswith("timing time_groups")]
+    cost = next((r for r in rows if r["kind"] == "cost" and r["name"] == "timing"), None)
     if cost:
         lines += ["", "## Cost", "",
                   f"- fake-quant (W6A6) / FP sampling time, quad 10 steps, 256 images in one batch (median of "
@@ -322,6 +336,9 @@ def write_report(out: Path, log: RowLog, args) -> None:
                   f"- quantizer state {cost['quantizer_state_bytes'] / 1e6:.2f} MB vs FP parameters "
                   f"{cost['fp_param_bytes'] / 1e6:.2f} MB",
                   f"- calibration of all options (per-option, nearest rounding): {cost['calib_all_options_s']} s"]
+    for r in tg_cost:
+        lines.append(f"- sampling with {r['name'].removeprefix('timing ')} (W6A6, quad 10 steps, 256 images in one "
+                     f"batch, median of 3 alternated runs): {r['ratio']:.3f}x (`{r['command']}`)")
     any_row = next(iter(log.rows.values()), None)
     if any_row:
         lines += ["", f"- command: `{any_row['command']}`", f"- machine: {any_row['machine']}"]
