@@ -7,6 +7,12 @@ single-axis search, groupings. Resumable: rows in <out>/rows.jsonl, search runs 
     .venv/bin/python -m benchmarks.search --part grouping        # quad vs uniform vs sensitivity groups (~15 min)
     .venv/bin/python -m benchmarks.search --part report          # rewrite README.md and the plots from the rows
 
+results/search was measured with quadratic time groups and one set of activation ranges (the defaults of --grouping
+and --time-groups here); the library's defaults since then (uniform groups, supernet.time_groups = 4) are measured by
+the front part into another directory:
+
+    .venv/bin/python -m benchmarks.search --part front --grouping uniform --time-groups 4 --out results/search-defaults
+
 All parts share one supernet calibrated once (<out>/supernet.safetensors) with the default supernet and
 calibration settings, and one proxy (configurable: --proxy, --proxy-n). Every search runs the local executor with
 all torch threads (--threads) so that evaluation budgets, not parallelism, are compared. Times are for 2 cores with
@@ -34,8 +40,8 @@ FP_SCHEDULES = [(sched, n) for sched in ("uniform", "quad") for n in (5, 10, 20)
 
 
 # -- shared pieces ---------------------------------------------------------------------------------------------------
-def supernet_file(out: Path, threads: int) -> Path:
-    """Calibrate the benchmark's supernet (the default but for ``RUN_PINS``) once (resumable per option) and keep it
+def supernet_file(args, out: Path) -> Path:
+    """Calibrate the benchmark's supernet (the default but for ``run_pins``) once (resumable per option) and keep it
     for every part."""
     from search.service import calibrate_to_file, supernet_config
     from supernet import QuantSupernet
@@ -45,8 +51,8 @@ def supernet_file(out: Path, threads: int) -> Path:
     path = out / "supernet.safetensors"
     if path.is_file():
         return path
-    torch.set_num_threads(threads)
-    cfg = config_from_dict(RUN_PINS)
+    torch.set_num_threads(args.threads)
+    cfg = config_from_dict(run_pins(args))
     m = load_model(None)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -55,18 +61,20 @@ def supernet_file(out: Path, threads: int) -> Path:
     return path
 
 
-# results/search was measured with one set of activation ranges for all timesteps, the default before
-# supernet.time_groups (now 4): pinned so that the committed runs resume and the report reproduces
-RUN_PINS = {"supernet": {"time_groups": 1}}
+def run_pins(args) -> dict:
+    """Settings the benchmark sets apart from the library's defaults: ``--time-groups`` (default 1: results/search was
+    measured with one set of activation ranges for all timesteps, the default before supernet.time_groups, now 4;
+    pinned so that its committed runs resume and its report reproduces)."""
+    return {"supernet": {"time_groups": args.time_groups}}
 
 
 def run_config(args, sn: Path, **search):
     from tmpq.config import config_from_dict
 
     return config_from_dict({
-        **RUN_PINS,
+        **run_pins(args),
         "calibration": {"supernet_file": str(sn)},
-        "search": {"engine": "pymoo", "grouping": "quad", "steps": args.steps, "step_choices": list(args.step_choices),
+        "search": {"engine": "pymoo", "grouping": args.grouping, "steps": args.steps, "step_choices": list(args.step_choices),
                    "population": args.population, "generations": args.generations, "bitops_budget": "none",
                    **search},
         "proxy": {"name": args.proxy, "n_images": args.proxy_n},
@@ -234,10 +242,14 @@ def part_front(args, log: RowLog, sn: Path) -> None:
     # the paper's EA has its own population (50 new candidates per generation): it gets as many generations as give
     # it the same evaluation budget as the others (population x generations), and the paper's BitOPs constraint
     paper_gens = max(1, round(args.population * args.generations / 50))
+    # random-plain: random search without the uniform seeds every other engine starts from (the textbook baseline;
+    # "random" gets the seeds, so the two show how much of a front the seeds alone give)
     for seed in range(args.seeds):
-        for engine in ("pymoo", "random", "paper-ea"):
+        for engine in ("pymoo", "random", "paper-ea", "random-plain"):
             extra = {"bitops_budget": "w6a6", "generations": paper_gens} if engine == "paper-ea" else {}
-            search(args, log, f"{engine}-s{seed}", sn, engine=engine, seed=seed, **extra)
+            if engine == "random-plain":
+                extra = {"engine": "random", "uniform_seeds": False}
+            search(args, log, f"{engine}-s{seed}", sn, **{"engine": engine, "seed": seed, **extra})
 
 
 def part_axes(args, log: RowLog, sn: Path) -> None:
@@ -270,9 +282,10 @@ def write_report(args, log: RowLog) -> None:
     rows = list(log.rows.values())
     lines = ["# Search benchmark (issue 4)", "", *findings(out),
              "Embedded model; searches pick the step count from "
-             f"{', '.join(map(str, args.step_choices or [args.steps]))} (reference {args.steps} steps; quadratic "
+             f"{', '.join(map(str, args.step_choices or [args.steps]))} (reference {args.steps} steps; {args.grouping} "
              "time groups unless stated), supernet "
-             "W{8,6,4} x A{8,6} calibrated once with the default settings, proxy "
+             f"W{{8,6,4}} x A{{8,6}} calibrated once with the default settings but time_groups = {args.time_groups}, "
+             "proxy "
              f"`{args.proxy}` at N = {args.proxy_n} (FP teacher: uniform DDIM 100 steps, same noise bank).", ""]
     fid = [r for r in rows if r["kind"] == "fidelity"]
     if len(fid) >= 3:
@@ -345,7 +358,7 @@ def write_report(args, log: RowLog) -> None:
         if w6:
             regions += [("BitOPs <= W6A6", np.array([refpt[0], w6]), ident),
                         ("BitOPs <= W6A6, log10 proxy", np.array([refpt[0], w6]), logp)]
-        for other in ("random", "paper-ea"):
+        for other in ("random", "paper-ea", "random-plain"):
             for label, rp, tf in regions:
                 rp = tf(rp[None, :])[0]
                 pairs = [(hypervolume_2d(tf(all_pts[f"pymoo-s{s}"]), rp),
@@ -360,7 +373,7 @@ def write_report(args, log: RowLog) -> None:
         # hypervolume, which the seeds inflate alike
         gains = {}
         for s in range(args.seeds):
-            for other in ("pymoo", "random", "paper-ea"):
+            for other in ("pymoo", "random", "paper-ea"):  # random-plain has no seeds: all it has is a gain
                 name = f"{other}-s{s}"
                 if name in all_pts and f"pymoo-s{s}" in all_pts:
                     gains.setdefault(other, []).append(
@@ -370,6 +383,7 @@ def write_report(args, log: RowLog) -> None:
                          + ", ".join(f"{k} {np.mean(v):.4g}" for k, v in gains.items()) + "; pymoo / "
                          + ", pymoo / ".join(f"{k} **{np.mean(gains['pymoo']) / np.mean(v):.2f}x**"
                                             for k, v in gains.items() if k != "pymoo" and np.mean(v) > 0))
+        lines += _ceiling(all_pts, refpt, args.seeds)
         lines.append("")
         lines += _axes_table(all_pts, refpt)
         _plot(out, all_pts, base)
@@ -382,6 +396,25 @@ def write_report(args, log: RowLog) -> None:
                   f"- seed {args.seed} (fidelity candidates drawn with it, their images from noise-bank seed "
                   f"{args.seed + 1}); search seeds 0..{args.seeds - 1} in the front part; rows in `rows.jsonl`", ""]
     (out / "README.md").write_text("\n".join(lines))
+
+
+def _ceiling(all_pts: dict, refpt: np.ndarray, seeds: int) -> list[str]:
+    """How far above the seeded random search any front could be: the front of every evaluation of every run here
+    together (the best known), and the utopia box (one point with the lowest proxy and the lowest BitOPs any run
+    reached; no front of these candidates can exceed it), as multiples of the mean random run's hypervolume."""
+    from search.pareto import hypervolume_2d
+
+    rnd = [hypervolume_2d(all_pts[f"random-s{s}"], refpt) for s in range(seeds) if f"random-s{s}" in all_pts]
+    if not rnd:
+        return []
+    union = np.concatenate(list(all_pts.values()))
+    best = hypervolume_2d(union, refpt)
+    utopia = hypervolume_2d(union.min(axis=0, keepdims=True), refpt)
+    n = sum(len(p) for p in all_pts.values())
+    return [f"- ceiling against the seeded random search (mean hypervolume {np.mean(rnd):.4g}): the front of all {n} "
+            f"evaluations of the {len(all_pts)} runs here together {best:.4g} = **{best / np.mean(rnd):.3f}x**; the "
+            f"utopia box (proxy {union[:, 0].min():.3g} and {union[:, 1].min():.3g} GBitOPs in one point, which no "
+            f"candidate reaches) {utopia:.4g} = {utopia / np.mean(rnd):.3f}x"]
 
 
 AXES_RUNS = {"time-w8a8": "timestep-only, bits held at uniform W8A8", "time-w6a6": "timestep-only, uniform W6A6",
@@ -491,13 +524,19 @@ def main() -> None:
     ap.add_argument("--small-n", type=lambda s: [int(v) for v in s.split(",")], default=[128, 250, 500])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--grouping", default="quad", choices=("quad", "uniform"),
+                    help="time groups of the searches (default quad: results/search; the library's default: uniform)")
+    ap.add_argument("--time-groups", type=int, default=1,
+                    help="supernet.time_groups of the shared supernet (default 1: results/search; the library's: 4)")
     args = ap.parse_args()
-    args.cmd_doc = "python -m benchmarks.search --part PART"
+    args.cmd_doc = "python -m benchmarks.search --part PART" + "".join(
+        f" --{k.replace('_', '-')} {getattr(args, k)}" for k, d in (("grouping", "quad"), ("time_groups", 1))
+        if getattr(args, k) != d) + (f" --out {args.out}" if args.out != "results/search" else "")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     log = RowLog(out / "rows.jsonl", ("kind", "name"))
     if args.part != "report":
-        sn = supernet_file(out, args.threads)
+        sn = supernet_file(args, out)
         {"fidelity": part_fidelity, "front": part_front, "axes": part_axes, "grouping": part_grouping}[args.part](
             args, log, sn)
     write_report(args, log)

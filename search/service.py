@@ -59,7 +59,8 @@ def run_fingerprint(cfg: RunConfig, model_fp: str) -> str:
     # keys added after runs already existed count only when set, so those runs still resume
     for section, key, default in (("search", "step_choices", []), ("proxy", "reference", ""),
                                   ("search", "mutation_prob", 0.0), ("proxy", "extractor", "auto"),
-                                  ("proxy", "inception_weights", ""), ("supernet", "time_groups", 1)):
+                                  ("proxy", "inception_weights", ""), ("supernet", "time_groups", 1),
+                                  ("search", "uniform_seeds", True)):
         if config[section].get(key) == default:
             del config[section][key]
     blob = json.dumps({"config": config, "model": model_fp, "data": data_fingerprint()}, sort_keys=True)
@@ -224,7 +225,7 @@ def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=No
 
             executor = LocalExecutor(spec)
     # the first generation starts from the uniform options at every step choice (at most half of it)
-    seeds = space.uniform_seeds(max(1, cfg.search.population // 2))
+    seeds = space.uniform_seeds(max(1, cfg.search.population // 2)) if cfg.search.uniform_seeds else []
     storage = study_name = None
     if cfg.search.engine == "optuna":  # a persistent study: resume continues it from engine.generation
         from search.engines import optuna_study_for_run

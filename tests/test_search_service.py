@@ -168,3 +168,19 @@ def test_fid_proxy_search_on_a_one_channel_model_scores_against_the_digits(tiny_
                             "proxy": {"name": "fid", "n_images": 8}})
     ev = load_run(run_search(cfg, tmp_path / "run", progress=False).path).evaluations
     assert set(ev["status"]) == {"ok"} and (ev["fid_proxy"] > 0).all()
+
+
+def test_uniform_seeds_start_the_first_generation_and_can_be_turned_off(tiny_model_dir, tmp_path):
+    from tmpq.api import load_run
+
+    def first_gen_uniform(**search):
+        cfg = tiny_cfg(tiny_model_dir, engine="random", generations=1, **search)
+        ev = load_run(run_search(cfg, tmp_path / str(search), progress=False).path).evaluations
+        assert len(ev) == 6 and set(ev["generation"]) == {0}
+        return {tuple(b[0]) for b in ev["bits"] if len({tuple(x) for x in b}) == 1}
+
+    # population 6 -> 3 seeds (half of it), each a different uniform option
+    assert len(first_gen_uniform()) == 3
+    # off: the first generation is the engine's own random draws (a 4-option space with tens of layers: a draw
+    # that puts one option on every layer has probability ~1e-20)
+    assert first_gen_uniform(uniform_seeds=False) == set()

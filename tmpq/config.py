@@ -81,6 +81,9 @@ class SearchSection:
     # engine pymoo: per-gene mutation probability of NSGA-II's offspring; 0 = 1 / (number of free genes), pymoo's
     # and Optuna's convention (the paper EA keeps its own 0.25)
     mutation_prob: float = 0.0
+    # the first generation starts from the uniform options at every step choice (at most half of it); false = none
+    # (every engine then starts from its own random draws, the textbook random-search baseline)
+    uniform_seeds: bool = True
 
 
 @dataclass(frozen=True)
