@@ -263,9 +263,42 @@ def part_axes(args, log: RowLog, sn: Path) -> None:
     search(args, log, "bits-quad", sn, axes="bits")
 
 
+GROUPING_STEPS = (5, 7, 10, 14, 20)
+
+
+def fp_grouping_rows(args, log: RowLog, sn: Path) -> None:
+    """The FP model on each grouping's seed schedule (every group's first timestep) at 5-20 steps, same proxy: how
+    good a schedule each grouping starts its search from."""
+    from search.groups import quadratic_groups, sensitivity_groups, uniform_groups
+    from search.sensitivity import sensitivity_profile, step_error_profile
+    from tmpq.model import load_model
+    from tmpq.sampler import make_scheduler
+
+    ev, profiles = None, {}
+    for kind in ("uniform", "quad", "error", "sensitivity"):
+        for n in GROUPING_STEPS:
+            name = f"FP {kind} groups {n}"
+            if log.has(kind="fp-grouping", name=name):
+                continue
+            if kind in ("uniform", "quad"):
+                groups = (uniform_groups if kind == "uniform" else quadratic_groups)(n)
+            else:
+                if kind not in profiles:  # the search's own profile: same FP model, seed 0 (search.seed)
+                    m = load_model(None)
+                    profile = sensitivity_profile if kind == "sensitivity" else step_error_profile
+                    profiles[kind] = profile(m.unet, make_scheduler(m.scheduler_config), seed=0)
+                groups = sensitivity_groups(profiles[kind], n, kind)
+            if ev is None:
+                ev = evaluator(args, sn)
+            obj = ev.evaluate(sorted(groups.starts, reverse=True), None)
+            log.append({"kind": "fp-grouping", "name": name, "grouping": kind, "steps": n,
+                        "starts": list(groups.starts), "fid_proxy": obj["fid_proxy"], "eval_s": obj["eval_s"]})
+
+
 def part_grouping(args, log: RowLog, sn: Path) -> None:
+    fp_grouping_rows(args, log, sn)
     search(args, log, "pymoo-s0", sn, engine="pymoo", seed=0)
-    for grouping in ("uniform", "sensitivity"):
+    for grouping in ("uniform", "sensitivity", "error"):
         search(args, log, f"group-{grouping}", sn, grouping=grouping)
     # the default grouping on further seeds: does its front dominate every uniform baseline on more than one seed?
     for seed in range(1, args.seeds):
@@ -328,6 +361,16 @@ def write_report(args, log: RowLog) -> None:
                     cells.append(f"{b['fid_proxy']:.2f} ({b['gbitops']:.1f} G)" if b else "-")
                 lines.append(f"| {sched} {n} | " + " | ".join(cells) + " |")
         lines.append("")
+    fpg = {(r["grouping"], r["steps"]): r for r in rows if r["kind"] == "fp-grouping"}
+    if fpg:
+        kinds = [k for k in ("uniform", "quad", "error", "sensitivity") if any(g == k for g, _ in fpg)]
+        lines += ["## The FP model on each grouping's seed schedule (first timestep of every group; proxy)", "",
+                  "| steps | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds)]
+        for n in GROUPING_STEPS:
+            lines.append(f"| {n} | " + " | ".join(f"{fpg[(k, n)]['fid_proxy']:.2f}" if (k, n) in fpg else "-"
+                                                  for k in kinds) + " |")
+        lines += ["", "Group starts at 10 steps: " + "; ".join(
+            f"{k} {fpg[(k, 10)]['starts']}" for k in kinds if (k, 10) in fpg), ""]
     runs = {r["name"]: r for r in rows if r["kind"] == "search"}
     base = [r for r in rows if r["kind"] == "baseline"]
     all_pts = {name: points(out / "runs" / name) for name in runs}
@@ -421,7 +464,8 @@ AXES_RUNS = {"time-w8a8": "timestep-only, bits held at uniform W8A8", "time-w6a6
              "time-w4a8": "timestep-only, uniform W4A8",
              "time-all": "timestep-only, the three uniform options together",
              "bits-quad": "bits-only, schedule held at quadratic DDIM", "group-uniform": "joint, uniform time groups",
-             "group-sensitivity": "joint, data-driven (sensitivity) time groups"}
+             "group-sensitivity": "joint, data-driven (sensitivity) time groups",
+             "group-error": "joint, data-driven (step-error) time groups"}
 
 
 def _axes_table(all_pts: dict, refpt: np.ndarray) -> list[str]:

@@ -12,7 +12,7 @@ import numpy as np
 
 from tmpq.errors import TmpqError
 
-GROUPINGS = ("quad", "uniform", "sensitivity")
+GROUPINGS = ("quad", "uniform", "sensitivity", "error")
 
 
 @dataclass(frozen=True)
@@ -99,12 +99,13 @@ def uniform_groups(n: int, num_train_timesteps: int = 1000) -> TimeGroups:
     return TimeGroups(tuple(sorted(uniform_timesteps(n, num_train_timesteps))), num_train_timesteps, "uniform")
 
 
-def sensitivity_groups(sensitivity: Sequence[float], n: int) -> TimeGroups:
+def sensitivity_groups(sensitivity: Sequence[float], n: int, kind: str = "sensitivity") -> TimeGroups:
     """Data-driven groups: equal shares of cumulative per-timestep sensitivity (steps where the FP model's output
     changes fast get small groups, i.e. finer timestep choice).
 
     ``sensitivity[t] >= 0`` for every training timestep t (e.g. the mean |eps(x_t, t) - eps(x_t, t+1)| of the FP
-    model along its trajectories, smoothed).
+    model along its trajectories, smoothed), or any step density such as :func:`search.sensitivity.error_density`
+    (then ``kind = "error"``).
     """
     s = np.asarray(sensitivity, dtype=np.float64)
     T = len(s)
@@ -121,4 +122,4 @@ def sensitivity_groups(sensitivity: Sequence[float], n: int) -> TimeGroups:
         starts[i] = max(starts[i], starts[i - 1] + 1)
     for i in range(n - 1, 0, -1):
         starts[i] = min(starts[i], T - (n - i))
-    return TimeGroups(tuple(int(v) for v in starts), T, "sensitivity")
+    return TimeGroups(tuple(int(v) for v in starts), T, kind)

@@ -1,9 +1,19 @@
-"""Per-timestep sensitivity of the FP model, for data-driven time groups (beyond the paper).
+"""Per-timestep profiles of the FP model, for data-driven time groups (beyond the paper).
 
-The FP model is run along a fine uniform DDIM schedule on a few bank images; at every step the sampler's prediction
-of the clean image x0 is recorded. Sensitivity at t is the mean absolute change of that prediction per unit of t
-between neighbouring probe steps: where x0 moves fast, a coarse step makes a large discretisation error, so
-:func:`search.groups.sensitivity_groups` gives those timesteps small groups (finer choice).
+The FP model is run along a fine uniform DDIM schedule on a few bank images, recording at every step its noise
+prediction eps and the sampler's prediction of the clean image x0. Two profiles are read off that probe:
+
+- ``sensitivity`` (grouping ``sensitivity``): the mean absolute change of the predicted x0 per unit of t between
+  neighbouring probe steps. Measured worse than uniform groups on the embedded model (results/search): x0 = xbar -
+  sigma * eps moves fastest near t = T only because sigma is large there, so it refines high noise levels.
+- ``step error`` (grouping ``error``): DDIM is Euler's method on dxbar / dsigma = eps(xbar, sigma), with xbar =
+  x / sqrt(abar) and sigma = sqrt((1 - abar) / abar). A step of size h makes a local error of about h^2 / 2 * |deps /
+  dsigma|, which reaches the final sample scaled by about 1 / sqrt(1 + sigma^2) = sqrt(abar) (exactly so for unit
+  Gaussian data, whose ODE paths are xbar(sigma) = x0 sqrt(1 + sigma^2)). The weighted sum of those errors over a
+  fixed number of steps is smallest when the step density in sigma is proportional to sqrt(sqrt(abar) |deps /
+  dsigma|); in t that density is sqrt(sqrt(abar) * |deps / dt| * dsigma / dt). Equal shares of it per group put one
+  step where each carries the same estimated error. (Without the sqrt(abar) weight the density piles up near t = T,
+  as the sensitivity profile does.)
 """
 from __future__ import annotations
 
@@ -12,17 +22,12 @@ import torch
 
 from tmpq.errors import TmpqError
 
-VERSION = 1
+VERSION = 2  # 2: the step-error profile (the sensitivity profile is unchanged from 1)
 
 
 @torch.no_grad()
-def sensitivity_profile(unet: torch.nn.Module, scheduler, n_images: int = 64, probe_steps: int = 100,
-                        seed: int = 0, smooth: int = 25, floor: float = 0.02) -> np.ndarray:
-    """Sensitivity for each of the T training timesteps (length T, finite, > 0).
-
-    ``smooth``: width (in timesteps) of the moving average; ``floor``: fraction of the mean added everywhere so no
-    region of the trajectory is left without a group.
-    """
+def _probe(unet: torch.nn.Module, scheduler, n_images: int, probe_steps: int, seed: int):
+    """Descending probe timesteps and, at each, the batch-mean eps and x0 predictions (CPU float tensors)."""
     from tmpq.sampler import NoiseBank
     from tmpq.schedules import make_timesteps
 
@@ -36,25 +41,68 @@ def sensitivity_profile(unet: torch.nn.Module, scheduler, n_images: int = 64, pr
     size = unet.config.sample_size
     hw = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
     bank = NoiseBank(seed, (unet.config.in_channels, *hw))
-    idx = list(range(n_images))
     device = next(unet.parameters()).device
-    x = bank.initial(idx).to(device)
-    x0s, steps = [], scheduler.timesteps.tolist()
+    x = bank.initial(list(range(n_images))).to(device)
+    steps, eps_all, x0_all = scheduler.timesteps.tolist(), [], []
     for t in steps:
         eps = unet(x, torch.full((x.shape[0],), t, dtype=torch.int64, device=device)).sample
         out = scheduler.step(eps, t, x, eta=0.0)
-        x0s.append(out.pred_original_sample.clamp(-1, 1).float().cpu())
+        eps_all.append(eps.float().cpu())
+        x0_all.append(out.pred_original_sample.clamp(-1, 1).float().cpu())
         x = out.prev_sample
-    mids, rates = [], []
-    for k in range(len(steps) - 1):
-        dt = steps[k] - steps[k + 1]
-        rates.append(float((x0s[k] - x0s[k + 1]).abs().mean()) / dt)
-        mids.append(0.5 * (steps[k] + steps[k + 1]))
-    mids, rates = np.array(mids[::-1]), np.array(rates[::-1])  # ascending in t for np.interp
+    return steps, eps_all, x0_all, T
+
+
+def _per_timestep(steps, values, T: int, smooth: int, floor: float) -> np.ndarray:
+    """Rates between neighbouring probe steps (at their midpoints) interpolated to every training timestep, smoothed
+    over ``smooth`` timesteps, plus ``floor`` x their mean so that no region is left without a group."""
+    mids = [0.5 * (a + b) for a, b in zip(steps, steps[1:])]
+    mids, rates = np.array(mids[::-1]), np.array(values[::-1])  # ascending in t for np.interp
     prof = np.interp(np.arange(T), mids, rates)
     if smooth > 1:
         kernel = np.ones(smooth) / smooth
         prof = np.convolve(np.pad(prof, (smooth // 2, smooth - 1 - smooth // 2), mode="edge"), kernel, mode="valid")
+    prof = prof + floor * prof.mean() + 1e-12
+    if not np.all(np.isfinite(prof)):
+        raise TmpqError("sensitivity: the FP model produced non-finite predictions")
+    return prof
+
+
+def sensitivity_profile(unet: torch.nn.Module, scheduler, n_images: int = 64, probe_steps: int = 100,
+                        seed: int = 0, smooth: int = 25, floor: float = 0.02) -> np.ndarray:
+    """Mean |change of the predicted x0| per unit t, for each of the T training timesteps (length T, finite, > 0).
+
+    ``smooth``: width (in timesteps) of the moving average; ``floor``: fraction of the mean added everywhere so no
+    region of the trajectory is left without a group.
+    """
+    steps, _, x0s, T = _probe(unet, scheduler, n_images, probe_steps, seed)
+    rates = [float((x0s[k] - x0s[k + 1]).abs().mean()) / (steps[k] - steps[k + 1]) for k in range(len(steps) - 1)]
+    return _per_timestep(steps, rates, T, smooth, floor)
+
+
+def sigma_of_t(alphas_cumprod) -> np.ndarray:
+    """DDIM's ODE time sigma(t) = sqrt((1 - abar_t) / abar_t) for every training timestep (increasing)."""
+    abar = np.asarray(alphas_cumprod, dtype=np.float64)
+    return np.sqrt((1.0 - abar) / abar)
+
+
+def error_density(deps_dt: np.ndarray, alphas_cumprod) -> np.ndarray:
+    """sqrt(sqrt(abar) * |deps/dt| * dsigma/dt) per training timestep: the step density in t that minimises the sum
+    of DDIM's local errors weighted by how they reach the final sample (module docstring)."""
+    abar = np.asarray(alphas_cumprod, dtype=np.float64)
+    dsigma = np.gradient(sigma_of_t(abar))  # per unit t
+    return np.sqrt(np.sqrt(abar) * np.asarray(deps_dt, dtype=np.float64) * dsigma)
+
+
+def step_error_profile(unet: torch.nn.Module, scheduler, n_images: int = 64, probe_steps: int = 100,
+                       seed: int = 0, smooth: int = 25, floor: float = 0.02) -> np.ndarray:
+    """:func:`error_density` of the FP model for each of the T training timesteps (length T, finite, > 0); |deps/dt|
+    is the root mean square change of its eps prediction per unit t along the probe. Same settings as
+    :func:`sensitivity_profile`."""
+    steps, eps, _, T = _probe(unet, scheduler, n_images, probe_steps, seed)
+    rates = [float((eps[k] - eps[k + 1]).pow(2).mean().sqrt()) / (steps[k] - steps[k + 1])
+             for k in range(len(steps) - 1)]
+    prof = error_density(_per_timestep(steps, rates, T, smooth, 0.0), scheduler.alphas_cumprod.numpy())
     prof = prof + floor * prof.mean() + 1e-12
     if not np.all(np.isfinite(prof)):
         raise TmpqError("sensitivity: the FP model produced non-finite predictions")

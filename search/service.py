@@ -96,7 +96,7 @@ def _budget(space, spec: str) -> float | None:
 
 def _time_groups(cfg: RunConfig, m, resumed_run: Path | None):
     """Time groups of the configured grouping (the reference ``search.steps``) and, with ``search.step_choices``, one
-    grouping per step choice. ``sensitivity`` profiles the FP model once (64 bank images along 100-step uniform DDIM,
+    grouping per step choice. ``sensitivity`` and ``error`` profile the FP model once (64 bank images along 100-step uniform DDIM,
     seed = search.seed); a resumed run reuses the groups stored in its search_space.json, so round-off in a re-profile
     can never change the space under a running search."""
     from search.groups import TimeGroups, quadratic_groups, sensitivity_groups, uniform_groups
@@ -113,11 +113,12 @@ def _time_groups(cfg: RunConfig, m, resumed_run: Path | None):
             found = [TimeGroups.from_dict(g) for g in d.get("step_groups") or [d["groups"]]]
             per = {g.n: g for g in found}
         else:
-            from search.sensitivity import sensitivity_profile
+            from search.sensitivity import sensitivity_profile, step_error_profile
             from tmpq.sampler import make_scheduler
 
-            prof = sensitivity_profile(m.unet, make_scheduler(m.scheduler_config), seed=cfg.search.seed)
-            per = {n: sensitivity_groups(prof, n) for n in choices}
+            profile = sensitivity_profile if kind == "sensitivity" else step_error_profile
+            prof = profile(m.unet, make_scheduler(m.scheduler_config), seed=cfg.search.seed)
+            per = {n: sensitivity_groups(prof, n, kind) for n in choices}
     steps = tuple(per.values()) if cfg.search.step_choices else ()  # from_supernet orders them
     return per[cfg.search.steps], steps
 

@@ -38,15 +38,16 @@ def test_resume_with_changed_config_is_refused(tiny_model_dir, tmp_path):
         run_search(tiny_cfg(tiny_model_dir, generations=1, seed=2), tmp_path / "run", resume=True, progress=False)
 
 
-def test_sensitivity_grouping_search_and_resume_reuse_stored_groups(tiny_model_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["sensitivity", "error"])
+def test_data_driven_grouping_search_and_resume_reuse_stored_groups(tiny_model_dir, tmp_path, monkeypatch, kind):
     import json
 
     import search.sensitivity as sens
 
-    cfg = tiny_cfg(tiny_model_dir, grouping="sensitivity", generations=1)
+    cfg = tiny_cfg(tiny_model_dir, grouping=kind, generations=1)
     run = run_search(cfg, tmp_path / "run", progress=False)
     groups = json.loads((run.path / "search_space.json").read_text())["groups"]
-    assert groups["kind"] == "sensitivity" and len(groups["starts"]) == 3 and groups["starts"][0] == 0
+    assert groups["kind"] == kind and len(groups["starts"]) == 3 and groups["starts"][0] == 0
     ev = pd.read_parquet(run.path / "evaluations.parquet")
     from search.groups import TimeGroups
 
@@ -58,6 +59,7 @@ def test_sensitivity_grouping_search_and_resume_reuse_stored_groups(tiny_model_d
         raise AssertionError("a resumed run must reuse its stored groups, not re-profile")
 
     monkeypatch.setattr(sens, "sensitivity_profile", no_profile)
+    monkeypatch.setattr(sens, "step_error_profile", no_profile)
     run_search(cfg, tmp_path / "run", resume=True, progress=False)
 
 

@@ -135,7 +135,7 @@ CHOICES = {
     "calibration.mode": ("per-option", "random-path"),
     "calibration.strategy": ("uniform", "ndtc", "eda"),
     "search.engine": ("pymoo", "optuna", "paper-ea", "random"),
-    "search.grouping": ("quad", "uniform", "sensitivity"),
+    "search.grouping": ("quad", "uniform", "sensitivity", "error"),
     "search.axes": ("joint", "time", "bits"),
     "proxy.name": ("paired-feat", "fid"),
     "proxy.teacher_schedule": ("uniform", "quad"),
