@@ -427,16 +427,18 @@ class OptunaNSGA2(Engine):
 
 def make_engine(name: str, space: SearchSpace, seed: int = 0, population: int = 50,
                 seeds: Sequence[np.ndarray] = (), storage: str | None = None,
-                study_name: str | None = None, p_mutation: float | None = None) -> Engine:
+                study_name: str | None = None, p_mutation: float | None = None, n_obj: int = 2) -> Engine:
     """Build a named engine (``pymoo``, ``optuna``, ``paper-ea`` or ``random``).
 
     ``storage`` / ``study_name``: the Optuna study (an SQLAlchemy URL, ``None`` in memory); other engines ignore them.
-    ``p_mutation``: pymoo's per-gene mutation probability (``None``: 1 / free genes).
+    ``p_mutation``: pymoo's per-gene mutation probability (``None``: 1 / free genes). ``n_obj``: objectives of the
+    multi-objective engines (pymoo, optuna: 2 or 3); the paper EA uses the first, random search none.
     """
     if name == "pymoo":
-        return PymooNSGA2(space, seed, population=population, seeds=seeds, p_mutation=p_mutation)
+        return PymooNSGA2(space, seed, population=population, seeds=seeds, p_mutation=p_mutation, n_obj=n_obj)
     if name == "optuna":
-        return OptunaNSGA2(space, seed, population=population, seeds=seeds, storage=storage, study_name=study_name)
+        return OptunaNSGA2(space, seed, population=population, seeds=seeds, storage=storage, study_name=study_name,
+                           n_obj=n_obj)
     if name == "paper-ea":
         return PaperEA(space, seed, seeds=seeds)
     if name == "random":

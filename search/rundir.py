@@ -160,6 +160,13 @@ def results_frame(results: list[EvalResult]):
     return df
 
 
+def run_objectives(config: dict) -> tuple[str, ...]:
+    """The objectives a run minimises, from its resolved config: the proxy and BitOPs, and the weight size with
+    ``search.size_objective``."""
+    extra = ("size_mb",) if config.get("search", {}).get("size_objective") else ()
+    return ("fid_proxy", "bitops", *extra)
+
+
 def pareto_frame(df, objectives: tuple[str, ...] = ("fid_proxy", "bitops")):
     """Non-dominated ``ok`` rows (duplicate keys collapsed), sorted by the last objective."""
     from search.pareto import non_dominated

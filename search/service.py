@@ -60,7 +60,8 @@ def run_fingerprint(cfg: RunConfig, model_fp: str) -> str:
     for section, key, default in (("search", "step_choices", []), ("proxy", "reference", ""),
                                   ("search", "mutation_prob", 0.0), ("proxy", "extractor", "auto"),
                                   ("proxy", "inception_weights", ""), ("supernet", "time_groups", 1),
-                                  ("search", "uniform_seeds", True)):
+                                  ("search", "uniform_seeds", True),
+                                  ("search", "size_objective", False)):
         if config[section].get(key) == default:
             del config[section][key]
     blob = json.dumps({"config": config, "model": model_fp, "data": data_fingerprint()}, sort_keys=True)
@@ -232,9 +233,12 @@ def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=No
         from search.engines import optuna_study_for_run
 
         storage, study_name = optuna_study_for_run(run.path, cfg.search.storage)
+    from search.rundir import run_objectives
+
+    obj_names = run_objectives(cfg.to_dict())
     engine = make_engine(cfg.search.engine, space, seed=cfg.search.seed, population=cfg.search.population,
                          seeds=seeds, storage=storage, study_name=study_name,
-                         p_mutation=cfg.search.mutation_prob or None)
+                         p_mutation=cfg.search.mutation_prob or None, n_obj=len(obj_names))
     logged = {r.key: r for r in run.replay()}
     proxy_info = {"name": cfg.proxy.name, "version": 1, "n_images": cfg.proxy.n_images}
     try:
@@ -261,10 +265,10 @@ def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=No
                                  error=out.error, generation=gen, origin=engine.name)
                 run.append(res)
                 logged[task.key] = res
-            F = np.array([[logged[c.key].objectives.get("fid_proxy", np.inf),
-                           space.bitops(c) if logged[c.key].status == "ok" else np.inf] for c in cands])
-            engine.tell(genomes, F[:, : engine.n_obj] if engine.n_obj == 1 else F)
-            run.compact()
+            F = np.array([[logged[c.key].objectives.get(o, np.inf) if logged[c.key].status == "ok" else np.inf
+                           for o in obj_names] for c in cands])
+            engine.tell(genomes, F[:, : engine.n_obj])
+            run.compact(obj_names)
             if progress:
                 ok = [r for r in logged.values() if r.status == "ok"]
                 best = min((r.objectives["fid_proxy"] for r in ok), default=float("nan"))

@@ -186,3 +186,38 @@ def test_uniform_seeds_start_the_first_generation_and_can_be_turned_off(tiny_mod
     # off: the first generation is the engine's own random draws (a 4-option space with tens of layers: a draw
     # that puts one option on every layer has probability ~1e-20)
     assert first_gen_uniform(uniform_seeds=False) == set()
+
+
+@pytest.mark.parametrize("engine", ["pymoo", "optuna"])
+def test_size_objective_makes_a_three_objective_search_and_front(tiny_model_dir, tmp_path, engine):
+    import numpy as np
+
+    from search.pareto import non_dominated
+    from tmpq.api import load_run
+
+    cfg = tiny_cfg(tiny_model_dir, engine=engine, size_objective=True)
+    run = run_search(cfg, tmp_path / "run", progress=False)
+    loaded = load_run(run.path)
+    ev = loaded.evaluations
+    ok = ev[ev["status"] == "ok"].drop_duplicates("key")
+    three = ok[non_dominated(ok[["fid_proxy", "bitops", "size_mb"]].to_numpy(float))]
+    # the run's front (file and API) is taken over the three objectives; it holds the two-objective front
+    front = pd.read_parquet(run.path / "pareto.parquet")
+    assert set(front["key"]) == set(three["key"]) == set(loaded.pareto()["key"])
+    assert set(loaded.pareto(("fid_proxy", "bitops"))["key"]) <= set(front["key"])
+    assert np.isfinite(front[["fid_proxy", "bitops", "size_mb"]].to_numpy(float)).all()
+    if engine == "optuna":  # the study itself has three objectives, each told its value
+        import optuna
+
+        from search.engines import optuna_study_for_run
+
+        url, name = optuna_study_for_run(run.path)
+        study = optuna.load_study(study_name=name, storage=url)
+        assert len(study.directions) == 3
+        told = {t.user_attrs["tmpq_key"]: t.values for t in study.get_trials() if t.values}
+        row = ok.set_index("key").loc[next(iter(told))]
+        assert told[row.name] == pytest.approx([row["fid_proxy"], row["bitops"], row["size_mb"]])
+    # and it resumes (the engine's stored objective count matches)
+    n_lines = len(run.log_path.read_text().splitlines())
+    run_search(cfg, tmp_path / "run", resume=True, progress=False)
+    assert len(run.log_path.read_text().splitlines()) == n_lines

@@ -34,11 +34,12 @@ class Run:
 
         return results_frame(self._dir.replay())
 
-    def pareto(self, objectives: tuple[str, ...] = ("fid_proxy", "bitops")):
-        """Non-dominated ``ok`` evaluations, sorted by the last objective."""
-        from search.rundir import pareto_frame
+    def pareto(self, objectives: tuple[str, ...] | None = None):
+        """Non-dominated ``ok`` evaluations, sorted by the last objective; ``objectives`` default to the run's own
+        (proxy and BitOPs, plus size_mb when it searched with ``search.size_objective``)."""
+        from search.rundir import pareto_frame, run_objectives
 
-        return pareto_frame(self.evaluations, objectives)
+        return pareto_frame(self.evaluations, objectives or run_objectives(self.config))
 
 
 def load_run(path: str | Path) -> Run:

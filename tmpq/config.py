@@ -84,6 +84,9 @@ class SearchSection:
     # the first generation starts from the uniform options at every step choice (at most half of it); false = none
     # (every engine then starts from its own random draws, the textbook random-search baseline)
     uniform_seeds: bool = True
+    # true: the weight size (MB) is a third objective beside the proxy and BitOPs (pymoo and optuna optimise all three;
+    # the Pareto front of the run is then taken over the three); the paper EA and random search ignore it
+    size_objective: bool = False
 
 
 @dataclass(frozen=True)
