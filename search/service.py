@@ -97,9 +97,9 @@ def _budget(space, spec: str) -> float | None:
 
 def _time_groups(cfg: RunConfig, m, resumed_run: Path | None):
     """Time groups of the configured grouping (the reference ``search.steps``) and, with ``search.step_choices``, one
-    grouping per step choice. ``sensitivity`` and ``error`` profile the FP model once (64 bank images along 100-step uniform DDIM,
-    seed = search.seed); a resumed run reuses the groups stored in its search_space.json, so round-off in a re-profile
-    can never change the space under a running search."""
+    grouping per step choice. ``sensitivity`` and ``error`` profile the FP model once (64 bank images along 100-step
+    uniform DDIM, seed = search.seed); a resumed run reuses the groups stored in its search_space.json, so round-off
+    in a re-profile can never change the space under a running search."""
     from search.groups import TimeGroups, quadratic_groups, sensitivity_groups, uniform_groups
 
     kind, T = cfg.search.grouping, m.num_train_timesteps
