@@ -27,7 +27,7 @@ VERSION = 2  # 2: the step-error profile (the sensitivity profile is unchanged f
 
 @torch.no_grad()
 def _probe(unet: torch.nn.Module, scheduler, n_images: int, probe_steps: int, seed: int):
-    """Descending probe timesteps and, at each, the batch-mean eps and x0 predictions (CPU float tensors)."""
+    """Descending probe timesteps and, at each, the batch's eps and x0 predictions (CPU float tensors), and T."""
     from tmpq.sampler import NoiseBank
     from tmpq.schedules import make_timesteps
 
