@@ -2,9 +2,9 @@
 single-axis search, groupings. Resumable: rows in <out>/rows.jsonl, search runs in <out>/runs/<name> (resumed).
 
     .venv/bin/python -m benchmarks.search --part fidelity        # Kendall tau of proxies vs FID@10k (~1.5 h)
-    .venv/bin/python -m benchmarks.search --part front           # engines x 3 seeds + uniform baselines (~1 h)
+    .venv/bin/python -m benchmarks.search --part front           # 4 engines x 3 seeds + uniform baselines (~1.5 h)
     .venv/bin/python -m benchmarks.search --part axes            # joint vs time-only vs bits-only (~15 min)
-    .venv/bin/python -m benchmarks.search --part grouping        # quad vs uniform vs sensitivity groups (~15 min)
+    .venv/bin/python -m benchmarks.search --part grouping        # quad / uniform / error / sensitivity groups (~25 min)
     .venv/bin/python -m benchmarks.search --part report          # rewrite README.md and the plots from the rows
 
 results/search was measured with quadratic time groups and one set of activation ranges (the defaults of --grouping
