@@ -269,8 +269,8 @@ GROUPING_STEPS = (5, 7, 10, 14, 20)
 def fp_grouping_rows(args, log: RowLog, sn: Path) -> None:
     """The FP model on each grouping's seed schedule (every group's first timestep) at 5-20 steps, same proxy: how
     good a schedule each grouping starts its search from."""
-    from search.groups import quadratic_groups, sensitivity_groups, uniform_groups
-    from search.sensitivity import sensitivity_profile, step_error_profile
+    from search.groups import make_groups
+    from search.sensitivity import PROFILES
     from tmpq.model import load_model
     from tmpq.sampler import make_scheduler
 
@@ -280,14 +280,10 @@ def fp_grouping_rows(args, log: RowLog, sn: Path) -> None:
             name = f"FP {kind} groups {n}"
             if log.has(kind="fp-grouping", name=name):
                 continue
-            if kind in ("uniform", "quad"):
-                groups = (uniform_groups if kind == "uniform" else quadratic_groups)(n)
-            else:
-                if kind not in profiles:  # the search's own profile: same FP model, seed 0 (search.seed)
-                    m = load_model(None)
-                    profile = sensitivity_profile if kind == "sensitivity" else step_error_profile
-                    profiles[kind] = profile(m.unet, make_scheduler(m.scheduler_config), seed=0)
-                groups = sensitivity_groups(profiles[kind], n, kind)
+            if kind in PROFILES and kind not in profiles:  # the search's own profile: same FP model, seed 0
+                m = load_model(None)
+                profiles[kind] = PROFILES[kind](m.unet, make_scheduler(m.scheduler_config), seed=0)
+            groups = make_groups(kind, n, profile=profiles.get(kind))
             if ev is None:
                 ev = evaluator(args, sn)
             obj = ev.evaluate(sorted(groups.starts, reverse=True), None)
@@ -426,7 +422,7 @@ def write_report(args, log: RowLog) -> None:
                          + ", ".join(f"{k} {np.mean(v):.4g}" for k, v in gains.items()) + "; pymoo / "
                          + ", pymoo / ".join(f"{k} **{np.mean(gains['pymoo']) / np.mean(v):.2f}x**"
                                             for k, v in gains.items() if k != "pymoo" and np.mean(v) > 0))
-        lines += _ceiling(all_pts, refpt, args.seeds)
+        lines += _ceiling(all_pts, hv, refpt, args.seeds)
         lines.append("")
         lines += _axes_table(all_pts, refpt)
         _plot(out, all_pts, base)
@@ -441,13 +437,13 @@ def write_report(args, log: RowLog) -> None:
     (out / "README.md").write_text("\n".join(lines))
 
 
-def _ceiling(all_pts: dict, refpt: np.ndarray, seeds: int) -> list[str]:
+def _ceiling(all_pts: dict, hv: dict, refpt: np.ndarray, seeds: int) -> list[str]:
     """How far above the seeded random search any front could be: the front of every evaluation of every run here
     together (the best known), and the utopia box (one point with the lowest proxy and the lowest BitOPs any run
     reached; no front of these candidates can exceed it), as multiples of the mean random run's hypervolume."""
     from search.pareto import hypervolume_2d
 
-    rnd = [hypervolume_2d(all_pts[f"random-s{s}"], refpt) for s in range(seeds) if f"random-s{s}" in all_pts]
+    rnd = [hv[f"random-s{s}"] for s in range(seeds) if f"random-s{s}" in hv]
     if not rnd:
         return []
     union = np.concatenate(list(all_pts.values()))

@@ -123,3 +123,16 @@ def sensitivity_groups(sensitivity: Sequence[float], n: int, kind: str = "sensit
     for i in range(n - 1, 0, -1):
         starts[i] = min(starts[i], T - (n - i))
     return TimeGroups(tuple(int(v) for v in starts), T, kind)
+
+
+def make_groups(kind: str, n: int, num_train_timesteps: int = 1000, profile: Sequence[float] | None = None
+                ) -> TimeGroups:
+    """Groups of a grouping kind: ``quad`` / ``uniform`` from n alone, the data-driven kinds (``sensitivity``,
+    ``error``) cut from their FP-model ``profile`` (:data:`search.sensitivity.PROFILES`)."""
+    if kind == "quad":
+        return quadratic_groups(n, num_train_timesteps)
+    if kind == "uniform":
+        return uniform_groups(n, num_train_timesteps)
+    if profile is None:
+        raise TmpqError(f"time groups {kind!r}: need the FP model's profile")
+    return sensitivity_groups(profile, n, kind)

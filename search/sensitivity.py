@@ -55,13 +55,18 @@ def _probe(unet: torch.nn.Module, scheduler, n_images: int, probe_steps: int, se
 
 def _per_timestep(steps, values, T: int, smooth: int, floor: float) -> np.ndarray:
     """Rates between neighbouring probe steps (at their midpoints) interpolated to every training timestep, smoothed
-    over ``smooth`` timesteps, plus ``floor`` x their mean so that no region is left without a group."""
+    over ``smooth`` timesteps, then :func:`_floored`."""
     mids = [0.5 * (a + b) for a, b in zip(steps, steps[1:])]
     mids, rates = np.array(mids[::-1]), np.array(values[::-1])  # ascending in t for np.interp
     prof = np.interp(np.arange(T), mids, rates)
     if smooth > 1:
         kernel = np.ones(smooth) / smooth
         prof = np.convolve(np.pad(prof, (smooth // 2, smooth - 1 - smooth // 2), mode="edge"), kernel, mode="valid")
+    return _floored(prof, floor)
+
+
+def _floored(prof: np.ndarray, floor: float) -> np.ndarray:
+    """``prof`` plus ``floor`` x its mean (so that no region is left without a group), checked finite."""
     prof = prof + floor * prof.mean() + 1e-12
     if not np.all(np.isfinite(prof)):
         raise TmpqError("sensitivity: the FP model produced non-finite predictions")
@@ -102,8 +107,9 @@ def step_error_profile(unet: torch.nn.Module, scheduler, n_images: int = 64, pro
     steps, eps, _, T = _probe(unet, scheduler, n_images, probe_steps, seed)
     rates = [float((eps[k] - eps[k + 1]).pow(2).mean().sqrt()) / (steps[k] - steps[k + 1])
              for k in range(len(steps) - 1)]
-    prof = error_density(_per_timestep(steps, rates, T, smooth, 0.0), scheduler.alphas_cumprod.numpy())
-    prof = prof + floor * prof.mean() + 1e-12
-    if not np.all(np.isfinite(prof)):
-        raise TmpqError("sensitivity: the FP model produced non-finite predictions")
-    return prof
+    return _floored(error_density(_per_timestep(steps, rates, T, smooth, 0.0), scheduler.alphas_cumprod.numpy()),
+                    floor)
+
+
+# grouping kind -> the FP-model profile its groups are cut from
+PROFILES = {"sensitivity": sensitivity_profile, "error": step_error_profile}

@@ -100,13 +100,12 @@ def _time_groups(cfg: RunConfig, m, resumed_run: Path | None):
     grouping per step choice. ``sensitivity`` and ``error`` profile the FP model once (64 bank images along 100-step
     uniform DDIM, seed = search.seed); a resumed run reuses the groups stored in its search_space.json, so round-off
     in a re-profile can never change the space under a running search."""
-    from search.groups import TimeGroups, quadratic_groups, sensitivity_groups, uniform_groups
+    from search.groups import TimeGroups, make_groups
 
     kind, T = cfg.search.grouping, m.num_train_timesteps
     choices = cfg.search.step_choices or (cfg.search.steps,)
     if kind in ("quad", "uniform"):
-        make = quadratic_groups if kind == "quad" else uniform_groups
-        per = {n: make(n, T) for n in choices}
+        per = {n: make_groups(kind, n, T) for n in choices}
     else:
         stored = resumed_run / "search_space.json" if resumed_run is not None else None
         if stored is not None and stored.is_file():
@@ -114,12 +113,11 @@ def _time_groups(cfg: RunConfig, m, resumed_run: Path | None):
             found = [TimeGroups.from_dict(g) for g in d.get("step_groups") or [d["groups"]]]
             per = {g.n: g for g in found}
         else:
-            from search.sensitivity import sensitivity_profile, step_error_profile
+            from search.sensitivity import PROFILES
             from tmpq.sampler import make_scheduler
 
-            profile = sensitivity_profile if kind == "sensitivity" else step_error_profile
-            prof = profile(m.unet, make_scheduler(m.scheduler_config), seed=cfg.search.seed)
-            per = {n: sensitivity_groups(prof, n, kind) for n in choices}
+            prof = PROFILES[kind](m.unet, make_scheduler(m.scheduler_config), seed=cfg.search.seed)
+            per = {n: make_groups(kind, n, T, prof) for n in choices}
     steps = tuple(per.values()) if cfg.search.step_choices else ()  # from_supernet orders them
     return per[cfg.search.steps], steps
 

@@ -57,3 +57,14 @@ def test_json_round_trip_and_bad_groups():
         g.schedule([10_000] * 7)
     with pytest.raises(TmpqError, match="not in time group"):
         g.offsets([999, 998, 997, 996, 995, 994, 993])
+
+
+def test_make_groups_dispatches_by_kind_and_needs_a_profile_for_data_driven_kinds():
+    from search.groups import make_groups
+
+    assert make_groups("quad", 10) == quadratic_groups(10)
+    assert make_groups("uniform", 7, 1000) == uniform_groups(7, 1000)
+    prof = np.linspace(1.0, 2.0, 1000)
+    assert make_groups("error", 5, profile=prof) == sensitivity_groups(prof, 5, "error")
+    with pytest.raises(TmpqError, match="'sensitivity': need the FP model's profile"):
+        make_groups("sensitivity", 5)

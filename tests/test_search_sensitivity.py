@@ -43,7 +43,7 @@ def test_step_error_profile_is_deterministic_positive_and_gives_valid_groups():
 
 
 def test_error_density_refines_where_eps_moves_and_at_low_noise():
-    from search.sensitivity import error_density
+    from search.sensitivity import error_density, sigma_of_t
 
     abar = make_scheduler(embedded_scheduler_config()).alphas_cumprod.numpy()
     flat = error_density(np.ones(1000), abar)
@@ -52,7 +52,7 @@ def test_error_density_refines_where_eps_moves_and_at_low_noise():
     # t = 0) nearly cancels sigma's fast growth near t = T: groups within 2x of uniform (sigma alone: 17x finer at T)
     g = sensitivity_groups(flat, 10, "error")
     assert 50 <= min(g.sizes) and max(g.sizes) <= 200
-    unweighted = sensitivity_groups(np.sqrt(np.gradient(np.sqrt((1 - abar) / abar))), 10, "error")
+    unweighted = sensitivity_groups(np.sqrt(np.gradient(sigma_of_t(abar))), 10, "error")
     assert max(unweighted.sizes) > 10 * min(unweighted.sizes)
     # scaling |deps/dt| scales the density by its square root (the groups do not move)
     np.testing.assert_allclose(error_density(4 * np.ones(1000), abar), 2 * flat)

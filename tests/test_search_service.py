@@ -58,8 +58,8 @@ def test_data_driven_grouping_search_and_resume_reuse_stored_groups(tiny_model_d
     def no_profile(*a, **k):
         raise AssertionError("a resumed run must reuse its stored groups, not re-profile")
 
-    monkeypatch.setattr(sens, "sensitivity_profile", no_profile)
-    monkeypatch.setattr(sens, "step_error_profile", no_profile)
+    for k in sens.PROFILES:
+        monkeypatch.setitem(sens.PROFILES, k, no_profile)
     run_search(cfg, tmp_path / "run", resume=True, progress=False)
 
 
