@@ -163,6 +163,14 @@ class QuantLayer(nn.Module):
         """Forget cached quantized weights (call after changing weights or weight-quantizer state)."""
         self._w_cache.clear()
 
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as the active activation option quantizes it (fake quantization; unchanged at full precision)."""
+        return self._act(x)
+
+    def linear_op(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The wrapped conv / Linear applied with weight ``w`` and ``bias`` (stride, padding etc. its own)."""
+        return self._op(x, w, bias)
+
     def _act(self, x: torch.Tensor) -> torch.Tensor:
         if self.a_index is None:
             return x

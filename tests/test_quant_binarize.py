@@ -112,7 +112,7 @@ def test_int8_deployment_names_binarized_layers_as_fallback():
     net = QuantSupernet(tiny_unet(), SupernetConfig(w_bits=(8, 1), a_bits=(8,), pin=pin))
     net.calibrate(_data(), progress=False)
     net.set_bits([(1, 8)] * net.num_genes)
-    _, rows = to_int8(net.unet)
+    _, rows = to_int8(net.unet, lambda u: [u(x, t) for x, t in _data()[:2]])
     binarized = [r for r in rows if r["w_bits"] == 1]
     assert binarized and all(not r["int8"] and "binarized" in r["why"] for r in binarized)
     assert {r["fqn"] for r in rows if r["int8"]} == {"conv_in", "conv_out"}  # the pinned 8-bit layers run int8

@@ -124,7 +124,10 @@ def test_config_checks_and_compatibility():
 
 
 def test_int8_deployment_keeps_one_static_range_per_group():
-    from tmpq.deploy import TimeGroupedInt8, onednn_available, to_int8
+    """On any CPU: the int8 kernels compute what fake quantization computes, group by group. Where the kernels sum
+    u8 x s8 pairs in 16 bits (no VNNI), the 8-bit layers run split weights that cannot saturate, so this holds there
+    too (the subprocess test below runs it with oneDNN capped at AVX2)."""
+    from tmpq.deploy import TimeGroupedInt8, int8_summary, kernels_saturate, onednn_available, to_int8
 
     if not onednn_available():
         pytest.skip("no oneDNN int8 kernels in this PyTorch build")
@@ -135,15 +138,63 @@ def test_int8_deployment_keeps_one_static_range_per_group():
     calls = calls + calls[::-1]
     with torch.no_grad():
         ref = [net(x, t).sample for x, t in calls]
-        _, rows = to_int8(net.unet)
-        assert rows and all(r["int8"] for r in rows)
+        _, rows = to_int8(net.unet, lambda u: [u(x, t) for x, t in _data(seed=4)])
+        assert rows and all(r["int8"] for r in rows), [r["why"] for r in rows if not r["int8"]]
         assert all(isinstance(m, TimeGroupedInt8) for n, m in net.unet.named_modules() if n in net.layers)
         out = [net(x, t).sample for x, t in calls]
-    # the int8 kernels compute what fake quantization computes, group by group: float-rounding equal, except where
-    # int32 vs float accumulation flips one activation level at an exact tie (measured on this random tiny model:
-    # 1 of 4 timesteps at ~3e-5, with time_groups = 1 too); serving the other group's ranges is ~3e-3
+    s = int8_summary(rows)
+    assert 0 <= s["check_worst_err"] < 1e-5
+    # 8-bit activations x 8-bit weights can overflow a 16-bit pair: split exactly where the kernels saturate
+    assert (s["split_weight_layers"] > 0) == kernels_saturate()
+    # float-rounding equal, except where int32 vs float accumulation flips one activation level at an exact tie
+    # (measured on this random tiny model: 1 of 4 timesteps at ~3e-5, with time_groups = 1 too); serving the other
+    # group's ranges is ~3e-3, saturated 16-bit pairs 0.03-0.06
     errs = sorted(float((a - b).pow(2).mean() / b.pow(2).mean()) for a, b in zip(out, ref))
     assert errs[len(errs) // 2] < 1e-10 and errs[-1] < 3e-4, errs
+
+
+@pytest.mark.parametrize("isa", ["AVX2", "AVX512_CORE"])
+def test_int8_deployment_is_exact_where_the_kernels_saturate(isa):
+    """The same test in a process whose oneDNN is capped below VNNI (what an AVX2-only or AVX-512 CPU without VNNI
+    runs): the probe sees the saturating kernels and the test above still holds."""
+    import os
+    import subprocess
+    import sys
+
+    from tmpq.deploy import onednn_available
+
+    if not onednn_available():
+        pytest.skip("no oneDNN int8 kernels in this PyTorch build")
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA=isa)
+    code = ("import sys, pytest; from tmpq.deploy import kernels_saturate; assert kernels_saturate(); "
+            "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', "
+            "'tests/test_supernet_time_groups.py::test_int8_deployment_keeps_one_static_range_per_group']))")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+
+
+def test_int8_check_catches_a_wrong_kernel(monkeypatch):
+    """A kernel that computes something else (here: one that drops a fraction of a percent of each output, as a
+    saturating sum would) is caught by the conversion check: every layer falls back, named, with its error."""
+    import tmpq.deploy as deploy
+
+    if not deploy.onednn_available():
+        pytest.skip("no oneDNN int8 kernels in this PyTorch build")
+    net = QuantSupernet(tiny_unet(), SupernetConfig(**CFG, pin={}, w_bits=(8,), a_bits=(8,)))
+    net.calibrate(_data(), progress=False)
+    net.set_uniform(8, 8)
+    calls = _data(seed=9)[:4]
+    with torch.no_grad():
+        ref = [net(x, t).sample for x, t in calls]
+    for kind in ("conv", "linear"):
+        real = deploy._KERNELS[kind]
+        monkeypatch.setitem(deploy._KERNELS, kind, lambda *a, real=real: real(*a) * 0.999)
+    with torch.no_grad():
+        _, rows = deploy.to_int8(net.unet, lambda u: [u(x, t) for x, t in calls])
+        out = [net(x, t).sample for x, t in calls]
+    assert rows and not any(r["int8"] for r in rows)
+    assert all("disagrees with fake quantization" in r["why"] and r["check_err"] > deploy.CHECK_TOL for r in rows)
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))  # every layer still fake-quant: the same outputs
 
 
 def test_search_and_export_with_time_groups_reproduce_the_supernet_samples(tiny_model_dir, tmp_path):

@@ -11,6 +11,15 @@ Not ``torch.ao.nn.quantized.dynamic.Conv2d``: that kernel requantizes its *outpu
 and zero-point before dequantizing, so every output outside the input's range is clipped (measured: 65 % relative
 error on one resnet conv of the embedded UNet, FID 34 instead of 0.6 for a whole export).
 
+The kernels are not exact on every CPU: without VNNI (``avx512_vnni`` / ``avx_vnni`` / AMX), oneDNN multiplies u8 x s8
+with ``vpmaddubsw``, which sums each pair of products in 16 bits and saturates (measured here with
+``ONEDNN_MAX_CPU_ISA=AVX2``: 8-bit activations x 8-bit weights, 1.2 % relative MSE on random operands). A probe tells
+whether this process's kernels saturate; where they do, a layer whose pair sums can exceed 32767 runs its weights as
+two halves that cannot (``w = a + b``, ``|a|, |b| <= 32767 // (2 x top activation level)``, one kernel call on
+twice the output channels, summed: exact). Whatever the CPU, every converted layer is then checked against its
+fake-quant twin on real inputs (the ``probe`` run); a layer that disagrees beyond float rounding falls back, named,
+with the measured error and what the CPU lacks.
+
 A layer falls back to fake quantization (and is named as such) when the kernels cannot run it exactly: weight bits
 above 8, asymmetric, group-wise or multi-basis binarized weights, activations above 8 bits (the default pins the
 first and last layers' inputs at 16) or not per tensor, full-precision activations, a non-zeros or string padding,
@@ -19,8 +28,11 @@ a grouped conv; all of them when this PyTorch build has no oneDNN int8 kernels.
 from __future__ import annotations
 
 import functools
+import os
 import time
 import warnings
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -31,6 +43,68 @@ from quant.layers import QuantConv2d, QuantLayer, QuantLinear
 def onednn_available() -> bool:
     return all(hasattr(torch.ops.onednn, op) for op in ("qconv_prepack", "qconv2d_pointwise", "qlinear_prepack",
                                                         "qlinear_pointwise"))
+
+
+_INT8_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
+_VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+# A converted layer agrees with fake quantization when its largest error is at most this fraction of the exact
+# sum of |products| behind each output (float32 accumulation: ~1e-7 of it; a saturated 16-bit pair: ~1e-3)
+CHECK_TOL = 1e-5
+
+
+def _cpu_flags() -> tuple[str, set[str]]:
+    model, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, val = line.partition(":")
+            if key.strip() == "model name" and model == "unknown CPU":
+                model = val.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(val.split())
+    except OSError:
+        pass
+    return model, flags
+
+
+@functools.cache
+def kernels_saturate() -> bool:
+    """Whether this process's oneDNN u8 x s8 kernels sum product pairs in 16 bits and saturate (no VNNI), probed
+    once: 4 x 255 x 127 = 129,540 exactly, or less when a pair is clamped at 32,767."""
+    if not onednn_available():
+        return False
+    u = torch.full((1, 4), 255, dtype=torch.uint8)
+    w = torch.full((1, 4), 127, dtype=torch.int8)
+    one = torch.ones(1)
+    y = _qlinear(u, 1.0, 0, torch.ops.onednn.qlinear_prepack(w, None), one,
+                           torch.zeros(1, dtype=torch.int64), None)
+    return float(y.reshape(-1)[0]) != 4 * 255 * 127
+
+
+def cpu_int8_features() -> dict:
+    """The CPU and what its int8 kernels do: ``{"cpu", "int8_isa", "onednn_max_cpu_isa", "saturating_pairs"}``."""
+    model, flags = _cpu_flags()
+    return {"cpu": model, "int8_isa": [f for f in _INT8_FLAGS if f in flags],
+            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
+            "saturating_pairs": kernels_saturate()}
+
+
+def describe_cpu_int8(feat: dict | None = None) -> str:
+    """One line: the CPU, its int8 instruction sets and whether the kernels saturate."""
+    f = feat or cpu_int8_features()
+    cap = f" (oneDNN capped at {f['onednn_max_cpu_isa']})" if f["onednn_max_cpu_isa"] else ""
+    how = ("u8 x s8 pairs summed in 16 bits, saturating: layers that could overflow run split weights"
+           if f["saturating_pairs"] else "u8 x s8 summed in 32 bits (exact)")
+    return f"{f['cpu']}; int8 ISA: {', '.join(f['int8_isa']) or 'none'}{cap}; kernels: {how}"
+
+
+def _lacks() -> str:
+    """What this CPU lacks for exact int8, for a fallback's reason."""
+    _, flags = _cpu_flags()
+    missing = [f for f in _VNNI_FLAGS if f not in flags]
+    if kernels_saturate():
+        return f"; this CPU's kernels lack VNNI ({' / '.join(missing) or 'capped by ONEDNN_MAX_CPU_ISA'}): " \
+               f"u8 x s8 pairs saturate at 16 bits"
+    return ""
 
 
 def _why_not_int8(layer: QuantLayer) -> str | None:
@@ -113,49 +187,92 @@ class _StaticInput:
         return torch.round(x * self.inv).add_(self.zp_u8).clamp_(0, self.top).to(torch.uint8)
 
 
+def _qconv(u, scale, zp, packed, w_scale, w_zp, bias, args):
+    return torch.ops.onednn.qconv2d_pointwise(u, scale, zp, packed, w_scale, w_zp, bias, *args, 1.0, 0,
+                                              torch.float32, "none", [], None)
+
+
+def _qlinear(u, scale, zp, packed, w_scale, w_zp, bias):
+    return torch.ops.onednn.qlinear_pointwise(u, scale, zp, packed, w_scale, w_zp, bias, 1.0, 0, torch.float32,
+                                              "none", [], "")
+
+
+# The kernels every int8 module calls, looked up at call time (a test swaps in a wrong one to see the check catch it)
+_KERNELS: dict[str, Callable] = {"conv": _qconv, "linear": _qlinear}
+
+
+def _weight_parts(wi: torch.Tensor, top: int) -> tuple[torch.Tensor, int]:
+    """The int8 weight, with the output channels of its two halves stacked where 16-bit pair sums could saturate.
+
+    Without VNNI a pair ``u1 w1 + u2 w2`` (``u <= top``) is clamped to 16 bits; it cannot be when
+    ``2 top max|w| <= 32767``. Otherwise ``w = a + b`` with ``a = clamp(w, -lim, lim)``, ``lim = 32767 // (2 top)``
+    (64 for 8-bit activations, so ``|b| <= 64`` too): both halves are exact and their outputs sum to the layer's.
+    Returns the (possibly stacked) weight and the number of parts."""
+    lim = 32767 // (2 * max(top, 1))
+    if not kernels_saturate() or int(wi.abs().max()) <= lim:
+        return wi, 1
+    a = wi.to(torch.int16).clamp(-lim, lim)
+    b = wi.to(torch.int16) - a
+    if int(b.abs().max()) > lim:  # pragma: no cover - |w| <= 128 and lim >= 64 make this impossible
+        raise AssertionError("an int8 weight does not split into two non-saturating halves")
+    return torch.cat([a, b]).to(torch.int8), 2
+
+
 class _Int8Op(nn.Module):
     """What a oneDNN int8 layer holds besides its packed weight: the input quantizer, weight scales and zero-points
-    (all 0: symmetric), and the float bias."""
+    (all 0: symmetric), the float bias, and the number of weight parts whose outputs are summed (1, or 2 where
+    16-bit pair sums could saturate)."""
 
-    def __init__(self, w_scale: torch.Tensor, bias, aq):
+    def __init__(self, w: torch.Tensor, w_scale: torch.Tensor, bias, aq):
         super().__init__()
         self.inp = _StaticInput(aq)
-        self.w_scale = w_scale.float().contiguous()
+        wi, self.parts = _weight_parts(_int8_weight(w, w_scale), self.inp.top)
+        self.out_ch = w.shape[0]
+        self.w_scale = w_scale.float().repeat(self.parts).contiguous()
         self.w_zp = torch.zeros_like(self.w_scale, dtype=torch.int64)
+        if bias is not None and self.parts > 1:
+            bias = torch.cat([bias, torch.zeros((self.parts - 1) * self.out_ch, dtype=bias.dtype)])
         self.bias = bias
+        self.wi = wi
+
+    def _sum_parts(self, y: torch.Tensor, dim: int) -> torch.Tensor:
+        if self.parts == 1:
+            return y
+        a, b = y.split(self.out_ch, dim=dim)
+        return a + b
 
 
 class Int8Conv2d(_Int8Op):
     """A conv on oneDNN's static int8 kernel with float32 output (see the module docstring)."""
 
     def __init__(self, conv: nn.Conv2d, w: torch.Tensor, w_scale: torch.Tensor, bias, aq):
-        super().__init__(w_scale, bias, aq)
+        super().__init__(w, w_scale, bias, aq)
         self.args = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
-        wi = _int8_weight(w, w_scale).contiguous(memory_format=torch.channels_last)
+        wi = self.wi.contiguous(memory_format=torch.channels_last)
         self.packed = torch.ops.onednn.qconv_prepack(wi, self.w_scale, self.inp.scale, self.inp.zp_u8, *self.args,
                                                      None)
+        del self.wi
 
     def forward(self, x):
         u = self.inp(x).contiguous(memory_format=torch.channels_last)
-        return torch.ops.onednn.qconv2d_pointwise(u, self.inp.scale, self.inp.zp_u8, self.packed, self.w_scale,
-                                                  self.w_zp, self.bias, *self.args, 1.0, 0, torch.float32, "none",
-                                                  [], None)
+        y = _KERNELS["conv"](u, self.inp.scale, self.inp.zp_u8, self.packed, self.w_scale, self.w_zp, self.bias,
+                             self.args)
+        return self._sum_parts(y, 1)
 
 
 class Int8Linear(_Int8Op):
     """A Linear on oneDNN's static int8 kernel with float32 output; any leading dimensions."""
 
     def __init__(self, w: torch.Tensor, w_scale: torch.Tensor, bias, aq):
-        super().__init__(w_scale, bias, aq)
-        self.out_features = w.shape[0]
-        self.packed = torch.ops.onednn.qlinear_prepack(_int8_weight(w, w_scale), None)
+        super().__init__(w, w_scale, bias, aq)
+        self.packed = torch.ops.onednn.qlinear_prepack(self.wi, None)
+        del self.wi
 
     def forward(self, x):
         lead = x.shape[:-1]
         u = self.inp(x.reshape(-1, x.shape[-1])).contiguous()
-        y = torch.ops.onednn.qlinear_pointwise(u, self.inp.scale, self.inp.zp_u8, self.packed, self.w_scale,
-                                               self.w_zp, self.bias, 1.0, 0, torch.float32, "none", [], "")
-        return y.reshape(*lead, self.out_features)
+        y = _KERNELS["linear"](u, self.inp.scale, self.inp.zp_u8, self.packed, self.w_scale, self.w_zp, self.bias)
+        return self._sum_parts(y, 1).reshape(*lead, self.out_ch)
 
 
 class SplitInt8Conv2d(nn.Module):
@@ -217,25 +334,111 @@ def _int8_single(layer: QuantLayer) -> nn.Module:
     return Int8Linear(w, scale, bias, aq)
 
 
-def to_int8(unet: nn.Module) -> tuple[nn.Module, list[dict]]:
-    """Replace every quantized layer the int8 kernels can run exactly by its int8 module (in place).
+def _capture_inputs(unet: nn.Module, layers: dict[str, QuantLayer], probe: Callable[[nn.Module], object],
+                    per_group: int) -> dict[str, dict[int, list[torch.Tensor]]]:
+    """The first ``per_group`` inputs of each layer per time group on the probe run (fake quantization)."""
+    seen: dict[str, dict[int, list[torch.Tensor]]] = {n: {} for n in layers}
 
-    Returns the model and one row per quantized layer: ``{"fqn", "kind", "w_bits", "a_bits", "int8", "why"}``.
+    def grab(name):
+        def hook(mod, args):
+            bucket = seen[name].setdefault(mod.live_group, [])
+            if len(bucket) < per_group:
+                bucket.append(args[0].detach().clone())
+        return hook
+
+    handles = [lay.register_forward_pre_hook(grab(n)) for n, lay in layers.items()]
+    try:
+        with torch.no_grad():
+            probe(unet)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+@torch.no_grad()
+def check_layer(layer: QuantLayer, module: nn.Module, xs: list[torch.Tensor]) -> dict:
+    """How far an int8 module is from its fake-quant twin on inputs ``xs`` (the twin's live time group).
+
+    ``err``: the largest ``|int8 - fake quant|`` as a fraction of the exact magnitude behind that output,
+    ``sum |x_q| |w_q| + |bias|`` (what float rounding scales with); ``rel_mse``: ``||int8 - fq||^2 / ||fq||^2``."""
+    w = layer.quantized_weight().detach()
+    bias = layer.active_bias()
+    err, num, den = 0.0, 0.0, 0.0
+    for x in xs:
+        want, got = layer(x), module(x)
+        mass = layer.linear_op(layer.quantized_input(x).abs(), w.abs(), None if bias is None else bias.abs())
+        d = (got - want).abs()
+        err = max(err, float((d / mass.clamp_min(torch.finfo(mass.dtype).tiny)).max()))
+        num += float(d.double().pow(2).sum())
+        den += float(want.double().pow(2).sum())
+    return {"err": err, "rel_mse": num / den if den else float(num > 0)}
+
+
+def _check_module(layer: QuantLayer, module: nn.Module, inputs: dict[int, list[torch.Tensor]]) -> dict:
+    """``check_layer`` over every time group of the layer (each on its own group's inputs, or any where the probe
+    never reached the group): the worst of them."""
+    if not isinstance(module, TimeGroupedInt8):
+        return check_layer(layer, module, [x for xs in inputs.values() for x in xs])
+    live, worst = layer.live_group, {"err": 0.0, "rel_mse": 0.0}
+    try:
+        for g, m in enumerate(module.per_group):
+            layer.load_time_group(g)
+            c = check_layer(layer, m, inputs.get(g) or [x for xs in inputs.values() for x in xs])
+            worst = {k: max(worst[k], c[k]) for k in worst}
+    finally:
+        layer.load_time_group(live)
+    return worst
+
+
+def to_int8(unet: nn.Module, probe: Callable[[nn.Module], object], tol: float = CHECK_TOL,
+            per_group: int = 2) -> tuple[nn.Module, list[dict]]:
+    """Replace every quantized layer the int8 kernels run exactly by its int8 module (in place).
+
+    ``probe(unet)`` runs the (fake-quant) model on real inputs, e.g. a few images along the exported schedule; each
+    layer's int8 module is checked on the inputs it saw there (``check_layer``) and replaces the layer only when its
+    error is within ``tol`` (float rounding); otherwise the layer stays fake-quant, named with the measured error and
+    what the CPU lacks. Returns the model and one row per quantized layer: ``{"fqn", "kind", "w_bits", "a_bits",
+    "int8", "why", "parts", "check_err", "check_rel_mse"}``.
     """
+    layers = {n: m for n, m in unet.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))}
+    why = {n: _why_not_int8(m) for n, m in layers.items()}
+    inputs = _capture_inputs(unet, {n: m for n, m in layers.items() if why[n] is None}, probe, per_group)
     rows = []
-    for name, layer in list(unet.named_modules()):
-        if not isinstance(layer, (QuantConv2d, QuantLinear)):
-            continue
-        why = _why_not_int8(layer)
+    for name, layer in layers.items():
         wq = layer.w_quant[layer.w_index] if layer.w_index is not None else None
         aq = layer.a_quant[layer.a_index] if layer.a_index is not None else None
-        rows.append({"fqn": name, "kind": type(layer.module).__name__, "w_bits": wq.bits if wq else 32,
-                     "a_bits": aq.bits if aq else 32, "int8": why is None, "why": why or ""})
-        if why is None:
-            parent_name, _, child = name.rpartition(".")
-            parent = unet.get_submodule(parent_name) if parent_name else unet
-            setattr(parent, child, _int8_module(layer))
+        row = {"fqn": name, "kind": type(layer.module).__name__, "w_bits": wq.bits if wq else 32,
+               "a_bits": aq.bits if aq else 32, "int8": False, "why": why[name] or "", "parts": 0,
+               "check_err": None, "check_rel_mse": None}
+        rows.append(row)
+        if why[name] is not None:
+            continue
+        if not inputs[name]:
+            row["why"] = "the probe run never called it, so its int8 kernel could not be checked"
+            continue
+        module = _int8_module(layer)
+        c = _check_module(layer, module, inputs[name])
+        row.update(check_err=c["err"], check_rel_mse=c["rel_mse"],
+                   parts=max(m.parts for m in module.modules() if isinstance(m, _Int8Op)))
+        if c["err"] > tol:
+            row["why"] = (f"its int8 kernel disagrees with fake quantization (error {c['err']:.1e} of the exact "
+                          f"magnitude, tolerance {tol:.0e}; relative MSE {c['rel_mse']:.1e}){_lacks()}")
+            continue
+        row["int8"] = True
+        parent_name, _, child = name.rpartition(".")
+        parent = unet.get_submodule(parent_name) if parent_name else unet
+        setattr(parent, child, module)
     return unet, rows
+
+
+def int8_summary(rows: list[dict]) -> dict:
+    """The check over a ``to_int8`` result: layers run int8, fallbacks, the worst checked error."""
+    checked = [r["check_err"] for r in rows if r["check_err"] is not None]
+    return {"int8_layers": sum(r["int8"] for r in rows), "fallback_layers": sum(not r["int8"] for r in rows),
+            "split_weight_layers": sum(r["int8"] and r["parts"] > 1 for r in rows),
+            "check_worst_err": max(checked, default=0.0),
+            "check_worst_err_int8": max((r["check_err"] for r in rows if r["int8"]), default=0.0)}
 
 
 def time_sampling(unet, scheduler, timesteps, n: int, batch: int, repeats: int = 3, seed: int = 0) -> float:
@@ -296,7 +499,8 @@ def measure_speed(export_dir, n: int = 256, batch_size: int = 256, fid_n: int = 
             "fp_export_schedule_s": time_sampling(fp.unet, sched, ts, n, batch_size),
             "fakequant_export_s": time_sampling(unet, sched, ts, n, batch_size)}
     fq_imgs = sample_images(unet, sched, ts, n, seed=0, batch_size=batch_size, progress=False)
-    unet, layers = to_int8(unet)
+    # the check's real inputs: a few images along the exported schedule, on noise the timed runs do not use
+    unet, layers = to_int8(unet, lambda u: sample_images(u, sched, ts, 4, seed=2, batch_size=4, progress=False))
     rows["int8_export_s"] = time_sampling(unet, sched, ts, n, batch_size)
     i8_imgs = sample_images(unet, sched, ts, n, seed=0, batch_size=batch_size, progress=False)
     rows["int8_vs_fakequant_pixel_mse"] = float((i8_imgs - fq_imgs).pow(2).mean())
@@ -307,9 +511,8 @@ def measure_speed(export_dir, n: int = 256, batch_size: int = 256, fid_n: int = 
             imgs = sample_images(u, sched, ts, fid_n, seed=1, batch_size=batch_size, progress=False)
             rows[f"{name}_fid_n{fid_n}"] = score_features(ext(imgs), ref)["fid"]
     shares = {"fp": op_shares(fp.unet, batch_size), "int8": op_shares(unet, batch_size)}
-    n8 = sum(r["int8"] for r in layers)
-    rows.update({"images": n, "batch_size": batch_size, "steps": len(ts), "int8_layers": n8,
-                 "fallback_layers": len(layers) - n8, "layers": layers, "op_shares": shares,
+    rows.update({"images": n, "batch_size": batch_size, "steps": len(ts), **int8_summary(layers),
+                 "cpu_int8": cpu_int8_features(), "layers": layers, "op_shares": shares,
                  # Amdahl: infinitely fast convs / Linears on the exported schedule, vs FP 100 steps
                  "speedup_bound_vs_fp100": rows["fp_100_uniform_s"] / rows["fp_export_schedule_s"]
                  / (1 - shares["fp"]["conv_linear_share"]),
