@@ -4,8 +4,8 @@
   genome is valid and feasible.
 - ``optuna``: Optuna's ``NSGAIISampler`` on a persistent RDB study (SQLite in the run directory by default, or any
   SQLAlchemy URL such as PostgreSQL); infeasible proposals are rejected analytically before evaluation.
-- ``paper-ea``: TMPQ-DM's single-objective EA (population 50: keep the top 10, 25 mutants at p = 0.25,
-  10 uniform crossovers, 15 random).
+- ``paper-ea``: TMPQ-DM's single-objective EA (at its defaults, population 50 and p = 0.25: keep the top 10,
+  25 mutants, 10 uniform crossovers, 15 random; another population is split in the same proportions).
 - ``random``: uniform random feasible genomes.
 
 Every engine's first generation starts from the service's seeds (``SearchSpace.uniform_seeds``: the uniform options
@@ -84,15 +84,28 @@ class RandomSearch(Engine):
 
 
 class PaperEA(Engine):
-    """TMPQ-DM's EA on one scalar fitness (objective column ``fitness_col``, default the quality proxy)."""
+    """TMPQ-DM's EA on one scalar fitness (objective column ``fitness_col``, default the quality proxy).
+
+    Every generation asks ``population`` new candidates: ``mutants`` (default half) of the elite, each free gene
+    redrawn with probability ``p_mutation``; ``crossovers`` (a fifth) uniform crossovers of two elite members; the
+    rest random. The elite is the best ``keep`` (a fifth, at least 2) of all candidates so far. At population 50 and
+    p = 0.25 these are the paper's 25 / 10 / 15 and top 10.
+    """
 
     name = "paper-ea"
     n_obj = 1
 
-    def __init__(self, space: SearchSpace, seed: int = 0, population: int = 50, keep: int = 10, mutants: int = 25,
-                 p_mutation: float = 0.25, crossovers: int = 10, randoms: int = 15,
-                 seeds: Sequence[np.ndarray] = (), fitness_col: int = 0):
+    def __init__(self, space: SearchSpace, seed: int = 0, population: int = 50, keep: int | None = None,
+                 mutants: int | None = None, p_mutation: float = 0.25, crossovers: int | None = None,
+                 randoms: int | None = None, seeds: Sequence[np.ndarray] = (), fitness_col: int = 0):
         super().__init__(space, seed)
+        keep = max(2, population // 5) if keep is None else keep
+        mutants = population // 2 if mutants is None else mutants
+        crossovers = population // 5 if crossovers is None else crossovers
+        randoms = population - mutants - crossovers if randoms is None else randoms
+        if not 0 < p_mutation <= 1:
+            raise TmpqError(f"search.mutation_prob: paper-ea needs a per-gene mutation probability in (0, 1], got "
+                            f"{p_mutation}")
         if mutants + crossovers + randoms != population:
             raise TmpqError(f"paper-ea: mutants + crossovers + randoms must equal the population {population} "
                             f"(new candidates per generation; the top {keep} are kept besides)")
@@ -104,7 +117,7 @@ class PaperEA(Engine):
 
     def ask(self) -> list[np.ndarray]:
         if not self.elite:
-            out = list(self.seeds)
+            out = list(self.seeds[: self.population])
             return out + [self.space.sample_feasible(self.rng) for _ in range(self.population - len(out))]
         parents = [g for _, g in self.elite]
         out = []
@@ -281,7 +294,8 @@ def _open_rdb(url: str):
 class OptunaNSGA2(Engine):
     """Optuna's NSGA-II (``NSGAIISampler``) driven through Optuna's ask / tell API, on an RDB study.
 
-    Gene ``i`` is the integer parameter ``g<i>`` in ``[0, upper_bound_i)``. ``ask()`` returns exactly ``population``
+    Gene ``i`` is the integer parameter ``g<i>`` in ``[0, upper_bound_i)``; ``p_mutation`` is NSGA-II's per-parameter
+    mutation probability (``None``: Optuna's 1 / number of parameters). ``ask()`` returns exactly ``population``
     feasible genomes. Each Optuna proposal is checked analytically against the budgets before it is returned: an
     infeasible one is told at once with state FAIL (user attr ``tmpq_infeasible``, its relative budget overshoot
     recorded as constraints) and never handed out for evaluation. After ``max_rejects`` (default 10 x population)
@@ -318,7 +332,7 @@ class OptunaNSGA2(Engine):
 
     def __init__(self, space: SearchSpace, seed: int = 0, population: int = 50, seeds: Sequence[np.ndarray] = (),
                  storage: str | None = None, study_name: str | None = None, max_rejects: int | None = None,
-                 n_obj: int = 2):
+                 n_obj: int = 2, p_mutation: float | None = None):
         super().__init__(space, seed)
         import optuna
         from optuna.trial import TrialState
@@ -343,7 +357,9 @@ class OptunaNSGA2(Engine):
                                     f"differs from this search's {want}; use a new study")
         sampler_seed = seed if not trials else int(np.random.SeedSequence([seed, len(trials)]).generate_state(1)[0])
         self.rng = np.random.default_rng(sampler_seed)
-        self.study.sampler = optuna.samplers.NSGAIISampler(population_size=population, seed=sampler_seed)
+        # p_mutation None: Optuna's own default, 1 / number of parameters
+        self.study.sampler = optuna.samplers.NSGAIISampler(population_size=population, mutation_prob=p_mutation,
+                                                           seed=sampler_seed)
         if "tmpq_population" not in attrs:
             for g in seeds:
                 self.study.enqueue_trial(self._params(g), user_attrs={"tmpq_origin": "seed"})
@@ -431,16 +447,21 @@ def make_engine(name: str, space: SearchSpace, seed: int = 0, population: int = 
     """Build a named engine (``pymoo``, ``optuna``, ``paper-ea`` or ``random``).
 
     ``storage`` / ``study_name``: the Optuna study (an SQLAlchemy URL, ``None`` in memory); other engines ignore them.
-    ``p_mutation``: pymoo's per-gene mutation probability (``None``: 1 / free genes). ``n_obj``: objectives of the
-    multi-objective engines (pymoo, optuna: 2 or 3); the paper EA uses the first, random search none.
+    ``population``: candidates asked per generation (every engine). ``p_mutation``: the per-gene mutation
+    probability; ``None`` = the engine's default (pymoo: 1 / free genes; optuna: 1 / parameters; paper-ea: 0.25);
+    random search has no mutation and refuses one. ``n_obj``: objectives of the multi-objective engines (pymoo,
+    optuna: 2 or 3); the paper EA uses the first, random search none.
     """
     if name == "pymoo":
         return PymooNSGA2(space, seed, population=population, seeds=seeds, p_mutation=p_mutation, n_obj=n_obj)
     if name == "optuna":
         return OptunaNSGA2(space, seed, population=population, seeds=seeds, storage=storage, study_name=study_name,
-                           n_obj=n_obj)
+                           n_obj=n_obj, p_mutation=p_mutation)
     if name == "paper-ea":
-        return PaperEA(space, seed, seeds=seeds)
+        return PaperEA(space, seed, population=population, p_mutation=0.25 if p_mutation is None else p_mutation,
+                       seeds=seeds)
     if name == "random":
+        if p_mutation is not None:
+            raise TmpqError(f"search.mutation_prob: engine random does not mutate; leave it at 0 (got {p_mutation})")
         return RandomSearch(space, seed, batch=population, seeds=seeds)
     raise TmpqError(f"search.engine: unknown {name!r}; choose one of {', '.join(ENGINES)}")

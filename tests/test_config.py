@@ -33,6 +33,9 @@ def test_defaults_round_trip(tmp_path):
     ({"search": {"bitops_budget": "cheap"}}, "search.bitops_budget"),
     ({"search": 3}, "search: must be a table"),
     ({"supernet": {"tie_qkv": 1}}, "supernet.tie_qkv: must be true or false"),
+    ({"search": {"mutation_prob": 1.5}}, "search.mutation_prob: must be in [0, 1] (0 = the engine's default)"),
+    ({"search": {"engine": "random", "mutation_prob": 0.3}},
+     "search.mutation_prob: engine random does not mutate; leave it at 0 (got 0.3)"),
 ])
 def test_bad_configs_name_the_key(data, needle):
     with pytest.raises(TmpqError) as err:

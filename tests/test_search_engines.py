@@ -59,6 +59,40 @@ def test_paper_ea_keeps_improving_single_objective():
     assert best == sorted(best, reverse=True) and best[-1] < best[0]
 
 
+def test_paper_ea_defaults_are_the_papers():
+    eng = make_engine("paper-ea", make_space())  # search.population 50, search.mutation_prob 0 (= engine default)
+    assert (eng.population, eng.keep, eng.mutants, eng.crossovers, eng.randoms, eng.p) == (50, 10, 25, 10, 15, 0.25)
+
+
+@pytest.mark.parametrize("population,p_mutation", [(50, None), (12, 0.6), (2, 1.0)])
+def test_paper_ea_honours_population_and_mutation_prob(population, p_mutation, monkeypatch):
+    """Every generation asks ``search.population`` candidates, half of them mutants at ``search.mutation_prob``."""
+    from search.space import SearchSpace
+
+    rates, mutate = [], SearchSpace.mutate
+    monkeypatch.setattr(SearchSpace, "mutate", lambda self, g, rng, p: rates.append(p) or mutate(self, g, rng, p))
+    sp = make_space(genes=8)
+    eng = make_engine("paper-ea", sp, seed=0, population=population, p_mutation=p_mutation,
+                      seeds=sp.uniform_seeds(population // 2))
+    for gen in range(3):
+        genomes = eng.ask()
+        assert len(genomes) == population
+        eng.tell(genomes, np.array([synthetic(sp, g) for g in genomes]))
+        assert len(rates) == gen * (population // 2)  # the first generation is seeds + random draws
+    assert set(rates) == {0.25 if p_mutation is None else p_mutation}
+    assert len(eng.elite) == max(2, population // 5)
+
+
+def test_engines_refuse_or_honour_mutation_prob():
+    from tmpq.errors import TmpqError
+
+    sp = make_space()
+    with pytest.raises(TmpqError, match="search.mutation_prob: engine random does not mutate"):
+        make_engine("random", sp, p_mutation=0.3)
+    eng = make_engine("optuna", sp, population=4, p_mutation=0.3)
+    assert eng.study.sampler._child_generation_strategy._mutation_prob == 0.3
+
+
 def test_failed_evaluations_are_never_elite():
     sp = make_space()
     eng = make_engine("paper-ea", sp, seed=0)

@@ -78,8 +78,8 @@ class SearchSection:
     # groups' seed: quadratic DDIM for quad groups): the single-axis searches of the paper's ablation
     axes: str = "joint"
     fixed_bits: str = "w8a8"
-    # engine pymoo: per-gene mutation probability of NSGA-II's offspring; 0 = 1 / (number of free genes), pymoo's
-    # and Optuna's convention (the paper EA keeps its own 0.25)
+    # per-gene mutation probability of the offspring; 0 = the engine's default: 1 / (number of free genes) for pymoo
+    # and optuna (their convention), the paper's 0.25 for paper-ea; engine random does not mutate and refuses it
     mutation_prob: float = 0.0
     # the first generation starts from the uniform options at every step choice (at most half of it); false = none
     # (every engine then starts from its own random draws, the textbook random-search baseline)
@@ -225,7 +225,7 @@ def _check(key: str, value):
         if any(n < 1 for n in value) or len(set(value)) != len(value):
             raise TmpqError(f"{key}: must be distinct step counts >= 1, got {list(value)}")
     if key == "search.mutation_prob" and not 0 <= value <= 1:
-        raise TmpqError(f"{key}: must be in [0, 1] (0 = 1 / number of genes), got {value}")
+        raise TmpqError(f"{key}: must be in [0, 1] (0 = the engine's default), got {value}")
     if key == "search.fixed_bits" and not _UNIFORM.fullmatch(value.strip().lower()):
         raise TmpqError(f"{key}: must be a uniform option like 'w8a8', got {value!r}")
     if key == "search.storage" and value and not re.match(r"[A-Za-z][A-Za-z0-9]*(\+[A-Za-z0-9_]+)?://", value):
@@ -252,6 +252,8 @@ def config_from_dict(data: dict) -> RunConfig:
     s = cfg.search
     if s.step_choices and s.steps not in s.step_choices:
         raise TmpqError(f"search.steps: {s.steps} must be one of search.step_choices {list(s.step_choices)}")
+    if s.engine == "random" and s.mutation_prob:
+        raise TmpqError(f"search.mutation_prob: engine random does not mutate; leave it at 0 (got {s.mutation_prob})")
     if s.step_choices and s.per_group_bits:
         raise TmpqError("search.per_group_bits: bits per time group need a fixed step count (drop search.step_choices)")
     return cfg

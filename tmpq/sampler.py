@@ -3,7 +3,8 @@
 ``RespacedDDIMScheduler`` subclasses diffusers' ``DDIMScheduler``: it keeps its alphas, variance and x0 maths and only
 replaces the "previous timestep" rule (``t - T // n`` in diffusers, which assumes uniform spacing) with the next entry
 of the given schedule; after the last entry it steps to the clean image (``final_alpha_cumprod``), as DDIM does.
-On DDIM's own uniform spacing it reproduces ``DDIMScheduler`` (tested to 1e-5).
+On DDIM's own uniform spacing it reproduces ``DDIMScheduler`` (tested to 1e-5). A pinned schedule
+(``pin_timesteps``, set by ``tmpq.apply_export``) is what a stock pipeline's ``set_timesteps(n)`` installs.
 """
 from __future__ import annotations
 
@@ -21,14 +22,47 @@ from tmpq.schedules import validate_timesteps
 class RespacedDDIMScheduler(DDIMScheduler):
     """``DDIMScheduler`` that accepts an arbitrary strictly descending timestep list.
 
+    A pinned schedule (:meth:`pin_timesteps`) makes ``set_timesteps(n)``, what a stock diffusers pipeline calls with
+    its ``num_inference_steps``, install that schedule: so ``pipe(...)`` samples the exported timesteps.
+
     Example:
         >>> s = RespacedDDIMScheduler(num_train_timesteps=1000)
         >>> s.set_timesteps(timesteps=[800, 450, 200, 50, 0])
         >>> s.prev_timestep(450)
         200
+        >>> s.pin_timesteps([964, 881, 717, 300], default_steps=1000)
+        >>> s.set_timesteps(1000)  # DDPMPipeline's default num_inference_steps: the caller chose no count
+        >>> s.timesteps.tolist()
+        [964, 881, 717, 300]
     """
 
+    pinned_timesteps: list[int] | None = None
+    default_steps: int | None = None
+
+    def pin_timesteps(self, timesteps: Sequence[int] | None, default_steps: int | None = None) -> None:
+        """Make ``set_timesteps(n)`` install ``timesteps`` (``None``: unpin, back to DDIM's uniform ``n`` steps).
+
+        With a pinned schedule of k steps, ``n`` = ``None``, k or ``default_steps`` (the pipeline's default
+        ``num_inference_steps``, 1000 for ``DDPMPipeline``: the caller chose no count; an explicit 1000 reads the
+        same) installs it; any other ``n`` raises a one-line ``TmpqError`` naming both counts, rather than sampling
+        a schedule the caller did not ask for. ``set_timesteps(timesteps=[...])`` is always obeyed.
+        """
+        if timesteps is None:
+            self.pinned_timesteps, self.default_steps = None, None
+            return
+        ts = [int(t) if isinstance(t, torch.Tensor) else t for t in timesteps]
+        self.pinned_timesteps = [int(t) for t in validate_timesteps(ts, self.config.num_train_timesteps)]
+        self.default_steps = None if default_steps is None else int(default_steps)
+
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps: Sequence[int] | None = None):
+        if timesteps is None and self.pinned_timesteps is not None:
+            k, n = len(self.pinned_timesteps), num_inference_steps
+            if n is not None and int(n) not in (k, self.default_steps):
+                raise TmpqError(f"num_inference_steps={int(n)}: this scheduler samples the exported {k}-step schedule "
+                                f"{self.pinned_timesteps} (tmpq.apply_export); call the pipeline without "
+                                f"num_inference_steps (or with {k}), or unpin it first with "
+                                f"pipe.scheduler.pin_timesteps(None) to sample {int(n)} uniform DDIM steps")
+            timesteps = self.pinned_timesteps
         if timesteps is None:
             super().set_timesteps(num_inference_steps, device=device)
             ts = [int(t) for t in self.timesteps]
@@ -93,6 +127,20 @@ def make_scheduler(scheduler_config: dict) -> RespacedDDIMScheduler:
 
 def _seed_for(seed: int, index: int, stream: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(index), int(stream)]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def noise_generators(n: int, seed: int = 0, start: int = 0) -> list[torch.Generator]:
+    """CPU generators that give a stock diffusers pipeline tmpq's initial noise: ``pipe(batch_size=n,
+    generator=noise_generators(n, seed))`` starts image i from the noise of bank index ``start + i`` (diffusers'
+    ``randn_tensor`` draws image i from generator i), as ``tmpq sample --seed seed`` does.
+
+    Example:
+        >>> bank = NoiseBank(seed=0, shape=(1, 16, 16))
+        >>> g = noise_generators(2, seed=0)
+        >>> bool(torch.equal(torch.randn(1, 16, 16, generator=g[1]), bank.initial([1])[0]))
+        True
+    """
+    return [torch.Generator().manual_seed(_seed_for(seed, i, 0)) for i in range(start, start + n)]
 
 
 class NoiseBank:
