@@ -148,14 +148,14 @@ def validate_run(run_path: str | Path, cfg: ValidateConfig, progress: bool = Tru
         raise TmpqError(f"{run.path}: no successful evaluations to validate")
     points = choose_points(front, cfg)
     # scored like the run's proxy: the same extractor and reference (proxy.reference, else the embedded digits)
-    run_cfg = json.loads((run.path / "config.resolved.json").read_text())
+    run_cfg = run.config
     proxy = run_cfg.get("proxy", {})
     reference = proxy.get("reference", "")
     channels = _model(run_cfg).sample_shape[0]
     check_reference(reference, channels, hint="; validation scores against the run's proxy.reference")
     out = run.path / "final"
+    log = RowLog(out / "rows.jsonl", ("key", "seed", "n", "settings"), parse=_final_row)  # read before any write
     out.mkdir(exist_ok=True)
-    log = RowLog(out / "rows.jsonl", ("key", "seed", "n", "settings"))
     settings = json.dumps({k: v for k, v in asdict(cfg).items() if k not in ("top_k", "keys", "seeds", "batch_size")},
                           sort_keys=True)
     ext = None
@@ -185,6 +185,23 @@ def validate_run(run_path: str | Path, cfg: ValidateConfig, progress: bool = Tru
                         **info})
         _write_summary(run.path, log, settings, cfg)
     return _write_summary(run.path, log, settings, cfg)
+
+
+_ROW_FIELDS = {"key": str, "seed": int, "n": int, "settings": str, "fid": (int, float), "bitops": (int, float),
+               "fid_proxy": (int, float), "timesteps": list, "bits": list}
+
+
+def _final_row(line: str) -> dict:
+    """One row of ``final/rows.jsonl``; a row without the fields the summary reads raises (one line via RowLog)."""
+    row = json.loads(line)
+    if not isinstance(row, dict):
+        raise TypeError(f"expected a JSON object, got {type(row).__name__}")
+    for name, kind in _ROW_FIELDS.items():
+        if not isinstance(row[name], kind) or isinstance(row[name], bool):
+            raise TypeError(f"{name}: expected {getattr(kind, '__name__', 'a number')}, got {type(row[name]).__name__}")
+    if not isinstance(row.get("kid"), (int, float, type(None))):
+        raise TypeError(f"kid: expected a number, got {type(row['kid']).__name__}")
+    return row
 
 
 def _write_summary(run_path: Path, log, settings: str, cfg: ValidateConfig):
@@ -217,12 +234,12 @@ def _write_summary(run_path: Path, log, settings: str, cfg: ValidateConfig):
 
 def best_validated(run_path: str | Path, bitops_budget: float | None = None) -> dict | None:
     """The validated point with the lowest mean FID (under an optional BitOPs budget), or None."""
-    import pandas as pd
-
     p = Path(run_path) / "final.parquet"
     if not p.is_file():
         return None
-    df = pd.read_parquet(p)
+    from tmpq.fileio import read_parquet
+
+    df = read_parquet(p, "validation summary", ("bitops", "fid_mean"))
     if bitops_budget is not None:
         df = df[df["bitops"] <= bitops_budget]
     if df.empty:

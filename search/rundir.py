@@ -2,7 +2,9 @@
 
 Layout: ``config.resolved.json``, ``search_space.json``, ``evaluations.jsonl`` (one ``EvalResult`` per line, flushed
 and fsync'd as each evaluation finishes), ``evaluations.parquet``, ``pareto.parquet`` and ``pareto.csv``.
-Resume = replay the log; a run whose fingerprint (config / model / data) changed is refused.
+Resume = replay the log; a run whose fingerprint (config / model / data) changed is refused. Reading never changes a
+run: a torn last line of the log (a crash mid-write) is skipped, and only the resuming writer moves it into a side file
+``evaluations.jsonl.torn-<n>``; a bad line anywhere else is a one-line error naming the file and line.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from tmpq.errors import TmpqError
-from tmpq.fileio import atomic_write_bytes
+from tmpq.fileio import atomic_write_bytes, lacks_final_newline, read_json, read_jsonl, repair_jsonl_tail
 
 RESULT_VERSION = 1
 
@@ -50,10 +52,32 @@ class EvalResult:
 
     @classmethod
     def from_json(cls, line: str) -> "EvalResult":
+        """Parse one log line; a line of the wrong shape raises TypeError / KeyError / ValueError naming the field."""
         d = json.loads(line)
+        if not isinstance(d, dict):
+            raise TypeError(f"expected a JSON object, got {type(d).__name__}")
+        for name in ("key", "status", "timesteps", "bits"):
+            if name not in d:
+                raise KeyError(name)
+        for name, value in d.items():
+            kind = _FIELD_TYPES.get(name)
+            if kind is None:
+                raise TypeError(f"unknown field {name!r}")
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise TypeError(f"{name}: expected {kind[0].__name__ if isinstance(kind, tuple) else kind.__name__}, "
+                                f"got {type(value).__name__}")
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in d["timesteps"]):
+            raise TypeError("timesteps: expected integers")
+        if not all(isinstance(v, (int, float)) or v is None for v in d.get("objectives", {}).values()):
+            raise TypeError("objectives: expected numbers")
         d["timesteps"] = tuple(d["timesteps"])
         d["bits"] = _tuplify(d["bits"])
         return cls(**d)
+
+
+_FIELD_TYPES = {"key": str, "status": str, "timesteps": list, "bits": list, "objectives": dict, "proxy": dict,
+                "n_images": int, "seed": int, "wall_s": (float, int), "worker": str, "error": str, "generation": int,
+                "origin": str, "version": int}
 
 
 def _tuplify(x):
@@ -86,45 +110,48 @@ class RunDir:
 
     @classmethod
     def reopen(cls, path: Path, fingerprint: str) -> "RunDir":
-        path = Path(path)
-        cfg_path = path / "config.resolved.json"
-        if not cfg_path.is_file():
-            raise TmpqError(f"not a tmpq run directory (no config.resolved.json): {path}")
-        old = json.loads(cfg_path.read_text()).get("fingerprint")
+        """Reopen a run to resume it (the writer): refuses a changed fingerprint, and moves a torn last line of the
+        log into ``evaluations.jsonl.torn-<n>`` (see :meth:`recover`)."""
+        run = cls.open(path)
+        old = run.config().get("fingerprint")
         if old != fingerprint:
-            raise TmpqError(f"refusing to resume {path}: its config / model / data fingerprint {str(old)[:12]} "
+            raise TmpqError(f"refusing to resume {run.path}: its config / model / data fingerprint {str(old)[:12]} "
                             f"differs from the current {fingerprint[:12]}")
+        run.recover()
+        return run
+
+    @classmethod
+    def open(cls, path: Path) -> "RunDir":
+        """An existing run directory, opened read-only: one line when it is missing, a file, or has no config."""
+        path = Path(path)
+        if not path.is_dir():
+            raise TmpqError(f"not a tmpq run directory ({'a file' if path.exists() else 'not found'}): {path}")
+        if not (path / "config.resolved.json").exists():
+            raise TmpqError(f"not a tmpq run directory (no config.resolved.json): {path}")
         return cls(path)
 
     def config(self) -> dict:
-        return json.loads((self.path / "config.resolved.json").read_text())
+        return read_json(self.path / "config.resolved.json", "run config")
+
+    def recover(self) -> Path | None:
+        """For the resuming writer only: move a torn last line of the log (a crash mid-write) into a side file and
+        cut it off, so appends stay parseable; returns the side file. A bad line elsewhere raises, changing nothing."""
+        return repair_jsonl_tail(self.log_path, EvalResult.from_json, "evaluation log")
 
     def append(self, result: EvalResult) -> None:
-        """Append one finished evaluation; durable when this returns."""
+        """Append one finished evaluation; durable when this returns. A log that does not end in a newline (torn by
+        a crash) is recovered first."""
+        if lacks_final_newline(self.log_path):
+            self.recover()
         with open(self.log_path, "a") as f:
             f.write(result.to_json() + "\n")
             f.flush()
             os.fsync(f.fileno())
 
     def replay(self) -> list[EvalResult]:
-        """All complete records of the log; a torn last line (crash mid-write) is dropped and truncated away."""
-        if not self.log_path.exists():
-            return []
-        data = self.log_path.read_bytes()
-        out, good = [], 0
-        for line in data.split(b"\n"):
-            if not line.strip():
-                good += len(line) + 1
-                continue
-            try:
-                out.append(EvalResult.from_json(line.decode()))
-            except (ValueError, TypeError, KeyError):
-                break
-            good += len(line) + 1
-        if good < len(data):
-            with open(self.log_path, "r+b") as f:
-                f.truncate(min(good, len(data)))
-        return out
+        """All complete records of the log, read-only: a torn last line (a crash mid-write, or an append in flight)
+        is skipped, not removed; any other bad line is a one-line error naming the file and line."""
+        return read_jsonl(self.log_path, EvalResult.from_json, "evaluation log")[0]
 
     def compact(self, objectives: tuple[str, ...] = ("fid_proxy", "bitops")) -> None:
         """Rewrite evaluations.parquet, pareto.parquet and pareto.csv from the log (write-to-temp + rename)."""

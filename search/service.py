@@ -109,8 +109,11 @@ def _time_groups(cfg: RunConfig, m, resumed_run: Path | None):
     else:
         stored = resumed_run / "search_space.json" if resumed_run is not None else None
         if stored is not None and stored.is_file():
-            d = json.loads(stored.read_text())
-            found = [TimeGroups.from_dict(g) for g in d.get("step_groups") or [d["groups"]]]
+            from tmpq.fileio import malformed, read_json
+
+            d = read_json(stored, "search space")
+            with malformed(stored, "search space"):
+                found = [TimeGroups.from_dict(g) for g in d.get("step_groups") or [d["groups"]]]
             per = {g.n: g for g in found}
         else:
             from search.sensitivity import PROFILES

@@ -63,6 +63,11 @@ def read_supernet_file(path: Path | str, tensors: bool = True) -> tuple[dict, di
     if not path.is_file():
         raise TmpqError(f"supernet file not found: {path}")
     try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise TmpqError(f"cannot read the supernet file {path}: {exc.strerror or exc}") from None
+    try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             state = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
@@ -485,21 +490,30 @@ class QuantSupernet(nn.Module):
             config = SupernetConfig.from_json(meta["config"])
         except (KeyError, TypeError, ValueError) as exc:
             raise TmpqError(f"supernet file {path} has a malformed config: {exc}") from None
-        net = cls(unet, config)
+        try:
+            net = cls(unet, config)
+        except TmpqError as exc:  # the file's config does not fit this model
+            raise TmpqError(f"supernet file {path}: {exc}") from None
         net.load(path)
         return net
 
     def load(self, path: Path | str, allow_partial: bool = False) -> dict:
         """Load quantizer state saved by :meth:`save`; refuses a file for another model or config, and an unfinished
         calibration unless ``allow_partial``. Returns the calibration progress record."""
+        from tmpq.fileio import malformed
+
         path = Path(path)
         meta, state = read_supernet_file(path, tensors=True)
         if meta.get("model_fingerprint") != self.fingerprint:
             raise TmpqError(f"supernet file {path} was calibrated for a different model "
                             f"({meta.get('model_fingerprint', '?')[:12]} vs {self.fingerprint[:12]})")
-        if json.loads(meta.get("config", "{}")) != json.loads(self.config.to_json()):
+        with malformed(path, "supernet file metadata"):
+            config = json.loads(meta.get("config", "{}"))
+            progress = json.loads(meta.get("progress", "{}"))
+            if not isinstance(progress, dict):
+                raise TypeError(f"progress: expected an object, got {type(progress).__name__}")
+        if config != json.loads(self.config.to_json()):
             raise TmpqError(f"supernet file {path} was made with a different supernet config")
-        progress = json.loads(meta.get("progress", "{}"))
         if not progress.get("complete") and not allow_partial:
             raise TmpqError(f"supernet file {path} holds an unfinished calibration (done: "
                             f"{progress.get('done_a_bits')}); rerun calibration to resume it")

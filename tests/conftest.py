@@ -8,6 +8,15 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """In-process CLI calls (``--threads N``) set torch's global thread count; restore it after every test, since
+    float results depend on it (a later test comparing with a fresh process would see other sums)."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_unet(sample_size: int = 8, in_channels: int = 1, seed: int = 0):
     """A ~20k-parameter UNet2DModel built from config, with attention, for fast tests."""
     from diffusers import UNet2DModel

@@ -74,6 +74,51 @@ def test_apply_export_to_a_stock_pipeline_reproduces_the_search_samples(exported
                                      progress=False), ref)
 
 
+def test_the_stock_pipeline_call_samples_the_exported_schedule(exported, tmp_path):
+    """``pipe(batch_size=...)`` called as a new user would (no ``num_inference_steps``: DDPMPipeline's default is
+    1000) runs the exported timesteps and, on the noise of ``tmpq sample EXPORT --seed 3``, gives its images."""
+    import numpy as np
+    from diffusers import DDPMPipeline
+    from PIL import Image
+
+    import tmpq
+    from tmpq.cli import main
+    from tmpq.sampler import noise_generators, sample_images
+
+    root, run, key, man = exported
+    exp, ts = root / "exp", man["sampler"]["timesteps"]
+    pipe = tmpq.apply_export(DDPMPipeline.from_pretrained(str(exp)), exp)
+    pipe.set_progress_bar_config(disable=True)
+    calls = []
+    pipe.unet.register_forward_pre_hook(lambda _m, args: calls.append(int(args[1].reshape(-1)[0])))
+    assert len(pipe(batch_size=2).images) == 2 and calls == ts  # PIL images, one denoiser call per exported step
+    got = pipe(batch_size=4, generator=noise_generators(4, seed=3), output_type="np").images
+    ref = sample_images(pipe.unet, pipe.scheduler, ts, 4, seed=3, batch_size=4, progress=False)
+    assert np.array_equal(got, (ref / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy())  # bit-identical
+    # the default PIL output is the grid `tmpq sample EXPORT` writes, tile for tile
+    assert main(["sample", str(exp), "--n", "4", "--seed", "3", "--nrow", "4", "--scale", "1", "--threads",
+                 str(torch.get_num_threads()), "--out", str(tmp_path / "g.png")]) == 0
+    grid = np.array(Image.open(tmp_path / "g.png"))
+    h, w = got.shape[1:3]
+    for i, im in enumerate(pipe(batch_size=4, generator=noise_generators(4, seed=3)).images):
+        assert np.array_equal(np.array(im), grid[1:1 + h, 1 + i * (w + 1):1 + i * (w + 1) + w])
+    # the schedule's own step count is accepted; another one is refused in one line naming both
+    calls.clear()
+    pipe(num_inference_steps=len(ts))
+    assert calls == ts
+    with pytest.raises(TmpqError, match=f"num_inference_steps=50: .*exported {len(ts)}-step schedule") as err:
+        pipe(num_inference_steps=50)
+    assert "\n" not in str(err.value)
+    pipe.scheduler.pin_timesteps(None)  # unpinned: stock DDIM spacing again
+    calls.clear()
+    pipe(num_inference_steps=5)
+    assert calls == [800, 600, 400, 200, 0]
+    # diffusers would save the quantized UNet as a checkpoint that reloads with random weights: refused
+    with pytest.raises(TmpqError, match="save_pretrained: .*tmpq.apply_export"):
+        pipe.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
+
+
 def test_export_in_a_fresh_process_gives_identical_samples(exported, tmp_path):
     from tmpq.export import load_export
     from tmpq.sampler import sample_images
@@ -132,7 +177,7 @@ def test_int8_kernels_hold_the_exported_weights_and_stay_close(exported, tmp_pat
     with torch.no_grad():
         ref = unet(x, t).sample
     n_quant = sum(isinstance(m, QuantLayer) for m in unet.modules())
-    unet, layers = to_int8(unet)  # raises if an int8 weight differs from the exported grid
+    unet, layers = to_int8(unet, lambda u: u(x, t))  # raises if an int8 weight differs from the exported grid
     assert len(layers) == n_quant
     # symmetric per-channel weights: every layer runs int8 but the first and last (16-bit pins)
     wide = {r["fqn"] for r in layers if r["a_bits"] > 8}

@@ -7,25 +7,43 @@ Example:
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
-
-from tmpq.errors import TmpqError
 
 
 class Run:
-    """A search run directory opened for analysis (read-only)."""
+    """A search run directory opened for analysis, read-only: nothing here opens a run file for writing. A missing,
+    unreadable or damaged file is a one-line ``TmpqError`` naming it (and the line, for the evaluation log)."""
 
     def __init__(self, path: Path):
-        from search.rundir import RunDir
+        from search.rundir import RunDir, run_objectives
+        from tmpq.config import config_from_dict
+        from tmpq.fileio import malformed
 
-        self.path = Path(path)
-        if not (self.path / "config.resolved.json").is_file():
-            raise TmpqError(f"not a tmpq run directory (no config.resolved.json): {self.path}")
-        self._dir = RunDir(self.path)
+        self._dir = RunDir.open(path)
+        self.path = self._dir.path
+        cfg = self._dir.config()
+        cfg_file = self.path / "config.resolved.json"
+        with malformed(cfg_file, "run config"):
+            if not isinstance(cfg["fingerprint"], str):  # written with every run: its absence is damage
+                raise TypeError(f"fingerprint: expected a string, got {type(cfg['fingerprint']).__name__}")
+            config_from_dict({k: v for k, v in cfg.items() if k != "fingerprint"})
+            self._objectives = run_objectives(cfg)
+        self._config = cfg
 
     @property
     def config(self) -> dict:
-        return self._dir.config()
+        return copy.deepcopy(self._config)
+
+    @property
+    def space(self):
+        """The run's ``SearchSpace`` (``search_space.json``)."""
+        from search.space import SearchSpace
+        from tmpq.fileio import malformed, read_json
+
+        path = self.path / "search_space.json"
+        with malformed(path, "search space"):
+            return SearchSpace.from_dict(read_json(path, "search space"))
 
     @property
     def evaluations(self):
@@ -37,11 +55,11 @@ class Run:
     def pareto(self, objectives: tuple[str, ...] | None = None):
         """Non-dominated ``ok`` evaluations, sorted by the last objective; ``objectives`` default to the run's own
         (proxy and BitOPs, plus size_mb when it searched with ``search.size_objective``)."""
-        from search.rundir import pareto_frame, run_objectives
+        from search.rundir import pareto_frame
 
-        return pareto_frame(self.evaluations, objectives or run_objectives(self.config))
+        return pareto_frame(self.evaluations, objectives or self._objectives)
 
 
 def load_run(path: str | Path) -> Run:
-    """Open a run directory written by ``tmpq search``."""
+    """Open a run directory written by ``tmpq search`` (read-only)."""
     return Run(Path(path))

@@ -223,15 +223,16 @@ def _cmd_search(args: argparse.Namespace) -> None:
     from tmpq.config import config_from_dict, load_config
 
     if args.resume:
-        import json
+        from tmpq.fileio import malformed, read_json
 
         run_path = Path(args.resume)
         cfg_file = run_path / "config.resolved.json"
         if not cfg_file.is_file():
             raise TmpqError(f"--resume: not a tmpq run directory (no config.resolved.json): {run_path}")
-        data = json.loads(cfg_file.read_text())
+        data = read_json(cfg_file, "run config")
         data.pop("fingerprint", None)
-        cfg = config_from_dict(data)
+        with malformed(cfg_file, "run config"):
+            cfg = config_from_dict(data)
         if args.config:
             cfg = load_config(args.config)
     else:
@@ -258,10 +259,11 @@ def _cmd_validate(args: argparse.Namespace) -> None:
                          distill_iters=args.distill_iters, batch_size=args.batch_size,
                          keys=tuple(args.candidate or ()))
     df = validate_run(args.run, cfg, progress=True)
-    import json
 
     print(df[["key", "fid_mean", "fid_std", "seeds", "fid_proxy", "bitops"]].to_string(index=False))
-    summary = json.loads((Path(args.run) / "final.json").read_text())
+    from tmpq.fileio import read_json
+
+    summary = read_json(Path(args.run) / "final.json", "validation summary")
     tau = summary.get("kendall_tau_proxy_vs_fid")
     print(f"wrote {args.run}/final.parquet ({len(df)} points, N = {cfg.n} x {len(cfg.seeds)} seeds)"
           + (f"; Kendall tau proxy vs final FID = {tau:.3f}" if tau is not None else ""))
@@ -290,6 +292,9 @@ def _cmd_speed(args: argparse.Namespace) -> None:
     from tmpq.deploy import measure_speed
 
     _set_threads(args.threads)
+    from tmpq.deploy import CHECK_TOL, describe_cpu_int8
+
+    print(f"CPU: {describe_cpu_int8()}", flush=True)
     rows = measure_speed(args.export, n=args.n, batch_size=args.batch_size, fid_n=args.fid_n)
     rows["threads"] = args.threads
     layers = rows["layers"]
@@ -297,7 +302,10 @@ def _cmd_speed(args: argparse.Namespace) -> None:
     print(f"{'FP, exported schedule':36s} {rows['fp_export_schedule_s']:8.2f} s")
     print(f"{'fake quantization, exported':36s} {rows['fakequant_export_s']:8.2f} s")
     print(f"{'real int8 kernels, exported':36s} {rows['int8_export_s']:8.2f} s  "
-          f"({rows['int8_layers']}/{len(layers)} layers int8)")
+          f"({rows['int8_layers']}/{len(layers)} layers int8, {rows['split_weight_layers']} of them on split weights)")
+    print(f"int8 check against fake quantization on real inputs: worst error {rows['check_worst_err_int8']:.1e} of "
+          f"the exact magnitude among the int8 layers ({rows['check_worst_err']:.1e} among all checked; "
+          f"tolerance {CHECK_TOL:.0e}); int8 vs fake-quant images: pixel MSE {rows['int8_vs_fakequant_pixel_mse']:.1e}")
     sh = rows["op_shares"]
     print(f"conv + Linear share of one denoiser call: FP {sh['fp']['conv_linear_share']:.0%} of "
           f"{sh['fp']['total_ms']:.0f} ms, int8 {sh['int8']['conv_linear_share']:.0%} of "
@@ -582,14 +590,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _library_errors() -> tuple[type[Exception], ...]:
+    """User-error types of tmpq's own libraries, printed like ``TmpqError`` (only those already imported: an error
+    of a module never loaded cannot have been raised)."""
+    quant = sys.modules.get("quant.quantizer")
+    return (quant.QuantError,) if quant is not None else ()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
-    except TmpqError as exc:
-        print(f"tmpq: error: {exc}", file=sys.stderr)
+    except (TmpqError, OSError, *_library_errors()) as exc:
+        text = str(exc)
+        if isinstance(exc, OSError) and exc.filename is not None:  # a file the command could not read or write
+            text = f"{exc.filename}: {exc.strerror or exc}"
+        print("tmpq: error: " + " ".join(text.split("\n")), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tmpq: interrupted", file=sys.stderr)

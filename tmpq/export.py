@@ -51,8 +51,13 @@ def ensure_export(run_path: str | Path, key: str, out: str | Path, command: str 
     (``tmpq run``, benchmarks) call this instead of re-exporting on every rerun."""
     out = Path(out)
     manifest = out / EXPORT_JSON
-    if manifest.is_file() and json.loads(manifest.read_text())["provenance"]["candidate"] == key:
-        return out
+    if manifest.is_file():
+        from tmpq.fileio import malformed, read_json
+
+        data = read_json(manifest, "export manifest")
+        with malformed(manifest, "export manifest"):
+            if data["provenance"]["candidate"] == key:
+                return out
     if out.exists():
         shutil.rmtree(out)
     export_candidate(run_path, key, out, command=command)
@@ -132,9 +137,9 @@ def export_candidate(run_path: str | Path, key: str, out: str | Path, command: s
                                                  "paired_pixel_mse") if k in row and row[k] == row[k]}
         final = run.path / "final.parquet"
         if validated.is_file() and final.is_file():
-            import pandas as pd
+            from tmpq.fileio import read_parquet
 
-            fr = pd.read_parquet(final)
+            fr = read_parquet(final, "validation summary", ("key", "fid_mean", "seeds", "n"))
             fr = fr[fr["key"] == key]
             if len(fr):
                 r = fr.iloc[0]
@@ -176,41 +181,71 @@ def _json_default(o):
 
 
 def read_export(path: str | Path, verify: bool = True) -> dict:
-    """The manifest of an export directory; ``verify`` checks every file's SHA-256 (a one-line error names a bad
-    or missing file)."""
+    """The manifest of an export directory, read-only; ``verify`` checks every file's SHA-256. A missing, unreadable
+    or damaged manifest or file is a one-line ``TmpqError`` naming it."""
+    from tmpq.fileio import malformed, read_json
+
     path = Path(path)
     mf = path / EXPORT_JSON
-    if not mf.is_file():
+    if not path.is_dir() or not mf.exists():
         raise TmpqError(f"not a tmpq export (no {EXPORT_JSON}): {path}")
-    try:
-        manifest = json.loads(mf.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise TmpqError(f"{mf}: malformed JSON ({exc})") from None
+    manifest = read_json(mf, "export manifest")
     if manifest.get("format") != EXPORT_FORMAT:
         raise TmpqError(f"{mf}: not a tmpq export (format {manifest.get('format')!r})")
     if manifest.get("version") != EXPORT_VERSION:
         raise TmpqError(f"{mf}: export version {manifest.get('version')} is not supported (this tmpq reads "
                         f"{EXPORT_VERSION})")
+    with malformed(mf, "export manifest"):
+        _check_manifest(manifest)
     if verify:
-        for rel, digest in manifest.get("files", {}).items():
+        for rel, digest in manifest["files"].items():
             f = path / rel
             if not f.is_file():
                 raise TmpqError(f"export {path}: missing file {rel}")
-            if file_sha256(f) != digest:
+            try:
+                actual = file_sha256(f)
+            except OSError as exc:
+                raise TmpqError(f"cannot read the export file {f}: {exc.strerror or exc}") from None
+            if actual != digest:
                 raise TmpqError(f"export {path}: {rel} does not match its SHA-256 in {EXPORT_JSON} (modified or "
                                 "corrupt)")
     return manifest
+
+
+def _check_manifest(m: dict) -> None:
+    """The fields loading reads, with their types (TypeError / KeyError name the first one that is wrong)."""
+    for name in ("sampler", "layers", "files", "provenance"):
+        if not isinstance(m[name], dict):
+            raise TypeError(f"{name}: expected an object, got {type(m[name]).__name__}")
+    if not isinstance(m["sampler"]["config"], dict):
+        raise TypeError("sampler.config: expected an object")
+    ts = m["sampler"]["timesteps"]
+    if not isinstance(ts, list) or not ts or not all(isinstance(t, int) and not isinstance(t, bool) for t in ts):
+        raise TypeError("sampler.timesteps: expected a non-empty list of integers")
+    if not all(isinstance(v, str) and not Path(k).is_absolute() and ".." not in Path(k).parts
+               for k, v in m["files"].items()):
+        raise TypeError("files: expected relative file names -> SHA-256 strings")
+    if QUANT_FILE not in m["files"]:
+        raise KeyError(f"files.{QUANT_FILE}")
 
 
 def apply_export(pipeline_or_unet, export_dir: str | Path):
     """Quantize a stock diffusers ``UNet2DModel`` (or a pipeline holding one as ``.unet``) in place as exported;
     a pipeline also gets the exported sampler (``RespacedDDIMScheduler``) and ``pipeline.tmpq_timesteps``.
 
+    The pipeline's own call then samples the exported schedule: its scheduler has the searched timesteps pinned
+    (:meth:`~tmpq.sampler.RespacedDDIMScheduler.pin_timesteps`), installed whatever ``num_inference_steps`` the
+    pipeline passes by default (``DDPMPipeline``: 1000); an explicit count other than the schedule's raises one line
+    naming both. With eta = 0 and ``generator=tmpq.sampler.noise_generators(n, seed)``, ``pipe(batch_size=n, ...)``
+    gives the images of ``tmpq sample DIR --n n --seed seed``. ``save_pretrained`` of the quantized pipeline / UNet
+    raises one line (diffusers would write a model that reloads with random weights): the export is its saved form.
+
     Returns the same object. Refuses a model whose weights differ from the exported one.
 
     Example:
         >>> from diffusers import DDPMPipeline
         >>> pipe = apply_export(DDPMPipeline.from_pretrained("exports/best"), "exports/best")  # doctest: +SKIP
+        >>> images = pipe(batch_size=4).images  # the exported steps, not DDPMPipeline's 1000  # doctest: +SKIP
     """
     from supernet import QuantSupernet
     from tmpq.sampler import RespacedDDIMScheduler
@@ -229,11 +264,33 @@ def apply_export(pipeline_or_unet, export_dir: str | Path):
     # keep the wrapper reachable without registering it as a submodule: it holds ``unet`` itself, and a module
     # cycle sends .eval() / .to() / state_dict() of the user's model (or pipeline) into infinite recursion
     object.__setattr__(unet, "tmpq_supernet", net)
+
+    def refuse_save(*_args, **_kwargs):
+        raise TmpqError(f"save_pretrained: a model quantized by tmpq.apply_export does not reload in diffusers (a "
+                        f"stock UNet2DModel would start from random weights); its saved form is the export "
+                        f"{export_dir}: DDPMPipeline.from_pretrained(DIR), then tmpq.apply_export(pipe, DIR)")
+
+    # diffusers would write the wrapped layers' keys, which a stock model ignores (with a warning) on reload
+    object.__setattr__(unet, "save_pretrained", refuse_save)
     if unet is not pipeline_or_unet:
+        object.__setattr__(pipeline_or_unet, "save_pretrained", refuse_save)
         sampler = manifest["sampler"]
-        pipeline_or_unet.scheduler = RespacedDDIMScheduler.from_config(sampler["config"])
+        sched = RespacedDDIMScheduler.from_config(sampler["config"])
+        sched.pin_timesteps(sampler["timesteps"], default_steps=_default_steps(pipeline_or_unet))
+        pipeline_or_unet.scheduler = sched
         pipeline_or_unet.tmpq_timesteps = list(sampler["timesteps"])
     return pipeline_or_unet
+
+
+def _default_steps(pipeline) -> int | None:
+    """The ``num_inference_steps`` a pipeline's call passes when the caller gives none (``DDPMPipeline``: 1000)."""
+    import inspect
+
+    try:
+        param = inspect.signature(type(pipeline).__call__).parameters.get("num_inference_steps")
+    except (TypeError, ValueError):
+        return None
+    return param.default if param is not None and isinstance(param.default, int) else None
 
 
 def load_export(export_dir: str | Path, device: str = "cpu"):

@@ -1,12 +1,19 @@
-"""Crash-safe file writes: write to a temporary file in the same folder, fsync, then atomically rename."""
+"""Crash-safe file writes (write to a temporary file in the same folder, fsync, then atomically rename), and the
+read-only readers of run and export files: any damage is one ``TmpqError`` naming the file."""
 from __future__ import annotations
 
 import hashlib
+import io
+import json
+import logging
 import os
 import tempfile
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
+
+from tmpq.errors import TmpqError
 
 
 def _umask() -> int:
@@ -50,3 +57,133 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+# Reading: every read path goes through these, so a missing, unreadable or damaged file is one TmpqError naming it
+# (and the line, for JSONL), and nothing is ever opened for writing. Only a resuming writer repairs a torn JSONL tail.
+
+_MALFORMED = (KeyError, TypeError, ValueError, AttributeError, IndexError)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, KeyError):
+        return f"missing key {exc}"
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def read_bytes(path: Path, what: str) -> bytes:
+    """The bytes of ``path`` (the ``what`` of a run or export); missing, unreadable or a directory is one line."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise TmpqError(f"cannot read the {what} {path}: {_reason(exc)}") from None
+
+
+@contextmanager
+def malformed(path: Path, what: str, line: int | None = None):
+    """Turn a malformed value met while parsing the block (KeyError, TypeError, ValueError, ...) into one line
+    naming the file (and line); a TmpqError from inside gets the file prefixed unless it names it."""
+    where = f"{path}, line {line}" if line is not None else str(path)
+    try:
+        yield
+    except TmpqError as exc:
+        if str(path) in str(exc):
+            raise
+        raise TmpqError(f"{where}: {exc}") from None
+    except _MALFORMED as exc:
+        raise TmpqError(f"{where}: malformed {what} ({_reason(exc)})") from None
+
+
+def read_json(path: Path, what: str, kind: type | None = dict):
+    """The JSON value of a file, which must be a ``kind`` (default: an object)."""
+    data = read_bytes(path, what)
+    with malformed(path, what):
+        value = json.loads(data)
+        if kind is not None and not isinstance(value, kind):
+            raise TypeError(f"expected a JSON {_JSON_NAMES.get(kind, kind.__name__)}, got {type(value).__name__}")
+    return value
+
+
+_JSON_NAMES = {dict: "object", list: "array", str: "string"}
+
+
+def _scan_jsonl(data: bytes, path: Path, parse: Callable, what: str) -> tuple[list, int | None]:
+    records, pos = [], 0
+    lines = data.split(b"\n")
+    for no, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                with malformed(path, what, no):
+                    records.append(parse(line.decode()))
+            except TmpqError:
+                if no < len(lines):  # a newline follows: corruption, whatever the position
+                    raise
+                return records, pos  # the last line, without its newline: torn by a crash mid-write
+        pos += len(line) + 1
+    return records, None
+
+
+def read_jsonl(path: Path, parse: Callable, what: str) -> tuple[list, int | None]:
+    """``(records, torn)``: ``parse(line)`` of every non-blank line, and the byte offset of a torn last line (no
+    trailing newline and unparseable: a crash mid-write), else None. The torn line is skipped, never removed here;
+    any other bad line is one TmpqError naming the file and line number."""
+    return _scan_jsonl(read_bytes(path, what), Path(path), parse, what)
+
+
+def lacks_final_newline(path: Path) -> bool:
+    """Whether a JSONL file is non-empty and does not end in a newline (a writer repairs it before appending)."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(size - 1, 0))
+            return size > 0 and f.read(1) != b"\n"
+    except FileNotFoundError:
+        return False
+
+
+def repair_jsonl_tail(path: Path, parse: Callable, what: str) -> Path | None:
+    """For a writer about to append (a resumed search or validation): move a torn last line into a side file
+    ``<name>.torn-<n>`` (kept, never deleted) and cut it off; give a complete last record its missing newline. A bad
+    line anywhere else raises and changes nothing. Returns the side file, if any."""
+    path = Path(path)
+    data = read_bytes(path, what)
+    _, torn = _scan_jsonl(data, path, parse, what)
+    if torn is None:
+        if data and not data.endswith(b"\n"):
+            with open(path, "ab") as f:
+                f.write(b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+        return None
+    n = 1
+    while path.with_name(f"{path.name}.torn-{n}").exists():
+        n += 1
+    side = path.with_name(f"{path.name}.torn-{n}")
+    atomic_write_bytes(side, data[torn:])
+    with open(path, "r+b") as f:
+        f.truncate(torn)
+        f.flush()
+        os.fsync(f.fileno())
+    logging.getLogger(__name__).warning("%s: moved a torn last line (%d bytes, a crash mid-write) to %s",
+                                        path, len(data) - torn, side.name)
+    return side
+
+
+def read_parquet(path: Path, what: str, columns: tuple[str, ...] = ()):
+    """A Parquet file as a DataFrame, which must have ``columns``; missing, unreadable or damaged is one line."""
+    import pandas as pd
+    import pyarrow as pa
+
+    data = read_bytes(path, what)
+    try:
+        df = pd.read_parquet(io.BytesIO(data))
+    except (pa.ArrowException, OSError, *_MALFORMED) as exc:
+        raise TmpqError(f"{path}: corrupt or truncated {what} ({_reason(exc)})") from None
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise TmpqError(f"{path}: malformed {what} (no column {missing[0]!r})")
+    return df

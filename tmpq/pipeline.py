@@ -24,7 +24,12 @@ def _budget_bitops(run_path: Path, spec: str) -> float | None:
     from search.space import SearchSpace
     from search.service import _budget
 
-    space = SearchSpace.from_dict(json.loads((run_path / "search_space.json").read_text()))
+    from tmpq.fileio import malformed, read_json
+
+    path = run_path / "search_space.json"
+    data = read_json(path, "search space")
+    with malformed(path, "search space"):
+        space = SearchSpace.from_dict(data)
     return _budget(space, spec)
 
 

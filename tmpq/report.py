@@ -35,7 +35,13 @@ def _evaluator(run_path: Path, cfg: dict):
 def _baselines(space, ev_factory, out: Path) -> list[dict]:
     cache = out / "baselines.json"
     if cache.is_file():
-        return json.loads(cache.read_text())
+        from tmpq.fileio import malformed, read_json
+
+        rows = read_json(cache, "baselines cache (delete it to recompute)", list)
+        with malformed(cache, "baselines cache (delete it to recompute)"):
+            for b in rows:
+                b["name"], float(b["fid_proxy"]), float(b["bitops"]), int(b["w"]), int(b["a"])
+        return rows
     rows = []
     ev = ev_factory()
     for w in space.w_bits:
@@ -110,19 +116,30 @@ def _plot(ev_df, front, baselines, final, out: Path) -> str:
 
 
 def write_report(run_path: str | Path, baselines: bool = True, grids: bool = True) -> Path:
-    """Write ``RUN/report/report.html`` and return its path."""
-    import pandas as pd
-
-    from search.space import SearchSpace
+    """Write ``RUN/report/report.html`` and return its path (a damaged run file fails before anything is written)."""
     from tmpq.api import load_run
-    from tmpq.fileio import atomic_write_bytes
+    from tmpq.fileio import atomic_write_bytes, malformed, read_json, read_parquet
 
+    # every run file is read (read-only) before anything is written
     run = load_run(run_path)
+    evaluations = run.evaluations
     front = run.pareto()
     if front.empty:
         raise TmpqError(f"{run.path}: no successful evaluations to report")
     cfg = run.config
-    space = SearchSpace.from_dict(json.loads((run.path / "search_space.json").read_text()))
+    with malformed(run.path / "config.resolved.json", "run config"):
+        proxy = {k: cfg["proxy"][k] for k in ("name", "n_images", "teacher_schedule", "teacher_steps")}
+    space = run.space
+    final = summary = None
+    if (run.path / "final.parquet").exists():
+        final = read_parquet(run.path / "final.parquet", "validation summary",
+                             ("key", "fid_mean", "fid_std", "bitops", "n"))
+    if (run.path / "final.json").exists():
+        summary = read_json(run.path / "final.json", "validation summary")
+        with malformed(run.path / "final.json", "validation summary"):
+            tau = summary.get("kendall_tau_proxy_vs_fid")
+            summary = {"points": int(summary["points"]), "n": int(summary["n"]), "seeds": list(summary["seeds"]),
+                       "tau": float("nan") if tau is None else float(tau)}
     out = run.path / "report"
     out.mkdir(exist_ok=True)
     cache: dict = {}
@@ -133,8 +150,7 @@ def write_report(run_path: str | Path, baselines: bool = True, grids: bool = Tru
         return cache["ev"]
 
     base = _baselines(space, ev_factory, out) if baselines else []
-    final = pd.read_parquet(run.path / "final.parquet") if (run.path / "final.parquet").is_file() else None
-    plot = _plot(run.evaluations, front, base, final, out)
+    plot = _plot(evaluations, front, base, final, out)
     names = _grids(front, ev_factory, out) if grids else {}
     fin = final.set_index("key") if final is not None else None
 
@@ -150,11 +166,10 @@ def write_report(run_path: str | Path, baselines: bool = True, grids: bool = Tru
     base_rows = "".join(f"<tr><td>{html.escape(b['name'])}</td><td>{_fmt(b['fid_proxy'])}</td>"
                         f"<td>{_fmt(b['bitops'] / 1e9)}</td></tr>" for b in base)
     final_note = ""
-    if (run.path / "final.json").is_file():
-        s = json.loads((run.path / "final.json").read_text())
-        tau = s.get("kendall_tau_proxy_vs_fid")
+    if summary is not None:
+        s, tau = summary, summary["tau"]
         final_note = (f"<p>Validated: {s['points']} points, FID at N = {s['n']} over seeds {s['seeds']}"
-                      + (f"; Kendall τ between the search proxy and the final FID: <b>{tau:.3f}</b>" if tau is not None
+                      + (f"; Kendall τ between the search proxy and the final FID: <b>{tau:.3f}</b>" if tau == tau
                          else "") + ".</p>")
     fp_img = f'<img src="{names["fp"]}" alt="FP reference samples">' if "fp" in names else ""
     page = f"""<!doctype html>
@@ -163,15 +178,15 @@ def write_report(run_path: str | Path, baselines: bool = True, grids: bool = Tru
 td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px;vertical-align:middle}}img{{image-rendering:pixelated}}
 code{{font-size:12px}}</style></head><body>
 <h1>tmpq search report: {html.escape(run.path.name)}</h1>
-<p>{len(run.evaluations)} evaluations, {len(front)} Pareto points; {'/'.join(map(str, space.step_choices))} steps
-({html.escape(space.groups.kind)} time groups); bits W{list(space.w_bits)} × A{list(space.a_bits)}; proxy <code>{html.escape(cfg['proxy']['name'])}</code>
-at N = {cfg['proxy']['n_images']}.</p>
+<p>{len(evaluations)} evaluations, {len(front)} Pareto points; {'/'.join(map(str, space.step_choices))} steps
+({html.escape(space.groups.kind)} time groups); bits W{list(space.w_bits)} × A{list(space.a_bits)}; proxy <code>{html.escape(str(proxy['name']))}</code>
+at N = {proxy['n_images']}.</p>
 {final_note}
 <h2>Pareto front</h2><img src="{plot}" alt="Pareto plot">
 <h2>Uniform baselines (same supernet, same proxy)</h2>
 <table><tr><th>config</th><th>proxy</th><th>GBitOPs</th></tr>{base_rows}</table>
 <h2>Front points</h2>
-<p>FP reference (teacher: {html.escape(cfg['proxy']['teacher_schedule'])} DDIM {cfg['proxy']['teacher_steps']} steps,
+<p>FP reference (teacher: {html.escape(str(proxy['teacher_schedule']))} DDIM {proxy['teacher_steps']} steps,
 the same {GRID_N} noise-bank images as every grid below):</p>{fp_img}
 <table><tr><th>key</th><th>proxy</th><th>GBitOPs</th><th>size MB</th><th>final FID</th><th>timesteps</th>
 <th>samples</th></tr>{''.join(rows)}</table>

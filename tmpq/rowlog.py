@@ -8,9 +8,12 @@ import platform
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from tmpq.fileio import lacks_final_newline, read_jsonl, repair_jsonl_tail
 
 
 def machine() -> str:
@@ -34,18 +37,30 @@ def command_line() -> str:
     return " ".join([head, *(shlex.quote(a) for a in sys.argv[1:])])
 
 
-class RowLog:
-    """Append-only JSONL of finished benchmark rows (flushed and fsync'd); rows already present are skipped."""
+def parse_row(line: str) -> dict:
+    """One row of a :class:`RowLog`: a JSON object."""
+    row = json.loads(line)
+    if not isinstance(row, dict):
+        raise TypeError(f"expected a JSON object, got {type(row).__name__}")
+    return row
 
-    def __init__(self, path: Path, key_fields: tuple[str, ...]):
+
+class RowLog:
+    """Append-only JSONL of finished benchmark rows (flushed and fsync'd); rows already present are skipped.
+
+    Opening reads the file without changing it: a torn last line (a crash mid-write) is skipped, any other bad line
+    is a one-line ``TmpqError`` naming the file and line. The first :meth:`append` moves a torn last line into a side
+    file ``<name>.torn-<n>`` before writing. ``parse`` (a line to a row dict) may check the rows' fields: its
+    TypeError / KeyError / ValueError is the same one-line error."""
+
+    def __init__(self, path: Path, key_fields: tuple[str, ...], parse: Callable[[str], dict] = parse_row):
         self.path = Path(path)
         self.key_fields = key_fields
+        self.parse = parse
         self.rows: dict[tuple, dict] = {}
         if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                if line.strip():
-                    r = json.loads(line)
-                    self.rows[self.key(r)] = r
+            for r in read_jsonl(self.path, parse, "row log")[0]:
+                self.rows[self.key(r)] = r
 
     def key(self, row: dict) -> tuple:
         return tuple(json.dumps(row.get(k), sort_keys=True) for k in self.key_fields)
@@ -56,6 +71,8 @@ class RowLog:
     def append(self, row: dict) -> dict:
         row = dict(row, command=command_line(), machine=machine(), finished=time.strftime("%Y-%m-%d %H:%M:%S"))
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if lacks_final_newline(self.path):
+            repair_jsonl_tail(self.path, self.parse, "row log")
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
