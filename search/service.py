@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from search.rundir import EvalResult, RunDir
 from tmpq.config import _FP_FRACTION, _UNIFORM, RunConfig
@@ -254,7 +255,9 @@ def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=No
                     todo.append(Task(c.key, c.timesteps, c.bits))
                     seen_now.add(c.key)
             t0 = time.perf_counter()
-            for task, out in executor.map(todo):
+            bar = tqdm(executor.map(todo), total=len(todo), desc=f"generation {gen + 1}/{cfg.search.generations}",
+                       unit="eval", disable=not progress, leave=False)
+            for task, out in bar:
                 cand = next(c for c in cands if c.key == task.key)
                 objectives = dict(out.objectives)
                 if out.status == "ok":

@@ -173,9 +173,14 @@ def test_inference_fast_path_equals_autograd_path():
     assert torch.equal(fast, slow.detach())
 
 
-def test_inplace_inference_kernel_bit_exact_over_many_scales():
+@pytest.mark.parametrize("use_bytes", [True, False])
+def test_inplace_inference_kernel_bit_exact_over_many_scales(use_bytes, monkeypatch):
+    """Both inference paths (the fused quantize-to-bytes pass and the in-place float ops) give the reference op's
+    values bit for bit, ties (round half to even) and both clamps included."""
+    import quant.functional as F
     from quant.functional import fake_quant_inference
 
+    monkeypatch.setattr(F, "USE_BYTES", use_bytes)
     g = torch.Generator().manual_seed(7)
     x = (torch.randn(4, 8, 6, 6, generator=g) * 4).contiguous(memory_format=torch.channels_last)
     for i in range(200):
@@ -183,6 +188,7 @@ def test_inplace_inference_kernel_bit_exact_over_many_scales():
         qmin, qmax = qrange(bits, symmetric)
         scale = torch.rand(1, generator=g) * 0.5 + 1e-3
         zp = torch.tensor(0.0) if symmetric else torch.randint(qmin, qmax + 1, (1,), generator=g).float()
+        x[0, 0, 0, :4] = torch.tensor([0.5, 1.5, -2.5, 3.5]) * scale  # exact ties at this scale
         ref = torch.fake_quantize_per_tensor_affine(x, scale, zp.to(torch.int32), qmin, qmax)
         out = fake_quant_inference(x, scale, zp, qmin, qmax)
         assert torch.equal(out, ref), (bits, symmetric, float(scale), float(zp))

@@ -324,7 +324,7 @@ def _cmd_report(args: argparse.Namespace) -> None:
     from tmpq.report import write_report
 
     _set_threads(args.threads)
-    path = write_report(args.run, baselines=not args.no_baselines, grids=not args.no_grids)
+    path = write_report(args.run, baselines=not args.no_baselines, grids=not args.no_grids, progress=True)
     print(f"wrote {path} (open it in a browser)")
 
 

@@ -73,7 +73,7 @@ def main_job(cfg, run_path: str | Path, job: MainJobConfig = MainJobConfig(), pr
     timings["export_s"] = round(time.perf_counter() - t0, 1)
 
     t0 = stage("report")
-    report = write_report(run_path)
+    report = write_report(run_path, progress=progress)
     timings["report_s"] = round(time.perf_counter() - t0, 1)
     summary = {"run": str(run_path), "report": str(report), "export": str(export_dir),
                "best": {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in best.items()}, "timings": timings}

@@ -32,7 +32,9 @@ def _evaluator(run_path: Path, cfg: dict):
     return spec()
 
 
-def _baselines(space, ev_factory, out: Path) -> list[dict]:
+def _baselines(space, ev_factory, out: Path, logged=None, progress: bool = False) -> list[dict]:
+    """Uniform W{max}A{max} / W6A6 / W{min}A{max} at every step choice. A baseline the search already evaluated (its
+    uniform seeds are these candidates) is read from the log, the same measurement, not recomputed."""
     cache = out / "baselines.json"
     if cache.is_file():
         from tmpq.fileio import malformed, read_json
@@ -42,25 +44,31 @@ def _baselines(space, ev_factory, out: Path) -> list[dict]:
             for b in rows:
                 b["name"], float(b["fid_proxy"]), float(b["bitops"]), int(b["w"]), int(b["a"])
         return rows
+    from tqdm.auto import tqdm
+
+    known = {} if logged is None or logged.empty else \
+        logged[logged["status"] == "ok"].drop_duplicates("key").set_index("key")["fid_proxy"].to_dict()
+    todo = [(w, a, n) for w in space.w_bits for a in space.a_bits
+            if (w, a) in {(max(space.w_bits), max(space.a_bits)), (6, 6), (min(space.w_bits), max(space.a_bits))}
+            for n in space.step_choices]  # every step count the search could pick
     rows = []
-    ev = ev_factory()
-    for w in space.w_bits:
-        for a in space.a_bits:
-            if (w, a) not in {(max(space.w_bits), max(space.a_bits)), (6, 6), (min(space.w_bits), max(space.a_bits))}:
-                continue
-            for n in space.step_choices:  # every step count the search could pick
-                cand = space.uniform_candidate(w, a, steps=n)
-                obj = ev.evaluate(cand.timesteps, cand.bits)
-                rows.append({"name": f"W{w}A{a} {space.groups.kind} DDIM {n}", "w": w, "a": a,
-                             "fid_proxy": obj["fid_proxy"], "bitops": space.bitops(cand)})
+    for w, a, n in tqdm(todo, desc="report: uniform baselines", disable=not progress, leave=False):
+        cand = space.uniform_candidate(w, a, steps=n)
+        proxy = known.get(cand.key)
+        if proxy is None:
+            proxy = ev_factory().evaluate(cand.timesteps, cand.bits)["fid_proxy"]
+        rows.append({"name": f"W{w}A{a} {space.groups.kind} DDIM {n}", "w": w, "a": a, "fid_proxy": float(proxy),
+                     "bitops": space.bitops(cand)})
     from tmpq.fileio import atomic_write_bytes
 
     atomic_write_bytes(cache, json.dumps(rows, indent=2).encode())
     return rows
 
 
-def _grids(front, ev_factory, out: Path) -> dict[str, str]:
+def _grids(front, ev_factory, out: Path, progress: bool = False) -> dict[str, str]:
     """PNG grid per front key (and 'fp' for the teacher), cached by file name."""
+    from tqdm.auto import tqdm
+
     from tmpq.grid import save_grid
 
     names = {"fp": "grid_fp.png", **{k: f"grid_{k}.png" for k in front["key"]}}
@@ -68,7 +76,7 @@ def _grids(front, ev_factory, out: Path) -> dict[str, str]:
         return names
     ev = ev_factory()
     save_grid(ev.teacher[:GRID_N], out / names["fp"], nrow=8, scale=3)
-    for _, p in front.iterrows():
+    for _, p in tqdm(list(front.iterrows()), desc="report: sample grids", disable=not progress, leave=False):
         f = out / names[p["key"]]
         if f.is_file():
             continue
@@ -115,7 +123,7 @@ def _plot(ev_df, front, baselines, final, out: Path) -> str:
     return "pareto.png"
 
 
-def write_report(run_path: str | Path, baselines: bool = True, grids: bool = True) -> Path:
+def write_report(run_path: str | Path, baselines: bool = True, grids: bool = True, progress: bool = False) -> Path:
     """Write ``RUN/report/report.html`` and return its path (a damaged run file fails before anything is written)."""
     from tmpq.api import load_run
     from tmpq.fileio import atomic_write_bytes, malformed, read_json, read_parquet
@@ -149,9 +157,9 @@ def write_report(run_path: str | Path, baselines: bool = True, grids: bool = Tru
             cache["ev"] = _evaluator(run.path, cfg)
         return cache["ev"]
 
-    base = _baselines(space, ev_factory, out) if baselines else []
+    base = _baselines(space, ev_factory, out, evaluations, progress) if baselines else []
     plot = _plot(evaluations, front, base, final, out)
-    names = _grids(front, ev_factory, out) if grids else {}
+    names = _grids(front, ev_factory, out, progress) if grids else {}
     fin = final.set_index("key") if final is not None else None
 
     rows = []
