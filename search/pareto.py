@@ -1,4 +1,4 @@
-"""Pareto utilities (minimisation): non-dominated filter and 2-D hypervolume. Pure NumPy.
+"""Pareto utilities (minimisation): non-dominated filter, weak / strict dominance by a front, 2-D hypervolume.
 
 Example:
     >>> import numpy as np
@@ -52,8 +52,26 @@ def hypervolume_2d(points: np.ndarray, ref: Sequence[float]) -> float:
     return float(area)
 
 
-def dominates_all(front: np.ndarray, others: np.ndarray) -> np.ndarray:
-    """For each row of ``others``: is it weakly dominated by some point of ``front``?"""
+def dominates_all(front: np.ndarray, others: np.ndarray, strict: bool = False) -> np.ndarray:
+    """For each row of ``others``: is it dominated by some point of ``front``?
+
+    Weakly (default): some front point is <= in every objective, so a point that is itself on the front (e.g. a
+    uniform baseline that a search evaluated as one of its seeds) counts as dominated by its own copy. ``strict``:
+    Pareto dominance, <= in every objective and < in at least one; a copy of the point does not count.
+
+    Example:
+        >>> front = np.array([[1.0, 2.0], [2.0, 1.0]])
+        >>> dominates_all(front, [[1.0, 2.0], [3.0, 3.0]]).tolist()
+        [True, True]
+        >>> dominates_all(front, [[1.0, 2.0], [3.0, 3.0]], strict=True).tolist()
+        [False, True]
+    """
     f = np.asarray(front, dtype=np.float64)
     o = np.asarray(others, dtype=np.float64)
-    return np.array([bool(np.any(np.all(f <= q, axis=1))) for q in o])
+    if f.size == 0:
+        return np.zeros(len(o), dtype=bool)
+    out = []
+    for q in o:
+        le = np.all(f <= q, axis=1)
+        out.append(bool(np.any(le & np.any(f < q, axis=1)) if strict else np.any(le)))
+    return np.array(out, dtype=bool)

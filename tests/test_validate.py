@@ -1,6 +1,9 @@
-"""tmpq validate on a tiny run: per-point re-calibration along the point's schedule, distillation, resumable rows,
-final.parquet / final.json, and an export that prefers the validated quantizers."""
+"""tmpq validate on a tiny run: per-point re-calibration along the point's schedule, distillation, block
+reconstruction (--recon-iters), resumable rows, final.parquet / final.json, and an export that prefers the validated
+quantizers and reproduces the validated samples bit for bit in a fresh process."""
+import copy
 import json
+import shutil
 import subprocess
 import sys
 
@@ -24,6 +27,14 @@ def tiny_run(tmp_path_factory):
 
 
 VALIDATE = dict(top_k=3, n=16, seeds=(1, 2), calib_per_step=4, distill_iters=3, batch_size=16)
+
+
+@pytest.fixture
+def fresh_run(tiny_run, tmp_path):
+    """A copy of the tiny run without any validation results, for tests that validate with settings of their own."""
+    dst = tmp_path / "run"
+    shutil.copytree(tiny_run, dst, ignore=shutil.ignore_patterns("final", "final.parquet", "final.json"))
+    return dst
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +87,98 @@ def test_export_prefers_validated_quantizers(tiny_run, validated, tmp_path):
     assert "final_fid_mean" in man["metrics"]
     unet, sched, ts, _ = load_export(tmp_path / "exp")
     assert torch.isfinite(sample_images(unet, sched, ts, 2, batch_size=2, progress=False)).all()
+
+
+def test_export_of_a_validated_point_reproduces_the_validated_samples_in_a_fresh_process(fresh_run, tmp_path,
+                                                                                         monkeypatch):
+    """The images validate scored, drawn in the validating process from the re-calibrated and distilled quantizers,
+    come back bit for bit from the export of that point loaded in a new Python process."""
+    import evaluators.final as fin
+    import tmpq.sampler as sampler
+    from supernet import QuantSupernet
+    from tmpq.api import load_run
+    from tmpq.export import export_candidate
+    from tmpq.model import load_model
+
+    drawn = []
+    real = sampler.sample_images
+
+    def recording(unet, scheduler, timesteps, n, **kw):
+        imgs = real(unet, scheduler, timesteps, n, **kw)
+        drawn.append({"timesteps": list(timesteps), "n": n, "seed": kw["seed"], "batch_size": kw["batch_size"],
+                      "images": imgs.clone()})
+        return imgs
+
+    monkeypatch.setattr(sampler, "sample_images", recording)
+    cfg = fin.ValidateConfig(top_k=1, n=6, seeds=(2,), calib_per_step=4, distill_iters=3, batch_size=6)
+    key = fin.validate_run(fresh_run, cfg, progress=False)["key"].iloc[0]
+    monkeypatch.undo()
+    assert len(drawn) == 1 and drawn[0]["seed"] == 2 and drawn[0]["n"] == 6
+    scored = drawn[0]
+    row = json.loads((fresh_run / "final" / "rows.jsonl").read_text().splitlines()[0])
+    assert row["distill_loss_after"] <= row["distill_loss_before"]  # the distilled state is the one exported
+
+    man = export_candidate(fresh_run, key, tmp_path / "exp")
+    assert man["provenance"]["quantizers"].startswith("validated")
+    assert man["sampler"]["timesteps"] == scored["timesteps"]
+    code = ("import sys, torch; from tmpq.export import load_export; from tmpq.sampler import sample_images; "
+            "torch.set_num_threads(int(sys.argv[3])); u, s, ts, _ = load_export(sys.argv[1]); "
+            "torch.save(sample_images(u, s, ts, 6, seed=2, batch_size=6, progress=False), sys.argv[2])")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "exp"), str(tmp_path / "x.pt"),
+                    str(torch.get_num_threads())], check=True)
+    fresh = torch.load(tmp_path / "x.pt", weights_only=True)
+    assert torch.equal(fresh, scored["images"])
+
+    # and they are not the search supernet's images of the same point: the export carries the validated state
+    p = load_run(fresh_run).pareto().set_index("key").loc[key]
+    m = load_model(json.loads((fresh_run / "config.resolved.json").read_text())["model"]["path"])
+    net = QuantSupernet.from_file(m.unet, fresh_run / "supernet.safetensors")
+    net.set_bits([tuple(int(v) for v in b) for b in p["bits"]])
+    searched = real(m.unet, sampler.make_scheduler(m.scheduler_config), list(p["timesteps"]), 6, seed=2,
+                    batch_size=6, progress=False)
+    assert not torch.equal(searched, fresh)
+
+
+def test_validate_recon_iters_reconstructs_the_point_and_records_it(fresh_run, monkeypatch):
+    """`tmpq validate --recon-iters K` runs BRECQ/AdaRound block reconstruction of the pinned point for K
+    iterations: the learned rounding is in the saved quantizers, and the rows record the setting and its time."""
+    from quant.adaround import AdaRoundQuantizer
+    from supernet import QuantSupernet
+    from tmpq.cli import main
+    from tmpq.model import load_model
+
+    calls = []
+    real = QuantSupernet.reconstruct
+
+    def spy(self, data, iters=200, **kw):
+        calls.append({"iters": iters, "reports": real(self, data, iters=iters, **kw)})
+        return calls[-1]["reports"]
+
+    monkeypatch.setattr(QuantSupernet, "reconstruct", spy)
+    assert main(["validate", str(fresh_run), "--top-k", "1", "--n", "4", "--seeds", "1", "--calib-per-step", "2",
+                 "--recon-iters", "8", "--batch-size", "4", "--threads", str(torch.get_num_threads())]) == 0
+    assert len(calls) == 1 and calls[0]["iters"] == 8
+    reports = calls[0]["reports"]
+    assert sum(r["layers"] for r in reports) > 0 and all(r["loss_after"] is not None for r in reports if r["layers"])
+
+    rows = [json.loads(r) for r in (fresh_run / "final" / "rows.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["recon_s"] >= 0 and json.loads(rows[0]["settings"])["recon_iters"] == 8
+    assert rows[0]["time_groups"] == 1  # reconstruction trains one range per quantizer: one set of ranges
+
+    # the saved quantizers are AdaRound weights whose rounding variables moved off round-to-nearest's init, and some
+    # weights now round the other way (the quantized weights themselves changed)
+    m = load_model(json.loads((fresh_run / "config.resolved.json").read_text())["model"]["path"])
+    net = QuantSupernet.from_file(m.unet, fresh_run / "final" / f"{rows[0]['key']}.safetensors")
+    assert net.config.w_rounding == "adaround"
+    ada = [(lay, q) for lay in net.layers.values() for q in lay.w_quant if isinstance(q, AdaRoundQuantizer)]
+    assert ada
+    moved = flipped = 0
+    for lay, q in ada:
+        init = copy.deepcopy(q)
+        init.init_rounding(lay.module.weight)
+        moved += int((q.alpha != init.alpha).sum())
+        flipped += int((q(lay.module.weight) != init(lay.module.weight)).sum())
+    assert moved > 0 and flipped > 0
 
 
 def test_validate_cli_errors(tiny_run, tmp_path):
