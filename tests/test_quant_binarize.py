@@ -105,10 +105,9 @@ def test_binarized_supernet_calibrates_serves_and_distils():
         assert moved, "distillation improved the loss without touching the binarizer scales"
 
 
-def test_distillation_strictly_lowers_the_loss_of_mis_scaled_binarizers():
-    """A case where distillation has something to fix: the 1-bit options' binarizer scales doubled after
-    calibration. It strictly lowers the tuning loss (by more than 10 %), the error on held-out inputs falls too, and
-    the binarizer scales are among what moved."""
+def _mis_scaled_binarized_net():
+    """A calibrated W1A8 tiny supernet whose binarizer scales were doubled afterwards: something for distillation to
+    fix. Returns (net, teacher, tuning data, held-out data, {fqn: binarizer})."""
     data, held = _data(), _data(seed=1)
     unet = tiny_unet()
     teacher = frozen_copy(unet)
@@ -122,17 +121,36 @@ def test_distillation_strictly_lowers_the_loss_of_mis_scaled_binarizers():
             q.alpha.mul_(2.0)
     for lay in net.layers.values():
         lay.invalidate_cache()
+    return net, teacher, data, held, binarizers
+
+
+def _error(net, teacher, batches) -> float:
+    """Mean MSE to the teacher over ``batches``, as distill_scales defines its loss."""
+    with torch.no_grad():
+        return sum(float((net.unet(x, t).sample - teacher(x, t).sample).pow(2).mean()) for x, t in batches) / len(
+            batches)
+
+
+def test_distillation_strictly_lowers_the_loss_of_mis_scaled_binarizers():
+    """On doubled binarizer scales distillation strictly lowers the loss of the model it returns (measured afresh,
+    by more than 10 %), the error on held-out inputs falls too, and the binarizer scales are among what moved."""
+    net, teacher, data, held, binarizers = _mis_scaled_binarized_net()
     mis_scaled = {n: q.alpha.detach().clone() for n, q in binarizers.items()}
-
-    def held_out_error() -> float:
-        with torch.no_grad():
-            return sum(float((net.unet(x, t).sample - teacher(x, t).sample).pow(2).mean()) for x, t in held)
-
-    held_before = held_out_error()
+    before, held_before = _error(net, teacher, data), _error(net, teacher, held)
     rep = distill_scales(net.unet, teacher, data, iters=20, lr=1e-3)
-    assert rep["loss_after"] < 0.9 * rep["loss_before"]
-    assert held_out_error() < held_before
+    assert rep["loss_before"] == pytest.approx(before, rel=1e-6)
+    assert _error(net, teacher, data) < 0.9 * before
+    assert _error(net, teacher, held) < held_before
     assert any(not torch.equal(q.alpha, mis_scaled[n]) for n, q in binarizers.items())
+
+
+@pytest.mark.xfail(strict=True, reason="distill_scales measures loss_after under no_grad, where QuantLayer serves the "
+                   "quantized weights it cached while measuring loss_before (the old weight scales): the reported loss "
+                   "and the keep-or-restore decision use stale weights (quant/distill.py, not yet fixed)")
+def test_distillation_reports_the_loss_of_the_model_it_returns():
+    net, teacher, data, _, _ = _mis_scaled_binarized_net()
+    rep = distill_scales(net.unet, teacher, data, iters=20, lr=1e-3)
+    assert rep["loss_after"] == pytest.approx(_error(net, teacher, data), rel=1e-5)
 
 
 def test_int8_deployment_names_binarized_layers_as_fallback():
