@@ -311,6 +311,9 @@ def _cmd_speed(args: argparse.Namespace) -> None:
           f"{sh['fp']['total_ms']:.0f} ms, int8 {sh['int8']['conv_linear_share']:.0%} of "
           f"{sh['int8']['total_ms']:.0f} ms; speed-up bound vs FP 100 steps with free convs / Linears: "
           f"{rows['speedup_bound_vs_fp100']:.1f}x")
+    fids = [k for k in rows if k.endswith(f"_fid_n{args.fid_n}")] if args.fid_n else []
+    if fids:
+        print("FID at N = " + f"{args.fid_n}: " + ", ".join(f"{k.split('_fid')[0]} {rows[k]:.4g}" for k in fids))
     for r in layers:
         if not r["int8"]:
             print(f"  fallback (fake-quant): {r['fqn']}: {r['why']}")
@@ -542,8 +545,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("speed", help="wall-clock of an export: FP 100 steps vs fake quantization vs real int8",
                         description="Time sampling with the exported model: FP at 100 uniform DDIM steps, FP and "
                                     "fake quantization at the exported schedule, and real int8 CPU kernels "
-                                    "(torch.ao dynamic Conv2d / Linear) for every layer they run exactly; names the "
-                                    "layers that fall back.")
+                                    "(oneDNN static int8 conv / Linear) for every layer they run exactly. Prints the "
+                                    "CPU's int8 instruction sets; every int8 layer is checked against fake "
+                                    "quantization on real inputs at conversion, and the layers that fall back are "
+                                    "named with why.")
     sp.add_argument("export", help="export directory (tmpq export)")
     sp.add_argument("--n", type=int, default=256, help="images per timing (default: %(default)s)")
     sp.add_argument("--batch-size", type=int, default=256, help="images per UNet batch (default: %(default)s)")
