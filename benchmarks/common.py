@@ -5,7 +5,7 @@ from pathlib import Path
 
 from tmpq.rowlog import RowLog, command_line, machine
 
-__all__ = ["RowLog", "baseline_fp_row", "command_line", "findings", "machine"]
+__all__ = ["RowLog", "baseline_fp_row", "command_line", "findings", "keep_raw", "machine", "run_evaluations"]
 
 
 def findings(out: Path) -> list[str]:
@@ -25,3 +25,49 @@ def baseline_fp_row(rows: Path, steps: int, n: int | None = None, seed: int | No
             return r
     raise SystemExit(f"{rows}: no FP uniform {steps}-step row" + (f" at N = {n}" if n else "")
                      + (f", seed {seed}" if seed is not None else "") + " (run python -m benchmarks.baseline first)")
+
+
+def _raw_path(run_path: Path) -> Path:
+    """``OUT/raw/NAME.jsonl.gz`` for the run directory ``OUT/runs/NAME``: the committed copy of its evaluation log."""
+    run_path = Path(run_path)
+    return run_path.parent.parent / "raw" / f"{run_path.name}.jsonl.gz"
+
+
+def keep_raw(run_path: Path) -> Path:
+    """Commit-ready copy of a finished run's evaluation log (gzip, no timestamp: the same log gives the same bytes),
+    so that a report rebuilds from a fresh clone, where the run directories (git-ignored) are absent."""
+    import gzip
+
+    from tmpq.fileio import atomic_write_bytes, read_bytes
+
+    raw = _raw_path(run_path)
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    data = read_bytes(Path(run_path) / "evaluations.jsonl", "evaluation log")
+    atomic_write_bytes(raw, gzip.compress(data, mtime=0))
+    return raw
+
+
+def run_evaluations(run_path: Path):
+    """Every evaluation of a benchmark run as ``tmpq.load_run(...).evaluations`` gives it: from the run directory when
+    it is here, else from its committed raw log (``keep_raw``)."""
+    import gzip
+
+    from search.rundir import EvalResult, results_frame
+    from tmpq.api import load_run
+    from tmpq.errors import TmpqError
+    from tmpq.fileio import malformed, read_bytes
+
+    run_path = Path(run_path)
+    if (run_path / "config.resolved.json").is_file():
+        return load_run(run_path).evaluations
+    raw = _raw_path(run_path)
+    if not raw.is_file():
+        raise TmpqError(f"neither the run {run_path} nor its raw log {raw} is here")
+    with malformed(raw, "raw evaluation log"):
+        lines = gzip.decompress(read_bytes(raw, "raw evaluation log")).decode().splitlines()
+    rows = []
+    for no, line in enumerate(lines, 1):
+        if line.strip():
+            with malformed(raw, "raw evaluation log", no):
+                rows.append(EvalResult.from_json(line))
+    return results_frame(rows)

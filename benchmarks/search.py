@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import RowLog, findings
+from benchmarks.common import RowLog, findings, keep_raw, run_evaluations
 
 UNIFORM_BASELINES = [(w, a, sched, n) for (w, a) in ((8, 8), (6, 6), (4, 8)) for sched in ("uniform", "quad")
                      for n in (5, 10, 20)]
@@ -88,20 +88,22 @@ def search(args, log: RowLog, name: str, sn: Path, **search) -> Path:
 
     path = Path(args.out) / "runs" / name
     if log.has(kind="search", name=name):
+        if (path / "evaluations.jsonl").is_file():
+            keep_raw(path)  # runs finished before raw logs were kept
         return path
     cfg = run_config(args, sn, **search)
     t0 = time.perf_counter()
     run = run_search(cfg, path, resume=(path / "config.resolved.json").is_file(), progress=True)
     ev = _evaluations(run.path)
+    keep_raw(run.path)
     log.append({"kind": "search", "name": name, "search": search, "evaluations": len(ev),
                 "wall_s": round(time.perf_counter() - t0, 1), "eval_s_mean": float(ev["wall_s"].mean())})
     return path
 
 
 def _evaluations(run_path: Path):
-    from tmpq.api import load_run
-
-    ev = load_run(run_path).evaluations
+    """A run's successful evaluations, from its directory or, on a fresh clone, its committed raw log."""
+    ev = run_evaluations(run_path)
     return ev[ev["status"] == "ok"]
 
 
