@@ -64,6 +64,10 @@ def distill_scales(qmodel: nn.Module, teacher: nn.Module, data: Sequence[tuple[t
         targets = [teacher(x, t).sample for x, t in data]
 
     def mean_loss() -> float:
+        # layers cache their quantized weights for no-grad calls: drop what was cached with other scales first
+        for layer in qmodel.modules():
+            if isinstance(layer, QuantLayer):
+                layer.invalidate_cache()
         with torch.no_grad():
             return float(sum(F.mse_loss(qmodel(x, t).sample, y) for (x, t), y in zip(data, targets)) / len(data))
 
