@@ -468,7 +468,9 @@ class QuantSupernet(nn.Module):
     def save(self, path: Path | str, progress: dict | None = None) -> Path:
         """Quantizer state as safetensors; config, fingerprint, format and calibration progress in its metadata
         (atomic write: a crash leaves the previous file)."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
+
+        from tmpq.fileio import atomic_write_bytes
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -477,9 +479,8 @@ class QuantSupernet(nn.Module):
                 "progress": json.dumps(progress or {"complete": True})}
         if self.config.time_groups > 1:
             meta["time_starts"] = json.dumps(self.time_starts)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(self.quantizer_state(), str(tmp), metadata=meta)
-        tmp.replace(path)
+        # fsync'd temp file + rename, with a plain open's permissions (safetensors' own writer made it owner-only)
+        atomic_write_bytes(path, save(self.quantizer_state(), metadata=meta))
         return path
 
     @classmethod
