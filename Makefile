@@ -30,7 +30,7 @@ sysdeps:
 	fi
 
 # Main job on the embedded default: calibrate the supernet, search (300 evaluations), validate the 3 best points
-# under the W6A6 budget (FID at N=2,000 x 2 seeds), export the best, write the report (11.5 min measured on 2 cores).
+# under the W6A6 budget (FID at N=2,000 x 2 seeds), export the best, write the report (12-24 min on 2 cores by CPU; see README).
 # Rerunning resumes; `make clean` removes it.
 demo: $(STAMP)
 	$(BIN)/tmpq run --config configs/demo.toml --run-dir results/runs/demo
