@@ -55,7 +55,7 @@ def run_evaluations(run_path: Path):
     from search.rundir import EvalResult, results_frame
     from tmpq.api import load_run
     from tmpq.errors import TmpqError
-    from tmpq.fileio import malformed, read_bytes
+    from tmpq.fileio import malformed, parse_jsonl, read_bytes
 
     run_path = Path(run_path)
     if (run_path / "config.resolved.json").is_file():
@@ -64,10 +64,5 @@ def run_evaluations(run_path: Path):
     if not raw.is_file():
         raise TmpqError(f"neither the run {run_path} nor its raw log {raw} is here")
     with malformed(raw, "raw evaluation log"):
-        lines = gzip.decompress(read_bytes(raw, "raw evaluation log")).decode().splitlines()
-    rows = []
-    for no, line in enumerate(lines, 1):
-        if line.strip():
-            with malformed(raw, "raw evaluation log", no):
-                rows.append(EvalResult.from_json(line))
-    return results_frame(rows)
+        data = gzip.decompress(read_bytes(raw, "raw evaluation log"))
+    return results_frame(parse_jsonl(data, raw, EvalResult.from_json, "raw evaluation log")[0])

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from tmpq.errors import TmpqError
+from tmpq.rowlog import parse_row
 
 FINAL_VERSION = 1
 
@@ -193,9 +194,7 @@ _ROW_FIELDS = {"key": str, "seed": int, "n": int, "settings": str, "fid": (int, 
 
 def _final_row(line: str) -> dict:
     """One row of ``final/rows.jsonl``; a row without the fields the summary reads raises (one line via RowLog)."""
-    row = json.loads(line)
-    if not isinstance(row, dict):
-        raise TypeError(f"expected a JSON object, got {type(row).__name__}")
+    row = parse_row(line)
     for name, kind in _ROW_FIELDS.items():
         if not isinstance(row[name], kind) or isinstance(row[name], bool):
             raise TypeError(f"{name}: expected {getattr(kind, '__name__', 'a number')}, got {type(row[name]).__name__}")

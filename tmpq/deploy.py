@@ -32,12 +32,11 @@ import os
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
-
 import torch
 import torch.nn as nn
 
 from quant.layers import QuantConv2d, QuantLayer, QuantLinear
+from tmpq.rowlog import cpu_info
 
 
 def onednn_available() -> bool:
@@ -52,20 +51,6 @@ _VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 CHECK_TOL = 1e-5
 
 
-def _cpu_flags() -> tuple[str, set[str]]:
-    model, flags = "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, val = line.partition(":")
-            if key.strip() == "model name" and model == "unknown CPU":
-                model = val.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(val.split())
-    except OSError:
-        pass
-    return model, flags
-
-
 @functools.cache
 def kernels_saturate() -> bool:
     """Whether this process's oneDNN u8 x s8 kernels sum product pairs in 16 bits and saturate (no VNNI), probed
@@ -75,14 +60,13 @@ def kernels_saturate() -> bool:
     u = torch.full((1, 4), 255, dtype=torch.uint8)
     w = torch.full((1, 4), 127, dtype=torch.int8)
     one = torch.ones(1)
-    y = _qlinear(u, 1.0, 0, torch.ops.onednn.qlinear_prepack(w, None), one,
-                           torch.zeros(1, dtype=torch.int64), None)
+    y = _qlinear(u, 1.0, 0, torch.ops.onednn.qlinear_prepack(w, None), one, torch.zeros(1, dtype=torch.int64), None)
     return float(y.reshape(-1)[0]) != 4 * 255 * 127
 
 
 def cpu_int8_features() -> dict:
     """The CPU and what its int8 kernels do: ``{"cpu", "int8_isa", "onednn_max_cpu_isa", "saturating_pairs"}``."""
-    model, flags = _cpu_flags()
+    model, flags = cpu_info()
     return {"cpu": model, "int8_isa": [f for f in _INT8_FLAGS if f in flags],
             "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", ""),
             "saturating_pairs": kernels_saturate()}
@@ -99,7 +83,7 @@ def describe_cpu_int8(feat: dict | None = None) -> str:
 
 def _lacks() -> str:
     """What this CPU lacks for exact int8, for a fallback's reason."""
-    _, flags = _cpu_flags()
+    _, flags = cpu_info()
     missing = [f for f in _VNNI_FLAGS if f not in flags]
     if kernels_saturate():
         return f"; this CPU's kernels lack VNNI ({' / '.join(missing) or 'capped by ONEDNN_MAX_CPU_ISA'}): " \
@@ -219,11 +203,11 @@ def _weight_parts(wi: torch.Tensor, top: int) -> tuple[torch.Tensor, int]:
 
 
 class _Int8Op(nn.Module):
-    """What a oneDNN int8 layer holds besides its packed weight: the input quantizer, weight scales and zero-points
-    (all 0: symmetric), the float bias, and the number of weight parts whose outputs are summed (1, or 2 where
-    16-bit pair sums could saturate)."""
+    """What a oneDNN int8 layer holds: the input quantizer, the packed weight (``pack(int8 weight, scales, input)``),
+    weight scales and zero-points (all 0: symmetric), the float bias, and the number of weight parts whose outputs
+    are summed (1, or 2 where 16-bit pair sums could saturate)."""
 
-    def __init__(self, w: torch.Tensor, w_scale: torch.Tensor, bias, aq):
+    def __init__(self, w: torch.Tensor, w_scale: torch.Tensor, bias, aq, pack: Callable):
         super().__init__()
         self.inp = _StaticInput(aq)
         wi, self.parts = _weight_parts(_int8_weight(w, w_scale), self.inp.top)
@@ -233,12 +217,13 @@ class _Int8Op(nn.Module):
         if bias is not None and self.parts > 1:
             bias = torch.cat([bias, torch.zeros((self.parts - 1) * self.out_ch, dtype=bias.dtype)])
         self.bias = bias
-        self.wi = wi
+        self.packed = pack(wi, self.w_scale, self.inp)
 
-    def _sum_parts(self, y: torch.Tensor, dim: int) -> torch.Tensor:
+    def _sum_parts(self, y: torch.Tensor) -> torch.Tensor:
+        """The layer's output from the kernel's: the parts' output channels (dim 1) summed."""
         if self.parts == 1:
             return y
-        a, b = y.split(self.out_ch, dim=dim)
+        a, b = y.split(self.out_ch, dim=1)
         return a + b
 
 
@@ -246,33 +231,29 @@ class Int8Conv2d(_Int8Op):
     """A conv on oneDNN's static int8 kernel with float32 output (see the module docstring)."""
 
     def __init__(self, conv: nn.Conv2d, w: torch.Tensor, w_scale: torch.Tensor, bias, aq):
-        super().__init__(w, w_scale, bias, aq)
-        self.args = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
-        wi = self.wi.contiguous(memory_format=torch.channels_last)
-        self.packed = torch.ops.onednn.qconv_prepack(wi, self.w_scale, self.inp.scale, self.inp.zp_u8, *self.args,
-                                                     None)
-        del self.wi
+        args = (list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups)
+        super().__init__(w, w_scale, bias, aq, lambda wi, scale, inp: torch.ops.onednn.qconv_prepack(
+            wi.contiguous(memory_format=torch.channels_last), scale, inp.scale, inp.zp_u8, *args, None))
+        self.args = args
 
     def forward(self, x):
         u = self.inp(x).contiguous(memory_format=torch.channels_last)
         y = _KERNELS["conv"](u, self.inp.scale, self.inp.zp_u8, self.packed, self.w_scale, self.w_zp, self.bias,
                              self.args)
-        return self._sum_parts(y, 1)
+        return self._sum_parts(y)
 
 
 class Int8Linear(_Int8Op):
     """A Linear on oneDNN's static int8 kernel with float32 output; any leading dimensions."""
 
     def __init__(self, w: torch.Tensor, w_scale: torch.Tensor, bias, aq):
-        super().__init__(w, w_scale, bias, aq)
-        self.packed = torch.ops.onednn.qlinear_prepack(self.wi, None)
-        del self.wi
+        super().__init__(w, w_scale, bias, aq, lambda wi, scale, inp: torch.ops.onednn.qlinear_prepack(wi, None))
 
     def forward(self, x):
         lead = x.shape[:-1]
         u = self.inp(x.reshape(-1, x.shape[-1])).contiguous()
         y = _KERNELS["linear"](u, self.inp.scale, self.inp.zp_u8, self.packed, self.w_scale, self.w_zp, self.bias)
-        return self._sum_parts(y, 1).reshape(*lead, self.out_ch)
+        return self._sum_parts(y).reshape(*lead, self.out_ch)
 
 
 class SplitInt8Conv2d(nn.Module):

@@ -111,7 +111,8 @@ def read_json(path: Path, what: str, kind: type | None = dict):
 _JSON_NAMES = {dict: "object", list: "array", str: "string"}
 
 
-def _scan_jsonl(data: bytes, path: Path, parse: Callable, what: str) -> tuple[list, int | None]:
+def parse_jsonl(data: bytes, path: Path, parse: Callable, what: str) -> tuple[list, int | None]:
+    """:func:`read_jsonl` on bytes already read (e.g. decompressed); ``path`` names them in errors."""
     records, pos = [], 0
     lines = data.split(b"\n")
     for no, line in enumerate(lines, 1):
@@ -131,7 +132,7 @@ def read_jsonl(path: Path, parse: Callable, what: str) -> tuple[list, int | None
     """``(records, torn)``: ``parse(line)`` of every non-blank line, and the byte offset of a torn last line (no
     trailing newline and unparseable: a crash mid-write), else None. The torn line is skipped, never removed here;
     any other bad line is one TmpqError naming the file and line number."""
-    return _scan_jsonl(read_bytes(path, what), Path(path), parse, what)
+    return parse_jsonl(read_bytes(path, what), Path(path), parse, what)
 
 
 def lacks_final_newline(path: Path) -> bool:
@@ -151,7 +152,7 @@ def repair_jsonl_tail(path: Path, parse: Callable, what: str) -> Path | None:
     line anywhere else raises and changes nothing. Returns the side file, if any."""
     path = Path(path)
     data = read_bytes(path, what)
-    _, torn = _scan_jsonl(data, path, parse, what)
+    _, torn = parse_jsonl(data, path, parse, what)
     if torn is None:
         if data and not data.endswith(b"\n"):
             with open(path, "ab") as f:

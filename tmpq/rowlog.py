@@ -16,15 +16,23 @@ import torch
 from tmpq.fileio import lacks_final_newline, read_jsonl, repair_jsonl_tail
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
+def cpu_info() -> tuple[str, set[str]]:
+    """The CPU's model name and its feature flags, from ``/proc/cpuinfo`` (``"unknown CPU"`` and none elsewhere)."""
+    model, flags = "unknown CPU", set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            key, _, val = line.partition(":")
+            if key.strip() == "model name" and model == "unknown CPU":
+                model = val.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(val.split())
     except OSError:
         pass
+    return model, flags
+
+
+def machine() -> str:
+    cpu = cpu_info()[0]
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), " \
            f"Python {platform.python_version()}"
 
