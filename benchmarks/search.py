@@ -36,6 +36,7 @@ UNIFORM_BASELINES = [(w, a, sched, n) for (w, a) in ((8, 8), (6, 6), (4, 8)) for
 # (reported beside the baselines, not part of the dominance check)
 # step counts of the fidelity candidates (the proxy must rank across step counts as well as bit allocations)
 FIDELITY_STEPS = (5, 7, 10, 14, 20)
+SUBSET_N = 128  # the disjoint subsets of the fidelity part's 10,000 images
 FP_SCHEDULES = [(sched, n) for sched in ("uniform", "quad") for n in (5, 10, 20)]
 
 
@@ -168,8 +169,11 @@ def part_fidelity(args, log: RowLog, sn: Path) -> None:
     ev = evaluator(args, sn)
     # diverse candidates: step count (5-20), grouping (quad / uniform), one timestep drawn per group, and random bits
     # with a per-candidate probability of the lower options, so that total BitOPs span the whole range
-    spaces = {(grp, n): SearchSpace.from_supernet(ev.net, make(n)) for grp, make in
-              (("quad", quadratic_groups), ("uniform", uniform_groups)) for n in FIDELITY_STEPS}
+    # results/search drew from both groupings; on the library's default (--grouping uniform) the candidates are the
+    # search's own kind: uniform groups only
+    makers = (("quad", quadratic_groups), ("uniform", uniform_groups)) if args.grouping == "quad" else \
+        (("uniform", uniform_groups),)
+    spaces = {(grp, n): SearchSpace.from_supernet(ev.net, make(n)) for grp, make in makers for n in FIDELITY_STEPS}
     keys = sorted(spaces)
     rng = np.random.default_rng(args.seed)
     pool = []
@@ -184,7 +188,7 @@ def part_fidelity(args, log: RowLog, sn: Path) -> None:
         c = space.decode(g)
         pool.append((space.bitops(c), c))
     pool.sort(key=lambda x: x[0])
-    base = spaces[("quad", 10)]
+    base = spaces[(makers[0][0], 10)]
     picks = [pool[i][1] for i in np.linspace(0, len(pool) - 1, args.n_cand - 3).round().astype(int)]
     picks += [base.uniform_candidate(w, a) for w, a in ((8, 8), (6, 6), (4, 8))]
     ref = embedded_reference(ev.extractor)
@@ -215,9 +219,16 @@ def part_fidelity(args, log: RowLog, sn: Path) -> None:
         # small-N FID / KID on the first n images: the noise bank is indexed, so these are exactly the images a
         # separate n-image run with the same seed would draw (common noise across candidates); cost ~ n / 10,000
         small = _small_n_scores(feats, ref, args.small_n)
+        # the proxy exactly as the search computes it (``fid_proxy``: its own bank seed, --seed, independent of the
+        # 10,000 images' seed + 1), and FID on every disjoint 128-image subset of the 10,000 (the spread of a
+        # small-N FID's ranking over noise draws)
+        subsets = [score_features(feats[j:j + SUBSET_N], ref)["fid"] for j in range(0, len(feats) - SUBSET_N + 1,
+                                                                                  SUBSET_N)]
         log.append({"kind": "fidelity", "name": f"cand{i:02d}", "timesteps": list(c.timesteps),
                     "bits": [list(b) for b in c.bits], "steps": len(c.timesteps),
-                    "gbitops": base.bitops(c) / 1e9,
+                    "gbitops": base.bitops(c) / 1e9, "fid_proxy": proxy["fid_proxy"], "proxy_seed": ev.cfg.seed,
+                    "fid10k_seed": args.seed + 1,
+                    "fid_sub128": subsets,
                     "paired_feat": proxy["paired_feat"], "paired_pixel_mse": proxy["paired_pixel_mse"],
                     "proxy_s": proxy["eval_s"], "proxy_n": args.proxy_n, **small,
                     "fid10k": full["fid"], "kid10k": full.get("kid"), "fid10k_s": round(full_s, 1)})
@@ -344,6 +355,17 @@ def write_report(args, log: RowLog) -> None:
                 if len(sub) >= 4 and all(key in r for r in sub):
                     tau = kendalltau([r[key] for r in sub], [r["fid10k"] for r in sub])[0]
                     lines.append(f"| {label}, only the {len(sub)} candidates of {n} steps | {tau:.3f} | | |")
+        if all("fid_sub128" in r and "fid_proxy" in r for r in fid):
+            taus = np.array([kendalltau([r["fid_sub128"][j] for r in fid], ref)[0]
+                             for j in range(min(len(r["fid_sub128"]) for r in fid))])
+            tau_search = kendalltau([r["fid_proxy"] for r in fid], ref)[0]
+            lines += ["", f"**The search's own proxy** (`fid_proxy`: FID at N = {pn} on its bank seed "
+                      f"{fid[0]['proxy_seed']}, as logged by every search) against FID@10k on independent noise (seed "
+                      f"{fid[0]['fid10k_seed']}): Kendall tau **{tau_search:.3f}**. FID at N = {SUBSET_N} on each of "
+                      f"the {len(taus)} disjoint {SUBSET_N}-image subsets of the 10,000 images: tau mean "
+                      f"**{taus.mean():.3f} +- {taus.std(ddof=1):.3f}** (sd), median {np.median(taus):.3f}, range "
+                      f"{taus.min():.3f} to {taus.max():.3f} (each subset is part of the 10,000 images it is ranked "
+                      "against, so these are slightly optimistic; the search proxy above is not)."]
         lines += ["", f"FID@10k: mean {cost10k:.0f} s per candidate (sampling + features).", ""]
         _plot_fidelity(out, fid)
         lines += ["![proxy fidelity](fidelity.png)", ""]

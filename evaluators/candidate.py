@@ -11,6 +11,11 @@ Proxies (each result row names proxy, version, N and seed):
   the FP full-schedule teacher image from the same noise; ``paired_pixel_mse`` is reported beside it (always computed).
   It needs no reference data, but it measures closeness to the teacher's trajectories rather than sample quality: a
   few-step schedule whose samples are good but differ from the 100-step ones scores badly.
+
+The FP teacher (``teacher_steps`` of DDIM on the bank images) is sampled on first use: by the paired proxy, by the
+companion metrics (``companions=True``, the default: ``paired_feat`` and ``paired_pixel_mse`` beside a ``fid`` proxy)
+and by the report's FP grid. A search with the ``fid`` proxy leaves the companions out (``search.service``), which
+spares each worker the teacher's 100 FP steps (about 12 s at N = 128 on 2 cores).
 """
 from __future__ import annotations
 
@@ -55,17 +60,34 @@ class CandidateEvaluator:
         >>> ev.evaluate(candidate)["fid_proxy"]  # doctest: +SKIP
     """
 
-    def __init__(self, net, scheduler, extractor, ref: Reference | None, cfg: ProxyConfig):
-        from tmpq.schedules import make_timesteps
-
+    def __init__(self, net, scheduler, extractor, ref: Reference | None, cfg: ProxyConfig, companions: bool = True):
         cfg.validate()
         if cfg.name == "fid" and ref is None:
             raise TmpqError("proxy.name = fid needs reference statistics")
         self.net, self.scheduler, self.extractor, self.ref, self.cfg = net, scheduler, extractor, ref, cfg
+        self.companions = companions or cfg.name != "fid"
+        self._teacher: tuple[torch.Tensor, np.ndarray] | None = None
         net.set_fp()
-        teacher_ts = make_timesteps(cfg.teacher_schedule, cfg.teacher_steps, scheduler.config.num_train_timesteps)
-        self.teacher = self._sample(teacher_ts)
-        self.teacher_feats = extractor(self.teacher)
+
+    def _teacher_pair(self) -> tuple[torch.Tensor, np.ndarray]:
+        if self._teacher is None:
+            from tmpq.schedules import make_timesteps
+
+            ts = make_timesteps(self.cfg.teacher_schedule, self.cfg.teacher_steps,
+                                self.scheduler.config.num_train_timesteps)
+            with torch.no_grad():
+                imgs = self.images(ts, None)
+            self._teacher = (imgs, self.extractor(imgs))
+        return self._teacher
+
+    @property
+    def teacher(self) -> torch.Tensor:
+        """The FP teacher's images from the proxy's bank (sampled on first use)."""
+        return self._teacher_pair()[0]
+
+    @property
+    def teacher_feats(self) -> np.ndarray:
+        return self._teacher_pair()[1]
 
     def _sample(self, timesteps, on_step=None, n: int | None = None, seed: int | None = None) -> torch.Tensor:
         from tmpq.sampler import sample_images
@@ -110,8 +132,11 @@ class CandidateEvaluator:
         t0 = time.perf_counter()
         imgs = self.images(timesteps, bits, per_group_bits)
         feats = self.extractor(imgs)
-        out = {"paired_pixel_mse": float((imgs - self.teacher).pow(2).mean()),
-               "paired_feat": float(np.mean(np.sum((feats - self.teacher_feats) ** 2, axis=1)))}
+        out = {}
+        if self.companions:
+            teacher, teacher_feats = self._teacher_pair()
+            out.update({"paired_pixel_mse": float((imgs - teacher).pow(2).mean()),
+                        "paired_feat": float(np.mean(np.sum((feats - teacher_feats) ** 2, axis=1)))})
         if self.cfg.name == "fid":
             s = score_features(feats, self.ref)
             out.update({"fid_small": s["fid"], **({"kid_small": s["kid"]} if "kid" in s else {})})

@@ -32,6 +32,7 @@ class WorkerSpec:
     supernet_file: str
     proxy: dict
     threads: int = 1
+    companions: bool = True  # paired_feat / paired_pixel_mse beside a fid proxy (costs the FP teacher's sampling)
 
     def __call__(self):
         import torch
@@ -48,7 +49,7 @@ class WorkerSpec:
                                 self.proxy.get("inception_weights", ""))
         cfg = ProxyConfig(**self.proxy)
         ref = proxy_reference(cfg, ext, m.sample_shape[0])
-        return CandidateEvaluator(net, make_scheduler(m.scheduler_config), ext, ref, cfg)
+        return CandidateEvaluator(net, make_scheduler(m.scheduler_config), ext, ref, cfg, companions=self.companions)
 
 
 def run_fingerprint(cfg: RunConfig, model_fp: str) -> str:
@@ -209,7 +210,9 @@ def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=No
     del net
     proxy = json.loads(json.dumps(cfg.proxy.__dict__))
     if executor is None:
-        spec = WorkerSpec(cfg.model.path, str(sn_file.resolve()), proxy, cfg.executor.threads_per_worker)
+        # a fid-proxy search logs no paired companions: they would cost every worker the FP teacher's 100 steps
+        spec = WorkerSpec(cfg.model.path, str(sn_file.resolve()), proxy, cfg.executor.threads_per_worker,
+                          companions=False)
         if cfg.executor.kind == "ray":
             from search.executors import RayExecutor
 

@@ -82,3 +82,16 @@ def test_fp_reference_of_a_schedule(evaluator):
     fp = ev.evaluate(ts, None)
     assert fp["paired_pixel_mse"] == 0.0 and fp["fid_proxy"] == pytest.approx(0.0, abs=1e-9)
     assert ev.evaluate(ts, [(4, 6)] * net.num_genes)["paired_pixel_mse"] > 0.0
+
+
+def test_fid_proxy_without_companions_never_samples_the_teacher(evaluator):
+    ev, net = evaluator
+    cfg = ProxyConfig(name="fid", n_images=8, teacher_steps=20, batch_size=8)
+    ts, alloc = quadratic_timesteps(5), [(6, 6)] * net.num_genes
+    bare = CandidateEvaluator(net, ev.scheduler, ev.extractor, ev.ref, cfg, companions=False)
+    full = CandidateEvaluator(net, ev.scheduler, ev.extractor, ev.ref, cfg)
+    a, b = bare.evaluate(ts, alloc), full.evaluate(ts, alloc)
+    assert bare._teacher is None and "paired_feat" not in a and "paired_pixel_mse" not in a
+    assert a["fid_proxy"] == b["fid_proxy"] and b["paired_pixel_mse"] > 0
+    # the companions are the paired proxy's values: the same teacher, sampled on first use
+    assert torch.equal(full.teacher, ev.teacher)

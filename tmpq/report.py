@@ -28,7 +28,7 @@ def _fmt(v, spec=".4g") -> str:
 def _evaluator(run_path: Path, cfg: dict):
     from search.service import WorkerSpec
 
-    spec = WorkerSpec(cfg["model"]["path"], str(run_path / "supernet.safetensors"), cfg["proxy"], 2)
+    spec = WorkerSpec(cfg["model"]["path"], str(run_path / "supernet.safetensors"), cfg["proxy"], 2, companions=False)
     return spec()
 
 
@@ -75,7 +75,10 @@ def _grids(front, ev_factory, out: Path, progress: bool = False) -> dict[str, st
     if all((out / f).is_file() for f in names.values()):
         return names
     ev = ev_factory()
-    save_grid(ev.teacher[:GRID_N], out / names["fp"], nrow=8, scale=3)
+    from tmpq.schedules import make_timesteps
+
+    teacher_ts = make_timesteps(ev.cfg.teacher_schedule, ev.cfg.teacher_steps, ev.scheduler.config.num_train_timesteps)
+    save_grid(ev.images(teacher_ts, None, n=GRID_N), out / names["fp"], nrow=8, scale=3)
     for _, p in tqdm(list(front.iterrows()), desc="report: sample grids", disable=not progress, leave=False):
         f = out / names[p["key"]]
         if f.is_file():
