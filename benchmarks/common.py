@@ -1,9 +1,9 @@
-"""Helpers shared by the benchmark scripts (the row log lives in :mod:`tmpq.rowlog`, which the final evaluator uses
+"""Helpers shared by the benchmark scripts (the row log lives in :mod:`tmpq.core.rowlog`, which the final evaluator uses
 too)."""
 import json
 from pathlib import Path
 
-from tmpq.rowlog import RowLog, command_line, machine
+from tmpq.core.rowlog import RowLog, command_line, machine
 
 __all__ = ["RowLog", "baseline_fp_row", "command_line", "findings", "keep_raw", "machine", "run_evaluations"]
 
@@ -38,7 +38,7 @@ def keep_raw(run_path: Path) -> Path:
     so that a report rebuilds from a fresh clone, where the run directories (git-ignored) are absent."""
     import gzip
 
-    from tmpq.fileio import atomic_write_bytes, read_bytes
+    from tmpq.core.fileio import atomic_write_bytes, read_bytes
 
     raw = _raw_path(run_path)
     raw.parent.mkdir(parents=True, exist_ok=True)
@@ -52,10 +52,11 @@ def run_evaluations(run_path: Path):
     it is here, else from its committed raw log (``keep_raw``)."""
     import gzip
 
-    from search.rundir import EvalResult, results_frame
+    from tmpq.search.rundir import EvalResult, results_frame
+
     from tmpq.api import load_run
-    from tmpq.errors import TmpqError
-    from tmpq.fileio import malformed, parse_jsonl, read_bytes
+    from tmpq.core.errors import TmpqError
+    from tmpq.core.fileio import malformed, parse_jsonl, read_bytes
 
     run_path = Path(run_path)
     if (run_path / "config.resolved.json").is_file():

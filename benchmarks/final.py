@@ -62,14 +62,15 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from evaluators.final import ValidateConfig, validate_run
-    from search.service import fp_bitops, run_search
-    from search.space import SearchSpace
+    from tmpq.evaluators.final import ValidateConfig, validate_run
+    from tmpq.search.service import fp_bitops, run_search
+    from tmpq.search.space import SearchSpace
+
     from tmpq.api import load_run
     from tmpq.config import load_config
+    from tmpq.core.rowlog import command_line, machine
     from tmpq.deploy import measure_speed
     from tmpq.export import ensure_export
-    from tmpq.rowlog import command_line, machine
 
     out = Path(args.out)
     run_path = out / "run"
@@ -118,10 +119,11 @@ def fp_on_schedule(out: Path, best, args) -> dict:
     """FID of the FP model on the best point's own schedule (same N, same seeds as its validation): splits the gap to
     the FP 100-step FID into the part that fewer steps cost and the part that quantization adds. Cached in
     ``OUT/fp_schedule.json`` per schedule."""
-    from evaluators.features import make_extractor
-    from evaluators.quality import embedded_reference, evaluate_schedule
-    from tmpq.model import load_model
-    from tmpq.sampler import make_scheduler
+    from tmpq.evaluators.features import make_extractor
+    from tmpq.evaluators.quality import embedded_reference, evaluate_schedule
+
+    from tmpq.core.model import load_model
+    from tmpq.core.sampler import make_scheduler
 
     path = out / "fp_schedule.json"
     ts = [int(t) for t in best["timesteps"]]

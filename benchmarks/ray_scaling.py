@@ -22,14 +22,20 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import command_line, machine
-from tmpq.fileio import atomic_write_bytes
+from tmpq.core.fileio import atomic_write_bytes
 
 
 def build(cfg, work: Path):
     """The supernet file (calibrated once, as ``run_search`` does) and the search space of ``cfg``."""
-    from search.service import _time_groups, build_space, calibrate_to_file, supernet_config
-    from supernet import QuantSupernet
-    from tmpq.model import load_model
+    from tmpq.search.service import (
+        _time_groups,
+        build_space,
+        calibrate_to_file,
+        supernet_config,
+    )
+    from tmpq.supernet import QuantSupernet
+
+    from tmpq.core.model import load_model
 
     m = load_model(None if cfg.model.path == "embedded" else cfg.model.path)
     groups, step_groups = _time_groups(cfg, m, None)  # before wrapping: a sensitivity grouping profiles the FP model
@@ -66,8 +72,9 @@ def time_executor(make, tasks, warmup, workers: int) -> tuple[dict, float, float
 
 
 def main(argv: list[str] | None = None) -> None:
-    from search.executors import LocalExecutor, RayExecutor, Task
-    from search.service import WorkerSpec
+    from tmpq.search.executors import LocalExecutor, RayExecutor, Task
+    from tmpq.search.service import WorkerSpec
+
     from tmpq.config import load_config
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

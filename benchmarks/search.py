@@ -44,10 +44,11 @@ FP_SCHEDULES = [(sched, n) for sched in ("uniform", "quad") for n in (5, 10, 20)
 def supernet_file(args, out: Path) -> Path:
     """Calibrate the benchmark's supernet (the default but for ``run_pins``) once (resumable per option) and keep it
     for every part."""
-    from search.service import calibrate_to_file, supernet_config
-    from supernet import QuantSupernet
+    from tmpq.search.service import calibrate_to_file, supernet_config
+    from tmpq.supernet import QuantSupernet
+
     from tmpq.config import config_from_dict
-    from tmpq.model import load_model
+    from tmpq.core.model import load_model
 
     path = out / "supernet.safetensors"
     if path.is_file():
@@ -85,7 +86,7 @@ def run_config(args, sn: Path, **search):
 
 def search(args, log: RowLog, name: str, sn: Path, **search) -> Path:
     """Run (or resume, or skip when finished) one search; returns its run directory."""
-    from search.service import run_search
+    from tmpq.search.service import run_search
 
     path = Path(args.out) / "runs" / name
     if log.has(kind="search", name=name):
@@ -124,7 +125,7 @@ def seed_points(run_path: Path) -> np.ndarray:
 
 
 def evaluator(args, sn: Path):
-    from search.service import WorkerSpec
+    from tmpq.search.service import WorkerSpec
 
     spec = WorkerSpec("embedded", str(sn), {"name": args.proxy, "n_images": args.proxy_n}, args.threads)
     return spec()
@@ -132,7 +133,7 @@ def evaluator(args, sn: Path):
 
 def baseline_points(args, log: RowLog, sn: Path) -> list[dict]:
     """Uniform W8A8 / W6A6 / W4A8 x uniform / quad DDIM x 5 / 10 / 20 steps, scored with the search's proxy."""
-    from tmpq.schedules import make_timesteps
+    from tmpq.core.schedules import make_timesteps
 
     ev, rows = None, []
     for w, a, sched, n in UNIFORM_BASELINES:
@@ -161,10 +162,11 @@ def baseline_points(args, log: RowLog, sn: Path) -> list[dict]:
 # -- parts -------------------------------------------------------------------------------------------------------------
 def part_fidelity(args, log: RowLog, sn: Path) -> None:
     """>= 30 diverse candidates: each proxy (and its wall time) vs FID at N = 10,000 on the same candidate."""
-    from evaluators.quality import embedded_reference, score_features
-    from search.groups import quadratic_groups, uniform_groups
-    from search.space import SearchSpace
-    from tmpq.sampler import sample_images
+    from tmpq.evaluators.quality import embedded_reference, score_features
+    from tmpq.search.groups import quadratic_groups, uniform_groups
+    from tmpq.search.space import SearchSpace
+
+    from tmpq.core.sampler import sample_images
 
     ev = evaluator(args, sn)
     # diverse candidates: step count (5-20), grouping (quad / uniform), one timestep drawn per group, and random bits
@@ -241,7 +243,7 @@ def log_proxy(p: np.ndarray) -> np.ndarray:
 
 def _small_n_scores(feats: np.ndarray, ref, ns) -> dict:
     """FID and KID of the first n feature rows, for each n in ``ns``."""
-    from evaluators.quality import score_features
+    from tmpq.evaluators.quality import score_features
 
     out = {}
     for n in ns:
@@ -284,10 +286,11 @@ GROUPING_STEPS = (5, 7, 10, 14, 20)
 def fp_grouping_rows(args, log: RowLog, sn: Path) -> None:
     """The FP model on each grouping's seed schedule (every group's first timestep) at 5-20 steps, same proxy: how
     good a schedule each grouping starts its search from."""
-    from search.groups import make_groups
-    from search.sensitivity import PROFILES
-    from tmpq.model import load_model
-    from tmpq.sampler import make_scheduler
+    from tmpq.search.groups import make_groups
+    from tmpq.search.sensitivity import PROFILES
+
+    from tmpq.core.model import load_model
+    from tmpq.core.sampler import make_scheduler
 
     ev, profiles = None, {}
     for kind in ("uniform", "quad", "error", "sensitivity"):
@@ -319,8 +322,7 @@ def part_grouping(args, log: RowLog, sn: Path) -> None:
 # -- report ------------------------------------------------------------------------------------------------------------
 def write_report(args, log: RowLog) -> None:
     from scipy.stats import kendalltau
-
-    from search.pareto import dominates_all, hypervolume_2d, non_dominated
+    from tmpq.search.pareto import dominates_all, hypervolume_2d, non_dominated
 
     out = Path(args.out)
     rows = list(log.rows.values())
@@ -470,7 +472,7 @@ def _ceiling(all_pts: dict, hv: dict, refpt: np.ndarray, seeds: int) -> list[str
     """How far above the seeded random search any front could be: the front of every evaluation of every run here
     together (the best known), and the utopia box (one point with the lowest proxy and the lowest BitOPs any run
     reached; no front of these candidates can exceed it), as multiples of the mean random run's hypervolume."""
-    from search.pareto import hypervolume_2d
+    from tmpq.search.pareto import hypervolume_2d
 
     rnd = [hv[f"random-s{s}"] for s in range(seeds) if f"random-s{s}" in hv]
     if not rnd:
@@ -496,7 +498,7 @@ AXES_RUNS = {"time-w8a8": "timestep-only, bits held at uniform W8A8", "time-w6a6
 def _axes_table(all_pts: dict, refpt: np.ndarray) -> list[str]:
     """The joint search (pymoo-s0: quadratic groups) against the single-axis and other-grouping searches: hypervolume
     on linear and log10 proxy, and coverage both ways (share of one front weakly dominated by the other's front)."""
-    from search.pareto import dominates_all, hypervolume_2d, non_dominated
+    from tmpq.search.pareto import dominates_all, hypervolume_2d, non_dominated
 
     joint = all_pts.get("pymoo-s0")
     pts = dict(all_pts)
@@ -550,8 +552,7 @@ def _plot(out: Path, all_pts: dict, base: list[dict]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from search.pareto import non_dominated
+    from tmpq.search.pareto import non_dominated
 
     panels = [("engines (seed 0)", [k for k in sorted(all_pts) if k.endswith("-s0")]),
               ("joint vs single-axis, groupings", ["pymoo-s0"] + [k for k in AXES_RUNS if k in all_pts])]

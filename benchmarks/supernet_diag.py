@@ -29,11 +29,12 @@ from benchmarks.common import RowLog
 
 
 def main() -> None:
-    from supernet import QuantSupernet, SupernetConfig
-    from supernet.calib_data import make_calib_data
-    from tmpq.model import load_model
-    from tmpq.sampler import make_scheduler, sample_images
-    from tmpq.schedules import make_timesteps
+    from tmpq.supernet import QuantSupernet, SupernetConfig
+    from tmpq.supernet.calib_data import make_calib_data
+
+    from tmpq.core.model import load_model
+    from tmpq.core.sampler import make_scheduler, sample_images
+    from tmpq.core.schedules import make_timesteps
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bits", type=int, default=8, help="the uniform option: W{bits}A{bits} (A8 when A{bits} is "
@@ -74,8 +75,8 @@ def main() -> None:
             mse = float((sample_images(model, sched, ts, args.n, seed=0, progress=False) - teacher).pow(2).mean())
             row = {"setting": setting, **key, "paired_mse": mse, "group_starts": model.starts}
             if args.fid_n:  # the protocol of benchmarks.supernet's quality part: noise seed 0, domain extractor
-                from evaluators.features import make_extractor
-                from evaluators.quality import embedded_reference, score_features
+                from tmpq.evaluators.features import make_extractor
+                from tmpq.evaluators.quality import embedded_reference, score_features
 
                 ext = make_extractor("domain")
                 imgs = sample_images(model, sched, ts, args.fid_n, seed=0, desc=f"G = {g}")
@@ -139,9 +140,9 @@ class _ByTime(torch.nn.Module):
 
 def _time_grouped(data, cfg, groups: int, bits: int) -> _ByTime:
     import numpy as np
+    from tmpq.supernet import QuantSupernet
 
-    from supernet import QuantSupernet
-    from tmpq.model import load_model
+    from tmpq.core.model import load_model
 
     parts = np.array_split(np.unique(data.t.numpy()), groups)
     nets = []

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tmpq.evaluators.quality import Reference, score_features
 
-from evaluators.quality import Reference, score_features
-from tmpq.errors import TmpqError
+from tmpq.core.errors import TmpqError
 
 PROXIES = ("paired-feat", "fid")
 PROXY_VERSION = 1
@@ -71,7 +71,7 @@ class CandidateEvaluator:
 
     def _teacher_pair(self) -> tuple[torch.Tensor, np.ndarray]:
         if self._teacher is None:
-            from tmpq.schedules import make_timesteps
+            from tmpq.core.schedules import make_timesteps
 
             ts = make_timesteps(self.cfg.teacher_schedule, self.cfg.teacher_steps,
                                 self.scheduler.config.num_train_timesteps)
@@ -90,7 +90,7 @@ class CandidateEvaluator:
         return self._teacher_pair()[1]
 
     def _sample(self, timesteps, on_step=None, n: int | None = None, seed: int | None = None) -> torch.Tensor:
-        from tmpq.sampler import sample_images
+        from tmpq.core.sampler import sample_images
 
         n = self.cfg.n_images if n is None else n
         return sample_images(self.net.unet, self.scheduler, timesteps, n, seed=self.cfg.seed if seed is None else seed,
@@ -178,7 +178,7 @@ def scoring_extractor(channels: int, name: str = "auto", inception_weights: str 
     """The extractor that scores a model's images. ``auto``: the domain (digit) classifier for 1-channel models, the
     seeded random CNN on the model's channels otherwise; ``inception``: pytorch-fid's InceptionV3 from a local
     weights file. Reference statistics must come from the same extractor (its fingerprint is checked)."""
-    from evaluators.features import RandomExtractor, make_extractor
+    from tmpq.evaluators.features import RandomExtractor, make_extractor
 
     check_extractor(channels, name, inception_weights)
     if name == "auto":
@@ -194,10 +194,10 @@ def quality_reference(reference: str, extractor, channels: int, key: str = "prox
     naming ``key``, with ``hint``)."""
     check_reference(reference, channels, key, hint)
     if reference:
-        from evaluators.quality import load_reference
+        from tmpq.evaluators.quality import load_reference
 
         return load_reference(reference, extractor)
-    from evaluators.quality import embedded_reference
+    from tmpq.evaluators.quality import embedded_reference
 
     return embedded_reference(extractor)
 

@@ -13,10 +13,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from tmpq.data import data_fingerprint, load_digits
-from tmpq.errors import TmpqError
+from tmpq.core.data import data_fingerprint, load_digits
+from tmpq.core.errors import TmpqError
+from tmpq.core.model import ASSETS
 
-CLASSIFIER_DIR = Path(__file__).resolve().parent.parent / "tmpq" / "assets" / "mnist16-classifier"
+CLASSIFIER_DIR = ASSETS / "mnist16-classifier"
 FEATURE_DIM = 128
 
 
@@ -127,7 +128,7 @@ def load_classifier(path: Path | str | None = None) -> tuple[DigitClassifier, di
     """Load the committed domain classifier (or one at ``path``)."""
     from safetensors.torch import load_file
 
-    from tmpq.model import check_safetensors
+    from tmpq.core.model import check_safetensors
 
     d = Path(path) if path else CLASSIFIER_DIR
     weights, man = d / "model.safetensors", d / "manifest.json"

@@ -15,8 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from tmpq.errors import TmpqError
-from tmpq.fileio import file_sha256
+from tmpq.core.errors import TmpqError
+from tmpq.core.fileio import file_sha256
 
 EXTRACTORS = ("domain", "inception", "random")
 
@@ -58,7 +58,11 @@ class DomainExtractor(FeatureExtractor):
     name = "domain"
 
     def __init__(self, path: Path | str | None = None):
-        from evaluators.classifier import CLASSIFIER_DIR, FEATURE_DIM, load_classifier
+        from tmpq.evaluators.classifier import (
+            CLASSIFIER_DIR,
+            FEATURE_DIM,
+            load_classifier,
+        )
 
         self.model, self.manifest = load_classifier(path)
         if not self.manifest.get("feature_scale"):

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tmpq.errors import TmpqError
-from tmpq.fileio import atomic_write
+from tmpq.core.errors import TmpqError
+from tmpq.core.fileio import atomic_write
 
 STATS_FORMAT = "tmpq.feature-stats"
 STATS_VERSION = 1

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from tmpq.errors import TmpqError
-from tmpq.rowlog import parse_row
+from tmpq.core.errors import TmpqError
+from tmpq.core.rowlog import parse_row
 
 FINAL_VERSION = 1
 
@@ -62,7 +62,7 @@ def choose_points(front, cfg: ValidateConfig):
 
 def _capture_along(unet, scheduler, timesteps, n: int, seed: int, batch: int = 64):
     """(x_t, t) batches of the FP sampler along exactly ``timesteps`` (n trajectories; every step kept)."""
-    from tmpq.sampler import NoiseBank, sample_batch
+    from tmpq.core.sampler import NoiseBank, sample_batch
 
     size = unet.config.sample_size
     shape = (unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
@@ -81,7 +81,7 @@ def _capture_along(unet, scheduler, timesteps, n: int, seed: int, batch: int = 6
 
 
 def _model(run_cfg: dict):
-    from tmpq.model import load_model
+    from tmpq.core.model import load_model
 
     path = run_cfg["model"]["path"]
     return load_model(None if path == "embedded" else path)
@@ -89,10 +89,11 @@ def _model(run_cfg: dict):
 
 def recalibrate_point(run_path: Path, key: str, timesteps, bits, cfg: ValidateConfig, progress: bool = True):
     """A pinned supernet for exactly this allocation, calibrated on data along this schedule; returns (net, info)."""
-    from quant.distill import distill_scales, frozen_copy
-    from supernet import QuantSupernet, SupernetConfig
-    from supernet.supernet import read_supernet_file
-    from tmpq.sampler import make_scheduler
+    from tmpq.quant.distill import distill_scales, frozen_copy
+    from tmpq.supernet import QuantSupernet, SupernetConfig
+    from tmpq.supernet.supernet import read_supernet_file
+
+    from tmpq.core.sampler import make_scheduler
 
     m = _model(json.loads((run_path / "config.resolved.json").read_text()))
     teacher = frozen_copy(m.unet)
@@ -136,11 +137,16 @@ def recalibrate_point(run_path: Path, key: str, timesteps, bits, cfg: ValidateCo
 
 def validate_run(run_path: str | Path, cfg: ValidateConfig, progress: bool = True):
     """Validate the chosen Pareto points of a run; returns the per-point DataFrame (also ``RUN/final.parquet``)."""
-    from evaluators.candidate import check_reference, quality_reference, scoring_extractor
-    from evaluators.quality import score_features
+    from tmpq.evaluators.candidate import (
+        check_reference,
+        quality_reference,
+        scoring_extractor,
+    )
+    from tmpq.evaluators.quality import score_features
+
     from tmpq.api import load_run
-    from tmpq.rowlog import RowLog
-    from tmpq.sampler import sample_images
+    from tmpq.core.rowlog import RowLog
+    from tmpq.core.sampler import sample_images
 
     cfg.validate()
     run = load_run(run_path)
@@ -207,7 +213,7 @@ def _write_summary(run_path: Path, log, settings: str, cfg: ValidateConfig):
     import pandas as pd
     from scipy.stats import kendalltau, spearmanr
 
-    from tmpq.fileio import atomic_write, atomic_write_bytes
+    from tmpq.core.fileio import atomic_write, atomic_write_bytes
 
     rows = [r for r in log.rows.values() if r["settings"] == settings and r["n"] == cfg.n]
     if not rows:
@@ -236,7 +242,7 @@ def best_validated(run_path: str | Path, bitops_budget: float | None = None) -> 
     p = Path(run_path) / "final.parquet"
     if not p.is_file():
         return None
-    from tmpq.fileio import read_parquet
+    from tmpq.core.fileio import read_parquet
 
     df = read_parquet(p, "validation summary", ("bitops", "fid_mean"))
     if bitops_budget is not None:

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-
-from quant.functional import channel_view
-from quant.quantizer import AffineQuantizer, QuantError
+from tmpq.quant.functional import channel_view
+from tmpq.quant.quantizer import AffineQuantizer, QuantError
 
 ZETA, GAMMA = 1.1, -0.1
 

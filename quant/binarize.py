@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-
-from quant.functional import channel_view
-from quant.quantizer import QuantError
+from tmpq.quant.functional import channel_view
+from tmpq.quant.quantizer import QuantError
 
 BINARY_BITS = (1, 2)
 

@@ -13,9 +13,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from quant.binarize import MultiBasisBinarizer
-from quant.layers import QuantLayer
+from tmpq.quant.binarize import MultiBasisBinarizer
+from tmpq.quant.layers import QuantLayer
 
 
 def _make_scale_learnable(q: nn.Module) -> nn.Parameter:

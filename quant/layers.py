@@ -20,9 +20,8 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from quant.functional import fake_quant_split_inference
-from quant.quantizer import AffineQuantizer, QuantError
+from tmpq.quant.functional import fake_quant_split_inference
+from tmpq.quant.quantizer import AffineQuantizer, QuantError
 
 
 class QuantLayer(nn.Module):
@@ -52,11 +51,11 @@ class QuantLayer(nn.Module):
 
         def weight_quantizer(b: int) -> nn.Module:
             if b == 1 or (b == 2 and w_two_bit == "multibasis"):  # BinaryDM-style sign bases, one per bit
-                from quant.binarize import MultiBasisBinarizer
+                from tmpq.quant.binarize import MultiBasisBinarizer
 
                 return MultiBasisBinarizer(b, weight.shape[0])
             if w_rounding == "adaround":
-                from quant.adaround import AdaRoundQuantizer
+                from tmpq.quant.adaround import AdaRoundQuantizer
 
                 return AdaRoundQuantizer(b, tuple(weight.shape), w_symmetric, w_observer)
             return AffineQuantizer(b, w_symmetric, w_granularity, channels=weight.shape[0], group_size=group_size,

@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-
-from quant.functional import (affine_params, channel_view, fake_quant, fake_quant_inference, from_groups, qrange,
-                              to_groups)
+from tmpq.quant.functional import (
+    affine_params,
+    channel_view,
+    fake_quant,
+    fake_quant_inference,
+    from_groups,
+    qrange,
+    to_groups,
+)
 
 GRANULARITIES = ("tensor", "channel", "group")
 OBSERVERS = ("minmax", "percentile", "mse")

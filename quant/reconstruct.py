@@ -11,9 +11,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-
-from quant.adaround import AdaRoundQuantizer
-from quant.layers import QuantLayer, correct_bias
+from tmpq.quant.adaround import AdaRoundQuantizer
+from tmpq.quant.layers import QuantLayer, correct_bias
 
 
 @dataclass

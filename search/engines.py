@@ -22,9 +22,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from tmpq.search.space import SearchSpace
 
-from search.space import SearchSpace
-from tmpq.errors import TmpqError
+from tmpq.core.errors import TmpqError
 
 ENGINES = ("pymoo", "optuna", "paper-ea", "random")
 
@@ -247,7 +247,7 @@ def optuna_study_for_run(run_path: Path, storage: str = "") -> tuple[str, str]:
     made once per run (``tmpq-<run directory name>-<8 hex>``) and kept in ``<run>/optuna.json``, so a resume finds
     its own study, also in a database that many runs share.
     """
-    from tmpq.fileio import atomic_write_bytes
+    from tmpq.core.fileio import atomic_write_bytes
 
     run_path = Path(run_path)
     url = storage or f"sqlite:///{(run_path / 'optuna.db').resolve()}"

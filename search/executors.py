@@ -11,7 +11,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from tmpq.errors import TmpqError
+from tmpq.core.errors import TmpqError
 
 
 @dataclass(frozen=True)

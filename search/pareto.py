@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from tmpq.errors import TmpqError
+from tmpq.core.errors import TmpqError
 
 
 def non_dominated(points: np.ndarray) -> np.ndarray:

@@ -15,8 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from tmpq.errors import TmpqError
-from tmpq.fileio import atomic_write_bytes, lacks_final_newline, read_json, read_jsonl, repair_jsonl_tail
+from tmpq.core.errors import TmpqError
+from tmpq.core.fileio import (
+    atomic_write_bytes,
+    lacks_final_newline,
+    read_json,
+    read_jsonl,
+    repair_jsonl_tail,
+)
 
 RESULT_VERSION = 1
 
@@ -196,7 +202,7 @@ def run_objectives(config: dict) -> tuple[str, ...]:
 
 def pareto_frame(df, objectives: tuple[str, ...] = ("fid_proxy", "bitops")):
     """Non-dominated ``ok`` rows (duplicate keys collapsed), sorted by the last objective."""
-    from search.pareto import non_dominated
+    from tmpq.search.pareto import non_dominated
 
     if df.empty or any(o not in df.columns for o in objectives):
         return df.iloc[0:0]

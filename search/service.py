@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tmpq.search.rundir import EvalResult, RunDir
 from tqdm.auto import tqdm
 
-from search.rundir import EvalResult, RunDir
 from tmpq.config import _FP_FRACTION, _UNIFORM, RunConfig
-from tmpq.errors import TmpqError
+from tmpq.core.errors import TmpqError
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +36,16 @@ class WorkerSpec:
 
     def __call__(self):
         import torch
+        from tmpq.evaluators.candidate import (
+            CandidateEvaluator,
+            ProxyConfig,
+            proxy_reference,
+            scoring_extractor,
+        )
+        from tmpq.supernet import QuantSupernet
 
-        from evaluators.candidate import CandidateEvaluator, ProxyConfig, proxy_reference, scoring_extractor
-        from supernet import QuantSupernet
-        from tmpq.model import load_model
-        from tmpq.sampler import make_scheduler
+        from tmpq.core.model import load_model
+        from tmpq.core.sampler import make_scheduler
 
         torch.set_num_threads(self.threads)
         m = load_model(None if self.model == "embedded" else self.model)
@@ -53,7 +58,7 @@ class WorkerSpec:
 
 
 def run_fingerprint(cfg: RunConfig, model_fp: str) -> str:
-    from tmpq.data import data_fingerprint
+    from tmpq.core.data import data_fingerprint
 
     # The executor section is left out: local and Ray give bit-identical evaluations at the same threads_per_worker
     # (tests/test_search_ray.py), so a run may resume on another executor or at a new cluster address.
@@ -102,7 +107,7 @@ def _time_groups(cfg: RunConfig, m, resumed_run: Path | None):
     grouping per step choice. ``sensitivity`` and ``error`` profile the FP model once (64 bank images along 100-step
     uniform DDIM, seed = search.seed); a resumed run reuses the groups stored in its search_space.json, so round-off
     in a re-profile can never change the space under a running search."""
-    from search.groups import TimeGroups, make_groups
+    from tmpq.search.groups import TimeGroups, make_groups
 
     kind, T = cfg.search.grouping, m.num_train_timesteps
     choices = cfg.search.step_choices or (cfg.search.steps,)
@@ -111,15 +116,16 @@ def _time_groups(cfg: RunConfig, m, resumed_run: Path | None):
     else:
         stored = resumed_run / "search_space.json" if resumed_run is not None else None
         if stored is not None and stored.is_file():
-            from tmpq.fileio import malformed, read_json
+            from tmpq.core.fileio import malformed, read_json
 
             d = read_json(stored, "search space")
             with malformed(stored, "search space"):
                 found = [TimeGroups.from_dict(g) for g in d.get("step_groups") or [d["groups"]]]
             per = {g.n: g for g in found}
         else:
-            from search.sensitivity import PROFILES
-            from tmpq.sampler import make_scheduler
+            from tmpq.search.sensitivity import PROFILES
+
+            from tmpq.core.sampler import make_scheduler
 
             prof = PROFILES[kind](m.unet, make_scheduler(m.scheduler_config), seed=cfg.search.seed)
             per = {n: make_groups(kind, n, T, prof) for n in choices}
@@ -130,7 +136,7 @@ def _time_groups(cfg: RunConfig, m, resumed_run: Path | None):
 def check_proxy(cfg: RunConfig, channels: int) -> None:
     """Refuse, before any run directory exists, a proxy whose extractor cannot read this model's images (or has no
     weights file), and a ``fid`` proxy that has no reference for this model."""
-    from evaluators.candidate import check_extractor, check_reference
+    from tmpq.evaluators.candidate import check_extractor, check_reference
 
     check_extractor(channels, cfg.proxy.extractor, cfg.proxy.inception_weights)
     if cfg.proxy.name == "fid":
@@ -142,7 +148,7 @@ def build_space(cfg: RunConfig, net, groups, step_groups=()):
     axes, with its BitOPs and size budgets."""
     from dataclasses import replace
 
-    from search.space import SearchSpace
+    from tmpq.search.space import SearchSpace
 
     space = SearchSpace.from_supernet(net, groups, per_group_bits=cfg.search.per_group_bits, step_groups=step_groups)
     space = space.restrict(cfg.search.axes, _uniform_option(cfg.search.fixed_bits, "search.fixed_bits"))
@@ -152,8 +158,8 @@ def build_space(cfg: RunConfig, net, groups, step_groups=()):
 
 def supernet_config(cfg: RunConfig):
     """The ``SupernetConfig`` of a run's ``[supernet]`` section."""
-    from supernet import SupernetConfig
-    from supernet.config import TIE_QKV
+    from tmpq.supernet import SupernetConfig
+    from tmpq.supernet.config import TIE_QKV
 
     sc = cfg.supernet
     return SupernetConfig(w_bits=sc.w_bits, a_bits=sc.a_bits, w_rounding=sc.w_rounding,
@@ -166,8 +172,9 @@ def supernet_config(cfg: RunConfig):
 def calibrate_to_file(cfg: RunConfig, m, net, sn_file: Path, progress: bool = True) -> None:
     """Calibrate ``net`` (over the FP model ``m``) as the run's ``[calibration]`` section says and save it to
     ``sn_file``; resumable per option through ``supernet.partial.safetensors`` beside it."""
-    from supernet.calib_data import make_calib_data
-    from tmpq.sampler import make_scheduler
+    from tmpq.supernet.calib_data import make_calib_data
+
+    from tmpq.core.sampler import make_scheduler
 
     cal = cfg.calibration
     partial = Path(sn_file).parent / "supernet.partial.safetensors"
@@ -183,9 +190,10 @@ def calibrate_to_file(cfg: RunConfig, m, net, sn_file: Path, progress: bool = Tr
 
 def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=None, progress: bool = True) -> RunDir:
     """Run (or resume) a search; returns the run directory. ``executor`` overrides the configured one (tests)."""
-    from search.engines import make_engine
-    from supernet import QuantSupernet
-    from tmpq.model import load_model
+    from tmpq.search.engines import make_engine
+    from tmpq.supernet import QuantSupernet
+
+    from tmpq.core.model import load_model
 
     m = load_model(None if cfg.model.path == "embedded" else cfg.model.path)
     check_proxy(cfg, m.sample_shape[0])
@@ -202,7 +210,7 @@ def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=No
         run = RunDir.create(run_path, cfg.to_dict(), space.to_dict(), fp)
     sn_file = run.path / "supernet.safetensors"
     if not sn_file.is_file() and given is not None:
-        from tmpq.fileio import atomic_write_bytes
+        from tmpq.core.fileio import atomic_write_bytes
 
         atomic_write_bytes(sn_file, given.read_bytes())
     if not sn_file.is_file():
@@ -214,7 +222,7 @@ def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=No
         spec = WorkerSpec(cfg.model.path, str(sn_file.resolve()), proxy, cfg.executor.threads_per_worker,
                           companions=False)
         if cfg.executor.kind == "ray":
-            from search.executors import RayExecutor
+            from tmpq.search.executors import RayExecutor
 
             executor = RayExecutor(spec, workers=cfg.executor.workers, threads_per_worker=cfg.executor.threads_per_worker,
                                    timeout_s=cfg.executor.timeout_s, retries=cfg.executor.retries,
@@ -228,17 +236,17 @@ def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=No
             if progress:
                 print("Ray workers: " + ", ".join(executor.names), flush=True)
         else:
-            from search.executors import LocalExecutor
+            from tmpq.search.executors import LocalExecutor
 
             executor = LocalExecutor(spec)
     # the first generation starts from the uniform options at every step choice (at most half of it)
     seeds = space.uniform_seeds(max(1, cfg.search.population // 2)) if cfg.search.uniform_seeds else []
     storage = study_name = None
     if cfg.search.engine == "optuna":  # a persistent study: resume continues it from engine.generation
-        from search.engines import optuna_study_for_run
+        from tmpq.search.engines import optuna_study_for_run
 
         storage, study_name = optuna_study_for_run(run.path, cfg.search.storage)
-    from search.rundir import run_objectives
+    from tmpq.search.rundir import run_objectives
 
     obj_names = run_objectives(cfg.to_dict())
     engine = make_engine(cfg.search.engine, space, seed=cfg.search.seed, population=cfg.search.population,
@@ -251,7 +259,7 @@ def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=No
             genomes = engine.ask()
             cands = [space.decode(g) for g in genomes]
             todo, seen_now = [], set()
-            from search.executors import Task
+            from tmpq.search.executors import Task
 
             for c in cands:
                 if c.key not in logged and c.key not in seen_now:

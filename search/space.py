@@ -18,9 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from tmpq.search.groups import TimeGroups
 
-from search.groups import TimeGroups
-from tmpq.errors import TmpqError
+from tmpq.core.errors import TmpqError
 
 SPACE_FORMAT = "tmpq.search-space"
 SPACE_VERSION = 1

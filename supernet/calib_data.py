@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tmpq.errors import TmpqError
-from tmpq.sampler import NoiseBank, sample_batch
-from tmpq.schedules import make_timesteps
+from tmpq.core.errors import TmpqError
+from tmpq.core.sampler import NoiseBank, sample_batch
+from tmpq.core.schedules import make_timesteps
 
 STRATEGIES = ("uniform", "ndtc", "eda")
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+from tmpq.quant.layers import WRAPPERS, QuantLayer, correct_bias, wrap
+from tmpq.supernet.config import LayerInfo, SupernetConfig
 from tqdm.auto import tqdm
 
-from quant.layers import WRAPPERS, QuantLayer, correct_bias, wrap
-from supernet.config import LayerInfo, SupernetConfig
-from tmpq.errors import TmpqError
+from tmpq.core.errors import TmpqError
 
 SUPERNET_FORMAT = "tmpq.supernet"
 SUPERNET_VERSION = 2  # 2: optional time_groups (banks + time_starts); v1 files load unchanged
@@ -82,7 +82,7 @@ class QuantSupernet(nn.Module):
     """Wrap ``unet`` in place; ``set_bits`` selects any per-gene allocation instantly.
 
     Example:
-        >>> from tmpq.model import load_model
+        >>> from tmpq.core.model import load_model
         >>> net = QuantSupernet(load_model().unet, SupernetConfig())
         >>> net.set_uniform(8, 8)   # after calibrate(); doctest: +SKIP
     """
@@ -315,7 +315,7 @@ class QuantSupernet(nn.Module):
                     progress: bool = True) -> list[dict]:
         """BRECQ / AdaRound for every weight option, block by block (whole model at that option, as the authors'
         code). Needs ``w_rounding = "adaround"`` and frozen activation quantizers (``calibrate`` first)."""
-        from quant.reconstruct import capture_block, reconstruct_block
+        from tmpq.quant.reconstruct import capture_block, reconstruct_block
 
         if self.config.w_rounding != "adaround":
             raise TmpqError("reconstruction needs supernet.w_rounding = adaround")
@@ -470,7 +470,7 @@ class QuantSupernet(nn.Module):
         (atomic write: a crash leaves the previous file)."""
         from safetensors.torch import save
 
-        from tmpq.fileio import atomic_write_bytes
+        from tmpq.core.fileio import atomic_write_bytes
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -501,7 +501,7 @@ class QuantSupernet(nn.Module):
     def load(self, path: Path | str, allow_partial: bool = False) -> dict:
         """Load quantizer state saved by :meth:`save`; refuses a file for another model or config, and an unfinished
         calibration unless ``allow_partial``. Returns the calibration progress record."""
-        from tmpq.fileio import malformed
+        from tmpq.core.fileio import malformed
 
         path = Path(path)
         meta, state = read_supernet_file(path, tensors=True)

@@ -40,8 +40,9 @@ def interrupted_then_resumed(cfg, data, ckpt, die_at: int):
     """Calibrate a tiny-UNet supernet of ``cfg`` with ``checkpoint=ckpt``, killed (KeyboardInterrupt) in its
     ``die_at``-th observation pass; check the unfinished checkpoint is refused; resume it in a fresh supernet.
     Returns ``(resumed net, observation passes the resumed run made)``."""
-    from supernet import QuantSupernet
-    from tmpq.errors import TmpqError
+    from tmpq.supernet import QuantSupernet
+
+    from tmpq.core.errors import TmpqError
 
     first = QuantSupernet(tiny_unet(), cfg)
     calls = {"n": 0}
@@ -69,7 +70,7 @@ def interrupted_then_resumed(cfg, data, ckpt, die_at: int):
 
 @pytest.fixture
 def tiny_model_dir(tmp_path: Path) -> Path:
-    from tmpq.model import embedded_scheduler_config, save_pipeline_dir
+    from tmpq.core.model import embedded_scheduler_config, save_pipeline_dir
 
     out = tmp_path / "tiny-ddpm"
     save_pipeline_dir(tiny_unet(), embedded_scheduler_config(), out)

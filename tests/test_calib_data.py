@@ -1,11 +1,11 @@
 import pytest
 import torch
-
 from conftest import tiny_unet
-from supernet.calib_data import make_calib_data
-from tmpq.errors import TmpqError
-from tmpq.model import embedded_scheduler_config
-from tmpq.sampler import make_scheduler
+from tmpq.supernet.calib_data import make_calib_data
+
+from tmpq.core.errors import TmpqError
+from tmpq.core.model import embedded_scheduler_config
+from tmpq.core.sampler import make_scheduler
 
 
 @pytest.mark.parametrize("strategy", ["uniform", "ndtc", "eda"])
@@ -27,7 +27,7 @@ def test_uniform_covers_the_trajectory_and_ndtc_leans_clean():
 
 def test_captured_inputs_are_real_trajectory_states():
     """The first captured state of the uniform strategy is the bank's initial noise."""
-    from tmpq.sampler import NoiseBank
+    from tmpq.core.sampler import NoiseBank
 
     unet, sched = tiny_unet(), make_scheduler(embedded_scheduler_config())
     data = make_calib_data(unet, sched, "uniform", n_steps=2, per_step=3, sampler_steps=5, seed=123)

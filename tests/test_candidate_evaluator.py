@@ -1,16 +1,16 @@
 import pytest
 import torch
-
 from conftest import tiny_unet
-from evaluators.candidate import CandidateEvaluator, ProxyConfig
-from evaluators.features import RandomExtractor
-from evaluators.fid import FeatureStats
-from evaluators.quality import Reference
-from supernet import QuantSupernet, SupernetConfig
-from tmpq.errors import TmpqError
-from tmpq.model import embedded_scheduler_config
-from tmpq.sampler import make_scheduler
-from tmpq.schedules import quadratic_timesteps
+from tmpq.evaluators.candidate import CandidateEvaluator, ProxyConfig
+from tmpq.evaluators.features import RandomExtractor
+from tmpq.evaluators.fid import FeatureStats
+from tmpq.evaluators.quality import Reference
+from tmpq.supernet import QuantSupernet, SupernetConfig
+
+from tmpq.core.errors import TmpqError
+from tmpq.core.model import embedded_scheduler_config
+from tmpq.core.sampler import make_scheduler
+from tmpq.core.schedules import quadratic_timesteps
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_per_group_bits_switch_per_step(evaluator):
 
 def test_fp_reference_of_a_schedule(evaluator):
     ev, net = evaluator
-    from tmpq.schedules import make_timesteps
+    from tmpq.core.schedules import make_timesteps
 
     ts = make_timesteps("uniform", 20)  # the teacher's own schedule (uniform, 20 steps): FP gives the teacher exactly
     fp = ev.evaluate(ts, None)

@@ -4,8 +4,7 @@ uniform-bit seeds) is weakly dominated by its own copy on the front, so "dominat
 from types import SimpleNamespace
 
 import numpy as np
-
-from search.pareto import dominates_all
+from tmpq.search.pareto import dominates_all
 
 
 def test_a_front_holding_the_baseline_itself_does_not_dominate_it_strictly():

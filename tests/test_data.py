@@ -1,7 +1,7 @@
 import pytest
 
-import tmpq.data as data
-from tmpq.errors import TmpqError
+import tmpq.core.data as data
+from tmpq.core.errors import TmpqError
 
 
 def test_splits_are_disjoint_and_cover():

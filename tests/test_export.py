@@ -8,16 +8,17 @@ import pytest
 import torch
 
 from tests.test_search_service import tiny_cfg
-from tmpq.errors import TmpqError
+from tmpq.core.errors import TmpqError
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    from search.service import run_search
+    from tmpq.search.service import run_search
+
     from tests.conftest import tiny_unet
     from tmpq.api import load_run
+    from tmpq.core.model import embedded_scheduler_config, save_pipeline_dir
     from tmpq.export import export_candidate
-    from tmpq.model import embedded_scheduler_config, save_pipeline_dir
 
     root = tmp_path_factory.mktemp("export")
     model = root / "tiny-ddpm"
@@ -31,10 +32,11 @@ def exported(tmp_path_factory):
 
 def _supernet_samples(run, key, n=6):
     """The candidate's images from the search's own supernet: the reference an export must reproduce."""
-    from supernet import QuantSupernet
+    from tmpq.supernet import QuantSupernet
+
     from tmpq.api import load_run
-    from tmpq.model import load_model
-    from tmpq.sampler import make_scheduler, sample_images
+    from tmpq.core.model import load_model
+    from tmpq.core.sampler import make_scheduler, sample_images
 
     row = load_run(run.path).evaluations.set_index("key").loc[key]
     m = load_model(json.loads((run.path / "config.resolved.json").read_text())["model"]["path"])
@@ -58,7 +60,7 @@ def test_apply_export_to_a_stock_pipeline_reproduces_the_search_samples(exported
     from diffusers import DDPMPipeline
 
     import tmpq
-    from tmpq.sampler import sample_images
+    from tmpq.core.sampler import sample_images
 
     root, run, key, man = exported
     pipe = tmpq.apply_export(DDPMPipeline.from_pretrained(str(root / "exp")), root / "exp")
@@ -83,7 +85,7 @@ def test_the_stock_pipeline_call_samples_the_exported_schedule(exported, tmp_pat
 
     import tmpq
     from tmpq.cli import main
-    from tmpq.sampler import noise_generators, sample_images
+    from tmpq.core.sampler import noise_generators, sample_images
 
     root, run, key, man = exported
     exp, ts = root / "exp", man["sampler"]["timesteps"]
@@ -120,11 +122,11 @@ def test_the_stock_pipeline_call_samples_the_exported_schedule(exported, tmp_pat
 
 
 def test_export_in_a_fresh_process_gives_identical_samples(exported, tmp_path):
+    from tmpq.core.sampler import sample_images
     from tmpq.export import load_export
-    from tmpq.sampler import sample_images
 
     root, run, key, man = exported
-    code = ("import torch,sys; from tmpq.export import load_export; from tmpq.sampler import sample_images;"
+    code = ("import torch,sys; from tmpq.export import load_export; from tmpq.core.sampler import sample_images;"
             "u,s,ts,_=load_export(sys.argv[1]); torch.save(sample_images(u,s,ts,6,seed=3,batch_size=6,"
             "progress=False), sys.argv[2])")
     subprocess.run([sys.executable, "-c", code, str(root / "exp"), str(tmp_path / "x.pt")], check=True)
@@ -166,7 +168,8 @@ def test_export_cli_and_bad_inputs(exported, tmp_path):
 
 
 def test_int8_kernels_hold_the_exported_weights_and_stay_close(exported, tmp_path):
-    from quant.layers import QuantLayer
+    from tmpq.quant.layers import QuantLayer
+
     from tmpq.deploy import to_int8
     from tmpq.export import load_export
 
@@ -188,7 +191,7 @@ def test_int8_kernels_hold_the_exported_weights_and_stay_close(exported, tmp_pat
     with torch.no_grad():
         out = unet(x, t).sample
     assert torch.isfinite(out).all()
-    from tmpq.model import load_model
+    from tmpq.core.model import load_model
 
     with torch.no_grad():
         fp = load_model(root / "exp").unet(x, t).sample
@@ -212,7 +215,8 @@ def test_int8_conv_and_linear_compute_what_fake_quantization_computes(kernel, st
     """oneDNN's static int8 kernels with the exported activation quantizer and weight grid give the fake-quantized
     layer's output up to float rounding, also where the output leaves the input's range (which PyTorch's dynamic
     quantized Conv2d clips)."""
-    from quant.quantizer import AffineQuantizer
+    from tmpq.quant.quantizer import AffineQuantizer
+
     from tmpq.deploy import Int8Conv2d, Int8Linear, onednn_available
 
     if not onednn_available():
@@ -244,7 +248,8 @@ def test_int8_conv_and_linear_compute_what_fake_quantization_computes(kernel, st
 def test_int8_input_codes_are_the_fake_quantizer_codes(bits, a_sym, fused):
     """The deployed input quantizer (one fused quantize pass to bytes) gives exactly the calibrated quantizer's
     levels, ties and both clamps included."""
-    from quant.quantizer import AffineQuantizer
+    from tmpq.quant.quantizer import AffineQuantizer
+
     from tmpq.deploy import _StaticInput
 
     g = torch.Generator().manual_seed(1)

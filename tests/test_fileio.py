@@ -1,11 +1,11 @@
 """Crash-safe writes: contents, permissions like a plain open(), and a failed write leaves the old file."""
 import pytest
 
-from tmpq.fileio import atomic_write, atomic_write_bytes
+from tmpq.core.fileio import atomic_write, atomic_write_bytes
 
 
 def test_new_file_gets_plain_open_permissions(tmp_path):
-    import tmpq.fileio as fio
+    import tmpq.core.fileio as fio
 
     atomic_write_bytes(tmp_path / "a.json", b"{}")
     with open(tmp_path / "b.json", "wb") as f:  # what a plain open gives under this process's umask

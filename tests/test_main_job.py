@@ -6,7 +6,7 @@ import sys
 
 def test_main_job_end_to_end_and_resume(tmp_path):
     from tests.conftest import tiny_unet
-    from tmpq.model import embedded_scheduler_config, save_pipeline_dir
+    from tmpq.core.model import embedded_scheduler_config, save_pipeline_dir
 
     save_pipeline_dir(tiny_unet(), embedded_scheduler_config(), tmp_path / "tiny-ddpm")
     cfg = (tmp_path / "c.toml")

@@ -2,10 +2,10 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import tiny_unet
-from tmpq.errors import TmpqError
-from tmpq.model import EMBEDDED_MODEL_DIR, WEIGHTS_NAME, load_model
+
+from tmpq.core.errors import TmpqError
+from tmpq.core.model import EMBEDDED_MODEL_DIR, WEIGHTS_NAME, load_model
 
 
 def test_load_pipeline_dir_round_trip(tiny_model_dir):

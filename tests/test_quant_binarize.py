@@ -3,14 +3,13 @@ distillation / the int8 deployment path."""
 import pytest
 import torch
 import torch.nn as nn
-
 from conftest import calib_batches as _data
 from conftest import tiny_unet
-from quant.binarize import MultiBasisBinarizer
-from quant.distill import distill_scales, frozen_copy
-from quant.layers import wrap
-from quant.quantizer import AffineQuantizer, QuantError
-from supernet import QuantSupernet, SupernetConfig
+from tmpq.quant.binarize import MultiBasisBinarizer
+from tmpq.quant.distill import distill_scales, frozen_copy
+from tmpq.quant.layers import wrap
+from tmpq.quant.quantizer import AffineQuantizer, QuantError
+from tmpq.supernet import QuantSupernet, SupernetConfig
 
 
 def test_one_basis_is_mean_abs_times_sign():

@@ -1,9 +1,8 @@
 import pytest
 import torch
 import torch.nn as nn
-
-from quant import QuantError
-from quant.layers import QuantConv2d, QuantLinear, wrap
+from tmpq.quant import QuantError
+from tmpq.quant.layers import QuantConv2d, QuantLinear, wrap
 
 
 def _calibrated(layer, x):

@@ -1,9 +1,8 @@
 """Quantizer maths against PyTorch's reference fake-quant ops, observers, phases and state_dict round trips."""
 import pytest
 import torch
-
-from quant import AffineQuantizer, QuantError, fake_quant, qrange
-from quant.functional import affine_params
+from tmpq.quant import AffineQuantizer, QuantError, fake_quant, qrange
+from tmpq.quant.functional import affine_params
 
 
 @pytest.mark.parametrize("bits,symmetric", [(8, True), (8, False), (6, True), (4, False), (2, True)])
@@ -177,8 +176,8 @@ def test_inference_fast_path_equals_autograd_path():
 def test_inplace_inference_kernel_bit_exact_over_many_scales(use_bytes, monkeypatch):
     """Both inference paths (the fused quantize-to-bytes pass and the in-place float ops) give the reference op's
     values bit for bit, ties (round half to even) and both clamps included."""
-    import quant.functional as F
-    from quant.functional import fake_quant_inference
+    import tmpq.quant.functional as F
+    from tmpq.quant.functional import fake_quant_inference
 
     monkeypatch.setattr(F, "USE_BYTES", use_bytes)
     g = torch.Generator().manual_seed(7)

@@ -1,9 +1,8 @@
 import torch
 import torch.nn as nn
-
-from quant.adaround import AdaRoundQuantizer
-from quant.layers import QuantConv2d, QuantLinear
-from quant.reconstruct import capture_block, reconstruct_block
+from tmpq.quant.adaround import AdaRoundQuantizer
+from tmpq.quant.layers import QuantConv2d, QuantLinear
+from tmpq.quant.reconstruct import capture_block, reconstruct_block
 
 
 def test_adaround_init_soft_is_fp_and_hard_is_nearest():

@@ -8,11 +8,11 @@ import subprocess
 import sys
 
 import pytest
+from tmpq.search.rundir import EvalResult, RunDir
 
-from search.rundir import EvalResult, RunDir
 from tests.test_search_service import tiny_cfg
 from tmpq.cli import main
-from tmpq.errors import TmpqError
+from tmpq.core.errors import TmpqError
 
 
 def _result(i: int) -> EvalResult:
@@ -121,7 +121,7 @@ def test_the_resuming_writer_moves_a_torn_last_line_to_a_side_file(tmp_path):
 
 def test_search_resume_after_a_torn_last_line(tiny_model_dir, tmp_path):
     """A real resumed search: the torn evaluation is kept in the side file, re-evaluated, and nothing repeats."""
-    from search.service import run_search
+    from tmpq.search.service import run_search
 
     cfg = tiny_cfg(tiny_model_dir, generations=1)
     run = run_search(cfg, tmp_path / "run", progress=False)
@@ -135,7 +135,7 @@ def test_search_resume_after_a_torn_last_line(tiny_model_dir, tmp_path):
 
 
 def test_row_log_reads_without_changing_and_repairs_only_when_appending(tmp_path, capsys):
-    from tmpq.rowlog import RowLog
+    from tmpq.core.rowlog import RowLog
 
     path = tmp_path / "final" / "rows.jsonl"
     path.parent.mkdir()
@@ -155,7 +155,7 @@ def test_row_log_reads_without_changing_and_repairs_only_when_appending(tmp_path
 
 
 def test_file_readers_name_the_file(tmp_path, monkeypatch):
-    from tmpq.fileio import read_json, read_parquet
+    from tmpq.core.fileio import read_json, read_parquet
 
     with pytest.raises(TmpqError, match=r"cannot read the run config .*nope.json: No such file"):
         read_json(tmp_path / "nope.json", "run config")
@@ -180,8 +180,9 @@ def test_file_readers_name_the_file(tmp_path, monkeypatch):
 
 
 def test_quant_and_os_errors_are_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    from tmpq.quant.quantizer import QuantError
+
     import tmpq.api
-    from quant.quantizer import QuantError
 
     def quant_fails(path):
         raise QuantError("bits: 1 is not a supported bit-width (2..16)")

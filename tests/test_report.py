@@ -13,9 +13,10 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 @pytest.fixture(scope="module")
 def reported(tmp_path_factory):
-    from search.service import run_search
+    from tmpq.search.service import run_search
+
     from tests.conftest import tiny_unet
-    from tmpq.model import embedded_scheduler_config, save_pipeline_dir
+    from tmpq.core.model import embedded_scheduler_config, save_pipeline_dir
 
     root = tmp_path_factory.mktemp("report")
     save_pipeline_dir(tiny_unet(), embedded_scheduler_config(), root / "tiny-ddpm")

@@ -1,12 +1,12 @@
 import pytest
 import torch
+from conftest import tiny_unet
 from diffusers import DDIMScheduler
 
-from conftest import tiny_unet
-from tmpq.errors import TmpqError
-from tmpq.model import embedded_scheduler_config
-from tmpq.sampler import NoiseBank, make_scheduler, sample_batch, sample_images
-from tmpq.schedules import quadratic_timesteps, uniform_timesteps
+from tmpq.core.errors import TmpqError
+from tmpq.core.model import embedded_scheduler_config
+from tmpq.core.sampler import NoiseBank, make_scheduler, sample_batch, sample_images
+from tmpq.core.schedules import quadratic_timesteps, uniform_timesteps
 
 
 def _ddim_reference(unet, cfg, n_steps, x, eta, noises, offset):

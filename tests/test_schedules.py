@@ -1,8 +1,13 @@
 import numpy as np
 import pytest
 
-from tmpq.errors import TmpqError
-from tmpq.schedules import make_timesteps, quadratic_timesteps, uniform_timesteps, validate_timesteps
+from tmpq.core.errors import TmpqError
+from tmpq.core.schedules import (
+    make_timesteps,
+    quadratic_timesteps,
+    uniform_timesteps,
+    validate_timesteps,
+)
 
 
 def test_quadratic_matches_paper_groups_at_10_steps():

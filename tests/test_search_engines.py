@@ -1,10 +1,9 @@
 """Engines on a synthetic objective (no torch): validity, feasibility, determinism, and that they optimise."""
 import numpy as np
 import pytest
-
-from search.engines import make_engine, repair
-from search.pareto import hypervolume_2d
 from test_search_space import make_space
+from tmpq.search.engines import make_engine, repair
+from tmpq.search.pareto import hypervolume_2d
 
 
 def synthetic(space, genome):
@@ -67,7 +66,7 @@ def test_paper_ea_defaults_are_the_papers():
 @pytest.mark.parametrize("population,p_mutation", [(50, None), (12, 0.6), (2, 1.0)])
 def test_paper_ea_honours_population_and_mutation_prob(population, p_mutation, monkeypatch):
     """Every generation asks ``search.population`` candidates, half of them mutants at ``search.mutation_prob``."""
-    from search.space import SearchSpace
+    from tmpq.search.space import SearchSpace
 
     rates, mutate = [], SearchSpace.mutate
     monkeypatch.setattr(SearchSpace, "mutate", lambda self, g, rng, p: rates.append(p) or mutate(self, g, rng, p))
@@ -84,7 +83,7 @@ def test_paper_ea_honours_population_and_mutation_prob(population, p_mutation, m
 
 
 def test_engines_refuse_or_honour_mutation_prob():
-    from tmpq.errors import TmpqError
+    from tmpq.core.errors import TmpqError
 
     sp = make_space()
     with pytest.raises(TmpqError, match="search.mutation_prob: engine random does not mutate"):
@@ -113,7 +112,7 @@ def test_repair_lowers_bits_into_budget():
 
 
 def test_unknown_engine():
-    from tmpq.errors import TmpqError
+    from tmpq.core.errors import TmpqError
 
     with pytest.raises(TmpqError, match="search.engine"):
         make_engine("cma", make_space())

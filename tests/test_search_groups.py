@@ -2,10 +2,15 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tmpq.search.groups import (
+    TimeGroups,
+    quadratic_groups,
+    sensitivity_groups,
+    uniform_groups,
+)
 
-from search.groups import TimeGroups, quadratic_groups, sensitivity_groups, uniform_groups
-from tmpq.errors import TmpqError
-from tmpq.schedules import quadratic_timesteps, uniform_timesteps
+from tmpq.core.errors import TmpqError
+from tmpq.core.schedules import quadratic_timesteps, uniform_timesteps
 
 
 def test_quad_groups_match_the_paper():
@@ -60,7 +65,7 @@ def test_json_round_trip_and_bad_groups():
 
 
 def test_make_groups_dispatches_by_kind_and_needs_a_profile_for_data_driven_kinds():
-    from search.groups import make_groups
+    from tmpq.search.groups import make_groups
 
     assert make_groups("quad", 10) == quadratic_groups(10)
     assert make_groups("uniform", 7, 1000) == uniform_groups(7, 1000)

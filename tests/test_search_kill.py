@@ -11,7 +11,6 @@ import time
 
 import pandas as pd
 import pytest
-
 from conftest import REPO
 from test_cli import assert_clean_error, run
 

@@ -14,12 +14,18 @@ import numpy as np
 import optuna
 import pytest
 from optuna.trial import TrialState
-
-from search.engines import ENGINES, FAILED_VALUE, OptunaNSGA2, make_engine, optuna_study_for_run
 from test_search_engines import run, synthetic
 from test_search_space import make_space
+from tmpq.search.engines import (
+    ENGINES,
+    FAILED_VALUE,
+    OptunaNSGA2,
+    make_engine,
+    optuna_study_for_run,
+)
+
 from tmpq.config import CHOICES, config_from_dict
-from tmpq.errors import TmpqError
+from tmpq.core.errors import TmpqError
 
 
 def budget_space(n=6, genes=4):
@@ -169,7 +175,7 @@ class _KillInSecondGeneration:
         self.inner, self.calls = inner, 0
 
     def map(self, tasks):
-        from search.executors import Outcome
+        from tmpq.search.executors import Outcome
 
         self.calls += 1
         for i, (task, out) in enumerate(self.inner.map(tasks)):
@@ -186,9 +192,9 @@ class _KillInSecondGeneration:
 
 
 def test_run_search_optuna_on_sqlite_in_a_relative_run_dir_resumes(tiny_model_dir, tmp_path, monkeypatch):
-    from search.executors import LocalExecutor
-    from search.service import WorkerSpec, run_search
     from test_search_service import tiny_cfg
+    from tmpq.search.executors import LocalExecutor
+    from tmpq.search.service import WorkerSpec, run_search
 
     monkeypatch.chdir(tmp_path)
     cfg = tiny_cfg(tiny_model_dir, engine="optuna")

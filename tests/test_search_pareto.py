@@ -1,8 +1,7 @@
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from search.pareto import dominates_all, hypervolume_2d, non_dominated
+from tmpq.search.pareto import dominates_all, hypervolume_2d, non_dominated
 
 
 @settings(max_examples=200, deadline=None)

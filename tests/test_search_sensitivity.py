@@ -1,13 +1,13 @@
 """Data-driven time groups from the FP model's per-timestep sensitivity."""
 import numpy as np
 import pytest
+from tmpq.search.groups import sensitivity_groups
+from tmpq.search.sensitivity import sensitivity_profile
 
-from search.groups import sensitivity_groups
-from search.sensitivity import sensitivity_profile
 from tests.conftest import tiny_unet
-from tmpq.errors import TmpqError
-from tmpq.model import embedded_scheduler_config
-from tmpq.sampler import make_scheduler
+from tmpq.core.errors import TmpqError
+from tmpq.core.model import embedded_scheduler_config
+from tmpq.core.sampler import make_scheduler
 
 
 def test_profile_is_deterministic_positive_and_gives_valid_groups():
@@ -32,7 +32,7 @@ def test_profile_bad_settings():
 
 
 def test_step_error_profile_is_deterministic_positive_and_gives_valid_groups():
-    from search.sensitivity import step_error_profile
+    from tmpq.search.sensitivity import step_error_profile
 
     unet, sched = tiny_unet(), make_scheduler(embedded_scheduler_config())
     a = step_error_profile(unet, sched, n_images=4, probe_steps=20, seed=0)
@@ -43,7 +43,7 @@ def test_step_error_profile_is_deterministic_positive_and_gives_valid_groups():
 
 
 def test_error_density_refines_where_eps_moves_and_at_low_noise():
-    from search.sensitivity import error_density, sigma_of_t
+    from tmpq.search.sensitivity import error_density, sigma_of_t
 
     abar = make_scheduler(embedded_scheduler_config()).alphas_cumprod.numpy()
     flat = error_density(np.ones(1000), abar)

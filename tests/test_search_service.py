@@ -1,10 +1,10 @@
 """A real (tiny) search end to end with the local executor: log, compaction, resume by replay."""
 import pandas as pd
 import pytest
+from tmpq.search.service import run_search
 
-from search.service import run_search
 from tmpq.config import config_from_dict
-from tmpq.errors import TmpqError
+from tmpq.core.errors import TmpqError
 
 
 def tiny_cfg(model_dir, **search):
@@ -42,14 +42,14 @@ def test_resume_with_changed_config_is_refused(tiny_model_dir, tmp_path):
 def test_data_driven_grouping_search_and_resume_reuse_stored_groups(tiny_model_dir, tmp_path, monkeypatch, kind):
     import json
 
-    import search.sensitivity as sens
+    import tmpq.search.sensitivity as sens
 
     cfg = tiny_cfg(tiny_model_dir, grouping=kind, generations=1)
     run = run_search(cfg, tmp_path / "run", progress=False)
     groups = json.loads((run.path / "search_space.json").read_text())["groups"]
     assert groups["kind"] == kind and len(groups["starts"]) == 3 and groups["starts"][0] == 0
     ev = pd.read_parquet(run.path / "evaluations.parquet")
-    from search.groups import TimeGroups
+    from tmpq.search.groups import TimeGroups
 
     tg = TimeGroups.from_dict(groups)
     for ts in ev["timesteps"]:  # one timestep per data-driven group (offsets() raises otherwise)
@@ -75,7 +75,8 @@ def test_per_group_bits_search_runs_and_loads(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("engine", ["pymoo", "optuna"])
 def test_single_axis_searches_hold_the_other_axis(tiny_model_dir, tmp_path, engine):
-    from search.groups import quadratic_groups
+    from tmpq.search.groups import quadratic_groups
+
     from tmpq.api import load_run
 
     quad = list(quadratic_groups(3).schedule(quadratic_groups(3).seed_offsets()))
@@ -91,7 +92,8 @@ def test_single_axis_searches_hold_the_other_axis(tiny_model_dir, tmp_path, engi
 
 
 def test_given_supernet_file_is_used_without_calibrating(tiny_model_dir, tmp_path, monkeypatch):
-    from supernet import QuantSupernet
+    from tmpq.supernet import QuantSupernet
+
     from tmpq.api import load_run
 
     first = run_search(tiny_cfg(tiny_model_dir, generations=1), tmp_path / "a", progress=False)
@@ -125,7 +127,7 @@ def test_step_count_gene_search_mixes_step_counts_and_resumes(tiny_model_dir, tm
     assert len({len(t) for t in ev["timesteps"]}) >= 2  # the step count is searched
     import json
 
-    from search.space import Candidate, SearchSpace
+    from tmpq.search.space import Candidate, SearchSpace
 
     space = SearchSpace.from_dict(json.loads((run.path / "search_space.json").read_text()))
     assert space.step_choices == (2, 3, 4)
@@ -139,7 +141,7 @@ def test_step_count_gene_search_mixes_step_counts_and_resumes(tiny_model_dir, tm
 
 def test_fid_proxy_without_a_reference_is_refused_before_any_run_directory(tiny_model_dir, tmp_path):
     from tests.conftest import tiny_unet
-    from tmpq.model import embedded_scheduler_config, save_pipeline_dir
+    from tmpq.core.model import embedded_scheduler_config, save_pipeline_dir
 
     rgb = tmp_path / "rgb-ddpm"
     save_pipeline_dir(tiny_unet(in_channels=3), embedded_scheduler_config(), rgb)
@@ -191,8 +193,8 @@ def test_uniform_seeds_start_the_first_generation_and_can_be_turned_off(tiny_mod
 @pytest.mark.parametrize("engine", ["pymoo", "optuna"])
 def test_size_objective_makes_a_three_objective_search_and_front(tiny_model_dir, tmp_path, engine):
     import numpy as np
+    from tmpq.search.pareto import non_dominated
 
-    from search.pareto import non_dominated
     from tmpq.api import load_run
 
     cfg = tiny_cfg(tiny_model_dir, engine=engine, size_objective=True)
@@ -208,8 +210,7 @@ def test_size_objective_makes_a_three_objective_search_and_front(tiny_model_dir,
     assert np.isfinite(front[["fid_proxy", "bitops", "size_mb"]].to_numpy(float)).all()
     if engine == "optuna":  # the study itself has three objectives, each told its value
         import optuna
-
-        from search.engines import optuna_study_for_run
+        from tmpq.search.engines import optuna_study_for_run
 
         url, name = optuna_study_for_run(run.path)
         study = optuna.load_study(study_name=name, storage=url)

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tmpq.search.groups import quadratic_groups
+from tmpq.search.space import Candidate, GeneLayer, SearchSpace
 
-from search.groups import quadratic_groups
-from search.space import Candidate, GeneLayer, SearchSpace
-from tmpq.errors import TmpqError
+from tmpq.core.errors import TmpqError
 
 
 def make_space(n=10, genes=5, per_group=False, **kw):
@@ -98,8 +98,8 @@ def test_candidate_key_is_stable():
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), per_group=st.booleans())
 def test_single_axis_restriction_holds_genes_through_every_operator(seed, per_group):
-    from search.engines import repair
-    from search.groups import quadratic_groups
+    from tmpq.search.engines import repair
+    from tmpq.search.groups import quadratic_groups
 
     rng = np.random.default_rng(seed)
     full = make_space(n=6, per_group=per_group)
@@ -133,7 +133,8 @@ def test_single_axis_restriction_holds_genes_through_every_operator(seed, per_gr
 
 
 def test_budget_specs_uniform_option_number_and_share_of_the_fp_model():
-    from search.service import _budget, fp_bitops
+    from tmpq.search.service import _budget, fp_bitops
+
     from tmpq.config import config_from_dict
 
     sp = make_space(n=10)

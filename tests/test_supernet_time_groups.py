@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
-
 from conftest import interrupted_then_resumed, tiny_unet
-from supernet import QuantSupernet, SupernetConfig
-from tmpq.errors import TmpqError
+from tmpq.supernet import QuantSupernet, SupernetConfig
+
+from tmpq.core.errors import TmpqError
 
 CFG = dict(w_observer="minmax", a_observer="minmax")
 
@@ -78,8 +78,7 @@ def test_save_load_and_export_selection_keep_every_group(grouped, tmp_path):
 
 def test_file_without_group_boundaries_is_refused(grouped, tmp_path):
     from safetensors.torch import load_file, save_file
-
-    from supernet.supernet import read_supernet_file
+    from tmpq.supernet.supernet import read_supernet_file
 
     path = grouped.save(tmp_path / "s.safetensors")
     meta, _ = read_supernet_file(path, tensors=False)
@@ -127,7 +126,13 @@ def test_int8_deployment_keeps_one_static_range_per_group():
     """On any CPU: the int8 kernels compute what fake quantization computes, group by group. Where the kernels sum
     u8 x s8 pairs in 16 bits (no VNNI), the 8-bit layers run split weights that cannot saturate, so this holds there
     too (the subprocess test below runs it with oneDNN capped at AVX2)."""
-    from tmpq.deploy import TimeGroupedInt8, int8_summary, kernels_saturate, onednn_available, to_int8
+    from tmpq.deploy import (
+        TimeGroupedInt8,
+        int8_summary,
+        kernels_saturate,
+        onednn_available,
+        to_int8,
+    )
 
     if not onednn_available():
         pytest.skip("no oneDNN int8 kernels in this PyTorch build")
@@ -199,15 +204,15 @@ def test_int8_check_catches_a_wrong_kernel(monkeypatch):
 
 def test_search_and_export_with_time_groups_reproduce_the_supernet_samples(tiny_model_dir, tmp_path):
     from diffusers import DDPMPipeline
+    from tmpq.search.service import run_search
 
     import tmpq
-    from search.service import run_search
     from tests.test_export import _supernet_samples
     from tests.test_search_service import tiny_cfg
     from tmpq.api import load_run
     from tmpq.config import config_from_dict
+    from tmpq.core.sampler import sample_images
     from tmpq.export import export_candidate
-    from tmpq.sampler import sample_images
 
     d = tiny_cfg(tiny_model_dir, generations=1).to_dict()
     d["supernet"]["time_groups"] = 2

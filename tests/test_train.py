@@ -3,7 +3,7 @@ import json
 
 import torch
 
-from tmpq.model import load_model
+from tmpq.core.model import load_model
 from tmpq.train import UNetTrainConfig, train_unet
 
 
@@ -28,7 +28,7 @@ def test_train_unet_resumes_after_a_crash_bit_identically(tmp_path, monkeypatch)
     import pytest
 
     import tmpq.train as tr
-    from tmpq.errors import TmpqError
+    from tmpq.core.errors import TmpqError
 
     cfg = UNetTrainConfig(steps=5, batch_size=4, warmup=1)
     train_unet(cfg, tmp_path / "ref", ckpt_every=2)
@@ -61,8 +61,8 @@ def test_train_unet_resumes_after_a_crash_bit_identically(tmp_path, monkeypatch)
 
 
 def test_train_classifier_manifest(tmp_path):
-    from evaluators.classifier import ClassifierTrainConfig, train_classifier
-    from evaluators.features import DomainExtractor
+    from tmpq.evaluators.classifier import ClassifierTrainConfig, train_classifier
+    from tmpq.evaluators.features import DomainExtractor
 
     man = train_classifier(ClassifierTrainConfig(epochs=1), tmp_path / "c")
     assert 0.0 <= man["metrics"]["heldout_accuracy"] <= 1.0 and man["feature_scale"] > 0

@@ -12,14 +12,15 @@ import pytest
 import torch
 
 from tests.test_search_service import tiny_cfg
-from tmpq.errors import TmpqError
+from tmpq.core.errors import TmpqError
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from search.service import run_search
+    from tmpq.search.service import run_search
+
     from tests.conftest import tiny_unet
-    from tmpq.model import embedded_scheduler_config, save_pipeline_dir
+    from tmpq.core.model import embedded_scheduler_config, save_pipeline_dir
 
     root = tmp_path_factory.mktemp("validate")
     save_pipeline_dir(tiny_unet(), embedded_scheduler_config(), root / "tiny-ddpm")
@@ -40,13 +41,13 @@ def fresh_run(tiny_run, tmp_path):
 @pytest.fixture(scope="module")
 def validated(tiny_run):
     """The tiny run validated once (final.parquet written); any test that needs it may run first or alone."""
-    import evaluators.final as fin
+    import tmpq.evaluators.final as fin
 
     return fin.validate_run(tiny_run, fin.ValidateConfig(**VALIDATE), progress=False)
 
 
 def test_validate_is_resumable_and_writes_the_summary(tiny_run, validated, monkeypatch):
-    import evaluators.final as fin
+    import tmpq.evaluators.final as fin
 
     cfg, df = fin.ValidateConfig(**VALIDATE), validated
     assert 1 <= len(df) <= 3 and set(df["seeds"]) == {2}
@@ -67,7 +68,8 @@ def test_validate_is_resumable_and_writes_the_summary(tiny_run, validated, monke
 
 
 def test_distillation_never_worsens_the_tuning_loss(tiny_run):
-    import evaluators.final as fin
+    import tmpq.evaluators.final as fin
+
     from tmpq.api import load_run
 
     p = load_run(tiny_run).pareto().iloc[0]
@@ -78,8 +80,8 @@ def test_distillation_never_worsens_the_tuning_loss(tiny_run):
 
 
 def test_export_prefers_validated_quantizers(tiny_run, validated, tmp_path):
+    from tmpq.core.sampler import sample_images
     from tmpq.export import export_candidate, load_export
-    from tmpq.sampler import sample_images
 
     key = pd.read_parquet(tiny_run / "final.parquet")["key"].iloc[0]
     man = export_candidate(tiny_run, key, tmp_path / "exp")
@@ -93,12 +95,13 @@ def test_export_of_a_validated_point_reproduces_the_validated_samples_in_a_fresh
                                                                                          monkeypatch):
     """The images validate scored, drawn in the validating process from the re-calibrated and distilled quantizers,
     come back bit for bit from the export of that point loaded in a new Python process."""
-    import evaluators.final as fin
-    import tmpq.sampler as sampler
-    from supernet import QuantSupernet
+    import tmpq.evaluators.final as fin
+    from tmpq.supernet import QuantSupernet
+
+    import tmpq.core.sampler as sampler
     from tmpq.api import load_run
+    from tmpq.core.model import load_model
     from tmpq.export import export_candidate
-    from tmpq.model import load_model
 
     drawn = []
     real = sampler.sample_images
@@ -121,7 +124,7 @@ def test_export_of_a_validated_point_reproduces_the_validated_samples_in_a_fresh
     man = export_candidate(fresh_run, key, tmp_path / "exp")
     assert man["provenance"]["quantizers"].startswith("validated")
     assert man["sampler"]["timesteps"] == scored["timesteps"]
-    code = ("import sys, torch; from tmpq.export import load_export; from tmpq.sampler import sample_images; "
+    code = ("import sys, torch; from tmpq.export import load_export; from tmpq.core.sampler import sample_images; "
             "torch.set_num_threads(int(sys.argv[3])); u, s, ts, _ = load_export(sys.argv[1]); "
             "torch.save(sample_images(u, s, ts, 6, seed=2, batch_size=6, progress=False), sys.argv[2])")
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "exp"), str(tmp_path / "x.pt"),
@@ -142,10 +145,11 @@ def test_export_of_a_validated_point_reproduces_the_validated_samples_in_a_fresh
 def test_validate_recon_iters_reconstructs_the_point_and_records_it(fresh_run, monkeypatch):
     """`tmpq validate --recon-iters K` runs BRECQ/AdaRound block reconstruction of the pinned point for K
     iterations: the learned rounding is in the saved quantizers, and the rows record the setting and its time."""
-    from quant.adaround import AdaRoundQuantizer
-    from supernet import QuantSupernet
+    from tmpq.quant.adaround import AdaRoundQuantizer
+    from tmpq.supernet import QuantSupernet
+
     from tmpq.cli import main
-    from tmpq.model import load_model
+    from tmpq.core.model import load_model
 
     calls = []
     real = QuantSupernet.reconstruct
@@ -189,7 +193,7 @@ def test_validate_cli_errors(tiny_run, tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2 and "not a tmpq run directory" in r.stderr
     with pytest.raises(TmpqError, match="--n"):
-        from evaluators.final import ValidateConfig
+        from tmpq.evaluators.final import ValidateConfig
 
         ValidateConfig(n=1).validate()
 
@@ -197,13 +201,14 @@ def test_validate_cli_errors(tiny_run, tmp_path):
 def test_validation_of_a_three_channel_run_scores_against_the_runs_reference(tmp_path):
     """A 3-channel model: validation uses the run's proxy.reference with the random extractor, and without a
     reference it is refused in one line before any re-calibration."""
-    import evaluators.final as fin
-    from evaluators.candidate import scoring_extractor
-    from evaluators.fid import FeatureStats
-    from search.service import run_search
+    import tmpq.evaluators.final as fin
+    from tmpq.evaluators.candidate import scoring_extractor
+    from tmpq.evaluators.fid import FeatureStats
+    from tmpq.search.service import run_search
+
     from tests.conftest import tiny_unet
     from tmpq.config import config_from_dict
-    from tmpq.model import embedded_scheduler_config, save_pipeline_dir
+    from tmpq.core.model import embedded_scheduler_config, save_pipeline_dir
 
     rgb = tmp_path / "rgb-ddpm"
     save_pipeline_dir(tiny_unet(in_channels=3), embedded_scheduler_config(), rgb)

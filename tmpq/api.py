@@ -16,9 +16,9 @@ class Run:
     unreadable or damaged file is a one-line ``TmpqError`` naming it (and the line, for the evaluation log)."""
 
     def __init__(self, path: Path):
-        from search.rundir import RunDir, run_objectives
         from tmpq.config import config_from_dict
-        from tmpq.fileio import malformed
+        from tmpq.core.fileio import malformed
+        from tmpq.search.rundir import RunDir, run_objectives
 
         self._dir = RunDir.open(path)
         self.path = self._dir.path
@@ -38,8 +38,8 @@ class Run:
     @property
     def space(self):
         """The run's ``SearchSpace`` (``search_space.json``)."""
-        from search.space import SearchSpace
-        from tmpq.fileio import malformed, read_json
+        from tmpq.core.fileio import malformed, read_json
+        from tmpq.search.space import SearchSpace
 
         path = self.path / "search_space.json"
         with malformed(path, "search space"):
@@ -48,14 +48,14 @@ class Run:
     @property
     def evaluations(self):
         """Every logged evaluation as a DataFrame (list-valued ``timesteps`` and ``bits``), read from the log."""
-        from search.rundir import results_frame
+        from tmpq.search.rundir import results_frame
 
         return results_frame(self._dir.replay())
 
     def pareto(self, objectives: tuple[str, ...] | None = None):
         """Non-dominated ``ok`` evaluations, sorted by the last objective; ``objectives`` default to the run's own
         (proxy and BitOPs, plus size_mb when it searched with ``search.size_objective``)."""
-        from search.rundir import pareto_frame
+        from tmpq.search.rundir import pareto_frame
 
         return pareto_frame(self.evaluations, objectives or self._objectives)
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from tmpq.config import CHOICES
-from tmpq.errors import TmpqError
+from tmpq.core.errors import TmpqError
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -33,7 +33,7 @@ def _parse_int_list(text: str, what: str) -> list[int]:
 
 def _schedules(args: argparse.Namespace, num_train_timesteps: int) -> list[tuple[str, tuple[int, ...]]]:
     """(label, timesteps) pairs from --timesteps, or from every --schedule x --steps combination."""
-    from tmpq.schedules import make_timesteps, validate_timesteps
+    from tmpq.core.schedules import make_timesteps, validate_timesteps
 
     if getattr(args, "timesteps", None):
         ts = validate_timesteps(_parse_int_list(args.timesteps, "timesteps"), num_train_timesteps)
@@ -52,9 +52,9 @@ def _set_threads(n: int) -> None:
 
 
 def _cmd_sample(args: argparse.Namespace) -> None:
-    from tmpq.grid import save_grid
-    from tmpq.model import load_model
-    from tmpq.sampler import make_scheduler, sample_images
+    from tmpq.core.grid import save_grid
+    from tmpq.core.model import load_model
+    from tmpq.core.sampler import make_scheduler, sample_images
 
     _set_threads(args.threads)
     out = Path(args.out)
@@ -83,7 +83,7 @@ def _cmd_sample(args: argparse.Namespace) -> None:
 
 def _build_reference(args: argparse.Namespace, extractor, sample_shape: tuple[int, int, int]):
     """--ref if given; otherwise the embedded real digits, which only fit a 1-channel model."""
-    from evaluators.quality import embedded_reference, load_reference
+    from tmpq.evaluators.quality import embedded_reference, load_reference
 
     if args.ref:
         return load_reference(args.ref, extractor)
@@ -96,10 +96,10 @@ def _build_reference(args: argparse.Namespace, extractor, sample_shape: tuple[in
 def _cmd_fid(args: argparse.Namespace) -> None:
     import json
 
-    from evaluators.features import make_extractor
-    from evaluators.quality import evaluate_schedule
-    from tmpq.model import load_model
-    from tmpq.sampler import make_scheduler
+    from tmpq.core.model import load_model
+    from tmpq.core.sampler import make_scheduler
+    from tmpq.evaluators.features import make_extractor
+    from tmpq.evaluators.quality import evaluate_schedule
 
     _set_threads(args.threads)
     if args.n < 2:
@@ -130,8 +130,8 @@ def _format_row(row: dict) -> str:
 
 
 def _cmd_ref_stats(args: argparse.Namespace) -> None:
-    from evaluators.features import make_extractor
-    from evaluators.quality import embedded_reference
+    from tmpq.evaluators.features import make_extractor
+    from tmpq.evaluators.quality import embedded_reference
 
     extractor = make_extractor(args.extractor, args.inception_weights)
     ref = embedded_reference(extractor, args.ref_split, args.resolution)
@@ -140,7 +140,7 @@ def _cmd_ref_stats(args: argparse.Namespace) -> None:
 
 
 def _cmd_train_classifier(args: argparse.Namespace) -> None:
-    from evaluators.classifier import ClassifierTrainConfig, train_classifier
+    from tmpq.evaluators.classifier import ClassifierTrainConfig, train_classifier
 
     _set_threads(args.threads)
     cfg = ClassifierTrainConfig(epochs=args.epochs, seed=args.seed, resolution=args.resolution)
@@ -149,8 +149,8 @@ def _cmd_train_classifier(args: argparse.Namespace) -> None:
 
 
 def _supernet_config(args: argparse.Namespace):
-    from supernet import SupernetConfig
-    from supernet.config import TIE_QKV
+    from tmpq.supernet import SupernetConfig
+    from tmpq.supernet.config import TIE_QKV
 
     w_bits = (8, 7, 6, 5) if args.preset == "paper" else tuple(_parse_int_list(args.w_bits, "--w-bits"))
     a_bits = (8, 7, 6, 5) if args.preset == "paper" else tuple(_parse_int_list(args.a_bits, "--a-bits"))
@@ -161,8 +161,8 @@ def _supernet_config(args: argparse.Namespace):
 
 
 def _cmd_profile(args: argparse.Namespace) -> None:
-    from supernet import QuantSupernet
-    from tmpq.model import load_model
+    from tmpq.core.model import load_model
+    from tmpq.supernet import QuantSupernet
 
     m = load_model(args.model)
     net = QuantSupernet(m.unet, _supernet_config(args))
@@ -183,10 +183,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
     import json
     import time
 
-    from supernet import QuantSupernet
-    from supernet.calib_data import make_calib_data
-    from tmpq.model import load_model
-    from tmpq.sampler import make_scheduler
+    from tmpq.core.model import load_model
+    from tmpq.core.sampler import make_scheduler
+    from tmpq.supernet import QuantSupernet
+    from tmpq.supernet.calib_data import make_calib_data
 
     _set_threads(args.threads)
     out = Path(args.out)
@@ -219,11 +219,11 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
 def _cmd_search(args: argparse.Namespace) -> None:
     import dataclasses
 
-    from search.service import run_search
     from tmpq.config import config_from_dict, load_config
+    from tmpq.search.service import run_search
 
     if args.resume:
-        from tmpq.fileio import malformed, read_json
+        from tmpq.core.fileio import malformed, read_json
 
         run_path = Path(args.resume)
         cfg_file = run_path / "config.resolved.json"
@@ -251,7 +251,7 @@ def _cmd_search(args: argparse.Namespace) -> None:
 
 
 def _cmd_validate(args: argparse.Namespace) -> None:
-    from evaluators.final import ValidateConfig, validate_run
+    from tmpq.evaluators.final import ValidateConfig, validate_run
 
     _set_threads(args.threads)
     cfg = ValidateConfig(top_k=args.top_k, n=args.n, seeds=tuple(_parse_int_list(args.seeds, "seeds")),
@@ -261,7 +261,7 @@ def _cmd_validate(args: argparse.Namespace) -> None:
     df = validate_run(args.run, cfg, progress=True)
 
     print(df[["key", "fid_mean", "fid_std", "seeds", "fid_proxy", "bitops"]].to_string(index=False))
-    from tmpq.fileio import read_json
+    from tmpq.core.fileio import read_json
 
     summary = read_json(Path(args.run) / "final.json", "validation summary")
     tau = summary.get("kendall_tau_proxy_vs_fid")
@@ -598,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _library_errors() -> tuple[type[Exception], ...]:
     """User-error types of tmpq's own libraries, printed like ``TmpqError`` (only those already imported: an error
     of a module never loaded cannot have been raised)."""
-    quant = sys.modules.get("quant.quantizer")
+    quant = sys.modules.get("tmpq.quant.quantizer")
     return (quant.QuantError,) if quant is not None else ()
 
 

@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tmpq.errors import TmpqError
+from tmpq.core.errors import TmpqError
 
 
 @dataclass(frozen=True)

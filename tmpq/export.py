@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from tmpq.errors import TmpqError
-from tmpq.fileio import file_sha256
+from tmpq.core.errors import TmpqError
+from tmpq.core.fileio import file_sha256
 
 EXPORT_FORMAT = "tmpq.export"
 EXPORT_VERSION = 1
@@ -52,7 +52,7 @@ def ensure_export(run_path: str | Path, key: str, out: str | Path, command: str 
     out = Path(out)
     manifest = out / EXPORT_JSON
     if manifest.is_file():
-        from tmpq.fileio import malformed, read_json
+        from tmpq.core.fileio import malformed, read_json
 
         data = read_json(manifest, "export manifest")
         with malformed(manifest, "export manifest"):
@@ -69,12 +69,12 @@ def export_candidate(run_path: str | Path, key: str, out: str | Path, command: s
 
     Returns the export manifest (the content of ``tmpq_export.json``).
     """
-    from supernet import QuantSupernet
-    from supernet.supernet import read_supernet_file
     from tmpq import __version__
     from tmpq.api import load_run
-    from tmpq.model import load_model, save_pipeline_dir
-    from tmpq.sampler import make_scheduler
+    from tmpq.core.model import load_model, save_pipeline_dir
+    from tmpq.core.sampler import make_scheduler
+    from tmpq.supernet import QuantSupernet
+    from tmpq.supernet.supernet import read_supernet_file
 
     run = load_run(run_path)
     out = Path(out)
@@ -137,7 +137,7 @@ def export_candidate(run_path: str | Path, key: str, out: str | Path, command: s
                                                  "paired_pixel_mse") if k in row and row[k] == row[k]}
         final = run.path / "final.parquet"
         if validated.is_file() and final.is_file():
-            from tmpq.fileio import read_parquet
+            from tmpq.core.fileio import read_parquet
 
             fr = read_parquet(final, "validation summary", ("key", "fid_mean", "seeds", "n"))
             fr = fr[fr["key"] == key]
@@ -147,7 +147,7 @@ def export_candidate(run_path: str | Path, key: str, out: str | Path, command: s
                                    "final_n": int(r["n"])})
         manifest = {
             "format": EXPORT_FORMAT, "version": EXPORT_VERSION,
-            "sampler": {"class": "tmpq.sampler.RespacedDDIMScheduler", "base_class": "diffusers.DDIMScheduler",
+            "sampler": {"class": "tmpq.core.sampler.RespacedDDIMScheduler", "base_class": "diffusers.DDIMScheduler",
                         "config": dict(sched.config), "timesteps": timesteps, "eta": 0.0},
             "layers": layers,
             "modules_to_not_convert": convertible,
@@ -183,7 +183,7 @@ def _json_default(o):
 def read_export(path: str | Path, verify: bool = True) -> dict:
     """The manifest of an export directory, read-only; ``verify`` checks every file's SHA-256. A missing, unreadable
     or damaged manifest or file is a one-line ``TmpqError`` naming it."""
-    from tmpq.fileio import malformed, read_json
+    from tmpq.core.fileio import malformed, read_json
 
     path = Path(path)
     mf = path / EXPORT_JSON
@@ -234,9 +234,9 @@ def apply_export(pipeline_or_unet, export_dir: str | Path):
     a pipeline also gets the exported sampler (``RespacedDDIMScheduler``) and ``pipeline.tmpq_timesteps``.
 
     The pipeline's own call then samples the exported schedule: its scheduler has the searched timesteps pinned
-    (:meth:`~tmpq.sampler.RespacedDDIMScheduler.pin_timesteps`), installed whatever ``num_inference_steps`` the
+    (:meth:`~tmpq.core.sampler.RespacedDDIMScheduler.pin_timesteps`), installed whatever ``num_inference_steps`` the
     pipeline passes by default (``DDPMPipeline``: 1000); an explicit count other than the schedule's raises one line
-    naming both. With eta = 0 and ``generator=tmpq.sampler.noise_generators(n, seed)``, ``pipe(batch_size=n, ...)``
+    naming both. With eta = 0 and ``generator=tmpq.core.sampler.noise_generators(n, seed)``, ``pipe(batch_size=n, ...)``
     gives the images of ``tmpq sample DIR --n n --seed seed``. ``save_pretrained`` of the quantized pipeline / UNet
     raises one line (diffusers would write a model that reloads with random weights): the export is its saved form.
 
@@ -247,8 +247,8 @@ def apply_export(pipeline_or_unet, export_dir: str | Path):
         >>> pipe = apply_export(DDPMPipeline.from_pretrained("exports/best"), "exports/best")  # doctest: +SKIP
         >>> images = pipe(batch_size=4).images  # the exported steps, not DDPMPipeline's 1000  # doctest: +SKIP
     """
-    from supernet import QuantSupernet
-    from tmpq.sampler import RespacedDDIMScheduler
+    from tmpq.core.sampler import RespacedDDIMScheduler
+    from tmpq.supernet import QuantSupernet
 
     export_dir = Path(export_dir)
     manifest = read_export(export_dir)
@@ -295,8 +295,8 @@ def _default_steps(pipeline) -> int | None:
 
 def load_export(export_dir: str | Path, device: str = "cpu"):
     """``(unet, scheduler, timesteps, manifest)`` of an export directory: the FP model it contains, quantized."""
-    from tmpq.model import load_model
-    from tmpq.sampler import make_scheduler
+    from tmpq.core.model import load_model
+    from tmpq.core.sampler import make_scheduler
 
     manifest = read_export(export_dir)
     m = load_model(export_dir, device=device)

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tmpq.errors import TmpqError
+from tmpq.core.errors import TmpqError
 
 
 @dataclass(frozen=True)
@@ -21,10 +21,9 @@ class MainJobConfig:
 
 
 def _budget_bitops(run_path: Path, spec: str) -> float | None:
-    from search.space import SearchSpace
-    from search.service import _budget
-
-    from tmpq.fileio import malformed, read_json
+    from tmpq.core.fileio import malformed, read_json
+    from tmpq.search.service import _budget
+    from tmpq.search.space import SearchSpace
 
     path = run_path / "search_space.json"
     data = read_json(path, "search space")
@@ -35,11 +34,11 @@ def _budget_bitops(run_path: Path, spec: str) -> float | None:
 
 def main_job(cfg, run_path: str | Path, job: MainJobConfig = MainJobConfig(), progress: bool = True) -> dict:
     """Run (or resume) the whole pipeline; returns ``{"run", "report", "export", "best", "timings"}``."""
-    from evaluators.final import ValidateConfig, best_validated, validate_run
-    from search.service import run_search
     from tmpq.api import load_run
+    from tmpq.evaluators.final import ValidateConfig, best_validated, validate_run
     from tmpq.export import ensure_export
     from tmpq.report import write_report
+    from tmpq.search.service import run_search
 
     run_path = Path(run_path)
     timings = {}
@@ -77,7 +76,7 @@ def main_job(cfg, run_path: str | Path, job: MainJobConfig = MainJobConfig(), pr
     timings["report_s"] = round(time.perf_counter() - t0, 1)
     summary = {"run": str(run_path), "report": str(report), "export": str(export_dir),
                "best": {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in best.items()}, "timings": timings}
-    from tmpq.fileio import atomic_write_bytes
+    from tmpq.core.fileio import atomic_write_bytes
 
     atomic_write_bytes(run_path / "main_job.json", (json.dumps(summary, indent=2, default=str) + "\n").encode())
     return summary

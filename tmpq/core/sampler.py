@@ -15,8 +15,8 @@ import torch
 from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
-from tmpq.errors import TmpqError
-from tmpq.schedules import validate_timesteps
+from tmpq.core.errors import TmpqError
+from tmpq.core.schedules import validate_timesteps
 
 
 class RespacedDDIMScheduler(DDIMScheduler):
@@ -200,7 +200,7 @@ def sample_images(unet: torch.nn.Module, scheduler: RespacedDDIMScheduler, times
     ``on_step(k, t, x_t)`` is called before every denoiser call (see :func:`sample_batch`).
 
     Example:
-        >>> from tmpq.model import load_model
+        >>> from tmpq.core.model import load_model
         >>> m = load_model()
         >>> imgs = sample_images(m.unet, make_scheduler(m.scheduler_config), [800, 450, 200, 50, 0], 4)  # doctest: +SKIP
     """

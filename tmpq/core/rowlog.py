@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from tmpq.fileio import lacks_final_newline, read_jsonl, repair_jsonl_tail
+from tmpq.core.fileio import lacks_final_newline, read_jsonl, repair_jsonl_tail
 
 
 def cpu_info() -> tuple[str, set[str]]:

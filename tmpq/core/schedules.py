@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from tmpq.errors import TmpqError
+from tmpq.core.errors import TmpqError
 
 SCHEDULES = ("uniform", "quad")
 

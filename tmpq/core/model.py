@@ -9,6 +9,7 @@ Weights are read from safetensors only; pickled ``.bin`` weights are refused.
 """
 from __future__ import annotations
 
+import importlib.resources
 import json
 import os
 from dataclasses import dataclass
@@ -16,12 +17,13 @@ from pathlib import Path
 
 import torch
 
-from tmpq.errors import TmpqError
+from tmpq.core.errors import TmpqError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tmpq never downloads weights
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
-ASSETS = Path(__file__).resolve().parent / "assets"
+# package data, located through importlib.resources (a wheel, an editable install and a checkout alike)
+ASSETS = Path(str(importlib.resources.files("tmpq").joinpath("assets")))
 EMBEDDED_MODEL_DIR = ASSETS / "mnist16-ddpm"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from tmpq.errors import TmpqError
+from tmpq.core.errors import TmpqError
 
 
 def _umask() -> int:
