@@ -13,9 +13,6 @@ import time
 from pathlib import Path
 
 import torch
-from tmpq.evaluators.features import make_extractor
-from tmpq.evaluators.fid import FeatureStats, kid
-from tmpq.evaluators.quality import embedded_reference, score_features
 
 from benchmarks.common import RowLog, findings
 from tmpq.core.data import load_digits
@@ -23,6 +20,9 @@ from tmpq.core.grid import save_grid
 from tmpq.core.model import load_model
 from tmpq.core.sampler import make_scheduler, sample_images
 from tmpq.core.schedules import make_timesteps
+from tmpq.evaluators.features import make_extractor
+from tmpq.evaluators.fid import FeatureStats, kid
+from tmpq.evaluators.quality import embedded_reference, score_features
 
 
 def throughput(unet, sched, steps: int, batch: int, seed: int) -> float:

@@ -52,11 +52,10 @@ def run_evaluations(run_path: Path):
     it is here, else from its committed raw log (``keep_raw``)."""
     import gzip
 
-    from tmpq.search.rundir import EvalResult, results_frame
-
-    from tmpq.api import load_run
     from tmpq.core.errors import TmpqError
     from tmpq.core.fileio import malformed, parse_jsonl, read_bytes
+    from tmpq.jobs.run import load_run
+    from tmpq.search.rundir import EvalResult, results_frame
 
     run_path = Path(run_path)
     if (run_path / "config.resolved.json").is_file():

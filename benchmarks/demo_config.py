@@ -172,11 +172,11 @@ def main() -> None:
 
 
 def _write_budget(out: Path) -> None:
+    from tmpq.search.budget import budget_bitops
     from tmpq.search.space import SearchSpace
-    from tmpq.search.service import _budget
 
     space = SearchSpace.from_dict(json.loads((out / "runs" / "after-s0" / "search_space.json").read_text()))
-    (out / "budget.json").write_text(json.dumps({"w6a6_gbitops": _budget(space, "w6a6") / 1e9}) + "\n")
+    (out / "budget.json").write_text(json.dumps({"w6a6_gbitops": budget_bitops(space, "w6a6") / 1e9}) + "\n")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from benchmarks.common import baseline_fp_row, findings
 
 
 def _search_finished(run_path: Path, generations: int) -> bool:
-    from tmpq.api import load_run
+    from tmpq.jobs.run import load_run
 
     if not (run_path / "pareto.parquet").is_file():
         return False
@@ -62,15 +62,15 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from tmpq.evaluators.final import ValidateConfig, validate_run
-    from tmpq.search.service import fp_bitops, run_search
-    from tmpq.search.space import SearchSpace
-
-    from tmpq.api import load_run
-    from tmpq.config import load_config
     from tmpq.core.rowlog import command_line, machine
-    from tmpq.deploy import measure_speed
-    from tmpq.export import ensure_export
+    from tmpq.deploy.int8 import measure_speed
+    from tmpq.jobs.config import load_config
+    from tmpq.jobs.export import ensure_export
+    from tmpq.jobs.run import load_run
+    from tmpq.jobs.search import run_search
+    from tmpq.jobs.validate import ValidateConfig, validate_run
+    from tmpq.search.budget import fp_bitops
+    from tmpq.search.space import SearchSpace
 
     out = Path(args.out)
     run_path = out / "run"
@@ -119,11 +119,10 @@ def fp_on_schedule(out: Path, best, args) -> dict:
     """FID of the FP model on the best point's own schedule (same N, same seeds as its validation): splits the gap to
     the FP 100-step FID into the part that fewer steps cost and the part that quantization adds. Cached in
     ``OUT/fp_schedule.json`` per schedule."""
-    from tmpq.evaluators.features import make_extractor
-    from tmpq.evaluators.quality import embedded_reference, evaluate_schedule
-
     from tmpq.core.model import load_model
     from tmpq.core.sampler import make_scheduler
+    from tmpq.evaluators.features import make_extractor
+    from tmpq.evaluators.quality import embedded_reference, evaluate_schedule
 
     path = out / "fp_schedule.json"
     ts = [int(t) for t in best["timesteps"]]

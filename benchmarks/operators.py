@@ -19,12 +19,11 @@ import numpy as np
 
 
 def synthetic_space():
-    from tmpq.search.groups import quadratic_groups
-    from tmpq.search.service import build_space, supernet_config
-    from tmpq.supernet import QuantSupernet
-
-    from tmpq.config import config_from_dict
     from tmpq.core.model import load_model
+    from tmpq.jobs.config import config_from_dict
+    from tmpq.jobs.search import build_space, supernet_config
+    from tmpq.search.groups import quadratic_groups
+    from tmpq.supernet import QuantSupernet
 
     cfg = config_from_dict({"search": {"steps": 10, "step_choices": [5, 7, 10, 14, 20], "bitops_budget": "none"}})
     m = load_model(None)
@@ -69,11 +68,10 @@ def main() -> None:
     ap.add_argument("--out", default="results/search/operators.json")
     args = ap.parse_args()
 
-    from tmpq.search.engines import make_engine
-    from tmpq.search.pareto import hypervolume_2d
-
     from benchmarks.search import log_proxy
     from tmpq.core.rowlog import command_line, machine
+    from tmpq.search.engines import make_engine
+    from tmpq.search.pareto import hypervolume_2d
 
     sp = synthetic_space()
     obj = make_objective(sp)

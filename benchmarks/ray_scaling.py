@@ -27,7 +27,8 @@ from tmpq.core.fileio import atomic_write_bytes
 
 def build(cfg, work: Path):
     """The supernet file (calibrated once, as ``run_search`` does) and the search space of ``cfg``."""
-    from tmpq.search.service import (
+    from tmpq.core.model import load_model
+    from tmpq.jobs.search import (
         _time_groups,
         build_space,
         calibrate_to_file,
@@ -35,9 +36,7 @@ def build(cfg, work: Path):
     )
     from tmpq.supernet import QuantSupernet
 
-    from tmpq.core.model import load_model
-
-    m = load_model(None if cfg.model.path == "embedded" else cfg.model.path)
+    m = load_model(cfg.model.path)
     groups, step_groups = _time_groups(cfg, m, None)  # before wrapping: a sensitivity grouping profiles the FP model
     net = QuantSupernet(m.unet, supernet_config(cfg))
     space = build_space(cfg, net, groups, step_groups)
@@ -72,10 +71,9 @@ def time_executor(make, tasks, warmup, workers: int) -> tuple[dict, float, float
 
 
 def main(argv: list[str] | None = None) -> None:
+    from tmpq.jobs.config import load_config
+    from tmpq.jobs.search import WorkerSpec
     from tmpq.search.executors import LocalExecutor, RayExecutor, Task
-    from tmpq.search.service import WorkerSpec
-
-    from tmpq.config import load_config
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/tiny.toml", help="TOML run config (default: %(default)s)")
@@ -91,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = load_config(args.config)
     if args.model:
-        from tmpq.config import config_from_dict
+        from tmpq.jobs.config import config_from_dict
 
         cfg = config_from_dict({**cfg.to_dict(), "model": {"path": args.model}})
     sn_file, space = build(cfg, Path(args.work))

@@ -44,11 +44,10 @@ FP_SCHEDULES = [(sched, n) for sched in ("uniform", "quad") for n in (5, 10, 20)
 def supernet_file(args, out: Path) -> Path:
     """Calibrate the benchmark's supernet (the default but for ``run_pins``) once (resumable per option) and keep it
     for every part."""
-    from tmpq.search.service import calibrate_to_file, supernet_config
-    from tmpq.supernet import QuantSupernet
-
-    from tmpq.config import config_from_dict
     from tmpq.core.model import load_model
+    from tmpq.jobs.config import config_from_dict
+    from tmpq.jobs.search import calibrate_to_file, supernet_config
+    from tmpq.supernet import QuantSupernet
 
     path = out / "supernet.safetensors"
     if path.is_file():
@@ -71,7 +70,7 @@ def run_pins(args) -> dict:
 
 
 def run_config(args, sn: Path, **search):
-    from tmpq.config import config_from_dict
+    from tmpq.jobs.config import config_from_dict
 
     return config_from_dict({
         **run_pins(args),
@@ -86,7 +85,7 @@ def run_config(args, sn: Path, **search):
 
 def search(args, log: RowLog, name: str, sn: Path, **search) -> Path:
     """Run (or resume, or skip when finished) one search; returns its run directory."""
-    from tmpq.search.service import run_search
+    from tmpq.jobs.search import run_search
 
     path = Path(args.out) / "runs" / name
     if log.has(kind="search", name=name):
@@ -125,7 +124,7 @@ def seed_points(run_path: Path) -> np.ndarray:
 
 
 def evaluator(args, sn: Path):
-    from tmpq.search.service import WorkerSpec
+    from tmpq.jobs.search import WorkerSpec
 
     spec = WorkerSpec("embedded", str(sn), {"name": args.proxy, "n_images": args.proxy_n}, args.threads)
     return spec()
@@ -162,11 +161,10 @@ def baseline_points(args, log: RowLog, sn: Path) -> list[dict]:
 # -- parts -------------------------------------------------------------------------------------------------------------
 def part_fidelity(args, log: RowLog, sn: Path) -> None:
     """>= 30 diverse candidates: each proxy (and its wall time) vs FID at N = 10,000 on the same candidate."""
+    from tmpq.core.sampler import sample_images
     from tmpq.evaluators.quality import embedded_reference, score_features
     from tmpq.search.groups import quadratic_groups, uniform_groups
     from tmpq.search.space import SearchSpace
-
-    from tmpq.core.sampler import sample_images
 
     ev = evaluator(args, sn)
     # diverse candidates: step count (5-20), grouping (quad / uniform), one timestep drawn per group, and random bits
@@ -286,11 +284,10 @@ GROUPING_STEPS = (5, 7, 10, 14, 20)
 def fp_grouping_rows(args, log: RowLog, sn: Path) -> None:
     """The FP model on each grouping's seed schedule (every group's first timestep) at 5-20 steps, same proxy: how
     good a schedule each grouping starts its search from."""
-    from tmpq.search.groups import make_groups
-    from tmpq.search.sensitivity import PROFILES
-
     from tmpq.core.model import load_model
     from tmpq.core.sampler import make_scheduler
+    from tmpq.search.groups import make_groups
+    from tmpq.search.sensitivity import PROFILES
 
     ev, profiles = None, {}
     for kind in ("uniform", "quad", "error", "sensitivity"):
@@ -322,6 +319,7 @@ def part_grouping(args, log: RowLog, sn: Path) -> None:
 # -- report ------------------------------------------------------------------------------------------------------------
 def write_report(args, log: RowLog) -> None:
     from scipy.stats import kendalltau
+
     from tmpq.search.pareto import dominates_all, hypervolume_2d, non_dominated
 
     out = Path(args.out)
@@ -552,6 +550,7 @@ def _plot(out: Path, all_pts: dict, base: list[dict]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     from tmpq.search.pareto import non_dominated
 
     panels = [("engines (seed 0)", [k for k in sorted(all_pts) if k.endswith("-s0")]),

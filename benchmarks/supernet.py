@@ -15,15 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tmpq.evaluators.features import make_extractor
-from tmpq.evaluators.quality import embedded_reference, score_features
-from tmpq.supernet import QuantSupernet, SupernetConfig
-from tmpq.supernet.calib_data import make_calib_data
 
 from benchmarks.common import RowLog, baseline_fp_row, findings
 from tmpq.core.model import load_model
 from tmpq.core.sampler import make_scheduler, sample_images
 from tmpq.core.schedules import make_timesteps
+from tmpq.evaluators.features import make_extractor
+from tmpq.evaluators.quality import embedded_reference, score_features
+from tmpq.supernet import QuantSupernet, SupernetConfig
+from tmpq.supernet.calib_data import make_calib_data
 
 
 def random_allocations(net: QuantSupernet, k: int, seed: int, pool: int = 2000) -> list[list[tuple[int, int]]]:

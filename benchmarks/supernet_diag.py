@@ -29,12 +29,11 @@ from benchmarks.common import RowLog
 
 
 def main() -> None:
-    from tmpq.supernet import QuantSupernet, SupernetConfig
-    from tmpq.supernet.calib_data import make_calib_data
-
     from tmpq.core.model import load_model
     from tmpq.core.sampler import make_scheduler, sample_images
     from tmpq.core.schedules import make_timesteps
+    from tmpq.supernet import QuantSupernet, SupernetConfig
+    from tmpq.supernet.calib_data import make_calib_data
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bits", type=int, default=8, help="the uniform option: W{bits}A{bits} (A8 when A{bits} is "
@@ -140,9 +139,9 @@ class _ByTime(torch.nn.Module):
 
 def _time_grouped(data, cfg, groups: int, bits: int) -> _ByTime:
     import numpy as np
-    from tmpq.supernet import QuantSupernet
 
     from tmpq.core.model import load_model
+    from tmpq.supernet import QuantSupernet
 
     parts = np.array_split(np.unique(data.t.numpy()), groups)
     nets = []

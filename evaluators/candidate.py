@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tmpq.evaluators.quality import Reference, score_features
 
 from tmpq.core.errors import TmpqError
+from tmpq.evaluators.quality import Reference, score_features
 
 PROXIES = ("paired-feat", "fid")
 PROXY_VERSION = 1

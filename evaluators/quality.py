@@ -9,10 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tmpq.evaluators.features import FeatureExtractor
-from tmpq.evaluators.fid import FeatureStats, kid
 
 from tmpq.core.errors import TmpqError
+from tmpq.evaluators.features import FeatureExtractor
+from tmpq.evaluators.fid import FeatureStats, kid
 
 
 @dataclass

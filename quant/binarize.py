@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+
 from tmpq.quant.functional import channel_view
 from tmpq.quant.quantizer import QuantError
 

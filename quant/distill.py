@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 from tmpq.quant.binarize import MultiBasisBinarizer
 from tmpq.quant.layers import QuantLayer
 

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
 from tmpq.quant.functional import fake_quant_split_inference
 from tmpq.quant.quantizer import AffineQuantizer, QuantError
 
@@ -291,3 +292,11 @@ def wrap(module: nn.Module, **kwargs) -> QuantLayer:
         if cls in WRAPPERS:
             return WRAPPERS[cls](module, **kwargs)
     raise QuantError(f"no quantized wrapper registered for {type(module).__name__}")
+
+
+def replace_module(root: nn.Module, fqn: str, new: nn.Module) -> None:
+    """Put ``new`` in place of the submodule ``fqn`` of ``root`` (the one module-replacement path of the supernet's
+    wrapping and the int8 deployment)."""
+    parent_name, _, child = fqn.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)

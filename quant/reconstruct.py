@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+
 from tmpq.quant.adaround import AdaRoundQuantizer
 from tmpq.quant.layers import QuantLayer, correct_bias
 

@@ -22,9 +22,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from tmpq.search.space import SearchSpace
 
 from tmpq.core.errors import TmpqError
+from tmpq.search.space import SearchSpace
 
 ENGINES = ("pymoo", "optuna", "paper-ea", "random")
 

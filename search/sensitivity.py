@@ -28,7 +28,7 @@ VERSION = 2  # 2: the step-error profile (the sensitivity profile is unchanged f
 @torch.no_grad()
 def _probe(unet: torch.nn.Module, scheduler, n_images: int, probe_steps: int, seed: int):
     """Descending probe timesteps and, at each, the batch's eps and x0 predictions (CPU float tensors), and T."""
-    from tmpq.core.sampler import NoiseBank
+    from tmpq.core.sampler import NoiseBank, sample_shape
     from tmpq.core.schedules import make_timesteps
 
     T = int(scheduler.config.num_train_timesteps)
@@ -38,9 +38,7 @@ def _probe(unet: torch.nn.Module, scheduler, n_images: int, probe_steps: int, se
         raise TmpqError(f"sensitivity.n_images: must be >= 1, got {n_images}")
     ts = make_timesteps("uniform", probe_steps, T)
     scheduler.set_timesteps(timesteps=ts)
-    size = unet.config.sample_size
-    hw = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
-    bank = NoiseBank(seed, (unet.config.in_channels, *hw))
+    bank = NoiseBank(seed, sample_shape(unet))
     device = next(unet.parameters()).device
     x = bank.initial(list(range(n_images))).to(device)
     steps, eps_all, x0_all = scheduler.timesteps.tolist(), [], []

@@ -18,9 +18,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from tmpq.search.groups import TimeGroups
 
+from tmpq.core.cost import LayerCost, call_bitops, weight_bits
 from tmpq.core.errors import TmpqError
+from tmpq.search.groups import TimeGroups
 
 SPACE_FORMAT = "tmpq.search-space"
 SPACE_VERSION = 1
@@ -61,20 +62,9 @@ def _tuplify(x):
 
 
 @dataclass(frozen=True)
-class GeneLayer:
-    """What the cost model needs of one quantized layer (from ``supernet.LayerInfo``)."""
-
-    fqn: str
-    macs: int
-    params: int
-    gene: int | None
-    pinned: tuple[int, int] | None = None
-
-
-@dataclass(frozen=True)
 class SearchSpace:
     groups: TimeGroups
-    layers: tuple[GeneLayer, ...]
+    layers: tuple[LayerCost, ...]
     num_genes: int
     w_bits: tuple[int, ...]
     a_bits: tuple[int, ...]
@@ -197,21 +187,11 @@ class SearchSpace:
 
     def bitops(self, cand: Candidate) -> float:
         """BitOPs of the whole schedule per sample: sum over steps and layers of MACs * b_w * b_a."""
-        total = 0
-        for alloc in self._step_bits(cand):
-            for lay in self.layers:
-                w, a = lay.pinned if lay.pinned else alloc[lay.gene]
-                total += lay.macs * w * a
-        return float(total)
+        return float(sum(call_bitops(self.layers, alloc) for alloc in self._step_bits(cand)))
 
     def size_mb(self, cand: Candidate) -> float:
         """Weights at their bits (each distinct precision a layer needs is stored) + other parameters at 32 bits."""
-        allocs = self._step_bits(cand)
-        bits = 32 * self.other_params
-        for lay in self.layers:
-            ws = {lay.pinned[0]} if lay.pinned else {alloc[lay.gene][0] for alloc in allocs}
-            bits += lay.params * sum(ws)
-        return bits / 8 / 1e6
+        return (32 * self.other_params + weight_bits(self.layers, self._step_bits(cand))) / 8 / 1e6
 
     def feasible(self, cand: Candidate) -> bool:
         if self.fixed and not self.respects_fixed(self.encode(cand)):
@@ -321,7 +301,7 @@ class SearchSpace:
     def from_dict(cls, d: dict) -> "SearchSpace":
         if d.get("format") != SPACE_FORMAT:
             raise TmpqError(f"not a tmpq search space (format {d.get('format')!r})")
-        layers = tuple(GeneLayer(lay["fqn"], int(lay["macs"]), int(lay["params"]), lay["gene"],
+        layers = tuple(LayerCost(lay["fqn"], int(lay["macs"]), int(lay["params"]), lay["gene"],
                                  tuple(lay["pinned"]) if lay["pinned"] else None) for lay in d["layers"])
         return cls(TimeGroups.from_dict(d["groups"]), layers, int(d["num_genes"]), tuple(d["w_bits"]),
                    tuple(d["a_bits"]), bool(d["per_group_bits"]), int(d["other_params"]), d["bitops_budget"],
@@ -333,7 +313,7 @@ class SearchSpace:
     def from_supernet(cls, net, groups: TimeGroups, per_group_bits: bool = False,
                       step_groups: Sequence[TimeGroups] = (), **budgets) -> "SearchSpace":
         """Build the space from a ``QuantSupernet``'s layer table (the only torch-touching constructor)."""
-        layers = tuple(GeneLayer(i.fqn, i.macs, i.params, i.gene, i.pinned) for i in net.infos)
+        layers = tuple(LayerCost(i.fqn, i.macs, i.params, i.gene, i.pinned) for i in net.infos)
         other = sum(p.numel() for p in net.unet.parameters()) - sum(i.params for i in net.infos)
         return cls(groups, layers, net.num_genes, net.config.w_bits, net.config.a_bits, per_group_bits, other,
                    step_groups=tuple(sorted(step_groups, key=lambda g: g.n)), **budgets)

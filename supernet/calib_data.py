@@ -10,12 +10,13 @@ Three strategies (compared in the supernet report):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from tmpq.core.errors import TmpqError
-from tmpq.core.sampler import NoiseBank, sample_batch
+from tmpq.core.sampler import NoiseBank, sample_batch, sample_shape
 from tmpq.core.schedules import make_timesteps
 
 STRATEGIES = ("uniform", "ndtc", "eda")
@@ -38,17 +39,27 @@ class CalibData:
 
 
 @torch.no_grad()
+def capture_along(unet, scheduler, timesteps, n_samples: int, seed: int = 10_000,
+                  batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the sampler along exactly ``timesteps`` on noise-bank images 0..n_samples-1 (``seed`` distinct from the
+    evaluation seeds), ``batch`` trajectories per sampler call (default: all at once), and return every step's
+    denoiser input: xs [steps, n, C, H, W] and the timesteps [steps]."""
+    bank = NoiseBank(seed, sample_shape(unet))
+    step = batch or n_samples
+    chunks = []
+    for s in range(0, n_samples, step):
+        xs: list[torch.Tensor] = []
+        sample_batch(unet, scheduler, timesteps, bank, list(range(s, min(s + step, n_samples))),
+                     on_step=lambda k, t, x: xs.append(x.clone()))
+        chunks.append(torch.stack(xs))
+    return torch.cat(chunks, dim=1), torch.tensor([int(t) for t in timesteps])
+
+
 def capture_trajectories(unet, scheduler, n_samples: int, sampler_steps: int, seed: int = 10_000,
                          schedule: str = "uniform") -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the FP sampler on ``n_samples`` noise-bank images (seed distinct from evaluation seeds) and return every
-    step's denoiser input: xs [steps, n, C, H, W] and the timesteps [steps]."""
+    """:func:`capture_along` the ``schedule`` of ``sampler_steps`` steps (the FP sampler's trajectories)."""
     ts = make_timesteps(schedule, sampler_steps, scheduler.config.num_train_timesteps)
-    shape = (unet.config.in_channels, *(2 * [unet.config.sample_size]
-                                        if isinstance(unet.config.sample_size, int) else unet.config.sample_size))
-    bank = NoiseBank(seed, shape)
-    xs: list[torch.Tensor] = []
-    sample_batch(unet, scheduler, ts, bank, list(range(n_samples)), on_step=lambda k, t, x: xs.append(x.clone()))
-    return torch.stack(xs), torch.tensor(ts)
+    return capture_along(unet, scheduler, ts, n_samples, seed)
 
 
 def _mid_features(unet, x: torch.Tensor, t: torch.Tensor) -> np.ndarray:
@@ -128,3 +139,26 @@ def make_calib_data(unet, scheduler, strategy: str = "uniform", n_steps: int = 2
         xs_out.append(xs[s, idx])
         ts_out.append(ts[s].repeat(int(c)))
     return CalibData(torch.cat(xs_out), torch.cat(ts_out), strategy)
+
+
+def calibrate_to_file(net, scheduler, out: Path | str, *, strategy: str = "uniform", n_steps: int = 20,
+                      per_step: int = 32, sampler_steps: int = 100, data_seed: int = 10_000, batch_size: int = 64,
+                      mode: str = "per-option", seed: int = 0, recon_iters: int = 0, progress: bool = True) -> dict:
+    """Capture calibration data (``strategy`` along the FP trajectories of ``net``'s own denoiser, passed through),
+    calibrate every option of the supernet ``net`` and save it to ``out`` (a ``.safetensors`` file). Resumable per
+    option through ``<out stem>.partial.safetensors`` beside it, which is removed once ``out`` is written; with
+    AdaRound weights and ``recon_iters > 0``, BRECQ-style block reconstruction follows. Returns ``{"calib_pairs",
+    "reconstruction"}``. The one path of ``tmpq calibrate`` and of a search run's supernet."""
+    out = Path(out)
+    partial = out.with_name(out.stem + ".partial.safetensors")
+    data = make_calib_data(net.unet, scheduler, strategy, n_steps=n_steps, per_step=per_step,
+                           sampler_steps=sampler_steps, seed=data_seed)
+    net.set_fp()
+    batches = list(data.batches(batch_size))
+    net.calibrate(batches, mode=mode, seed=seed, progress=progress, checkpoint=partial)
+    recon = []
+    if net.config.w_rounding == "adaround" and recon_iters > 0:
+        recon = net.reconstruct(batches, iters=recon_iters, progress=progress)
+    net.save(out)
+    partial.unlink(missing_ok=True)
+    return {"calib_pairs": len(data), "reconstruction": recon}

@@ -4,10 +4,9 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from tmpq.core.errors import TmpqError
 from tmpq.quant.binarize import BINARY_BITS
 from tmpq.quant.quantizer import GRANULARITIES, OBSERVERS, SUPPORTED_BITS
-
-from tmpq.core.errors import TmpqError
 
 # ties the q, k, v projections of each diffusers attention block into one gene (config tie_qkv / --tie-qkv)
 TIE_QKV = r"(.*attentions\.\d+)\.to_[qkv]$"

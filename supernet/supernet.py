@@ -13,11 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-from tmpq.quant.layers import WRAPPERS, QuantLayer, correct_bias, wrap
-from tmpq.supernet.config import LayerInfo, SupernetConfig
 from tqdm.auto import tqdm
 
+from tmpq.core.cost import call_bitops, weight_bits
 from tmpq.core.errors import TmpqError
+from tmpq.core.sampler import sample_shape
+from tmpq.quant.layers import WRAPPERS, QuantLayer, correct_bias, replace_module, wrap
+from tmpq.supernet.config import LayerInfo, SupernetConfig
 
 SUPERNET_FORMAT = "tmpq.supernet"
 SUPERNET_VERSION = 2  # 2: optional time_groups (banks + time_starts); v1 files load unchanged
@@ -148,9 +150,7 @@ class QuantSupernet(nn.Module):
             unet.register_forward_pre_hook(self._route_by_timestep, with_kwargs=True)
 
     def _replace(self, fqn: str, new: nn.Module) -> None:
-        parent_name, _, child = fqn.rpartition(".")
-        parent = self.unet.get_submodule(parent_name) if parent_name else self.unet
-        setattr(parent, child, new)
+        replace_module(self.unet, fqn, new)
 
     # -- cost model ---------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -167,9 +167,7 @@ class QuantSupernet(nn.Module):
         for lay in self.layers.values():
             lay.set_bits(None, None)
         try:
-            cfg = self.unet.config
-            size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-            x = torch.zeros(1, cfg.in_channels, size, size, device=self._device())
+            x = torch.zeros(1, *sample_shape(self.unet), device=self._device())
             self.unet(x, torch.tensor([500], device=x.device))
         finally:
             for h in hooks:
@@ -195,23 +193,12 @@ class QuantSupernet(nn.Module):
 
     def bitops(self, allocation: Sequence[tuple[int, int]]) -> int:
         """BitOPs of one denoiser call for one sample: sum over layers of MACs * b_w * b_a (pinned at their bits)."""
-        alloc = self._check_allocation(allocation)
-        total = 0
-        for info in self.infos:
-            w, a = info.pinned if info.pinned else alloc[info.gene]
-            total += info.macs * w * a
-        return total
+        return call_bitops(self.infos, self._check_allocation(allocation))
 
     def size_mb(self, allocation: Sequence[tuple[int, int]]) -> float:
         """Storage of the quantized weights at their bits plus every other parameter at 32 bits, in MB (1e6 B)."""
-        alloc = self._check_allocation(allocation)
-        bits = 0
-        quantized = 0
-        for info in self.infos:
-            w = info.pinned[0] if info.pinned else alloc[info.gene][0]
-            bits += info.params * w
-            quantized += info.params
-        other = sum(p.numel() for p in self.unet.parameters()) - quantized
+        bits = weight_bits(self.infos, [self._check_allocation(allocation)])
+        other = sum(p.numel() for p in self.unet.parameters()) - sum(info.params for info in self.infos)
         return (bits + 32 * other) / 8 / 1e6
 
     def layer_bits(self, allocation: Sequence[tuple[int, int]]) -> dict[str, tuple[int, int]]:

@@ -40,9 +40,8 @@ def interrupted_then_resumed(cfg, data, ckpt, die_at: int):
     """Calibrate a tiny-UNet supernet of ``cfg`` with ``checkpoint=ckpt``, killed (KeyboardInterrupt) in its
     ``die_at``-th observation pass; check the unfinished checkpoint is refused; resume it in a fresh supernet.
     Returns ``(resumed net, observation passes the resumed run made)``."""
-    from tmpq.supernet import QuantSupernet
-
     from tmpq.core.errors import TmpqError
+    from tmpq.supernet import QuantSupernet
 
     first = QuantSupernet(tiny_unet(), cfg)
     calls = {"n": 0}

@@ -1,11 +1,11 @@
 import pytest
 import torch
-from conftest import tiny_unet
-from tmpq.supernet.calib_data import make_calib_data
 
+from conftest import tiny_unet
 from tmpq.core.errors import TmpqError
 from tmpq.core.model import embedded_scheduler_config
 from tmpq.core.sampler import make_scheduler
+from tmpq.supernet.calib_data import make_calib_data
 
 
 @pytest.mark.parametrize("strategy", ["uniform", "ndtc", "eda"])

@@ -1,16 +1,16 @@
 import pytest
 import torch
+
 from conftest import tiny_unet
+from tmpq.core.errors import TmpqError
+from tmpq.core.model import embedded_scheduler_config
+from tmpq.core.sampler import make_scheduler
+from tmpq.core.schedules import quadratic_timesteps
 from tmpq.evaluators.candidate import CandidateEvaluator, ProxyConfig
 from tmpq.evaluators.features import RandomExtractor
 from tmpq.evaluators.fid import FeatureStats
 from tmpq.evaluators.quality import Reference
 from tmpq.supernet import QuantSupernet, SupernetConfig
-
-from tmpq.core.errors import TmpqError
-from tmpq.core.model import embedded_scheduler_config
-from tmpq.core.sampler import make_scheduler
-from tmpq.core.schedules import quadratic_timesteps
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ uniform-bit seeds) is weakly dominated by its own copy on the front, so "dominat
 from types import SimpleNamespace
 
 import numpy as np
+
 from tmpq.search.pareto import dominates_all
 
 

@@ -1,7 +1,8 @@
 import shutil
 
-from conftest import REPO
 from test_cli import assert_clean_error, run
+
+from conftest import REPO
 
 
 def test_search_then_pareto_then_resume(tiny_model_dir, tmp_path):

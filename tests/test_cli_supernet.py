@@ -18,9 +18,8 @@ def test_calibrate_tiny_and_resume_file_cleanup(tiny_model_dir, tmp_path):
     side = json.loads((tmp_path / "sn.safetensors.json").read_text())
     assert side["calib_pairs"] == 8 and side["mode"] == "per-option"
 
-    from tmpq.supernet import QuantSupernet
-
     from tmpq.core.model import load_model
+    from tmpq.supernet import QuantSupernet
 
     net = QuantSupernet.from_file(load_model(tiny_model_dir).unet, out)
     assert net.config.w_bits == (8, 6, 4)

@@ -5,8 +5,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tmpq.config import RunConfig, config_from_dict, load_config
 from tmpq.core.errors import TmpqError
+from tmpq.jobs.config import RunConfig, config_from_dict, load_config
 
 
 def test_defaults_round_trip(tmp_path):
@@ -72,7 +72,7 @@ def test_random_configs_either_validate_or_fail_cleanly(section, key, value):
 
 
 def test_observer_keys_reach_the_supernet_config():
-    from tmpq.search.service import supernet_config
+    from tmpq.jobs.search import supernet_config
 
     sc = supernet_config(config_from_dict({"supernet": {"w_observer": "minmax", "a_observer": "mse"}}))
     assert (sc.w_observer, sc.a_observer) == ("minmax", "mse")

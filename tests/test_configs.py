@@ -1,7 +1,7 @@
 """The shipped configs load, and default.toml documents exactly the built-in defaults."""
 from pathlib import Path
 
-from tmpq.config import RunConfig, load_config
+from tmpq.jobs.config import RunConfig, load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

@@ -25,13 +25,12 @@ ROOT = os.geteuid() == 0  # root reads a chmod 000 file anyway: no permission ca
 def pristine(tmp_path_factory):
     """``(root, validated key, exported key)``: root/run (searched, one point validated over two seeds) and
     root/exp (an export of a point that has no validated quantizers, when the front has two points)."""
-    import tmpq.evaluators.final as fin
-    from tmpq.search.service import run_search
-
+    import tmpq.jobs.validate as fin
     from tests.conftest import tiny_unet
-    from tmpq.api import load_run
     from tmpq.core.model import embedded_scheduler_config, save_pipeline_dir
-    from tmpq.export import export_candidate
+    from tmpq.jobs.export import export_candidate
+    from tmpq.jobs.run import load_run
+    from tmpq.jobs.search import run_search
 
     root = tmp_path_factory.mktemp("corrupt")
     save_pipeline_dir(tiny_unet(), embedded_scheduler_config(), root / "tiny-ddpm")
@@ -217,7 +216,7 @@ def _changed(before: dict, after: dict) -> set:
 
 
 def test_every_damaged_file_is_one_line_exit_2_and_nothing_changes(pristine, tmp_path, capsys, monkeypatch):
-    import tmpq.evaluators.final as fin
+    import tmpq.jobs.validate as fin
 
     root, vkey, ekey = pristine
 

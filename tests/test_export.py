@@ -13,12 +13,11 @@ from tmpq.core.errors import TmpqError
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    from tmpq.search.service import run_search
-
     from tests.conftest import tiny_unet
-    from tmpq.api import load_run
     from tmpq.core.model import embedded_scheduler_config, save_pipeline_dir
-    from tmpq.export import export_candidate
+    from tmpq.jobs.export import export_candidate
+    from tmpq.jobs.run import load_run
+    from tmpq.jobs.search import run_search
 
     root = tmp_path_factory.mktemp("export")
     model = root / "tiny-ddpm"
@@ -32,11 +31,10 @@ def exported(tmp_path_factory):
 
 def _supernet_samples(run, key, n=6):
     """The candidate's images from the search's own supernet: the reference an export must reproduce."""
-    from tmpq.supernet import QuantSupernet
-
-    from tmpq.api import load_run
     from tmpq.core.model import load_model
     from tmpq.core.sampler import make_scheduler, sample_images
+    from tmpq.jobs.run import load_run
+    from tmpq.supernet import QuantSupernet
 
     row = load_run(run.path).evaluations.set_index("key").loc[key]
     m = load_model(json.loads((run.path / "config.resolved.json").read_text())["model"]["path"])
@@ -123,10 +121,10 @@ def test_the_stock_pipeline_call_samples_the_exported_schedule(exported, tmp_pat
 
 def test_export_in_a_fresh_process_gives_identical_samples(exported, tmp_path):
     from tmpq.core.sampler import sample_images
-    from tmpq.export import load_export
+    from tmpq.deploy.bundle import load_export
 
     root, run, key, man = exported
-    code = ("import torch,sys; from tmpq.export import load_export; from tmpq.core.sampler import sample_images;"
+    code = ("import torch,sys; from tmpq.deploy.bundle import load_export; from tmpq.core.sampler import sample_images;"
             "u,s,ts,_=load_export(sys.argv[1]); torch.save(sample_images(u,s,ts,6,seed=3,batch_size=6,"
             "progress=False), sys.argv[2])")
     subprocess.run([sys.executable, "-c", code, str(root / "exp"), str(tmp_path / "x.pt")], check=True)
@@ -137,7 +135,8 @@ def test_export_in_a_fresh_process_gives_identical_samples(exported, tmp_path):
 
 
 def test_export_cli_and_bad_inputs(exported, tmp_path):
-    from tmpq.export import export_candidate, read_export
+    from tmpq.deploy.bundle import read_export
+    from tmpq.jobs.export import export_candidate
 
     root, run, key, man = exported
     r = subprocess.run([sys.executable, "-m", "tmpq", "sample", str(root / "exp"), "--n", "4",
@@ -161,17 +160,16 @@ def test_export_cli_and_bad_inputs(exported, tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "SHA-256" in r.stderr
     from tests.conftest import tiny_unet
-    from tmpq.export import apply_export
+    from tmpq.deploy.bundle import apply_export
 
     with pytest.raises(TmpqError, match="different model"):
         apply_export(tiny_unet(seed=5), root / "exp")
 
 
 def test_int8_kernels_hold_the_exported_weights_and_stay_close(exported, tmp_path):
+    from tmpq.deploy.bundle import load_export
+    from tmpq.deploy.int8 import to_int8
     from tmpq.quant.layers import QuantLayer
-
-    from tmpq.deploy import to_int8
-    from tmpq.export import load_export
 
     root, run, key, man = exported
     unet, sched, ts, _ = load_export(root / "exp")
@@ -215,9 +213,8 @@ def test_int8_conv_and_linear_compute_what_fake_quantization_computes(kernel, st
     """oneDNN's static int8 kernels with the exported activation quantizer and weight grid give the fake-quantized
     layer's output up to float rounding, also where the output leaves the input's range (which PyTorch's dynamic
     quantized Conv2d clips)."""
+    from tmpq.deploy.int8 import Int8Conv2d, Int8Linear, onednn_available
     from tmpq.quant.quantizer import AffineQuantizer
-
-    from tmpq.deploy import Int8Conv2d, Int8Linear, onednn_available
 
     if not onednn_available():
         pytest.skip("this PyTorch build has no oneDNN int8 kernels")
@@ -248,9 +245,8 @@ def test_int8_conv_and_linear_compute_what_fake_quantization_computes(kernel, st
 def test_int8_input_codes_are_the_fake_quantizer_codes(bits, a_sym, fused):
     """The deployed input quantizer (one fused quantize pass to bytes) gives exactly the calibrated quantizer's
     levels, ties and both clamps included."""
+    from tmpq.deploy.int8 import _StaticInput
     from tmpq.quant.quantizer import AffineQuantizer
-
-    from tmpq.deploy import _StaticInput
 
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 8, 16, 16, generator=g) * 2 + 0.5

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 import torch
-from tmpq.evaluators.features import InceptionExtractor, RandomExtractor, make_extractor
 
 from tmpq.core.errors import TmpqError
+from tmpq.evaluators.features import InceptionExtractor, RandomExtractor, make_extractor
 
 
 def test_random_extractor_is_deterministic():
@@ -16,9 +16,8 @@ def test_random_extractor_is_deterministic():
 
 def test_domain_classifier_heldout_accuracy():
     """The committed classifier must reach >= 97 % on the held-out split it never trained on."""
-    from tmpq.evaluators.classifier import accuracy, load_classifier
-
     from tmpq.core.data import load_digits
+    from tmpq.evaluators.classifier import accuracy, load_classifier
 
     model, manifest = load_classifier()
     x, y = load_digits("heldout", 16)
@@ -28,9 +27,8 @@ def test_domain_classifier_heldout_accuracy():
 
 
 def test_domain_features_separate_real_from_noise():
-    from tmpq.evaluators.fid import FeatureStats
-
     from tmpq.core.data import load_digits
+    from tmpq.evaluators.fid import FeatureStats
 
     ext = make_extractor("domain")
     real0, _ = load_digits("half0", 16)

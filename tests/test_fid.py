@@ -2,9 +2,9 @@ import json
 
 import numpy as np
 import pytest
-from tmpq.evaluators.fid import FeatureStats, frechet_distance, kid
 
 from tmpq.core.errors import TmpqError
+from tmpq.evaluators.fid import FeatureStats, frechet_distance, kid
 
 
 def _random_stats(rng, d):

@@ -2,8 +2,8 @@ import shutil
 
 import pytest
 import torch
-from conftest import tiny_unet
 
+from conftest import tiny_unet
 from tmpq.core.errors import TmpqError
 from tmpq.core.model import EMBEDDED_MODEL_DIR, WEIGHTS_NAME, load_model
 

@@ -9,9 +9,11 @@ import venv
 from pathlib import Path
 
 import pytest
+
 from conftest import REPO
 
-FOLDERS = {"tmpq": "tmpq", "tmpq.core": "tmpq/core", "tmpq.quant": "quant", "tmpq.supernet": "supernet",
+FOLDERS = {"tmpq": "tmpq", "tmpq.core": "tmpq/core", "tmpq.jobs": "tmpq/jobs", "tmpq.deploy": "tmpq/deploy",
+           "tmpq.quant": "quant", "tmpq.supernet": "supernet",
            "tmpq.search": "search", "tmpq.evaluators": "evaluators"}
 
 
@@ -53,8 +55,10 @@ print("smoke ok")
 
 @pytest.mark.slow
 def test_wheel_installs_one_name_and_runs_outside_the_checkout(tmp_path):
-    # the tracked files only (a build writes build/ and *.egg-info next to its sources: never into the checkout)
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout.split(b"\0")
+    # the working tree's files that git tracks or would (a build writes build/ and *.egg-info next to its sources:
+    # never into the checkout)
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, check=True).stdout.split(b"\0")
     src = tmp_path / "src"
     for f in filter(None, files):
         rel = f.decode()
@@ -63,8 +67,9 @@ def test_wheel_installs_one_name_and_runs_outside_the_checkout(tmp_path):
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         (src / rel).write_bytes((REPO / rel).read_bytes())
     wheels = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
-                    str(src)], check=True, capture_output=True, timeout=600)
+    b = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                        str(wheels), str(src)], capture_output=True, text=True, timeout=600)
+    assert b.returncode == 0, b.stderr[-2000:]
     (wheel,) = wheels.glob("tmpq-*.whl")
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=False).create(env_dir)

@@ -3,6 +3,7 @@ distillation / the int8 deployment path."""
 import pytest
 import torch
 import torch.nn as nn
+
 from conftest import calib_batches as _data
 from conftest import tiny_unet
 from tmpq.quant.binarize import MultiBasisBinarizer
@@ -147,7 +148,7 @@ def test_distillation_strictly_lowers_the_loss_of_mis_scaled_binarizers():
 
 
 def test_int8_deployment_names_binarized_layers_as_fallback():
-    from tmpq.deploy import to_int8
+    from tmpq.deploy.int8 import to_int8
 
     pin = {"conv_in": [8, 8], "conv_out": [8, 8]}  # 8-bit pins (the default's are 16-bit), so int8 can run them
     net = QuantSupernet(tiny_unet(), SupernetConfig(w_bits=(8, 1), a_bits=(8,), pin=pin))

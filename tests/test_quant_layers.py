@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torch.nn as nn
+
 from tmpq.quant import QuantError
 from tmpq.quant.layers import QuantConv2d, QuantLinear, wrap
 

@@ -1,6 +1,7 @@
 """Quantizer maths against PyTorch's reference fake-quant ops, observers, phases and state_dict round trips."""
 import pytest
 import torch
+
 from tmpq.quant import AffineQuantizer, QuantError, fake_quant, qrange
 from tmpq.quant.functional import affine_params
 

@@ -1,5 +1,6 @@
 import torch
 import torch.nn as nn
+
 from tmpq.quant.adaround import AdaRoundQuantizer
 from tmpq.quant.layers import QuantConv2d, QuantLinear
 from tmpq.quant.reconstruct import capture_block, reconstruct_block

@@ -8,11 +8,11 @@ import subprocess
 import sys
 
 import pytest
-from tmpq.search.rundir import EvalResult, RunDir
 
 from tests.test_search_service import tiny_cfg
 from tmpq.cli import main
 from tmpq.core.errors import TmpqError
+from tmpq.search.rundir import EvalResult, RunDir
 
 
 def _result(i: int) -> EvalResult:
@@ -121,7 +121,7 @@ def test_the_resuming_writer_moves_a_torn_last_line_to_a_side_file(tmp_path):
 
 def test_search_resume_after_a_torn_last_line(tiny_model_dir, tmp_path):
     """A real resumed search: the torn evaluation is kept in the side file, re-evaluated, and nothing repeats."""
-    from tmpq.search.service import run_search
+    from tmpq.jobs.search import run_search
 
     cfg = tiny_cfg(tiny_model_dir, generations=1)
     run = run_search(cfg, tmp_path / "run", progress=False)
@@ -180,20 +180,19 @@ def test_file_readers_name_the_file(tmp_path, monkeypatch):
 
 
 def test_quant_and_os_errors_are_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    import tmpq.jobs.run
     from tmpq.quant.quantizer import QuantError
-
-    import tmpq.api
 
     def quant_fails(path):
         raise QuantError("bits: 1 is not a supported bit-width (2..16)")
 
-    monkeypatch.setattr(tmpq.api, "load_run", quant_fails)
+    monkeypatch.setattr(tmpq.jobs.run, "load_run", quant_fails)
     assert main(["pareto", str(tmp_path)]) == 2
     assert capsys.readouterr().err == "tmpq: error: bits: 1 is not a supported bit-width (2..16)\n"
 
     def os_fails(path):
         raise PermissionError(13, "Permission denied", str(tmp_path / "run" / "x"))
 
-    monkeypatch.setattr(tmpq.api, "load_run", os_fails)
+    monkeypatch.setattr(tmpq.jobs.run, "load_run", os_fails)
     assert main(["pareto", str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"tmpq: error: {tmp_path / 'run' / 'x'}: Permission denied\n"

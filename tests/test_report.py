@@ -13,10 +13,9 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 @pytest.fixture(scope="module")
 def reported(tmp_path_factory):
-    from tmpq.search.service import run_search
-
     from tests.conftest import tiny_unet
     from tmpq.core.model import embedded_scheduler_config, save_pipeline_dir
+    from tmpq.jobs.search import run_search
 
     root = tmp_path_factory.mktemp("report")
     save_pipeline_dir(tiny_unet(), embedded_scheduler_config(), root / "tiny-ddpm")
@@ -29,7 +28,7 @@ def reported(tmp_path_factory):
 
 
 def test_report_files(reported):
-    from tmpq.api import load_run
+    from tmpq.jobs.run import load_run
 
     out = reported / "report"
     page = (out / "report.html").read_text()

@@ -11,11 +11,10 @@ from tests.test_search_service import tiny_cfg
 
 @pytest.mark.slow
 def test_search_report_rebuilds_identically_from_the_raw_logs_alone(tiny_model_dir, tmp_path):
-    from tmpq.search.service import run_search
-
     import benchmarks.search as bs
     from benchmarks.common import RowLog, keep_raw, run_evaluations
-    from tmpq.api import load_run
+    from tmpq.jobs.run import load_run
+    from tmpq.jobs.search import run_search
 
     out = tmp_path / "bench"
     log = RowLog(out / "rows.jsonl", ("kind", "name"))

@@ -1,8 +1,8 @@
 import pytest
 import torch
-from conftest import tiny_unet
 from diffusers import DDIMScheduler
 
+from conftest import tiny_unet
 from tmpq.core.errors import TmpqError
 from tmpq.core.model import embedded_scheduler_config
 from tmpq.core.sampler import NoiseBank, make_scheduler, sample_batch, sample_images

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 from test_search_space import make_space
+
 from tmpq.search.engines import make_engine, repair
 from tmpq.search.pareto import hypervolume_2d
 

@@ -2,15 +2,15 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from tmpq.core.errors import TmpqError
+from tmpq.core.schedules import quadratic_timesteps, uniform_timesteps
 from tmpq.search.groups import (
     TimeGroups,
     quadratic_groups,
     sensitivity_groups,
     uniform_groups,
 )
-
-from tmpq.core.errors import TmpqError
-from tmpq.core.schedules import quadratic_timesteps, uniform_timesteps
 
 
 def test_quad_groups_match_the_paper():

@@ -11,8 +11,9 @@ import time
 
 import pandas as pd
 import pytest
-from conftest import REPO
 from test_cli import assert_clean_error, run
+
+from conftest import REPO
 
 
 def _config(tmp_path, model_dir, name="tiny.toml", **search):

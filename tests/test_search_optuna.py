@@ -16,6 +16,9 @@ import pytest
 from optuna.trial import TrialState
 from test_search_engines import run, synthetic
 from test_search_space import make_space
+
+from tmpq.core.errors import TmpqError
+from tmpq.jobs.config import CHOICES, config_from_dict
 from tmpq.search.engines import (
     ENGINES,
     FAILED_VALUE,
@@ -23,9 +26,6 @@ from tmpq.search.engines import (
     make_engine,
     optuna_study_for_run,
 )
-
-from tmpq.config import CHOICES, config_from_dict
-from tmpq.core.errors import TmpqError
 
 
 def budget_space(n=6, genes=4):
@@ -193,8 +193,9 @@ class _KillInSecondGeneration:
 
 def test_run_search_optuna_on_sqlite_in_a_relative_run_dir_resumes(tiny_model_dir, tmp_path, monkeypatch):
     from test_search_service import tiny_cfg
+
+    from tmpq.jobs.search import WorkerSpec, run_search
     from tmpq.search.executors import LocalExecutor
-    from tmpq.search.service import WorkerSpec, run_search
 
     monkeypatch.chdir(tmp_path)
     cfg = tiny_cfg(tiny_model_dir, engine="optuna")

@@ -1,6 +1,7 @@
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from tmpq.search.pareto import dominates_all, hypervolume_2d, non_dominated
 
 

@@ -30,13 +30,13 @@ from safetensors.torch import load_file
 
 ray = pytest.importorskip("ray")
 
-from conftest import REPO  # noqa: E402
 from test_search_service import tiny_cfg  # noqa: E402
-from tmpq.search.executors import RayExecutor, Task  # noqa: E402
-from tmpq.search.service import run_search  # noqa: E402
 
-from tmpq.config import config_from_dict  # noqa: E402
+from conftest import REPO  # noqa: E402
 from tmpq.core.errors import TmpqError  # noqa: E402
+from tmpq.jobs.config import config_from_dict  # noqa: E402
+from tmpq.jobs.search import run_search  # noqa: E402
+from tmpq.search.executors import RayExecutor, Task  # noqa: E402
 
 # Ray workers cannot import this test module; ship its fake evaluators by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])

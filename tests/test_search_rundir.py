@@ -1,9 +1,9 @@
 
 import pandas as pd
 import pytest
-from tmpq.search.rundir import EvalResult, RunDir, pareto_frame, results_frame
 
 from tmpq.core.errors import TmpqError
+from tmpq.search.rundir import EvalResult, RunDir, pareto_frame, results_frame
 
 
 def res(i, proxy, bitops, status="ok"):

@@ -1,13 +1,13 @@
 """Data-driven time groups from the FP model's per-timestep sensitivity."""
 import numpy as np
 import pytest
-from tmpq.search.groups import sensitivity_groups
-from tmpq.search.sensitivity import sensitivity_profile
 
 from tests.conftest import tiny_unet
 from tmpq.core.errors import TmpqError
 from tmpq.core.model import embedded_scheduler_config
 from tmpq.core.sampler import make_scheduler
+from tmpq.search.groups import sensitivity_groups
+from tmpq.search.sensitivity import sensitivity_profile
 
 
 def test_profile_is_deterministic_positive_and_gives_valid_groups():

@@ -1,10 +1,10 @@
 """A real (tiny) search end to end with the local executor: log, compaction, resume by replay."""
 import pandas as pd
 import pytest
-from tmpq.search.service import run_search
 
-from tmpq.config import config_from_dict
 from tmpq.core.errors import TmpqError
+from tmpq.jobs.config import config_from_dict
+from tmpq.jobs.search import run_search
 
 
 def tiny_cfg(model_dir, **search):
@@ -64,7 +64,7 @@ def test_data_driven_grouping_search_and_resume_reuse_stored_groups(tiny_model_d
 
 
 def test_per_group_bits_search_runs_and_loads(tiny_model_dir, tmp_path):
-    from tmpq.api import load_run
+    from tmpq.jobs.run import load_run
 
     run = run_search(tiny_cfg(tiny_model_dir, per_group_bits=True, generations=1), tmp_path / "run", progress=False)
     ev = load_run(run.path).evaluations
@@ -75,9 +75,8 @@ def test_per_group_bits_search_runs_and_loads(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("engine", ["pymoo", "optuna"])
 def test_single_axis_searches_hold_the_other_axis(tiny_model_dir, tmp_path, engine):
+    from tmpq.jobs.run import load_run
     from tmpq.search.groups import quadratic_groups
-
-    from tmpq.api import load_run
 
     quad = list(quadratic_groups(3).schedule(quadratic_groups(3).seed_offsets()))
     run = run_search(tiny_cfg(tiny_model_dir, axes="bits", engine=engine, generations=1, grouping="quad"),
@@ -92,9 +91,8 @@ def test_single_axis_searches_hold_the_other_axis(tiny_model_dir, tmp_path, engi
 
 
 def test_given_supernet_file_is_used_without_calibrating(tiny_model_dir, tmp_path, monkeypatch):
+    from tmpq.jobs.run import load_run
     from tmpq.supernet import QuantSupernet
-
-    from tmpq.api import load_run
 
     first = run_search(tiny_cfg(tiny_model_dir, generations=1), tmp_path / "a", progress=False)
 
@@ -118,7 +116,7 @@ def test_given_supernet_file_is_used_without_calibrating(tiny_model_dir, tmp_pat
 
 
 def test_step_count_gene_search_mixes_step_counts_and_resumes(tiny_model_dir, tmp_path):
-    from tmpq.api import load_run
+    from tmpq.jobs.run import load_run
 
     cfg = tiny_cfg(tiny_model_dir, steps=3, step_choices=[2, 3, 4], generations=2)
     run = run_search(cfg, tmp_path / "run", progress=False)
@@ -166,7 +164,7 @@ def test_fid_proxy_without_a_reference_is_refused_before_any_run_directory(tiny_
 
 
 def test_fid_proxy_search_on_a_one_channel_model_scores_against_the_digits(tiny_model_dir, tmp_path):
-    from tmpq.api import load_run
+    from tmpq.jobs.run import load_run
 
     cfg = config_from_dict({**tiny_cfg(tiny_model_dir, generations=1).to_dict(),
                             "proxy": {"name": "fid", "n_images": 8}})
@@ -175,7 +173,7 @@ def test_fid_proxy_search_on_a_one_channel_model_scores_against_the_digits(tiny_
 
 
 def test_uniform_seeds_start_the_first_generation_and_can_be_turned_off(tiny_model_dir, tmp_path):
-    from tmpq.api import load_run
+    from tmpq.jobs.run import load_run
 
     def first_gen_uniform(**search):
         cfg = tiny_cfg(tiny_model_dir, engine="random", generations=1, **search)
@@ -193,9 +191,9 @@ def test_uniform_seeds_start_the_first_generation_and_can_be_turned_off(tiny_mod
 @pytest.mark.parametrize("engine", ["pymoo", "optuna"])
 def test_size_objective_makes_a_three_objective_search_and_front(tiny_model_dir, tmp_path, engine):
     import numpy as np
-    from tmpq.search.pareto import non_dominated
 
-    from tmpq.api import load_run
+    from tmpq.jobs.run import load_run
+    from tmpq.search.pareto import non_dominated
 
     cfg = tiny_cfg(tiny_model_dir, engine=engine, size_objective=True)
     run = run_search(cfg, tmp_path / "run", progress=False)
@@ -210,6 +208,7 @@ def test_size_objective_makes_a_three_objective_search_and_front(tiny_model_dir,
     assert np.isfinite(front[["fid_proxy", "bitops", "size_mb"]].to_numpy(float)).all()
     if engine == "optuna":  # the study itself has three objectives, each told its value
         import optuna
+
         from tmpq.search.engines import optuna_study_for_run
 
         url, name = optuna_study_for_run(run.path)

@@ -5,16 +5,16 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tmpq.search.groups import quadratic_groups
-from tmpq.search.space import Candidate, GeneLayer, SearchSpace
 
 from tmpq.core.errors import TmpqError
+from tmpq.search.groups import quadratic_groups
+from tmpq.search.space import Candidate, LayerCost, SearchSpace
 
 
 def make_space(n=10, genes=5, per_group=False, **kw):
-    layers = [GeneLayer("conv_in", 100, 10, None, (8, 8))]
-    layers += [GeneLayer(f"l{g}", 1000 * (g + 1), 50 * (g + 1), g) for g in range(genes)]
-    layers += [GeneLayer("conv_out", 100, 10, None, (8, 8))]
+    layers = [LayerCost("conv_in", 100, 10, None, (8, 8))]
+    layers += [LayerCost(f"l{g}", 1000 * (g + 1), 50 * (g + 1), g) for g in range(genes)]
+    layers += [LayerCost("conv_out", 100, 10, None, (8, 8))]
     return SearchSpace(quadratic_groups(n), tuple(layers), genes, (8, 6, 4), (8, 6), per_group, other_params=7, **kw)
 
 
@@ -133,17 +133,16 @@ def test_single_axis_restriction_holds_genes_through_every_operator(seed, per_gr
 
 
 def test_budget_specs_uniform_option_number_and_share_of_the_fp_model():
-    from tmpq.search.service import _budget, fp_bitops
-
-    from tmpq.config import config_from_dict
+    from tmpq.jobs.config import config_from_dict
+    from tmpq.search.budget import budget_bitops, fp_bitops
 
     sp = make_space(n=10)
     macs = 100 + sum(1000 * (g + 1) for g in range(5)) + 100
     assert fp_bitops(sp, 100) == macs * 32 * 32 * 100
-    assert _budget(sp, "1% fp100") == pytest.approx(0.01 * macs * 32 * 32 * 100)
-    assert _budget(sp, "0.5%fp50") == pytest.approx(0.005 * macs * 32 * 32 * 50)
-    assert _budget(sp, "w6a6") == sp.bitops(sp.uniform_candidate(6, 6))
-    assert _budget(sp, "none") is None and _budget(sp, "12345") == 12345.0
+    assert budget_bitops(sp, "1% fp100") == pytest.approx(0.01 * macs * 32 * 32 * 100)
+    assert budget_bitops(sp, "0.5%fp50") == pytest.approx(0.005 * macs * 32 * 32 * 50)
+    assert budget_bitops(sp, "w6a6") == sp.bitops(sp.uniform_candidate(6, 6))
+    assert budget_bitops(sp, "none") is None and budget_bitops(sp, "12345") == 12345.0
     assert config_from_dict({"search": {"bitops_budget": "1% fp100"}}).search.bitops_budget == "1% fp100"
     with pytest.raises(TmpqError, match="search.bitops_budget"):
         config_from_dict({"search": {"bitops_budget": "1% of fp"}})
@@ -201,7 +200,7 @@ def test_step_gene_bits_only_holds_the_reference_schedule_and_bad_spaces_are_ref
         make_step_space(choices=(3, 8), ref=5)
     with pytest.raises(TmpqError, match="per_group_bits"):
         make_step_space(per_group_bits=True)
-    from tmpq.config import config_from_dict
+    from tmpq.jobs.config import config_from_dict
 
     assert config_from_dict({"search": {"steps": 5, "step_choices": [3, 5]}}).search.step_choices == (3, 5)
     with pytest.raises(TmpqError, match="search.steps: 10 must be one of"):

@@ -2,11 +2,11 @@
 import pytest
 import torch
 import torch.nn as nn
+
 from conftest import calib_batches as _data
 from conftest import interrupted_then_resumed, tiny_unet
-from tmpq.supernet import QuantSupernet, SupernetConfig
-
 from tmpq.core.errors import TmpqError
+from tmpq.supernet import QuantSupernet, SupernetConfig
 
 TIE_QKV = (r"(.*attentions\.\d+)\.to_[qkv]$",)
 

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
-from conftest import interrupted_then_resumed, tiny_unet
-from tmpq.supernet import QuantSupernet, SupernetConfig
 
+from conftest import interrupted_then_resumed, tiny_unet
 from tmpq.core.errors import TmpqError
+from tmpq.supernet import QuantSupernet, SupernetConfig
 
 CFG = dict(w_observer="minmax", a_observer="minmax")
 
@@ -78,6 +78,7 @@ def test_save_load_and_export_selection_keep_every_group(grouped, tmp_path):
 
 def test_file_without_group_boundaries_is_refused(grouped, tmp_path):
     from safetensors.torch import load_file, save_file
+
     from tmpq.supernet.supernet import read_supernet_file
 
     path = grouped.save(tmp_path / "s.safetensors")
@@ -126,7 +127,7 @@ def test_int8_deployment_keeps_one_static_range_per_group():
     """On any CPU: the int8 kernels compute what fake quantization computes, group by group. Where the kernels sum
     u8 x s8 pairs in 16 bits (no VNNI), the 8-bit layers run split weights that cannot saturate, so this holds there
     too (the subprocess test below runs it with oneDNN capped at AVX2)."""
-    from tmpq.deploy import (
+    from tmpq.deploy.int8 import (
         TimeGroupedInt8,
         int8_summary,
         kernels_saturate,
@@ -166,12 +167,12 @@ def test_int8_deployment_is_exact_where_the_kernels_saturate(isa):
     import subprocess
     import sys
 
-    from tmpq.deploy import onednn_available
+    from tmpq.deploy.int8 import onednn_available
 
     if not onednn_available():
         pytest.skip("no oneDNN int8 kernels in this PyTorch build")
     env = dict(os.environ, ONEDNN_MAX_CPU_ISA=isa)
-    code = ("import sys, pytest; from tmpq.deploy import kernels_saturate; assert kernels_saturate(); "
+    code = ("import sys, pytest; from tmpq.deploy.int8 import kernels_saturate; assert kernels_saturate(); "
             "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', "
             "'tests/test_supernet_time_groups.py::test_int8_deployment_keeps_one_static_range_per_group']))")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
@@ -181,7 +182,7 @@ def test_int8_deployment_is_exact_where_the_kernels_saturate(isa):
 def test_int8_check_catches_a_wrong_kernel(monkeypatch):
     """A kernel that computes something else (here: one that drops a fraction of a percent of each output, as a
     saturating sum would) is caught by the conversion check: every layer falls back, named, with its error."""
-    import tmpq.deploy as deploy
+    import tmpq.deploy.int8 as deploy
 
     if not deploy.onednn_available():
         pytest.skip("no oneDNN int8 kernels in this PyTorch build")
@@ -204,15 +205,15 @@ def test_int8_check_catches_a_wrong_kernel(monkeypatch):
 
 def test_search_and_export_with_time_groups_reproduce_the_supernet_samples(tiny_model_dir, tmp_path):
     from diffusers import DDPMPipeline
-    from tmpq.search.service import run_search
 
     import tmpq
     from tests.test_export import _supernet_samples
     from tests.test_search_service import tiny_cfg
-    from tmpq.api import load_run
-    from tmpq.config import config_from_dict
     from tmpq.core.sampler import sample_images
-    from tmpq.export import export_candidate
+    from tmpq.jobs.config import config_from_dict
+    from tmpq.jobs.export import export_candidate
+    from tmpq.jobs.run import load_run
+    from tmpq.jobs.search import run_search
 
     d = tiny_cfg(tiny_model_dir, generations=1).to_dict()
     d["supernet"]["time_groups"] = 2

@@ -4,7 +4,7 @@ import json
 import torch
 
 from tmpq.core.model import load_model
-from tmpq.train import UNetTrainConfig, train_unet
+from tmpq.jobs.train import UNetTrainConfig, train_unet
 
 
 def test_train_unet_writes_loadable_pipeline(tmp_path):
@@ -27,7 +27,7 @@ def test_train_unet_is_seeded(tmp_path):
 def test_train_unet_resumes_after_a_crash_bit_identically(tmp_path, monkeypatch):
     import pytest
 
-    import tmpq.train as tr
+    import tmpq.jobs.train as tr
     from tmpq.core.errors import TmpqError
 
     cfg = UNetTrainConfig(steps=5, batch_size=4, warmup=1)

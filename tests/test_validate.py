@@ -17,10 +17,9 @@ from tmpq.core.errors import TmpqError
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from tmpq.search.service import run_search
-
     from tests.conftest import tiny_unet
     from tmpq.core.model import embedded_scheduler_config, save_pipeline_dir
+    from tmpq.jobs.search import run_search
 
     root = tmp_path_factory.mktemp("validate")
     save_pipeline_dir(tiny_unet(), embedded_scheduler_config(), root / "tiny-ddpm")
@@ -41,13 +40,13 @@ def fresh_run(tiny_run, tmp_path):
 @pytest.fixture(scope="module")
 def validated(tiny_run):
     """The tiny run validated once (final.parquet written); any test that needs it may run first or alone."""
-    import tmpq.evaluators.final as fin
+    import tmpq.jobs.validate as fin
 
     return fin.validate_run(tiny_run, fin.ValidateConfig(**VALIDATE), progress=False)
 
 
 def test_validate_is_resumable_and_writes_the_summary(tiny_run, validated, monkeypatch):
-    import tmpq.evaluators.final as fin
+    import tmpq.jobs.validate as fin
 
     cfg, df = fin.ValidateConfig(**VALIDATE), validated
     assert 1 <= len(df) <= 3 and set(df["seeds"]) == {2}
@@ -68,9 +67,8 @@ def test_validate_is_resumable_and_writes_the_summary(tiny_run, validated, monke
 
 
 def test_distillation_never_worsens_the_tuning_loss(tiny_run):
-    import tmpq.evaluators.final as fin
-
-    from tmpq.api import load_run
+    import tmpq.jobs.validate as fin
+    from tmpq.jobs.run import load_run
 
     p = load_run(tiny_run).pareto().iloc[0]
     cfg = fin.ValidateConfig(n=4, calib_per_step=4, distill_iters=20, distill_lr=1e-3)
@@ -81,7 +79,8 @@ def test_distillation_never_worsens_the_tuning_loss(tiny_run):
 
 def test_export_prefers_validated_quantizers(tiny_run, validated, tmp_path):
     from tmpq.core.sampler import sample_images
-    from tmpq.export import export_candidate, load_export
+    from tmpq.deploy.bundle import load_export
+    from tmpq.jobs.export import export_candidate
 
     key = pd.read_parquet(tiny_run / "final.parquet")["key"].iloc[0]
     man = export_candidate(tiny_run, key, tmp_path / "exp")
@@ -95,13 +94,12 @@ def test_export_of_a_validated_point_reproduces_the_validated_samples_in_a_fresh
                                                                                          monkeypatch):
     """The images validate scored, drawn in the validating process from the re-calibrated and distilled quantizers,
     come back bit for bit from the export of that point loaded in a new Python process."""
-    import tmpq.evaluators.final as fin
-    from tmpq.supernet import QuantSupernet
-
     import tmpq.core.sampler as sampler
-    from tmpq.api import load_run
+    import tmpq.jobs.validate as fin
     from tmpq.core.model import load_model
-    from tmpq.export import export_candidate
+    from tmpq.jobs.export import export_candidate
+    from tmpq.jobs.run import load_run
+    from tmpq.supernet import QuantSupernet
 
     drawn = []
     real = sampler.sample_images
@@ -124,7 +122,7 @@ def test_export_of_a_validated_point_reproduces_the_validated_samples_in_a_fresh
     man = export_candidate(fresh_run, key, tmp_path / "exp")
     assert man["provenance"]["quantizers"].startswith("validated")
     assert man["sampler"]["timesteps"] == scored["timesteps"]
-    code = ("import sys, torch; from tmpq.export import load_export; from tmpq.core.sampler import sample_images; "
+    code = ("import sys, torch; from tmpq.deploy.bundle import load_export; from tmpq.core.sampler import sample_images; "
             "torch.set_num_threads(int(sys.argv[3])); u, s, ts, _ = load_export(sys.argv[1]); "
             "torch.save(sample_images(u, s, ts, 6, seed=2, batch_size=6, progress=False), sys.argv[2])")
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "exp"), str(tmp_path / "x.pt"),
@@ -145,11 +143,10 @@ def test_export_of_a_validated_point_reproduces_the_validated_samples_in_a_fresh
 def test_validate_recon_iters_reconstructs_the_point_and_records_it(fresh_run, monkeypatch):
     """`tmpq validate --recon-iters K` runs BRECQ/AdaRound block reconstruction of the pinned point for K
     iterations: the learned rounding is in the saved quantizers, and the rows record the setting and its time."""
-    from tmpq.quant.adaround import AdaRoundQuantizer
-    from tmpq.supernet import QuantSupernet
-
     from tmpq.cli import main
     from tmpq.core.model import load_model
+    from tmpq.quant.adaround import AdaRoundQuantizer
+    from tmpq.supernet import QuantSupernet
 
     calls = []
     real = QuantSupernet.reconstruct
@@ -193,7 +190,7 @@ def test_validate_cli_errors(tiny_run, tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2 and "not a tmpq run directory" in r.stderr
     with pytest.raises(TmpqError, match="--n"):
-        from tmpq.evaluators.final import ValidateConfig
+        from tmpq.jobs.validate import ValidateConfig
 
         ValidateConfig(n=1).validate()
 
@@ -201,14 +198,13 @@ def test_validate_cli_errors(tiny_run, tmp_path):
 def test_validation_of_a_three_channel_run_scores_against_the_runs_reference(tmp_path):
     """A 3-channel model: validation uses the run's proxy.reference with the random extractor, and without a
     reference it is refused in one line before any re-calibration."""
-    import tmpq.evaluators.final as fin
+    import tmpq.jobs.validate as fin
+    from tests.conftest import tiny_unet
+    from tmpq.core.model import embedded_scheduler_config, save_pipeline_dir
     from tmpq.evaluators.candidate import scoring_extractor
     from tmpq.evaluators.fid import FeatureStats
-    from tmpq.search.service import run_search
-
-    from tests.conftest import tiny_unet
-    from tmpq.config import config_from_dict
-    from tmpq.core.model import embedded_scheduler_config, save_pipeline_dir
+    from tmpq.jobs.config import config_from_dict
+    from tmpq.jobs.search import run_search
 
     rgb = tmp_path / "rgb-ddpm"
     save_pipeline_dir(tiny_unet(in_channels=3), embedded_scheduler_config(), rgb)

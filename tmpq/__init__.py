@@ -1,16 +1,16 @@
 """tmpq: timestep x mixed-precision co-optimisation of diffusion models."""
-__version__ = "0.1.0"
+from tmpq.core.version import __version__ as __version__
 
 
 def load_run(path):
     """Open a search run directory; see :func:`tmpq.api.load_run`."""
-    from tmpq.api import load_run as _load_run
+    from tmpq.jobs.run import load_run as _load_run
 
     return _load_run(path)
 
 
 def apply_export(pipeline_or_unet, export_dir):
-    """Quantize a stock diffusers pipeline / UNet as exported by ``tmpq export``; see :func:`tmpq.export.apply_export`."""
-    from tmpq.export import apply_export as _apply_export
+    """Quantize a stock diffusers pipeline / UNet as exported by ``tmpq export``; see :func:`tmpq.deploy.bundle.apply_export`."""
+    from tmpq.deploy.bundle import apply_export as _apply_export
 
     return _apply_export(pipeline_or_unet, export_dir)

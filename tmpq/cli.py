@@ -7,12 +7,12 @@ import shlex
 import sys
 from pathlib import Path
 
-from tmpq.config import CHOICES
 from tmpq.core.errors import TmpqError
+from tmpq.jobs.config import CHOICES
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from tmpq.train import UNetTrainConfig, train_unet
+    from tmpq.jobs.train import UNetTrainConfig, train_unet
 
     cfg = UNetTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                           resolution=args.resolution, threads=args.threads, ema_decay=args.ema_decay)
@@ -63,7 +63,7 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     if args.export:
         if args.model:
             raise TmpqError("sample: give an export directory or --model, not both")
-        from tmpq.export import load_export
+        from tmpq.deploy.bundle import load_export
 
         unet, sched, ts, _manifest = load_export(args.export)
         label = "exported"
@@ -186,7 +186,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
     from tmpq.core.model import load_model
     from tmpq.core.sampler import make_scheduler
     from tmpq.supernet import QuantSupernet
-    from tmpq.supernet.calib_data import make_calib_data
+    from tmpq.supernet.calib_data import calibrate_to_file
 
     _set_threads(args.threads)
     out = Path(args.out)
@@ -196,31 +196,24 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
     cfg = _supernet_config(args)
     net = QuantSupernet(m.unet, cfg)
     t0 = time.perf_counter()
-    data = make_calib_data(m.unet, make_scheduler(m.scheduler_config), args.strategy, n_steps=args.calib_steps,
-                           per_step=args.calib_per_step, sampler_steps=args.sampler_steps, seed=args.seed)
-    net.set_fp()
-    batches = list(data.batches(args.batch_size))
-    ckpt = out.with_name(out.stem + ".partial.safetensors")
-    net.calibrate(batches, mode=args.mode, seed=args.seed, checkpoint=ckpt)
-    recon = []
-    if args.rounding == "adaround" and args.recon_iters > 0:
-        recon = net.reconstruct(batches, iters=args.recon_iters)
-    net.save(out)
-    ckpt.unlink(missing_ok=True)
+    info = calibrate_to_file(net, make_scheduler(m.scheduler_config), out, strategy=args.strategy,
+                             n_steps=args.calib_steps, per_step=args.calib_per_step, sampler_steps=args.sampler_steps,
+                             data_seed=args.seed, batch_size=args.batch_size, mode=args.mode, seed=args.seed,
+                             recon_iters=args.recon_iters)
     wall = time.perf_counter() - t0
     side = {"command": _command_line(), "config": json.loads(cfg.to_json()), "mode": args.mode,
-            "strategy": args.strategy, "calib_pairs": len(data), "wall_s": round(wall, 1),
-            "reconstruction": recon}
+            "strategy": args.strategy, "calib_pairs": info["calib_pairs"], "wall_s": round(wall, 1),
+            "reconstruction": info["reconstruction"]}
     out.with_name(out.name + ".json").write_text(json.dumps(side, indent=2) + "\n")
     print(f"wrote {out} ({len(net.layers)} layers x {len(cfg.w_bits)} W / {len(cfg.a_bits)} A options, "
-          f"{len(data)} calibration pairs, {wall:.0f} s)")
+          f"{info['calib_pairs']} calibration pairs, {wall:.0f} s)")
 
 
 def _cmd_search(args: argparse.Namespace) -> None:
     import dataclasses
 
-    from tmpq.config import config_from_dict, load_config
-    from tmpq.search.service import run_search
+    from tmpq.jobs.config import config_from_dict, load_config
+    from tmpq.jobs.search import run_search
 
     if args.resume:
         from tmpq.core.fileio import malformed, read_json
@@ -251,7 +244,7 @@ def _cmd_search(args: argparse.Namespace) -> None:
 
 
 def _cmd_validate(args: argparse.Namespace) -> None:
-    from tmpq.evaluators.final import ValidateConfig, validate_run
+    from tmpq.jobs.validate import ValidateConfig, validate_run
 
     _set_threads(args.threads)
     cfg = ValidateConfig(top_k=args.top_k, n=args.n, seeds=tuple(_parse_int_list(args.seeds, "seeds")),
@@ -270,8 +263,8 @@ def _cmd_validate(args: argparse.Namespace) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
-    from tmpq.config import load_config
-    from tmpq.pipeline import MainJobConfig, main_job
+    from tmpq.jobs.config import load_config
+    from tmpq.jobs.main import MainJobConfig, main_job
 
     _set_threads(args.threads)
     cfg = load_config(args.config)
@@ -289,10 +282,10 @@ def _cmd_run(args: argparse.Namespace) -> None:
 def _cmd_speed(args: argparse.Namespace) -> None:
     import json
 
-    from tmpq.deploy import measure_speed
+    from tmpq.deploy.int8 import measure_speed
 
     _set_threads(args.threads)
-    from tmpq.deploy import CHECK_TOL, describe_cpu_int8
+    from tmpq.deploy.int8 import CHECK_TOL, describe_cpu_int8
 
     print(f"CPU: {describe_cpu_int8()}", flush=True)
     rows = measure_speed(args.export, n=args.n, batch_size=args.batch_size, fid_n=args.fid_n)
@@ -324,7 +317,7 @@ def _cmd_speed(args: argparse.Namespace) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
-    from tmpq.report import write_report
+    from tmpq.jobs.report import write_report
 
     _set_threads(args.threads)
     path = write_report(args.run, baselines=not args.no_baselines, grids=not args.no_grids, progress=True)
@@ -332,7 +325,7 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from tmpq.export import export_candidate
+    from tmpq.jobs.export import export_candidate
 
     _set_threads(args.threads)
     man = export_candidate(args.run, args.candidate, args.out, command=_command_line())
@@ -344,7 +337,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
 def _cmd_pareto(args: argparse.Namespace) -> None:
     import pandas as pd
 
-    from tmpq.api import load_run
+    from tmpq.jobs.run import load_run
 
     front = load_run(args.run).pareto()
     if front.empty:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from tmpq.core.errors import TmpqError
+from tmpq.core.sampler import sample_shape
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tmpq never downloads weights
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -63,9 +64,7 @@ class LoadedModel:
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
-        cfg = self.unet.config
-        size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-        return (cfg.in_channels, size, size)
+        return sample_shape(self.unet)
 
 
 def check_safetensors(path: Path) -> None:

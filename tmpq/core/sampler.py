@@ -209,8 +209,7 @@ def sample_images(unet: torch.nn.Module, scheduler: RespacedDDIMScheduler, times
     if batch_size < 1:
         raise TmpqError(f"batch_size: must be >= 1, got {batch_size}")
     validate_timesteps(timesteps, scheduler.config.num_train_timesteps)
-    shape = (unet.config.in_channels, *(_size2(unet.config.sample_size)))
-    bank = NoiseBank(seed, shape)
+    bank = NoiseBank(seed, sample_shape(unet))
     out = []
     with tqdm(total=n, desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
         for s in range(start, start + n, batch_size):
@@ -220,5 +219,9 @@ def sample_images(unet: torch.nn.Module, scheduler: RespacedDDIMScheduler, times
     return torch.cat(out)
 
 
-def _size2(size) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else tuple(size)
+def sample_shape(unet) -> tuple[int, int, int]:
+    """(channels, height, width) of one sample of a diffusers denoiser, from its config (``sample_size`` an int or a
+    pair)."""
+    size = unet.config.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return (int(unet.config.in_channels), int(h), int(w))

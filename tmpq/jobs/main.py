@@ -22,23 +22,23 @@ class MainJobConfig:
 
 def _budget_bitops(run_path: Path, spec: str) -> float | None:
     from tmpq.core.fileio import malformed, read_json
-    from tmpq.search.service import _budget
+    from tmpq.search.budget import budget_bitops
     from tmpq.search.space import SearchSpace
 
     path = run_path / "search_space.json"
     data = read_json(path, "search space")
     with malformed(path, "search space"):
         space = SearchSpace.from_dict(data)
-    return _budget(space, spec)
+    return budget_bitops(space, spec)
 
 
 def main_job(cfg, run_path: str | Path, job: MainJobConfig = MainJobConfig(), progress: bool = True) -> dict:
     """Run (or resume) the whole pipeline; returns ``{"run", "report", "export", "best", "timings"}``."""
-    from tmpq.api import load_run
-    from tmpq.evaluators.final import ValidateConfig, best_validated, validate_run
-    from tmpq.export import ensure_export
-    from tmpq.report import write_report
-    from tmpq.search.service import run_search
+    from tmpq.jobs.export import ensure_export
+    from tmpq.jobs.report import write_report
+    from tmpq.jobs.run import load_run
+    from tmpq.jobs.search import run_search
+    from tmpq.jobs.validate import ValidateConfig, best_validated, validate_run
 
     run_path = Path(run_path)
     timings = {}

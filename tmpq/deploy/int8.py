@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from tmpq.core.rowlog import cpu_info
-from tmpq.quant.layers import QuantConv2d, QuantLayer, QuantLinear
+from tmpq.quant.layers import QuantConv2d, QuantLayer, QuantLinear, replace_module
 
 
 def onednn_available() -> bool:
@@ -408,9 +408,7 @@ def to_int8(unet: nn.Module, probe: Callable[[nn.Module], object], tol: float = 
                           f"magnitude, tolerance {tol:.0e}; relative MSE {c['rel_mse']:.1e}){_lacks()}")
             continue
         row["int8"] = True
-        parent_name, _, child = name.rpartition(".")
-        parent = unet.get_submodule(parent_name) if parent_name else unet
-        setattr(parent, child, module)
+        replace_module(unet, name, module)
     return unet, rows
 
 
@@ -446,11 +444,10 @@ def op_shares(unet, batch: int, t: int = 500) -> dict:
     """Where one denoiser call's CPU time goes (``torch.profiler``, self time, one call after a warm-up):
     ``{"total_ms", "conv_linear_ms", "conv_linear_share"}``. The conv / Linear share bounds what faster
     conv / Linear kernels can give per step (Amdahl): at most 1 / (1 - share)."""
-    from tmpq.core.sampler import _size2
+    from tmpq.core.sampler import sample_shape
 
-    cfg = unet.config
     g = torch.Generator().manual_seed(0)  # leaves the global RNG alone
-    x = torch.randn(batch, cfg.in_channels, *_size2(cfg.sample_size), generator=g)
+    x = torch.randn(batch, *sample_shape(unet), generator=g)
     x = x.contiguous(memory_format=torch.channels_last)
     tt = torch.full((batch,), t)
     unet(x, tt)
@@ -469,9 +466,9 @@ def measure_speed(export_dir, n: int = 256, batch_size: int = 256, fid_n: int = 
     from tmpq.core.model import load_model
     from tmpq.core.sampler import make_scheduler, sample_images
     from tmpq.core.schedules import make_timesteps
+    from tmpq.deploy.bundle import load_export
     from tmpq.evaluators.features import make_extractor
     from tmpq.evaluators.quality import embedded_reference, score_features
-    from tmpq.export import load_export
 
     fp = load_model(export_dir)  # the export holds the FP weights: the FP reference is the same model
     unet, sched, ts, _ = load_export(export_dir)

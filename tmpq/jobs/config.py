@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tmpq.core.errors import TmpqError
+from tmpq.search.budget import FP_FRACTION, UNIFORM_OPTION
 
 
 @dataclass(frozen=True)
@@ -217,7 +218,7 @@ def _check(key: str, value):
             raise TmpqError(f"{key}: repeated bit-width in {list(value)}")
     if key == "search.bitops_budget":
         v = value.strip().lower()
-        ok = v in ("", "none") or _UNIFORM.fullmatch(v) or _is_number(value) or _FP_FRACTION.fullmatch(v)
+        ok = v in ("", "none") or UNIFORM_OPTION.fullmatch(v) or _is_number(value) or FP_FRACTION.fullmatch(v)
         if not ok:
             raise TmpqError(f"{key}: must be 'none', a uniform option like 'w6a6', a share of the FP model like "
                             f"'1% fp100' (1 % of its BitOPs at 100 steps), or a number, got {value!r}")
@@ -226,7 +227,7 @@ def _check(key: str, value):
             raise TmpqError(f"{key}: must be distinct step counts >= 1, got {list(value)}")
     if key == "search.mutation_prob" and not 0 <= value <= 1:
         raise TmpqError(f"{key}: must be in [0, 1] (0 = the engine's default), got {value}")
-    if key == "search.fixed_bits" and not _UNIFORM.fullmatch(value.strip().lower()):
+    if key == "search.fixed_bits" and not UNIFORM_OPTION.fullmatch(value.strip().lower()):
         raise TmpqError(f"{key}: must be a uniform option like 'w8a8', got {value!r}")
     if key == "search.storage" and value and not re.match(r"[A-Za-z][A-Za-z0-9]*(\+[A-Za-z0-9_]+)?://", value):
         raise TmpqError(f"{key}: must be empty (SQLite optuna.db in the run directory) or a database URL such as "
@@ -234,8 +235,6 @@ def _check(key: str, value):
     return value
 
 
-_UNIFORM = re.compile(r"w(\d+)a(\d+)")
-_FP_FRACTION = re.compile(r"([0-9]*\.?[0-9]+)\s*%\s*fp(\d+)")
 
 
 def _is_number(text: str) -> bool:

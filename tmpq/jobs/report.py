@@ -26,7 +26,7 @@ def _fmt(v, spec=".4g") -> str:
 
 
 def _evaluator(run_path: Path, cfg: dict):
-    from tmpq.search.service import WorkerSpec
+    from tmpq.jobs.search import WorkerSpec
 
     spec = WorkerSpec(cfg["model"]["path"], str(run_path / "supernet.safetensors"), cfg["proxy"], 2, companions=False)
     return spec()
@@ -128,8 +128,8 @@ def _plot(ev_df, front, baselines, final, out: Path) -> str:
 
 def write_report(run_path: str | Path, baselines: bool = True, grids: bool = True, progress: bool = False) -> Path:
     """Write ``RUN/report/report.html`` and return its path (a damaged run file fails before anything is written)."""
-    from tmpq.api import load_run
     from tmpq.core.fileio import atomic_write_bytes, malformed, read_json, read_parquet
+    from tmpq.jobs.run import load_run
 
     # every run file is read (read-only) before anything is written
     run = load_run(run_path)

@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tmpq.search.rundir import EvalResult, RunDir
 from tqdm.auto import tqdm
 
-from tmpq.config import _FP_FRACTION, _UNIFORM, RunConfig
-from tmpq.core.errors import TmpqError
+from tmpq.evaluators.candidate import PROXY_VERSION
+from tmpq.jobs.config import RunConfig
+from tmpq.search.budget import budget_bitops, uniform_option
+from tmpq.search.rundir import EvalResult, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,9 @@ class WorkerSpec:
 
     def __call__(self):
         import torch
+
+        from tmpq.core.model import load_model
+        from tmpq.core.sampler import make_scheduler
         from tmpq.evaluators.candidate import (
             CandidateEvaluator,
             ProxyConfig,
@@ -44,11 +48,8 @@ class WorkerSpec:
         )
         from tmpq.supernet import QuantSupernet
 
-        from tmpq.core.model import load_model
-        from tmpq.core.sampler import make_scheduler
-
         torch.set_num_threads(self.threads)
-        m = load_model(None if self.model == "embedded" else self.model)
+        m = load_model(self.model)
         net = QuantSupernet.from_file(m.unet, self.supernet_file)
         ext = scoring_extractor(m.sample_shape[0], self.proxy.get("extractor", "auto"),
                                 self.proxy.get("inception_weights", ""))
@@ -75,33 +76,6 @@ def run_fingerprint(cfg: RunConfig, model_fp: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _uniform_option(spec: str, key: str) -> tuple[int, int]:
-    m = _UNIFORM.fullmatch(spec.strip().lower())
-    if not m:
-        raise TmpqError(f"{key}: expected a uniform option like w6a6, got {spec!r}")
-    return int(m.group(1)), int(m.group(2))
-
-
-def fp_bitops(space, steps: int) -> float:
-    """BitOPs per image of the FP model (32-bit weights x 32-bit activations) at ``steps`` denoiser calls."""
-    return float(sum(lay.macs for lay in space.layers)) * 32 * 32 * steps
-
-
-def _budget(space, spec: str) -> float | None:
-    spec = spec.strip().lower()
-    if spec in ("", "none"):
-        return None
-    m = _FP_FRACTION.fullmatch(spec)
-    if m:  # a percentage of the FP model (32-bit weights and activations) at N denoising steps
-        return float(m.group(1)) / 100.0 * fp_bitops(space, int(m.group(2)))
-    if spec.startswith("w"):
-        w, a = _uniform_option(spec, "search.bitops_budget")
-        if w not in space.w_bits or a not in space.a_bits:
-            raise TmpqError(f"search.bitops_budget: {spec} is not a uniform option of the supernet")
-        return space.bitops(space.uniform_candidate(w, a))
-    return float(spec)
-
-
 def _time_groups(cfg: RunConfig, m, resumed_run: Path | None):
     """Time groups of the configured grouping (the reference ``search.steps``) and, with ``search.step_choices``, one
     grouping per step choice. ``sensitivity`` and ``error`` profile the FP model once (64 bank images along 100-step
@@ -123,9 +97,8 @@ def _time_groups(cfg: RunConfig, m, resumed_run: Path | None):
                 found = [TimeGroups.from_dict(g) for g in d.get("step_groups") or [d["groups"]]]
             per = {g.n: g for g in found}
         else:
-            from tmpq.search.sensitivity import PROFILES
-
             from tmpq.core.sampler import make_scheduler
+            from tmpq.search.sensitivity import PROFILES
 
             prof = PROFILES[kind](m.unet, make_scheduler(m.scheduler_config), seed=cfg.search.seed)
             per = {n: make_groups(kind, n, T, prof) for n in choices}
@@ -151,8 +124,8 @@ def build_space(cfg: RunConfig, net, groups, step_groups=()):
     from tmpq.search.space import SearchSpace
 
     space = SearchSpace.from_supernet(net, groups, per_group_bits=cfg.search.per_group_bits, step_groups=step_groups)
-    space = space.restrict(cfg.search.axes, _uniform_option(cfg.search.fixed_bits, "search.fixed_bits"))
-    return replace(space, bitops_budget=_budget(space, cfg.search.bitops_budget),
+    space = space.restrict(cfg.search.axes, uniform_option(cfg.search.fixed_bits, "search.fixed_bits"))
+    return replace(space, bitops_budget=budget_bitops(space, cfg.search.bitops_budget),
                    size_budget_mb=cfg.search.size_budget_mb or None)
 
 
@@ -172,30 +145,22 @@ def supernet_config(cfg: RunConfig):
 def calibrate_to_file(cfg: RunConfig, m, net, sn_file: Path, progress: bool = True) -> None:
     """Calibrate ``net`` (over the FP model ``m``) as the run's ``[calibration]`` section says and save it to
     ``sn_file``; resumable per option through ``supernet.partial.safetensors`` beside it."""
-    from tmpq.supernet.calib_data import make_calib_data
-
     from tmpq.core.sampler import make_scheduler
+    from tmpq.supernet.calib_data import calibrate_to_file as calibrate
 
     cal = cfg.calibration
-    partial = Path(sn_file).parent / "supernet.partial.safetensors"
-    data = make_calib_data(m.unet, make_scheduler(m.scheduler_config), cal.strategy, n_steps=cal.steps,
-                           per_step=cal.per_step, sampler_steps=cal.sampler_steps, seed=cal.seed)
-    batches = list(data.batches(cal.batch_size))
-    net.calibrate(batches, mode=cal.mode, progress=progress, checkpoint=partial)
-    if cfg.supernet.w_rounding == "adaround" and cal.recon_iters > 0:
-        net.reconstruct(batches, iters=cal.recon_iters, progress=progress)
-    net.save(sn_file)
-    partial.unlink(missing_ok=True)
+    calibrate(net, make_scheduler(m.scheduler_config), sn_file, strategy=cal.strategy, n_steps=cal.steps,
+              per_step=cal.per_step, sampler_steps=cal.sampler_steps, data_seed=cal.seed, batch_size=cal.batch_size,
+              mode=cal.mode, recon_iters=cal.recon_iters, progress=progress)
 
 
 def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=None, progress: bool = True) -> RunDir:
     """Run (or resume) a search; returns the run directory. ``executor`` overrides the configured one (tests)."""
+    from tmpq.core.model import load_model
     from tmpq.search.engines import make_engine
     from tmpq.supernet import QuantSupernet
 
-    from tmpq.core.model import load_model
-
-    m = load_model(None if cfg.model.path == "embedded" else cfg.model.path)
+    m = load_model(cfg.model.path)
     check_proxy(cfg, m.sample_shape[0])
     groups, step_groups = _time_groups(cfg, m, run_path if resume else None)  # before wrapping: profiles the FP model
     net = QuantSupernet(m.unet, supernet_config(cfg))
@@ -253,7 +218,7 @@ def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=No
                          seeds=seeds, storage=storage, study_name=study_name,
                          p_mutation=cfg.search.mutation_prob or None, n_obj=len(obj_names))
     logged = {r.key: r for r in run.replay()}
-    proxy_info = {"name": cfg.proxy.name, "version": 1, "n_images": cfg.proxy.n_images}
+    proxy_info = {"name": cfg.proxy.name, "version": PROXY_VERSION, "n_images": cfg.proxy.n_images}
     try:
         for gen in range(engine.generation, cfg.search.generations):  # > 0 only for a resumed Optuna study
             genomes = engine.ask()

@@ -61,22 +61,14 @@ def choose_points(front, cfg: ValidateConfig):
 
 
 def _capture_along(unet, scheduler, timesteps, n: int, seed: int, batch: int = 64):
-    """(x_t, t) batches of the FP sampler along exactly ``timesteps`` (n trajectories; every step kept)."""
-    from tmpq.core.sampler import NoiseBank, sample_batch
+    """(x_t, t) batches of the FP sampler along exactly ``timesteps`` (n trajectories; every step kept), in the order
+    of ``batch``-trajectory chunks, each step by step."""
+    from tmpq.supernet.calib_data import capture_along
 
-    size = unet.config.sample_size
-    shape = (unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
-    bank = NoiseBank(seed, shape)
-    xs, ts = [], []
-
-    def grab(k, t, x):
-        xs.append(x.clone())
-        ts.append(torch.full((x.shape[0],), int(t), dtype=torch.int64))
-
-    with torch.no_grad():
-        for s in range(0, n, batch):
-            sample_batch(unet, scheduler, timesteps, bank, list(range(s, min(s + batch, n))), on_step=grab)
-    x, t = torch.cat(xs), torch.cat(ts)
+    xs, ts = capture_along(unet, scheduler, timesteps, n, seed, batch)
+    pieces = [(xs[k, s:s + batch], int(ts[k])) for s in range(0, n, batch) for k in range(len(ts))]
+    x = torch.cat([p for p, _ in pieces])
+    t = torch.cat([torch.full((len(p),), tk, dtype=torch.int64) for p, tk in pieces])
     return [(x[i:i + batch], t[i:i + batch]) for i in range(0, len(t), batch)]
 
 
@@ -84,16 +76,15 @@ def _model(run_cfg: dict):
     from tmpq.core.model import load_model
 
     path = run_cfg["model"]["path"]
-    return load_model(None if path == "embedded" else path)
+    return load_model(path)
 
 
 def recalibrate_point(run_path: Path, key: str, timesteps, bits, cfg: ValidateConfig, progress: bool = True):
     """A pinned supernet for exactly this allocation, calibrated on data along this schedule; returns (net, info)."""
+    from tmpq.core.sampler import make_scheduler
     from tmpq.quant.distill import distill_scales, frozen_copy
     from tmpq.supernet import QuantSupernet, SupernetConfig
     from tmpq.supernet.supernet import read_supernet_file
-
-    from tmpq.core.sampler import make_scheduler
 
     m = _model(json.loads((run_path / "config.resolved.json").read_text()))
     teacher = frozen_copy(m.unet)
@@ -137,16 +128,15 @@ def recalibrate_point(run_path: Path, key: str, timesteps, bits, cfg: ValidateCo
 
 def validate_run(run_path: str | Path, cfg: ValidateConfig, progress: bool = True):
     """Validate the chosen Pareto points of a run; returns the per-point DataFrame (also ``RUN/final.parquet``)."""
+    from tmpq.core.rowlog import RowLog
+    from tmpq.core.sampler import sample_images
     from tmpq.evaluators.candidate import (
         check_reference,
         quality_reference,
         scoring_extractor,
     )
     from tmpq.evaluators.quality import score_features
-
-    from tmpq.api import load_run
-    from tmpq.core.rowlog import RowLog
-    from tmpq.core.sampler import sample_images
+    from tmpq.jobs.run import load_run
 
     cfg.validate()
     run = load_run(run_path)

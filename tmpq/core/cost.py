@@ -1,0 +1,38 @@
+"""The layer cost model that the supernet and the search space share: BitOPs (MACs x weight bits x activation bits
+per denoiser call and sample) and weight storage (parameters x weight bits). Pure Python."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """What the cost model needs of one quantized layer (``supernet.LayerInfo`` carries the same fields and more)."""
+
+    fqn: str
+    macs: int
+    params: int
+    gene: int | None
+    pinned: tuple[int, int] | None = None
+
+
+def layer_bits(layer, allocation: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """(w, a) bits of ``layer`` under a per-gene ``allocation`` (a pinned layer keeps its own)."""
+    w, a = layer.pinned if layer.pinned else allocation[layer.gene]
+    return int(w), int(a)
+
+
+def call_bitops(layers: Iterable, allocation: Sequence[tuple[int, int]]) -> int:
+    """BitOPs of one denoiser call for one sample: sum over layers of MACs x b_w x b_a."""
+    total = 0
+    for lay in layers:
+        w, a = layer_bits(lay, allocation)
+        total += lay.macs * w * a
+    return total
+
+
+def weight_bits(layers: Iterable, allocations: Sequence[Sequence[tuple[int, int]]]) -> int:
+    """Bits of the quantized weights: each layer stores every distinct weight precision the ``allocations`` (one per
+    time group, or just one) give it."""
+    return sum(lay.params * sum({layer_bits(lay, alloc)[0] for alloc in allocations}) for lay in layers)

@@ -1,0 +1,166 @@
+"""``tmpq export``: write the deployable bundle of one searched candidate (format: :mod:`tmpq.deploy.bundle`)."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from tmpq.core.errors import TmpqError
+from tmpq.core.fileio import file_sha256
+from tmpq.deploy.bundle import EXPORT_FORMAT, EXPORT_JSON, EXPORT_VERSION, QUANT_FILE
+
+
+def _select_state(net, layer_bits: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
+    """Quantizer tensors of the chosen option of every layer, re-indexed to option 0."""
+    state = net.quantizer_state()
+    out = {}
+    for fqn, layer in net.layers.items():
+        w, a = layer_bits[fqn]
+        wi, ai = list(layer.w_bits).index(w), list(layer.a_bits).index(a)
+        for kind, idx in (("w_quant", wi), ("a_quant", ai), ("a_quant_split", ai)):
+            prefix = f"{fqn}.{kind}.{idx}."
+            for k, v in state.items():
+                if k.startswith(prefix):
+                    out[f"{fqn}.{kind}.0.{k[len(prefix):]}"] = v
+    return out
+
+
+def ensure_export(run_path: str | Path, key: str, out: str | Path, command: str = "") -> Path:
+    """``out`` holding the export of candidate ``key``: kept when it already is, else (re)written. Resumable jobs
+    (``tmpq run``, benchmarks) call this instead of re-exporting on every rerun."""
+    out = Path(out)
+    manifest = out / EXPORT_JSON
+    if manifest.is_file():
+        from tmpq.core.fileio import malformed, read_json
+
+        data = read_json(manifest, "export manifest")
+        with malformed(manifest, "export manifest"):
+            if data["provenance"]["candidate"] == key:
+                return out
+    if out.exists():
+        shutil.rmtree(out)
+    export_candidate(run_path, key, out, command=command)
+    return out
+
+
+def export_candidate(run_path: str | Path, key: str, out: str | Path, command: str = "") -> dict:
+    """Write the export of candidate ``key`` of a search run to ``out`` (atomically: a crash leaves no half export).
+
+    Returns the export manifest (the content of ``tmpq_export.json``).
+    """
+    from tmpq.core.model import load_model, save_pipeline_dir
+    from tmpq.core.sampler import make_scheduler
+    from tmpq.core.version import __version__
+    from tmpq.jobs.run import load_run
+    from tmpq.supernet import QuantSupernet
+    from tmpq.supernet.supernet import read_supernet_file
+
+    run = load_run(run_path)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise TmpqError(f"--out {out} exists and is not empty")
+    ev = run.evaluations
+    rows = ev[(ev["key"] == key) & (ev["status"] == "ok")] if len(ev) else ev
+    if len(rows) == 0:
+        known = ", ".join(run.pareto()["key"].head(5).tolist()) if len(ev) else "none"
+        raise TmpqError(f"--candidate {key}: no successful evaluation with this key in {run.path} "
+                        f"(Pareto keys: {known})")
+    row = rows.iloc[-1]
+    cfg = run.config
+    sn_file = run.path / "supernet.safetensors"
+    meta, _ = read_supernet_file(sn_file, tensors=False)
+    model_path = cfg["model"]["path"]
+    if row["bits"] and isinstance(row["bits"][0][0], (list, tuple)):
+        raise TmpqError("export: per-time-group bits are not exportable yet (format v1 has one allocation)")
+    timesteps = [int(t) for t in row["timesteps"]]
+    m = load_model(model_path)
+    fp_unet = copy.deepcopy(m.unet)  # the FP weights the export directory carries (m.unet gets wrapped below)
+    validated = run.path / "final" / f"{key}.safetensors"
+    if validated.is_file():
+        # tmpq validate re-calibrated this point at exactly its bits along its own schedule: export that state
+        pinned = QuantSupernet.from_file(m.unet, validated)
+        layer_bits = {fqn: tuple(wa) for fqn, wa in pinned.config.pin.items()}
+        source = "validated (tmpq validate: re-calibrated at this allocation along this schedule)"
+    else:
+        net = QuantSupernet.from_file(copy.deepcopy(fp_unet), sn_file)
+        bits = [tuple(int(v) for v in p) for p in row["bits"]]
+        layer_bits = net.layer_bits(bits)
+        state = _select_state(net, layer_bits)
+        # the pinned single-option supernet over the FP model: its file verifies on load
+        pinned = QuantSupernet(m.unet, net.pinned_config(bits))
+        pinned.time_starts = list(net.time_starts)  # the same timestep groups (banks re-indexed with the options)
+        missing, unexpected = pinned.unet.load_state_dict(state, strict=False)
+        missing = [k for k in missing if ".w_quant." in k or ".a_quant" in k]
+        if missing or unexpected:  # pragma: no cover - a bug, not a user error
+            raise TmpqError(f"export: quantizer state does not fit ({missing[:2]}, {unexpected[:2]})")
+        source = "search supernet (shared weights, not re-calibrated)"
+
+    wrapped = set(pinned.layers)
+    convertible = [n for n, mod in pinned.unet.named_modules()
+                   if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)) and not any(
+                       n == w or n == f"{w}.module" for w in wrapped)]
+    sched = make_scheduler(m.scheduler_config)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    try:
+        save_pipeline_dir(fp_unet, m.scheduler_config, tmp)
+        pinned.save(tmp / QUANT_FILE)
+        layers = {}
+        for info in pinned.infos:
+            lay = pinned.layers[info.fqn]
+            w, a = layer_bits[info.fqn]
+            layers[info.fqn] = {"w_bits": w, "a_bits": a, "granularity": lay.w_quant[0].granularity,
+                                "w_symmetric": lay.w_quant[0].symmetric, "a_symmetric": lay.a_quant[0].symmetric,
+                                "group_size": getattr(lay.w_quant[0], "group_size", None), "split": info.split,
+                                "kind": info.kind, "macs": info.macs}
+        objectives = {k: float(row[k]) for k in ("fid_proxy", "bitops", "size_mb", "paired_feat",
+                                                 "paired_pixel_mse") if k in row and row[k] == row[k]}
+        final = run.path / "final.parquet"
+        if validated.is_file() and final.is_file():
+            from tmpq.core.fileio import read_parquet
+
+            fr = read_parquet(final, "validation summary", ("key", "fid_mean", "seeds", "n"))
+            fr = fr[fr["key"] == key]
+            if len(fr):
+                r = fr.iloc[0]
+                objectives.update({"final_fid_mean": float(r["fid_mean"]), "final_fid_seeds": int(r["seeds"]),
+                                   "final_n": int(r["n"])})
+        manifest = {
+            "format": EXPORT_FORMAT, "version": EXPORT_VERSION,
+            "sampler": {"class": "tmpq.core.sampler.RespacedDDIMScheduler", "base_class": "diffusers.DDIMScheduler",
+                        "config": dict(sched.config), "timesteps": timesteps, "eta": 0.0},
+            "layers": layers,
+            "modules_to_not_convert": convertible,
+            "supernet_config": json.loads(pinned.config.to_json()),
+            "metrics": {**objectives, "proxy": row.get("proxy") if "proxy" in row else None},
+            "provenance": {"run": run.path.name,
+                           "candidate": key, "run_fingerprint": cfg.get("fingerprint"), "quantizers": source,
+                           "model_fingerprint": pinned.fingerprint, "model": model_path,
+                           "search_supernet_format": meta.get("format"), "tmpq_version": __version__,
+                           "command": command},
+        }
+        manifest["files"] = {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*"))
+                             if p.is_file()}
+        (tmp / EXPORT_JSON).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=_json_default) + "\n")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return json.loads((out / EXPORT_JSON).read_text())
+
+
+def _json_default(o):
+    if isinstance(o, (tuple, set)):
+        return list(o)
+    if hasattr(o, "item"):
+        return o.item()
+    return str(o)
+
+
