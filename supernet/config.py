@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from tmpq.core.cost import LayerCost
 from tmpq.core.errors import TmpqError
 from tmpq.quant.binarize import BINARY_BITS
 from tmpq.quant.quantizer import GRANULARITIES, OBSERVERS, SUPPORTED_BITS
@@ -130,13 +131,9 @@ class SupernetConfig:
 
 
 @dataclass(frozen=True)
-class LayerInfo:
-    """One quantized layer: FQN, kind, MACs per sample per denoiser call, weight count, gene (None if pinned)."""
+class LayerInfo(LayerCost):
+    """One quantized layer: the cost model's fields (FQN, MACs per sample per denoiser call, weight count, gene: None
+    if pinned, pinned bits) and the wrapped module's kind and input split (skip concatenations)."""
 
-    fqn: str
-    kind: str
-    macs: int
-    params: int
-    gene: int | None
-    pinned: tuple[int, int] | None = None
+    kind: str = ""
     split: int | None = None
