@@ -29,8 +29,8 @@ sysdeps:
 			|| echo "note: could not install$$missing from Debian; their tests will be skipped"; \
 	fi
 
-# Main job on the embedded default: calibrate the supernet, search (300 evaluations), validate the 3 best points
-# under the W6A6 budget (FID at N=2,000 x 2 seeds), export the best, write the report (12-24 min on 2 cores by CPU; see README).
+# Main job on the embedded default: calibrate the supernet, search (200 evaluations under the W6A6 budget), validate the 3 best points
+# under the W6A6 budget (FID at N=2,000 x 2 seeds), export the best, write the report (about 6 min on a Zen 4 EPYC, 2 cores; other CPUs: see README).
 # Rerunning resumes; `make clean` removes it.
 demo: $(STAMP)
 	$(BIN)/tmpq run --config configs/demo.toml --run-dir results/runs/demo
