@@ -363,11 +363,40 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="tmpq", description="Timestep x mixed-precision co-optimisation of diffusion models.")
-    p.add_argument("-v", "--verbose", action="store_true", help="log diagnostics (INFO level) to stderr")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+def _add_model_and_schedule(q: argparse.ArgumentParser, steps_default: str, many: bool) -> None:
+    q.add_argument("--model", default=None, help="local diffusers model directory: a DDPMPipeline directory "
+                   "(model_index.json, unet/, scheduler/) or a bare UNet2DModel directory (default: the embedded "
+                   "MNIST model)")
+    q.add_argument("--steps", default=steps_default, help="number of denoising steps" +
+                   (", or a comma-separated list" if many else "") + " (default: %(default)s)")
+    q.add_argument("--schedule", default="quad", help="timestep spacing: uniform (DDIM) or quad (quadratic DDIM)"
+                   + (", or a comma-separated list" if many else "") + " (default: %(default)s)")
+    q.add_argument("--timesteps", default=None, help="explicit strictly descending timesteps, e.g. 800,450,200,"
+                   "50,0 (overrides --steps / --schedule)")
+    q.add_argument("--seed", type=int, default=0, help="noise-bank seed: image i always gets the same noise "
+                   "(default: %(default)s)")
+    q.add_argument("--eta", type=float, default=0.0, help="DDIM eta, 0 = deterministic (default: %(default)s)")
+    q.add_argument("--batch-size", type=int, default=256, help="images per UNet batch (default: %(default)s)")
+    _add_threads(q)
 
+
+def _add_supernet_options(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--model", default=None, help="local diffusers model directory (default: the embedded model)")
+    q.add_argument("--w-bits", default="8,6,4", help="weight bit options (default: %(default)s)")
+    q.add_argument("--a-bits", default="8,6", help="activation bit options (default: %(default)s)")
+    q.add_argument("--preset", default=None, choices=("paper",), help="paper: W and A in {8,7,6,5}")
+    q.add_argument("--tie-qkv", action="store_true", help="one gene for the q, k, v projections of each attention")
+    q.add_argument("--rounding", default="nearest", choices=("nearest", "adaround"),
+                   help="weight rounding: nearest, or adaround with BRECQ block reconstruction (default: %(default)s)")
+    q.add_argument("--w-granularity", default="channel", choices=("channel", "group", "tensor"),
+                   help="weight quantizer granularity (default: %(default)s)")
+    q.add_argument("--group-size", type=int, default=None, help="inputs per group for --w-granularity group")
+    q.add_argument("--time-groups", type=int, default=4, help="activation ranges and bias corrections per "
+                   "contiguous group of calibration timesteps, switched by timestep; 1 with --rounding adaround "
+                   "(default: %(default)s, as a search run's supernet.time_groups)")
+
+
+def _parser_train(sub) -> None:
     t = sub.add_parser("train", help="train the embedded MNIST DDPM (reproduces the committed weights)",
                        description="Train the embedded 16x16 MNIST DDPM (epsilon loss, 1000 linear-beta steps, EMA) "
                                    "and save it as a DDPMPipeline directory with a manifest. The training state is "
@@ -383,6 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads(t)
     t.set_defaults(func=_cmd_train)
 
+
+def _parser_train_classifier(sub) -> None:
     c = sub.add_parser("train-classifier", help="train the embedded domain classifier (FID feature extractor)",
                        description="Train the small MNIST CNN whose penultimate layer is the domain FID feature space "
                                    "(train split 4,000 digits; held-out split 1,000 digits for its accuracy).")
@@ -393,26 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads(c)
     c.set_defaults(func=_cmd_train_classifier)
 
-    def add_model_and_schedule(q: argparse.ArgumentParser, steps_default: str, many: bool) -> None:
-        q.add_argument("--model", default=None, help="local diffusers model directory: a DDPMPipeline directory "
-                       "(model_index.json, unet/, scheduler/) or a bare UNet2DModel directory (default: the embedded "
-                       "MNIST model)")
-        q.add_argument("--steps", default=steps_default, help="number of denoising steps" +
-                       (", or a comma-separated list" if many else "") + " (default: %(default)s)")
-        q.add_argument("--schedule", default="quad", help="timestep spacing: uniform (DDIM) or quad (quadratic DDIM)"
-                       + (", or a comma-separated list" if many else "") + " (default: %(default)s)")
-        q.add_argument("--timesteps", default=None, help="explicit strictly descending timesteps, e.g. 800,450,200,"
-                       "50,0 (overrides --steps / --schedule)")
-        q.add_argument("--seed", type=int, default=0, help="noise-bank seed: image i always gets the same noise "
-                       "(default: %(default)s)")
-        q.add_argument("--eta", type=float, default=0.0, help="DDIM eta, 0 = deterministic (default: %(default)s)")
-        q.add_argument("--batch-size", type=int, default=256, help="images per UNet batch (default: %(default)s)")
-        _add_threads(q)
 
+def _parser_sample(sub) -> None:
     s = sub.add_parser("sample", help="render a grid of samples along a schedule",
                        description="Sample images with respaced DDIM along a uniform / quadratic / explicit schedule "
                                    "and save them as a PNG grid.")
-    add_model_and_schedule(s, "10", many=False)
+    _add_model_and_schedule(s, "10", many=False)
     s.add_argument("--n", type=int, default=64, help="number of images (default: %(default)s)")
     s.add_argument("--nrow", type=int, default=8, help="images per grid row (default: %(default)s)")
     s.add_argument("--scale", type=int, default=4, help="nearest-neighbour upscaling of the grid (default: %(default)s)")
@@ -421,10 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "exported quantized model along its searched timesteps")
     s.set_defaults(func=_cmd_sample)
 
+
+def _parser_fid(sub) -> None:
     f = sub.add_parser("fid", help="FID / KID of schedules against reference statistics",
                        description="Sample N images per schedule from the seeded noise bank and report FID (and KID "
                                    "where reference features are known) against the reference statistics.")
-    add_model_and_schedule(f, "10", many=True)
+    _add_model_and_schedule(f, "10", many=True)
     f.add_argument("--n", type=int, default=10000, help="generated images per schedule (default: %(default)s)")
     f.add_argument("--extractor", default="domain", help="feature extractor: domain (embedded MNIST classifier), "
                    "inception (pytorch-fid InceptionV3, needs --inception-weights), random (tests) (default: %(default)s)")
@@ -439,32 +458,22 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", default=None, help="write the result rows as JSON here")
     f.set_defaults(func=_cmd_fid)
 
-    def add_supernet_options(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--model", default=None, help="local diffusers model directory (default: the embedded model)")
-        q.add_argument("--w-bits", default="8,6,4", help="weight bit options (default: %(default)s)")
-        q.add_argument("--a-bits", default="8,6", help="activation bit options (default: %(default)s)")
-        q.add_argument("--preset", default=None, choices=("paper",), help="paper: W and A in {8,7,6,5}")
-        q.add_argument("--tie-qkv", action="store_true", help="one gene for the q, k, v projections of each attention")
-        q.add_argument("--rounding", default="nearest", choices=("nearest", "adaround"),
-                       help="weight rounding: nearest, or adaround with BRECQ block reconstruction (default: %(default)s)")
-        q.add_argument("--w-granularity", default="channel", choices=("channel", "group", "tensor"),
-                       help="weight quantizer granularity (default: %(default)s)")
-        q.add_argument("--group-size", type=int, default=None, help="inputs per group for --w-granularity group")
-        q.add_argument("--time-groups", type=int, default=4, help="activation ranges and bias corrections per "
-                       "contiguous group of calibration timesteps, switched by timestep; 1 with --rounding adaround "
-                       "(default: %(default)s, as a search run's supernet.time_groups)")
 
+
+def _parser_profile(sub) -> None:
     pr = sub.add_parser("profile", help="per-layer MAC table, genes and uniform BitOPs of the supernet",
                         description="Wrap the model as a supernet and print every quantized layer with its MACs per "
                                     "denoiser call, its gene or pin, and the BitOPs / size of each uniform option.")
-    add_supernet_options(pr)
+    _add_supernet_options(pr)
     pr.set_defaults(func=_cmd_profile)
 
+
+def _parser_calibrate(sub) -> None:
     ca = sub.add_parser("calibrate", help="calibrate every bit option of the supernet once and save it",
                         description="Capture calibration data along FP trajectories, calibrate every weight and "
                                     "activation option of every layer, and save the quantizer state (safetensors). "
                                     "An interrupted run resumes per activation option.")
-    add_supernet_options(ca)
+    _add_supernet_options(ca)
     ca.add_argument("--mode", default="per-option", choices=("per-option", "random-path"),
                     help="per-option: whole model at one option (authors' code); random-path: random per-layer "
                          "options per batch (paper text) (default: %(default)s)")
@@ -483,6 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--out", default="results/supernet/supernet.safetensors", help="output file (default: %(default)s)")
     ca.set_defaults(func=_cmd_calibrate)
 
+
+def _parser_search(sub) -> None:
     se = sub.add_parser("search", help="joint timestep x bit-width search (writes a run directory)",
                         description="Calibrate the supernet once, then search schedules and per-layer bits with an "
                                     "evolutionary engine; every evaluation is logged as it finishes and the run "
@@ -497,6 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--threads", type=int, default=2, help="torch CPU threads of the driver (default: %(default)s)")
     se.set_defaults(func=_cmd_search)
 
+
+def _parser_validate(sub) -> None:
     va = sub.add_parser("validate", help="re-calibrate and score Pareto points with large-N FID",
                         description="For each Pareto point (or the top K by proxy, or --candidate keys): "
                                     "re-calibrate at exactly its allocation with calibration data captured along "
@@ -519,6 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads(va)
     va.set_defaults(func=_cmd_validate)
 
+
+def _parser_run(sub) -> None:
     rn = sub.add_parser("run", help="the main job: calibrate, search, validate, export, report (resumable)",
                         description="Run the whole pipeline on a config: calibrate the supernet, search, validate "
                                     "the best points under the export budget with large-N FID, export the best "
@@ -535,6 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads(rn)
     rn.set_defaults(func=_cmd_run)
 
+
+def _parser_speed(sub) -> None:
     sp = sub.add_parser("speed", help="wall-clock of an export: FP 100 steps vs fake quantization vs real int8",
                         description="Time sampling with the exported model: FP at 100 uniform DDIM steps, FP and "
                                     "fake quantization at the exported schedule, and real int8 CPU kernels "
@@ -550,6 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads(sp)
     sp.set_defaults(func=_cmd_speed)
 
+
+def _parser_report(sub) -> None:
     rp = sub.add_parser("report", help="write RUN/report/report.html (Pareto plot, sample grids, tables)",
                         description="Write an HTML report of a run: the Pareto plot with uniform baselines (scored "
                                     "with the run's supernet and proxy) and validated FIDs, a sample grid for every "
@@ -560,6 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads(rp)
     rp.set_defaults(func=_cmd_report)
 
+
+def _parser_export(sub) -> None:
     ex = sub.add_parser("export", help="export one candidate of a run for deployment",
                         description="Write a deployable export of one evaluated candidate: a DDPMPipeline directory "
                                     "(FP weights) plus tmpq_export.json (searched timesteps, per-layer bits, "
@@ -571,11 +592,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_threads(ex)
     ex.set_defaults(func=_cmd_export)
 
+
+def _parser_pareto(sub) -> None:
     pa = sub.add_parser("pareto", help="print the Pareto front of a run",
                         description="Print the non-dominated evaluations (proxy vs BitOPs) of a run directory.")
     pa.add_argument("run", help="run directory")
     pa.set_defaults(func=_cmd_pareto)
 
+
+def _parser_ref_stats(sub) -> None:
     r = sub.add_parser("ref-stats", help="save reference statistics of the embedded digits (.npz + .json sidecar)",
                        description="Compute feature statistics of the real embedded digits and save them in "
                                    "pytorch-fid's .npz format with a JSON provenance sidecar.")
@@ -585,6 +610,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ref-split", default="all", help="split: all, train, heldout, half0, half1 (default: %(default)s)")
     r.add_argument("--resolution", type=int, default=16, choices=(16, 28), help="image size (default: %(default)s)")
     r.set_defaults(func=_cmd_ref_stats)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="tmpq", description="Timestep x mixed-precision co-optimisation of diffusion models.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log diagnostics (INFO level) to stderr")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
+
+    for add in (_parser_train, _parser_train_classifier, _parser_sample, _parser_fid, _parser_profile,
+                _parser_calibrate, _parser_search, _parser_validate, _parser_run, _parser_speed, _parser_report,
+                _parser_export, _parser_pareto, _parser_ref_stats):  # one small function per command
+        add(sub)
     return p
 
 
