@@ -192,10 +192,10 @@ def main() -> None:
 
 
 def _write_budget(out: Path) -> None:
+    from tmpq.jobs.run import load_run
     from tmpq.search.budget import budget_bitops
-    from tmpq.search.space import SearchSpace
 
-    space = SearchSpace.from_dict(json.loads((out / "runs" / "after-s0" / "search_space.json").read_text()))
+    space = load_run(out / "runs" / "after-s0").space
     (out / "budget.json").write_text(json.dumps({"w6a6_gbitops": budget_bitops(space, "w6a6") / 1e9}) + "\n")
 
 

@@ -70,7 +70,6 @@ def main() -> None:
     from tmpq.jobs.search import run_search
     from tmpq.jobs.validate import ValidateConfig, validate_run
     from tmpq.search.budget import fp_bitops
-    from tmpq.search.space import SearchSpace
 
     out = Path(args.out)
     run_path = out / "run"
@@ -80,11 +79,10 @@ def main() -> None:
         run_search(cfg, run_path, resume=(run_path / "config.resolved.json").is_file(), progress=True)  # code may
     search_s = time.perf_counter() - t0  # have changed since, and a replay would then search again)
 
-    space = SearchSpace.from_dict(json.loads((run_path / "search_space.json").read_text()))
-    fp100_bitops = fp_bitops(space, 100)
+    run = load_run(run_path)
+    fp100_bitops = fp_bitops(run.space, 100)
     budget = args.budget_frac * fp100_bitops
     ref = baseline_fp_row(Path(args.baseline), 100)
-    run = load_run(run_path)
     front = run.pareto()
     keys = choose_keys(front, budget, args.top_k, args.spread)
     vcfg = ValidateConfig(n=args.n, seeds=tuple(int(s) for s in args.seeds.split(",")), keys=tuple(keys),

@@ -162,6 +162,7 @@ def baseline_points(args, log: RowLog, sn: Path) -> list[dict]:
 def part_fidelity(args, log: RowLog, sn: Path) -> None:
     """>= 30 diverse candidates: each proxy (and its wall time) vs FID at N = 10,000 on the same candidate."""
     from tmpq.core.sampler import sample_images
+    from tmpq.evaluators.fid import FeatureStats
     from tmpq.evaluators.quality import embedded_reference, score_features
     from tmpq.search.groups import quadratic_groups, uniform_groups
     from tmpq.search.space import SearchSpace
@@ -219,11 +220,11 @@ def part_fidelity(args, log: RowLog, sn: Path) -> None:
         # small-N FID / KID on the first n images: the noise bank is indexed, so these are exactly the images a
         # separate n-image run with the same seed would draw (common noise across candidates); cost ~ n / 10,000
         small = _small_n_scores(feats, ref, args.small_n)
-        # the proxy exactly as the search computes it (``fid_proxy``: its own bank seed, --seed, independent of the
-        # 10,000 images' seed + 1), and FID on every disjoint 128-image subset of the 10,000 (the spread of a
-        # small-N FID's ranking over noise draws)
-        subsets = [score_features(feats[j:j + SUBSET_N], ref)["fid"] for j in range(0, len(feats) - SUBSET_N + 1,
-                                                                                  SUBSET_N)]
+        # the proxy exactly as the search computes it (``fid_proxy``: the proxy's own bank seed, ProxyConfig.seed,
+        # independent of the 10,000 images' seed --seed + 1), and FID on every disjoint 128-image subset of the
+        # 10,000 (the spread of a small-N FID's ranking over noise draws; FID only, no KID)
+        subsets = [FeatureStats.from_features(feats[j:j + SUBSET_N]).fid(ref.stats)
+                   for j in range(0, len(feats) - SUBSET_N + 1, SUBSET_N)]
         log.append({"kind": "fidelity", "name": f"cand{i:02d}", "timesteps": list(c.timesteps),
                     "bits": [list(b) for b in c.bits], "steps": len(c.timesteps),
                     "gbitops": base.bitops(c) / 1e9, "fid_proxy": proxy["fid_proxy"], "proxy_seed": ev.cfg.seed,

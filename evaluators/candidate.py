@@ -14,7 +14,7 @@ Proxies (each result row names proxy, version, N and seed):
 
 The FP teacher (``teacher_steps`` of DDIM on the bank images) is sampled on first use: by the paired proxy, by the
 companion metrics (``companions=True``, the default: ``paired_feat`` and ``paired_pixel_mse`` beside a ``fid`` proxy)
-and by the report's FP grid. A search with the ``fid`` proxy leaves the companions out (``search.service``), which
+and by the report's FP grid. A search with the ``fid`` proxy leaves the companions out (``tmpq.jobs.search``), which
 spares each worker the teacher's 100 FP steps (about 12 s at N = 128 on 2 cores).
 """
 from __future__ import annotations

@@ -32,7 +32,7 @@ PURE_SEARCH = ("tmpq.search.groups", "tmpq.search.space", "tmpq.search.pareto", 
 # violations allowed for now (none since the jobs, the deployment layer and the run config moved; an entry added here
 # must name its issue)
 KNOWN: set[str] = set()
-MAX_LAZY = 139  # internal imports inside functions today (issue 19 asks for none outside heavy optional packages)
+MAX_LAZY = 137  # internal imports inside functions today (issue 19 asks for none outside heavy optional packages)
 
 
 def module_name(root: Path, path: Path) -> str:

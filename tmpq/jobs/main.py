@@ -20,18 +20,6 @@ class MainJobConfig:
     budget: str = "w6a6"           # export budget: BitOPs <= this uniform option at search.steps ("none": no budget)
 
 
-def _budget_bitops(run_path: Path, spec: str) -> float | None:
-    from tmpq.core.fileio import malformed, read_json
-    from tmpq.search.budget import budget_bitops
-    from tmpq.search.space import SearchSpace
-
-    path = run_path / "search_space.json"
-    data = read_json(path, "search space")
-    with malformed(path, "search space"):
-        space = SearchSpace.from_dict(data)
-    return budget_bitops(space, spec)
-
-
 def main_job(cfg, run_path: str | Path, job: MainJobConfig = MainJobConfig(), progress: bool = True) -> dict:
     """Run (or resume) the whole pipeline; returns ``{"run", "report", "export", "best", "timings"}``."""
     from tmpq.jobs.export import ensure_export
@@ -39,6 +27,7 @@ def main_job(cfg, run_path: str | Path, job: MainJobConfig = MainJobConfig(), pr
     from tmpq.jobs.run import load_run
     from tmpq.jobs.search import run_search
     from tmpq.jobs.validate import ValidateConfig, best_validated, validate_run
+    from tmpq.search.budget import budget_bitops
 
     run_path = Path(run_path)
     timings = {}
@@ -54,8 +43,9 @@ def main_job(cfg, run_path: str | Path, job: MainJobConfig = MainJobConfig(), pr
     timings["search_s"] = round(time.perf_counter() - t0, 1)
 
     t0 = stage(f"validate the {job.top_k} best points under the {job.budget} budget")
-    front = load_run(run_path).pareto()
-    limit = _budget_bitops(run_path, job.budget)
+    run = load_run(run_path)
+    front = run.pareto()
+    limit = budget_bitops(run.space, job.budget)
     eligible = front if limit is None else front[front["bitops"] <= limit]
     if eligible.empty:
         raise TmpqError(f"no Pareto point is within the export budget {job.budget}; lower search budgets or pass "

@@ -65,10 +65,9 @@ def _capture_along(unet, scheduler, timesteps, n: int, seed: int, batch: int = 6
     of ``batch``-trajectory chunks, each step by step."""
     from tmpq.supernet.calib_data import capture_along
 
-    xs, ts = capture_along(unet, scheduler, timesteps, n, seed, batch)
-    pieces = [(xs[k, s:s + batch], int(ts[k])) for s in range(0, n, batch) for k in range(len(ts))]
-    x = torch.cat([p for p, _ in pieces])
-    t = torch.cat([torch.full((len(p),), tk, dtype=torch.int64) for p, tk in pieces])
+    xs, ts = capture_along(unet, scheduler, timesteps, n, seed, batch)  # [steps, n, ...]
+    x = torch.cat([xs[:, s:s + batch].flatten(0, 1) for s in range(0, n, batch)])
+    t = torch.cat([ts.repeat_interleave(min(batch, n - s)) for s in range(0, n, batch)])
     return [(x[i:i + batch], t[i:i + batch]) for i in range(0, len(t), batch)]
 
 
