@@ -21,13 +21,13 @@ import numpy as np
 def synthetic_space():
     from tmpq.core.model import load_model
     from tmpq.jobs.config import config_from_dict
-    from tmpq.jobs.search import build_space, supernet_config
+    from tmpq.jobs.search import build_space
     from tmpq.search.groups import quadratic_groups
     from tmpq.supernet import QuantSupernet
 
     cfg = config_from_dict({"search": {"steps": 10, "step_choices": [5, 7, 10, 14, 20], "bitops_budget": "none"}})
     m = load_model(None)
-    net = QuantSupernet(m.unet, supernet_config(cfg))
+    net = QuantSupernet(m.unet, cfg.supernet)
     return build_space(cfg, net, quadratic_groups(10), tuple(quadratic_groups(n) for n in cfg.search.step_choices))
 
 

@@ -32,13 +32,12 @@ def build(cfg, work: Path):
         _time_groups,
         build_space,
         calibrate_to_file,
-        supernet_config,
     )
     from tmpq.supernet import QuantSupernet
 
     m = load_model(cfg.model.path)
     groups, step_groups = _time_groups(cfg, m, None)  # before wrapping: a sensitivity grouping profiles the FP model
-    net = QuantSupernet(m.unet, supernet_config(cfg))
+    net = QuantSupernet(m.unet, cfg.supernet)
     space = build_space(cfg, net, groups, step_groups)
     # cached per model x supernet options x calibration settings (configs with other bit options get their own file)
     key = hashlib.sha256(json.dumps([net.fingerprint, net.config.to_json(), cfg.calibration.__dict__],

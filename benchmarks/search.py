@@ -46,7 +46,7 @@ def supernet_file(args, out: Path) -> Path:
     for every part."""
     from tmpq.core.model import load_model
     from tmpq.jobs.config import config_from_dict
-    from tmpq.jobs.search import calibrate_to_file, supernet_config
+    from tmpq.jobs.search import calibrate_to_file
     from tmpq.supernet import QuantSupernet
 
     path = out / "supernet.safetensors"
@@ -57,7 +57,7 @@ def supernet_file(args, out: Path) -> Path:
     m = load_model(None)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    calibrate_to_file(cfg, m, QuantSupernet(m.unet, supernet_config(cfg)), path)
+    calibrate_to_file(cfg, m, QuantSupernet(m.unet, cfg.supernet), path)
     print(f"calibrated the shared supernet in {time.perf_counter() - t0:.0f} s -> {path}", flush=True)
     return path
 

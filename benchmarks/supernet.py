@@ -219,7 +219,7 @@ def quality_and_cost(args, log: RowLog, fresh_unet, sched, ext, ref, batches, pa
     if "cost" in parts and tg > 1:  # what the time groups cost: sampling against one set of ranges
         name = f"timing time_groups {tg} vs 1"
         if not log.has(kind="cost", name=name, n=256, seed=args.seed):
-            one = QuantSupernet(fresh_unet(), SupernetConfig())
+            one = QuantSupernet(fresh_unet(), SupernetConfig(time_groups=1))
             one.calibrate(batches, mode="per-option", progress=False)
             net.set_uniform(6, 6)
             one.set_uniform(6, 6)
@@ -264,14 +264,14 @@ def strategies(args, log: RowLog, fresh_unet, sched, ext, ref) -> None:
     """Calibration-data strategies (uniform, NDTC, EDA-style) at W6A6 and the lowest option."""
     base = load_model(None)
     ts10 = make_timesteps(args.schedule, args.steps)
-    cfg = SupernetConfig()
+    cfg = SupernetConfig(time_groups=1)
     lowest = (min(cfg.w_bits), min(cfg.a_bits))
     for strategy in ("uniform", "ndtc", "eda"):
         if all(log.has(kind="strategy", mode=strategy, name=f"W{w}A{a}", n=args.fid_n, seed=args.seed)
                for w, a in [(6, 6), lowest]):
             continue
         data = make_calib_data(base.unet, sched, strategy, **args.calib_kw)
-        snet = QuantSupernet(fresh_unet(), SupernetConfig())
+        snet = QuantSupernet(fresh_unet(), SupernetConfig(time_groups=1))
         snet.calibrate(list(data.batches(64)), mode="per-option")
         for w, a in [(6, 6), lowest]:
             snet.set_uniform(w, a)

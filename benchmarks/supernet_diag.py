@@ -54,7 +54,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     pins = [[int(b) for b in part.split(",")] for part in args.pins.split("/")]
-    cfg = SupernetConfig(pin={"conv_in": pins[0], "conv_out": pins[-1]}, a_observer=args.a_observer)
+    cfg = SupernetConfig(time_groups=1, pin={"conv_in": pins[0], "conv_out": pins[-1]}, a_observer=args.a_observer)
     tag = "" if args.a_observer == "mse" else f" [{args.a_observer} observer]"
     log = RowLog(Path(args.out) / "diag.jsonl", ("pins", "setting", "bits", "steps", "n"))
     key = {"pins": args.pins, "bits": args.bits, "steps": args.steps, "n": args.n}

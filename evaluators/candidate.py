@@ -27,29 +27,57 @@ import numpy as np
 import torch
 
 from tmpq.core.errors import TmpqError
-from tmpq.evaluators.quality import Reference, score_features
+from tmpq.core.sampler import sample_images
+from tmpq.core.schedules import SCHEDULES, make_timesteps
+from tmpq.evaluators.features import EXTRACTORS, RandomExtractor, make_extractor
+from tmpq.evaluators.quality import (
+    Reference,
+    embedded_reference,
+    load_reference,
+    score_features,
+)
 
 PROXIES = ("paired-feat", "fid")
 PROXY_VERSION = 1
 
 
-@dataclass
+@dataclass(frozen=True)
 class ProxyConfig:
+    """The fast quality proxy of candidates (a run config's ``[proxy]`` section is this class).
+
+    - ``name``: ``fid`` (FID of the candidate's images against reference statistics) or ``paired-feat`` (feature
+      distance to the FP teacher's images on the same noise).
+    - ``n_images`` / ``seed``: images per candidate and their noise-bank seed; ``batch_size``: images per denoiser call.
+    - ``teacher_steps`` / ``teacher_schedule``: the FP teacher's schedule (paired proxies and companions).
+    - ``reference``: reference statistics (.npz, pytorch-fid format, of the model's training data, same extractor);
+      "" = the embedded MNIST digits (1-channel models only).
+    - ``extractor``: "auto" = the domain digit classifier for 1-channel models, else a seeded random CNN on the
+      model's channels; "inception" = pytorch-fid's InceptionV3 from ``inception_weights`` (a local file: tmpq never
+      downloads), the usual choice for RGB models.
+    """
+
     name: str = "fid"
     n_images: int = 128
     seed: int = 0
     teacher_steps: int = 100
     teacher_schedule: str = "uniform"
     batch_size: int = 128
-    reference: str = ""  # proxy fid: reference statistics file ("" = the embedded digits; see proxy_reference)
-    extractor: str = "auto"  # see scoring_extractor
+    reference: str = ""
+    extractor: str = "auto"
     inception_weights: str = ""
 
+    def __post_init__(self):
+        self.validate()
+
     def validate(self) -> None:
-        if self.name not in PROXIES:
-            raise TmpqError(f"proxy.name: unknown {self.name!r}; choose one of {', '.join(PROXIES)}")
-        if self.n_images < 2:
-            raise TmpqError(f"proxy.n_images: must be >= 2, got {self.n_images}")
+        for key, choices in (("name", PROXIES), ("teacher_schedule", SCHEDULES),
+                             ("extractor", ("auto", *EXTRACTORS))):
+            if getattr(self, key) not in choices:
+                raise TmpqError(f"proxy.{key}: must be one of {', '.join(choices)}, got {getattr(self, key)!r}")
+        for key, low in (("n_images", 2), ("teacher_steps", 1), ("batch_size", 1)):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise TmpqError(f"proxy.{key}: must be an integer >= {low}, got {v!r}")
 
 
 class CandidateEvaluator:
@@ -71,8 +99,6 @@ class CandidateEvaluator:
 
     def _teacher_pair(self) -> tuple[torch.Tensor, np.ndarray]:
         if self._teacher is None:
-            from tmpq.core.schedules import make_timesteps
-
             ts = make_timesteps(self.cfg.teacher_schedule, self.cfg.teacher_steps,
                                 self.scheduler.config.num_train_timesteps)
             with torch.no_grad():
@@ -90,8 +116,6 @@ class CandidateEvaluator:
         return self._teacher_pair()[1]
 
     def _sample(self, timesteps, on_step=None, n: int | None = None, seed: int | None = None) -> torch.Tensor:
-        from tmpq.core.sampler import sample_images
-
         n = self.cfg.n_images if n is None else n
         return sample_images(self.net.unet, self.scheduler, timesteps, n, seed=self.cfg.seed if seed is None else seed,
                              batch_size=min(self.cfg.batch_size, n), progress=False, on_step=on_step)
@@ -178,7 +202,6 @@ def scoring_extractor(channels: int, name: str = "auto", inception_weights: str 
     """The extractor that scores a model's images. ``auto``: the domain (digit) classifier for 1-channel models, the
     seeded random CNN on the model's channels otherwise; ``inception``: pytorch-fid's InceptionV3 from a local
     weights file. Reference statistics must come from the same extractor (its fingerprint is checked)."""
-    from tmpq.evaluators.features import RandomExtractor, make_extractor
 
     check_extractor(channels, name, inception_weights)
     if name == "auto":
@@ -194,10 +217,7 @@ def quality_reference(reference: str, extractor, channels: int, key: str = "prox
     naming ``key``, with ``hint``)."""
     check_reference(reference, channels, key, hint)
     if reference:
-        from tmpq.evaluators.quality import load_reference
-
         return load_reference(reference, extractor)
-    from tmpq.evaluators.quality import embedded_reference
 
     return embedded_reference(extractor)
 

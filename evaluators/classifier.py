@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from tmpq.core.data import data_fingerprint, load_digits
 from tmpq.core.errors import TmpqError
-from tmpq.core.model import ASSETS
+from tmpq.core.model import ASSETS, check_safetensors
 
 CLASSIFIER_DIR = ASSETS / "mnist16-classifier"
 FEATURE_DIM = 128
@@ -128,7 +128,6 @@ def load_classifier(path: Path | str | None = None) -> tuple[DigitClassifier, di
     """Load the committed domain classifier (or one at ``path``)."""
     from safetensors.torch import load_file
 
-    from tmpq.core.model import check_safetensors
 
     d = Path(path) if path else CLASSIFIER_DIR
     weights, man = d / "model.safetensors", d / "manifest.json"

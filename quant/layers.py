@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tmpq.quant.adaround import AdaRoundQuantizer
+from tmpq.quant.binarize import MultiBasisBinarizer
 from tmpq.quant.functional import fake_quant_split_inference
 from tmpq.quant.quantizer import AffineQuantizer, QuantError
 
@@ -52,12 +54,9 @@ class QuantLayer(nn.Module):
 
         def weight_quantizer(b: int) -> nn.Module:
             if b == 1 or (b == 2 and w_two_bit == "multibasis"):  # BinaryDM-style sign bases, one per bit
-                from tmpq.quant.binarize import MultiBasisBinarizer
 
                 return MultiBasisBinarizer(b, weight.shape[0])
             if w_rounding == "adaround":
-                from tmpq.quant.adaround import AdaRoundQuantizer
-
                 return AdaRoundQuantizer(b, tuple(weight.shape), w_symmetric, w_observer)
             return AffineQuantizer(b, w_symmetric, w_granularity, channels=weight.shape[0], group_size=group_size,
                                    in_features=in_features, observer=w_observer)

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from tmpq.core.errors import TmpqError
+from tmpq.core.fileio import atomic_write_bytes
 from tmpq.search.space import SearchSpace
 
 ENGINES = ("pymoo", "optuna", "paper-ea", "random")
@@ -247,7 +248,6 @@ def optuna_study_for_run(run_path: Path, storage: str = "") -> tuple[str, str]:
     made once per run (``tmpq-<run directory name>-<8 hex>``) and kept in ``<run>/optuna.json``, so a resume finds
     its own study, also in a database that many runs share.
     """
-    from tmpq.core.fileio import atomic_write_bytes
 
     run_path = Path(run_path)
     url = storage or f"sqlite:///{(run_path / 'optuna.db').resolve()}"

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from tmpq.core.errors import TmpqError
+from tmpq.core.schedules import quadratic_timesteps, uniform_timesteps
 
 GROUPINGS = ("quad", "uniform", "sensitivity", "error")
 
@@ -87,14 +88,12 @@ class TimeGroups:
 
 def quadratic_groups(n: int, num_train_timesteps: int = 1000) -> TimeGroups:
     """Edges ``floor(linspace(0, sqrt(0.8 T), n) ** 2)`` (repeats bumped by one, as ``quadratic_timesteps``)."""
-    from tmpq.core.schedules import quadratic_timesteps
 
     return TimeGroups(tuple(sorted(quadratic_timesteps(n, num_train_timesteps))), num_train_timesteps, "quad")
 
 
 def uniform_groups(n: int, num_train_timesteps: int = 1000) -> TimeGroups:
     """Edges ``arange(n) * (T // n)``: DDIM's uniform spacing as group starts."""
-    from tmpq.core.schedules import uniform_timesteps
 
     return TimeGroups(tuple(sorted(uniform_timesteps(n, num_train_timesteps))), num_train_timesteps, "uniform")
 

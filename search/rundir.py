@@ -23,6 +23,7 @@ from tmpq.core.fileio import (
     read_jsonl,
     repair_jsonl_tail,
 )
+from tmpq.search.pareto import non_dominated
 
 RESULT_VERSION = 1
 
@@ -202,7 +203,6 @@ def run_objectives(config: dict) -> tuple[str, ...]:
 
 def pareto_frame(df, objectives: tuple[str, ...] = ("fid_proxy", "bitops")):
     """Non-dominated ``ok`` rows (duplicate keys collapsed), sorted by the last objective."""
-    from tmpq.search.pareto import non_dominated
 
     if df.empty or any(o not in df.columns for o in objectives):
         return df.iloc[0:0]

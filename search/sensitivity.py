@@ -21,6 +21,8 @@ import numpy as np
 import torch
 
 from tmpq.core.errors import TmpqError
+from tmpq.core.sampler import NoiseBank, sample_shape
+from tmpq.core.schedules import make_timesteps
 
 VERSION = 2  # 2: the step-error profile (the sensitivity profile is unchanged from 1)
 
@@ -28,8 +30,6 @@ VERSION = 2  # 2: the step-error profile (the sensitivity profile is unchanged f
 @torch.no_grad()
 def _probe(unet: torch.nn.Module, scheduler, n_images: int, probe_steps: int, seed: int):
     """Descending probe timesteps and, at each, the batch's eps and x0 predictions (CPU float tensors), and T."""
-    from tmpq.core.sampler import NoiseBank, sample_shape
-    from tmpq.core.schedules import make_timesteps
 
     T = int(scheduler.config.num_train_timesteps)
     if not 2 <= probe_steps <= T:

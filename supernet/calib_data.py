@@ -20,6 +20,39 @@ from tmpq.core.sampler import NoiseBank, sample_batch, sample_shape
 from tmpq.core.schedules import make_timesteps
 
 STRATEGIES = ("uniform", "ndtc", "eda")
+MODES = ("per-option", "random-path")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How a supernet is calibrated (a run config's ``[calibration]`` section is this class plus ``supernet_file``;
+    ``tmpq calibrate`` fills only the options given on its command line).
+
+    - ``mode``: ``per-option`` (the whole model at option k, as the authors' code) or ``random-path`` (random
+      per-layer options per batch, the paper's text; its draws are seeded 0).
+    - ``strategy``: the calibration x_t, one of ``STRATEGIES`` (see the module docstring).
+    - ``steps`` / ``per_step``: sampler steps that contribute inputs and inputs per step; ``sampler_steps``: the FP
+      DDIM trajectory they are captured from; ``seed``: its noise-bank seed (disjoint from the proxy's).
+    - ``recon_iters``: BRECQ-style block reconstruction iterations per block and option after AdaRound (0 = none).
+    """
+
+    mode: str = "per-option"
+    strategy: str = "uniform"
+    steps: int = 20
+    per_step: int = 32
+    sampler_steps: int = 100
+    batch_size: int = 64
+    recon_iters: int = 0
+    seed: int = 10_000
+
+    def __post_init__(self):
+        for key, choices in (("mode", MODES), ("strategy", STRATEGIES)):
+            if getattr(self, key) not in choices:
+                raise TmpqError(f"calibration.{key}: must be one of {', '.join(choices)}, got {getattr(self, key)!r}")
+        for key, low in (("steps", 1), ("per_step", 1), ("sampler_steps", 1), ("batch_size", 1), ("recon_iters", 0)):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise TmpqError(f"calibration.{key}: must be an integer >= {low}, got {v!r}")
 
 
 @dataclass
@@ -141,24 +174,24 @@ def make_calib_data(unet, scheduler, strategy: str = "uniform", n_steps: int = 2
     return CalibData(torch.cat(xs_out), torch.cat(ts_out), strategy)
 
 
-def calibrate_to_file(net, scheduler, out: Path | str, *, strategy: str = "uniform", n_steps: int = 20,
-                      per_step: int = 32, sampler_steps: int = 100, data_seed: int = 10_000, batch_size: int = 64,
-                      mode: str = "per-option", seed: int = 0, recon_iters: int = 0, progress: bool = True) -> dict:
-    """Capture calibration data (``strategy`` along the FP trajectories of ``net``'s own denoiser, passed through),
-    calibrate every option of the supernet ``net`` and save it to ``out`` (a ``.safetensors`` file). Resumable per
-    option through ``<out stem>.partial.safetensors`` beside it, which is removed once ``out`` is written; with
-    AdaRound weights and ``recon_iters > 0``, BRECQ-style block reconstruction follows. Returns ``{"calib_pairs",
-    "reconstruction"}``. The one path of ``tmpq calibrate`` and of a search run's supernet."""
+def calibrate_to_file(net, scheduler, out: Path | str, cfg: CalibrationConfig | None = None,
+                      progress: bool = True) -> dict:
+    """Capture calibration data (``cfg.strategy`` along the FP trajectories of ``net``'s own denoiser, passed
+    through), calibrate every option of the supernet ``net`` and save it to ``out`` (a ``.safetensors`` file).
+    Resumable per option through ``<out stem>.partial.safetensors`` beside it, which is removed once ``out`` is
+    written; with AdaRound weights and ``cfg.recon_iters > 0``, BRECQ-style block reconstruction follows. Returns
+    ``{"calib_pairs", "reconstruction"}``. The one path of ``tmpq calibrate`` and of a search run's supernet."""
+    cfg = cfg or CalibrationConfig()
     out = Path(out)
     partial = out.with_name(out.stem + ".partial.safetensors")
-    data = make_calib_data(net.unet, scheduler, strategy, n_steps=n_steps, per_step=per_step,
-                           sampler_steps=sampler_steps, seed=data_seed)
+    data = make_calib_data(net.unet, scheduler, cfg.strategy, n_steps=cfg.steps, per_step=cfg.per_step,
+                           sampler_steps=cfg.sampler_steps, seed=cfg.seed)
     net.set_fp()
-    batches = list(data.batches(batch_size))
-    net.calibrate(batches, mode=mode, seed=seed, progress=progress, checkpoint=partial)
+    batches = list(data.batches(cfg.batch_size))
+    net.calibrate(batches, mode=cfg.mode, seed=0, progress=progress, checkpoint=partial)
     recon = []
-    if net.config.w_rounding == "adaround" and recon_iters > 0:
-        recon = net.reconstruct(batches, iters=recon_iters, progress=progress)
+    if net.config.w_rounding == "adaround" and cfg.recon_iters > 0:
+        recon = net.reconstruct(batches, iters=cfg.recon_iters, progress=progress)
     net.save(out)
     partial.unlink(missing_ok=True)
     return {"calib_pairs": len(data), "reconstruction": recon}

@@ -9,8 +9,11 @@ from tmpq.core.errors import TmpqError
 from tmpq.quant.binarize import BINARY_BITS
 from tmpq.quant.quantizer import GRANULARITIES, OBSERVERS, SUPPORTED_BITS
 
-# ties the q, k, v projections of each diffusers attention block into one gene (config tie_qkv / --tie-qkv)
-TIE_QKV = r"(.*attentions\.\d+)\.to_[qkv]$"
+# ties the q, k, v projections of each diffusers ``Attention`` module into one gene (``tie_qkv``): the capture is the
+# module's path, so a UNet's self- and cross-attention (``attn1`` / ``attn2``) and a DiT's blocks tie per module
+TIE_QKV = r"(.*)\.to_[qkv]$"
+# what supernet files before ``tie_qkv`` stored in ``tie`` for it (read back as tie_qkv = true)
+_LEGACY_TIE_QKV = r"(.*attentions\.\d+)\.to_[qkv]$"
 
 
 def _check_bits(key: str, b, weight: bool) -> None:
@@ -35,8 +38,9 @@ class SupernetConfig:
       0.0011 of the 0.0013 of all 8-bit activations, and ``conv_out``'s one-scale 8-bit weights (one output
       channel) 0.00024, more than all other weights together. W8A8: 0.0016 with both pinned W8A8, 0.00022 with
       16-bit inputs, 0.00017 with ``conv_out`` at W16A16 as well.
-    - ``tie``: regexes with one capture group; layers whose match captures the same text share one gene
-      (e.g. ``(.*attentions\\.\\d+)\\.to_[qkv]$`` ties the q, k, v projections of each attention).
+    - ``tie``: regexes with one capture group; layers whose match captures the same text share one gene.
+    - ``tie_qkv``: one gene for the q, k, v projections of each attention module (``TIE_QKV``; a model without
+      attention has none to tie).
     - ``split_skip``: Q-Diffusion split quantization of the UNet skip concatenation.
     - ``w_rounding``: ``nearest`` or ``adaround`` (learned rounding, BRECQ block reconstruction over the modules
       whose class is in ``block_types``; layers outside any block are reconstructed on their own).
@@ -49,11 +53,16 @@ class SupernetConfig:
       steps the two are even (W8A8 0.00013 vs 0.00017, W6A6 0.0035 vs 0.0036).
     - ``bias_correction``: subtract each weight option's mean output shift on the calibration inputs from the layer's
       bias (see ``quant.layers``).
+    - ``group_size``: inputs per weight group for ``w_granularity = "group"`` (0 = unset).
     - ``time_groups``: G > 1 calibrates the activation ranges and bias corrections once per contiguous group of the
       calibration timesteps (G groups of equally many distinct timesteps) and switches them by each denoiser call's
       timestep (weights stay shared): activation ranges of a diffusion denoiser drift with t. Uniform W8A8, 100 DDIM
       steps, paired pixel MSE to FP on 256 images: 0.00109 (G = 1), 0.00089 (2), 0.00066 (4)
-      (``benchmarks/supernet_diag.py --time-groups``). A denoiser call must not mix timesteps of two groups.
+      (``benchmarks/supernet_diag.py --time-groups``). A denoiser call must not mix timesteps of two groups. The
+      default 4 needs ``time_groups = 1`` beside ``w_rounding = "adaround"``.
+
+    This dataclass is the one source of these defaults: a run config's ``[supernet]`` section is this class, and
+    ``tmpq calibrate`` fills only the options given on its command line.
     """
 
     w_bits: tuple[int, ...] = (8, 6, 4)
@@ -62,8 +71,9 @@ class SupernetConfig:
     exclude: tuple[str, ...] = ()
     pin: dict = field(default_factory=lambda: {"conv_in": [8, 16], "conv_out": [16, 16]})
     tie: tuple[str, ...] = ()
+    tie_qkv: bool = True
     w_granularity: str = "channel"
-    group_size: int | None = None
+    group_size: int = 0
     w_symmetric: bool = True
     a_symmetric: bool = False
     w_observer: str = "mse"
@@ -73,9 +83,18 @@ class SupernetConfig:
     w_two_bit: str = "multibasis"
     bias_correction: bool = True
     block_types: tuple[str, ...] = ("ResnetBlock2D", "Attention", "Downsample2D", "Upsample2D", "TimestepEmbedding")
-    time_groups: int = 1
+    time_groups: int = 4
 
     def __post_init__(self):
+        if self.group_size is None:  # files and callers before group_size = 0 meant "unset"
+            object.__setattr__(self, "group_size", 0)
+        if _LEGACY_TIE_QKV in self.tie:
+            object.__setattr__(self, "tie", tuple(t for t in self.tie if t != _LEGACY_TIE_QKV))
+            object.__setattr__(self, "tie_qkv", True)
+        if not isinstance(self.pin, dict):
+            raise TmpqError(f"supernet.pin: must be a table of pattern = [w_bits, a_bits], got {self.pin!r}")
+        # pins as lists (as JSON reads them back), so configs compare equal across a round trip
+        object.__setattr__(self, "pin", {k: list(v) if isinstance(v, tuple) else v for k, v in self.pin.items()})
         object.__setattr__(self, "w_bits", tuple(int(b) for b in self.w_bits))
         object.__setattr__(self, "a_bits", tuple(int(b) for b in self.a_bits))
         object.__setattr__(self, "include", tuple(self.include))
@@ -98,15 +117,15 @@ class SupernetConfig:
                 raise TmpqError(f"supernet.pin.{pat}: must be [w_bits, a_bits], got {wa!r}")
             _check_bits(f"supernet.pin.{pat}", wa[0], weight=True)
             _check_bits(f"supernet.pin.{pat}", wa[1], weight=False)
-        if self.w_two_bit not in ("multibasis", "affine"):
-            raise TmpqError(f"supernet.w_two_bit: unknown {self.w_two_bit!r}; choose multibasis or affine")
-        if self.w_granularity not in GRANULARITIES:
-            raise TmpqError(f"supernet.w_granularity: unknown {self.w_granularity!r}; choose one of "
-                            f"{', '.join(GRANULARITIES)}")
+        for key, choices in (("w_two_bit", ("multibasis", "affine")), ("w_granularity", GRANULARITIES),
+                             ("w_rounding", ("nearest", "adaround")), ("w_observer", OBSERVERS),
+                             ("a_observer", OBSERVERS)):
+            if getattr(self, key) not in choices:
+                raise TmpqError(f"supernet.{key}: must be one of {', '.join(choices)}, got {getattr(self, key)!r}")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 0:
+            raise TmpqError(f"supernet.group_size: must be an integer >= 0 (0 = unset), got {self.group_size!r}")
         if self.w_granularity == "group" and not (self.group_size and self.group_size > 0):
             raise TmpqError("supernet.group_size: must be a positive integer for group granularity")
-        if self.w_rounding not in ("nearest", "adaround"):
-            raise TmpqError(f"supernet.w_rounding: unknown {self.w_rounding!r}; choose nearest or adaround")
         if self.w_rounding == "adaround" and self.w_granularity != "channel":
             raise TmpqError("supernet.w_rounding: adaround needs w_granularity = channel")
         if isinstance(self.time_groups, bool) or not isinstance(self.time_groups, int) or self.time_groups < 1:
@@ -114,19 +133,18 @@ class SupernetConfig:
         if self.time_groups > 1 and self.w_rounding == "adaround":
             raise TmpqError("supernet.time_groups: > 1 does not combine with w_rounding = adaround (block "
                             "reconstruction runs on mixed-timestep batches); set supernet.time_groups = 1")
-        for key in ("w_observer", "a_observer"):
-            if getattr(self, key) not in OBSERVERS:
-                raise TmpqError(f"supernet.{key}: unknown {getattr(self, key)!r}; choose one of {', '.join(OBSERVERS)}")
 
     def to_json(self) -> str:
-        d = asdict(self)
-        if d["time_groups"] == 1:  # added in supernet format v2: files written before it still load
-            del d["time_groups"]
-        return json.dumps(d, sort_keys=True)
+        return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "SupernetConfig":
+        """Read back :meth:`to_json`, also of files written before a key existed (they meant its old value)."""
         d = json.loads(text)
+        if not isinstance(d, dict):
+            raise TypeError(f"expected an object, got {type(d).__name__}")
+        d.setdefault("time_groups", 1)  # before supernet format v2
+        d.setdefault("tie_qkv", False)  # before tie_qkv: the ties were all in ``tie``
         return cls(**d)
 
 

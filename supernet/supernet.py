@@ -17,9 +17,11 @@ from tqdm.auto import tqdm
 
 from tmpq.core.cost import call_bitops, weight_bits
 from tmpq.core.errors import TmpqError
+from tmpq.core.fileio import atomic_write_bytes, malformed
 from tmpq.core.sampler import sample_shape
 from tmpq.quant.layers import WRAPPERS, QuantLayer, correct_bias, replace_module, wrap
-from tmpq.supernet.config import LayerInfo, SupernetConfig
+from tmpq.quant.reconstruct import capture_block, reconstruct_block
+from tmpq.supernet.config import TIE_QKV, LayerInfo, SupernetConfig
 
 SUPERNET_FORMAT = "tmpq.supernet"
 SUPERNET_VERSION = 2  # 2: optional time_groups (banks + time_starts); v1 files load unchanged
@@ -110,6 +112,8 @@ class QuantSupernet(nn.Module):
                 raise TmpqError(f"supernet.tie: regex {t!r} needs exactly one capture group")
             if not any(rx.search(n) for n, _ in selected):
                 raise TmpqError(f"supernet.tie: regex {t!r} matches no quantized layer")
+        if config.tie_qkv:  # a model without attention has nothing to tie
+            tie_res.append(re.compile(TIE_QKV))
 
         self.layers: dict[str, QuantLayer] = {}
         self.genes: list[tuple[str, ...]] = []
@@ -211,7 +215,7 @@ class QuantSupernet(nn.Module):
         that allocation (one option per layer, no genes), to calibrate it alone or to export it."""
         d = json.loads(self.config.to_json())
         d["pin"] = {fqn: [w, a] for fqn, (w, a) in sorted(self.layer_bits(allocation).items())}
-        d["tie"] = []
+        d["tie"], d["tie_qkv"] = [], False
         return SupernetConfig.from_json(json.dumps(d))
 
     # -- option switching ---------------------------------------------------------------------------------------
@@ -302,7 +306,6 @@ class QuantSupernet(nn.Module):
                     progress: bool = True) -> list[dict]:
         """BRECQ / AdaRound for every weight option, block by block (whole model at that option, as the authors'
         code). Needs ``w_rounding = "adaround"`` and frozen activation quantizers (``calibrate`` first)."""
-        from tmpq.quant.reconstruct import capture_block, reconstruct_block
 
         if self.config.w_rounding != "adaround":
             raise TmpqError("reconstruction needs supernet.w_rounding = adaround")
@@ -457,7 +460,6 @@ class QuantSupernet(nn.Module):
         (atomic write: a crash leaves the previous file)."""
         from safetensors.torch import save
 
-        from tmpq.core.fileio import atomic_write_bytes
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -488,7 +490,6 @@ class QuantSupernet(nn.Module):
     def load(self, path: Path | str, allow_partial: bool = False) -> dict:
         """Load quantizer state saved by :meth:`save`; refuses a file for another model or config, and an unfinished
         calibration unless ``allow_partial``. Returns the calibration progress record."""
-        from tmpq.core.fileio import malformed
 
         path = Path(path)
         meta, state = read_supernet_file(path, tensors=True)
@@ -496,11 +497,11 @@ class QuantSupernet(nn.Module):
             raise TmpqError(f"supernet file {path} was calibrated for a different model "
                             f"({meta.get('model_fingerprint', '?')[:12]} vs {self.fingerprint[:12]})")
         with malformed(path, "supernet file metadata"):
-            config = json.loads(meta.get("config", "{}"))
+            config = SupernetConfig.from_json(meta.get("config", "{}"))
             progress = json.loads(meta.get("progress", "{}"))
             if not isinstance(progress, dict):
                 raise TypeError(f"progress: expected an object, got {type(progress).__name__}")
-        if config != json.loads(self.config.to_json()):
+        if config != self.config:
             raise TmpqError(f"supernet file {path} was made with a different supernet config")
         if not progress.get("complete") and not allow_partial:
             raise TmpqError(f"supernet file {path} holds an unfinished calibration (done: "

@@ -2,6 +2,8 @@ import json
 
 from test_cli import assert_clean_error, run
 
+from tmpq.supernet import SupernetConfig
+
 
 def test_profile_tiny(tiny_model_dir):
     res = run("profile", "--model", str(tiny_model_dir), "--tie-qkv")
@@ -23,6 +25,27 @@ def test_calibrate_tiny_and_resume_file_cleanup(tiny_model_dir, tmp_path):
 
     net = QuantSupernet.from_file(load_model(tiny_model_dir).unet, out)
     assert net.config.w_bits == (8, 6, 4)
+    # options left out are a run config's defaults, so the file serves a run with default [supernet] settings
+    from tmpq.jobs.config import RunConfig
+
+    assert net.config == RunConfig().supernet
+    assert side["calibration"] == {**{k: v for k, v in RunConfig().to_dict()["calibration"].items()
+                                      if k != "supernet_file"}, "steps": 2, "per_step": 4, "sampler_steps": 4}
+
+
+def test_calibrate_defaults_are_the_run_configs():
+    """One source of defaults: the parser leaves every supernet and calibration option unset, and the command
+    fills in the config classes' own defaults (those of a run config's sections)."""
+    from tmpq.cli import build_parser
+    from tmpq.commands import _supernet_config
+    from tmpq.jobs.config import RunConfig
+
+    args = build_parser().parse_args(["calibrate"])
+    assert _supernet_config(args) == RunConfig().supernet
+    assert {getattr(args, a) for a in ("w_bits", "a_bits", "tie_qkv", "rounding", "time_groups", "mode",
+                                       "strategy", "calib_steps", "seed", "recon_iters")} == {None}
+    args = build_parser().parse_args(["calibrate", "--no-tie-qkv", "--time-groups", "1", "--w-bits", "8,4"])
+    assert _supernet_config(args) == SupernetConfig(tie_qkv=False, time_groups=1, w_bits=(8, 4))
 
 
 def test_calibrate_bad_bits(tiny_model_dir, tmp_path):

@@ -83,7 +83,7 @@ def test_binarized_supernet_calibrates_serves_and_distils():
     tiny_calib = _data()
     unet = tiny_unet()
     teacher = frozen_copy(unet)
-    net = QuantSupernet(unet, SupernetConfig(w_bits=(8, 2, 1), a_bits=(8,)))
+    net = QuantSupernet(unet, SupernetConfig(time_groups=1, w_bits=(8, 2, 1), a_bits=(8,)))
     net.calibrate(tiny_calib, progress=False)
     x, t = tiny_calib[0]
     outs = {}
@@ -111,7 +111,7 @@ def _mis_scaled_binarized_net():
     data, held = _data(), _data(seed=1)
     unet = tiny_unet()
     teacher = frozen_copy(unet)
-    net = QuantSupernet(unet, SupernetConfig(w_bits=(8, 1), a_bits=(8,)))
+    net = QuantSupernet(unet, SupernetConfig(time_groups=1, w_bits=(8, 1), a_bits=(8,)))
     net.calibrate(data, progress=False)
     net.set_bits([(1, 8)] * net.num_genes)
     binarizers = {n: lay.w_quant[lay.w_index] for n, lay in net.layers.items() if lay.w_bits[lay.w_index] == 1}
@@ -151,7 +151,7 @@ def test_int8_deployment_names_binarized_layers_as_fallback():
     from tmpq.deploy.int8 import to_int8
 
     pin = {"conv_in": [8, 8], "conv_out": [8, 8]}  # 8-bit pins (the default's are 16-bit), so int8 can run them
-    net = QuantSupernet(tiny_unet(), SupernetConfig(w_bits=(8, 1), a_bits=(8,), pin=pin))
+    net = QuantSupernet(tiny_unet(), SupernetConfig(time_groups=1, w_bits=(8, 1), a_bits=(8,), pin=pin))
     net.calibrate(_data(), progress=False)
     net.set_bits([(1, 8)] * net.num_genes)
     _, rows = to_int8(net.unet, lambda u: [u(x, t) for x, t in _data()[:2]])

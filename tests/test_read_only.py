@@ -180,19 +180,19 @@ def test_file_readers_name_the_file(tmp_path, monkeypatch):
 
 
 def test_quant_and_os_errors_are_one_line_exit_2(tmp_path, monkeypatch, capsys):
-    import tmpq.jobs.run
+    import tmpq.commands
     from tmpq.quant.quantizer import QuantError
 
     def quant_fails(path):
         raise QuantError("bits: 1 is not a supported bit-width (2..16)")
 
-    monkeypatch.setattr(tmpq.jobs.run, "load_run", quant_fails)
+    monkeypatch.setattr(tmpq.commands, "load_run", quant_fails)
     assert main(["pareto", str(tmp_path)]) == 2
     assert capsys.readouterr().err == "tmpq: error: bits: 1 is not a supported bit-width (2..16)\n"
 
     def os_fails(path):
         raise PermissionError(13, "Permission denied", str(tmp_path / "run" / "x"))
 
-    monkeypatch.setattr(tmpq.jobs.run, "load_run", os_fails)
+    monkeypatch.setattr(tmpq.commands, "load_run", os_fails)
     assert main(["pareto", str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"tmpq: error: {tmp_path / 'run' / 'x'}: Permission denied\n"

@@ -13,7 +13,8 @@ TIE_QKV = (r"(.*attentions\.\d+)\.to_[qkv]$",)
 
 @pytest.fixture(scope="module")
 def calibrated():
-    net = QuantSupernet(tiny_unet(), SupernetConfig(w_observer="minmax", a_observer="minmax", tie=TIE_QKV))
+    net = QuantSupernet(tiny_unet(), SupernetConfig(time_groups=1, w_observer="minmax", a_observer="minmax",
+                                                    tie=TIE_QKV))
     net.calibrate(_data(), progress=False)
     return net
 
@@ -21,7 +22,7 @@ def calibrated():
 def test_every_conv_and_linear_is_wrapped_with_genes_and_pins():
     unet = tiny_unet()
     n_layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in unet.modules())
-    net = QuantSupernet(unet, SupernetConfig(tie=TIE_QKV))
+    net = QuantSupernet(unet, SupernetConfig(time_groups=1, tie=TIE_QKV))
     assert len(net.layers) == n_layers
     pinned = {i.fqn for i in net.infos if i.pinned}
     assert pinned == {"conv_in", "conv_out"}
@@ -31,7 +32,7 @@ def test_every_conv_and_linear_is_wrapped_with_genes_and_pins():
 
 
 def test_skip_concat_convs_get_split_quantizers():
-    net = QuantSupernet(tiny_unet(), SupernetConfig())
+    net = QuantSupernet(tiny_unet(), SupernetConfig(time_groups=1))
     splits = {i.fqn: i.split for i in net.infos if i.split}
     assert "up_blocks.0.resnets.0.conv1" in splits and "up_blocks.0.resnets.0.conv_shortcut" in splits
     for fqn, s in splits.items():
@@ -61,7 +62,7 @@ def _hook_bitops(unet, net, alloc):
 
 
 def test_bitops_equals_hook_reference():
-    net = QuantSupernet(tiny_unet(), SupernetConfig(tie=TIE_QKV))
+    net = QuantSupernet(tiny_unet(), SupernetConfig(time_groups=1, tie=TIE_QKV))
     g = torch.Generator().manual_seed(0)
     for _ in range(3):
         alloc = [((8, 6, 4)[int(torch.randint(3, (1,), generator=g))], (8, 6)[int(torch.randint(2, (1,), generator=g))])
@@ -70,7 +71,7 @@ def test_bitops_equals_hook_reference():
 
 
 def test_size_mb_counts_bits():
-    net = QuantSupernet(tiny_unet(), SupernetConfig(pin={}))
+    net = QuantSupernet(tiny_unet(), SupernetConfig(time_groups=1, pin={}))
     total = sum(p.numel() for p in net.unet.parameters())
     q = sum(i.params for i in net.infos)
     assert net.size_mb([(8, 8)] * net.num_genes) == pytest.approx((8 * q + 32 * (total - q)) / 8e6)
@@ -95,7 +96,7 @@ def test_switching_is_instant_and_orders_errors(calibrated):
 
 @pytest.mark.parametrize("mode", ["per-option", "random-path"])
 def test_calibration_modes_freeze_every_option(mode):
-    net = QuantSupernet(tiny_unet(), SupernetConfig(w_observer="minmax", a_observer="minmax"))
+    net = QuantSupernet(tiny_unet(), SupernetConfig(time_groups=1, w_observer="minmax", a_observer="minmax"))
     net.calibrate(_data(2), mode=mode, progress=False)
     for layer in net.layers.values():
         assert all(bool(q.frozen) for q in layer.a_quant) and all(bool(q.frozen) for q in layer.w_quant)
@@ -136,22 +137,23 @@ def test_bad_allocations_and_configs(calibrated):
     with pytest.raises(TmpqError, match="activation bits 4 not in options"):
         net.bitops([(8, 4)] * net.num_genes)
     with pytest.raises(TmpqError, match="not a supported bit-width"):
-        SupernetConfig(w_bits=(8, 0))
+        SupernetConfig(time_groups=1, w_bits=(8, 0))
     with pytest.raises(TmpqError, match=r"not a supported bit-width \(2..16 for activations\)"):
-        SupernetConfig(a_bits=(8, 1))
+        SupernetConfig(time_groups=1, a_bits=(8, 1))
     with pytest.raises(TmpqError, match="matches no quantized layer"):
-        QuantSupernet(tiny_unet(), SupernetConfig(pin={"decoder.*": [8, 8]}))
+        QuantSupernet(tiny_unet(), SupernetConfig(time_groups=1, pin={"decoder.*": [8, 8]}))
     with pytest.raises(TmpqError, match="calibration.mode"):
         net.calibrate(_data(1), mode="sometimes")
 
 
 def test_config_json_round_trip():
-    cfg = SupernetConfig(w_bits=(8, 7, 6, 5), a_bits=(8, 7, 6, 5), tie=TIE_QKV, w_granularity="group", group_size=8)
+    cfg = SupernetConfig(time_groups=1, w_bits=(8, 7, 6, 5), a_bits=(8, 7, 6, 5), tie=TIE_QKV, w_granularity="group",
+                         group_size=8)
     assert SupernetConfig.from_json(cfg.to_json()) == cfg
 
 
 def test_adaround_reconstruction_lowers_block_error():
-    net = QuantSupernet(tiny_unet(), SupernetConfig(w_bits=(4,), a_bits=(8,), w_rounding="adaround",
+    net = QuantSupernet(tiny_unet(), SupernetConfig(time_groups=1, w_bits=(4,), a_bits=(8,), w_rounding="adaround",
                                                     w_observer="minmax", a_observer="minmax"))
     data = _data(2)
     net.calibrate(data, progress=False)
@@ -165,7 +167,7 @@ def test_adaround_reconstruction_lowers_block_error():
 
 
 def test_interrupted_calibration_resumes_per_option(tmp_path):
-    cfg = SupernetConfig(w_observer="minmax", a_observer="minmax")
+    cfg = SupernetConfig(time_groups=1, w_observer="minmax", a_observer="minmax")
     data = _data(2)
     full = QuantSupernet(tiny_unet(), cfg)
     full.calibrate(data, progress=False)
@@ -180,7 +182,7 @@ def test_interrupted_calibration_resumes_per_option(tmp_path):
 
 def test_bias_correction_is_part_of_calibration_and_of_the_saved_state(tmp_path):
     data = _data(2)
-    on = QuantSupernet(tiny_unet(), SupernetConfig(w_observer="minmax", a_observer="minmax"))
+    on = QuantSupernet(tiny_unet(), SupernetConfig(time_groups=1, w_observer="minmax", a_observer="minmax"))
     on.calibrate(data, progress=False)
     shifts = [q.bias_shift for lay in on.layers.values() for q in lay.w_quant]
     assert any(float(s.abs().max()) > 0 for s in shifts)
@@ -192,7 +194,8 @@ def test_bias_correction_is_part_of_calibration_and_of_the_saved_state(tmp_path)
     fresh.set_uniform(4, 6)
     with torch.no_grad():
         assert torch.equal(on(x, t).sample, fresh(x, t).sample)
-    off = QuantSupernet(tiny_unet(), SupernetConfig(w_observer="minmax", a_observer="minmax", bias_correction=False))
+    off = QuantSupernet(tiny_unet(), SupernetConfig(time_groups=1, w_observer="minmax", a_observer="minmax",
+                                                    bias_correction=False))
     off.calibrate(data, progress=False)
     assert all(float(q.bias_shift.abs().max()) == 0 for lay in off.layers.values() for q in lay.w_quant)
     with pytest.raises(TmpqError, match="different supernet config"):

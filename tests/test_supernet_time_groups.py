@@ -36,7 +36,7 @@ def test_each_group_serves_exactly_what_a_supernet_calibrated_on_that_group_alon
     data = _data()
     probe = _data(seed=3)
     for g, members in enumerate([(50, 200), (400, 600), (800, 950)]):
-        alone = QuantSupernet(tiny_unet(), SupernetConfig(**CFG))
+        alone = QuantSupernet(tiny_unet(), SupernetConfig(**CFG, time_groups=1))
         alone.calibrate([(x, t) for x, t in data if int(t[0]) in members], progress=False)
         calls = [(x, t) for x, t in probe if int(t[0]) in members]
         for wa in [(8, 8), (4, 6)]:
@@ -118,9 +118,13 @@ def test_config_checks_and_compatibility():
         SupernetConfig(time_groups=0)
     with pytest.raises(TmpqError, match="does not combine with w_rounding = adaround"):
         SupernetConfig(time_groups=2, w_rounding="adaround")
-    # the key is left out at its default, so supernet files written before it existed still load
-    assert "time_groups" not in json.loads(SupernetConfig().to_json())
-    assert SupernetConfig.from_json(SupernetConfig(time_groups=4).to_json()).time_groups == 4
+    assert SupernetConfig.from_json(SupernetConfig(time_groups=3).to_json()).time_groups == 3
+    # supernet files written before time_groups and tie_qkv existed meant one set of ranges and ties only in ``tie``
+    old = json.loads(SupernetConfig().to_json())
+    del old["time_groups"], old["tie_qkv"]
+    assert SupernetConfig.from_json(json.dumps(old)) == SupernetConfig(time_groups=1, tie_qkv=False)
+    old["tie"], old["group_size"] = [r"(.*attentions\.\d+)\.to_[qkv]$"], None  # --tie-qkv then; group_size unset
+    assert SupernetConfig.from_json(json.dumps(old)) == SupernetConfig(time_groups=1, tie_qkv=True)
 
 
 def test_int8_deployment_keeps_one_static_range_per_group():

@@ -102,7 +102,7 @@ def test_export_of_a_validated_point_reproduces_the_validated_samples_in_a_fresh
     from tmpq.supernet import QuantSupernet
 
     drawn = []
-    real = sampler.sample_images
+    real = fin.sample_images
 
     def recording(unet, scheduler, timesteps, n, **kw):
         imgs = real(unet, scheduler, timesteps, n, **kw)
@@ -110,7 +110,7 @@ def test_export_of_a_validated_point_reproduces_the_validated_samples_in_a_fresh
                       "images": imgs.clone()})
         return imgs
 
-    monkeypatch.setattr(sampler, "sample_images", recording)
+    monkeypatch.setattr(fin, "sample_images", recording)  # the name the validate job calls
     cfg = fin.ValidateConfig(top_k=1, n=6, seeds=(2,), calib_per_step=4, distill_iters=3, batch_size=6)
     key = fin.validate_run(fresh_run, cfg, progress=False)["key"].iloc[0]
     monkeypatch.undo()

@@ -3,353 +3,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shlex
 import sys
-from pathlib import Path
 
 from tmpq.core.errors import TmpqError
-from tmpq.jobs.config import CHOICES
-
-
-def _cmd_train(args: argparse.Namespace) -> None:
-    from tmpq.jobs.train import UNetTrainConfig, train_unet
-
-    cfg = UNetTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                          resolution=args.resolution, threads=args.threads, ema_decay=args.ema_decay)
-    out = Path(args.out)
-    manifest = train_unet(cfg, out, command=_command_line())
-    print(f"saved the trained EMA model to {out} (final loss {manifest['metrics']['final_loss_mean_last100']:.4f})")
-
-
-def _parse_int_list(text: str, what: str) -> list[int]:
-    try:
-        vals = [int(v) for v in text.replace(" ", "").split(",") if v != ""]
-    except ValueError:
-        raise TmpqError(f"{what}: expected comma-separated integers, got {text!r}") from None
-    if not vals:
-        raise TmpqError(f"{what}: empty list")
-    return vals
-
-
-def _schedules(args: argparse.Namespace, num_train_timesteps: int) -> list[tuple[str, tuple[int, ...]]]:
-    """(label, timesteps) pairs from --timesteps, or from every --schedule x --steps combination."""
-    from tmpq.core.schedules import make_timesteps, validate_timesteps
-
-    if getattr(args, "timesteps", None):
-        ts = validate_timesteps(_parse_int_list(args.timesteps, "timesteps"), num_train_timesteps)
-        return [("custom", ts)]
-    names = [s for s in args.schedule.replace(" ", "").split(",") if s]
-    steps = _parse_int_list(str(args.steps), "steps")
-    return [(name, make_timesteps(name, n, num_train_timesteps)) for name in names for n in steps]
-
-
-def _set_threads(n: int) -> None:
-    import torch
-
-    if n < 1:
-        raise TmpqError(f"threads: must be >= 1, got {n}")
-    torch.set_num_threads(n)
-
-
-def _cmd_sample(args: argparse.Namespace) -> None:
-    from tmpq.core.grid import save_grid
-    from tmpq.core.model import load_model
-    from tmpq.core.sampler import make_scheduler, sample_images
-
-    _set_threads(args.threads)
-    out = Path(args.out)
-    if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
-        raise TmpqError(f"--out must be a .png or .jpg file, got {out}")
-    if args.export:
-        if args.model:
-            raise TmpqError("sample: give an export directory or --model, not both")
-        from tmpq.deploy.bundle import load_export
-
-        unet, sched, ts, _manifest = load_export(args.export)
-        label = "exported"
-        if args.timesteps:
-            raise TmpqError("sample: an export brings its own searched timesteps; --timesteps does not apply")
-    else:
-        m = load_model(args.model)
-        (label, ts), *rest = _schedules(args, m.num_train_timesteps)
-        if rest:
-            raise TmpqError("sample: give one schedule and one step count")
-        unet, sched = m.unet, make_scheduler(m.scheduler_config)
-    imgs = sample_images(unet, sched, ts, args.n, seed=args.seed, batch_size=args.batch_size, eta=args.eta,
-                         desc=f"sample {label} {len(ts)} steps")
-    save_grid(imgs, out, nrow=args.nrow, scale=args.scale)
-    print(f"wrote {out} ({args.n} images, {label} schedule, timesteps {list(ts)})")
-
-
-def _build_reference(args: argparse.Namespace, extractor, sample_shape: tuple[int, int, int]):
-    """--ref if given; otherwise the embedded real digits, which only fit a 1-channel model."""
-    from tmpq.evaluators.quality import embedded_reference, load_reference
-
-    if args.ref:
-        return load_reference(args.ref, extractor)
-    if sample_shape[0] != 1:
-        raise TmpqError(f"--ref: the model makes {sample_shape[0]}-channel images; the embedded MNIST reference does "
-                        "not fit, give reference statistics (.npz)")
-    return embedded_reference(extractor, args.ref_split, args.resolution)
-
-
-def _cmd_fid(args: argparse.Namespace) -> None:
-    import json
-
-    from tmpq.core.model import load_model
-    from tmpq.core.sampler import make_scheduler
-    from tmpq.evaluators.features import make_extractor
-    from tmpq.evaluators.quality import evaluate_schedule
-
-    _set_threads(args.threads)
-    if args.n < 2:
-        raise TmpqError(f"--n: must be >= 2 for FID, got {args.n}")
-    m = load_model(args.model)
-    schedules = _schedules(args, m.num_train_timesteps)
-    extractor = make_extractor(args.extractor, args.inception_weights)
-    ref = _build_reference(args, extractor, m.sample_shape)
-    scheduler = make_scheduler(m.scheduler_config)
-    rows = []
-    for label, ts in schedules:
-        row = evaluate_schedule(m.unet, scheduler, ts, args.n, extractor, ref, seed=args.seed,
-                                batch_size=args.batch_size, eta=args.eta, desc=f"{label} {len(ts)} steps")
-        row = {"schedule": label, **row}
-        rows.append(row)
-        print(_format_row(row), flush=True)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"command": _command_line(), "rows": rows}, indent=2) + "\n")
-        print(f"wrote {out}")
-
-
-def _format_row(row: dict) -> str:
-    kid = f"  KID {row['kid']:.5f} +- {row['kid_std']:.5f}" if "kid" in row else ""
-    return (f"{row['schedule']:>8} {row['steps']:>4} steps  N={row['n']}  FID({row['extractor']}) {row['fid']:.3f}"
-            f"{kid}  [{row['images_per_s']:.1f} img/s]")
-
-
-def _cmd_ref_stats(args: argparse.Namespace) -> None:
-    from tmpq.evaluators.features import make_extractor
-    from tmpq.evaluators.quality import embedded_reference
-
-    extractor = make_extractor(args.extractor, args.inception_weights)
-    ref = embedded_reference(extractor, args.ref_split, args.resolution)
-    path = ref.stats.save(args.out)
-    print(f"wrote {path} and {path.name}.json (N={ref.stats.n}, extractor {extractor.name})")
-
-
-def _cmd_train_classifier(args: argparse.Namespace) -> None:
-    from tmpq.evaluators.classifier import ClassifierTrainConfig, train_classifier
-
-    _set_threads(args.threads)
-    cfg = ClassifierTrainConfig(epochs=args.epochs, seed=args.seed, resolution=args.resolution)
-    man = train_classifier(cfg, Path(args.out), command=_command_line())
-    print(f"saved the domain classifier to {args.out} (held-out accuracy {man['metrics']['heldout_accuracy']:.4f})")
-
-
-def _supernet_config(args: argparse.Namespace):
-    from tmpq.supernet import SupernetConfig
-    from tmpq.supernet.config import TIE_QKV
-
-    w_bits = (8, 7, 6, 5) if args.preset == "paper" else tuple(_parse_int_list(args.w_bits, "--w-bits"))
-    a_bits = (8, 7, 6, 5) if args.preset == "paper" else tuple(_parse_int_list(args.a_bits, "--a-bits"))
-    tie = (TIE_QKV,) if args.tie_qkv else ()
-    return SupernetConfig(w_bits=w_bits, a_bits=a_bits, tie=tie, w_rounding=args.rounding,
-                          w_granularity=args.w_granularity, group_size=args.group_size,
-                          time_groups=args.time_groups)
-
-
-def _cmd_profile(args: argparse.Namespace) -> None:
-    from tmpq.core.model import load_model
-    from tmpq.supernet import QuantSupernet
-
-    m = load_model(args.model)
-    net = QuantSupernet(m.unet, _supernet_config(args))
-    print(f"{'layer':<48} {'kind':<7} {'MACs':>10} {'params':>8}  gene / pin")
-    for info in net.infos:
-        tag = f"pinned W{info.pinned[0]}A{info.pinned[1]}" if info.pinned else f"gene {info.gene}"
-        split = f" split@{info.split}" if info.split else ""
-        print(f"{info.fqn:<48} {info.kind:<7} {info.macs:>10,} {info.params:>8,}  {tag}{split}")
-    total = sum(i.macs for i in net.infos)
-    print(f"{len(net.infos)} quantized layers, {net.num_genes} genes, {total:,} MACs per sample per denoiser call")
-    for w in net.config.w_bits:
-        for a in net.config.a_bits:
-            alloc = [(w, a)] * net.num_genes
-            print(f"uniform W{w}A{a}: {net.bitops(alloc) / 1e9:.4f} GBitOPs per call, {net.size_mb(alloc):.3f} MB")
-
-
-def _cmd_calibrate(args: argparse.Namespace) -> None:
-    import json
-    import time
-
-    from tmpq.core.model import load_model
-    from tmpq.core.sampler import make_scheduler
-    from tmpq.supernet import QuantSupernet
-    from tmpq.supernet.calib_data import calibrate_to_file
-
-    _set_threads(args.threads)
-    out = Path(args.out)
-    if out.suffix != ".safetensors":
-        raise TmpqError(f"--out must end in .safetensors, got {out}")
-    m = load_model(args.model)
-    cfg = _supernet_config(args)
-    net = QuantSupernet(m.unet, cfg)
-    t0 = time.perf_counter()
-    info = calibrate_to_file(net, make_scheduler(m.scheduler_config), out, strategy=args.strategy,
-                             n_steps=args.calib_steps, per_step=args.calib_per_step, sampler_steps=args.sampler_steps,
-                             data_seed=args.seed, batch_size=args.batch_size, mode=args.mode, seed=args.seed,
-                             recon_iters=args.recon_iters)
-    wall = time.perf_counter() - t0
-    side = {"command": _command_line(), "config": json.loads(cfg.to_json()), "mode": args.mode,
-            "strategy": args.strategy, "calib_pairs": info["calib_pairs"], "wall_s": round(wall, 1),
-            "reconstruction": info["reconstruction"]}
-    out.with_name(out.name + ".json").write_text(json.dumps(side, indent=2) + "\n")
-    print(f"wrote {out} ({len(net.layers)} layers x {len(cfg.w_bits)} W / {len(cfg.a_bits)} A options, "
-          f"{info['calib_pairs']} calibration pairs, {wall:.0f} s)")
-
-
-def _cmd_search(args: argparse.Namespace) -> None:
-    import dataclasses
-
-    from tmpq.jobs.config import config_from_dict, load_config
-    from tmpq.jobs.search import run_search
-
-    if args.resume:
-        from tmpq.core.fileio import malformed, read_json
-
-        run_path = Path(args.resume)
-        cfg_file = run_path / "config.resolved.json"
-        if not cfg_file.is_file():
-            raise TmpqError(f"--resume: not a tmpq run directory (no config.resolved.json): {run_path}")
-        data = read_json(cfg_file, "run config")
-        data.pop("fingerprint", None)
-        with malformed(cfg_file, "run config"):
-            cfg = config_from_dict(data)
-        if args.config:
-            cfg = load_config(args.config)
-    else:
-        cfg = load_config(args.config)
-    overrides = {}
-    if args.engine:
-        overrides["search"] = dataclasses.replace(cfg.search, engine=args.engine)
-    if args.executor or args.ray_address:
-        overrides["executor"] = dataclasses.replace(cfg.executor, kind=args.executor or "ray",
-                                                    address=args.ray_address or cfg.executor.address)
-    cfg = config_from_dict({**cfg.to_dict(), **{k: dataclasses.asdict(v) for k, v in overrides.items()}})
-    _set_threads(args.threads)
-    run_path = Path(args.resume) if args.resume else Path(args.run_dir)
-    run = run_search(cfg, run_path, resume=bool(args.resume))
-    print(f"run directory: {run.path} (evaluations.parquet, pareto.parquet, pareto.csv)")
-
-
-def _cmd_validate(args: argparse.Namespace) -> None:
-    from tmpq.jobs.validate import ValidateConfig, validate_run
-
-    _set_threads(args.threads)
-    cfg = ValidateConfig(top_k=args.top_k, n=args.n, seeds=tuple(_parse_int_list(args.seeds, "seeds")),
-                         calib_per_step=args.calib_per_step, recon_iters=args.recon_iters,
-                         distill_iters=args.distill_iters, batch_size=args.batch_size,
-                         keys=tuple(args.candidate or ()))
-    df = validate_run(args.run, cfg, progress=True)
-
-    print(df[["key", "fid_mean", "fid_std", "seeds", "fid_proxy", "bitops"]].to_string(index=False))
-    from tmpq.core.fileio import read_json
-
-    summary = read_json(Path(args.run) / "final.json", "validation summary")
-    tau = summary.get("kendall_tau_proxy_vs_fid")
-    print(f"wrote {args.run}/final.parquet ({len(df)} points, N = {cfg.n} x {len(cfg.seeds)} seeds)"
-          + (f"; Kendall tau proxy vs final FID = {tau:.3f}" if tau is not None else ""))
-
-
-def _cmd_run(args: argparse.Namespace) -> None:
-    from tmpq.jobs.config import load_config
-    from tmpq.jobs.main import MainJobConfig, main_job
-
-    _set_threads(args.threads)
-    cfg = load_config(args.config)
-    job = MainJobConfig(top_k=args.top_k, validate_n=args.validate_n,
-                        seeds=tuple(_parse_int_list(args.seeds, "seeds")), budget=args.budget)
-    s = main_job(cfg, Path(args.run_dir), job)
-    b = s["best"]
-    print(f"\ndone in {sum(s['timings'].values()):.0f} s: best point under {args.budget}: {b['key']} "
-          f"(FID {b['fid_mean']:.3f} at N = {args.validate_n}, {b['bitops'] / 1e9:.3g} GBitOPs, "
-          f"timesteps {list(b['timesteps'])})")
-    print(f"report: {s['report']}")
-    print(f"export: {s['export']}  (tmpq sample {s['export']}; tmpq.apply_export(pipeline, \"{s['export']}\"))")
-
-
-def _cmd_speed(args: argparse.Namespace) -> None:
-    import json
-
-    from tmpq.deploy.int8 import measure_speed
-
-    _set_threads(args.threads)
-    from tmpq.deploy.int8 import CHECK_TOL, describe_cpu_int8
-
-    print(f"CPU: {describe_cpu_int8()}", flush=True)
-    rows = measure_speed(args.export, n=args.n, batch_size=args.batch_size, fid_n=args.fid_n)
-    rows["threads"] = args.threads
-    layers = rows["layers"]
-    print(f"{'FP, uniform DDIM 100 steps':36s} {rows['fp_100_uniform_s']:8.2f} s")
-    print(f"{'FP, exported schedule':36s} {rows['fp_export_schedule_s']:8.2f} s")
-    print(f"{'fake quantization, exported':36s} {rows['fakequant_export_s']:8.2f} s")
-    print(f"{'real int8 kernels, exported':36s} {rows['int8_export_s']:8.2f} s  "
-          f"({rows['int8_layers']}/{len(layers)} layers int8, {rows['split_weight_layers']} of them on split weights)")
-    print(f"int8 check against fake quantization on real inputs: worst error {rows['check_worst_err_int8']:.1e} of "
-          f"the exact magnitude among the int8 layers ({rows['check_worst_err']:.1e} among all checked; "
-          f"tolerance {CHECK_TOL:.0e}); int8 vs fake-quant images: pixel MSE {rows['int8_vs_fakequant_pixel_mse']:.1e}")
-    sh = rows["op_shares"]
-    print(f"conv + Linear share of one denoiser call: FP {sh['fp']['conv_linear_share']:.0%} of "
-          f"{sh['fp']['total_ms']:.0f} ms, int8 {sh['int8']['conv_linear_share']:.0%} of "
-          f"{sh['int8']['total_ms']:.0f} ms; speed-up bound vs FP 100 steps with free convs / Linears: "
-          f"{rows['speedup_bound_vs_fp100']:.1f}x")
-    fids = [k for k in rows if k.endswith(f"_fid_n{args.fid_n}")] if args.fid_n else []
-    if fids:
-        print("FID at N = " + f"{args.fid_n}: " + ", ".join(f"{k.split('_fid')[0]} {rows[k]:.4g}" for k in fids))
-    for r in layers:
-        if not r["int8"]:
-            print(f"  fallback (fake-quant): {r['fqn']}: {r['why']}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
-        print(f"wrote {args.out}")
-
-
-def _cmd_report(args: argparse.Namespace) -> None:
-    from tmpq.jobs.report import write_report
-
-    _set_threads(args.threads)
-    path = write_report(args.run, baselines=not args.no_baselines, grids=not args.no_grids, progress=True)
-    print(f"wrote {path} (open it in a browser)")
-
-
-def _cmd_export(args: argparse.Namespace) -> None:
-    from tmpq.jobs.export import export_candidate
-
-    _set_threads(args.threads)
-    man = export_candidate(args.run, args.candidate, args.out, command=_command_line())
-    n_layers = len(man["layers"])
-    print(f"exported candidate {args.candidate} to {args.out}: {len(man['sampler']['timesteps'])} steps "
-          f"{man['sampler']['timesteps']}, {n_layers} quantized layers; render it with: tmpq sample {args.out}")
-
-
-def _cmd_pareto(args: argparse.Namespace) -> None:
-    import pandas as pd
-
-    from tmpq.jobs.run import load_run
-
-    front = load_run(args.run).pareto()
-    if front.empty:
-        print("no successful evaluations yet")
-        return
-    cols = [c for c in ("key", "fid_proxy", "bitops", "size_mb", "steps", "timesteps", "generation") if c in front]
-    with pd.option_context("display.max_colwidth", 60, "display.width", 160):
-        print(front[cols].to_string(index=False))
-
-
-def _command_line() -> str:
-    return "tmpq " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+from tmpq.search.engines import ENGINES
 
 
 def _add_threads(q: argparse.ArgumentParser) -> None:
@@ -381,19 +38,22 @@ def _add_model_and_schedule(q: argparse.ArgumentParser, steps_default: str, many
 
 
 def _add_supernet_options(q: argparse.ArgumentParser) -> None:
+    """The supernet options; one left out takes the default of ``SupernetConfig`` (the same as a run config's
+    ``[supernet]``, listed in configs/default.toml)."""
     q.add_argument("--model", default=None, help="local diffusers model directory (default: the embedded model)")
-    q.add_argument("--w-bits", default="8,6,4", help="weight bit options (default: %(default)s)")
-    q.add_argument("--a-bits", default="8,6", help="activation bit options (default: %(default)s)")
+    q.add_argument("--w-bits", default=None, help="weight bit options, e.g. 8,6,4 (default: supernet.w_bits)")
+    q.add_argument("--a-bits", default=None, help="activation bit options, e.g. 8,6 (default: supernet.a_bits)")
     q.add_argument("--preset", default=None, choices=("paper",), help="paper: W and A in {8,7,6,5}")
-    q.add_argument("--tie-qkv", action="store_true", help="one gene for the q, k, v projections of each attention")
-    q.add_argument("--rounding", default="nearest", choices=("nearest", "adaround"),
-                   help="weight rounding: nearest, or adaround with BRECQ block reconstruction (default: %(default)s)")
-    q.add_argument("--w-granularity", default="channel", choices=("channel", "group", "tensor"),
-                   help="weight quantizer granularity (default: %(default)s)")
+    q.add_argument("--tie-qkv", action=argparse.BooleanOptionalAction, default=None,
+                   help="one gene for the q, k, v projections of each attention (default: supernet.tie_qkv)")
+    q.add_argument("--rounding", default=None, choices=("nearest", "adaround"),
+                   help="weight rounding: nearest, or adaround with BRECQ block reconstruction (needs --time-groups "
+                        "1 and --recon-iters) (default: supernet.w_rounding)")
+    q.add_argument("--w-granularity", default=None, choices=("channel", "group", "tensor"),
+                   help="weight quantizer granularity (default: supernet.w_granularity)")
     q.add_argument("--group-size", type=int, default=None, help="inputs per group for --w-granularity group")
-    q.add_argument("--time-groups", type=int, default=4, help="activation ranges and bias corrections per "
-                   "contiguous group of calibration timesteps, switched by timestep; 1 with --rounding adaround "
-                   "(default: %(default)s, as a search run's supernet.time_groups)")
+    q.add_argument("--time-groups", type=int, default=None, help="activation ranges and bias corrections per "
+                   "contiguous group of calibration timesteps, switched by timestep (default: supernet.time_groups)")
 
 
 def _parser_train(sub) -> None:
@@ -410,7 +70,6 @@ def _parser_train(sub) -> None:
     t.add_argument("--seed", type=int, default=0, help="seed of all randomness (default: %(default)s)")
     t.add_argument("--resolution", type=int, default=16, choices=(16, 28), help="image size (default: %(default)s)")
     _add_threads(t)
-    t.set_defaults(func=_cmd_train)
 
 
 def _parser_train_classifier(sub) -> None:
@@ -422,7 +81,6 @@ def _parser_train_classifier(sub) -> None:
     c.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
     c.add_argument("--resolution", type=int, default=16, choices=(16, 28), help="image size (default: %(default)s)")
     _add_threads(c)
-    c.set_defaults(func=_cmd_train_classifier)
 
 
 def _parser_sample(sub) -> None:
@@ -436,7 +94,6 @@ def _parser_sample(sub) -> None:
     s.add_argument("--out", default="results/samples/grid.png", help="output PNG (default: %(default)s)")
     s.add_argument("export", nargs="?", default=None, help="optional export directory (tmpq export): sample the "
                    "exported quantized model along its searched timesteps")
-    s.set_defaults(func=_cmd_sample)
 
 
 def _parser_fid(sub) -> None:
@@ -456,7 +113,6 @@ def _parser_fid(sub) -> None:
     f.add_argument("--resolution", type=int, default=16, choices=(16, 28), help="embedded reference resolution "
                    "(default: %(default)s)")
     f.add_argument("--out", default=None, help="write the result rows as JSON here")
-    f.set_defaults(func=_cmd_fid)
 
 
 
@@ -465,32 +121,36 @@ def _parser_profile(sub) -> None:
                         description="Wrap the model as a supernet and print every quantized layer with its MACs per "
                                     "denoiser call, its gene or pin, and the BitOPs / size of each uniform option.")
     _add_supernet_options(pr)
-    pr.set_defaults(func=_cmd_profile)
 
 
 def _parser_calibrate(sub) -> None:
     ca = sub.add_parser("calibrate", help="calibrate every bit option of the supernet once and save it",
                         description="Capture calibration data along FP trajectories, calibrate every weight and "
                                     "activation option of every layer, and save the quantizer state (safetensors). "
-                                    "An interrupted run resumes per activation option.")
+                                    "An interrupted run resumes per activation option. Options left out take the "
+                                    "defaults of a run config's [supernet] and [calibration] sections "
+                                    "(configs/default.toml), so the file fits a run with those sections.")
     _add_supernet_options(ca)
-    ca.add_argument("--mode", default="per-option", choices=("per-option", "random-path"),
+    ca.add_argument("--mode", default=None, choices=("per-option", "random-path"),
                     help="per-option: whole model at one option (authors' code); random-path: random per-layer "
-                         "options per batch (paper text) (default: %(default)s)")
-    ca.add_argument("--strategy", default="uniform", choices=("uniform", "ndtc", "eda"),
+                         "options per batch (paper text) (default: calibration.mode)")
+    ca.add_argument("--strategy", default=None, choices=("uniform", "ndtc", "eda"),
                     help="calibration data: uniform over steps (Q-Diffusion), ndtc (PTQ4DM), eda (density + "
-                         "diversity) (default: %(default)s)")
-    ca.add_argument("--calib-steps", type=int, default=20, help="timesteps of calibration data (default: %(default)s)")
-    ca.add_argument("--calib-per-step", type=int, default=32, help="samples per timestep (default: %(default)s)")
-    ca.add_argument("--sampler-steps", type=int, default=100, help="FP DDIM steps of the captured trajectories "
-                    "(default: %(default)s)")
-    ca.add_argument("--recon-iters", type=int, default=200, help="reconstruction iterations per block and option "
-                    "with --rounding adaround (default: %(default)s)")
-    ca.add_argument("--batch-size", type=int, default=64, help="calibration batch size (default: %(default)s)")
-    ca.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+                         "diversity) (default: calibration.strategy)")
+    ca.add_argument("--calib-steps", type=int, default=None, help="timesteps of calibration data (default: "
+                    "calibration.steps)")
+    ca.add_argument("--calib-per-step", type=int, default=None, help="samples per timestep (default: "
+                    "calibration.per_step)")
+    ca.add_argument("--sampler-steps", type=int, default=None, help="FP DDIM steps of the captured trajectories "
+                    "(default: calibration.sampler_steps)")
+    ca.add_argument("--recon-iters", type=int, default=None, help="reconstruction iterations per block and option "
+                    "with --rounding adaround, e.g. 200 (default: calibration.recon_iters)")
+    ca.add_argument("--batch-size", type=int, default=None, help="calibration batch size (default: "
+                    "calibration.batch_size)")
+    ca.add_argument("--seed", type=int, default=None, help="noise-bank seed of the calibration trajectories "
+                    "(default: calibration.seed)")
     _add_threads(ca)
     ca.add_argument("--out", default="results/supernet/supernet.safetensors", help="output file (default: %(default)s)")
-    ca.set_defaults(func=_cmd_calibrate)
 
 
 def _parser_search(sub) -> None:
@@ -499,14 +159,13 @@ def _parser_search(sub) -> None:
                                     "evolutionary engine; every evaluation is logged as it finishes and the run "
                                     "resumes from its log.")
     se.add_argument("--config", default=None, help="TOML config (default: built-in defaults; see configs/)")
-    se.add_argument("--engine", default=None, choices=CHOICES["search.engine"],
+    se.add_argument("--engine", default=None, choices=ENGINES,
                     help="override search.engine")
     se.add_argument("--executor", default=None, choices=("local", "ray"), help="override executor.kind")
     se.add_argument("--ray-address", default=None, help="join a Ray cluster: auto or HOST:PORT (implies --executor ray)")
     se.add_argument("--run-dir", default="results/runs/default", help="new run directory (default: %(default)s)")
     se.add_argument("--resume", default=None, metavar="RUN", help="resume the run in directory RUN")
     se.add_argument("--threads", type=int, default=2, help="torch CPU threads of the driver (default: %(default)s)")
-    se.set_defaults(func=_cmd_search)
 
 
 def _parser_validate(sub) -> None:
@@ -530,7 +189,6 @@ def _parser_validate(sub) -> None:
                     "(default: %(default)s)")
     va.add_argument("--batch-size", type=int, default=256, help="images per UNet batch (default: %(default)s)")
     _add_threads(va)
-    va.set_defaults(func=_cmd_validate)
 
 
 def _parser_run(sub) -> None:
@@ -548,7 +206,6 @@ def _parser_run(sub) -> None:
                     "config's search.steps (w6a6), a share of the FP model ('1%% fp100': 1 %% of its BitOPs at 100 "
                     "steps), a number, or none (default: %(default)s)")
     _add_threads(rn)
-    rn.set_defaults(func=_cmd_run)
 
 
 def _parser_speed(sub) -> None:
@@ -565,7 +222,6 @@ def _parser_speed(sub) -> None:
     sp.add_argument("--fid-n", type=int, default=0, help="also FID of fake-quant vs int8 at this N (default: off)")
     sp.add_argument("--out", default=None, help="write the numbers as JSON here")
     _add_threads(sp)
-    sp.set_defaults(func=_cmd_speed)
 
 
 def _parser_report(sub) -> None:
@@ -577,7 +233,6 @@ def _parser_report(sub) -> None:
     rp.add_argument("--no-baselines", action="store_true", help="skip scoring the uniform baselines")
     rp.add_argument("--no-grids", action="store_true", help="skip the sample grids")
     _add_threads(rp)
-    rp.set_defaults(func=_cmd_report)
 
 
 def _parser_export(sub) -> None:
@@ -590,14 +245,12 @@ def _parser_export(sub) -> None:
     ex.add_argument("--candidate", required=True, help="candidate key (the key column of tmpq pareto RUN)")
     ex.add_argument("--out", required=True, help="new export directory")
     _add_threads(ex)
-    ex.set_defaults(func=_cmd_export)
 
 
 def _parser_pareto(sub) -> None:
     pa = sub.add_parser("pareto", help="print the Pareto front of a run",
                         description="Print the non-dominated evaluations (proxy vs BitOPs) of a run directory.")
     pa.add_argument("run", help="run directory")
-    pa.set_defaults(func=_cmd_pareto)
 
 
 def _parser_ref_stats(sub) -> None:
@@ -609,7 +262,6 @@ def _parser_ref_stats(sub) -> None:
     r.add_argument("--inception-weights", default=None, help="local Inception weights file (for --extractor inception)")
     r.add_argument("--ref-split", default="all", help="split: all, train, heldout, half0, half1 (default: %(default)s)")
     r.add_argument("--resolution", type=int, default=16, choices=(16, 28), help="image size (default: %(default)s)")
-    r.set_defaults(func=_cmd_ref_stats)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -636,7 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        args.func(args)
+        from tmpq.commands import (
+            COMMANDS,  # after parsing: --help and usage errors need no torch
+        )
+
+        COMMANDS[args.command](args)
     except (TmpqError, OSError, *_library_errors()) as exc:
         text = str(exc)
         if isinstance(exc, OSError) and exc.filename is not None:  # a file the command could not read or write

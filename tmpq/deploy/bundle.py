@@ -18,7 +18,10 @@ from pathlib import Path
 import torch
 
 from tmpq.core.errors import TmpqError
-from tmpq.core.fileio import file_sha256
+from tmpq.core.fileio import file_sha256, malformed, read_json
+from tmpq.core.model import load_model
+from tmpq.core.sampler import RespacedDDIMScheduler, make_scheduler
+from tmpq.supernet import QuantSupernet
 
 EXPORT_FORMAT = "tmpq.export"
 EXPORT_VERSION = 1
@@ -29,7 +32,6 @@ QUANT_FILE = "quantizers.safetensors"
 def read_export(path: str | Path, verify: bool = True) -> dict:
     """The manifest of an export directory, read-only; ``verify`` checks every file's SHA-256. A missing, unreadable
     or damaged manifest or file is a one-line ``TmpqError`` naming it."""
-    from tmpq.core.fileio import malformed, read_json
 
     path = Path(path)
     mf = path / EXPORT_JSON
@@ -93,8 +95,6 @@ def apply_export(pipeline_or_unet, export_dir: str | Path):
         >>> pipe = apply_export(DDPMPipeline.from_pretrained("exports/best"), "exports/best")  # doctest: +SKIP
         >>> images = pipe(batch_size=4).images  # the exported steps, not DDPMPipeline's 1000  # doctest: +SKIP
     """
-    from tmpq.core.sampler import RespacedDDIMScheduler
-    from tmpq.supernet import QuantSupernet
 
     export_dir = Path(export_dir)
     manifest = read_export(export_dir)
@@ -141,8 +141,6 @@ def _default_steps(pipeline) -> int | None:
 
 def load_export(export_dir: str | Path, device: str = "cpu"):
     """``(unet, scheduler, timesteps, manifest)`` of an export directory: the FP model it contains, quantized."""
-    from tmpq.core.model import load_model
-    from tmpq.core.sampler import make_scheduler
 
     manifest = read_export(export_dir)
     m = load_model(export_dir, device=device)

@@ -36,7 +36,13 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
+from tmpq.core.model import load_model
 from tmpq.core.rowlog import cpu_info
+from tmpq.core.sampler import make_scheduler, sample_images, sample_shape
+from tmpq.core.schedules import make_timesteps
+from tmpq.deploy.bundle import load_export
+from tmpq.evaluators.features import make_extractor
+from tmpq.evaluators.quality import embedded_reference, score_features
 from tmpq.quant.layers import QuantConv2d, QuantLayer, QuantLinear, replace_module
 
 
@@ -423,7 +429,6 @@ def int8_summary(rows: list[dict]) -> dict:
 
 def time_sampling(unet, scheduler, timesteps, n: int, batch: int, repeats: int = 3, seed: int = 0) -> float:
     """Median wall-clock seconds to sample ``n`` images (after one warm-up batch)."""
-    from tmpq.core.sampler import sample_images
 
     sample_images(unet, scheduler, timesteps, min(batch, 16), seed=seed, batch_size=min(batch, 16), progress=False)
     walls = []
@@ -444,7 +449,6 @@ def op_shares(unet, batch: int, t: int = 500) -> dict:
     """Where one denoiser call's CPU time goes (``torch.profiler``, self time, one call after a warm-up):
     ``{"total_ms", "conv_linear_ms", "conv_linear_share"}``. The conv / Linear share bounds what faster
     conv / Linear kernels can give per step (Amdahl): at most 1 / (1 - share)."""
-    from tmpq.core.sampler import sample_shape
 
     g = torch.Generator().manual_seed(0)  # leaves the global RNG alone
     x = torch.randn(batch, *sample_shape(unet), generator=g)
@@ -463,12 +467,6 @@ def measure_speed(export_dir, n: int = 256, batch_size: int = 256, fid_n: int = 
     """Wall-clock of an export (``tmpq speed``): FP at 100 uniform DDIM steps, FP and fake quantization at the
     exported schedule, real int8 kernels at the exported schedule; the pixel MSE between int8 and fake-quant images
     on the same noise and, with ``fid_n``, both FIDs (embedded 1-channel models only). Times are medians of 3."""
-    from tmpq.core.model import load_model
-    from tmpq.core.sampler import make_scheduler, sample_images
-    from tmpq.core.schedules import make_timesteps
-    from tmpq.deploy.bundle import load_export
-    from tmpq.evaluators.features import make_extractor
-    from tmpq.evaluators.quality import embedded_reference, score_features
 
     fp = load_model(export_dir)  # the export holds the FP weights: the FP reference is the same model
     unet, sched, ts, _ = load_export(export_dir)

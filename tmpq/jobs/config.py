@@ -14,7 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tmpq.core.errors import TmpqError
+from tmpq.evaluators.candidate import ProxyConfig
 from tmpq.search.budget import FP_FRACTION, UNIFORM_OPTION
+from tmpq.search.engines import ENGINES
+from tmpq.supernet.calib_data import CalibrationConfig
+from tmpq.supernet.config import SupernetConfig
 
 
 @dataclass(frozen=True)
@@ -23,36 +27,9 @@ class ModelSection:
 
 
 @dataclass(frozen=True)
-class SupernetSection:
-    w_bits: tuple[int, ...] = (8, 6, 4)
-    a_bits: tuple[int, ...] = (8, 6)
-    tie_qkv: bool = True
-    w_rounding: str = "nearest"
-    w_granularity: str = "channel"
-    group_size: int = 0
-    # 2-bit weight options: "multibasis" (BinaryDM-style two sign bases with learnable scales) or "affine" (a uniform
-    # 2-bit grid); 1-bit weight options are always a one-basis binarizer
-    w_two_bit: str = "multibasis"
-    bias_correction: bool = True
-    w_observer: str = "mse"
-    a_observer: str = "minmax"
-    # activation ranges and bias corrections calibrated per contiguous group of calibration timesteps and switched by
-    # the denoiser call's timestep (SupernetConfig.time_groups); 1 = one set for all timesteps (needed by adaround)
-    time_groups: int = 4
-
-
-@dataclass(frozen=True)
-class CalibrationSection:
-    mode: str = "per-option"
-    strategy: str = "uniform"
-    steps: int = 20
-    per_step: int = 32
-    sampler_steps: int = 100
-    batch_size: int = 64
-    recon_iters: int = 0
-    seed: int = 10_000
+class CalibrationSection(CalibrationConfig):
     # a supernet already calibrated (tmpq calibrate --out FILE) for this model and supernet config: copied into the
-    # run instead of calibrating (the data settings above are then not used)
+    # run instead of calibrating (the data settings are then not used)
     supernet_file: str = ""
 
 
@@ -91,23 +68,6 @@ class SearchSection:
 
 
 @dataclass(frozen=True)
-class ProxySection:
-    name: str = "fid"
-    n_images: int = 128
-    seed: int = 0
-    teacher_steps: int = 100
-    teacher_schedule: str = "uniform"
-    # proxy fid only: reference statistics (.npz, pytorch-fid format, of the model's training data, same extractor);
-    # "" = the embedded MNIST digits (1-channel models only)
-    reference: str = ""
-    # features of both proxies and of validation: "auto" = the domain digit classifier for 1-channel models, else a
-    # seeded random CNN on the model's channels; "inception" = pytorch-fid's InceptionV3 from inception_weights (a
-    # local file: tmpq never downloads), the usual choice for RGB models such as a CIFAR-10 DDPM
-    extractor: str = "auto"
-    inception_weights: str = ""
-
-
-@dataclass(frozen=True)
 class ExecutorSection:
     kind: str = "local"
     address: str = ""
@@ -120,42 +80,31 @@ class ExecutorSection:
 @dataclass(frozen=True)
 class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
-    supernet: SupernetSection = field(default_factory=SupernetSection)
+    # the components' own config classes, composed (their defaults and checks are theirs)
+    supernet: SupernetConfig = field(default_factory=SupernetConfig)
     calibration: CalibrationSection = field(default_factory=CalibrationSection)
     search: SearchSection = field(default_factory=SearchSection)
-    proxy: ProxySection = field(default_factory=ProxySection)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
     executor: ExecutorSection = field(default_factory=ExecutorSection)
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
 
+# choices and minimums of the run's own sections (the supernet, calibration and proxy classes check theirs)
 CHOICES = {
-    "supernet.w_rounding": ("nearest", "adaround"),
-    "supernet.w_observer": ("minmax", "percentile", "mse"),
-    "supernet.a_observer": ("minmax", "percentile", "mse"),
-    "supernet.w_granularity": ("channel", "group", "tensor"),
-    "supernet.w_two_bit": ("multibasis", "affine"),
-    "calibration.mode": ("per-option", "random-path"),
-    "calibration.strategy": ("uniform", "ndtc", "eda"),
-    "search.engine": ("pymoo", "optuna", "paper-ea", "random"),
+    "search.engine": ENGINES,
     "search.grouping": ("quad", "uniform", "sensitivity", "error"),
     "search.axes": ("joint", "time", "bits"),
-    "proxy.name": ("paired-feat", "fid"),
-    "proxy.teacher_schedule": ("uniform", "quad"),
-    "proxy.extractor": ("auto", "domain", "inception", "random"),
     "executor.kind": ("local", "ray"),
 }
 MINIMUM = {
-    "calibration.steps": 1, "calibration.per_step": 1, "calibration.sampler_steps": 1, "calibration.batch_size": 1,
-    "calibration.recon_iters": 0, "search.steps": 1, "search.population": 2, "search.generations": 1,
-    "search.size_budget_mb": 0, "proxy.n_images": 2, "proxy.teacher_steps": 1, "executor.workers": 1,
-    "executor.threads_per_worker": 1, "executor.timeout_s": 1, "executor.retries": 0, "supernet.group_size": 0,
-    "supernet.time_groups": 1,
+    "search.steps": 1, "search.population": 2, "search.generations": 1, "search.size_budget_mb": 0,
+    "executor.workers": 1, "executor.threads_per_worker": 1, "executor.timeout_s": 1, "executor.retries": 0,
 }
 
 
-EMPTY_OK = {"search.step_choices"}  # list keys whose empty list means "off"
+EMPTY_OK = {"search.step_choices", "supernet.exclude", "supernet.tie", "supernet.block_types"}  # empty = "none"
 
 
 def _coerce(key: str, value, tp):
@@ -181,6 +130,10 @@ def _coerce(key: str, value, tp):
         if not isinstance(value, str):
             raise TmpqError(f"{key}: must be a string, got {value!r}")
         return value
+    if tp is dict:  # a table (supernet.pin); its owner checks the entries
+        if not isinstance(value, dict):
+            raise TmpqError(f"{key}: must be a table, got {value!r}")
+        return dict(value)
     raise TmpqError(f"{key}: unsupported type {tp}")  # pragma: no cover
 
 
@@ -209,13 +162,6 @@ def _check(key: str, value):
         raise TmpqError(f"{key}: must be one of {', '.join(CHOICES[key])}, got {value!r}")
     if key in MINIMUM and value < MINIMUM[key]:
         raise TmpqError(f"{key}: must be >= {MINIMUM[key]}, got {value}")
-    if key in ("supernet.w_bits", "supernet.a_bits"):
-        lo = 1 if key == "supernet.w_bits" else 2  # 1-bit weights: binarized; activations need >= 2 bits
-        for b in value:
-            if not lo <= b <= 16:
-                raise TmpqError(f"{key}: {b} is not a supported bit-width ({lo}..16)")
-        if len(set(value)) != len(value):
-            raise TmpqError(f"{key}: repeated bit-width in {list(value)}")
     if key == "search.bitops_budget":
         v = value.strip().lower()
         ok = v in ("", "none") or UNIFORM_OPTION.fullmatch(v) or _is_number(value) or FP_FRACTION.fullmatch(v)

@@ -11,8 +11,14 @@ from pathlib import Path
 import torch
 
 from tmpq.core.errors import TmpqError
-from tmpq.core.fileio import file_sha256
+from tmpq.core.fileio import file_sha256, malformed, read_json, read_parquet
+from tmpq.core.model import load_model, save_pipeline_dir
+from tmpq.core.sampler import make_scheduler
+from tmpq.core.version import __version__
 from tmpq.deploy.bundle import EXPORT_FORMAT, EXPORT_JSON, EXPORT_VERSION, QUANT_FILE
+from tmpq.jobs.run import load_run
+from tmpq.supernet import QuantSupernet
+from tmpq.supernet.supernet import read_supernet_file
 
 
 def _select_state(net, layer_bits: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
@@ -36,8 +42,6 @@ def ensure_export(run_path: str | Path, key: str, out: str | Path, command: str 
     out = Path(out)
     manifest = out / EXPORT_JSON
     if manifest.is_file():
-        from tmpq.core.fileio import malformed, read_json
-
         data = read_json(manifest, "export manifest")
         with malformed(manifest, "export manifest"):
             if data["provenance"]["candidate"] == key:
@@ -53,12 +57,6 @@ def export_candidate(run_path: str | Path, key: str, out: str | Path, command: s
 
     Returns the export manifest (the content of ``tmpq_export.json``).
     """
-    from tmpq.core.model import load_model, save_pipeline_dir
-    from tmpq.core.sampler import make_scheduler
-    from tmpq.core.version import __version__
-    from tmpq.jobs.run import load_run
-    from tmpq.supernet import QuantSupernet
-    from tmpq.supernet.supernet import read_supernet_file
 
     run = load_run(run_path)
     out = Path(out)
@@ -121,8 +119,6 @@ def export_candidate(run_path: str | Path, key: str, out: str | Path, command: s
                                                  "paired_pixel_mse") if k in row and row[k] == row[k]}
         final = run.path / "final.parquet"
         if validated.is_file() and final.is_file():
-            from tmpq.core.fileio import read_parquet
-
             fr = read_parquet(final, "validation summary", ("key", "fid_mean", "seeds", "n"))
             fr = fr[fr["key"] == key]
             if len(fr):

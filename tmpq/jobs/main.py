@@ -10,6 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tmpq.core.errors import TmpqError
+from tmpq.core.fileio import atomic_write_bytes
+from tmpq.jobs.export import ensure_export
+from tmpq.jobs.report import write_report
+from tmpq.jobs.run import load_run
+from tmpq.jobs.search import run_search
+from tmpq.jobs.validate import ValidateConfig, best_validated, validate_run
+from tmpq.search.budget import budget_bitops
 
 
 @dataclass(frozen=True)
@@ -22,12 +29,6 @@ class MainJobConfig:
 
 def main_job(cfg, run_path: str | Path, job: MainJobConfig = MainJobConfig(), progress: bool = True) -> dict:
     """Run (or resume) the whole pipeline; returns ``{"run", "report", "export", "best", "timings"}``."""
-    from tmpq.jobs.export import ensure_export
-    from tmpq.jobs.report import write_report
-    from tmpq.jobs.run import load_run
-    from tmpq.jobs.search import run_search
-    from tmpq.jobs.validate import ValidateConfig, best_validated, validate_run
-    from tmpq.search.budget import budget_bitops
 
     run_path = Path(run_path)
     timings = {}
@@ -66,7 +67,6 @@ def main_job(cfg, run_path: str | Path, job: MainJobConfig = MainJobConfig(), pr
     timings["report_s"] = round(time.perf_counter() - t0, 1)
     summary = {"run": str(run_path), "report": str(report), "export": str(export_dir),
                "best": {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in best.items()}, "timings": timings}
-    from tmpq.core.fileio import atomic_write_bytes
 
     atomic_write_bytes(run_path / "main_job.json", (json.dumps(summary, indent=2, default=str) + "\n").encode())
     return summary

@@ -14,6 +14,11 @@ import json
 from pathlib import Path
 
 from tmpq.core.errors import TmpqError
+from tmpq.core.fileio import atomic_write_bytes, malformed, read_json, read_parquet
+from tmpq.core.grid import save_grid
+from tmpq.core.schedules import make_timesteps
+from tmpq.jobs.run import load_run
+from tmpq.jobs.search import WorkerSpec
 
 GRID_N = 16
 
@@ -26,8 +31,6 @@ def _fmt(v, spec=".4g") -> str:
 
 
 def _evaluator(run_path: Path, cfg: dict):
-    from tmpq.jobs.search import WorkerSpec
-
     spec = WorkerSpec(cfg["model"]["path"], str(run_path / "supernet.safetensors"), cfg["proxy"], 2, companions=False)
     return spec()
 
@@ -37,8 +40,6 @@ def _baselines(space, ev_factory, out: Path, logged=None, progress: bool = False
     uniform seeds are these candidates) is read from the log, the same measurement, not recomputed."""
     cache = out / "baselines.json"
     if cache.is_file():
-        from tmpq.core.fileio import malformed, read_json
-
         rows = read_json(cache, "baselines cache (delete it to recompute)", list)
         with malformed(cache, "baselines cache (delete it to recompute)"):
             for b in rows:
@@ -59,7 +60,6 @@ def _baselines(space, ev_factory, out: Path, logged=None, progress: bool = False
             proxy = ev_factory().evaluate(cand.timesteps, cand.bits)["fid_proxy"]
         rows.append({"name": f"W{w}A{a} {space.groups.kind} DDIM {n}", "w": w, "a": a, "fid_proxy": float(proxy),
                      "bitops": space.bitops(cand)})
-    from tmpq.core.fileio import atomic_write_bytes
 
     atomic_write_bytes(cache, json.dumps(rows, indent=2).encode())
     return rows
@@ -69,13 +69,11 @@ def _grids(front, ev_factory, out: Path, progress: bool = False) -> dict[str, st
     """PNG grid per front key (and 'fp' for the teacher), cached by file name."""
     from tqdm.auto import tqdm
 
-    from tmpq.core.grid import save_grid
 
     names = {"fp": "grid_fp.png", **{k: f"grid_{k}.png" for k in front["key"]}}
     if all((out / f).is_file() for f in names.values()):
         return names
     ev = ev_factory()
-    from tmpq.core.schedules import make_timesteps
 
     teacher_ts = make_timesteps(ev.cfg.teacher_schedule, ev.cfg.teacher_steps, ev.scheduler.config.num_train_timesteps)
     save_grid(ev.images(teacher_ts, None, n=GRID_N), out / names["fp"], nrow=8, scale=3)
@@ -128,8 +126,6 @@ def _plot(ev_df, front, baselines, final, out: Path) -> str:
 
 def write_report(run_path: str | Path, baselines: bool = True, grids: bool = True, progress: bool = False) -> Path:
     """Write ``RUN/report/report.html`` and return its path (a damaged run file fails before anything is written)."""
-    from tmpq.core.fileio import atomic_write_bytes, malformed, read_json, read_parquet
-    from tmpq.jobs.run import load_run
 
     # every run file is read (read-only) before anything is written
     run = load_run(run_path)

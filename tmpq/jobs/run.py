@@ -10,16 +10,17 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+from tmpq.core.fileio import malformed, read_json
+from tmpq.jobs.config import config_from_dict
+from tmpq.search.rundir import RunDir, pareto_frame, results_frame, run_objectives
+from tmpq.search.space import SearchSpace
+
 
 class Run:
     """A search run directory opened for analysis, read-only: nothing here opens a run file for writing. A missing,
     unreadable or damaged file is a one-line ``TmpqError`` naming it (and the line, for the evaluation log)."""
 
     def __init__(self, path: Path):
-        from tmpq.core.fileio import malformed
-        from tmpq.jobs.config import config_from_dict
-        from tmpq.search.rundir import RunDir, run_objectives
-
         self._dir = RunDir.open(path)
         self.path = self._dir.path
         cfg = self._dir.config()
@@ -38,8 +39,6 @@ class Run:
     @property
     def space(self):
         """The run's ``SearchSpace`` (``search_space.json``)."""
-        from tmpq.core.fileio import malformed, read_json
-        from tmpq.search.space import SearchSpace
 
         path = self.path / "search_space.json"
         with malformed(path, "search space"):
@@ -48,14 +47,12 @@ class Run:
     @property
     def evaluations(self):
         """Every logged evaluation as a DataFrame (list-valued ``timesteps`` and ``bits``), read from the log."""
-        from tmpq.search.rundir import results_frame
 
         return results_frame(self._dir.replay())
 
     def pareto(self, objectives: tuple[str, ...] | None = None):
         """Non-dominated ``ok`` evaluations, sorted by the last objective; ``objectives`` default to the run's own
         (proxy and BitOPs, plus size_mb when it searched with ``search.size_objective``)."""
-        from tmpq.search.rundir import pareto_frame
 
         return pareto_frame(self.evaluations, objectives or self._objectives)
 

@@ -7,6 +7,7 @@ evaluated. A killed driver therefore loses at most the evaluations in flight, an
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -17,10 +18,29 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from tmpq.evaluators.candidate import PROXY_VERSION
+from tmpq.core.data import data_fingerprint
+from tmpq.core.fileio import atomic_write_bytes, malformed, read_json
+from tmpq.core.model import load_model
+from tmpq.core.sampler import make_scheduler
+from tmpq.evaluators.candidate import (
+    PROXY_VERSION,
+    CandidateEvaluator,
+    ProxyConfig,
+    check_extractor,
+    check_reference,
+    proxy_reference,
+    scoring_extractor,
+)
 from tmpq.jobs.config import RunConfig
 from tmpq.search.budget import budget_bitops, uniform_option
-from tmpq.search.rundir import EvalResult, RunDir
+from tmpq.search.engines import make_engine, optuna_study_for_run
+from tmpq.search.executors import LocalExecutor, RayExecutor, Task
+from tmpq.search.groups import TimeGroups, make_groups
+from tmpq.search.rundir import EvalResult, RunDir, run_objectives
+from tmpq.search.sensitivity import PROFILES
+from tmpq.search.space import SearchSpace
+from tmpq.supernet import QuantSupernet, SupernetConfig
+from tmpq.supernet.calib_data import calibrate_to_file as calibrate
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +58,6 @@ class WorkerSpec:
     def __call__(self):
         import torch
 
-        from tmpq.core.model import load_model
-        from tmpq.core.sampler import make_scheduler
-        from tmpq.evaluators.candidate import (
-            CandidateEvaluator,
-            ProxyConfig,
-            proxy_reference,
-            scoring_extractor,
-        )
-        from tmpq.supernet import QuantSupernet
 
         torch.set_num_threads(self.threads)
         m = load_model(self.model)
@@ -58,9 +69,16 @@ class WorkerSpec:
         return CandidateEvaluator(net, make_scheduler(m.scheduler_config), ext, ref, cfg, companions=self.companions)
 
 
-def run_fingerprint(cfg: RunConfig, model_fp: str) -> str:
-    from tmpq.core.data import data_fingerprint
+# the keys of a run config's [supernet] and [proxy] sections before they became SupernetConfig and ProxyConfig
+_SECTION_KEYS_BEFORE_19 = {
+    "supernet": {"w_bits", "a_bits", "tie_qkv", "w_rounding", "w_granularity", "group_size", "w_two_bit",
+                 "bias_correction", "w_observer", "a_observer", "time_groups"},
+    "proxy": {"name", "n_images", "seed", "teacher_steps", "teacher_schedule", "reference", "extractor",
+              "inception_weights"},
+}
 
+
+def run_fingerprint(cfg: RunConfig, model_fp: str) -> str:
     # The executor section is left out: local and Ray give bit-identical evaluations at the same threads_per_worker
     # (tests/test_search_ray.py), so a run may resume on another executor or at a new cluster address.
     config = {k: v for k, v in cfg.to_dict().items() if k != "executor"}
@@ -72,6 +90,11 @@ def run_fingerprint(cfg: RunConfig, model_fp: str) -> str:
                                   ("search", "size_objective", False)):
         if config[section].get(key) == default:
             del config[section][key]
+    # keys that came with the components' own config classes (issue 19): likewise, only when not at their defaults
+    for section, owner in (("supernet", SupernetConfig()), ("proxy", ProxyConfig())):
+        for key in set(config[section]) - _SECTION_KEYS_BEFORE_19[section]:
+            if config[section][key] == json.loads(json.dumps(getattr(owner, key))):
+                del config[section][key]
     blob = json.dumps({"config": config, "model": model_fp, "data": data_fingerprint()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -81,7 +104,6 @@ def _time_groups(cfg: RunConfig, m, resumed_run: Path | None):
     grouping per step choice. ``sensitivity`` and ``error`` profile the FP model once (64 bank images along 100-step
     uniform DDIM, seed = search.seed); a resumed run reuses the groups stored in its search_space.json, so round-off
     in a re-profile can never change the space under a running search."""
-    from tmpq.search.groups import TimeGroups, make_groups
 
     kind, T = cfg.search.grouping, m.num_train_timesteps
     choices = cfg.search.step_choices or (cfg.search.steps,)
@@ -90,16 +112,11 @@ def _time_groups(cfg: RunConfig, m, resumed_run: Path | None):
     else:
         stored = resumed_run / "search_space.json" if resumed_run is not None else None
         if stored is not None and stored.is_file():
-            from tmpq.core.fileio import malformed, read_json
-
             d = read_json(stored, "search space")
             with malformed(stored, "search space"):
                 found = [TimeGroups.from_dict(g) for g in d.get("step_groups") or [d["groups"]]]
             per = {g.n: g for g in found}
         else:
-            from tmpq.core.sampler import make_scheduler
-            from tmpq.search.sensitivity import PROFILES
-
             prof = PROFILES[kind](m.unet, make_scheduler(m.scheduler_config), seed=cfg.search.seed)
             per = {n: make_groups(kind, n, T, prof) for n in choices}
     steps = tuple(per.values()) if cfg.search.step_choices else ()  # from_supernet orders them
@@ -109,7 +126,6 @@ def _time_groups(cfg: RunConfig, m, resumed_run: Path | None):
 def check_proxy(cfg: RunConfig, channels: int) -> None:
     """Refuse, before any run directory exists, a proxy whose extractor cannot read this model's images (or has no
     weights file), and a ``fid`` proxy that has no reference for this model."""
-    from tmpq.evaluators.candidate import check_extractor, check_reference
 
     check_extractor(channels, cfg.proxy.extractor, cfg.proxy.inception_weights)
     if cfg.proxy.name == "fid":
@@ -121,7 +137,6 @@ def build_space(cfg: RunConfig, net, groups, step_groups=()):
     axes, with its BitOPs and size budgets."""
     from dataclasses import replace
 
-    from tmpq.search.space import SearchSpace
 
     space = SearchSpace.from_supernet(net, groups, per_group_bits=cfg.search.per_group_bits, step_groups=step_groups)
     space = space.restrict(cfg.search.axes, uniform_option(cfg.search.fixed_bits, "search.fixed_bits"))
@@ -129,41 +144,19 @@ def build_space(cfg: RunConfig, net, groups, step_groups=()):
                    size_budget_mb=cfg.search.size_budget_mb or None)
 
 
-def supernet_config(cfg: RunConfig):
-    """The ``SupernetConfig`` of a run's ``[supernet]`` section."""
-    from tmpq.supernet import SupernetConfig
-    from tmpq.supernet.config import TIE_QKV
-
-    sc = cfg.supernet
-    return SupernetConfig(w_bits=sc.w_bits, a_bits=sc.a_bits, w_rounding=sc.w_rounding,
-                          w_granularity=sc.w_granularity, group_size=sc.group_size or None,
-                          tie=(TIE_QKV,) if sc.tie_qkv else (), w_two_bit=sc.w_two_bit,
-                          bias_correction=sc.bias_correction, w_observer=sc.w_observer, a_observer=sc.a_observer,
-                          time_groups=sc.time_groups)
-
-
 def calibrate_to_file(cfg: RunConfig, m, net, sn_file: Path, progress: bool = True) -> None:
     """Calibrate ``net`` (over the FP model ``m``) as the run's ``[calibration]`` section says and save it to
     ``sn_file``; resumable per option through ``supernet.partial.safetensors`` beside it."""
-    from tmpq.core.sampler import make_scheduler
-    from tmpq.supernet.calib_data import calibrate_to_file as calibrate
-
-    cal = cfg.calibration
-    calibrate(net, make_scheduler(m.scheduler_config), sn_file, strategy=cal.strategy, n_steps=cal.steps,
-              per_step=cal.per_step, sampler_steps=cal.sampler_steps, data_seed=cal.seed, batch_size=cal.batch_size,
-              mode=cal.mode, recon_iters=cal.recon_iters, progress=progress)
+    calibrate(net, make_scheduler(m.scheduler_config), sn_file, cfg.calibration, progress=progress)
 
 
 def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=None, progress: bool = True) -> RunDir:
     """Run (or resume) a search; returns the run directory. ``executor`` overrides the configured one (tests)."""
-    from tmpq.core.model import load_model
-    from tmpq.search.engines import make_engine
-    from tmpq.supernet import QuantSupernet
 
     m = load_model(cfg.model.path)
     check_proxy(cfg, m.sample_shape[0])
     groups, step_groups = _time_groups(cfg, m, run_path if resume else None)  # before wrapping: profiles the FP model
-    net = QuantSupernet(m.unet, supernet_config(cfg))
+    net = QuantSupernet(m.unet, cfg.supernet)
     fp = run_fingerprint(cfg, net.fingerprint)
     space = build_space(cfg, net, groups, step_groups)
     given = Path(cfg.calibration.supernet_file) if cfg.calibration.supernet_file else None
@@ -175,20 +168,16 @@ def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=No
         run = RunDir.create(run_path, cfg.to_dict(), space.to_dict(), fp)
     sn_file = run.path / "supernet.safetensors"
     if not sn_file.is_file() and given is not None:
-        from tmpq.core.fileio import atomic_write_bytes
-
         atomic_write_bytes(sn_file, given.read_bytes())
     if not sn_file.is_file():
         calibrate_to_file(cfg, m, net, sn_file, progress)
     del net
-    proxy = json.loads(json.dumps(cfg.proxy.__dict__))
+    proxy = json.loads(json.dumps(dataclasses.asdict(cfg.proxy)))
     if executor is None:
         # a fid-proxy search logs no paired companions: they would cost every worker the FP teacher's 100 steps
         spec = WorkerSpec(cfg.model.path, str(sn_file.resolve()), proxy, cfg.executor.threads_per_worker,
                           companions=False)
         if cfg.executor.kind == "ray":
-            from tmpq.search.executors import RayExecutor
-
             executor = RayExecutor(spec, workers=cfg.executor.workers, threads_per_worker=cfg.executor.threads_per_worker,
                                    timeout_s=cfg.executor.timeout_s, retries=cfg.executor.retries,
                                    address=cfg.executor.address, temp_dir=str(run.path / "ray"))
@@ -201,17 +190,13 @@ def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=No
             if progress:
                 print("Ray workers: " + ", ".join(executor.names), flush=True)
         else:
-            from tmpq.search.executors import LocalExecutor
-
             executor = LocalExecutor(spec)
     # the first generation starts from the uniform options at every step choice (at most half of it)
     seeds = space.uniform_seeds(max(1, cfg.search.population // 2)) if cfg.search.uniform_seeds else []
     storage = study_name = None
     if cfg.search.engine == "optuna":  # a persistent study: resume continues it from engine.generation
-        from tmpq.search.engines import optuna_study_for_run
 
         storage, study_name = optuna_study_for_run(run.path, cfg.search.storage)
-    from tmpq.search.rundir import run_objectives
 
     obj_names = run_objectives(cfg.to_dict())
     engine = make_engine(cfg.search.engine, space, seed=cfg.search.seed, population=cfg.search.population,
@@ -224,7 +209,6 @@ def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=No
             genomes = engine.ask()
             cands = [space.decode(g) for g in genomes]
             todo, seen_now = [], set()
-            from tmpq.search.executors import Task
 
             for c in cands:
                 if c.key not in logged and c.key not in seen_now:

@@ -17,6 +17,12 @@ from tqdm.auto import tqdm
 
 from tmpq.core.data import data_fingerprint, load_digits
 from tmpq.core.errors import TmpqError
+from tmpq.core.fileio import atomic_write
+from tmpq.core.model import (
+    embedded_scheduler_config,
+    embedded_unet_config,
+    save_pipeline_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +82,6 @@ CKPT_NAME = ".train-checkpoint.pt"
 
 
 def _save_checkpoint(path: Path, cfg: UNetTrainConfig, step: int, unet, ema: EMA, opt, sched, gen, losses, wall) -> None:
-    from tmpq.core.fileio import atomic_write
-
     state = {"config": asdict(cfg), "step": step, "unet": unet.state_dict(), "ema": ema.model.state_dict(),
              "ema_step": ema.step, "opt": opt.state_dict(), "sched": sched.state_dict(),
              "gen": gen.get_state(), "losses": torch.tensor(losses, dtype=torch.float64), "wall": wall}
@@ -110,11 +114,6 @@ def train_unet(cfg: UNetTrainConfig, out: Path, command: str = "", ckpt_every: i
     """
     from diffusers import DDPMScheduler, UNet2DModel
 
-    from tmpq.core.model import (
-        embedded_scheduler_config,
-        embedded_unet_config,
-        save_pipeline_dir,
-    )
 
     cfg.validate()
     torch.set_num_threads(cfg.threads)

@@ -19,7 +19,21 @@ from pathlib import Path
 import torch
 
 from tmpq.core.errors import TmpqError
-from tmpq.core.rowlog import parse_row
+from tmpq.core.fileio import atomic_write, atomic_write_bytes, read_parquet
+from tmpq.core.model import load_model
+from tmpq.core.rowlog import RowLog, parse_row
+from tmpq.core.sampler import make_scheduler, sample_images
+from tmpq.evaluators.candidate import (
+    check_reference,
+    quality_reference,
+    scoring_extractor,
+)
+from tmpq.evaluators.quality import score_features
+from tmpq.jobs.run import load_run
+from tmpq.quant.distill import distill_scales, frozen_copy
+from tmpq.supernet import QuantSupernet, SupernetConfig
+from tmpq.supernet.calib_data import capture_along
+from tmpq.supernet.supernet import read_supernet_file
 
 FINAL_VERSION = 1
 
@@ -63,7 +77,6 @@ def choose_points(front, cfg: ValidateConfig):
 def _capture_along(unet, scheduler, timesteps, n: int, seed: int, batch: int = 64):
     """(x_t, t) batches of the FP sampler along exactly ``timesteps`` (n trajectories; every step kept), in the order
     of ``batch``-trajectory chunks, each step by step."""
-    from tmpq.supernet.calib_data import capture_along
 
     xs, ts = capture_along(unet, scheduler, timesteps, n, seed, batch)  # [steps, n, ...]
     x = torch.cat([xs[:, s:s + batch].flatten(0, 1) for s in range(0, n, batch)])
@@ -72,18 +85,12 @@ def _capture_along(unet, scheduler, timesteps, n: int, seed: int, batch: int = 6
 
 
 def _model(run_cfg: dict):
-    from tmpq.core.model import load_model
-
     path = run_cfg["model"]["path"]
     return load_model(path)
 
 
 def recalibrate_point(run_path: Path, key: str, timesteps, bits, cfg: ValidateConfig, progress: bool = True):
     """A pinned supernet for exactly this allocation, calibrated on data along this schedule; returns (net, info)."""
-    from tmpq.core.sampler import make_scheduler
-    from tmpq.quant.distill import distill_scales, frozen_copy
-    from tmpq.supernet import QuantSupernet, SupernetConfig
-    from tmpq.supernet.supernet import read_supernet_file
 
     m = _model(json.loads((run_path / "config.resolved.json").read_text()))
     teacher = frozen_copy(m.unet)
@@ -127,15 +134,6 @@ def recalibrate_point(run_path: Path, key: str, timesteps, bits, cfg: ValidateCo
 
 def validate_run(run_path: str | Path, cfg: ValidateConfig, progress: bool = True):
     """Validate the chosen Pareto points of a run; returns the per-point DataFrame (also ``RUN/final.parquet``)."""
-    from tmpq.core.rowlog import RowLog
-    from tmpq.core.sampler import sample_images
-    from tmpq.evaluators.candidate import (
-        check_reference,
-        quality_reference,
-        scoring_extractor,
-    )
-    from tmpq.evaluators.quality import score_features
-    from tmpq.jobs.run import load_run
 
     cfg.validate()
     run = load_run(run_path)
@@ -202,7 +200,6 @@ def _write_summary(run_path: Path, log, settings: str, cfg: ValidateConfig):
     import pandas as pd
     from scipy.stats import kendalltau, spearmanr
 
-    from tmpq.core.fileio import atomic_write, atomic_write_bytes
 
     rows = [r for r in log.rows.values() if r["settings"] == settings and r["n"] == cfg.n]
     if not rows:
@@ -231,7 +228,6 @@ def best_validated(run_path: str | Path, bitops_budget: float | None = None) -> 
     p = Path(run_path) / "final.parquet"
     if not p.is_file():
         return None
-    from tmpq.core.fileio import read_parquet
 
     df = read_parquet(p, "validation summary", ("bitops", "fid_mean"))
     if bitops_budget is not None:

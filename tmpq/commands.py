@@ -1,0 +1,331 @@
+"""What each ``tmpq`` command does (the parser and the error handling live in :mod:`tmpq.cli`, which imports
+this module only once a command has been parsed, so that ``tmpq --help`` and argument errors stay instant)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from tmpq.core.errors import TmpqError
+from tmpq.core.fileio import malformed, read_json
+from tmpq.core.grid import save_grid
+from tmpq.core.model import load_model
+from tmpq.core.sampler import make_scheduler, sample_images
+from tmpq.core.schedules import make_timesteps, validate_timesteps
+from tmpq.deploy.bundle import load_export
+from tmpq.deploy.int8 import CHECK_TOL, describe_cpu_int8, measure_speed
+from tmpq.evaluators.classifier import ClassifierTrainConfig, train_classifier
+from tmpq.evaluators.features import make_extractor
+from tmpq.evaluators.quality import (
+    embedded_reference,
+    evaluate_schedule,
+    load_reference,
+)
+from tmpq.jobs.config import config_from_dict, load_config
+from tmpq.jobs.export import export_candidate
+from tmpq.jobs.main import MainJobConfig, main_job
+from tmpq.jobs.report import write_report
+from tmpq.jobs.run import load_run
+from tmpq.jobs.search import run_search
+from tmpq.jobs.train import UNetTrainConfig, train_unet
+from tmpq.jobs.validate import ValidateConfig, validate_run
+from tmpq.supernet import QuantSupernet, SupernetConfig
+from tmpq.supernet.calib_data import CalibrationConfig, calibrate_to_file
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    cfg = UNetTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                          resolution=args.resolution, threads=args.threads, ema_decay=args.ema_decay)
+    out = Path(args.out)
+    manifest = train_unet(cfg, out, command=_command_line())
+    print(f"saved the trained EMA model to {out} (final loss {manifest['metrics']['final_loss_mean_last100']:.4f})")
+
+
+def _parse_int_list(text: str, what: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.replace(" ", "").split(",") if v != ""]
+    except ValueError:
+        raise TmpqError(f"{what}: expected comma-separated integers, got {text!r}") from None
+    if not vals:
+        raise TmpqError(f"{what}: empty list")
+    return vals
+
+
+def _schedules(args: argparse.Namespace, num_train_timesteps: int) -> list[tuple[str, tuple[int, ...]]]:
+    """(label, timesteps) pairs from --timesteps, or from every --schedule x --steps combination."""
+
+    if getattr(args, "timesteps", None):
+        ts = validate_timesteps(_parse_int_list(args.timesteps, "timesteps"), num_train_timesteps)
+        return [("custom", ts)]
+    names = [s for s in args.schedule.replace(" ", "").split(",") if s]
+    steps = _parse_int_list(str(args.steps), "steps")
+    return [(name, make_timesteps(name, n, num_train_timesteps)) for name in names for n in steps]
+
+
+def _set_threads(n: int) -> None:
+    if n < 1:
+        raise TmpqError(f"threads: must be >= 1, got {n}")
+    torch.set_num_threads(n)
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    _set_threads(args.threads)
+    out = Path(args.out)
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+        raise TmpqError(f"--out must be a .png or .jpg file, got {out}")
+    if args.export:
+        if args.model:
+            raise TmpqError("sample: give an export directory or --model, not both")
+
+        unet, sched, ts, _manifest = load_export(args.export)
+        label = "exported"
+        if args.timesteps:
+            raise TmpqError("sample: an export brings its own searched timesteps; --timesteps does not apply")
+    else:
+        m = load_model(args.model)
+        (label, ts), *rest = _schedules(args, m.num_train_timesteps)
+        if rest:
+            raise TmpqError("sample: give one schedule and one step count")
+        unet, sched = m.unet, make_scheduler(m.scheduler_config)
+    imgs = sample_images(unet, sched, ts, args.n, seed=args.seed, batch_size=args.batch_size, eta=args.eta,
+                         desc=f"sample {label} {len(ts)} steps")
+    save_grid(imgs, out, nrow=args.nrow, scale=args.scale)
+    print(f"wrote {out} ({args.n} images, {label} schedule, timesteps {list(ts)})")
+
+
+def _build_reference(args: argparse.Namespace, extractor, sample_shape: tuple[int, int, int]):
+    """--ref if given; otherwise the embedded real digits, which only fit a 1-channel model."""
+
+    if args.ref:
+        return load_reference(args.ref, extractor)
+    if sample_shape[0] != 1:
+        raise TmpqError(f"--ref: the model makes {sample_shape[0]}-channel images; the embedded MNIST reference does "
+                        "not fit, give reference statistics (.npz)")
+    return embedded_reference(extractor, args.ref_split, args.resolution)
+
+
+def cmd_fid(args: argparse.Namespace) -> None:
+    _set_threads(args.threads)
+    if args.n < 2:
+        raise TmpqError(f"--n: must be >= 2 for FID, got {args.n}")
+    m = load_model(args.model)
+    schedules = _schedules(args, m.num_train_timesteps)
+    extractor = make_extractor(args.extractor, args.inception_weights)
+    ref = _build_reference(args, extractor, m.sample_shape)
+    scheduler = make_scheduler(m.scheduler_config)
+    rows = []
+    for label, ts in schedules:
+        row = evaluate_schedule(m.unet, scheduler, ts, args.n, extractor, ref, seed=args.seed,
+                                batch_size=args.batch_size, eta=args.eta, desc=f"{label} {len(ts)} steps")
+        row = {"schedule": label, **row}
+        rows.append(row)
+        print(_format_row(row), flush=True)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"command": _command_line(), "rows": rows}, indent=2) + "\n")
+        print(f"wrote {out}")
+
+
+def _format_row(row: dict) -> str:
+    kid = f"  KID {row['kid']:.5f} +- {row['kid_std']:.5f}" if "kid" in row else ""
+    return (f"{row['schedule']:>8} {row['steps']:>4} steps  N={row['n']}  FID({row['extractor']}) {row['fid']:.3f}"
+            f"{kid}  [{row['images_per_s']:.1f} img/s]")
+
+
+def cmd_ref_stats(args: argparse.Namespace) -> None:
+    extractor = make_extractor(args.extractor, args.inception_weights)
+    ref = embedded_reference(extractor, args.ref_split, args.resolution)
+    path = ref.stats.save(args.out)
+    print(f"wrote {path} and {path.name}.json (N={ref.stats.n}, extractor {extractor.name})")
+
+
+def cmd_train_classifier(args: argparse.Namespace) -> None:
+    _set_threads(args.threads)
+    cfg = ClassifierTrainConfig(epochs=args.epochs, seed=args.seed, resolution=args.resolution)
+    man = train_classifier(cfg, Path(args.out), command=_command_line())
+    print(f"saved the domain classifier to {args.out} (held-out accuracy {man['metrics']['heldout_accuracy']:.4f})")
+
+
+def _given(args: argparse.Namespace, names: dict[str, str]) -> dict:
+    """The options given on the command line (argument -> config key); the others keep the config class's defaults."""
+    return {key: getattr(args, arg) for arg, key in names.items() if getattr(args, arg) is not None}
+
+
+def _supernet_config(args: argparse.Namespace) -> SupernetConfig:
+    kw = _given(args, {"tie_qkv": "tie_qkv", "rounding": "w_rounding", "w_granularity": "w_granularity",
+                       "group_size": "group_size", "time_groups": "time_groups"})
+    if args.preset == "paper":
+        kw["w_bits"] = kw["a_bits"] = (8, 7, 6, 5)
+    for arg in ("w_bits", "a_bits"):
+        if getattr(args, arg) is not None and args.preset is None:
+            kw[arg] = tuple(_parse_int_list(getattr(args, arg), "--" + arg.replace("_", "-")))
+    return SupernetConfig(**kw)
+
+
+def cmd_profile(args: argparse.Namespace) -> None:
+    m = load_model(args.model)
+    net = QuantSupernet(m.unet, _supernet_config(args))
+    print(f"{'layer':<48} {'kind':<7} {'MACs':>10} {'params':>8}  gene / pin")
+    for info in net.infos:
+        tag = f"pinned W{info.pinned[0]}A{info.pinned[1]}" if info.pinned else f"gene {info.gene}"
+        split = f" split@{info.split}" if info.split else ""
+        print(f"{info.fqn:<48} {info.kind:<7} {info.macs:>10,} {info.params:>8,}  {tag}{split}")
+    total = sum(i.macs for i in net.infos)
+    print(f"{len(net.infos)} quantized layers, {net.num_genes} genes, {total:,} MACs per sample per denoiser call")
+    for w in net.config.w_bits:
+        for a in net.config.a_bits:
+            alloc = [(w, a)] * net.num_genes
+            print(f"uniform W{w}A{a}: {net.bitops(alloc) / 1e9:.4f} GBitOPs per call, {net.size_mb(alloc):.3f} MB")
+
+
+def cmd_calibrate(args: argparse.Namespace) -> None:
+    _set_threads(args.threads)
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise TmpqError(f"--out must end in .safetensors, got {out}")
+    m = load_model(args.model)
+    cfg = _supernet_config(args)
+    net = QuantSupernet(m.unet, cfg)
+    t0 = time.perf_counter()
+    cal = CalibrationConfig(**_given(args, {"mode": "mode", "strategy": "strategy", "calib_steps": "steps",
+                                            "calib_per_step": "per_step", "sampler_steps": "sampler_steps",
+                                            "recon_iters": "recon_iters", "batch_size": "batch_size", "seed": "seed"}))
+    info = calibrate_to_file(net, make_scheduler(m.scheduler_config), out, cal)
+    wall = time.perf_counter() - t0
+    side = {"command": _command_line(), "config": json.loads(cfg.to_json()), "calibration": dataclasses.asdict(cal),
+            "mode": cal.mode, "strategy": cal.strategy, "calib_pairs": info["calib_pairs"], "wall_s": round(wall, 1),
+            "reconstruction": info["reconstruction"]}
+    out.with_name(out.name + ".json").write_text(json.dumps(side, indent=2) + "\n")
+    print(f"wrote {out} ({len(net.layers)} layers x {len(cfg.w_bits)} W / {len(cfg.a_bits)} A options, "
+          f"{info['calib_pairs']} calibration pairs, {wall:.0f} s)")
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    if args.resume:
+        run_path = Path(args.resume)
+        cfg_file = run_path / "config.resolved.json"
+        if not cfg_file.is_file():
+            raise TmpqError(f"--resume: not a tmpq run directory (no config.resolved.json): {run_path}")
+        data = read_json(cfg_file, "run config")
+        data.pop("fingerprint", None)
+        with malformed(cfg_file, "run config"):
+            cfg = config_from_dict(data)
+        if args.config:
+            cfg = load_config(args.config)
+    else:
+        cfg = load_config(args.config)
+    overrides = {}
+    if args.engine:
+        overrides["search"] = dataclasses.replace(cfg.search, engine=args.engine)
+    if args.executor or args.ray_address:
+        overrides["executor"] = dataclasses.replace(cfg.executor, kind=args.executor or "ray",
+                                                    address=args.ray_address or cfg.executor.address)
+    cfg = config_from_dict({**cfg.to_dict(), **{k: dataclasses.asdict(v) for k, v in overrides.items()}})
+    _set_threads(args.threads)
+    run_path = Path(args.resume) if args.resume else Path(args.run_dir)
+    run = run_search(cfg, run_path, resume=bool(args.resume))
+    print(f"run directory: {run.path} (evaluations.parquet, pareto.parquet, pareto.csv)")
+
+
+def cmd_validate(args: argparse.Namespace) -> None:
+    _set_threads(args.threads)
+    cfg = ValidateConfig(top_k=args.top_k, n=args.n, seeds=tuple(_parse_int_list(args.seeds, "seeds")),
+                         calib_per_step=args.calib_per_step, recon_iters=args.recon_iters,
+                         distill_iters=args.distill_iters, batch_size=args.batch_size,
+                         keys=tuple(args.candidate or ()))
+    df = validate_run(args.run, cfg, progress=True)
+
+    print(df[["key", "fid_mean", "fid_std", "seeds", "fid_proxy", "bitops"]].to_string(index=False))
+
+    summary = read_json(Path(args.run) / "final.json", "validation summary")
+    tau = summary.get("kendall_tau_proxy_vs_fid")
+    print(f"wrote {args.run}/final.parquet ({len(df)} points, N = {cfg.n} x {len(cfg.seeds)} seeds)"
+          + (f"; Kendall tau proxy vs final FID = {tau:.3f}" if tau is not None else ""))
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    _set_threads(args.threads)
+    cfg = load_config(args.config)
+    job = MainJobConfig(top_k=args.top_k, validate_n=args.validate_n,
+                        seeds=tuple(_parse_int_list(args.seeds, "seeds")), budget=args.budget)
+    s = main_job(cfg, Path(args.run_dir), job)
+    b = s["best"]
+    print(f"\ndone in {sum(s['timings'].values()):.0f} s: best point under {args.budget}: {b['key']} "
+          f"(FID {b['fid_mean']:.3f} at N = {args.validate_n}, {b['bitops'] / 1e9:.3g} GBitOPs, "
+          f"timesteps {list(b['timesteps'])})")
+    print(f"report: {s['report']}")
+    print(f"export: {s['export']}  (tmpq sample {s['export']}; tmpq.apply_export(pipeline, \"{s['export']}\"))")
+
+
+def cmd_speed(args: argparse.Namespace) -> None:
+    _set_threads(args.threads)
+
+    print(f"CPU: {describe_cpu_int8()}", flush=True)
+    rows = measure_speed(args.export, n=args.n, batch_size=args.batch_size, fid_n=args.fid_n)
+    rows["threads"] = args.threads
+    layers = rows["layers"]
+    print(f"{'FP, uniform DDIM 100 steps':36s} {rows['fp_100_uniform_s']:8.2f} s")
+    print(f"{'FP, exported schedule':36s} {rows['fp_export_schedule_s']:8.2f} s")
+    print(f"{'fake quantization, exported':36s} {rows['fakequant_export_s']:8.2f} s")
+    print(f"{'real int8 kernels, exported':36s} {rows['int8_export_s']:8.2f} s  "
+          f"({rows['int8_layers']}/{len(layers)} layers int8, {rows['split_weight_layers']} of them on split weights)")
+    print(f"int8 check against fake quantization on real inputs: worst error {rows['check_worst_err_int8']:.1e} of "
+          f"the exact magnitude among the int8 layers ({rows['check_worst_err']:.1e} among all checked; "
+          f"tolerance {CHECK_TOL:.0e}); int8 vs fake-quant images: pixel MSE {rows['int8_vs_fakequant_pixel_mse']:.1e}")
+    sh = rows["op_shares"]
+    print(f"conv + Linear share of one denoiser call: FP {sh['fp']['conv_linear_share']:.0%} of "
+          f"{sh['fp']['total_ms']:.0f} ms, int8 {sh['int8']['conv_linear_share']:.0%} of "
+          f"{sh['int8']['total_ms']:.0f} ms; speed-up bound vs FP 100 steps with free convs / Linears: "
+          f"{rows['speedup_bound_vs_fp100']:.1f}x")
+    fids = [k for k in rows if k.endswith(f"_fid_n{args.fid_n}")] if args.fid_n else []
+    if fids:
+        print("FID at N = " + f"{args.fid_n}: " + ", ".join(f"{k.split('_fid')[0]} {rows[k]:.4g}" for k in fids))
+    for r in layers:
+        if not r["int8"]:
+            print(f"  fallback (fake-quant): {r['fqn']}: {r['why']}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+        print(f"wrote {args.out}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    _set_threads(args.threads)
+    path = write_report(args.run, baselines=not args.no_baselines, grids=not args.no_grids, progress=True)
+    print(f"wrote {path} (open it in a browser)")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    _set_threads(args.threads)
+    man = export_candidate(args.run, args.candidate, args.out, command=_command_line())
+    n_layers = len(man["layers"])
+    print(f"exported candidate {args.candidate} to {args.out}: {len(man['sampler']['timesteps'])} steps "
+          f"{man['sampler']['timesteps']}, {n_layers} quantized layers; render it with: tmpq sample {args.out}")
+
+
+def cmd_pareto(args: argparse.Namespace) -> None:
+    front = load_run(args.run).pareto()
+    if front.empty:
+        print("no successful evaluations yet")
+        return
+    cols = [c for c in ("key", "fid_proxy", "bitops", "size_mb", "steps", "timesteps", "generation") if c in front]
+    with pd.option_context("display.max_colwidth", 60, "display.width", 160):
+        print(front[cols].to_string(index=False))
+
+
+def _command_line() -> str:
+    return "tmpq " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+COMMANDS = {"train": cmd_train, "train-classifier": cmd_train_classifier, "sample": cmd_sample, "fid": cmd_fid,
+            "profile": cmd_profile, "calibrate": cmd_calibrate, "search": cmd_search, "validate": cmd_validate,
+            "run": cmd_run, "speed": cmd_speed, "report": cmd_report, "export": cmd_export, "pareto": cmd_pareto,
+            "ref-stats": cmd_ref_stats}
