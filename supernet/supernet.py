@@ -10,21 +10,16 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from tmpq.core.cost import call_bitops, weight_bits
 from tmpq.core.errors import TmpqError
-from tmpq.core.fileio import atomic_write_bytes, malformed
 from tmpq.core.sampler import sample_shape
 from tmpq.quant.layers import WRAPPERS, QuantLayer, correct_bias, replace_module, wrap
-from tmpq.quant.reconstruct import capture_block, reconstruct_block
+from tmpq.supernet import calibration
 from tmpq.supernet.config import TIE_QKV, LayerInfo, SupernetConfig
-
-SUPERNET_FORMAT = "tmpq.supernet"
-SUPERNET_VERSION = 2  # 2: optional time_groups (banks + time_starts); v1 files load unchanged
+from tmpq.supernet.store import load_supernet, save_supernet, supernet_config_of
 
 
 def model_fingerprint(unet: nn.Module) -> str:
@@ -57,29 +52,6 @@ def _skip_splits(unet: nn.Module) -> dict[str, int]:
                         splits[f"up_blocks.{i}.resnets.{j}.{part}"] = prev
             prev = res.out_channels
     return splits
-
-
-def read_supernet_file(path: Path | str, tensors: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Metadata (and tensors) of a supernet file; a missing, damaged or foreign file is a one-line ``TmpqError``."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise TmpqError(f"supernet file not found: {path}")
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as exc:
-        raise TmpqError(f"cannot read the supernet file {path}: {exc.strerror or exc}") from None
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
-    except Exception as exc:
-        raise TmpqError(f"corrupt or truncated supernet file {path}: {str(exc).splitlines()[0]}") from None
-    if meta.get("format") != SUPERNET_FORMAT:
-        raise TmpqError(f"{path} is not a tmpq supernet file (format {meta.get('format')!r})")
-    return meta, state
 
 
 class QuantSupernet(nn.Module):
@@ -287,160 +259,14 @@ class QuantSupernet(nn.Module):
         self.select_time_group(self.time_group_of(t))
         return None
 
-    # -- calibration --------------------------------------------------------------------------------------------
-    def blocks(self) -> list[tuple[str, nn.Module]]:
-        """Reconstruction units: outermost modules of a ``block_types`` class, plus each quantized layer that lies
-        in none of them."""
-        out: list[tuple[str, nn.Module]] = []
-        covered: set[str] = set()
-        for name, mod in self.unet.named_modules():
-            if type(mod).__name__ in self.config.block_types and not any(name.startswith(c + ".") for c in covered):
-                out.append((name, mod))
-                covered.add(name)
-        for name, layer in self.layers.items():
-            if not any(name.startswith(c + ".") for c in covered):
-                out.append((name, layer))
-        return out
-
-    def reconstruct(self, data: list[tuple[torch.Tensor, torch.Tensor]], iters: int = 200, lr: float = 1e-3,
-                    progress: bool = True) -> list[dict]:
-        """BRECQ / AdaRound for every weight option, block by block (whole model at that option, as the authors'
-        code). Needs ``w_rounding = "adaround"`` and frozen activation quantizers (``calibrate`` first)."""
-
-        if self.config.w_rounding != "adaround":
-            raise TmpqError("reconstruction needs supernet.w_rounding = adaround")
-        blocks = self.blocks()
-        reports = []
-        self.set_fp()
-        caches = {}
-        for name, block in tqdm(blocks, desc="cache block I/O", disable=not progress, leave=False):
-            caches[name] = capture_block(self.unet, block, lambda: [self.unet(x, t) for x, t in data])
-        for w in (self.config.w_bits if self.num_genes else self.config.w_bits[:1]):  # all pinned: one pass
-            a = w if w in self.config.a_bits else max(self.config.a_bits)
-            self.set_uniform(w, a)
-            for name, block in tqdm(blocks, desc=f"reconstruct W{w}A{a}", disable=not progress, leave=False):
-                res = reconstruct_block(block, caches[name], iters=iters, lr=lr,
-                                        bias_correction=self.config.bias_correction)
-                reports.append({"block": name, "w_bits": w, "a_bits": a, **res})
-        self.set_fp()
-        return reports
-
     @torch.no_grad()
     def correct_bias(self, data: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Bias correction of every weight option of every layer: one FP pass over ``data`` measures each option's
         mean output shift on the layer's FP inputs (``quant.layers.correct_bias``)."""
         correct_bias(self.layers.values(), lambda: [self.unet(x, t) for x, t in data])
 
-    @torch.no_grad()
-    def calibrate(self, data: Iterable[tuple[torch.Tensor, torch.Tensor]], mode: str = "per-option",
-                  seed: int = 0, progress: bool = True, checkpoint: Path | str | None = None) -> None:
-        """Calibrate every option of every layer once.
-
-        Weights: each option observes the FP weight (per-channel MSE search by default).
-        Activations, ``per-option``: for each activation option the whole model runs at (w ~ a, a) (the authors'
-        code); ``random-path``: each batch runs a random per-gene allocation (the paper text) and each layer's active
-        option observes. ``data`` yields (x_t, t) batches captured from the FP sampler. With ``checkpoint``, the
-        state is saved after every finished activation option (every finished timestep group with ``time_groups``
-        > 1) and a rerun resumes after the last finished one.
-
-        ``time_groups`` G > 1: the distinct calibration timesteps are split into G contiguous groups of equal count
-        (fewer if there are fewer timesteps); bias correction and activation ranges run once per group on its data
-        and are kept in the layers' banks; afterwards each denoiser call makes its timestep's group live.
-        """
-        if mode not in ("per-option", "random-path"):
-            raise TmpqError(f"calibration.mode: unknown {mode!r}; choose per-option or random-path")
-        batches = list(data)
-        if not batches:
-            raise TmpqError("calibration: no calibration data")
-        G = self.config.time_groups  # bank rows; the groups actually formed: len(parts)
-        parts = [np.unique(torch.cat([t.reshape(-1) for _, t in batches]).cpu().numpy())]
-        if G > 1:  # data with fewer distinct timesteps than groups: one group per timestep (the bank's last rows
-            # stay unused)
-            parts = np.array_split(parts[0], min(G, len(parts[0])))
-        starts = [int(p[0]) for p in parts[1:]]
-        progress_meta: dict = {}
-        if checkpoint is not None and Path(checkpoint).is_file():
-            progress_meta = self.load(checkpoint, allow_partial=True)
-            if progress_meta.get("mode") != mode or progress_meta.get("time_starts", []) != starts:
-                progress_meta = {}
-        done_groups = list(progress_meta.get("done_groups", []))
-        done = list(progress_meta.get("done_a_bits", []))
-        self.time_starts, self._live_group = [], None  # no routing while calibrating
-        if not done and not done_groups:
-            for layer in self.layers.values():
-                layer.calibrate_weights()
-        for g, part in enumerate(parts):
-            if g in done_groups:
-                continue
-            if len(parts) > 1:
-                keep = torch.as_tensor(part)
-                group = [(x[m], t[m]) for x, t in batches
-                         for m in [torch.isin(t.reshape(-1).cpu(), keep).to(t.device)] if bool(m.any())]
-                for layer in self.layers.values():  # every group observes afresh
-                    for q in layer.activation_quantizers():
-                        q.reset()
-            else:
-                group = batches
-            desc = f" [time group {g + 1}/{len(parts)}]" if len(parts) > 1 else ""
-            self._calibrate_activations(group, mode, seed, progress, desc, done if g == len(done_groups) else [],
-                                        checkpoint if G == 1 else None)
-            done = []
-            if G > 1:
-                for layer in self.layers.values():
-                    layer.store_time_group(g)
-                done_groups.append(g)
-                if checkpoint is not None and len(done_groups) < len(parts):
-                    self.time_starts = starts
-                    self.save(checkpoint, progress={"mode": mode, "time_starts": starts, "done_groups": done_groups,
-                                                    "complete": False})
-                    self.time_starts = []
-        for layer in self.layers.values():
-            layer.invalidate_cache()
-        self.time_starts, self._live_group = starts, (len(parts) - 1 if G > 1 else None)
-        self._calibrated = True
-        self.set_fp()
-        if checkpoint is not None:
-            self.save(checkpoint, progress={"mode": mode, "done_a_bits": list(self.config.a_bits), "time_starts": starts,
-                                            "done_groups": list(range(len(parts))), "complete": True})
-
-    def _calibrate_activations(self, batches, mode: str, seed: int, progress: bool, desc: str, done: list[int],
-                               checkpoint) -> None:
-        """Bias correction and activation ranges of every option on ``batches`` (one timestep group)."""
-        if not done and self.config.bias_correction:
-            self.correct_bias(batches)
-        if mode == "per-option":
-            for j, a in enumerate(self.config.a_bits):
-                if a in done or (j > 0 and self.num_genes == 0):  # all layers pinned: one pass is all there is
-                    continue
-                w = a if a in self.config.w_bits else max(self.config.w_bits)
-                self.set_uniform(w, a)
-                self._observe(tqdm(batches, desc=f"calibrate A{a} (W{w}){desc}", disable=not progress, leave=False))
-                for name, layer in self.layers.items():
-                    if name in self._gene_of:
-                        layer.freeze_activations(j)
-                    elif not bool(layer.a_quant[0].frozen):
-                        layer.freeze_activations(0)
-                done.append(a)
-                if checkpoint is not None and len(done) < len(self.config.a_bits):
-                    self.save(checkpoint, progress={"mode": mode, "done_a_bits": done, "complete": False})
-        else:
-            rng = np.random.default_rng(seed)
-            seen: set[tuple[str, int]] = set()
-            for x, t in tqdm(batches, desc=f"calibrate random-path{desc}", disable=not progress, leave=False):
-                alloc = [(int(rng.choice(self.config.w_bits)), int(rng.choice(self.config.a_bits)))
-                         for _ in range(self.num_genes)]
-                self.set_bits(alloc)
-                seen |= {(n, lay.a_index) for n, lay in self.layers.items()}
-                self._observe([(x, t)])
-            # every option must have seen data: fill gaps with uniform passes at the missing option
-            for j, a in enumerate(self.config.a_bits):
-                if any((n, j) not in seen for n in self._gene_of):
-                    self.set_uniform(max(self.config.w_bits), a)
-                    self._observe(batches[: max(1, len(batches) // 4)])
-            for layer in self.layers.values():
-                layer.freeze_activations()
-
-    def _observe(self, batches) -> None:
+    def observe(self, batches) -> None:
+        """Run ``batches`` with every layer's observers on (one calibration pass at the live options)."""
         for layer in self.layers.values():
             layer.observing = True
         try:
@@ -450,80 +276,35 @@ class QuantSupernet(nn.Module):
             for layer in self.layers.values():
                 layer.observing = False
 
-    # -- persistence --------------------------------------------------------------------------------------------
+    def calibrate(self, data, mode: str = "per-option", seed: int = 0, progress: bool = True,
+                  checkpoint: Path | str | None = None) -> None:
+        """Calibrate every option of every layer once (:func:`tmpq.supernet.calibration.calibrate`)."""
+        calibration.calibrate(self, data, mode=mode, seed=seed, progress=progress, checkpoint=checkpoint)
+
+    def reconstruct(self, data, iters: int = 200, lr: float = 1e-3, progress: bool = True) -> list[dict]:
+        """BRECQ / AdaRound per weight option (:func:`tmpq.supernet.calibration.reconstruct`)."""
+        return calibration.reconstruct(self, data, iters=iters, lr=lr, progress=progress)
+
+    # -- persistence (tmpq.supernet.store) ----------------------------------------------------------------------
     def quantizer_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().contiguous().cpu() for k, v in self.unet.state_dict().items()
                 if ".w_quant." in k or ".a_quant" in k}
 
     def save(self, path: Path | str, progress: dict | None = None) -> Path:
-        """Quantizer state as safetensors; config, fingerprint, format and calibration progress in its metadata
-        (atomic write: a crash leaves the previous file)."""
-        from safetensors.torch import save
+        """Save the quantizer state and its metadata (:func:`tmpq.supernet.store.save_supernet`)."""
+        return save_supernet(self, path, progress)
 
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"format": SUPERNET_FORMAT, "version": str(SUPERNET_VERSION), "config": self.config.to_json(),
-                "model_fingerprint": self.fingerprint,
-                "progress": json.dumps(progress or {"complete": True})}
-        if self.config.time_groups > 1:
-            meta["time_starts"] = json.dumps(self.time_starts)
-        # fsync'd temp file + rename, with a plain open's permissions (safetensors' own writer made it owner-only)
-        atomic_write_bytes(path, save(self.quantizer_state(), metadata=meta))
-        return path
+    def load(self, path: Path | str, allow_partial: bool = False) -> dict:
+        """Load a saved state (:func:`tmpq.supernet.store.load_supernet`); returns the calibration progress."""
+        return load_supernet(self, path, allow_partial)
 
     @classmethod
     def from_file(cls, unet: nn.Module, path: Path | str) -> "QuantSupernet":
         """Build the supernet described in a saved file's metadata over ``unet`` and load its calibrated state."""
-        meta, _ = read_supernet_file(path, tensors=False)
-        try:
-            config = SupernetConfig.from_json(meta["config"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise TmpqError(f"supernet file {path} has a malformed config: {exc}") from None
+        config = supernet_config_of(path)
         try:
             net = cls(unet, config)
         except TmpqError as exc:  # the file's config does not fit this model
             raise TmpqError(f"supernet file {path}: {exc}") from None
         net.load(path)
         return net
-
-    def load(self, path: Path | str, allow_partial: bool = False) -> dict:
-        """Load quantizer state saved by :meth:`save`; refuses a file for another model or config, and an unfinished
-        calibration unless ``allow_partial``. Returns the calibration progress record."""
-
-        path = Path(path)
-        meta, state = read_supernet_file(path, tensors=True)
-        if meta.get("model_fingerprint") != self.fingerprint:
-            raise TmpqError(f"supernet file {path} was calibrated for a different model "
-                            f"({meta.get('model_fingerprint', '?')[:12]} vs {self.fingerprint[:12]})")
-        with malformed(path, "supernet file metadata"):
-            config = SupernetConfig.from_json(meta.get("config", "{}"))
-            progress = json.loads(meta.get("progress", "{}"))
-            if not isinstance(progress, dict):
-                raise TypeError(f"progress: expected an object, got {type(progress).__name__}")
-        if config != self.config:
-            raise TmpqError(f"supernet file {path} was made with a different supernet config")
-        if not progress.get("complete") and not allow_partial:
-            raise TmpqError(f"supernet file {path} holds an unfinished calibration (done: "
-                            f"{progress.get('done_a_bits')}); rerun calibration to resume it")
-        try:
-            missing, unexpected = self.unet.load_state_dict(state, strict=False)
-        except RuntimeError as exc:
-            raise TmpqError(f"supernet file {path} does not fit: {str(exc).splitlines()[0]}") from None
-        missing = [k for k in missing if ".w_quant." in k or ".a_quant" in k]
-        if missing or unexpected:
-            raise TmpqError(f"supernet file {path} does not fit: missing {missing[:2]}, unexpected {unexpected[:2]}")
-        for layer in self.layers.values():
-            layer.invalidate_cache()
-        self.time_starts, self._live_group = [], None
-        if self.config.time_groups > 1:
-            try:
-                starts = [int(v) for v in json.loads(meta["time_starts"])]
-            except (KeyError, TypeError, ValueError):
-                starts = None
-            if progress.get("complete") and (starts is None or len(starts) >= self.config.time_groups):
-                raise TmpqError(f"supernet file {path} lacks the boundaries of its {self.config.time_groups} "
-                                f"timestep groups")
-            self.time_starts = starts or []
-        self._calibrated = bool(progress.get("complete"))
-        return progress

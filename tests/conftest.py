@@ -45,7 +45,7 @@ def interrupted_then_resumed(cfg, data, ckpt, die_at: int):
 
     first = QuantSupernet(tiny_unet(), cfg)
     calls = {"n": 0}
-    real_observe = first._observe
+    real_observe = first.observe
 
     def dying_observe(batches):
         calls["n"] += 1
@@ -53,7 +53,7 @@ def interrupted_then_resumed(cfg, data, ckpt, die_at: int):
             raise KeyboardInterrupt
         real_observe(batches)
 
-    first._observe = dying_observe
+    first.observe = dying_observe
     with pytest.raises(KeyboardInterrupt):
         first.calibrate(data, progress=False, checkpoint=ckpt)
     with pytest.raises(TmpqError, match="unfinished calibration"):
@@ -61,8 +61,8 @@ def interrupted_then_resumed(cfg, data, ckpt, die_at: int):
 
     resumed = QuantSupernet(tiny_unet(), cfg)
     seen = []
-    real = resumed._observe
-    resumed._observe = lambda b: (seen.append(1), real(b))
+    real = resumed.observe
+    resumed.observe = lambda b: (seen.append(1), real(b))
     resumed.calibrate(data, progress=False, checkpoint=ckpt)
     return resumed, len(seen)
 

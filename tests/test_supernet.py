@@ -7,6 +7,7 @@ from conftest import calib_batches as _data
 from conftest import interrupted_then_resumed, tiny_unet
 from tmpq.core.errors import TmpqError
 from tmpq.supernet import QuantSupernet, SupernetConfig
+from tmpq.supernet.calibration import blocks
 
 TIE_QKV = (r"(.*attentions\.\d+)\.to_[qkv]$",)
 
@@ -157,7 +158,7 @@ def test_adaround_reconstruction_lowers_block_error():
                                                     w_observer="minmax", a_observer="minmax"))
     data = _data(2)
     net.calibrate(data, progress=False)
-    names = [n for n, _ in net.blocks()]
+    names = [n for n, _ in blocks(net)]
     assert "conv_in" in names and "conv_out" in names and any(".resnets." in n for n in names)
     assert not any(a != b and b.startswith(a + ".") for a in names for b in names)  # outermost only
     reports = net.reconstruct(data, iters=40, lr=1e-2, progress=False)

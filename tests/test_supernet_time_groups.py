@@ -79,7 +79,7 @@ def test_save_load_and_export_selection_keep_every_group(grouped, tmp_path):
 def test_file_without_group_boundaries_is_refused(grouped, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from tmpq.supernet.supernet import read_supernet_file
+    from tmpq.supernet.store import read_supernet_file
 
     path = grouped.save(tmp_path / "s.safetensors")
     meta, _ = read_supernet_file(path, tensors=False)

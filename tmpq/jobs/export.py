@@ -18,7 +18,7 @@ from tmpq.core.version import __version__
 from tmpq.deploy.bundle import EXPORT_FORMAT, EXPORT_JSON, EXPORT_VERSION, QUANT_FILE
 from tmpq.jobs.run import load_run
 from tmpq.supernet import QuantSupernet
-from tmpq.supernet.supernet import read_supernet_file
+from tmpq.supernet.store import read_supernet_file
 
 
 def _select_state(net, layer_bits: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:

@@ -33,7 +33,7 @@ from tmpq.jobs.run import load_run
 from tmpq.quant.distill import distill_scales, frozen_copy
 from tmpq.supernet import QuantSupernet, SupernetConfig
 from tmpq.supernet.calib_data import capture_along
-from tmpq.supernet.supernet import read_supernet_file
+from tmpq.supernet.store import read_supernet_file
 
 FINAL_VERSION = 1
 

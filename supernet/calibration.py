@@ -1,0 +1,165 @@
+"""Calibrating a supernet: every option of every layer once, on (x_t, t) batches captured from the FP sampler,
+with the bookkeeping that makes it resumable (per activation option, per timestep group) and BRECQ-style block
+reconstruction after AdaRound. The supernet itself only switches options and runs observation passes
+(:meth:`QuantSupernet.observe`, :meth:`QuantSupernet.correct_bias`)."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from tmpq.core.errors import TmpqError
+from tmpq.quant.reconstruct import capture_block, reconstruct_block
+
+
+@torch.no_grad()
+def calibrate(net, data: Iterable[tuple[torch.Tensor, torch.Tensor]], mode: str = "per-option",
+              seed: int = 0, progress: bool = True, checkpoint: Path | str | None = None) -> None:
+    """Calibrate every option of every layer once.
+
+    Weights: each option observes the FP weight (per-channel MSE search by default).
+    Activations, ``per-option``: for each activation option the whole model runs at (w ~ a, a) (the authors'
+    code); ``random-path``: each batch runs a random per-gene allocation (the paper text) and each layer's active
+    option observes. ``data`` yields (x_t, t) batches captured from the FP sampler. With ``checkpoint``, the
+    state is saved after every finished activation option (every finished timestep group with ``time_groups``
+    > 1) and a rerun resumes after the last finished one.
+
+    ``time_groups`` G > 1: the distinct calibration timesteps are split into G contiguous groups of equal count
+    (fewer if there are fewer timesteps); bias correction and activation ranges run once per group on its data
+    and are kept in the layers' banks; afterwards each denoiser call makes its timestep's group live.
+    """
+    if mode not in ("per-option", "random-path"):
+        raise TmpqError(f"calibration.mode: unknown {mode!r}; choose per-option or random-path")
+    batches = list(data)
+    if not batches:
+        raise TmpqError("calibration: no calibration data")
+    G = net.config.time_groups  # bank rows; the groups actually formed: len(parts)
+    parts = [np.unique(torch.cat([t.reshape(-1) for _, t in batches]).cpu().numpy())]
+    if G > 1:  # data with fewer distinct timesteps than groups: one group per timestep (the bank's last rows
+        # stay unused)
+        parts = np.array_split(parts[0], min(G, len(parts[0])))
+    starts = [int(p[0]) for p in parts[1:]]
+    progress_meta: dict = {}
+    if checkpoint is not None and Path(checkpoint).is_file():
+        progress_meta = net.load(checkpoint, allow_partial=True)
+        if progress_meta.get("mode") != mode or progress_meta.get("time_starts", []) != starts:
+            progress_meta = {}
+    done_groups = list(progress_meta.get("done_groups", []))
+    done = list(progress_meta.get("done_a_bits", []))
+    net.time_starts, net._live_group = [], None  # no routing while calibrating
+    if not done and not done_groups:
+        for layer in net.layers.values():
+            layer.calibrate_weights()
+    for g, part in enumerate(parts):
+        if g in done_groups:
+            continue
+        if len(parts) > 1:
+            keep = torch.as_tensor(part)
+            group = [(x[m], t[m]) for x, t in batches
+                     for m in [torch.isin(t.reshape(-1).cpu(), keep).to(t.device)] if bool(m.any())]
+            for layer in net.layers.values():  # every group observes afresh
+                for q in layer.activation_quantizers():
+                    q.reset()
+        else:
+            group = batches
+        desc = f" [time group {g + 1}/{len(parts)}]" if len(parts) > 1 else ""
+        _calibrate_activations(net, group, mode, seed, progress, desc, done if g == len(done_groups) else [],
+                                    checkpoint if G == 1 else None)
+        done = []
+        if G > 1:
+            for layer in net.layers.values():
+                layer.store_time_group(g)
+            done_groups.append(g)
+            if checkpoint is not None and len(done_groups) < len(parts):
+                net.time_starts = starts
+                net.save(checkpoint, progress={"mode": mode, "time_starts": starts, "done_groups": done_groups,
+                                                "complete": False})
+                net.time_starts = []
+    for layer in net.layers.values():
+        layer.invalidate_cache()
+    net.time_starts, net._live_group = starts, (len(parts) - 1 if G > 1 else None)
+    net._calibrated = True
+    net.set_fp()
+    if checkpoint is not None:
+        net.save(checkpoint, progress={"mode": mode, "done_a_bits": list(net.config.a_bits), "time_starts": starts,
+                                        "done_groups": list(range(len(parts))), "complete": True})
+
+
+def _calibrate_activations(net, batches, mode: str, seed: int, progress: bool, desc: str, done: list[int],
+                           checkpoint) -> None:
+    """Bias correction and activation ranges of every option on ``batches`` (one timestep group)."""
+    if not done and net.config.bias_correction:
+        net.correct_bias(batches)
+    if mode == "per-option":
+        for j, a in enumerate(net.config.a_bits):
+            if a in done or (j > 0 and net.num_genes == 0):  # all layers pinned: one pass is all there is
+                continue
+            w = a if a in net.config.w_bits else max(net.config.w_bits)
+            net.set_uniform(w, a)
+            net.observe(tqdm(batches, desc=f"calibrate A{a} (W{w}){desc}", disable=not progress, leave=False))
+            for name, layer in net.layers.items():
+                if name in net._gene_of:
+                    layer.freeze_activations(j)
+                elif not bool(layer.a_quant[0].frozen):
+                    layer.freeze_activations(0)
+            done.append(a)
+            if checkpoint is not None and len(done) < len(net.config.a_bits):
+                net.save(checkpoint, progress={"mode": mode, "done_a_bits": done, "complete": False})
+    else:
+        rng = np.random.default_rng(seed)
+        seen: set[tuple[str, int]] = set()
+        for x, t in tqdm(batches, desc=f"calibrate random-path{desc}", disable=not progress, leave=False):
+            alloc = [(int(rng.choice(net.config.w_bits)), int(rng.choice(net.config.a_bits)))
+                     for _ in range(net.num_genes)]
+            net.set_bits(alloc)
+            seen |= {(n, lay.a_index) for n, lay in net.layers.items()}
+            net.observe([(x, t)])
+        # every option must have seen data: fill gaps with uniform passes at the missing option
+        for j, a in enumerate(net.config.a_bits):
+            if any((n, j) not in seen for n in net._gene_of):
+                net.set_uniform(max(net.config.w_bits), a)
+                net.observe(batches[: max(1, len(batches) // 4)])
+        for layer in net.layers.values():
+            layer.freeze_activations()
+
+
+def blocks(net) -> list[tuple[str, nn.Module]]:
+    """Reconstruction units: outermost modules of a ``block_types`` class, plus each quantized layer that lies
+    in none of them."""
+    out: list[tuple[str, nn.Module]] = []
+    covered: set[str] = set()
+    for name, mod in net.unet.named_modules():
+        if type(mod).__name__ in net.config.block_types and not any(name.startswith(c + ".") for c in covered):
+            out.append((name, mod))
+            covered.add(name)
+    for name, layer in net.layers.items():
+        if not any(name.startswith(c + ".") for c in covered):
+            out.append((name, layer))
+    return out
+
+
+def reconstruct(net, data: list[tuple[torch.Tensor, torch.Tensor]], iters: int = 200, lr: float = 1e-3,
+                progress: bool = True) -> list[dict]:
+    """BRECQ / AdaRound for every weight option, block by block (whole model at that option, as the authors'
+    code). Needs ``w_rounding = "adaround"`` and frozen activation quantizers (``calibrate`` first)."""
+    if net.config.w_rounding != "adaround":
+        raise TmpqError("reconstruction needs supernet.w_rounding = adaround")
+    units = blocks(net)
+    reports = []
+    net.set_fp()
+    caches = {}
+    for name, block in tqdm(units, desc="cache block I/O", disable=not progress, leave=False):
+        caches[name] = capture_block(net.unet, block, lambda: [net.unet(x, t) for x, t in data])
+    for w in (net.config.w_bits if net.num_genes else net.config.w_bits[:1]):  # all pinned: one pass
+        a = w if w in net.config.a_bits else max(net.config.a_bits)
+        net.set_uniform(w, a)
+        for name, block in tqdm(units, desc=f"reconstruct W{w}A{a}", disable=not progress, leave=False):
+            res = reconstruct_block(block, caches[name], iters=iters, lr=lr,
+                                    bias_correction=net.config.bias_correction)
+            reports.append({"block": name, "w_bits": w, "a_bits": a, **res})
+    net.set_fp()
+    return reports
