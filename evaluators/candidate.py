@@ -141,7 +141,7 @@ class CandidateEvaluator:
                 raise TmpqError(f"per-group bits: {len(bits)} allocations for {len(timesteps)} steps")
             steps = list(reversed(bits))  # step k (descending t) lies in group n-1-k
 
-            def on_step(k, t, x):
+            def on_step(k, t, x, cond):
                 self.net.set_bits(steps[k])
 
             self.net.set_bits(steps[0])

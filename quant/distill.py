@@ -8,7 +8,7 @@ captured along the schedule the quantized model will run.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -43,9 +43,16 @@ def _active_quantizers(model: nn.Module) -> list[nn.Module]:
     return out
 
 
-def distill_scales(qmodel: nn.Module, teacher: nn.Module, data: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                   iters: int = 200, lr: float = 1e-4, seed: int = 0, progress: bool = False) -> dict:
-    """Tune the active quantizers' scales of ``qmodel`` to match ``teacher``'s outputs on ``data`` batches.
+def _output(model: nn.Module, batch) -> torch.Tensor:
+    x, t = batch[0], batch[1]
+    return model(x, t).sample
+
+
+def distill_scales(qmodel: nn.Module, teacher: nn.Module, data: Sequence[tuple], iters: int = 200, lr: float = 1e-4,
+                   seed: int = 0, progress: bool = False, output: Callable = _output) -> dict:
+    """Tune the active quantizers' scales of ``qmodel`` to match ``teacher``'s outputs on ``data`` batches;
+    ``output(model, batch)`` is the model's prediction on one batch (default: ``model(x, t).sample``; a denoiser
+    adapter's for conditional models).
 
     Returns ``{"loss_before", "loss_after", "iters", "params"}`` (losses: mean over all batches, no grad).
     """
@@ -61,7 +68,7 @@ def distill_scales(qmodel: nn.Module, teacher: nn.Module, data: Sequence[tuple[t
         p.requires_grad_(False)
     teacher = teacher.eval()
     with torch.no_grad():
-        targets = [teacher(x, t).sample for x, t in data]
+        targets = [output(teacher, b) for b in data]
 
     def mean_loss() -> float:
         # layers cache their quantized weights for no-grad calls: drop what was cached with other scales first
@@ -69,7 +76,7 @@ def distill_scales(qmodel: nn.Module, teacher: nn.Module, data: Sequence[tuple[t
             if isinstance(layer, QuantLayer):
                 layer.invalidate_cache()
         with torch.no_grad():
-            return float(sum(F.mse_loss(qmodel(x, t).sample, y) for (x, t), y in zip(data, targets)) / len(data))
+            return float(sum(F.mse_loss(output(qmodel, b), y) for b, y in zip(data, targets)) / len(data))
 
     before = mean_loss()
     opt = torch.optim.Adam(params, lr=lr)
@@ -77,8 +84,7 @@ def distill_scales(qmodel: nn.Module, teacher: nn.Module, data: Sequence[tuple[t
     g = torch.Generator().manual_seed(seed)
     for it in tqdm(range(iters), desc="distil quantizer scales", disable=not progress, leave=False):
         i = int(torch.randint(len(data), (1,), generator=g))
-        x, t = data[i]
-        loss = F.mse_loss(qmodel(x, t).sample, targets[i])
+        loss = F.mse_loss(output(qmodel, data[i]), targets[i])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -20,8 +20,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from tmpq.core.adapters import adapter_for, denoiser_of, guided_eps, sample_shape
 from tmpq.core.errors import TmpqError
-from tmpq.core.sampler import NoiseBank, sample_shape
+from tmpq.core.sampler import NoiseBank
 from tmpq.core.schedules import make_timesteps
 
 VERSION = 2  # 2: the step-error profile (the sensitivity profile is unchanged from 1)
@@ -41,9 +42,11 @@ def _probe(unet: torch.nn.Module, scheduler, n_images: int, probe_steps: int, se
     bank = NoiseBank(seed, sample_shape(unet))
     device = next(unet.parameters()).device
     x = bank.initial(list(range(n_images))).to(device)
+    inner = denoiser_of(unet)
+    cond = adapter_for(inner).conditions(inner, range(n_images), device=device)
     steps, eps_all, x0_all = scheduler.timesteps.tolist(), [], []
     for t in steps:
-        eps = unet(x, torch.full((x.shape[0],), t, dtype=torch.int64, device=device)).sample
+        eps = guided_eps(unet, x, torch.full((x.shape[0],), t, dtype=torch.int64, device=device), cond)
         out = scheduler.step(eps, t, x, eta=0.0)
         eps_all.append(eps.float().cpu())
         x0_all.append(out.pred_original_sample.clamp(-1, 1).float().cpu())

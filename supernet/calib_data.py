@@ -9,14 +9,15 @@ Three strategies (compared in the supernet report):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from tmpq.core.adapters import adapter_for, denoiser_of, sample_shape
 from tmpq.core.errors import TmpqError
-from tmpq.core.sampler import NoiseBank, sample_batch, sample_shape
+from tmpq.core.sampler import NoiseBank, sample_batch
 from tmpq.core.schedules import make_timesteps
 
 STRATEGIES = ("uniform", "ndtc", "eda")
@@ -55,57 +56,89 @@ class CalibrationConfig:
                 raise TmpqError(f"calibration.{key}: must be an integer >= {low}, got {v!r}")
 
 
+def _rows(cond: dict, idx) -> dict:
+    return {k: v[idx] for k, v in cond.items()}
+
+
 @dataclass
 class CalibData:
-    """Captured denoiser inputs: x [N, C, H, W] and integer timesteps t [N]."""
+    """Captured denoiser inputs: x [N, C, H, W], integer timesteps t [N] and the conditioning of each row (a dict of
+    tensors [N, ...]; empty for unconditional models)."""
 
     x: torch.Tensor
     t: torch.Tensor
     strategy: str
+    cond: dict = field(default_factory=dict)
 
     def batches(self, batch_size: int = 64):
+        """(x, t) batches, or (x, t, cond) for a conditional model."""
         for i in range(0, len(self.t), batch_size):
-            yield self.x[i:i + batch_size], self.t[i:i + batch_size]
+            sl = slice(i, i + batch_size)
+            yield (self.x[sl], self.t[sl], _rows(self.cond, sl)) if self.cond else (self.x[sl], self.t[sl])
+
+    def with_null_pass(self, unet) -> "CalibData":
+        """Every input twice: with its conditioning and with the null conditioning that classifier-free guidance
+        pairs it with (guided sampling runs both passes, so calibration sees both)."""
+        inner = denoiser_of(unet)
+        null = adapter_for(inner).null(inner, self.cond)
+        return CalibData(torch.cat([self.x, self.x]), torch.cat([self.t, self.t]), self.strategy,
+                         {k: torch.cat([self.cond[k], null[k]]) for k in self.cond})
 
     def __len__(self) -> int:
         return len(self.t)
 
 
 @torch.no_grad()
-def capture_along(unet, scheduler, timesteps, n_samples: int, seed: int = 10_000,
-                  batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def capture_along(unet, scheduler, timesteps, n_samples: int, seed: int = 10_000, batch: int | None = None,
+                  guidance_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Run the sampler along exactly ``timesteps`` on noise-bank images 0..n_samples-1 (``seed`` distinct from the
     evaluation seeds), ``batch`` trajectories per sampler call (default: all at once), and return every step's
-    denoiser input: xs [steps, n, C, H, W] and the timesteps [steps]."""
+    denoiser input: xs [steps, n, C, H, W], the timesteps [steps] and the images' conditioning (tensors [n, ...])."""
     bank = NoiseBank(seed, sample_shape(unet))
     step = batch or n_samples
-    chunks = []
+    chunks, conds = [], []
     for s in range(0, n_samples, step):
         xs: list[torch.Tensor] = []
-        sample_batch(unet, scheduler, timesteps, bank, list(range(s, min(s + step, n_samples))),
-                     on_step=lambda k, t, x: xs.append(x.clone()))
+        seen: list[dict] = []
+
+        def keep(k, t, x, cond):
+            xs.append(x.clone())
+            if k == 0:
+                seen.append(cond)
+
+        sample_batch(unet, scheduler, timesteps, bank, list(range(s, min(s + step, n_samples))), on_step=keep,
+                     guidance_scale=guidance_scale)
         chunks.append(torch.stack(xs))
-    return torch.cat(chunks, dim=1), torch.tensor([int(t) for t in timesteps])
+        conds.append(seen[0])
+    cond = {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+    return torch.cat(chunks, dim=1), torch.tensor([int(t) for t in timesteps]), cond
 
 
 def capture_trajectories(unet, scheduler, n_samples: int, sampler_steps: int, seed: int = 10_000,
-                         schedule: str = "uniform") -> tuple[torch.Tensor, torch.Tensor]:
+                         schedule: str = "uniform", guidance_scale: float = 1.0):
     """:func:`capture_along` the ``schedule`` of ``sampler_steps`` steps (the FP sampler's trajectories)."""
     ts = make_timesteps(schedule, sampler_steps, scheduler.config.num_train_timesteps)
-    return capture_along(unet, scheduler, ts, n_samples, seed)
+    return capture_along(unet, scheduler, ts, n_samples, seed, guidance_scale=guidance_scale)
 
 
-def _mid_features(unet, x: torch.Tensor, t: torch.Tensor) -> np.ndarray:
+def _mid_features(unet, x: torch.Tensor, t: torch.Tensor, cond: dict) -> np.ndarray:
+    """Per-sample features of the adapter's middle module (mean over space or tokens)."""
+    inner = denoiser_of(unet)
+    adapter = adapter_for(inner)
+    module = adapter.feature_module(inner)
+    if module is None:
+        raise TmpqError(f"calibration.strategy eda: the {type(inner).__name__} adapter names no feature module")
     feats = []
 
     def hook(mod, inp, out):
-        feats.append(out.mean(dim=(2, 3)).double().cpu())
+        out = out[0] if isinstance(out, tuple) else out
+        feats.append((out.mean(dim=(2, 3)) if out.dim() == 4 else out.mean(dim=1)).double().cpu())
 
-    h = unet.mid_block.register_forward_hook(hook)
+    h = module.register_forward_hook(hook)
     try:
         with torch.no_grad():
             for i in range(0, len(t), 256):
-                unet(x[i:i + 256], t[i:i + 256])
+                adapter.call(unet, x[i:i + 256], t[i:i + 256], _rows(cond, slice(i, i + 256)))
     finally:
         h.remove()
     return torch.cat(feats).numpy()
@@ -122,8 +155,11 @@ def _farthest_points(f: np.ndarray, k: int, rng: np.random.Generator) -> np.ndar
 
 
 def make_calib_data(unet, scheduler, strategy: str = "uniform", n_steps: int = 20, per_step: int = 32,
-                    sampler_steps: int = 100, seed: int = 10_000, lam: float = 1.0) -> CalibData:
-    """Build ``n_steps x per_step`` calibration pairs with the named strategy (default 20 x 32 = 640).
+                    sampler_steps: int = 100, seed: int = 10_000, lam: float = 1.0,
+                    guidance_scale: float = 1.0) -> CalibData:
+    """Build ``n_steps x per_step`` calibration pairs with the named strategy (default 20 x 32 = 640). With
+    ``guidance_scale != 1`` the trajectories are guided and every input comes twice: with its conditioning and with
+    the null conditioning (the two passes of classifier-free guidance).
 
     Example:
         >>> data = make_calib_data(unet, sched, "ndtc", n_steps=4, per_step=8)  # doctest: +SKIP
@@ -133,26 +169,33 @@ def make_calib_data(unet, scheduler, strategy: str = "uniform", n_steps: int = 2
     if n_steps < 1 or per_step < 1 or sampler_steps < n_steps:
         raise TmpqError(f"calibration: need 1 <= n_steps <= sampler_steps and per_step >= 1, got n_steps={n_steps}, "
                         f"per_step={per_step}, sampler_steps={sampler_steps}")
+    data = _strategy_data(unet, scheduler, strategy, n_steps, per_step, sampler_steps, seed, lam, guidance_scale)
+    return data.with_null_pass(unet) if guidance_scale != 1.0 else data
+
+
+def _strategy_data(unet, scheduler, strategy, n_steps, per_step, sampler_steps, seed, lam, guidance_scale):
     rng = np.random.default_rng(seed)
     T = scheduler.config.num_train_timesteps
     if strategy == "uniform":
-        xs, ts = capture_trajectories(unet, scheduler, per_step, sampler_steps, seed)
+        xs, ts, cond = capture_trajectories(unet, scheduler, per_step, sampler_steps, seed,
+                                            guidance_scale=guidance_scale)
         keep = np.unique(np.linspace(0, sampler_steps - 1, n_steps).round().astype(int))
         x = xs[keep].flatten(0, 1)
         t = ts[keep].repeat_interleave(per_step)
-        return CalibData(x, t, strategy)
+        return CalibData(x, t, strategy, _rows(cond, torch.arange(per_step).repeat(len(keep))))
     total = n_steps * per_step
     if strategy == "ndtc":
-        xs, ts = capture_trajectories(unet, scheduler, total, sampler_steps, seed)
+        xs, ts, cond = capture_trajectories(unet, scheduler, total, sampler_steps, seed,
+                                            guidance_scale=guidance_scale)
         want = np.clip(rng.normal(0.4 * T, 0.4 * T, size=total), 0, T - 1)
         step = np.abs(ts.numpy()[None, :] - want[:, None]).argmin(1)  # nearest trajectory step per sample
         x = torch.stack([xs[s, i] for i, s in enumerate(step)])
-        return CalibData(x, ts[step], strategy)
+        return CalibData(x, ts[step], strategy, cond)
     # eda: density + lambda * diversity per step, then farthest-point selection inside each step
     pool = max(per_step * 2, 16)
-    xs, ts = capture_trajectories(unet, scheduler, pool, sampler_steps, seed)
+    xs, ts, cond = capture_trajectories(unet, scheduler, pool, sampler_steps, seed, guidance_scale=guidance_scale)
     cand = np.unique(np.linspace(0, sampler_steps - 1, min(sampler_steps, 2 * n_steps)).round().astype(int))
-    feats = {s: _mid_features(unet, xs[s], ts[s].repeat(pool)) for s in cand}
+    feats = {s: _mid_features(unet, xs[s], ts[s].repeat(pool), cond) for s in cand}
     allf = np.concatenate(list(feats.values()))
     mu, sd = allf.mean(0), allf.std(0) + 1e-8
     centre = ((allf - mu) / sd).mean(0)
@@ -164,18 +207,19 @@ def make_calib_data(unet, scheduler, strategy: str = "uniform", n_steps: int = 2
     counts = np.floor(w / w.sum() * total).astype(int)
     counts[np.argsort(-w)[: total - counts.sum()]] += 1
     counts = np.minimum(counts, pool)
-    xs_out, ts_out = [], []
+    xs_out, ts_out, rows = [], [], []
     for s, c in zip(cand, counts):
         if c == 0:
             continue
         idx = _farthest_points((feats[s] - mu) / sd, int(c), rng)
         xs_out.append(xs[s, idx])
         ts_out.append(ts[s].repeat(int(c)))
-    return CalibData(torch.cat(xs_out), torch.cat(ts_out), strategy)
+        rows.append(torch.as_tensor(idx))
+    return CalibData(torch.cat(xs_out), torch.cat(ts_out), strategy, _rows(cond, torch.cat(rows)))
 
 
 def calibrate_to_file(net, scheduler, out: Path | str, cfg: CalibrationConfig | None = None,
-                      progress: bool = True) -> dict:
+                      progress: bool = True, guidance_scale: float = 1.0) -> dict:
     """Capture calibration data (``cfg.strategy`` along the FP trajectories of ``net``'s own denoiser, passed
     through), calibrate every option of the supernet ``net`` and save it to ``out`` (a ``.safetensors`` file).
     Resumable per option through ``<out stem>.partial.safetensors`` beside it, which is removed once ``out`` is
@@ -185,7 +229,7 @@ def calibrate_to_file(net, scheduler, out: Path | str, cfg: CalibrationConfig | 
     out = Path(out)
     partial = out.with_name(out.stem + ".partial.safetensors")
     data = make_calib_data(net.unet, scheduler, cfg.strategy, n_steps=cfg.steps, per_step=cfg.per_step,
-                           sampler_steps=cfg.sampler_steps, seed=cfg.seed)
+                           sampler_steps=cfg.sampler_steps, seed=cfg.seed, guidance_scale=guidance_scale)
     net.set_fp()
     batches = list(data.batches(cfg.batch_size))
     net.calibrate(batches, mode=cfg.mode, seed=0, progress=progress, checkpoint=partial)

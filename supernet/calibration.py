@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from tmpq.core.adapters import forward, select, unpack
 from tmpq.core.errors import TmpqError
 from tmpq.quant.reconstruct import capture_block, reconstruct_block
 
@@ -38,7 +39,7 @@ def calibrate(net, data: Iterable[tuple[torch.Tensor, torch.Tensor]], mode: str 
     if not batches:
         raise TmpqError("calibration: no calibration data")
     G = net.config.time_groups  # bank rows; the groups actually formed: len(parts)
-    parts = [np.unique(torch.cat([t.reshape(-1) for _, t in batches]).cpu().numpy())]
+    parts = [np.unique(torch.cat([unpack(b)[1].reshape(-1) for b in batches]).cpu().numpy())]
     if G > 1:  # data with fewer distinct timesteps than groups: one group per timestep (the bank's last rows
         # stay unused)
         parts = np.array_split(parts[0], min(G, len(parts[0])))
@@ -59,8 +60,9 @@ def calibrate(net, data: Iterable[tuple[torch.Tensor, torch.Tensor]], mode: str 
             continue
         if len(parts) > 1:
             keep = torch.as_tensor(part)
-            group = [(x[m], t[m]) for x, t in batches
-                     for m in [torch.isin(t.reshape(-1).cpu(), keep).to(t.device)] if bool(m.any())]
+            group = [select(b, m) for b in batches
+                     for m in [torch.isin(unpack(b)[1].reshape(-1).cpu(), keep).to(unpack(b)[1].device)]
+                     if bool(m.any())]
             for layer in net.layers.values():  # every group observes afresh
                 for q in layer.activation_quantizers():
                     q.reset()
@@ -112,12 +114,12 @@ def _calibrate_activations(net, batches, mode: str, seed: int, progress: bool, d
     else:
         rng = np.random.default_rng(seed)
         seen: set[tuple[str, int]] = set()
-        for x, t in tqdm(batches, desc=f"calibrate random-path{desc}", disable=not progress, leave=False):
+        for batch in tqdm(batches, desc=f"calibrate random-path{desc}", disable=not progress, leave=False):
             alloc = [(int(rng.choice(net.config.w_bits)), int(rng.choice(net.config.a_bits)))
                      for _ in range(net.num_genes)]
             net.set_bits(alloc)
             seen |= {(n, lay.a_index) for n, lay in net.layers.items()}
-            net.observe([(x, t)])
+            net.observe([batch])
         # every option must have seen data: fill gaps with uniform passes at the missing option
         for j, a in enumerate(net.config.a_bits):
             if any((n, j) not in seen for n in net._gene_of):
@@ -153,7 +155,7 @@ def reconstruct(net, data: list[tuple[torch.Tensor, torch.Tensor]], iters: int =
     net.set_fp()
     caches = {}
     for name, block in tqdm(units, desc="cache block I/O", disable=not progress, leave=False):
-        caches[name] = capture_block(net.unet, block, lambda: [net.unet(x, t) for x, t in data])
+        caches[name] = capture_block(net.unet, block, lambda: [forward(net.unet, b) for b in data])
     for w in (net.config.w_bits if net.num_genes else net.config.w_bits[:1]):  # all pinned: one pass
         a = w if w in net.config.a_bits else max(net.config.a_bits)
         net.set_uniform(w, a)

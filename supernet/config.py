@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from tmpq.core.cost import LayerCost
 from tmpq.core.errors import TmpqError
@@ -30,8 +30,9 @@ class SupernetConfig:
 
     - ``w_bits`` / ``a_bits``: candidate weight / activation bit-widths of every searchable layer.
     - ``include`` / ``exclude``: ``fnmatch`` patterns over module FQNs (Conv2d / Linear only).
-    - ``pin``: FQN pattern -> ``[w_bits, a_bits]``; matching layers are fixed. Default: ``conv_in`` at 8-bit weights
-      and 16-bit inputs, ``conv_out`` at 16 / 16. Both carry one image channel, so their MACs are a sliver of the
+    - ``pin``: FQN pattern -> ``[w_bits, a_bits]``; matching layers are fixed. ``"auto"`` (the default): the
+      denoiser adapter's pins (``tmpq.core.adapters``), for a UNet ``conv_in`` at 8-bit weights and 16-bit inputs
+      and ``conv_out`` at 16 / 16. Both carry one image channel, so their MACs are a sliver of the
       model's (over W8A8 pins, BitOPs of uniform W8A8 +0.5 %, of W4A6 +1.3 %, embedded model), and both were the
       largest single errors of uniform W8A8 (embedded model, 20 uniform DDIM steps, 64 images, paired pixel MSE to
       FP; ``benchmarks/supernet_diag.py``): the 8-bit grid on the sampler state x_t (``conv_in``'s input) gave
@@ -69,7 +70,7 @@ class SupernetConfig:
     a_bits: tuple[int, ...] = (8, 6)
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
-    pin: dict = field(default_factory=lambda: {"conv_in": [8, 16], "conv_out": [16, 16]})
+    pin: dict | str = "auto"
     tie: tuple[str, ...] = ()
     tie_qkv: bool = True
     w_granularity: str = "channel"
@@ -91,10 +92,12 @@ class SupernetConfig:
         if _LEGACY_TIE_QKV in self.tie:
             object.__setattr__(self, "tie", tuple(t for t in self.tie if t != _LEGACY_TIE_QKV))
             object.__setattr__(self, "tie_qkv", True)
-        if not isinstance(self.pin, dict):
-            raise TmpqError(f"supernet.pin: must be a table of pattern = [w_bits, a_bits], got {self.pin!r}")
+        if self.pin != "auto" and not isinstance(self.pin, dict):
+            raise TmpqError(f"supernet.pin: must be \"auto\" or a table of pattern = [w_bits, a_bits], got "
+                            f"{self.pin!r}")
         # pins as lists (as JSON reads them back), so configs compare equal across a round trip
-        object.__setattr__(self, "pin", {k: list(v) if isinstance(v, tuple) else v for k, v in self.pin.items()})
+        if isinstance(self.pin, dict):
+            object.__setattr__(self, "pin", {k: list(v) if isinstance(v, tuple) else v for k, v in self.pin.items()})
         object.__setattr__(self, "w_bits", tuple(int(b) for b in self.w_bits))
         object.__setattr__(self, "a_bits", tuple(int(b) for b in self.a_bits))
         object.__setattr__(self, "include", tuple(self.include))
@@ -112,7 +115,7 @@ class SupernetConfig:
                 raise TmpqError(f"supernet.{key}: repeated bit-width in {list(bits)}")
             for b in bits:
                 _check_bits(f"supernet.{key}", b, weight=key == "w_bits")
-        for pat, wa in self.pin.items():
+        for pat, wa in (self.pin.items() if isinstance(self.pin, dict) else ()):
             if not isinstance(wa, (list, tuple)) or len(wa) != 2:
                 raise TmpqError(f"supernet.pin.{pat}: must be [w_bits, a_bits], got {wa!r}")
             _check_bits(f"supernet.pin.{pat}", wa[0], weight=True)

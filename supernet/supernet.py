@@ -3,6 +3,7 @@ through the type -> wrapper registry of ``quant.layers``) with one quantizer per
 is served by switching option indices, never by recalibrating."""
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import hashlib
 import json
@@ -13,9 +14,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from tmpq.core.adapters import adapter_for, forward, sample_shape
 from tmpq.core.cost import call_bitops, weight_bits
 from tmpq.core.errors import TmpqError
-from tmpq.core.sampler import sample_shape
 from tmpq.quant.layers import WRAPPERS, QuantLayer, correct_bias, replace_module, wrap
 from tmpq.supernet import calibration
 from tmpq.supernet.config import TIE_QKV, LayerInfo, SupernetConfig
@@ -65,7 +66,10 @@ class QuantSupernet(nn.Module):
 
     def __init__(self, unet: nn.Module, config: SupernetConfig | None = None):
         super().__init__()
-        self.config = config = config or SupernetConfig()
+        config = config or SupernetConfig()
+        if config.pin == "auto":  # the denoiser's own first / last layers (its adapter knows them)
+            config = dataclasses.replace(config, pin=adapter_for(unet).default_pins(unet))
+        self.config = config
         self.fingerprint = model_fingerprint(unet)
         self.unet = unet
         splits = _skip_splits(unet) if config.split_skip else {}
@@ -143,8 +147,9 @@ class QuantSupernet(nn.Module):
         for lay in self.layers.values():
             lay.set_bits(None, None)
         try:
-            x = torch.zeros(1, *sample_shape(self.unet), device=self._device())
-            self.unet(x, torch.tensor([500], device=x.device))
+            adapter, device = adapter_for(self.unet), self._device()
+            x = torch.zeros(1, *sample_shape(self.unet), device=device)
+            adapter.call(self.unet, x, torch.tensor([500], device=device), adapter.example(self.unet, 1, device))
         finally:
             for h in hooks:
                 h.remove()
@@ -156,6 +161,11 @@ class QuantSupernet(nn.Module):
                                    params=layer.module.weight.numel(), gene=self._gene_of.get(name),
                                    pinned=self._pinned.get(name), split=layer.split))
         return infos
+
+    @property
+    def denoiser(self) -> nn.Module:
+        """The wrapped denoiser (what :mod:`tmpq.core.adapters` calls through)."""
+        return self.unet
 
     def _device(self) -> torch.device:
         return next(self.unet.parameters()).device
@@ -263,15 +273,15 @@ class QuantSupernet(nn.Module):
     def correct_bias(self, data: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Bias correction of every weight option of every layer: one FP pass over ``data`` measures each option's
         mean output shift on the layer's FP inputs (``quant.layers.correct_bias``)."""
-        correct_bias(self.layers.values(), lambda: [self.unet(x, t) for x, t in data])
+        correct_bias(self.layers.values(), lambda: [forward(self.unet, b) for b in data])
 
     def observe(self, batches) -> None:
         """Run ``batches`` with every layer's observers on (one calibration pass at the live options)."""
         for layer in self.layers.values():
             layer.observing = True
         try:
-            for x, t in batches:
-                self.unet(x, t)
+            for batch in batches:
+                forward(self.unet, batch)
         finally:
             for layer in self.layers.values():
                 layer.observing = False

@@ -46,9 +46,11 @@ def test_a_run_made_before_the_move_reads_and_keeps_its_fingerprint(old_run):
     assert toml == cfg  # the TOML's defaults are today's defaults
     fp = model_fingerprint(load_model("tiny-ddpm").unet)
     assert run_fingerprint(toml, fp) == resolved["fingerprint"]
-    # the old supernet file (its config: the qkv tie as a regex, group_size null) is the same config today
+    # the old supernet file (its config: the qkv tie as a regex, group_size null, the UNet's pins spelled out) is
+    # the config today's run builds over the model (pin = "auto": the UNet adapter's pins)
     net = QuantSupernet.from_file(load_model("tiny-ddpm").unet, old_run / "supernet.safetensors")
-    assert net.config == cfg.supernet
+    assert cfg.supernet.pin == "auto"
+    assert net.config == QuantSupernet(load_model("tiny-ddpm").unet, cfg.supernet).config
     assert {f.name: f.read_bytes() for f in old_run.iterdir()} == before  # reading changed nothing
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
+from tmpq.core.adapters import sample_shape
 from tmpq.core.errors import TmpqError
-from tmpq.core.sampler import sample_shape
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tmpq never downloads weights
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")

@@ -15,6 +15,7 @@ import torch
 from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
+from tmpq.core.adapters import adapter_for, denoiser_of, guided_eps, sample_shape
 from tmpq.core.errors import TmpqError
 from tmpq.core.schedules import validate_timesteps
 
@@ -175,18 +176,24 @@ class NoiseBank:
 
 @torch.inference_mode()
 def sample_batch(unet: torch.nn.Module, scheduler: RespacedDDIMScheduler, timesteps: Sequence[int],
-                 bank: NoiseBank, indices: Sequence[int], eta: float = 0.0, on_step=None) -> torch.Tensor:
+                 bank: NoiseBank, indices: Sequence[int], eta: float = 0.0, on_step=None, labels=None,
+                 guidance_scale: float = 1.0) -> torch.Tensor:
     """Denoise the bank's images ``indices`` along ``timesteps``; returns images in [-1, 1].
 
-    ``on_step(k, t, x_t)``, if given, sees the denoiser input of every step (calibration-data capture)."""
+    The denoiser is called through its adapter (:mod:`tmpq.core.adapters`) with the images' conditioning (class
+    models: balanced labels ``index % classes`` unless ``labels`` names them; text models: the model's prompts),
+    and with classifier-free guidance when ``guidance_scale != 1``. ``on_step(k, t, x_t, cond)``, if given, sees the
+    denoiser input of every step (calibration-data capture)."""
     scheduler.set_timesteps(timesteps=timesteps)
     device = next(unet.parameters()).device
+    inner = denoiser_of(unet)
+    cond = adapter_for(inner).conditions(inner, indices, labels, device=device)
     x = bank.initial(indices).to(device)
     for k, t in enumerate(scheduler.timesteps.tolist()):
         t_in = torch.full((x.shape[0],), t, dtype=torch.int64, device=device)
         if on_step is not None:
-            on_step(k, t, x)
-        eps = unet(x, t_in).sample
+            on_step(k, t, x, cond)
+        eps = guided_eps(unet, x, t_in, cond, guidance_scale)
         noise = bank.eta(indices, k).to(device) if eta > 0 else None
         x = scheduler.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
     return x.clamp(-1.0, 1.0)
@@ -194,10 +201,13 @@ def sample_batch(unet: torch.nn.Module, scheduler: RespacedDDIMScheduler, timest
 
 def sample_images(unet: torch.nn.Module, scheduler: RespacedDDIMScheduler, timesteps: Sequence[int], n: int, *,
                   seed: int = 0, batch_size: int = 256, eta: float = 0.0, start: int = 0,
-                  progress: bool = True, desc: str = "sample", on_step=None) -> torch.Tensor:
+                  progress: bool = True, desc: str = "sample", on_step=None, labels=None,
+                  guidance_scale: float = 1.0) -> torch.Tensor:
     """Sample ``n`` images (bank indices ``start .. start+n-1``) in batches, with a progress bar.
 
-    ``on_step(k, t, x_t)`` is called before every denoiser call (see :func:`sample_batch`).
+    ``labels`` (class-conditional models): None = balanced (image i gets class ``i % classes``), one int for all,
+    or one per image; ``guidance_scale``: classifier-free guidance (1 = none). ``on_step(k, t, x_t, cond)`` is
+    called before every denoiser call (see :func:`sample_batch`).
 
     Example:
         >>> from tmpq.core.model import load_model
@@ -209,19 +219,17 @@ def sample_images(unet: torch.nn.Module, scheduler: RespacedDDIMScheduler, times
     if batch_size < 1:
         raise TmpqError(f"batch_size: must be >= 1, got {batch_size}")
     validate_timesteps(timesteps, scheduler.config.num_train_timesteps)
+    if labels is not None and not isinstance(labels, int):
+        labels = list(labels)
+        if len(labels) != n:
+            raise TmpqError(f"labels: {len(labels)} labels for {n} images")
     bank = NoiseBank(seed, sample_shape(unet))
     out = []
     with tqdm(total=n, desc=desc, unit="img", disable=not progress, dynamic_ncols=True) as bar:
         for s in range(start, start + n, batch_size):
             idx = list(range(s, min(s + batch_size, start + n)))
-            out.append(sample_batch(unet, scheduler, timesteps, bank, idx, eta=eta, on_step=on_step).cpu())
+            lab = labels[s - start: s - start + len(idx)] if isinstance(labels, list) else labels
+            out.append(sample_batch(unet, scheduler, timesteps, bank, idx, eta=eta, on_step=on_step, labels=lab,
+                                    guidance_scale=guidance_scale).cpu())
             bar.update(len(idx))
     return torch.cat(out)
-
-
-def sample_shape(unet) -> tuple[int, int, int]:
-    """(channels, height, width) of one sample of a diffusers denoiser, from its config (``sample_size`` an int or a
-    pair)."""
-    size = unet.config.sample_size
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return (int(unet.config.in_channels), int(h), int(w))

@@ -36,9 +36,10 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
+from tmpq.core.adapters import adapter_for, denoiser_of, sample_shape
 from tmpq.core.model import load_model
 from tmpq.core.rowlog import cpu_info
-from tmpq.core.sampler import make_scheduler, sample_images, sample_shape
+from tmpq.core.sampler import make_scheduler, sample_images
 from tmpq.core.schedules import make_timesteps
 from tmpq.deploy.bundle import load_export
 from tmpq.evaluators.features import make_extractor
@@ -454,9 +455,11 @@ def op_shares(unet, batch: int, t: int = 500) -> dict:
     x = torch.randn(batch, *sample_shape(unet), generator=g)
     x = x.contiguous(memory_format=torch.channels_last)
     tt = torch.full((batch,), t)
-    unet(x, tt)
+    adapter = adapter_for(unet)
+    cond = adapter.example(denoiser_of(unet), batch, x.device)
+    adapter.call(unet, x, tt, cond)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        unet(x, tt)
+        adapter.call(unet, x, tt, cond)
     rows = prof.key_averages()
     total = sum(r.self_cpu_time_total for r in rows) / 1e3
     mm = sum(r.self_cpu_time_total for r in rows if r.key in _MATMUL_OPS) / 1e3

@@ -130,7 +130,9 @@ def _coerce(key: str, value, tp):
         if not isinstance(value, str):
             raise TmpqError(f"{key}: must be a string, got {value!r}")
         return value
-    if tp is dict:  # a table (supernet.pin); its owner checks the entries
+    if tp == (dict | str):  # supernet.pin: "auto" or a table
+        return _coerce(key, value, dict if isinstance(value, dict) else str)
+    if tp is dict:  # a table; its owner checks the entries
         if not isinstance(value, dict):
             raise TmpqError(f"{key}: must be a table, got {value!r}")
         return dict(value)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from tmpq.core.adapters import predict
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import atomic_write, atomic_write_bytes, read_parquet
 from tmpq.core.model import load_model
@@ -32,7 +33,7 @@ from tmpq.evaluators.quality import score_features
 from tmpq.jobs.run import load_run
 from tmpq.quant.distill import distill_scales, frozen_copy
 from tmpq.supernet import QuantSupernet, SupernetConfig
-from tmpq.supernet.calib_data import capture_along
+from tmpq.supernet.calib_data import CalibData, capture_along
 from tmpq.supernet.store import read_supernet_file
 
 FINAL_VERSION = 1
@@ -75,13 +76,14 @@ def choose_points(front, cfg: ValidateConfig):
 
 
 def _capture_along(unet, scheduler, timesteps, n: int, seed: int, batch: int = 64):
-    """(x_t, t) batches of the FP sampler along exactly ``timesteps`` (n trajectories; every step kept), in the order
-    of ``batch``-trajectory chunks, each step by step."""
-
-    xs, ts = capture_along(unet, scheduler, timesteps, n, seed, batch)  # [steps, n, ...]
+    """(x_t, t[, cond]) batches of the FP sampler along exactly ``timesteps`` (n trajectories; every step kept), in
+    the order of ``batch``-trajectory chunks, each step by step."""
+    xs, ts, cond = capture_along(unet, scheduler, timesteps, n, seed, batch)  # [steps, n, ...]
     x = torch.cat([xs[:, s:s + batch].flatten(0, 1) for s in range(0, n, batch)])
     t = torch.cat([ts.repeat_interleave(min(batch, n - s)) for s in range(0, n, batch)])
-    return [(x[i:i + batch], t[i:i + batch]) for i in range(0, len(t), batch)]
+    image = torch.cat([torch.arange(s, min(s + batch, n)).repeat(len(ts)) for s in range(0, n, batch)])
+    data = CalibData(x, t, "along", {k: v[image] for k, v in cond.items()})
+    return list(data.batches(batch))
 
 
 def _model(run_cfg: dict):
@@ -112,7 +114,7 @@ def recalibrate_point(run_path: Path, key: str, timesteps, bits, cfg: ValidateCo
     t0 = time.perf_counter()
     data = _capture_along(teacher, sched, list(timesteps), cfg.calib_per_step, cfg.calib_seed)
     net.calibrate(data, mode="per-option", progress=progress)
-    info = {"calib_inputs": sum(len(t) for _, t in data), "calib_s": round(time.perf_counter() - t0, 1),
+    info = {"calib_inputs": sum(len(b[1]) for b in data), "calib_s": round(time.perf_counter() - t0, 1),
             "time_groups": net.config.time_groups}
     net.set_bits([])
     if cfg.recon_iters > 0:
@@ -123,7 +125,8 @@ def recalibrate_point(run_path: Path, key: str, timesteps, bits, cfg: ValidateCo
         info["recon_s"] = round(time.perf_counter() - t0, 1)
     if cfg.distill_iters > 0:
         t0 = time.perf_counter()
-        rep = distill_scales(net.unet, teacher, data, iters=cfg.distill_iters, lr=cfg.distill_lr, progress=progress)
+        rep = distill_scales(net.unet, teacher, data, iters=cfg.distill_iters, lr=cfg.distill_lr, progress=progress,
+                           output=predict)
         if net.config.bias_correction:  # tuned scales moved the options' output means
             net.correct_bias(data)
             net.set_bits([])

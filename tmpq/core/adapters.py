@@ -1,0 +1,278 @@
+"""Denoiser adapters: how tmpq calls each denoiser class, with its conditioning.
+
+Everything in tmpq that runs a denoiser (the sampler, calibration capture, the supernet's profiling and calibration,
+sensitivity probes, int8 profiling) goes through the adapter of the denoiser's class instead of calling
+``unet(x, t)``. An adapter says:
+
+- ``kind(model)``: ``"none"`` (unconditional), ``"class"`` (``class_labels``) or ``"text"``
+  (``encoder_hidden_states``);
+- ``eps(model, x, t, cond)``: the noise prediction for ``x`` at timesteps ``t`` under ``cond`` (a dict of keyword
+  tensors with one row per sample, empty for unconditional models). A model that also predicts a variance
+  (``out_channels = 2 * in_channels``, as DiT's) gives its first ``in_channels`` channels;
+- ``conditions(model, indices, labels)``: the conditioning of noise-bank images ``indices`` (class models: label
+  ``classes[index % len(classes)]``, or the given ``labels``; text models: prompt ``index % len(prompts)``), and
+  ``null(model, cond)``: the unconditional counterpart that classifier-free guidance pairs with it;
+- ``default_pins(model)``: the layers kept at fixed bits when a config does not say (the layers that touch the
+  image: the first and the last);
+- ``feature_module(model)``: a module in the middle whose output summarises a sample (calibration strategy eda).
+
+A wrapper around a denoiser (the quantized supernet) exposes it as ``.denoiser``; adapters see through it. Adapters
+are found by class, subclasses included, the most recently registered first: :func:`register_adapter` adds one for
+another class (see ``ToyAdapter`` in tests/test_adapters.py for a complete small one).
+
+Conventions that differ between models are settings of the model object, not of the adapter
+(:func:`set_conditioning`): a class-conditional ``UNet2DModel``'s null label (diffusers has no convention for it), a
+text model's prompt embeddings and the empty prompt's.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
+
+from tmpq.core.errors import TmpqError
+
+KINDS = ("none", "class", "text")
+_NULL = "_tmpq_null_label"
+_PROMPTS = "_tmpq_prompt_embeds"
+_EMPTY = "_tmpq_null_embeds"
+
+
+def denoiser_of(model):
+    """The denoiser inside a wrapper (``.denoiser``), or the model itself."""
+    return getattr(model, "denoiser", model)
+
+
+class DenoiserAdapter:
+    """Base adapter: a denoiser called as ``model(x, t, **cond)`` that returns ``.sample`` (or a tuple / a tensor),
+    whose ``config`` has ``in_channels`` and ``sample_size``. Subclasses set ``cls`` and override what differs."""
+
+    cls: type = object
+
+    def matches(self, model) -> bool:
+        return isinstance(model, self.cls)
+
+    def kind(self, model) -> str:
+        return "none"
+
+    def sample_shape(self, model) -> tuple[int, int, int]:
+        """(channels, height, width) of one sample, from the config (``sample_size`` an int or a pair)."""
+        size = model.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (int(model.config.in_channels), int(h), int(w))
+
+    def call(self, model, x: torch.Tensor, t: torch.Tensor, cond: dict):
+        """One forward of ``model`` (the denoiser or a wrapper around it); returns what the model returns."""
+        return model(x, t, **cond)
+
+    def eps(self, model, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        out = self.call(model, x, t, cond)
+        out = out.sample if hasattr(out, "sample") else out[0] if isinstance(out, tuple) else out
+        return out[:, : x.shape[1]] if out.shape[1] != x.shape[1] else out
+
+    # conditioning (unconditional by default)
+    def classes(self, model) -> list[int]:
+        return []
+
+    def null_label(self, model) -> int | None:
+        return None
+
+    def conditions(self, model, indices: Sequence[int], labels=None, device=None) -> dict:
+        kind = self.kind(model)
+        if kind == "class":
+            return {"class_labels": _labels(indices, labels, self.classes(model), device)}
+        if labels is not None:
+            raise TmpqError(f"labels: {type(model).__name__} is not class-conditional")
+        if kind == "text":
+            embeds = getattr(model, _PROMPTS, None)
+            if embeds is None:
+                raise TmpqError(f"{type(model).__name__} is text-conditional: give prompts (model.prompts in a run "
+                                f"config) so that tmpq can condition it")
+            idx = torch.tensor([int(i) % len(embeds) for i in indices])
+            return {"encoder_hidden_states": embeds[idx].to(device)}
+        return {}
+
+    def null(self, model, cond: dict) -> dict:
+        kind = self.kind(model)
+        if kind == "class":
+            null = self.null_label(model)
+            if null is None:
+                raise TmpqError(f"guidance: {type(model).__name__} has no null label (set model.null_label to the "
+                                f"label it was trained to treat as unconditional, or keep guidance_scale = 1)")
+            return {"class_labels": torch.full_like(cond["class_labels"], null)}
+        if kind == "text":
+            empty = getattr(model, _EMPTY, None)
+            if empty is None:
+                raise TmpqError(f"guidance: {type(model).__name__} has no empty-prompt embedding")
+            h = cond["encoder_hidden_states"]
+            return {"encoder_hidden_states": empty.to(h.device, h.dtype).expand(h.shape[0], -1, -1)}
+        raise TmpqError(f"guidance: {type(model).__name__} is unconditional (keep guidance_scale = 1)")
+
+    def example(self, model, n: int, device) -> dict:
+        """Valid conditioning for ``n`` samples (profiling and int8 checks)."""
+        if self.kind(model) == "text" and getattr(model, _PROMPTS, None) is None:
+            dim = int(model.config.cross_attention_dim)
+            return {"encoder_hidden_states": torch.zeros(n, 1, dim, device=device)}
+        return self.conditions(model, range(n), device=device)
+
+    def default_pins(self, model) -> dict[str, list[int]]:
+        return {}
+
+    def feature_module(self, model):
+        return None
+
+
+def _labels(indices: Sequence[int], labels, classes: list[int], device) -> torch.Tensor:
+    if labels is None:
+        out = [classes[int(i) % len(classes)] for i in indices]
+    elif isinstance(labels, int):
+        out = [labels] * len(indices)
+    else:
+        out = [int(v) for v in labels]
+        if len(out) != len(indices):
+            raise TmpqError(f"labels: {len(out)} labels for {len(indices)} images")
+    bad = [v for v in out if v not in classes]
+    if bad:
+        raise TmpqError(f"labels: {bad[0]} is not a class of this model ({classes[0]}..{classes[-1]})")
+    return torch.tensor(out, dtype=torch.int64, device=device)
+
+
+class UNet2DAdapter(DenoiserAdapter):
+    """``UNet2DModel``: unconditional, or class-conditional with ``num_class_embeds`` (the null label of guidance
+    is set per model with :func:`set_conditioning`; it is not a class)."""
+
+    cls = UNet2DModel
+
+    def kind(self, model) -> str:
+        return "class" if model.config.num_class_embeds else "none"
+
+    def classes(self, model) -> list[int]:
+        n = model.config.num_class_embeds or 0
+        return [c for c in range(n) if c != self.null_label(model)]
+
+    def null_label(self, model) -> int | None:
+        return getattr(model, _NULL, None)
+
+    def default_pins(self, model) -> dict[str, list[int]]:
+        return {"conv_in": [8, 16], "conv_out": [16, 16]}
+
+    def feature_module(self, model):
+        return model.mid_block
+
+
+class UNet2DConditionAdapter(DenoiserAdapter):
+    """``UNet2DConditionModel`` (Stable Diffusion's): ``encoder_hidden_states`` from a text encoder; tmpq holds
+    the embeddings of the run's prompts and of the empty prompt on the model (:func:`set_conditioning`)."""
+
+    cls = UNet2DConditionModel
+
+    def kind(self, model) -> str:
+        return "text"
+
+    def default_pins(self, model) -> dict[str, list[int]]:
+        return {"conv_in": [8, 16], "conv_out": [16, 16]}
+
+    def feature_module(self, model):
+        return model.mid_block
+
+
+class DiTAdapter(DenoiserAdapter):
+    """``DiTTransformer2DModel``: ``class_labels`` of ``num_embeds_ada_norm`` classes; the null label is the extra
+    embedding row label dropout trains (index ``num_embeds_ada_norm``, as diffusers' ``DiTPipeline`` uses)."""
+
+    cls = DiTTransformer2DModel
+
+    def kind(self, model) -> str:
+        return "class"
+
+    def call(self, model, x, t, cond):
+        return model(x, timestep=t, **cond)
+
+    def classes(self, model) -> list[int]:
+        return list(range(int(model.config.num_embeds_ada_norm)))
+
+    def null_label(self, model) -> int | None:
+        own = getattr(model, _NULL, None)
+        return int(model.config.num_embeds_ada_norm) if own is None else own
+
+    def default_pins(self, model) -> dict[str, list[int]]:
+        return {"pos_embed.proj": [8, 16], "proj_out_2": [16, 16]}
+
+    def feature_module(self, model):
+        return model.transformer_blocks[len(model.transformer_blocks) // 2]
+
+
+_REGISTRY: list[DenoiserAdapter] = [UNet2DAdapter(), UNet2DConditionAdapter(), DiTAdapter()]
+
+
+def register_adapter(adapter: DenoiserAdapter) -> None:
+    """Use ``adapter`` for models of its class (``adapter.cls``, subclasses included), ahead of every adapter
+    registered before it."""
+    if not isinstance(adapter, DenoiserAdapter):
+        raise TmpqError(f"register_adapter: expected a DenoiserAdapter, got {type(adapter).__name__}")
+    _REGISTRY.insert(0, adapter)
+
+
+def adapter_for(model) -> DenoiserAdapter:
+    inner = denoiser_of(model)
+    for a in _REGISTRY:
+        if a.matches(inner):
+            return a
+    raise TmpqError(f"no denoiser adapter for {type(inner).__name__}; register one with tmpq.register_adapter "
+                    f"(known: {', '.join(sorted({a.cls.__name__ for a in _REGISTRY}))})")
+
+
+def set_conditioning(model, null_label: int | None = None, prompt_embeds: torch.Tensor | None = None,
+                     null_embeds: torch.Tensor | None = None) -> None:
+    """Settings of one model's conditioning that differ between models of a class: the null label of a
+    class-conditional UNet, a text model's prompt embeddings ``[P, L, D]`` and its empty prompt's ``[1, L, D]``."""
+    inner = denoiser_of(model)
+    for name, value in ((_NULL, null_label), (_PROMPTS, prompt_embeds), (_EMPTY, null_embeds)):
+        if value is not None:
+            object.__setattr__(inner, name, value)
+
+
+def sample_shape(model) -> tuple[int, int, int]:
+    inner = denoiser_of(model)
+    return adapter_for(inner).sample_shape(inner)
+
+
+def guided_eps(model, x: torch.Tensor, t: torch.Tensor, cond: dict, guidance_scale: float = 1.0) -> torch.Tensor:
+    """The (classifier-free guided) noise prediction: one batched call of the conditional and the null pass when
+    ``guidance_scale != 1``: ``eps_null + s * (eps_cond - eps_null)``."""
+    inner = denoiser_of(model)
+    a = adapter_for(inner)
+    if guidance_scale == 1.0 or not cond:
+        if guidance_scale != 1.0:
+            a.null(inner, cond)  # raises: unconditional
+        return a.eps(model, x, t, cond)
+    null = a.null(inner, cond)
+    both = {k: torch.cat([cond[k], null[k]]) for k in cond}
+    e = a.eps(model, torch.cat([x, x]), torch.cat([t, t]), both)
+    e_c, e_u = e.chunk(2)
+    return e_u + guidance_scale * (e_c - e_u)
+
+
+def unpack(batch) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(x_t, t, cond) of a calibration batch: ``(x, t)`` (unconditional) or ``(x, t, cond)``."""
+    x, t, *rest = batch
+    return x, t, (rest[0] if rest else {})
+
+
+def forward(model, batch):
+    """One denoiser call on a calibration batch, through the model's adapter (what observation passes run)."""
+    x, t, cond = unpack(batch)
+    return adapter_for(model).call(model, x, t, cond)
+
+
+def predict(model, batch) -> torch.Tensor:
+    """The noise prediction of ``model`` on a calibration batch (distillation targets)."""
+    x, t, cond = unpack(batch)
+    return adapter_for(model).eps(model, x, t, cond)
+
+
+def select(batch, mask: torch.Tensor):
+    """The rows ``mask`` of a calibration batch, its conditioning included."""
+    x, t, cond = unpack(batch)
+    return (x[mask], t[mask], {k: v[mask] for k, v in cond.items()})
