@@ -1,14 +1,15 @@
 """Short real runs of both trainers: they must write loadable, self-describing artefacts."""
 import json
 
+import pytest
 import torch
 
 from tmpq.core.model import load_model
-from tmpq.jobs.train import UNetTrainConfig, train_unet
+from tmpq.jobs.train import DenoiserTrainConfig, train_denoiser
 
 
-def test_train_unet_writes_loadable_pipeline(tmp_path):
-    man = train_unet(UNetTrainConfig(steps=3, batch_size=4, warmup=1), tmp_path / "m", command="tmpq train --steps 3")
+def test_train_denoiser_writes_loadable_pipeline(tmp_path):
+    man = train_denoiser(DenoiserTrainConfig(steps=3, batch_size=4, warmup=1), tmp_path / "m", command="tmpq train --steps 3")
     m = load_model(tmp_path / "m")
     assert m.sample_shape == (1, 16, 16)
     saved = json.loads((tmp_path / "m" / "manifest.json").read_text())
@@ -16,22 +17,21 @@ def test_train_unet_writes_loadable_pipeline(tmp_path):
     assert saved["data"]["sha256"] and saved["config"]["seed"] == 0 and saved["command"] == "tmpq train --steps 3"
 
 
-def test_train_unet_is_seeded(tmp_path):
-    cfg = UNetTrainConfig(steps=2, batch_size=4, warmup=1)
-    train_unet(cfg, tmp_path / "a")
-    train_unet(cfg, tmp_path / "b")
+def test_train_denoiser_is_seeded(tmp_path):
+    cfg = DenoiserTrainConfig(steps=2, batch_size=4, warmup=1)
+    train_denoiser(cfg, tmp_path / "a")
+    train_denoiser(cfg, tmp_path / "b")
     a, b = load_model(tmp_path / "a").unet.state_dict(), load_model(tmp_path / "b").unet.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_train_unet_resumes_after_a_crash_bit_identically(tmp_path, monkeypatch):
-    import pytest
-
+@pytest.mark.parametrize("arch", ["unet", "dit"])
+def test_train_denoiser_resumes_after_a_crash_bit_identically(tmp_path, monkeypatch, arch):
     import tmpq.jobs.train as tr
     from tmpq.core.errors import TmpqError
 
-    cfg = UNetTrainConfig(steps=5, batch_size=4, warmup=1)
-    train_unet(cfg, tmp_path / "ref", ckpt_every=2)
+    cfg = DenoiserTrainConfig(arch=arch, steps=5, batch_size=4, warmup=1)
+    train_denoiser(cfg, tmp_path / "ref", ckpt_every=2)
     assert not (tmp_path / "ref" / tr.CKPT_NAME).exists()  # removed once the model is saved
 
     real_update, calls = tr.EMA.update, []
@@ -44,20 +44,21 @@ def test_train_unet_resumes_after_a_crash_bit_identically(tmp_path, monkeypatch)
 
     monkeypatch.setattr(tr.EMA, "update", crash_on_fourth)
     with pytest.raises(KeyboardInterrupt):
-        train_unet(cfg, tmp_path / "m", ckpt_every=2)
+        train_denoiser(cfg, tmp_path / "m", ckpt_every=2)
     monkeypatch.setattr(tr.EMA, "update", real_update)
     ckpt = tmp_path / "m" / tr.CKPT_NAME
     assert torch.load(ckpt, weights_only=True)["step"] == 2
     with pytest.raises(TmpqError, match="lr"):  # other settings refuse the checkpoint
-        train_unet(UNetTrainConfig(steps=5, batch_size=4, warmup=1, lr=5e-4), tmp_path / "m", ckpt_every=2)
-    man = train_unet(cfg, tmp_path / "m", ckpt_every=2)
+        train_denoiser(DenoiserTrainConfig(arch=arch, steps=5, batch_size=4, warmup=1, lr=5e-4), tmp_path / "m",
+                       ckpt_every=2)
+    man = train_denoiser(cfg, tmp_path / "m", ckpt_every=2)
     a, b = load_model(tmp_path / "ref").unet.state_dict(), load_model(tmp_path / "m").unet.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert man["metrics"]["final_loss_mean_last100"] == pytest.approx(
         json.loads((tmp_path / "ref" / "manifest.json").read_text())["metrics"]["final_loss_mean_last100"])
     ckpt.write_bytes(b"garbage")
     with pytest.raises(TmpqError, match="unreadable training checkpoint"):
-        train_unet(cfg, tmp_path / "m", ckpt_every=2)
+        train_denoiser(cfg, tmp_path / "m", ckpt_every=2)
 
 
 def test_train_classifier_manifest(tmp_path):
@@ -68,3 +69,20 @@ def test_train_classifier_manifest(tmp_path):
     assert 0.0 <= man["metrics"]["heldout_accuracy"] <= 1.0 and man["feature_scale"] > 0
     ext = DomainExtractor(tmp_path / "c")
     assert ext(torch.zeros(2, 1, 16, 16)).shape == (2, 128)
+
+
+def test_the_dit_trains_loads_and_samples_with_guidance(tmp_path):
+    from diffusers import DiTTransformer2DModel
+
+    from tmpq.core.model import embedded_scheduler_config
+    from tmpq.core.sampler import make_scheduler, sample_images
+
+    man = train_denoiser(DenoiserTrainConfig(arch="dit", steps=2, batch_size=4, warmup=1), tmp_path / "dit")
+    index = json.loads((tmp_path / "dit" / "model_index.json").read_text())
+    assert index["transformer"] == ["diffusers", "DiTTransformer2DModel"] and "unet" not in index
+    assert man["data"]["label_dropout"] == 0.1
+    m = load_model(tmp_path / "dit")
+    assert isinstance(m.unet, DiTTransformer2DModel) and m.sample_shape == (1, 16, 16)
+    imgs = sample_images(m.unet, make_scheduler(embedded_scheduler_config()), [800, 400, 0], 3, labels=[1, 2, 3],
+                         guidance_scale=2.0, progress=False)
+    assert imgs.shape == (3, 1, 16, 16) and torch.isfinite(imgs).all()

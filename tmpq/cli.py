@@ -57,19 +57,25 @@ def _add_supernet_options(q: argparse.ArgumentParser) -> None:
 
 
 def _parser_train(sub) -> None:
-    t = sub.add_parser("train", help="train the embedded MNIST DDPM (reproduces the committed weights)",
-                       description="Train the embedded 16x16 MNIST DDPM (epsilon loss, 1000 linear-beta steps, EMA) "
-                                   "and save it as a DDPMPipeline directory with a manifest. The training state is "
-                                   "checkpointed every 250 steps into OUT/.train-checkpoint.pt; rerunning the same "
-                                   "command resumes from it.")
-    t.add_argument("--out", default="results/train/mnist16-ddpm", help="output pipeline directory (default: %(default)s)")
-    t.add_argument("--steps", type=int, default=6000, help="optimisation steps (default: %(default)s)")
-    t.add_argument("--batch-size", type=int, default=128, help="images per step (default: %(default)s)")
-    t.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate, cosine decay (default: %(default)s)")
-    t.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the saved weights (default: %(default)s)")
-    t.add_argument("--seed", type=int, default=0, help="seed of all randomness (default: %(default)s)")
-    t.add_argument("--resolution", type=int, default=16, choices=(16, 28), help="image size (default: %(default)s)")
-    _add_threads(t)
+    t = sub.add_parser("train", help="train an embedded MNIST denoiser (reproduces the committed weights)",
+                       description="Train an embedded 16x16 MNIST denoiser (epsilon loss, 1000 linear-beta steps, EMA): "
+                                   "--arch unet, the unconditional DDPM (tmpq/assets/mnist16-ddpm), or --arch dit, the "
+                                   "class-conditional pixel DiT with label dropout for guidance "
+                                   "(tmpq/assets/mnist16-dit), and save it as a pipeline directory with a manifest. "
+                                   "The training state is checkpointed every 250 steps into OUT/.train-checkpoint.pt; "
+                                   "rerunning the same command resumes from it. Options left out take the defaults of "
+                                   "tmpq.jobs.train.DenoiserTrainConfig.")
+    t.add_argument("--arch", default=None, choices=("unet", "dit"), help="denoiser (default: unet)")
+    t.add_argument("--out", default=None, help="output pipeline directory (default: results/train/mnist16-ARCH)")
+    t.add_argument("--steps", type=int, default=None, help="optimisation steps (default: 6000)")
+    t.add_argument("--batch-size", type=int, default=None, help="images per step (default: 128)")
+    t.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate, cosine decay (default: 1e-3)")
+    t.add_argument("--ema-decay", type=float, default=None, help="EMA decay of the saved weights (default: 0.999)")
+    t.add_argument("--label-dropout", type=float, default=None, help="dit: share of labels replaced by the null "
+                   "label (default: 0.1)")
+    t.add_argument("--seed", type=int, default=None, help="seed of all randomness (default: 0)")
+    t.add_argument("--resolution", type=int, default=None, choices=(16, 28), help="image size (default: 16)")
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 2)")
 
 
 def _parser_train_classifier(sub) -> None:

@@ -34,17 +34,17 @@ from tmpq.jobs.main import MainJobConfig, main_job
 from tmpq.jobs.report import write_report
 from tmpq.jobs.run import load_run
 from tmpq.jobs.search import run_search
-from tmpq.jobs.train import UNetTrainConfig, train_unet
+from tmpq.jobs.train import DenoiserTrainConfig, train_denoiser
 from tmpq.jobs.validate import ValidateConfig, validate_run
 from tmpq.supernet import QuantSupernet, SupernetConfig
 from tmpq.supernet.calib_data import CalibrationConfig, calibrate_to_file
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    cfg = UNetTrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                          resolution=args.resolution, threads=args.threads, ema_decay=args.ema_decay)
-    out = Path(args.out)
-    manifest = train_unet(cfg, out, command=_command_line())
+    cfg = DenoiserTrainConfig(**_given(args, {k: k for k in ("arch", "steps", "batch_size", "lr", "ema_decay",
+                                                              "label_dropout", "seed", "resolution", "threads")}))
+    out = Path(args.out or f"results/train/mnist16-{'ddpm' if cfg.arch == 'unet' else cfg.arch}")
+    manifest = train_denoiser(cfg, out, command=_command_line())
     print(f"saved the trained EMA model to {out} (final loss {manifest['metrics']['final_loss_mean_last100']:.4f})")
 
 

@@ -276,3 +276,8 @@ def select(batch, mask: torch.Tensor):
     """The rows ``mask`` of a calibration batch, its conditioning included."""
     x, t, cond = unpack(batch)
     return (x[mask], t[mask], {k: v[mask] for k, v in cond.items()})
+
+
+def adapter_classes() -> list[type]:
+    """The denoiser classes that have an adapter (model loading picks among them by ``_class_name``)."""
+    return [a.cls for a in _REGISTRY]

