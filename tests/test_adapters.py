@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 
+import tmpq
 from tmpq.core.adapters import (
     DenoiserAdapter,
     adapter_for,
@@ -159,7 +160,7 @@ def test_a_registered_adapter_serves_a_users_own_class():
     with pytest.raises(TmpqError, match="no denoiser adapter for ToyDenoiser; register one with "
                                         "tmpq.register_adapter"):
         QuantSupernet(toy, SupernetConfig(time_groups=1))
-    register_adapter(ToyAdapter())
+    tmpq.register_adapter(ToyAdapter())  # the public name
     sched = make_scheduler(embedded_scheduler_config())
     data = make_calib_data(toy, sched, "uniform", n_steps=2, per_step=4, sampler_steps=4)
     net = QuantSupernet(toy, SupernetConfig(w_bits=(8, 4), a_bits=(8,), time_groups=1))

@@ -14,3 +14,10 @@ def apply_export(pipeline_or_unet, export_dir):
     from tmpq.deploy.bundle import apply_export as _apply_export
 
     return _apply_export(pipeline_or_unet, export_dir)
+
+
+def register_adapter(adapter):
+    """Serve another denoiser class with ``adapter`` (a ``DenoiserAdapter``); see :mod:`tmpq.core.adapters`."""
+    from tmpq.core.adapters import register_adapter as _register_adapter
+
+    return _register_adapter(adapter)
