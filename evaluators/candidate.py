@@ -88,12 +88,14 @@ class CandidateEvaluator:
         >>> ev.evaluate(candidate)["fid_proxy"]  # doctest: +SKIP
     """
 
-    def __init__(self, net, scheduler, extractor, ref: Reference | None, cfg: ProxyConfig, companions: bool = True):
+    def __init__(self, net, scheduler, extractor, ref: Reference | None, cfg: ProxyConfig, companions: bool = True,
+                 guidance_scale: float = 1.0):
         cfg.validate()
         if cfg.name == "fid" and ref is None:
             raise TmpqError("proxy.name = fid needs reference statistics")
         self.net, self.scheduler, self.extractor, self.ref, self.cfg = net, scheduler, extractor, ref, cfg
         self.companions = companions or cfg.name != "fid"
+        self.guidance_scale = guidance_scale  # classifier-free guidance of every image (teacher and candidates)
         self._teacher: tuple[torch.Tensor, np.ndarray] | None = None
         net.set_fp()
 
@@ -118,7 +120,8 @@ class CandidateEvaluator:
     def _sample(self, timesteps, on_step=None, n: int | None = None, seed: int | None = None) -> torch.Tensor:
         n = self.cfg.n_images if n is None else n
         return sample_images(self.net.unet, self.scheduler, timesteps, n, seed=self.cfg.seed if seed is None else seed,
-                             batch_size=min(self.cfg.batch_size, n), progress=False, on_step=on_step)
+                             batch_size=min(self.cfg.batch_size, n), progress=False, on_step=on_step,
+                             guidance_scale=self.guidance_scale)
 
     @torch.no_grad()
     def images(self, timesteps, bits, per_group_bits: bool | None = None, n: int | None = None,

@@ -100,6 +100,12 @@ def _parser_sample(sub) -> None:
     s.add_argument("--out", default="results/samples/grid.png", help="output PNG (default: %(default)s)")
     s.add_argument("export", nargs="?", default=None, help="optional export directory (tmpq export): sample the "
                    "exported quantized model along its searched timesteps")
+    s.add_argument("--label", default=None, help="class-conditional models: one class for every image, or a "
+                   "comma-separated list of one per image (default: balanced, image i gets class i mod classes)")
+    s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: an "
+                   "export's searched one, else 1 = none)")
+    s.add_argument("--null-label", type=int, default=None, help="class-conditional UNets: the label the model "
+                   "was trained to treat as unconditional (a DiT's is its extra embedding row)")
 
 
 def _parser_fid(sub) -> None:

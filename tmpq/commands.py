@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from tmpq.core.adapters import set_conditioning
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import malformed, read_json
 from tmpq.core.grid import save_grid
@@ -84,8 +85,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
         if args.model:
             raise TmpqError("sample: give an export directory or --model, not both")
 
-        unet, sched, ts, _manifest = load_export(args.export)
-        label = "exported"
+        unet, sched, ts, manifest = load_export(args.export)
+        label, guidance = "exported", float(manifest["sampler"].get("guidance_scale", 1.0))
         if args.timesteps:
             raise TmpqError("sample: an export brings its own searched timesteps; --timesteps does not apply")
     else:
@@ -93,9 +94,16 @@ def cmd_sample(args: argparse.Namespace) -> None:
         (label, ts), *rest = _schedules(args, m.num_train_timesteps)
         if rest:
             raise TmpqError("sample: give one schedule and one step count")
-        unet, sched = m.unet, make_scheduler(m.scheduler_config)
+        unet, sched, guidance = m.unet, make_scheduler(m.scheduler_config), 1.0
+    if args.null_label is not None:
+        set_conditioning(unet, null_label=args.null_label)
+    labels = None
+    if args.label is not None:
+        labels = _parse_int_list(args.label, "--label")
+        labels = labels[0] if len(labels) == 1 else labels
     imgs = sample_images(unet, sched, ts, args.n, seed=args.seed, batch_size=args.batch_size, eta=args.eta,
-                         desc=f"sample {label} {len(ts)} steps")
+                         desc=f"sample {label} {len(ts)} steps", labels=labels,
+                         guidance_scale=guidance if args.guidance is None else args.guidance)
     save_grid(imgs, out, nrow=args.nrow, scale=args.scale)
     print(f"wrote {out} ({args.n} images, {label} schedule, timesteps {list(ts)})")
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from tmpq.core.adapters import set_conditioning
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import file_sha256, malformed, read_json
 from tmpq.core.model import load_model
@@ -140,9 +141,13 @@ def _default_steps(pipeline) -> int | None:
 
 
 def load_export(export_dir: str | Path, device: str = "cpu"):
-    """``(unet, scheduler, timesteps, manifest)`` of an export directory: the FP model it contains, quantized."""
-
+    """``(unet, scheduler, timesteps, manifest)`` of an export directory: the FP model it contains, quantized, with
+    the searched model's conditioning settings (its null label; the guidance scale is ``manifest["sampler"]
+    ["guidance_scale"]``)."""
     manifest = read_export(export_dir)
     m = load_model(export_dir, device=device)
+    null = manifest.get("conditioning", {}).get("null_label")
+    if null is not None:
+        set_conditioning(m.unet, null_label=int(null))
     apply_export(m.unet, export_dir)
     return m.unet, make_scheduler(m.scheduler_config), list(manifest["sampler"]["timesteps"]), manifest

@@ -14,16 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tmpq.core.errors import TmpqError
+from tmpq.core.model import ModelConfig
 from tmpq.evaluators.candidate import ProxyConfig
 from tmpq.search.budget import FP_FRACTION, UNIFORM_OPTION
 from tmpq.search.engines import ENGINES
 from tmpq.supernet.calib_data import CalibrationConfig
 from tmpq.supernet.config import SupernetConfig
-
-
-@dataclass(frozen=True)
-class ModelSection:
-    path: str = "embedded"
 
 
 @dataclass(frozen=True)
@@ -79,7 +75,7 @@ class ExecutorSection:
 
 @dataclass(frozen=True)
 class RunConfig:
-    model: ModelSection = field(default_factory=ModelSection)
+    model: ModelConfig = field(default_factory=ModelConfig)
     # the components' own config classes, composed (their defaults and checks are theirs)
     supernet: SupernetConfig = field(default_factory=SupernetConfig)
     calibration: CalibrationSection = field(default_factory=CalibrationSection)

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import torch
 
+from tmpq.core.adapters import adapter_for
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import file_sha256, malformed, read_json, read_parquet
-from tmpq.core.model import load_model, save_pipeline_dir
+from tmpq.core.model import ModelConfig, load_model, save_pipeline_dir
 from tmpq.core.sampler import make_scheduler
 from tmpq.core.version import __version__
 from tmpq.deploy.bundle import EXPORT_FORMAT, EXPORT_JSON, EXPORT_VERSION, QUANT_FILE
@@ -72,11 +73,15 @@ def export_candidate(run_path: str | Path, key: str, out: str | Path, command: s
     cfg = run.config
     sn_file = run.path / "supernet.safetensors"
     meta, _ = read_supernet_file(sn_file, tensors=False)
-    model_path = cfg["model"]["path"]
+    model_cfg = ModelConfig(**cfg["model"])
+    model_path = model_cfg.path
     if row["bits"] and isinstance(row["bits"][0][0], (list, tuple)):
         raise TmpqError("export: per-time-group bits are not exportable yet (format v1 has one allocation)")
     timesteps = [int(t) for t in row["timesteps"]]
-    m = load_model(model_path)
+    m = load_model(model_cfg)
+    adapter = adapter_for(m.unet)
+    conditioning = {"kind": adapter.kind(m.unet), "null_label": adapter.null_label(m.unet),
+                    "classes": adapter.classes(m.unet)}
     fp_unet = copy.deepcopy(m.unet)  # the FP weights the export directory carries (m.unet gets wrapped below)
     validated = run.path / "final" / f"{key}.safetensors"
     if validated.is_file():
@@ -128,7 +133,9 @@ def export_candidate(run_path: str | Path, key: str, out: str | Path, command: s
         manifest = {
             "format": EXPORT_FORMAT, "version": EXPORT_VERSION,
             "sampler": {"class": "tmpq.core.sampler.RespacedDDIMScheduler", "base_class": "diffusers.DDIMScheduler",
-                        "config": dict(sched.config), "timesteps": timesteps, "eta": 0.0},
+                        "config": dict(sched.config), "timesteps": timesteps, "eta": 0.0,
+                        "guidance_scale": m.guidance_scale},
+            "conditioning": conditioning,
             "layers": layers,
             "modules_to_not_convert": convertible,
             "supernet_config": json.loads(pinned.config.to_json()),

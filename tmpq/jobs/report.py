@@ -31,7 +31,7 @@ def _fmt(v, spec=".4g") -> str:
 
 
 def _evaluator(run_path: Path, cfg: dict):
-    spec = WorkerSpec(cfg["model"]["path"], str(run_path / "supernet.safetensors"), cfg["proxy"], 2, companions=False)
+    spec = WorkerSpec(cfg["model"], str(run_path / "supernet.safetensors"), cfg["proxy"], 2, companions=False)
     return spec()
 
 

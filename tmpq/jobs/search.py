@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from tmpq.core.data import data_fingerprint
 from tmpq.core.fileio import atomic_write_bytes, malformed, read_json
-from tmpq.core.model import load_model
+from tmpq.core.model import ModelConfig, load_model
 from tmpq.core.sampler import make_scheduler
 from tmpq.evaluators.candidate import (
     PROXY_VERSION,
@@ -49,24 +50,22 @@ log = logging.getLogger(__name__)
 class WorkerSpec:
     """Everything a worker needs to build its evaluator (picklable; no tensors)."""
 
-    model: str
+    model: dict  # the run's [model] section (ModelConfig fields); a bare path is read as {"path": ...}
     supernet_file: str
     proxy: dict
     threads: int = 1
     companions: bool = True  # paired_feat / paired_pixel_mse beside a fid proxy (costs the FP teacher's sampling)
 
     def __call__(self):
-        import torch
-
-
         torch.set_num_threads(self.threads)
-        m = load_model(self.model)
+        m = load_model(ModelConfig(**self.model) if isinstance(self.model, dict) else self.model)
         net = QuantSupernet.from_file(m.unet, self.supernet_file)
         ext = scoring_extractor(m.sample_shape[0], self.proxy.get("extractor", "auto"),
                                 self.proxy.get("inception_weights", ""))
         cfg = ProxyConfig(**self.proxy)
         ref = proxy_reference(cfg, ext, m.sample_shape[0])
-        return CandidateEvaluator(net, make_scheduler(m.scheduler_config), ext, ref, cfg, companions=self.companions)
+        return CandidateEvaluator(net, make_scheduler(m.scheduler_config), ext, ref, cfg, companions=self.companions,
+                                  guidance_scale=m.guidance_scale)
 
 
 # the keys of a run config's [supernet] and [proxy] sections before they became SupernetConfig and ProxyConfig
@@ -87,7 +86,8 @@ def run_fingerprint(cfg: RunConfig, model_fp: str) -> str:
                                   ("search", "mutation_prob", 0.0), ("proxy", "extractor", "auto"),
                                   ("proxy", "inception_weights", ""), ("supernet", "time_groups", 1),
                                   ("search", "uniform_seeds", True),
-                                  ("search", "size_objective", False)):
+                                  ("search", "size_objective", False), ("model", "guidance_scale", 1.0),
+                                  ("model", "null_label", -1)):
         if config[section].get(key) == default:
             del config[section][key]
     # keys that came with the components' own config classes (issue 19): likewise, only when not at their defaults
@@ -147,13 +147,14 @@ def build_space(cfg: RunConfig, net, groups, step_groups=()):
 def calibrate_to_file(cfg: RunConfig, m, net, sn_file: Path, progress: bool = True) -> None:
     """Calibrate ``net`` (over the FP model ``m``) as the run's ``[calibration]`` section says and save it to
     ``sn_file``; resumable per option through ``supernet.partial.safetensors`` beside it."""
-    calibrate(net, make_scheduler(m.scheduler_config), sn_file, cfg.calibration, progress=progress)
+    calibrate(net, make_scheduler(m.scheduler_config), sn_file, cfg.calibration, progress=progress,
+              guidance_scale=m.guidance_scale)
 
 
 def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=None, progress: bool = True) -> RunDir:
     """Run (or resume) a search; returns the run directory. ``executor`` overrides the configured one (tests)."""
 
-    m = load_model(cfg.model.path)
+    m = load_model(cfg.model)
     check_proxy(cfg, m.sample_shape[0])
     groups, step_groups = _time_groups(cfg, m, run_path if resume else None)  # before wrapping: profiles the FP model
     net = QuantSupernet(m.unet, cfg.supernet)
@@ -175,7 +176,7 @@ def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=No
     proxy = json.loads(json.dumps(dataclasses.asdict(cfg.proxy)))
     if executor is None:
         # a fid-proxy search logs no paired companions: they would cost every worker the FP teacher's 100 steps
-        spec = WorkerSpec(cfg.model.path, str(sn_file.resolve()), proxy, cfg.executor.threads_per_worker,
+        spec = WorkerSpec(dataclasses.asdict(cfg.model), str(sn_file.resolve()), proxy, cfg.executor.threads_per_worker,
                           companions=False)
         if cfg.executor.kind == "ray":
             executor = RayExecutor(spec, workers=cfg.executor.workers, threads_per_worker=cfg.executor.threads_per_worker,

@@ -21,7 +21,7 @@ import torch
 from tmpq.core.adapters import predict
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import atomic_write, atomic_write_bytes, read_parquet
-from tmpq.core.model import load_model
+from tmpq.core.model import ModelConfig, load_model
 from tmpq.core.rowlog import RowLog, parse_row
 from tmpq.core.sampler import make_scheduler, sample_images
 from tmpq.evaluators.candidate import (
@@ -75,20 +75,21 @@ def choose_points(front, cfg: ValidateConfig):
     return front
 
 
-def _capture_along(unet, scheduler, timesteps, n: int, seed: int, batch: int = 64):
+def _capture_along(unet, scheduler, timesteps, n: int, seed: int, batch: int = 64, guidance_scale: float = 1.0):
     """(x_t, t[, cond]) batches of the FP sampler along exactly ``timesteps`` (n trajectories; every step kept), in
     the order of ``batch``-trajectory chunks, each step by step."""
-    xs, ts, cond = capture_along(unet, scheduler, timesteps, n, seed, batch)  # [steps, n, ...]
+    xs, ts, cond = capture_along(unet, scheduler, timesteps, n, seed, batch, guidance_scale)  # [steps, n, ...]
     x = torch.cat([xs[:, s:s + batch].flatten(0, 1) for s in range(0, n, batch)])
     t = torch.cat([ts.repeat_interleave(min(batch, n - s)) for s in range(0, n, batch)])
     image = torch.cat([torch.arange(s, min(s + batch, n)).repeat(len(ts)) for s in range(0, n, batch)])
     data = CalibData(x, t, "along", {k: v[image] for k, v in cond.items()})
+    if guidance_scale != 1.0:  # guided sampling runs the conditional and the null pass: calibrate on both
+        data = data.with_null_pass(unet)
     return list(data.batches(batch))
 
 
 def _model(run_cfg: dict):
-    path = run_cfg["model"]["path"]
-    return load_model(path)
+    return load_model(ModelConfig(**run_cfg["model"]))
 
 
 def recalibrate_point(run_path: Path, key: str, timesteps, bits, cfg: ValidateConfig, progress: bool = True):
@@ -112,7 +113,8 @@ def recalibrate_point(run_path: Path, key: str, timesteps, bits, cfg: ValidateCo
     net = QuantSupernet(m.unet, probe.pinned_config([tuple(int(v) for v in p) for p in bits]))
     del probe
     t0 = time.perf_counter()
-    data = _capture_along(teacher, sched, list(timesteps), cfg.calib_per_step, cfg.calib_seed)
+    data = _capture_along(teacher, sched, list(timesteps), cfg.calib_per_step, cfg.calib_seed,
+                          guidance_scale=m.guidance_scale)
     net.calibrate(data, mode="per-option", progress=progress)
     info = {"calib_inputs": sum(len(b[1]) for b in data), "calib_s": round(time.perf_counter() - t0, 1),
             "time_groups": net.config.time_groups}
@@ -148,7 +150,9 @@ def validate_run(run_path: str | Path, cfg: ValidateConfig, progress: bool = Tru
     run_cfg = run.config
     proxy = run_cfg.get("proxy", {})
     reference = proxy.get("reference", "")
-    channels = _model(run_cfg).sample_shape[0]
+    model = _model(run_cfg)
+    channels, guidance = model.sample_shape[0], model.guidance_scale
+    del model
     check_reference(reference, channels, hint="; validation scores against the run's proxy.reference")
     out = run.path / "final"
     log = RowLog(out / "rows.jsonl", ("key", "seed", "n", "settings"), parse=_final_row)  # read before any write
@@ -173,7 +177,7 @@ def validate_run(run_path: str | Path, cfg: ValidateConfig, progress: bool = Tru
         for seed in todo:
             t0 = time.perf_counter()
             imgs = sample_images(net.unet, sched, list(p["timesteps"]), cfg.n, seed=seed, batch_size=cfg.batch_size,
-                                 progress=progress, desc=f"{key} seed {seed}")
+                                 progress=progress, desc=f"{key} seed {seed}", guidance_scale=guidance)
             s = score_features(ext(imgs), ref)
             log.append({"key": key, "seed": seed, "n": cfg.n, "settings": settings, "fid": s["fid"],
                         "kid": s.get("kid"), "kid_std": s.get("kid_std"), "timesteps": list(p["timesteps"]),
