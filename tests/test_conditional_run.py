@@ -11,7 +11,12 @@ import pytest
 import torch
 
 from tmpq.core.errors import TmpqError
-from tmpq.core.model import ModelConfig, embedded_scheduler_config, load_model, save_pipeline_dir
+from tmpq.core.model import (
+    ModelConfig,
+    embedded_scheduler_config,
+    load_model,
+    save_pipeline_dir,
+)
 from tmpq.jobs.config import config_from_dict
 from tmpq.jobs.export import export_candidate
 from tmpq.jobs.search import run_search

@@ -79,7 +79,8 @@ def _check_manifest(m: dict) -> None:
 
 
 def apply_export(pipeline_or_unet, export_dir: str | Path):
-    """Quantize a stock diffusers ``UNet2DModel`` (or a pipeline holding one as ``.unet``) in place as exported;
+    """Quantize a stock diffusers denoiser (or a pipeline holding one as ``.unet`` or ``.transformer``) in place as
+    exported, with the exported conditioning settings (a class model's null label);
     a pipeline also gets the exported sampler (``RespacedDDIMScheduler``) and ``pipeline.tmpq_timesteps``.
 
     The pipeline's own call then samples the exported schedule: its scheduler has the searched timesteps pinned
@@ -99,10 +100,14 @@ def apply_export(pipeline_or_unet, export_dir: str | Path):
 
     export_dir = Path(export_dir)
     manifest = read_export(export_dir)
-    unet = getattr(pipeline_or_unet, "unet", pipeline_or_unet)
+    unet = next((getattr(pipeline_or_unet, a) for a in ("unet", "transformer") if hasattr(pipeline_or_unet, a)),
+                pipeline_or_unet)
     if not isinstance(unet, torch.nn.Module):
-        raise TmpqError(f"apply_export: expected a diffusers UNet or a pipeline with .unet, got "
+        raise TmpqError(f"apply_export: expected a diffusers denoiser or a pipeline with .unet / .transformer, got "
                         f"{type(pipeline_or_unet).__name__}")
+    null = manifest.get("conditioning", {}).get("null_label")
+    if null is not None:
+        set_conditioning(unet, null_label=int(null))
     if next(unet.parameters()).device.type == "cpu":
         # tmpq's CPU layout (as load_model): the same conv kernels, hence bit-identical samples, on every path
         unet.to(memory_format=torch.channels_last)
@@ -146,8 +151,5 @@ def load_export(export_dir: str | Path, device: str = "cpu"):
     ["guidance_scale"]``)."""
     manifest = read_export(export_dir)
     m = load_model(export_dir, device=device)
-    null = manifest.get("conditioning", {}).get("null_label")
-    if null is not None:
-        set_conditioning(m.unet, null_label=int(null))
     apply_export(m.unet, export_dir)
     return m.unet, make_scheduler(m.scheduler_config), list(manifest["sampler"]["timesteps"]), manifest
