@@ -84,3 +84,38 @@ def test_guidance_on_a_model_that_cannot_guide_is_one_line(tmp_path):
         load_model(ModelConfig(path=str(tmp_path / "m"), guidance_scale=2.0))
     with pytest.raises(TmpqError, match="model.guidance_scale: must be a number >= 0"):
         config_from_dict({"model": {"guidance_scale": -1}})
+
+
+def test_a_latent_dit_samples_through_its_vae_which_is_never_quantized(tmp_path):
+    """A latent pipeline directory (transformer/ + vae/): images reach the metrics decoded by the FP VAE, the
+    supernet and its BitOPs hold the denoiser alone, and the export carries the VAE."""
+    from diffusers import AutoencoderKL, DiTTransformer2DModel
+
+    from tmpq.core.adapters import decoder_of, set_decoder
+    from tmpq.core.sampler import make_scheduler, sample_images
+    from tmpq.deploy.bundle import load_export
+
+    torch.manual_seed(4)
+    vae = AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=2,
+                        norm_num_groups=4, sample_size=8, layers_per_block=1).eval()
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=2, out_channels=2,
+                                num_layers=2, sample_size=4, patch_size=2, num_embeds_ada_norm=10).eval()
+    set_decoder(dit, vae)
+    save_pipeline_dir(dit, embedded_scheduler_config(), tmp_path / "latent")
+    assert json.loads((tmp_path / "latent" / "model_index.json").read_text())["vae"] == ["diffusers", "AutoencoderKL"]
+    m = load_model(ModelConfig(path=str(tmp_path / "latent"), guidance_scale=1.5))
+    assert m.sample_shape == (2, 4, 4) and m.image_channels == 1 and decoder_of(m.unet) is not None
+    imgs = sample_images(m.unet, make_scheduler(m.scheduler_config), [800, 400, 0], 3, guidance_scale=1.5,
+                         progress=False)
+    assert imgs.shape == (3, 1, 8, 8) and float(imgs.abs().max()) <= 1.0
+    run = run_search(cfg_for(tmp_path / "latent", guidance=1.5), tmp_path / "run", progress=False)
+    layers = [la["fqn"] for la in json.loads((run.path / "search_space.json").read_text())["layers"]]
+    assert layers and all(f.startswith(("pos_embed", "transformer_blocks", "proj_out")) for f in layers)
+    key = json.loads(run.log_path.read_text().splitlines()[0])["key"]
+    export_candidate(run.path, key, tmp_path / "exp")
+    assert (tmp_path / "exp" / "vae" / "config.json").is_file()
+    unet, sched, ts, man = load_export(tmp_path / "exp")
+    out = sample_images(unet, sched, ts, 2, guidance_scale=man["sampler"]["guidance_scale"], progress=False)
+    assert out.shape == (2, 1, 8, 8)
+    assert all(not fqn.startswith(("vae", "encoder", "decoder")) for fqn in man["layers"])

@@ -126,7 +126,7 @@ def cmd_fid(args: argparse.Namespace) -> None:
     m = load_model(args.model)
     schedules = _schedules(args, m.num_train_timesteps)
     extractor = make_extractor(args.extractor, args.inception_weights)
-    ref = _build_reference(args, extractor, m.sample_shape)
+    ref = _build_reference(args, extractor, (m.image_channels,))
     scheduler = make_scheduler(m.scheduler_config)
     rows = []
     for label, ts in schedules:

@@ -35,6 +35,7 @@ from tmpq.core.errors import TmpqError
 
 KINDS = ("none", "class", "text")
 _NULL = "_tmpq_null_label"
+_VAE = "_tmpq_vae"
 _PROMPTS = "_tmpq_prompt_embeds"
 _EMPTY = "_tmpq_null_embeds"
 
@@ -281,3 +282,24 @@ def select(batch, mask: torch.Tensor):
 def adapter_classes() -> list[type]:
     """The denoiser classes that have an adapter (model loading picks among them by ``_class_name``)."""
     return [a.cls for a in _REGISTRY]
+
+
+def set_decoder(model, vae) -> None:
+    """A latent model's VAE (``AutoencoderKL`` / ``AutoencoderTiny``, FP): samples are decoded through it before any
+    metric. It is held beside the denoiser, not inside it: never quantized, not in its state dict, not in its BitOPs."""
+    object.__setattr__(denoiser_of(model), _VAE, vae)
+
+
+def decoder_of(model):
+    return getattr(denoiser_of(model), _VAE, None)
+
+
+def decode(model, latents: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] from the sampler's final ``latents``: through the model's VAE when it has one (latents
+    divided by its ``scaling_factor``), else the latents are the images."""
+    vae = decoder_of(model)
+    if vae is None:
+        return latents.clamp(-1.0, 1.0)
+    scale = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
+    dtype = next(vae.parameters()).dtype
+    return vae.decode(latents.to(dtype) / scale).sample.float().clamp(-1.0, 1.0)

@@ -16,14 +16,17 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers
 import torch
 from diffusers import DDPMScheduler
 
 from tmpq.core.adapters import (
     adapter_classes,
     adapter_for,
+    decoder_of,
     sample_shape,
     set_conditioning,
+    set_decoder,
 )
 from tmpq.core.errors import TmpqError
 
@@ -116,7 +119,14 @@ class LoadedModel:
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
+        """The denoiser's sample (a latent model's latent)."""
         return sample_shape(self.unet)
+
+    @property
+    def image_channels(self) -> int:
+        """Channels of the images metrics see (a latent model's VAE output)."""
+        vae = decoder_of(self.unet)
+        return int(vae.config.out_channels) if vae is not None else self.sample_shape[0]
 
 
 def check_safetensors(path: Path) -> None:
@@ -154,6 +164,32 @@ def resolve_model_dir(path: str | os.PathLike | None) -> tuple[Path, Path, dict]
     else:
         sched_cfg = embedded_scheduler_config()
     return root, unet_dir, sched_cfg
+
+
+VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
+
+
+def _load_vae(root: Path):
+    """The FP VAE of a latent pipeline directory (``vae/``), or None."""
+    vae_dir = root / "vae"
+    if not (vae_dir / "config.json").is_file():
+        return None
+    try:
+        name = json.loads((vae_dir / "config.json").read_text()).get("_class_name")
+    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as exc:
+        raise TmpqError(f"malformed VAE config {vae_dir / 'config.json'}: {exc}") from None
+    if name not in VAE_CLASSES:
+        raise TmpqError(f"{vae_dir}: VAE class {name!r} is not supported (one of {', '.join(VAE_CLASSES)})")
+    weights = vae_dir / WEIGHTS_NAME
+    if not weights.is_file():
+        raise TmpqError(f"no {WEIGHTS_NAME} in VAE directory {vae_dir} (safetensors only)")
+    check_safetensors(weights)
+    try:
+        vae = getattr(diffusers, name).from_pretrained(str(vae_dir), use_safetensors=True, local_files_only=True,
+                                                       low_cpu_mem_usage=False)
+    except Exception as exc:
+        raise TmpqError(f"cannot load {name} from {vae_dir}: {str(exc).splitlines()[0]}") from None
+    return vae.eval().requires_grad_(False)
 
 
 def denoiser_class(config_file: Path) -> type:
@@ -195,6 +231,9 @@ def load_model(path: str | os.PathLike | ModelConfig | None = None, device: str 
     unet.eval().requires_grad_(False).to(device)
     if device == "cpu":
         unet.to(memory_format=torch.channels_last)  # measured 1.4x faster sampling on 2 CPU cores (52 -> 73 img/s)
+    vae = _load_vae(root)
+    if vae is not None:
+        set_decoder(unet, vae.to(device))
     if cfg.null_label >= 0:
         set_conditioning(unet, null_label=cfg.null_label)
     if cfg.guidance_scale != 1.0:
@@ -211,15 +250,17 @@ def save_pipeline_dir(unet: torch.nn.Module, scheduler_config: dict, out: Path, 
     folder = "transformer" if "Transformer" in type(unet).__name__ else "unet"
     unet.save_pretrained(str(out / folder), safe_serialization=True)
     DDPMScheduler(**scheduler_config).save_pretrained(str(out / "scheduler"))
-    pipeline = "DDPMPipeline" if type(unet).__name__ == "UNet2DModel" else "tmpq.PixelPipeline"
+    vae = decoder_of(unet)
+    pipeline = "DDPMPipeline" if type(unet).__name__ == "UNet2DModel" and vae is None else "tmpq.Pipeline"
     index = {"_class_name": pipeline, "_diffusers_version": _diffusers_version(),
              "scheduler": ["diffusers", "DDPMScheduler"], folder: ["diffusers", type(unet).__name__]}
+    if vae is not None:
+        vae.save_pretrained(str(out / "vae"), safe_serialization=True)
+        index["vae"] = ["diffusers", type(vae).__name__]
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     if manifest is not None:
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 def _diffusers_version() -> str:
-    import diffusers
-
     return diffusers.__version__

@@ -15,7 +15,13 @@ import torch
 from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
-from tmpq.core.adapters import adapter_for, denoiser_of, guided_eps, sample_shape
+from tmpq.core.adapters import (
+    adapter_for,
+    decode,
+    denoiser_of,
+    guided_eps,
+    sample_shape,
+)
 from tmpq.core.errors import TmpqError
 from tmpq.core.schedules import validate_timesteps
 
@@ -178,7 +184,8 @@ class NoiseBank:
 def sample_batch(unet: torch.nn.Module, scheduler: RespacedDDIMScheduler, timesteps: Sequence[int],
                  bank: NoiseBank, indices: Sequence[int], eta: float = 0.0, on_step=None, labels=None,
                  guidance_scale: float = 1.0) -> torch.Tensor:
-    """Denoise the bank's images ``indices`` along ``timesteps``; returns images in [-1, 1].
+    """Denoise the bank's images ``indices`` along ``timesteps``; returns images in [-1, 1] (a latent model's
+    latents decoded through its VAE, :func:`tmpq.core.adapters.decode`).
 
     The denoiser is called through its adapter (:mod:`tmpq.core.adapters`) with the images' conditioning (class
     models: balanced labels ``index % classes`` unless ``labels`` names them; text models: the model's prompts),
@@ -196,7 +203,7 @@ def sample_batch(unet: torch.nn.Module, scheduler: RespacedDDIMScheduler, timest
         eps = guided_eps(unet, x, t_in, cond, guidance_scale)
         noise = bank.eta(indices, k).to(device) if eta > 0 else None
         x = scheduler.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
-    return x.clamp(-1.0, 1.0)
+    return decode(unet, x)
 
 
 def sample_images(unet: torch.nn.Module, scheduler: RespacedDDIMScheduler, timesteps: Sequence[int], n: int, *,

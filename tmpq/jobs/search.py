@@ -60,10 +60,10 @@ class WorkerSpec:
         torch.set_num_threads(self.threads)
         m = load_model(ModelConfig(**self.model) if isinstance(self.model, dict) else self.model)
         net = QuantSupernet.from_file(m.unet, self.supernet_file)
-        ext = scoring_extractor(m.sample_shape[0], self.proxy.get("extractor", "auto"),
+        ext = scoring_extractor(m.image_channels, self.proxy.get("extractor", "auto"),
                                 self.proxy.get("inception_weights", ""))
         cfg = ProxyConfig(**self.proxy)
-        ref = proxy_reference(cfg, ext, m.sample_shape[0])
+        ref = proxy_reference(cfg, ext, m.image_channels)
         return CandidateEvaluator(net, make_scheduler(m.scheduler_config), ext, ref, cfg, companions=self.companions,
                                   guidance_scale=m.guidance_scale)
 
@@ -155,7 +155,7 @@ def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=No
     """Run (or resume) a search; returns the run directory. ``executor`` overrides the configured one (tests)."""
 
     m = load_model(cfg.model)
-    check_proxy(cfg, m.sample_shape[0])
+    check_proxy(cfg, m.image_channels)
     groups, step_groups = _time_groups(cfg, m, run_path if resume else None)  # before wrapping: profiles the FP model
     net = QuantSupernet(m.unet, cfg.supernet)
     fp = run_fingerprint(cfg, net.fingerprint)

@@ -151,7 +151,7 @@ def validate_run(run_path: str | Path, cfg: ValidateConfig, progress: bool = Tru
     proxy = run_cfg.get("proxy", {})
     reference = proxy.get("reference", "")
     model = _model(run_cfg)
-    channels, guidance = model.sample_shape[0], model.guidance_scale
+    channels, guidance = model.image_channels, model.guidance_scale
     del model
     check_reference(reference, channels, hint="; validation scores against the run's proxy.reference")
     out = run.path / "final"
