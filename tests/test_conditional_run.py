@@ -116,6 +116,10 @@ def test_a_latent_dit_samples_through_its_vae_which_is_never_quantized(tmp_path)
     export_candidate(run.path, key, tmp_path / "exp")
     assert (tmp_path / "exp" / "vae" / "config.json").is_file()
     unet, sched, ts, man = load_export(tmp_path / "exp")
+    assert man["decoder"]["class"] == "AutoencoderKL" and man["decoder"]["macs"] > 0
+    res = subprocess.run([sys.executable, "-m", "tmpq", "profile", "--model", str(tmp_path / "latent")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and f"{man['decoder']['macs']:,} MACs per image" in res.stdout, res.stderr
     out = sample_images(unet, sched, ts, 2, guidance_scale=man["sampler"]["guidance_scale"], progress=False)
     assert out.shape == (2, 1, 8, 8)
     assert all(not fqn.startswith(("vae", "encoder", "decoder")) for fqn in man["layers"])

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from tmpq.core.adapters import set_conditioning
+from tmpq.core.adapters import decoder_cost, set_conditioning
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import malformed, read_json
 from tmpq.core.grid import save_grid
@@ -192,6 +192,10 @@ def cmd_profile(args: argparse.Namespace) -> None:
         for a in net.config.a_bits:
             alloc = [(w, a)] * net.num_genes
             print(f"uniform W{w}A{a}: {net.bitops(alloc) / 1e9:.4f} GBitOPs per call, {net.size_mb(alloc):.3f} MB")
+    dec = decoder_cost(m.unet)
+    if dec is not None:  # a latent model: its VAE decodes once per image, in FP, outside the search
+        print(f"VAE decoder ({dec['class']}, FP, not searched): {dec['macs']:,} MACs per image, "
+              f"{dec['bitops_fp32'] / 1e9:.4f} GBitOPs at 32 x 32 bits, once per image (not per step)")
 
 
 def cmd_calibrate(args: argparse.Namespace) -> None:

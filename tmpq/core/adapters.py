@@ -303,3 +303,26 @@ def decode(model, latents: torch.Tensor) -> torch.Tensor:
     scale = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
     dtype = next(vae.parameters()).dtype
     return vae.decode(latents.to(dtype) / scale).sample.float().clamp(-1.0, 1.0)
+
+
+@torch.no_grad()
+def decoder_cost(model) -> dict | None:
+    """The FP VAE decoder's cost per decoded image (reported beside the denoiser's, never searched): its Conv2d /
+    Linear MACs, measured with hooks on one decode, and the BitOPs of those MACs at 32 x 32 bits. None without a
+    VAE."""
+    vae = decoder_of(model)
+    if vae is None:
+        return None
+    macs = []
+
+    def hook(mod, inp, out):
+        macs.append(int(out.numel() // out.shape[0]) * mod.weight[0].numel())
+
+    hooks = [m.register_forward_hook(hook) for m in vae.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    try:
+        latent = torch.zeros(1, *sample_shape(model), device=next(vae.parameters()).device)
+        decode(model, latent)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {"class": type(vae).__name__, "macs": sum(macs), "bitops_fp32": sum(macs) * 32 * 32}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from tmpq.core.adapters import adapter_for
+from tmpq.core.adapters import adapter_for, decoder_cost
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import file_sha256, malformed, read_json, read_parquet
 from tmpq.core.model import ModelConfig, load_model, save_pipeline_dir
@@ -82,6 +82,7 @@ def export_candidate(run_path: str | Path, key: str, out: str | Path, command: s
     adapter = adapter_for(m.unet)
     conditioning = {"kind": adapter.kind(m.unet), "null_label": adapter.null_label(m.unet),
                     "classes": adapter.classes(m.unet)}
+    decoder = decoder_cost(m.unet)  # a latent model's FP VAE decoder, reported beside the searched denoiser
     fp_unet = copy.deepcopy(m.unet)  # the FP weights the export directory carries (m.unet gets wrapped below)
     validated = run.path / "final" / f"{key}.safetensors"
     if validated.is_file():
@@ -136,6 +137,7 @@ def export_candidate(run_path: str | Path, key: str, out: str | Path, command: s
                         "config": dict(sched.config), "timesteps": timesteps, "eta": 0.0,
                         "guidance_scale": m.guidance_scale},
             "conditioning": conditioning,
+            **({"decoder": decoder} if decoder is not None else {}),
             "layers": layers,
             "modules_to_not_convert": convertible,
             "supernet_config": json.loads(pinned.config.to_json()),
