@@ -242,7 +242,7 @@ class QuantSupernet(nn.Module):
     # -- timestep groups ----------------------------------------------------------------------------------------
     def time_group_of(self, t) -> int:
         """Group index of timestep(s) ``t``; every timestep of one denoiser call must fall in the same group."""
-        ts = torch.as_tensor(t).reshape(-1)
+        ts = torch.as_tensor(t).reshape(-1).contiguous()  # a pipeline may pass an expanded (stride-0) tensor
         if ts.numel() == 0:
             raise TmpqError("time_groups: a denoiser call without a timestep")
         starts = torch.as_tensor(self.time_starts, dtype=ts.dtype, device=ts.device)

@@ -123,3 +123,46 @@ def test_a_latent_dit_samples_through_its_vae_which_is_never_quantized(tmp_path)
     out = sample_images(unet, sched, ts, 2, guidance_scale=man["sampler"]["guidance_scale"], progress=False)
     assert out.shape == (2, 1, 8, 8)
     assert all(not fqn.startswith(("vae", "encoder", "decoder")) for fqn in man["layers"])
+
+
+def test_the_stock_dit_pipeline_samples_the_export_after_apply_export(tmp_path):
+    """diffusers' own DiTPipeline (1000 classes, null label 1000, a VAE), quantized with tmpq.apply_export: its call
+    runs the exported timesteps (not its default 250) and draws, with the noise bank's generators, the images tmpq
+    samples from the export (up to the float rounding of its [0, 1] output)."""
+    import dataclasses
+
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        DiTPipeline,
+        DiTTransformer2DModel,
+    )
+
+    import tmpq
+    from tmpq.core.adapters import set_decoder
+    from tmpq.core.sampler import noise_generators, sample_images
+    from tmpq.deploy.bundle import load_export
+
+    torch.manual_seed(4)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        norm_num_groups=4, sample_size=8, layers_per_block=1).eval()
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                num_layers=2, sample_size=4, patch_size=2, num_embeds_ada_norm=1000).eval()
+    set_decoder(dit, vae)
+    save_pipeline_dir(dit, embedded_scheduler_config(), tmp_path / "latent")
+    cfg = cfg_for(tmp_path / "latent", guidance=1.5)
+    cfg = dataclasses.replace(cfg, proxy=dataclasses.replace(cfg.proxy, name="paired-feat"))  # RGB: no digits
+    run = run_search(cfg, tmp_path / "run", progress=False)
+    key = json.loads(run.log_path.read_text().splitlines()[0])["key"]
+    export_candidate(run.path, key, tmp_path / "exp")
+    pipe = DiTPipeline(transformer=DiTTransformer2DModel.from_pretrained(str(tmp_path / "exp" / "transformer")),
+                       vae=AutoencoderKL.from_pretrained(str(tmp_path / "exp" / "vae")),
+                       scheduler=DDIMScheduler(**embedded_scheduler_config()))
+    tmpq.apply_export(pipe, tmp_path / "exp")
+    img = pipe(class_labels=[1, 2], guidance_scale=1.5, generator=noise_generators(2, 0), output_type="pt").images
+    assert pipe.scheduler.timesteps.tolist() == pipe.tmpq_timesteps
+    unet, sched, ts, _ = load_export(tmp_path / "exp")
+    assert ts == pipe.tmpq_timesteps
+    ref = sample_images(unet, sched, ts, 2, seed=0, labels=[1, 2], guidance_scale=1.5, progress=False)
+    assert float((img * 2 - 1 - ref).abs().max()) < 1e-5
