@@ -42,6 +42,25 @@ def cfg_for(model_dir, guidance: float = 2.0):
     })
 
 
+def latent_dit(out, image_channels: int, latent_channels: int, out_channels: int, classes: int):
+    """A tiny latent DiT with its VAE (8x8 images, 4x4 latents), saved as a pipeline directory at ``out``."""
+    from diffusers import AutoencoderKL, DiTTransformer2DModel
+
+    from tmpq.core.adapters import set_decoder
+
+    torch.manual_seed(4)
+    vae = AutoencoderKL(in_channels=image_channels, out_channels=image_channels,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        block_out_channels=(8, 16), latent_channels=latent_channels, norm_num_groups=4, sample_size=8,
+                        layers_per_block=1).eval()
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=latent_channels,
+                                out_channels=out_channels, num_layers=2, sample_size=4, patch_size=2,
+                                num_embeds_ada_norm=classes).eval()
+    set_decoder(dit, vae)
+    save_pipeline_dir(dit, embedded_scheduler_config(), out)
+    return dit, vae
+
+
 def test_a_guided_dit_searches_validates_exports_and_samples_from_the_export(tmp_path):
     save_pipeline_dir(tiny_dit(), embedded_scheduler_config(), tmp_path / "dit")
     run = run_search(cfg_for(tmp_path / "dit"), tmp_path / "run", progress=False)
@@ -89,20 +108,12 @@ def test_guidance_on_a_model_that_cannot_guide_is_one_line(tmp_path):
 def test_a_latent_dit_samples_through_its_vae_which_is_never_quantized(tmp_path):
     """A latent pipeline directory (transformer/ + vae/): images reach the metrics decoded by the FP VAE, the
     supernet and its BitOPs hold the denoiser alone, and the export carries the VAE."""
-    from diffusers import AutoencoderKL, DiTTransformer2DModel
 
-    from tmpq.core.adapters import decoder_of, set_decoder
+    from tmpq.core.adapters import decoder_of
     from tmpq.core.sampler import make_scheduler, sample_images
     from tmpq.deploy.bundle import load_export
 
-    torch.manual_seed(4)
-    vae = AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=2,
-                        norm_num_groups=4, sample_size=8, layers_per_block=1).eval()
-    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=2, out_channels=2,
-                                num_layers=2, sample_size=4, patch_size=2, num_embeds_ada_norm=10).eval()
-    set_decoder(dit, vae)
-    save_pipeline_dir(dit, embedded_scheduler_config(), tmp_path / "latent")
+    dit, vae = latent_dit(tmp_path / "latent", image_channels=1, latent_channels=2, out_channels=2, classes=10)
     assert json.loads((tmp_path / "latent" / "model_index.json").read_text())["vae"] == ["diffusers", "AutoencoderKL"]
     m = load_model(ModelConfig(path=str(tmp_path / "latent"), guidance_scale=1.5))
     assert m.sample_shape == (2, 4, 4) and m.image_channels == 1 and decoder_of(m.unet) is not None
@@ -139,18 +150,10 @@ def test_the_stock_dit_pipeline_samples_the_export_after_apply_export(tmp_path):
     )
 
     import tmpq
-    from tmpq.core.adapters import set_decoder
     from tmpq.core.sampler import noise_generators, sample_images
     from tmpq.deploy.bundle import load_export
 
-    torch.manual_seed(4)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                        norm_num_groups=4, sample_size=8, layers_per_block=1).eval()
-    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
-                                num_layers=2, sample_size=4, patch_size=2, num_embeds_ada_norm=1000).eval()
-    set_decoder(dit, vae)
-    save_pipeline_dir(dit, embedded_scheduler_config(), tmp_path / "latent")
+    latent_dit(tmp_path / "latent", image_channels=3, latent_channels=4, out_channels=8, classes=1000)
     cfg = cfg_for(tmp_path / "latent", guidance=1.5)
     cfg = dataclasses.replace(cfg, proxy=dataclasses.replace(cfg.proxy, name="paired-feat"))  # RGB: no digits
     run = run_search(cfg, tmp_path / "run", progress=False)
