@@ -90,7 +90,6 @@ class CandidateEvaluator:
 
     def __init__(self, net, scheduler, extractor, ref: Reference | None, cfg: ProxyConfig, companions: bool = True,
                  guidance_scale: float = 1.0):
-        cfg.validate()
         if cfg.name == "fid" and ref is None:
             raise TmpqError("proxy.name = fid needs reference statistics")
         self.net, self.scheduler, self.extractor, self.ref, self.cfg = net, scheduler, extractor, ref, cfg
@@ -144,7 +143,7 @@ class CandidateEvaluator:
                 raise TmpqError(f"per-group bits: {len(bits)} allocations for {len(timesteps)} steps")
             steps = list(reversed(bits))  # step k (descending t) lies in group n-1-k
 
-            def on_step(k, t, x, cond):
+            def on_step(k, t, x):
                 self.net.set_bits(steps[k])
 
             self.net.set_bits(steps[0])

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tmpq.core.adapters import adapter_for, denoiser_of, sample_shape
+from tmpq.core.adapters import adapter_for, denoiser_of, rows, sample_shape, with_null
 from tmpq.core.errors import TmpqError
 from tmpq.core.sampler import NoiseBank, sample_batch
 from tmpq.core.schedules import make_timesteps
@@ -56,10 +56,6 @@ class CalibrationConfig:
                 raise TmpqError(f"calibration.{key}: must be an integer >= {low}, got {v!r}")
 
 
-def _rows(cond: dict, idx) -> dict:
-    return {k: v[idx] for k, v in cond.items()}
-
-
 @dataclass
 class CalibData:
     """Captured denoiser inputs: x [N, C, H, W], integer timesteps t [N] and the conditioning of each row (a dict of
@@ -74,15 +70,13 @@ class CalibData:
         """(x, t) batches, or (x, t, cond) for a conditional model."""
         for i in range(0, len(self.t), batch_size):
             sl = slice(i, i + batch_size)
-            yield (self.x[sl], self.t[sl], _rows(self.cond, sl)) if self.cond else (self.x[sl], self.t[sl])
+            yield (self.x[sl], self.t[sl], rows(self.cond, sl)) if self.cond else (self.x[sl], self.t[sl])
 
     def with_null_pass(self, unet) -> "CalibData":
         """Every input twice: with its conditioning and with the null conditioning that classifier-free guidance
         pairs it with (guided sampling runs both passes, so calibration sees both)."""
-        inner = denoiser_of(unet)
-        null = adapter_for(inner).null(inner, self.cond)
         return CalibData(torch.cat([self.x, self.x]), torch.cat([self.t, self.t]), self.strategy,
-                         {k: torch.cat([self.cond[k], null[k]]) for k in self.cond})
+                         with_null(unet, self.cond))
 
     def __len__(self) -> int:
         return len(self.t)
@@ -96,21 +90,14 @@ def capture_along(unet, scheduler, timesteps, n_samples: int, seed: int = 10_000
     denoiser input: xs [steps, n, C, H, W], the timesteps [steps] and the images' conditioning (tensors [n, ...])."""
     bank = NoiseBank(seed, sample_shape(unet))
     step = batch or n_samples
-    chunks, conds = [], []
+    chunks = []
     for s in range(0, n_samples, step):
         xs: list[torch.Tensor] = []
-        seen: list[dict] = []
-
-        def keep(k, t, x, cond):
-            xs.append(x.clone())
-            if k == 0:
-                seen.append(cond)
-
-        sample_batch(unet, scheduler, timesteps, bank, list(range(s, min(s + step, n_samples))), on_step=keep,
-                     guidance_scale=guidance_scale)
+        sample_batch(unet, scheduler, timesteps, bank, list(range(s, min(s + step, n_samples))),
+                     on_step=lambda k, t, x: xs.append(x.clone()), guidance_scale=guidance_scale)
         chunks.append(torch.stack(xs))
-        conds.append(seen[0])
-    cond = {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+    inner = denoiser_of(unet)  # the conditioning the sampler gave images 0..n-1 (a function of their indices)
+    cond = adapter_for(inner).conditions(inner, range(n_samples), device=chunks[0].device)
     return torch.cat(chunks, dim=1), torch.tensor([int(t) for t in timesteps]), cond
 
 
@@ -138,7 +125,7 @@ def _mid_features(unet, x: torch.Tensor, t: torch.Tensor, cond: dict) -> np.ndar
     try:
         with torch.no_grad():
             for i in range(0, len(t), 256):
-                adapter.call(unet, x[i:i + 256], t[i:i + 256], _rows(cond, slice(i, i + 256)))
+                adapter.call(unet, x[i:i + 256], t[i:i + 256], rows(cond, slice(i, i + 256)))
     finally:
         h.remove()
     return torch.cat(feats).numpy()
@@ -182,7 +169,7 @@ def _strategy_data(unet, scheduler, strategy, n_steps, per_step, sampler_steps, 
         keep = np.unique(np.linspace(0, sampler_steps - 1, n_steps).round().astype(int))
         x = xs[keep].flatten(0, 1)
         t = ts[keep].repeat_interleave(per_step)
-        return CalibData(x, t, strategy, _rows(cond, torch.arange(per_step).repeat(len(keep))))
+        return CalibData(x, t, strategy, rows(cond, torch.arange(per_step).repeat(len(keep))))
     total = n_steps * per_step
     if strategy == "ndtc":
         xs, ts, cond = capture_trajectories(unet, scheduler, total, sampler_steps, seed,
@@ -207,15 +194,15 @@ def _strategy_data(unet, scheduler, strategy, n_steps, per_step, sampler_steps, 
     counts = np.floor(w / w.sum() * total).astype(int)
     counts[np.argsort(-w)[: total - counts.sum()]] += 1
     counts = np.minimum(counts, pool)
-    xs_out, ts_out, rows = [], [], []
+    xs_out, ts_out, picked = [], [], []
     for s, c in zip(cand, counts):
         if c == 0:
             continue
         idx = _farthest_points((feats[s] - mu) / sd, int(c), rng)
         xs_out.append(xs[s, idx])
         ts_out.append(ts[s].repeat(int(c)))
-        rows.append(torch.as_tensor(idx))
-    return CalibData(torch.cat(xs_out), torch.cat(ts_out), strategy, _rows(cond, torch.cat(rows)))
+        picked.append(torch.as_tensor(idx))
+    return CalibData(torch.cat(xs_out), torch.cat(ts_out), strategy, rows(cond, torch.cat(picked)))
 
 
 def calibrate_to_file(net, scheduler, out: Path | str, cfg: CalibrationConfig | None = None,

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from tmpq.core.adapters import forward, select, unpack
 from tmpq.core.errors import TmpqError
 from tmpq.quant.reconstruct import capture_block, reconstruct_block
+from tmpq.supernet.calib_data import MODES
 
 
 @torch.no_grad()
@@ -33,8 +34,8 @@ def calibrate(net, data: Iterable[tuple[torch.Tensor, torch.Tensor]], mode: str 
     (fewer if there are fewer timesteps); bias correction and activation ranges run once per group on its data
     and are kept in the layers' banks; afterwards each denoiser call makes its timestep's group live.
     """
-    if mode not in ("per-option", "random-path"):
-        raise TmpqError(f"calibration.mode: unknown {mode!r}; choose per-option or random-path")
+    if mode not in MODES:
+        raise TmpqError(f"calibration.mode: unknown {mode!r}; choose {' or '.join(MODES)}")
     batches = list(data)
     if not batches:
         raise TmpqError("calibration: no calibration data")

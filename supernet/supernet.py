@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from tmpq.core.adapters import adapter_for, forward, sample_shape
-from tmpq.core.cost import call_bitops, weight_bits
+from tmpq.core.cost import call_bitops, output_macs, weight_bits
 from tmpq.core.errors import TmpqError
 from tmpq.quant.layers import WRAPPERS, QuantLayer, correct_bias, replace_module, wrap
 from tmpq.supernet import calibration
@@ -140,8 +140,7 @@ class QuantSupernet(nn.Module):
         hooks = []
         for name, layer in self.layers.items():
             def hook(mod, inp, out, name=name):
-                # each output element costs (in / groups) * kh * kw (conv) or in_features (linear) MACs
-                macs[name] = int(out.numel() // out.shape[0]) * mod.module.weight[0].numel()
+                macs[name] = output_macs(out, mod.module.weight)
             hooks.append(layer.register_forward_hook(hook))
         saved = {n: (lay.w_index, lay.a_index) for n, lay in self.layers.items()}
         for lay in self.layers.values():

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 import torch
 from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 
+from tmpq.core.cost import output_macs
 from tmpq.core.errors import TmpqError
 
 KINDS = ("none", "class", "text")
@@ -242,14 +243,10 @@ def sample_shape(model) -> tuple[int, int, int]:
 def guided_eps(model, x: torch.Tensor, t: torch.Tensor, cond: dict, guidance_scale: float = 1.0) -> torch.Tensor:
     """The (classifier-free guided) noise prediction: one batched call of the conditional and the null pass when
     ``guidance_scale != 1``: ``eps_null + s * (eps_cond - eps_null)``."""
-    inner = denoiser_of(model)
-    a = adapter_for(inner)
-    if guidance_scale == 1.0 or not cond:
-        if guidance_scale != 1.0:
-            a.null(inner, cond)  # raises: unconditional
+    a = adapter_for(model)
+    if guidance_scale == 1.0:
         return a.eps(model, x, t, cond)
-    null = a.null(inner, cond)
-    both = {k: torch.cat([cond[k], null[k]]) for k in cond}
+    both = with_null(model, cond)  # refuses a model that cannot guide
     e = a.eps(model, torch.cat([x, x]), torch.cat([t, t]), both)
     e_c, e_u = e.chunk(2)
     return e_u + guidance_scale * (e_c - e_u)
@@ -273,10 +270,22 @@ def predict(model, batch) -> torch.Tensor:
     return adapter_for(model).eps(model, x, t, cond)
 
 
+def rows(cond: dict, idx) -> dict:
+    """The rows ``idx`` (a slice, a mask or indices) of every conditioning tensor."""
+    return {k: v[idx] for k, v in cond.items()}
+
+
+def with_null(model, cond: dict) -> dict:
+    """``cond`` followed by its null counterpart, row for row (the two passes of classifier-free guidance)."""
+    inner = denoiser_of(model)
+    null = adapter_for(inner).null(inner, cond)
+    return {k: torch.cat([cond[k], null[k]]) for k in cond}
+
+
 def select(batch, mask: torch.Tensor):
     """The rows ``mask`` of a calibration batch, its conditioning included."""
     x, t, cond = unpack(batch)
-    return (x[mask], t[mask], {k: v[mask] for k, v in cond.items()})
+    return (x[mask], t[mask], rows(cond, mask))
 
 
 def adapter_classes() -> list[type]:
@@ -316,7 +325,7 @@ def decoder_cost(model) -> dict | None:
     macs = []
 
     def hook(mod, inp, out):
-        macs.append(int(out.numel() // out.shape[0]) * mod.weight[0].numel())
+        macs.append(output_macs(out, mod.weight))
 
     hooks = [m.register_forward_hook(hook) for m in vae.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     try:

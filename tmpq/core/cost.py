@@ -17,6 +17,12 @@ class LayerCost:
     pinned: tuple[int, int] | None = None
 
 
+def output_macs(out, weight) -> int:
+    """MACs per sample of one Conv2d / Linear call from its output and weight: each output element costs
+    (in / groups) * kh * kw (conv) or in_features (linear) MACs, one weight row."""
+    return int(out.numel() // out.shape[0]) * weight[0].numel()
+
+
 def layer_bits(layer, allocation: Sequence[tuple[int, int]]) -> tuple[int, int]:
     """(w, a) bits of ``layer`` under a per-gene ``allocation`` (a pinned layer keeps its own)."""
     w, a = layer.pinned if layer.pinned else allocation[layer.gene]

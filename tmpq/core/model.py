@@ -169,35 +169,44 @@ def resolve_model_dir(path: str | os.PathLike | None) -> tuple[Path, Path, dict]
 VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
 
 
+def _class_name(config_file: Path, what: str, default: str | None = None) -> str | None:
+    """The ``_class_name`` a diffusers ``config.json`` names (``default`` when it names none)."""
+    try:
+        return json.loads(config_file.read_text()).get("_class_name", default)
+    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as exc:
+        raise TmpqError(f"malformed {what} config {config_file}: {exc}") from None
+
+
+def _from_pretrained(cls: type, folder: Path, what: str = "model"):
+    """``cls`` from a local folder, safetensors only (pickled ``.bin`` weights refused), checked before loading, in
+    eval mode without gradients; every failure is one line."""
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        if (folder / "diffusion_pytorch_model.bin").is_file():
+            raise TmpqError(f"{folder} has only pickled .bin weights; convert them to safetensors first")
+        raise TmpqError(f"no {WEIGHTS_NAME} in {what} directory {folder}")
+    check_safetensors(weights)
+    try:
+        model = cls.from_pretrained(str(folder), use_safetensors=True, local_files_only=True, low_cpu_mem_usage=False)
+    except Exception as exc:
+        raise TmpqError(f"cannot load {cls.__name__} from {folder}: {str(exc).splitlines()[0]}") from None
+    return model.eval().requires_grad_(False)
+
+
 def _load_vae(root: Path):
     """The FP VAE of a latent pipeline directory (``vae/``), or None."""
     vae_dir = root / "vae"
     if not (vae_dir / "config.json").is_file():
         return None
-    try:
-        name = json.loads((vae_dir / "config.json").read_text()).get("_class_name")
-    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as exc:
-        raise TmpqError(f"malformed VAE config {vae_dir / 'config.json'}: {exc}") from None
+    name = _class_name(vae_dir / "config.json", "VAE")
     if name not in VAE_CLASSES:
         raise TmpqError(f"{vae_dir}: VAE class {name!r} is not supported (one of {', '.join(VAE_CLASSES)})")
-    weights = vae_dir / WEIGHTS_NAME
-    if not weights.is_file():
-        raise TmpqError(f"no {WEIGHTS_NAME} in VAE directory {vae_dir} (safetensors only)")
-    check_safetensors(weights)
-    try:
-        vae = getattr(diffusers, name).from_pretrained(str(vae_dir), use_safetensors=True, local_files_only=True,
-                                                       low_cpu_mem_usage=False)
-    except Exception as exc:
-        raise TmpqError(f"cannot load {name} from {vae_dir}: {str(exc).splitlines()[0]}") from None
-    return vae.eval().requires_grad_(False)
+    return _from_pretrained(getattr(diffusers, name), vae_dir, "VAE")
 
 
 def denoiser_class(config_file: Path) -> type:
     """The class a denoiser directory's ``config.json`` names, among those with a denoiser adapter."""
-    try:
-        name = json.loads(config_file.read_text()).get("_class_name", "UNet2DModel")
-    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as exc:
-        raise TmpqError(f"malformed denoiser config {config_file}: {exc}") from None
+    name = _class_name(config_file, "denoiser", "UNet2DModel")
     for cls in adapter_classes():
         if cls.__name__ == name:
             return cls
@@ -216,19 +225,7 @@ def load_model(path: str | os.PathLike | ModelConfig | None = None, device: str 
     """
     cfg = path if isinstance(path, ModelConfig) else ModelConfig(path="embedded" if path in (None, "") else str(path))
     root, unet_dir, sched_cfg = resolve_model_dir(cfg.path)
-    cls = denoiser_class(unet_dir / "config.json")
-    weights = unet_dir / WEIGHTS_NAME
-    if not weights.is_file():
-        if (unet_dir / "diffusion_pytorch_model.bin").is_file():
-            raise TmpqError(f"{unet_dir} has only pickled .bin weights; convert them to safetensors first")
-        raise TmpqError(f"no {WEIGHTS_NAME} in model directory {unet_dir}")
-    check_safetensors(weights)
-    try:
-        unet = cls.from_pretrained(str(unet_dir), use_safetensors=True, local_files_only=True,
-                                   low_cpu_mem_usage=False)
-    except Exception as exc:
-        raise TmpqError(f"cannot load {cls.__name__} from {unet_dir}: {str(exc).splitlines()[0]}") from None
-    unet.eval().requires_grad_(False).to(device)
+    unet = _from_pretrained(denoiser_class(unet_dir / "config.json"), unet_dir).to(device)
     if device == "cpu":
         unet.to(memory_format=torch.channels_last)  # measured 1.4x faster sampling on 2 CPU cores (52 -> 73 img/s)
     vae = _load_vae(root)
@@ -237,7 +234,8 @@ def load_model(path: str | os.PathLike | ModelConfig | None = None, device: str 
     if cfg.null_label >= 0:
         set_conditioning(unet, null_label=cfg.null_label)
     if cfg.guidance_scale != 1.0:
-        adapter_for(unet).null(unet, adapter_for(unet).example(unet, 1, "cpu"))  # refuses a model that cannot guide
+        adapter = adapter_for(unet)
+        adapter.null(unet, adapter.example(unet, 1, "cpu"))  # refuses a model that cannot guide
     return LoadedModel(unet=unet, scheduler_config=dict(sched_cfg), path=root, guidance_scale=float(cfg.guidance_scale))
 
 

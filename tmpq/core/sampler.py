@@ -189,7 +189,7 @@ def sample_batch(unet: torch.nn.Module, scheduler: RespacedDDIMScheduler, timest
 
     The denoiser is called through its adapter (:mod:`tmpq.core.adapters`) with the images' conditioning (class
     models: balanced labels ``index % classes`` unless ``labels`` names them; text models: the model's prompts),
-    and with classifier-free guidance when ``guidance_scale != 1``. ``on_step(k, t, x_t, cond)``, if given, sees the
+    and with classifier-free guidance when ``guidance_scale != 1``. ``on_step(k, t, x_t)``, if given, sees the
     denoiser input of every step (calibration-data capture)."""
     scheduler.set_timesteps(timesteps=timesteps)
     device = next(unet.parameters()).device
@@ -199,7 +199,7 @@ def sample_batch(unet: torch.nn.Module, scheduler: RespacedDDIMScheduler, timest
     for k, t in enumerate(scheduler.timesteps.tolist()):
         t_in = torch.full((x.shape[0],), t, dtype=torch.int64, device=device)
         if on_step is not None:
-            on_step(k, t, x, cond)
+            on_step(k, t, x)
         eps = guided_eps(unet, x, t_in, cond, guidance_scale)
         noise = bank.eta(indices, k).to(device) if eta > 0 else None
         x = scheduler.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
@@ -213,7 +213,7 @@ def sample_images(unet: torch.nn.Module, scheduler: RespacedDDIMScheduler, times
     """Sample ``n`` images (bank indices ``start .. start+n-1``) in batches, with a progress bar.
 
     ``labels`` (class-conditional models): None = balanced (image i gets class ``i % classes``), one int for all,
-    or one per image; ``guidance_scale``: classifier-free guidance (1 = none). ``on_step(k, t, x_t, cond)`` is
+    or one per image; ``guidance_scale``: classifier-free guidance (1 = none). ``on_step(k, t, x_t)`` is
     called before every denoiser call (see :func:`sample_batch`).
 
     Example:

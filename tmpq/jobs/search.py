@@ -68,8 +68,10 @@ class WorkerSpec:
                                   guidance_scale=m.guidance_scale)
 
 
-# the keys of a run config's [supernet] and [proxy] sections before they became SupernetConfig and ProxyConfig
+# the keys of a run config's [model], [supernet] and [proxy] sections before they became ModelConfig,
+# SupernetConfig and ProxyConfig
 _SECTION_KEYS_BEFORE_19 = {
+    "model": {"path"},
     "supernet": {"w_bits", "a_bits", "tie_qkv", "w_rounding", "w_granularity", "group_size", "w_two_bit",
                  "bias_correction", "w_observer", "a_observer", "time_groups"},
     "proxy": {"name", "n_images", "seed", "teacher_steps", "teacher_schedule", "reference", "extractor",
@@ -86,12 +88,11 @@ def run_fingerprint(cfg: RunConfig, model_fp: str) -> str:
                                   ("search", "mutation_prob", 0.0), ("proxy", "extractor", "auto"),
                                   ("proxy", "inception_weights", ""), ("supernet", "time_groups", 1),
                                   ("search", "uniform_seeds", True),
-                                  ("search", "size_objective", False), ("model", "guidance_scale", 1.0),
-                                  ("model", "null_label", -1)):
+                                  ("search", "size_objective", False)):
         if config[section].get(key) == default:
             del config[section][key]
     # keys that came with the components' own config classes (issue 19): likewise, only when not at their defaults
-    for section, owner in (("supernet", SupernetConfig()), ("proxy", ProxyConfig())):
+    for section, owner in (("model", ModelConfig()), ("supernet", SupernetConfig()), ("proxy", ProxyConfig())):
         for key in set(config[section]) - _SECTION_KEYS_BEFORE_19[section]:
             if config[section][key] == json.loads(json.dumps(getattr(owner, key))):
                 del config[section][key]
@@ -176,8 +177,8 @@ def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=No
     proxy = json.loads(json.dumps(dataclasses.asdict(cfg.proxy)))
     if executor is None:
         # a fid-proxy search logs no paired companions: they would cost every worker the FP teacher's 100 steps
-        spec = WorkerSpec(dataclasses.asdict(cfg.model), str(sn_file.resolve()), proxy, cfg.executor.threads_per_worker,
-                          companions=False)
+        spec = WorkerSpec(dataclasses.asdict(cfg.model), str(sn_file.resolve()), proxy,
+                          cfg.executor.threads_per_worker, companions=False)
         if cfg.executor.kind == "ray":
             executor = RayExecutor(spec, workers=cfg.executor.workers, threads_per_worker=cfg.executor.threads_per_worker,
                                    timeout_s=cfg.executor.timeout_s, retries=cfg.executor.retries,

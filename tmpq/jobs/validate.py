@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from tmpq.core.adapters import predict
+from tmpq.core.adapters import predict, rows
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import atomic_write, atomic_write_bytes, read_parquet
 from tmpq.core.model import ModelConfig, load_model
@@ -82,7 +82,7 @@ def _capture_along(unet, scheduler, timesteps, n: int, seed: int, batch: int = 6
     x = torch.cat([xs[:, s:s + batch].flatten(0, 1) for s in range(0, n, batch)])
     t = torch.cat([ts.repeat_interleave(min(batch, n - s)) for s in range(0, n, batch)])
     image = torch.cat([torch.arange(s, min(s + batch, n)).repeat(len(ts)) for s in range(0, n, batch)])
-    data = CalibData(x, t, "along", {k: v[image] for k, v in cond.items()})
+    data = CalibData(x, t, "along", rows(cond, image))
     if guidance_scale != 1.0:  # guided sampling runs the conditional and the null pass: calibrate on both
         data = data.with_null_pass(unet)
     return list(data.batches(batch))
