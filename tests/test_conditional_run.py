@@ -67,7 +67,7 @@ def test_a_guided_dit_searches_validates_exports_and_samples_from_the_export(tmp
     rows = [json.loads(line) for line in run.log_path.read_text().splitlines()]
     assert len(rows) == 4 and {r["status"] for r in rows} == {"ok"}
     resolved = json.loads((run.path / "config.resolved.json").read_text())
-    assert resolved["model"] == {"path": str(tmp_path / "dit"), "guidance_scale": 2.0, "null_label": -1}
+    assert resolved["model"] == {"path": str(tmp_path / "dit"), "guidance_scale": 2.0, "null_label": -1, "prompts": []}
     final = validate_run(run.path, ValidateConfig(top_k=1, n=4, seeds=(1,), calib_per_step=2, distill_iters=0,
                                                   batch_size=4), progress=False)
     key = final["key"].iloc[0]
@@ -137,17 +137,13 @@ def test_a_latent_dit_samples_through_its_vae_which_is_never_quantized(tmp_path)
 
 
 def test_the_stock_dit_pipeline_samples_the_export_after_apply_export(tmp_path):
-    """diffusers' own DiTPipeline (1000 classes, null label 1000, a VAE), quantized with tmpq.apply_export: its call
+    """diffusers' own DiTPipeline (1000 classes, null label 1000, a VAE), loaded from the export directory and
+    quantized with tmpq.apply_export: its call
     runs the exported timesteps (not its default 250) and draws, with the noise bank's generators, the images tmpq
     samples from the export (up to the float rounding of its [0, 1] output)."""
     import dataclasses
 
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        DiTPipeline,
-        DiTTransformer2DModel,
-    )
+    from diffusers import DiTPipeline
 
     import tmpq
     from tmpq.core.sampler import noise_generators, sample_images
@@ -159,9 +155,8 @@ def test_the_stock_dit_pipeline_samples_the_export_after_apply_export(tmp_path):
     run = run_search(cfg, tmp_path / "run", progress=False)
     key = json.loads(run.log_path.read_text().splitlines()[0])["key"]
     export_candidate(run.path, key, tmp_path / "exp")
-    pipe = DiTPipeline(transformer=DiTTransformer2DModel.from_pretrained(str(tmp_path / "exp" / "transformer")),
-                       vae=AutoencoderKL.from_pretrained(str(tmp_path / "exp" / "vae")),
-                       scheduler=DDIMScheduler(**embedded_scheduler_config()))
+    assert json.loads((tmp_path / "exp" / "model_index.json").read_text())["_class_name"] == "DiTPipeline"
+    pipe = DiTPipeline.from_pretrained(str(tmp_path / "exp"), local_files_only=True)  # the stock way, one call
     tmpq.apply_export(pipe, tmp_path / "exp")
     img = pipe(class_labels=[1, 2], guidance_scale=1.5, generator=noise_generators(2, 0), output_type="pt").images
     assert pipe.scheduler.timesteps.tolist() == pipe.tmpq_timesteps

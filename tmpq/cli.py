@@ -37,6 +37,11 @@ def _add_model_and_schedule(q: argparse.ArgumentParser, steps_default: str, many
     _add_threads(q)
 
 
+def _add_prompt(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--prompt", action="append", default=None, help="text-conditional models: a prompt (repeat for "
+                   "several; image i gets prompt i mod count) (default: model.prompts; an export's own)")
+
+
 def _add_supernet_options(q: argparse.ArgumentParser) -> None:
     """The supernet options; one left out takes the default of ``SupernetConfig`` (the same as a run config's
     ``[supernet]``, listed in configs/default.toml)."""
@@ -106,6 +111,7 @@ def _parser_sample(sub) -> None:
                    "export's searched one, else 1 = none)")
     s.add_argument("--null-label", type=int, default=None, help="class-conditional UNets: the label the model "
                    "was trained to treat as unconditional (a DiT's is its extra embedding row)")
+    _add_prompt(s)
 
 
 def _parser_fid(sub) -> None:
@@ -143,6 +149,11 @@ def _parser_calibrate(sub) -> None:
                                     "defaults of a run config's [supernet] and [calibration] sections "
                                     "(configs/default.toml), so the file fits a run with those sections.")
     _add_supernet_options(ca)
+    ca.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale of the captured "
+                    "trajectories; calibration then covers both passes (default: model.guidance_scale, 1 = none)")
+    ca.add_argument("--null-label", type=int, default=None, help="class-conditional UNets: the label the model was "
+                    "trained to treat as unconditional (default: model.null_label)")
+    _add_prompt(ca)
     ca.add_argument("--mode", default=None, choices=("per-option", "random-path"),
                     help="per-option: whole model at one option (authors' code); random-path: random per-layer "
                          "options per batch (paper text) (default: calibration.mode)")

@@ -17,7 +17,7 @@ from tmpq.core.adapters import decoder_cost, set_conditioning
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import malformed, read_json
 from tmpq.core.grid import save_grid
-from tmpq.core.model import load_model
+from tmpq.core.model import ModelConfig, load_model
 from tmpq.core.sampler import make_scheduler, sample_images
 from tmpq.core.schedules import make_timesteps, validate_timesteps
 from tmpq.deploy.bundle import load_export
@@ -85,16 +85,16 @@ def cmd_sample(args: argparse.Namespace) -> None:
         if args.model:
             raise TmpqError("sample: give an export directory or --model, not both")
 
-        unet, sched, ts, manifest = load_export(args.export)
+        unet, sched, ts, manifest = load_export(args.export, prompts=args.prompt)
         label, guidance = "exported", float(manifest["sampler"].get("guidance_scale", 1.0))
         if args.timesteps:
             raise TmpqError("sample: an export brings its own searched timesteps; --timesteps does not apply")
     else:
-        m = load_model(args.model)
+        m = load_model(_model_config(args))
         (label, ts), *rest = _schedules(args, m.num_train_timesteps)
         if rest:
             raise TmpqError("sample: give one schedule and one step count")
-        unet, sched, guidance = m.unet, make_scheduler(m.scheduler_config), 1.0
+        unet, sched, guidance = m.unet, make_scheduler(m.scheduler_config), m.guidance_scale
     if args.null_label is not None:
         set_conditioning(unet, null_label=args.null_label)
     labels = None
@@ -167,6 +167,13 @@ def _given(args: argparse.Namespace, names: dict[str, str]) -> dict:
     return {key: getattr(args, arg) for arg, key in names.items() if getattr(args, arg) is not None}
 
 
+def _model_config(args: argparse.Namespace) -> ModelConfig:
+    """The model options given (``--model``, and where the command has them ``--guidance``, ``--null-label``,
+    ``--prompt``); the others keep ``ModelConfig``'s defaults."""
+    kw = _given(args, {"model": "path", "guidance": "guidance_scale", "null_label": "null_label", "prompt": "prompts"})
+    return ModelConfig(**kw)
+
+
 def _supernet_config(args: argparse.Namespace) -> SupernetConfig:
     kw = _given(args, {"tie_qkv": "tie_qkv", "rounding": "w_rounding", "w_granularity": "w_granularity",
                        "group_size": "group_size", "time_groups": "time_groups"})
@@ -203,16 +210,17 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise TmpqError(f"--out must end in .safetensors, got {out}")
-    m = load_model(args.model)
+    m = load_model(_model_config(args))
     cfg = _supernet_config(args)
     net = QuantSupernet(m.unet, cfg)
     t0 = time.perf_counter()
     cal = CalibrationConfig(**_given(args, {"mode": "mode", "strategy": "strategy", "calib_steps": "steps",
                                             "calib_per_step": "per_step", "sampler_steps": "sampler_steps",
                                             "recon_iters": "recon_iters", "batch_size": "batch_size", "seed": "seed"}))
-    info = calibrate_to_file(net, make_scheduler(m.scheduler_config), out, cal)
+    info = calibrate_to_file(net, make_scheduler(m.scheduler_config), out, cal, guidance_scale=m.guidance_scale)
     wall = time.perf_counter() - t0
-    side = {"command": _command_line(), "config": json.loads(cfg.to_json()), "calibration": dataclasses.asdict(cal),
+    side = {"command": _command_line(), "model": dataclasses.asdict(_model_config(args)),
+            "config": json.loads(cfg.to_json()), "calibration": dataclasses.asdict(cal),
             "mode": cal.mode, "strategy": cal.strategy, "calib_pairs": info["calib_pairs"], "wall_s": round(wall, 1),
             "reconstruction": info["reconstruction"]}
     out.with_name(out.name + ".json").write_text(json.dumps(side, indent=2) + "\n")

@@ -39,6 +39,7 @@ _NULL = "_tmpq_null_label"
 _VAE = "_tmpq_vae"
 _PROMPTS = "_tmpq_prompt_embeds"
 _EMPTY = "_tmpq_null_embeds"
+_TEXT = "_tmpq_text_encoder"
 
 
 def denoiser_of(model):
@@ -301,6 +302,17 @@ def set_decoder(model, vae) -> None:
 
 def decoder_of(model):
     return getattr(denoiser_of(model), _VAE, None)
+
+
+def set_text_encoder(model, encoder, tokenizer) -> None:
+    """A text model's FP text encoder and tokenizer, held beside the denoiser as its VAE is (never quantized): they
+    encode the run's prompts once (:func:`tmpq.core.model.encode_prompts`) and travel into its export."""
+    object.__setattr__(denoiser_of(model), _TEXT, (encoder, tokenizer))
+
+
+def text_encoder_of(model):
+    """``(text_encoder, tokenizer)`` of a text model loaded from a pipeline directory, or None."""
+    return getattr(denoiser_of(model), _TEXT, None)
 
 
 def decode(model, latents: torch.Tensor) -> torch.Tensor:

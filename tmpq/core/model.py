@@ -27,6 +27,8 @@ from tmpq.core.adapters import (
     sample_shape,
     set_conditioning,
     set_decoder,
+    set_text_encoder,
+    text_encoder_of,
 )
 from tmpq.core.errors import TmpqError
 
@@ -67,11 +69,15 @@ class ModelConfig:
       export); 1 = none. Class- and text-conditional models only.
     - ``null_label``: a class-conditional model's unconditional label, -1 = its adapter's (a DiT: its extra embedding
       row; a class UNet has none, and diffusers has no convention for one).
+    - ``prompts``: a text-conditional model's prompts (image ``i`` of every sampling is conditioned on prompt
+      ``i % len(prompts)``; the null pass of guidance on the empty prompt), encoded once by the model directory's
+      own FP text encoder (``text_encoder/`` + ``tokenizer/``, the optional package ``transformers``).
     """
 
     path: str = "embedded"
     guidance_scale: float = 1.0
     null_label: int = -1
+    prompts: tuple[str, ...] = ()
 
     def __post_init__(self):
         if isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale, (int, float)) \
@@ -80,6 +86,10 @@ class ModelConfig:
                             f"{self.guidance_scale!r}")
         if isinstance(self.null_label, bool) or not isinstance(self.null_label, int) or self.null_label < -1:
             raise TmpqError(f"model.null_label: must be a label >= 0, or -1 for the adapter's, got {self.null_label!r}")
+        if isinstance(self.prompts, str) or not isinstance(self.prompts, (list, tuple)) \
+                or not all(isinstance(p, str) and p.strip() for p in self.prompts):
+            raise TmpqError(f"model.prompts: must be a list of non-empty strings, got {self.prompts!r}")
+        object.__setattr__(self, "prompts", tuple(self.prompts))
 
 
 def embedded_dit_config(resolution: int = 16) -> dict:
@@ -204,6 +214,69 @@ def _load_vae(root: Path):
     return _from_pretrained(getattr(diffusers, name), vae_dir, "VAE")
 
 
+TEXT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+
+
+def _load_text(root: Path):
+    """The FP text encoder and tokenizer of a text pipeline directory (``text_encoder/`` + ``tokenizer/``, loaded
+    with ``transformers`` from local files, safetensors only), or None without ``text_encoder/``."""
+    te, tk = root / "text_encoder", root / "tokenizer"
+    if not (te / "config.json").is_file():
+        return None
+    try:
+        import transformers
+    except ImportError:
+        raise TmpqError(f"{te}: loading a text encoder needs the optional package transformers "
+                        f"(pip install 'tmpq[text]')") from None
+    try:
+        arch = (json.loads((te / "config.json").read_text()).get("architectures") or ["CLIPTextModel"])[0]
+    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as exc:
+        raise TmpqError(f"malformed text encoder config {te / 'config.json'}: {exc}") from None
+    cls = getattr(transformers, str(arch), None)
+    if cls is None:
+        raise TmpqError(f"{te}: text encoder class {arch!r} is not in transformers {transformers.__version__}")
+    if not any((te / w).is_file() for w in TEXT_WEIGHTS):
+        if any(te.glob("*.bin")):
+            raise TmpqError(f"{te} has only pickled .bin weights; convert them to safetensors first")
+        raise TmpqError(f"no model.safetensors in text encoder directory {te}")
+    if (te / TEXT_WEIGHTS[0]).is_file():
+        check_safetensors(te / TEXT_WEIGHTS[0])
+    if not tk.is_dir():
+        raise TmpqError(f"{root}: a text_encoder/ without its tokenizer/")
+    try:
+        encoder = cls.from_pretrained(str(te), use_safetensors=True, local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(tk), local_files_only=True)
+    except Exception as exc:
+        raise TmpqError(f"cannot load the text encoder / tokenizer of {root}: {str(exc).splitlines()[0]}") from None
+    return encoder.eval().requires_grad_(False), tokenizer
+
+
+@torch.no_grad()
+def encode_prompts(encoder, tokenizer, prompts, device="cpu") -> torch.Tensor:
+    """Prompt embeddings ``[P, L, D]`` as diffusers' Stable Diffusion pipelines compute them (padded to the
+    tokenizer's ``model_max_length``, the encoder's last hidden state, its attention mask only when its config asks
+    for one), so that a stock pipeline conditions an export exactly as tmpq did."""
+    ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt")
+    mask = ids.attention_mask.to(device) if getattr(encoder.config, "use_attention_mask", False) else None
+    return encoder.to(device)(ids.input_ids.to(device), attention_mask=mask)[0]
+
+
+def _condition_text(unet, root: Path, prompts: tuple[str, ...], device) -> None:
+    """Load a text model's encoder, encode ``prompts`` and the empty prompt, and hold both on the denoiser."""
+    text = _load_text(root)
+    kind = adapter_for(unet).kind(unet)
+    if prompts and kind != "text":
+        raise TmpqError(f"model.prompts: {type(unet).__name__} is not text-conditional")
+    if text is None:
+        if prompts:
+            raise TmpqError(f"model.prompts: {root} has no text_encoder/ + tokenizer/ to encode them")
+        return
+    set_text_encoder(unet, *text)
+    set_conditioning(unet, null_embeds=encode_prompts(*text, [""], device),
+                     prompt_embeds=encode_prompts(*text, prompts, device) if prompts else None)
+
+
 def denoiser_class(config_file: Path) -> type:
     """The class a denoiser directory's ``config.json`` names, among those with a denoiser adapter."""
     name = _class_name(config_file, "denoiser", "UNet2DModel")
@@ -233,6 +306,7 @@ def load_model(path: str | os.PathLike | ModelConfig | None = None, device: str 
         set_decoder(unet, vae.to(device))
     if cfg.null_label >= 0:
         set_conditioning(unet, null_label=cfg.null_label)
+    _condition_text(unet, root, cfg.prompts, device)
     if cfg.guidance_scale != 1.0:
         adapter = adapter_for(unet)
         adapter.null(unet, adapter.example(unet, 1, "cpu"))  # refuses a model that cannot guide
@@ -240,21 +314,40 @@ def load_model(path: str | os.PathLike | ModelConfig | None = None, device: str 
 
 
 def save_pipeline_dir(unet: torch.nn.Module, scheduler_config: dict, out: Path, manifest: dict | None = None) -> None:
-    """Write a pipeline directory (model_index.json, unet/ or transformer/, scheduler/) with safetensors weights: a
-    ``DDPMPipeline`` for a ``UNet2DModel``; for a transformer, the same layout under tmpq's own ``_class_name``
-    (diffusers has no pixel-space pipeline for it; ``tmpq sample`` renders it)."""
+    """Write a pipeline directory (model_index.json, unet/ or transformer/, scheduler/, and a latent model's vae/, a
+    text model's text_encoder/ + tokenizer/) with safetensors weights, indexed as the stock diffusers pipeline of its
+    kind: ``DDPMPipeline`` (a pixel ``UNet2DModel``), ``StableDiffusionPipeline`` (a ``UNet2DConditionModel`` with
+    its VAE and text encoder), ``DiTPipeline`` (a ``DiTTransformer2DModel`` with its VAE); any other under tmpq's own
+    ``_class_name`` (diffusers has no pipeline for a pixel-space DiT; ``tmpq sample`` renders it)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    folder = "transformer" if "Transformer" in type(unet).__name__ else "unet"
+    name = type(unet).__name__
+    folder = "transformer" if "Transformer" in name else "unet"
     unet.save_pretrained(str(out / folder), safe_serialization=True)
     DDPMScheduler(**scheduler_config).save_pretrained(str(out / "scheduler"))
-    vae = decoder_of(unet)
-    pipeline = "DDPMPipeline" if type(unet).__name__ == "UNet2DModel" and vae is None else "tmpq.Pipeline"
-    index = {"_class_name": pipeline, "_diffusers_version": _diffusers_version(),
-             "scheduler": ["diffusers", "DDPMScheduler"], folder: ["diffusers", type(unet).__name__]}
+    vae, text = decoder_of(unet), text_encoder_of(unet)
+    index = {"_diffusers_version": _diffusers_version(), "scheduler": ["diffusers", "DDPMScheduler"],
+             folder: ["diffusers", name]}
     if vae is not None:
         vae.save_pretrained(str(out / "vae"), safe_serialization=True)
         index["vae"] = ["diffusers", type(vae).__name__]
+    if text is not None:
+        encoder, tokenizer = text
+        encoder.save_pretrained(str(out / "text_encoder"), safe_serialization=True)
+        tokenizer.save_pretrained(str(out / "tokenizer"))
+        index.update(text_encoder=["transformers", type(encoder).__name__],
+                     tokenizer=["transformers", type(tokenizer).__name__])
+    if name == "UNet2DModel" and vae is None:
+        pipeline = "DDPMPipeline"
+    elif name == "UNet2DConditionModel" and vae is not None and text is not None:
+        pipeline = "StableDiffusionPipeline"
+        index.update(safety_checker=[None, None], feature_extractor=[None, None], image_encoder=[None, None],
+                     requires_safety_checker=False)
+    elif name == "DiTTransformer2DModel" and vae is not None:
+        pipeline = "DiTPipeline"
+    else:
+        pipeline = "tmpq.Pipeline"
+    index = {"_class_name": pipeline, **index}
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     if manifest is not None:
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

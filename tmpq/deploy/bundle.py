@@ -1,7 +1,8 @@
 """Deployable export of one searched candidate, and applying it to a stock diffusers model.
 
-An export directory is a complete ``DDPMPipeline`` directory (``model_index.json``, ``unet/``, ``scheduler/``: the FP
-weights, loadable by diffusers alone) plus
+An export directory is a complete diffusers pipeline directory (``model_index.json``, ``unet/`` or ``transformer/``,
+``scheduler/``, and a latent model's ``vae/``, a text model's ``text_encoder/`` + ``tokenizer/``: the FP weights,
+loadable by diffusers alone as a ``DDPMPipeline``, ``StableDiffusionPipeline`` or ``DiTPipeline``) plus
 
 - ``tmpq_export.json``: ``format`` / ``version``; the sampler (scheduler class, its config, the searched timesteps,
   eta); per-layer FQN -> ``{w_bits, a_bits, granularity, ...}``; ``modules_to_not_convert``; the candidate's
@@ -20,7 +21,7 @@ import torch
 from tmpq.core.adapters import set_conditioning
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import file_sha256, malformed, read_json
-from tmpq.core.model import load_model
+from tmpq.core.model import ModelConfig, load_model
 from tmpq.core.sampler import RespacedDDIMScheduler, make_scheduler
 from tmpq.supernet import QuantSupernet
 
@@ -76,6 +77,12 @@ def _check_manifest(m: dict) -> None:
         raise TypeError("files: expected relative file names -> SHA-256 strings")
     if QUANT_FILE not in m["files"]:
         raise KeyError(f"files.{QUANT_FILE}")
+    cond = m.get("conditioning", {})
+    if not isinstance(cond, dict):
+        raise TypeError("conditioning: expected an object")
+    prompts = cond.get("prompts", [])
+    if not isinstance(prompts, list) or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise TypeError("conditioning.prompts: expected a list of non-empty strings")
 
 
 def apply_export(pipeline_or_unet, export_dir: str | Path):
@@ -145,11 +152,12 @@ def _default_steps(pipeline) -> int | None:
     return param.default if param is not None and isinstance(param.default, int) else None
 
 
-def load_export(export_dir: str | Path, device: str = "cpu"):
+def load_export(export_dir: str | Path, device: str = "cpu", prompts=None):
     """``(unet, scheduler, timesteps, manifest)`` of an export directory: the FP model it contains, quantized, with
-    the searched model's conditioning settings (its null label; the guidance scale is ``manifest["sampler"]
-    ["guidance_scale"]``)."""
+    the searched model's conditioning settings (its null label, a text model's prompts unless ``prompts`` names
+    others; the guidance scale is ``manifest["sampler"]["guidance_scale"]``)."""
     manifest = read_export(export_dir)
-    m = load_model(export_dir, device=device)
+    prompts = tuple(prompts or manifest.get("conditioning", {}).get("prompts") or ())
+    m = load_model(ModelConfig(path=str(export_dir), prompts=prompts), device=device)
     apply_export(m.unet, export_dir)
     return m.unet, make_scheduler(m.scheduler_config), list(manifest["sampler"]["timesteps"]), manifest

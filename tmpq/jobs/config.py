@@ -100,7 +100,8 @@ MINIMUM = {
 }
 
 
-EMPTY_OK = {"search.step_choices", "supernet.exclude", "supernet.tie", "supernet.block_types"}  # empty = "none"
+# lists that may be empty (an empty list means "none")
+EMPTY_OK = {"model.prompts", "search.step_choices", "supernet.exclude", "supernet.tie", "supernet.block_types"}
 
 
 def _coerce(key: str, value, tp):
@@ -108,7 +109,7 @@ def _coerce(key: str, value, tp):
     if origin is tuple:
         (item, _ellipsis) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or (not value and key not in EMPTY_OK):
-            raise TmpqError(f"{key}: must be a non-empty list, got {value!r}")
+            raise TmpqError(f"{key}: must be a {'' if key in EMPTY_OK else 'non-empty '}list, got {value!r}")
         return tuple(_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value))
     if tp is bool:
         if not isinstance(value, bool):

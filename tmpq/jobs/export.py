@@ -82,6 +82,8 @@ def export_candidate(run_path: str | Path, key: str, out: str | Path, command: s
     adapter = adapter_for(m.unet)
     conditioning = {"kind": adapter.kind(m.unet), "null_label": adapter.null_label(m.unet),
                     "classes": adapter.classes(m.unet)}
+    if conditioning["kind"] == "text":  # what tmpq sample conditions on (a stock pipeline takes its own prompts)
+        conditioning["prompts"] = list(model_cfg.prompts)
     decoder = decoder_cost(m.unet)  # a latent model's FP VAE decoder, reported beside the searched denoiser
     fp_unet = copy.deepcopy(m.unet)  # the FP weights the export directory carries (m.unet gets wrapped below)
     validated = run.path / "final" / f"{key}.safetensors"
