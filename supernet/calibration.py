@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from tmpq.core.adapters import forward, select, unpack
+from tmpq.core.adapters import adapter_for, forward, select, unpack
 from tmpq.core.errors import TmpqError
 from tmpq.quant.reconstruct import capture_block, reconstruct_block
 from tmpq.supernet.calib_data import MODES
@@ -39,12 +39,19 @@ def calibrate(net, data: Iterable[tuple[torch.Tensor, torch.Tensor]], mode: str 
     batches = list(data)
     if not batches:
         raise TmpqError("calibration: no calibration data")
-    G = net.config.time_groups  # bank rows; the groups actually formed: len(parts)
+    G = net.config.time_groups  # bank rows per pass; the groups actually formed: len(parts)
+    P = getattr(net, "passes", 1)  # 2: the null pass of guidance has its own bank rows (guidance_ranges)
     parts = [np.unique(torch.cat([unpack(b)[1].reshape(-1) for b in batches]).cpu().numpy())]
     if G > 1:  # data with fewer distinct timesteps than groups: one group per timestep (the bank's last rows
         # stay unused)
         parts = np.array_split(parts[0], min(G, len(parts[0])))
     starts = [int(p[0]) for p in parts[1:]]
+    nulls = [_null_rows(net, b) for b in batches] if P > 1 else None
+    if P > 1 and not any(bool(m.any()) for m in nulls):
+        raise TmpqError("supernet.guidance_ranges = separate: the calibration data have no null-pass inputs; "
+                        "calibrate with guidance (model.guidance_scale != 1)")
+    # (bank row, pass, timestep part) of every group that gets its own ranges
+    jobs = [(p * G + g, p, part) for p in range(P) for g, part in enumerate(parts)]
     progress_meta: dict = {}
     if checkpoint is not None and Path(checkpoint).is_file():
         progress_meta = net.load(checkpoint, allow_partial=True)
@@ -53,43 +60,56 @@ def calibrate(net, data: Iterable[tuple[torch.Tensor, torch.Tensor]], mode: str 
     done_groups = list(progress_meta.get("done_groups", []))
     done = list(progress_meta.get("done_a_bits", []))
     net.time_starts, net._live_group = [], None  # no routing while calibrating
+    net._calibrated = False
     if not done and not done_groups:
         for layer in net.layers.values():
             layer.calibrate_weights()
-    for g, part in enumerate(parts):
-        if g in done_groups:
+    banked = G * P > 1
+    for j, (row, p, part) in enumerate(jobs):
+        if row in done_groups:
             continue
-        if len(parts) > 1:
+        if len(jobs) > 1:
             keep = torch.as_tensor(part)
-            group = [select(b, m) for b in batches
-                     for m in [torch.isin(unpack(b)[1].reshape(-1).cpu(), keep).to(unpack(b)[1].device)]
-                     if bool(m.any())]
+            group = []
+            for i, b in enumerate(batches):
+                t = unpack(b)[1].reshape(-1)
+                m = torch.isin(t.cpu(), keep) if len(parts) > 1 else torch.ones(t.numel(), dtype=torch.bool)
+                if P > 1:
+                    m = m & (nulls[i] if p else ~nulls[i])
+                if bool(m.any()):
+                    group.append(select(b, m.to(t.device)))
             for layer in net.layers.values():  # every group observes afresh
                 for q in layer.activation_quantizers():
                     q.reset()
         else:
             group = batches
-        desc = f" [time group {g + 1}/{len(parts)}]" if len(parts) > 1 else ""
-        _calibrate_activations(net, group, mode, seed, progress, desc, done if g == len(done_groups) else [],
-                                    checkpoint if G == 1 else None)
+        desc = (f" [time group {row % G + 1}/{len(parts)}{', null pass' if p else ''}]" if len(jobs) > 1 else "")
+        _calibrate_activations(net, group, mode, seed, progress, desc, done if j == len(done_groups) else [],
+                               checkpoint if not banked else None)
         done = []
-        if G > 1:
+        if banked:
             for layer in net.layers.values():
-                layer.store_time_group(g)
-            done_groups.append(g)
-            if checkpoint is not None and len(done_groups) < len(parts):
+                layer.store_time_group(row)
+            done_groups.append(row)
+            if checkpoint is not None and len(done_groups) < len(jobs):
                 net.time_starts = starts
                 net.save(checkpoint, progress={"mode": mode, "time_starts": starts, "done_groups": done_groups,
                                                 "complete": False})
                 net.time_starts = []
     for layer in net.layers.values():
         layer.invalidate_cache()
-    net.time_starts, net._live_group = starts, (len(parts) - 1 if G > 1 else None)
+    net.time_starts, net._live_group = starts, (jobs[-1][0] if banked else None)
     net._calibrated = True
     net.set_fp()
     if checkpoint is not None:
         net.save(checkpoint, progress={"mode": mode, "done_a_bits": list(net.config.a_bits), "time_starts": starts,
-                                        "done_groups": list(range(len(parts))), "complete": True})
+                                        "done_groups": [row for row, _, _ in jobs], "complete": True})
+
+
+def _null_rows(net, batch) -> torch.Tensor:
+    """The rows of a calibration batch that are guidance's null pass (by their conditioning)."""
+    x, t, cond = unpack(batch)
+    return adapter_for(net.unet).null_rows(net.unet, cond, x.shape[0])
 
 
 def _calibrate_activations(net, batches, mode: str, seed: int, progress: bool, desc: str, done: list[int],

@@ -14,6 +14,7 @@ from tmpq.quant.quantizer import GRANULARITIES, OBSERVERS, SUPPORTED_BITS
 TIE_QKV = r"(.*)\.to_[qkv]$"
 # what supernet files before ``tie_qkv`` stored in ``tie`` for it (read back as tie_qkv = true)
 _LEGACY_TIE_QKV = r"(.*attentions\.\d+)\.to_[qkv]$"
+GUIDANCE_RANGES = ("shared", "separate")
 
 
 def _check_bits(key: str, b, weight: bool) -> None:
@@ -61,6 +62,10 @@ class SupernetConfig:
       steps, paired pixel MSE to FP on 256 images: 0.00109 (G = 1), 0.00089 (2), 0.00066 (4)
       (``benchmarks/supernet_diag.py --time-groups``). A denoiser call must not mix timesteps of two groups. The
       default 4 needs ``time_groups = 1`` beside ``w_rounding = "adaround"``.
+    - ``guidance_ranges``: with classifier-free guidance, ``"shared"`` activation ranges (and bias corrections)
+      serve the conditional and the null pass alike; ``"separate"`` calibrates a second bank for the null pass
+      (each time group twice) and switches by each call's conditioning (a call that batches both passes, as stock
+      pipelines do, runs as one call per pass). Needs calibration with guidance; weights stay shared.
 
     This dataclass is the one source of these defaults: a run config's ``[supernet]`` section is this class, and
     ``tmpq calibrate`` fills only the options given on its command line.
@@ -85,6 +90,7 @@ class SupernetConfig:
     bias_correction: bool = True
     block_types: tuple[str, ...] = ("ResnetBlock2D", "Attention", "Downsample2D", "Upsample2D", "TimestepEmbedding")
     time_groups: int = 4
+    guidance_ranges: str = "shared"
 
     def __post_init__(self):
         if self.group_size is None:  # files and callers before group_size = 0 meant "unset"
@@ -136,6 +142,12 @@ class SupernetConfig:
         if self.time_groups > 1 and self.w_rounding == "adaround":
             raise TmpqError("supernet.time_groups: > 1 does not combine with w_rounding = adaround (block "
                             "reconstruction runs on mixed-timestep batches); set supernet.time_groups = 1")
+        if self.guidance_ranges not in GUIDANCE_RANGES:
+            raise TmpqError(f"supernet.guidance_ranges: must be one of {', '.join(GUIDANCE_RANGES)}, got "
+                            f"{self.guidance_ranges!r}")
+        if self.guidance_ranges == "separate" and self.w_rounding == "adaround":
+            raise TmpqError("supernet.guidance_ranges: separate does not combine with w_rounding = adaround (block "
+                            "reconstruction runs on batches of both passes)")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -8,6 +8,7 @@ import fnmatch
 import hashlib
 import json
 import re
+import types
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -70,6 +71,9 @@ class QuantSupernet(nn.Module):
         if config.pin == "auto":  # the denoiser's own first / last layers (its adapter knows them)
             config = dataclasses.replace(config, pin=adapter_for(unet).default_pins(unet))
         self.config = config
+        # bank rows per layer: time group g of pass p (0: conditional / unguided, 1: guidance's null pass) is row
+        # p * time_groups + g
+        self.passes = 2 if config.guidance_ranges == "separate" else 1
         self.fingerprint = model_fingerprint(unet)
         self.unet = unet
         splits = _skip_splits(unet) if config.split_skip else {}
@@ -102,7 +106,7 @@ class QuantSupernet(nn.Module):
                          w_granularity=config.w_granularity, group_size=config.group_size,
                          w_observer=config.w_observer, a_symmetric=config.a_symmetric,
                          a_observer=config.a_observer, split=splits.get(name), w_rounding=config.w_rounding,
-                         w_two_bit=config.w_two_bit, time_groups=config.time_groups)
+                         w_two_bit=config.w_two_bit, time_groups=config.time_groups * self.passes)
             self._replace(name, layer)
             self.layers[name] = layer
             if pin:
@@ -126,7 +130,10 @@ class QuantSupernet(nn.Module):
         # set by calibrate() / load(); until then no routing
         self.time_starts: list[int] = []
         self._live_group: int | None = None
-        if config.time_groups > 1:
+        if self.passes > 1:  # routing by timestep and pass, one call per pass (see _forward_by_pass)
+            object.__setattr__(unet, "_tmpq_pass_router", self)  # not a submodule: no module cycle
+            object.__setattr__(unet, "forward", types.MethodType(_forward_by_pass, unet))
+        elif config.time_groups > 1:
             unet.register_forward_pre_hook(self._route_by_timestep, with_kwargs=True)
 
     def _replace(self, fqn: str, new: nn.Module) -> None:
@@ -252,8 +259,13 @@ class QuantSupernet(nn.Module):
                             f"(group starts {self.time_starts}); call the denoiser with one timestep group per batch")
         return g
 
+    def bank_row(self, t, null: bool = False) -> int:
+        """The bank row of a call at timestep(s) ``t`` in the conditional (or, ``null``, the null) pass."""
+        g = self.time_group_of(t) if self.time_starts else 0
+        return (self.config.time_groups if null and self.passes > 1 else 0) + g
+
     def select_time_group(self, g: int) -> None:
-        """Make group ``g``'s activation ranges and bias corrections live in every layer (skipped if already)."""
+        """Make bank row ``g``'s activation ranges and bias corrections live in every layer (skipped if already)."""
         if g != self._live_group:
             for layer in self.layers.values():
                 layer.load_time_group(g)
@@ -317,3 +329,52 @@ class QuantSupernet(nn.Module):
             raise TmpqError(f"supernet file {path}: {exc}") from None
         net.load(path)
         return net
+
+
+# -- separate guidance-pass ranges ---------------------------------------------------------------------------------
+def _forward_by_pass(unet: nn.Module, *args, **kwargs):
+    """The denoiser's forward under ``guidance_ranges = "separate"`` (bound to the denoiser in place of its class's
+    forward): makes the bank row of the call's timestep group and pass live, and runs a call that batches both
+    passes (rows at the null conditioning and rows not, as stock pipelines batch guidance) as one call per pass,
+    its outputs put back in the caller's row order. Before calibration it is the class's forward."""
+    net = unet._tmpq_pass_router
+    run = type(unet).forward
+    if not net._calibrated or not args or not isinstance(args[0], torch.Tensor):
+        return run(unet, *args, **kwargs)
+    n = args[0].shape[0]
+    t = args[1] if len(args) > 1 else kwargs.get("timestep")
+    if t is None:
+        raise TmpqError("supernet: the denoiser was called without a timestep")
+    null = adapter_for(unet).null_rows(unet, kwargs, n).to(args[0].device)
+    if bool(null.all()) or not bool(null.any()):
+        net.select_time_group(net.bank_row(t, bool(null[0])))
+        return run(unet, *args, **kwargs)
+    outs = []
+    for mask in (~null, null):
+        net.select_time_group(net.bank_row(t, mask is null))
+        outs.append(run(unet, *_rows_of(args, mask, n), **_rows_of(kwargs, mask, n)))
+    return _merge_rows(outs[0], outs[1], null)
+
+
+def _rows_of(obj, mask: torch.Tensor, n: int):
+    """``obj`` (arguments: tensors, tuples, lists, dicts of them) with every tensor of ``n`` rows cut to ``mask``."""
+    if isinstance(obj, torch.Tensor):
+        return obj[mask] if obj.dim() > 0 and obj.shape[0] == n else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_rows_of(v, mask, n) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _rows_of(v, mask, n) for k, v in obj.items()}
+    return obj
+
+
+def _merge_rows(a, b, null: torch.Tensor):
+    """Outputs of the two passes back in one batch: rows ``~null`` from ``a``, rows ``null`` from ``b``."""
+    if isinstance(a, torch.Tensor):
+        out = a.new_empty((null.numel(), *a.shape[1:]))
+        out[~null], out[null] = a, b
+        return out
+    if isinstance(a, tuple):
+        return tuple(_merge_rows(x, y, null) for x, y in zip(a, b))
+    if isinstance(a, dict):  # a diffusers output (an OrderedDict with attribute access)
+        return type(a)(**{k: _merge_rows(a[k], b[k], null) for k in a})
+    raise TmpqError(f"supernet.guidance_ranges: cannot merge denoiser outputs of type {type(a).__name__}")

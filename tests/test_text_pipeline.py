@@ -1,5 +1,6 @@
 """A text-conditional latent pipeline (Stable Diffusion's layout, tiny random configs, no download) through the
-service: the run's prompts encoded by the directory's own FP text encoder, calibration and search with guidance,
+service: the run's prompts encoded by the directory's own FP text encoder, calibration and search with guidance (and
+separate activation ranges for the null pass),
 export as a ``StableDiffusionPipeline`` directory, and diffusers' stock ``StableDiffusionPipeline`` after
 ``tmpq.apply_export`` drawing, from the same noise, the images tmpq samples from the export."""
 from __future__ import annotations
@@ -67,7 +68,8 @@ def tiny_sd(out, tmp):
 def run_config(model_dir, guidance: float = 2.0):
     cfg = config_from_dict({
         "model": {"path": str(model_dir), "guidance_scale": guidance, "prompts": PROMPTS},
-        "supernet": {"w_bits": [8, 4], "a_bits": [8, 6]},
+        # separate null-pass ranges: the stock pipeline's batched [empty prompt; prompts] call runs one call per pass
+        "supernet": {"w_bits": [8, 4], "a_bits": [8, 6], "guidance_ranges": "separate"},
         "calibration": {"steps": 2, "per_step": 3, "sampler_steps": 4, "batch_size": 6},
         "search": {"engine": "pymoo", "steps": 3, "population": 4, "generations": 1, "seed": 1,
                    "bitops_budget": "none"},
@@ -98,7 +100,7 @@ def test_a_text_pipeline_calibrates_searches_exports_and_the_stock_pipeline_repr
 
     man = export_candidate(run.path, rows[0]["key"], tmp_path / "exp")
     assert man["conditioning"]["kind"] == "text" and man["conditioning"]["prompts"] == PROMPTS
-    assert man["sampler"]["guidance_scale"] == 2.0
+    assert man["sampler"]["guidance_scale"] == 2.0 and man["supernet_config"]["guidance_ranges"] == "separate"
     assert json.loads((tmp_path / "exp" / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
 
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "exp"), local_files_only=True)

@@ -59,6 +59,9 @@ def _add_supernet_options(q: argparse.ArgumentParser) -> None:
     q.add_argument("--group-size", type=int, default=None, help="inputs per group for --w-granularity group")
     q.add_argument("--time-groups", type=int, default=None, help="activation ranges and bias corrections per "
                    "contiguous group of calibration timesteps, switched by timestep (default: supernet.time_groups)")
+    q.add_argument("--guidance-ranges", default=None, choices=("shared", "separate"), help="with guidance: one set "
+                   "of activation ranges for both passes, or a separate one for the null pass (default: "
+                   "supernet.guidance_ranges)")
 
 
 def _parser_train(sub) -> None:

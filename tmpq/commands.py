@@ -176,7 +176,8 @@ def _model_config(args: argparse.Namespace) -> ModelConfig:
 
 def _supernet_config(args: argparse.Namespace) -> SupernetConfig:
     kw = _given(args, {"tie_qkv": "tie_qkv", "rounding": "w_rounding", "w_granularity": "w_granularity",
-                       "group_size": "group_size", "time_groups": "time_groups"})
+                       "group_size": "group_size", "time_groups": "time_groups",
+                       "guidance_ranges": "guidance_ranges"})
     if args.preset == "paper":
         kw["w_bits"] = kw["a_bits"] = (8, 7, 6, 5)
     for arg in ("w_bits", "a_bits"):

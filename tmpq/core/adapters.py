@@ -112,6 +112,21 @@ class DenoiserAdapter:
             return {"encoder_hidden_states": empty.to(h.device, h.dtype).expand(h.shape[0], -1, -1)}
         raise TmpqError(f"guidance: {type(model).__name__} is unconditional (keep guidance_scale = 1)")
 
+    def null_rows(self, model, kwargs: dict, n: int) -> torch.Tensor:
+        """Which of the ``n`` rows of a denoiser call (its keyword arguments) are the null pass of guidance: a class
+        model's rows at its null label, a text model's rows at the empty prompt's embedding (to float tolerance: a
+        stock pipeline encodes it in its own batch)."""
+        none = torch.zeros(n, dtype=torch.bool)
+        kind, null = self.kind(model), self.null_label(model)
+        if kind == "class" and kwargs.get("class_labels") is not None and null is not None:
+            labels = torch.as_tensor(kwargs["class_labels"]).reshape(-1).cpu()
+            return (labels.expand(n) if labels.numel() == 1 else labels) == null
+        empty, h = getattr(model, _EMPTY, None), kwargs.get("encoder_hidden_states")
+        if kind == "text" and h is not None and empty is not None and h.shape[1:] == empty.shape[1:]:
+            empty = empty.to(h.device, h.dtype)
+            return ((h - empty).abs().flatten(1).amax(1) <= 1e-4 * (1.0 + float(empty.abs().amax()))).cpu()
+        return none
+
     def example(self, model, n: int, device) -> dict:
         """Valid conditioning for ``n`` samples (profiling and int8 checks)."""
         if self.kind(model) == "text" and getattr(model, _PROMPTS, None) is None:

@@ -21,7 +21,7 @@ import torch
 from tmpq.core.adapters import set_conditioning
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import file_sha256, malformed, read_json
-from tmpq.core.model import ModelConfig, load_model
+from tmpq.core.model import ModelConfig, encode_prompts, load_model
 from tmpq.core.sampler import RespacedDDIMScheduler, make_scheduler
 from tmpq.supernet import QuantSupernet
 
@@ -115,6 +115,11 @@ def apply_export(pipeline_or_unet, export_dir: str | Path):
     null = manifest.get("conditioning", {}).get("null_label")
     if null is not None:
         set_conditioning(unet, null_label=int(null))
+    encoder, tokenizer = (getattr(pipeline_or_unet, a, None) for a in ("text_encoder", "tokenizer"))
+    separate = net_config_of(manifest).get("guidance_ranges") == "separate"
+    if encoder is not None and tokenizer is not None and separate:
+        # the null pass is told by the empty prompt's embedding: the pipeline's own encoder gives it
+        set_conditioning(unet, null_embeds=encode_prompts(encoder, tokenizer, [""], next(encoder.parameters()).device))
     if next(unet.parameters()).device.type == "cpu":
         # tmpq's CPU layout (as load_model): the same conv kernels, hence bit-identical samples, on every path
         unet.to(memory_format=torch.channels_last)
@@ -139,6 +144,12 @@ def apply_export(pipeline_or_unet, export_dir: str | Path):
         pipeline_or_unet.scheduler = sched
         pipeline_or_unet.tmpq_timesteps = list(sampler["timesteps"])
     return pipeline_or_unet
+
+
+def net_config_of(manifest: dict) -> dict:
+    """The exported supernet config (an object; {} where an export has none)."""
+    cfg = manifest.get("supernet_config")
+    return cfg if isinstance(cfg, dict) else {}
 
 
 def _default_steps(pipeline) -> int | None:
