@@ -74,6 +74,20 @@ def accuracy(model: DigitClassifier, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 @torch.no_grad()
+def class_accuracy(images: torch.Tensor, labels, classifier: DigitClassifier | None = None) -> float:
+    """Conditional quality: the share of generated digits (``images`` in [-1, 1], one channel at the classifier's
+    resolution) that the domain classifier reads as the requested ``labels`` (digits 0..9)."""
+    model = classifier if classifier is not None else load_classifier()[0]
+    labels = torch.as_tensor(labels).reshape(-1).cpu()
+    if images.shape[1:] != (1, model.resolution, model.resolution):
+        raise TmpqError(f"class accuracy: the domain classifier reads 1 x {model.resolution} x {model.resolution} "
+                        f"digits, got images of shape {tuple(images.shape[1:])}")
+    if len(labels) != len(images) or bool(((labels < 0) | (labels > 9)).any()):
+        raise TmpqError("class accuracy: one label in 0..9 (a digit) per image")
+    return accuracy(model, images.cpu(), labels)
+
+
+@torch.no_grad()
 def feature_rms(model: DigitClassifier, x: torch.Tensor) -> float:
     """Root-mean-square of the raw penultimate features over ``x``: the domain extractor divides by it so that
     features are O(1), the scale KID's polynomial kernel ``(x.y/d + 1)^3`` assumes."""

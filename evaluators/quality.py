@@ -10,9 +10,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tmpq.core.adapters import adapter_for, denoiser_of
 from tmpq.core.data import data_fingerprint, load_digits
 from tmpq.core.errors import TmpqError
 from tmpq.core.sampler import sample_images
+from tmpq.evaluators.classifier import class_accuracy
 from tmpq.evaluators.features import FeatureExtractor
 from tmpq.evaluators.fid import FeatureStats, kid
 
@@ -72,16 +74,30 @@ def score_features(feats: np.ndarray, ref: Reference, kid_seed: int = 0) -> dict
 
 def evaluate_schedule(unet: torch.nn.Module, scheduler, timesteps: Sequence[int], n: int, extractor: FeatureExtractor,
                       ref: Reference, *, seed: int = 0, batch_size: int = 256, eta: float = 0.0,
-                      progress: bool = True, desc: str = "sample") -> dict:
-    """Sample ``n`` images along ``timesteps`` and score them; returns a flat dict (one result row)."""
+                      progress: bool = True, desc: str = "sample", guidance_scale: float = 1.0) -> dict:
+    """Sample ``n`` images along ``timesteps`` and score them; returns a flat dict (one result row). A model whose
+    classes are digits (a class-conditional model of 1-channel images at the domain classifier's resolution, labels
+    within 0..9) also gets its class accuracy (balanced labels: image i asks for class i mod classes)."""
 
     t0 = time.perf_counter()
     imgs = sample_images(unet, scheduler, timesteps, n, seed=seed, batch_size=batch_size, eta=eta,
-                         progress=progress, desc=desc)
+                         progress=progress, desc=desc, guidance_scale=guidance_scale)
     sample_s = time.perf_counter() - t0
     feats = extractor(imgs)
     row = {"steps": len(timesteps), "timesteps": list(timesteps), "n": n, "seed": seed, "eta": eta,
-           "extractor": extractor.name, "ref_n": ref.stats.n, "sample_s": round(sample_s, 2),
-           "images_per_s": round(n / sample_s, 2)}
+           **({"guidance_scale": guidance_scale} if guidance_scale != 1.0 else {}), "extractor": extractor.name,
+           "ref_n": ref.stats.n, "sample_s": round(sample_s, 2), "images_per_s": round(n / sample_s, 2)}
     row.update(score_features(feats, ref))
+    labels = digit_labels(unet, n)
+    if labels is not None and imgs.shape[1:] == (1, 16, 16):
+        row["class_accuracy"] = class_accuracy(imgs, labels)
     return row
+
+
+def digit_labels(unet: torch.nn.Module, n: int) -> torch.Tensor | None:
+    """The labels sampling gives images 0..n-1 of a class-conditional model whose classes are digits, else None."""
+    inner = denoiser_of(unet)
+    a = adapter_for(inner)
+    if a.kind(inner) != "class" or not set(a.classes(inner)) <= set(range(10)):
+        return None
+    return a.conditions(inner, range(n))["class_labels"]

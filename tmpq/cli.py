@@ -133,6 +133,9 @@ def _parser_fid(sub) -> None:
                    "N=5000)")
     f.add_argument("--resolution", type=int, default=16, choices=(16, 28), help="embedded reference resolution "
                    "(default: %(default)s)")
+    f.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: 1 = none)")
+    f.add_argument("--null-label", type=int, default=None, help="class-conditional UNets: the label the model "
+                   "was trained to treat as unconditional")
     f.add_argument("--out", default=None, help="write the result rows as JSON here")
 
 

@@ -123,7 +123,7 @@ def cmd_fid(args: argparse.Namespace) -> None:
     _set_threads(args.threads)
     if args.n < 2:
         raise TmpqError(f"--n: must be >= 2 for FID, got {args.n}")
-    m = load_model(args.model)
+    m = load_model(_model_config(args))
     schedules = _schedules(args, m.num_train_timesteps)
     extractor = make_extractor(args.extractor, args.inception_weights)
     ref = _build_reference(args, extractor, (m.image_channels,))
@@ -131,7 +131,8 @@ def cmd_fid(args: argparse.Namespace) -> None:
     rows = []
     for label, ts in schedules:
         row = evaluate_schedule(m.unet, scheduler, ts, args.n, extractor, ref, seed=args.seed,
-                                batch_size=args.batch_size, eta=args.eta, desc=f"{label} {len(ts)} steps")
+                                batch_size=args.batch_size, eta=args.eta, desc=f"{label} {len(ts)} steps",
+                                guidance_scale=m.guidance_scale)
         row = {"schedule": label, **row}
         rows.append(row)
         print(_format_row(row), flush=True)
@@ -144,8 +145,9 @@ def cmd_fid(args: argparse.Namespace) -> None:
 
 def _format_row(row: dict) -> str:
     kid = f"  KID {row['kid']:.5f} +- {row['kid_std']:.5f}" if "kid" in row else ""
+    acc = f"  class accuracy {row['class_accuracy']:.3f}" if "class_accuracy" in row else ""
     return (f"{row['schedule']:>8} {row['steps']:>4} steps  N={row['n']}  FID({row['extractor']}) {row['fid']:.3f}"
-            f"{kid}  [{row['images_per_s']:.1f} img/s]")
+            f"{kid}{acc}  [{row['images_per_s']:.1f} img/s]")
 
 
 def cmd_ref_stats(args: argparse.Namespace) -> None:
@@ -170,7 +172,8 @@ def _given(args: argparse.Namespace, names: dict[str, str]) -> dict:
 def _model_config(args: argparse.Namespace) -> ModelConfig:
     """The model options given (``--model``, and where the command has them ``--guidance``, ``--null-label``,
     ``--prompt``); the others keep ``ModelConfig``'s defaults."""
-    kw = _given(args, {"model": "path", "guidance": "guidance_scale", "null_label": "null_label", "prompt": "prompts"})
+    names = {"model": "path", "guidance": "guidance_scale", "null_label": "null_label", "prompt": "prompts"}
+    kw = _given(args, {a: k for a, k in names.items() if hasattr(args, a)})
     return ModelConfig(**kw)
 
 

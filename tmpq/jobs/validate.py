@@ -29,7 +29,8 @@ from tmpq.evaluators.candidate import (
     quality_reference,
     scoring_extractor,
 )
-from tmpq.evaluators.quality import score_features
+from tmpq.evaluators.classifier import class_accuracy
+from tmpq.evaluators.quality import digit_labels, score_features
 from tmpq.jobs.run import load_run
 from tmpq.quant.distill import distill_scales, frozen_copy
 from tmpq.supernet import QuantSupernet, SupernetConfig
@@ -179,7 +180,11 @@ def validate_run(run_path: str | Path, cfg: ValidateConfig, progress: bool = Tru
             imgs = sample_images(net.unet, sched, list(p["timesteps"]), cfg.n, seed=seed, batch_size=cfg.batch_size,
                                  progress=progress, desc=f"{key} seed {seed}", guidance_scale=guidance)
             s = score_features(ext(imgs), ref)
+            labels = digit_labels(net.unet, cfg.n)
+            if labels is not None and imgs.shape[1:] == (1, 16, 16):  # a digit class model: conditional quality
+                s["class_accuracy"] = class_accuracy(imgs, labels)
             log.append({"key": key, "seed": seed, "n": cfg.n, "settings": settings, "fid": s["fid"],
+                        **({"class_accuracy": s["class_accuracy"]} if "class_accuracy" in s else {}),
                         "kid": s.get("kid"), "kid_std": s.get("kid_std"), "timesteps": list(p["timesteps"]),
                         "bits": json.loads(json.dumps(p["bits"])), "bitops": float(p["bitops"]),
                         "fid_proxy": float(p["fid_proxy"]), "sample_s": round(time.perf_counter() - t0, 1),
@@ -212,9 +217,10 @@ def _write_summary(run_path: Path, log, settings: str, cfg: ValidateConfig):
     if not rows:
         return pd.DataFrame()
     df = pd.DataFrame(rows)
+    extra = {"class_accuracy_mean": ("class_accuracy", "mean")} if "class_accuracy" in df else {}
     agg = df.groupby("key").agg(fid_mean=("fid", "mean"), fid_std=("fid", "std"), kid_mean=("kid", "mean"),
                                 seeds=("seed", "count"), fid_proxy=("fid_proxy", "first"),
-                                bitops=("bitops", "first")).reset_index()
+                                bitops=("bitops", "first"), **extra).reset_index()
     first = df.drop_duplicates("key").set_index("key")
     agg["timesteps"] = [first.loc[k, "timesteps"] for k in agg["key"]]
     agg["bits"] = [first.loc[k, "bits"] for k in agg["key"]]
