@@ -13,6 +13,8 @@ the front part into another directory:
 
     .venv/bin/python -m benchmarks.search --part front --grouping uniform --time-groups 4 --out results/search-defaults
 
+Any model: ``--model embedded-dit --guidance 2`` (or a model directory) gives every run that [model] section.
+
 All parts share one supernet calibrated once (<out>/supernet.safetensors) with the default supernet and
 calibration settings, and one proxy (configurable: --proxy, --proxy-n). Every search runs the local executor with
 all torch threads (--threads) so that evaluation budgets, not parallelism, are compared. Times are for 2 cores with
@@ -54,7 +56,7 @@ def supernet_file(args, out: Path) -> Path:
         return path
     torch.set_num_threads(args.threads)
     cfg = config_from_dict(run_pins(args))
-    m = load_model(None)
+    m = load_model(cfg.model)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     calibrate_to_file(cfg, m, QuantSupernet(m.unet, cfg.supernet), path)
@@ -66,7 +68,10 @@ def run_pins(args) -> dict:
     """Settings the benchmark sets apart from the library's defaults: ``--time-groups`` (default 1: results/search was
     measured with one set of activation ranges for all timesteps, the default before supernet.time_groups, now 4;
     pinned so that its committed runs resume and its report reproduces)."""
-    return {"supernet": {"time_groups": args.time_groups}}
+    pins = {"supernet": {"time_groups": args.time_groups}}
+    if (args.model, args.guidance) != ("embedded", 1.0):  # another model: its own [model] section
+        pins["model"] = {"path": args.model, "guidance_scale": args.guidance}
+    return pins
 
 
 def run_config(args, sn: Path, **search):
@@ -126,7 +131,8 @@ def seed_points(run_path: Path) -> np.ndarray:
 def evaluator(args, sn: Path):
     from tmpq.jobs.search import WorkerSpec
 
-    spec = WorkerSpec("embedded", str(sn), {"name": args.proxy, "n_images": args.proxy_n}, args.threads)
+    model = run_pins(args).get("model", {"path": "embedded"})
+    spec = WorkerSpec(model, str(sn), {"name": args.proxy, "n_images": args.proxy_n}, args.threads)
     return spec()
 
 
@@ -285,7 +291,7 @@ GROUPING_STEPS = (5, 7, 10, 14, 20)
 def fp_grouping_rows(args, log: RowLog, sn: Path) -> None:
     """The FP model on each grouping's seed schedule (every group's first timestep) at 5-20 steps, same proxy: how
     good a schedule each grouping starts its search from."""
-    from tmpq.core.model import load_model
+    from tmpq.core.model import ModelConfig, load_model
     from tmpq.core.sampler import make_scheduler
     from tmpq.search.groups import make_groups
     from tmpq.search.sensitivity import PROFILES
@@ -297,7 +303,7 @@ def fp_grouping_rows(args, log: RowLog, sn: Path) -> None:
             if log.has(kind="fp-grouping", name=name):
                 continue
             if kind in PROFILES and kind not in profiles:  # the search's own profile: same FP model, seed 0
-                m = load_model(None)
+                m = load_model(ModelConfig(**run_pins(args).get("model", {})))
                 profiles[kind] = PROFILES[kind](m.unet, make_scheduler(m.scheduler_config), seed=0)
             groups = make_groups(kind, n, profile=profiles.get(kind))
             if ev is None:
@@ -326,7 +332,8 @@ def write_report(args, log: RowLog) -> None:
     out = Path(args.out)
     rows = list(log.rows.values())
     lines = ["# Search benchmark (issue 4)", "", *findings(out),
-             "Embedded model; searches pick the step count from "
+             ("Embedded model" if args.model == "embedded" else f"Model `{args.model}`, guidance {args.guidance}")
+             + "; searches pick the step count from "
              f"{', '.join(map(str, args.step_choices or [args.steps]))} (reference {args.steps} steps; {args.grouping} "
              "time groups unless stated), supernet "
              f"W{{8,6,4}} x A{{8,6}} calibrated once with the default settings but time_groups = {args.time_groups}, "
@@ -582,6 +589,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", required=True, choices=("fidelity", "front", "axes", "grouping", "report"))
     ap.add_argument("--out", default="results/search")
+    ap.add_argument("--model", default="embedded", help="model.path of every run (default: %(default)s; e.g. "
+                    "embedded-dit or a model directory)")
+    ap.add_argument("--guidance", type=float, default=1.0, help="model.guidance_scale of every run (default: 1)")
     ap.add_argument("--steps", type=int, default=10, help="reference step count (budgets, bits-only search)")
     ap.add_argument("--step-choices", type=lambda s: [int(v) for v in s.split(",") if v], default=[5, 7, 10, 14, 20],
                     help="step counts the searches may pick (a step-count gene); '' = fixed at --steps")

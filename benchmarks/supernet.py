@@ -2,6 +2,10 @@
 options, and cost. Resumable: finished rows live in <out>/rows.jsonl.
 
     .venv/bin/python -m benchmarks.supernet --n-alloc 20 --fid-n 2000
+    .venv/bin/python -m benchmarks.supernet --model embedded-dit --guidance 2 --out results/dit/supernet  # any model
+
+A class model whose classes are digits also gets class accuracy in every quality row. Part ``ranges``: separate vs
+shared guidance-pass activation ranges (``supernet.guidance_ranges``) at W8A8 and W6A6, ``--quality-steps`` uniform.
 
 Fidelity: ``--n-alloc`` random allocations spanning the BitOPs range (stratified by BitOPs quantile), each scored
 (paired pixel MSE to the FP teacher on the same noise, and FID at ``--fid-n``) with the shared supernet of each
@@ -17,11 +21,13 @@ import numpy as np
 import torch
 
 from benchmarks.common import RowLog, baseline_fp_row, findings
-from tmpq.core.model import load_model
+from tmpq.core.adapters import adapter_for, sample_shape
+from tmpq.core.model import ModelConfig, load_model
 from tmpq.core.sampler import make_scheduler, sample_images
 from tmpq.core.schedules import make_timesteps
+from tmpq.evaluators.classifier import class_accuracy
 from tmpq.evaluators.features import make_extractor
-from tmpq.evaluators.quality import embedded_reference, score_features
+from tmpq.evaluators.quality import digit_labels, embedded_reference, score_features
 from tmpq.supernet import QuantSupernet, SupernetConfig
 from tmpq.supernet.calib_data import make_calib_data
 
@@ -53,8 +59,25 @@ def standalone(unet_loader, alloc, probe: QuantSupernet, batches, mode: str) -> 
     return net
 
 
+def model_config(args) -> ModelConfig:
+    return ModelConfig(path=args.model, guidance_scale=args.guidance)
+
+
+def quality(unet, imgs, ext, ref) -> dict:
+    """FID (KID) of ``imgs`` and, for a digit class model, their class accuracy (balanced labels)."""
+    row = score_features(ext(imgs), ref)
+    labels = digit_labels(unet, len(imgs))
+    if labels is not None:
+        row["class_accuracy"] = class_accuracy(imgs, labels)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="embedded", help="model.path: embedded, embedded-dit or a model directory")
+    ap.add_argument("--guidance", type=float, default=1.0, help="model.guidance_scale of every sampling")
+    ap.add_argument("--guidance-ranges", default="shared", choices=("shared", "separate"),
+                    help="supernet.guidance_ranges of the supernets (part ranges compares both)")
     ap.add_argument("--n-alloc", type=int, default=20)
     ap.add_argument("--fid-n", type=int, default=2000)
     ap.add_argument("--steps", type=int, default=10)
@@ -78,7 +101,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="results/supernet")
     ap.add_argument("--parts", default="quality,cost,fidelity,strategy",
-                    help="comma list, run in this order: quality, cost, fidelity, strategy, timegroups")
+                    help="comma list, run in this order: quality, cost, fidelity, strategy, timegroups, ranges")
     ap.add_argument("--report-only", action="store_true", help="only rewrite README.md from rows.jsonl")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -87,19 +110,19 @@ def main() -> None:
     if args.report_only:
         write_report(out, log, args)
         return
-    base = load_model(None)
+    base = load_model(model_config(args))
     sched = make_scheduler(base.scheduler_config)
     ext = make_extractor("domain")
     ref = embedded_reference(ext)
     ts = make_timesteps(args.schedule, args.steps)
-    cfg = SupernetConfig(time_groups=args.time_groups)
+    cfg = SupernetConfig(time_groups=args.time_groups, guidance_ranges=args.guidance_ranges)
 
     def fresh_unet():
-        return load_model(None).unet
+        return load_model(model_config(args)).unet
 
     def score(unet, n, timesteps, teacher=None):
-        imgs = sample_images(unet, sched, timesteps, n, seed=args.seed, progress=False)
-        row = score_features(ext(imgs), ref)
+        imgs = sample_images(unet, sched, timesteps, n, seed=args.seed, progress=False, guidance_scale=args.guidance)
+        row = quality(unet, imgs, ext, ref)
         if teacher is not None:
             row["paired_mse"] = float((imgs - teacher[:n]).pow(2).mean())
         return row, imgs
@@ -108,7 +131,7 @@ def main() -> None:
     calib_kw = dict(n_steps=args.calib_steps, per_step=args.calib_per_step, sampler_steps=args.sampler_steps,
                     seed=10_000)
     args.calib_kw = calib_kw
-    calib = make_calib_data(base.unet, sched, args.strategy, **calib_kw)
+    calib = make_calib_data(base.unet, sched, args.strategy, guidance_scale=args.guidance, **calib_kw)
     batches = list(calib.batches(64))
     calib_capture_s = time.perf_counter() - t0
     parts = args.parts.split(",")
@@ -126,7 +149,31 @@ def main() -> None:
         strategies(args, log, fresh_unet, sched, ext, ref)
     if "timegroups" in parts:
         time_groups_few_steps(args, log, fresh_unet, sched, ext, ref, batches)
+    if "ranges" in parts:
+        guidance_ranges(args, log, fresh_unet, sched, ext, ref, batches)
     write_report(out, log, args)
+
+
+def guidance_ranges(args, log: RowLog, fresh_unet, sched, ext, ref, batches) -> None:
+    """Shared vs separate guidance-pass activation ranges: the same calibration data (guided, both passes), the same
+    time groups, W8A8 and W6A6 at ``--quality-steps`` uniform DDIM, ``--quality-n`` images, the same noise."""
+    if args.guidance == 1.0:
+        raise SystemExit("part ranges: needs --guidance != 1 (the null pass exists only with guidance)")
+    ts_q = make_timesteps("uniform", args.quality_steps)
+    for ranges in ("shared", "separate"):
+        todo = [(w, a) for w, a in ((8, 8), (6, 6))
+                if not log.has(kind="ranges", mode=ranges, name=f"W{w}A{a}", n=args.quality_n, seed=args.seed)]
+        if not todo:
+            continue
+        net = QuantSupernet(fresh_unet(), SupernetConfig(time_groups=args.time_groups, guidance_ranges=ranges))
+        net.calibrate(batches, mode="per-option")
+        for w, a in todo:
+            net.set_uniform(w, a)
+            imgs = sample_images(net.unet, sched, ts_q, args.quality_n, seed=args.seed, guidance_scale=args.guidance,
+                                 desc=f"W{w}A{a} {ranges} ranges")
+            log.append({"kind": "ranges", "mode": ranges, "name": f"W{w}A{a}", "n": args.quality_n,
+                        "seed": args.seed, "steps": args.quality_steps, "time_groups": args.time_groups,
+                        "guidance_scale": args.guidance, **quality(net, imgs, ext, ref)})
 
 
 def time_groups_few_steps(args, log: RowLog, fresh_unet, sched, ext, ref, batches) -> None:
@@ -138,12 +185,12 @@ def time_groups_few_steps(args, log: RowLog, fresh_unet, sched, ext, ref, batche
                                seed=args.seed)]
         if not todo:
             continue
-        net = QuantSupernet(fresh_unet(), SupernetConfig(time_groups=g))
+        net = QuantSupernet(fresh_unet(), SupernetConfig(time_groups=g, guidance_ranges=args.guidance_ranges))
         net.calibrate(batches, mode="per-option", progress=False)
         for steps, w, a in todo:
             net.set_uniform(w, a)
             imgs = sample_images(net.unet, sched, make_timesteps("quad", steps), args.fid_n, seed=args.seed,
-                                 progress=False)
+                                 progress=False, guidance_scale=args.guidance)
             log.append({"kind": "timegroups", "mode": f"G{g}", "name": f"W{w}A{a} quad{steps}", "n": args.fid_n,
                         "seed": args.seed, "steps": steps, **score_features(ext(imgs), ref)})
 
@@ -186,11 +233,13 @@ def quality_and_cost(args, log: RowLog, fresh_unet, sched, ext, ref, batches, pa
                     "steps": args.quality_steps, "fid": fp_row["fid"], "kid": fp_row.get("kid"),
                     "source": f"{args.fp_from_baseline} ({fp_row['command']}, {fp_row['finished']})"})
     if not log.has(kind="quality", name="fp", n=args.quality_n, seed=args.seed):
-        imgs = sample_images(fresh_unet(), sched, ts_q, args.quality_n, seed=args.seed, desc="FP quality")
+        fp = fresh_unet()
+        imgs = sample_images(fp, sched, ts_q, args.quality_n, seed=args.seed, desc="FP quality",
+                             guidance_scale=args.guidance)
         log.append({"kind": "quality", "name": "fp", "n": args.quality_n, "seed": args.seed,
-                    "steps": args.quality_steps, **score_features(ext(imgs), ref)})
+                    "steps": args.quality_steps, **quality(fp, imgs, ext, ref)})
     tg = args.time_groups
-    net = QuantSupernet(fresh_unet(), SupernetConfig(time_groups=tg))
+    net = QuantSupernet(fresh_unet(), SupernetConfig(time_groups=tg, guidance_ranges=args.guidance_ranges))
     t0 = time.perf_counter()
     net.calibrate(batches, mode="per-option")
     calib_s = time.perf_counter() - t0
@@ -205,21 +254,22 @@ def quality_and_cost(args, log: RowLog, fresh_unet, sched, ext, ref, batches, pa
         if "quality" not in parts or log.has(kind="quality", name=name, n=args.quality_n, seed=args.seed):
             continue
         net.set_uniform(w, a)
-        imgs = sample_images(net.unet, sched, ts_q, args.quality_n, seed=args.seed, desc=f"{name} quality")
+        imgs = sample_images(net.unet, sched, ts_q, args.quality_n, seed=args.seed, desc=f"{name} quality",
+                             guidance_scale=args.guidance)
         log.append({"kind": "quality", "name": name, "n": args.quality_n, "seed": args.seed,
-                    "steps": args.quality_steps, "calib_s": round(calib_s, 1), **score_features(ext(imgs), ref)})
+                    "steps": args.quality_steps, "calib_s": round(calib_s, 1), **quality(net, imgs, ext, ref)})
     ts10 = make_timesteps("quad", 10)
 
     def timed(unet):
-        sample_images(unet, sched, ts10, 32, batch_size=32, progress=False)
+        sample_images(unet, sched, ts10, 32, batch_size=32, progress=False, guidance_scale=args.guidance)
         t0 = time.perf_counter()
-        sample_images(unet, sched, ts10, 256, batch_size=256, progress=False)
+        sample_images(unet, sched, ts10, 256, batch_size=256, progress=False, guidance_scale=args.guidance)
         return time.perf_counter() - t0
 
     if "cost" in parts and tg > 1:  # what the time groups cost: sampling against one set of ranges
         name = f"timing time_groups {tg} vs 1"
         if not log.has(kind="cost", name=name, n=256, seed=args.seed):
-            one = QuantSupernet(fresh_unet(), SupernetConfig(time_groups=1))
+            one = QuantSupernet(fresh_unet(), SupernetConfig(time_groups=1, guidance_ranges=args.guidance_ranges))
             one.calibrate(batches, mode="per-option", progress=False)
             net.set_uniform(6, 6)
             one.set_uniform(6, 6)
@@ -239,12 +289,14 @@ def quality_and_cost(args, log: RowLog, fresh_unet, sched, ext, ref, batches, pa
             fp_runs.append(timed(fp_unet))
             fq_runs.append(timed(net.unet))
         fp_s, fq_s = float(np.median(fp_runs)), float(np.median(fq_runs))
-        x = torch.randn(256, 1, 16, 16)
+        x = torch.randn(256, *sample_shape(fp_unet))
         t = torch.full((256,), 500)
+        a = adapter_for(fp_unet)
+        cond = a.example(fp_unet, 256, "cpu")
         with torch.no_grad():
-            fp_unet(x, t)
+            a.eps(fp_unet, x, t, cond)
             t0 = time.perf_counter()
-            fp_unet(x, t)
+            a.eps(fp_unet, x, t, cond)
             fwd_s = time.perf_counter() - t0
         alloc = [(4, 6)] * net.num_genes
         t0 = time.perf_counter()
@@ -262,20 +314,21 @@ def quality_and_cost(args, log: RowLog, fresh_unet, sched, ext, ref, batches, pa
 
 def strategies(args, log: RowLog, fresh_unet, sched, ext, ref) -> None:
     """Calibration-data strategies (uniform, NDTC, EDA-style) at W6A6 and the lowest option."""
-    base = load_model(None)
+    base = load_model(model_config(args))
     ts10 = make_timesteps(args.schedule, args.steps)
-    cfg = SupernetConfig(time_groups=1)
+    cfg = SupernetConfig(time_groups=1, guidance_ranges=args.guidance_ranges)
     lowest = (min(cfg.w_bits), min(cfg.a_bits))
     for strategy in ("uniform", "ndtc", "eda"):
         if all(log.has(kind="strategy", mode=strategy, name=f"W{w}A{a}", n=args.fid_n, seed=args.seed)
                for w, a in [(6, 6), lowest]):
             continue
-        data = make_calib_data(base.unet, sched, strategy, **args.calib_kw)
-        snet = QuantSupernet(fresh_unet(), SupernetConfig(time_groups=1))
+        data = make_calib_data(base.unet, sched, strategy, guidance_scale=args.guidance, **args.calib_kw)
+        snet = QuantSupernet(fresh_unet(), SupernetConfig(time_groups=1, guidance_ranges=args.guidance_ranges))
         snet.calibrate(list(data.batches(64)), mode="per-option")
         for w, a in [(6, 6), lowest]:
             snet.set_uniform(w, a)
-            imgs = sample_images(snet.unet, sched, ts10, args.fid_n, seed=args.seed, progress=False)
+            imgs = sample_images(snet.unet, sched, ts10, args.fid_n, seed=args.seed, progress=False,
+                                 guidance_scale=args.guidance)
             log.append({"kind": "strategy", "mode": strategy, "name": f"W{w}A{a}", "n": args.fid_n,
                         "seed": args.seed, **score_features(ext(imgs), ref)})
 
@@ -302,14 +355,26 @@ def write_report(out: Path, log: RowLog, args) -> None:
         quality = {r["name"]: r for r in rows if r["kind"] == "quality" and r["n"] == n}
         fp = quality.get("fp")
         steps = next(iter(quality.values()))["steps"]
+        acc = any("class_accuracy" in r for r in quality.values())
         lines += ["", f"## Quality: uniform options, uniform DDIM {steps} steps, N = {n}, seed {args.seed}", "",
-                  "| config | FID | vs FP | KID x1e3 |", "|---|---:|---:|---:|"]
+                  "| config | FID | vs FP | KID x1e3 |" + (" class accuracy |" if acc else ""),
+                  "|---|---:|---:|---:|" + ("---:|" if acc else "")]
         for name, r in quality.items():
             rel = f"{r['fid'] / fp['fid']:.3f}x" if fp else "-"
             kid = f"{1e3 * r['kid']:.2f}" if r.get("kid") is not None else "-"
-            lines.append(f"| {name} | {r['fid']:.3f} | {rel} | {kid} |")
+            ca = (f" {r['class_accuracy']:.3f} |" if "class_accuracy" in r else " - |") if acc else ""
+            lines.append(f"| {name} | {r['fid']:.3f} | {rel} | {kid} |{ca}")
         if fp and fp.get("source"):
             lines.append(f"\nFP row from {fp['source']}.")
+    ranges = [r for r in rows if r["kind"] == "ranges"]
+    if ranges:
+        r0 = ranges[0]
+        lines += ["", f"## Guidance-pass activation ranges: shared vs separate (guidance {r0['guidance_scale']}, "
+                  f"uniform DDIM {r0['steps']} steps, time_groups {r0['time_groups']}, N = {r0['n']}, seed "
+                  f"{r0['seed']})", "", "| option | ranges | FID | class accuracy |", "|---|---|---:|---:|"]
+        for r in sorted(ranges, key=lambda r: (r["name"], r["mode"])):
+            acc = f"{r['class_accuracy']:.3f}" if "class_accuracy" in r else "-"
+            lines.append(f"| {r['name']} | {r['mode']} | {r['fid']:.3f} | {acc} |")
     strat = [r for r in rows if r["kind"] == "strategy"]
     if strat:
         lines += ["", f"## Calibration data strategies (per-option, {args.schedule} {args.steps} steps, N = {args.fid_n})",
