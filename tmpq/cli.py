@@ -33,6 +33,9 @@ def _add_model_and_schedule(q: argparse.ArgumentParser, steps_default: str, many
     q.add_argument("--seed", type=int, default=0, help="noise-bank seed: image i always gets the same noise "
                    "(default: %(default)s)")
     q.add_argument("--eta", type=float, default=0.0, help="DDIM eta, 0 = deterministic (default: %(default)s)")
+    q.add_argument("--solver", default=None, help="sampler over the timesteps: ddim, dpm++, unipc, euler or heun "
+                   "(default: ddim; an export's own)")
+    q.add_argument("--order", type=int, default=None, help="solver order: dpm++ and unipc 1-3 (default 2)")
     q.add_argument("--batch-size", type=int, default=256, help="images per UNet batch (default: %(default)s)")
     _add_threads(q)
 

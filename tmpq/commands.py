@@ -20,6 +20,7 @@ from tmpq.core.grid import save_grid
 from tmpq.core.model import ModelConfig, load_model
 from tmpq.core.sampler import make_scheduler, sample_images
 from tmpq.core.schedules import make_timesteps, validate_timesteps
+from tmpq.core.solvers import sched_order
 from tmpq.deploy.bundle import load_export
 from tmpq.deploy.int8 import CHECK_TOL, describe_cpu_int8, measure_speed
 from tmpq.evaluators.classifier import ClassifierTrainConfig, train_classifier
@@ -89,12 +90,14 @@ def cmd_sample(args: argparse.Namespace) -> None:
         label, guidance = "exported", float(manifest["sampler"].get("guidance_scale", 1.0))
         if args.timesteps:
             raise TmpqError("sample: an export brings its own searched timesteps; --timesteps does not apply")
+        if args.solver or args.order:
+            raise TmpqError("sample: an export brings its own sampler; --solver / --order do not apply")
     else:
         m = load_model(_model_config(args))
         (label, ts), *rest = _schedules(args, m.num_train_timesteps)
         if rest:
             raise TmpqError("sample: give one schedule and one step count")
-        unet, sched, guidance = m.unet, make_scheduler(m.scheduler_config), m.guidance_scale
+        unet, sched, guidance = m.unet, _solver(args, m.scheduler_config), m.guidance_scale
     if args.null_label is not None:
         set_conditioning(unet, null_label=args.null_label)
     labels = None
@@ -127,13 +130,14 @@ def cmd_fid(args: argparse.Namespace) -> None:
     schedules = _schedules(args, m.num_train_timesteps)
     extractor = make_extractor(args.extractor, args.inception_weights)
     ref = _build_reference(args, extractor, (m.image_channels,))
-    scheduler = make_scheduler(m.scheduler_config)
+    scheduler = _solver(args, m.scheduler_config)
     rows = []
     for label, ts in schedules:
         row = evaluate_schedule(m.unet, scheduler, ts, args.n, extractor, ref, seed=args.seed,
                                 batch_size=args.batch_size, eta=args.eta, desc=f"{label} {len(ts)} steps",
                                 guidance_scale=m.guidance_scale)
-        row = {"schedule": label, **row}
+        row = {"schedule": label, **({"solver": args.solver, "order": sched_order(scheduler)} if args.solver else {}),
+               **row}
         rows.append(row)
         print(_format_row(row), flush=True)
     if args.out:
@@ -146,7 +150,9 @@ def cmd_fid(args: argparse.Namespace) -> None:
 def _format_row(row: dict) -> str:
     kid = f"  KID {row['kid']:.5f} +- {row['kid_std']:.5f}" if "kid" in row else ""
     acc = f"  class accuracy {row['class_accuracy']:.3f}" if "class_accuracy" in row else ""
-    return (f"{row['schedule']:>8} {row['steps']:>4} steps  N={row['n']}  FID({row['extractor']}) {row['fid']:.3f}"
+    solver = f" {row['solver']}" + (f"-{row['order']}" if row.get("order") else "") if "solver" in row else ""
+    return (f"{row['schedule']:>8}{solver} {row['steps']:>4} steps  N={row['n']}  FID({row['extractor']}) "
+            f"{row['fid']:.3f}"
             f"{kid}{acc}  [{row['images_per_s']:.1f} img/s]")
 
 
@@ -167,6 +173,11 @@ def cmd_train_classifier(args: argparse.Namespace) -> None:
 def _given(args: argparse.Namespace, names: dict[str, str]) -> dict:
     """The options given on the command line (argument -> config key); the others keep the config class's defaults."""
     return {key: getattr(args, arg) for arg, key in names.items() if getattr(args, arg) is not None}
+
+
+def _solver(args: argparse.Namespace, scheduler_config: dict):
+    """The respaced scheduler of ``--solver`` / ``--order`` (default: DDIM) for a model's noise schedule."""
+    return make_scheduler(scheduler_config, args.solver or "ddim", args.order)
 
 
 def _model_config(args: argparse.Namespace) -> ModelConfig:

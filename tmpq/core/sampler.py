@@ -1,10 +1,10 @@
-"""Respaced DDIM over any strictly descending subset of the training timesteps, plus a seeded noise bank.
+"""The sampling loop of every solver over any strictly descending subset of the training timesteps, plus a seeded
+noise bank.
 
-``RespacedDDIMScheduler`` subclasses diffusers' ``DDIMScheduler``: it keeps its alphas, variance and x0 maths and only
-replaces the "previous timestep" rule (``t - T // n`` in diffusers, which assumes uniform spacing) with the next entry
-of the given schedule; after the last entry it steps to the clean image (``final_alpha_cumprod``), as DDIM does.
-On DDIM's own uniform spacing it reproduces ``DDIMScheduler`` (tested to 1e-5). A pinned schedule
-(``pin_timesteps``, set by ``tmpq.apply_export``) is what a stock pipeline's ``set_timesteps(n)`` installs.
+The solvers (respaced DDIM, DPM-Solver++, UniPC, Euler, Heun) live in :mod:`tmpq.core.solvers`;
+``RespacedDDIMScheduler`` and ``make_scheduler`` are re-exported here. On DDIM's own uniform spacing
+``RespacedDDIMScheduler`` reproduces ``DDIMScheduler`` (tested to 1e-5). A pinned schedule (``pin_timesteps``, set by
+``tmpq.apply_export``) is what a stock pipeline's ``set_timesteps(n)`` installs.
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
 from tmpq.core.adapters import (
@@ -24,112 +23,9 @@ from tmpq.core.adapters import (
 )
 from tmpq.core.errors import TmpqError
 from tmpq.core.schedules import validate_timesteps
+from tmpq.core.solvers import RespacedDDIMScheduler, make_scheduler
 
-
-class RespacedDDIMScheduler(DDIMScheduler):
-    """``DDIMScheduler`` that accepts an arbitrary strictly descending timestep list.
-
-    A pinned schedule (:meth:`pin_timesteps`) makes ``set_timesteps(n)``, what a stock diffusers pipeline calls with
-    its ``num_inference_steps``, install that schedule: so ``pipe(...)`` samples the exported timesteps.
-
-    Example:
-        >>> s = RespacedDDIMScheduler(num_train_timesteps=1000)
-        >>> s.set_timesteps(timesteps=[800, 450, 200, 50, 0])
-        >>> s.prev_timestep(450)
-        200
-        >>> s.pin_timesteps([964, 881, 717, 300], default_steps=1000)
-        >>> s.set_timesteps(1000)  # DDPMPipeline's default num_inference_steps: the caller chose no count
-        >>> s.timesteps.tolist()
-        [964, 881, 717, 300]
-    """
-
-    pinned_timesteps: list[int] | None = None
-    default_steps: int | None = None
-
-    def pin_timesteps(self, timesteps: Sequence[int] | None, default_steps: int | None = None) -> None:
-        """Make ``set_timesteps(n)`` install ``timesteps`` (``None``: unpin, back to DDIM's uniform ``n`` steps).
-
-        With a pinned schedule of k steps, ``n`` = ``None``, k or ``default_steps`` (the pipeline's default
-        ``num_inference_steps``, 1000 for ``DDPMPipeline``: the caller chose no count; an explicit 1000 reads the
-        same) installs it; any other ``n`` raises a one-line ``TmpqError`` naming both counts, rather than sampling
-        a schedule the caller did not ask for. ``set_timesteps(timesteps=[...])`` is always obeyed.
-        """
-        if timesteps is None:
-            self.pinned_timesteps, self.default_steps = None, None
-            return
-        ts = [int(t) if isinstance(t, torch.Tensor) else t for t in timesteps]
-        self.pinned_timesteps = [int(t) for t in validate_timesteps(ts, self.config.num_train_timesteps)]
-        self.default_steps = None if default_steps is None else int(default_steps)
-
-    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps: Sequence[int] | None = None):
-        if timesteps is None and self.pinned_timesteps is not None:
-            k, n = len(self.pinned_timesteps), num_inference_steps
-            if n is not None and int(n) not in (k, self.default_steps):
-                raise TmpqError(f"num_inference_steps={int(n)}: this scheduler samples the exported {k}-step schedule "
-                                f"{self.pinned_timesteps} (tmpq.apply_export); call the pipeline without "
-                                f"num_inference_steps (or with {k}), or unpin it first with "
-                                f"pipe.scheduler.pin_timesteps(None) to sample {int(n)} uniform DDIM steps")
-            timesteps = self.pinned_timesteps
-        if timesteps is None:
-            super().set_timesteps(num_inference_steps, device=device)
-            ts = [int(t) for t in self.timesteps]
-            timesteps = ts
-        ts = validate_timesteps([int(t) if isinstance(t, torch.Tensor) else t for t in timesteps],
-                                self.config.num_train_timesteps)
-        self.num_inference_steps = len(ts)
-        self.timesteps = torch.tensor(ts, dtype=torch.int64, device=device)
-        self._prev = {t: (ts[i + 1] if i + 1 < len(ts) else -1) for i, t in enumerate(ts)}
-
-    def prev_timestep(self, timestep: int) -> int:
-        """The timestep the schedule steps to from ``timestep`` (-1: the clean image)."""
-        try:
-            return self._prev[int(timestep)]
-        except (AttributeError, KeyError):
-            raise TmpqError(f"timestep {int(timestep)} is not in the schedule set with set_timesteps") from None
-
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float = 0.0,
-             use_clipped_model_output: bool = False, generator=None, variance_noise: torch.Tensor | None = None,
-             return_dict: bool = True):
-        t = int(timestep)
-        prev_t = self.prev_timestep(t)
-        cfg = self.config
-        alpha_prod_t = self.alphas_cumprod[t]
-        alpha_prod_t_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
-        beta_prod_t = 1 - alpha_prod_t
-        if cfg.prediction_type == "epsilon":
-            x0 = (sample - beta_prod_t ** 0.5 * model_output) / alpha_prod_t ** 0.5
-            eps = model_output
-        elif cfg.prediction_type == "sample":
-            x0 = model_output
-            eps = (sample - alpha_prod_t ** 0.5 * x0) / beta_prod_t ** 0.5
-        elif cfg.prediction_type == "v_prediction":
-            x0 = alpha_prod_t ** 0.5 * sample - beta_prod_t ** 0.5 * model_output
-            eps = alpha_prod_t ** 0.5 * model_output + beta_prod_t ** 0.5 * sample
-        else:
-            raise TmpqError(f"scheduler.prediction_type: unsupported value {cfg.prediction_type!r}")
-        if cfg.thresholding:
-            x0 = self._threshold_sample(x0)
-        elif cfg.clip_sample:
-            x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
-        std_dev_t = eta * self._get_variance(t, prev_t) ** 0.5 if eta > 0 else 0.0
-        if use_clipped_model_output:
-            eps = (sample - alpha_prod_t ** 0.5 * x0) / beta_prod_t ** 0.5
-        direction = (1 - alpha_prod_t_prev - std_dev_t ** 2) ** 0.5 * eps
-        prev_sample = alpha_prod_t_prev ** 0.5 * x0 + direction
-        if eta > 0:
-            if variance_noise is None:
-                variance_noise = torch.randn(model_output.shape, generator=generator, dtype=model_output.dtype)
-            prev_sample = prev_sample + std_dev_t * variance_noise
-        if not return_dict:
-            return (prev_sample, x0)
-        from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
-
-        return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
-
-
-def make_scheduler(scheduler_config: dict) -> RespacedDDIMScheduler:
-    """A respaced DDIM built from a DDPM/DDIM scheduler config (unknown keys are ignored, as diffusers does)."""
-    return RespacedDDIMScheduler.from_config(dict(scheduler_config))
+__all__ = ["NoiseBank", "RespacedDDIMScheduler", "make_scheduler", "noise_generators", "sample_batch", "sample_images"]
 
 
 def _seed_for(seed: int, index: int, stream: int) -> int:
@@ -195,14 +91,25 @@ def sample_batch(unet: torch.nn.Module, scheduler: RespacedDDIMScheduler, timest
     device = next(unet.parameters()).device
     inner = denoiser_of(unet)
     cond = adapter_for(inner).conditions(inner, indices, labels, device=device)
+    ddim = isinstance(scheduler, RespacedDDIMScheduler)
+    if eta > 0 and not ddim:
+        raise TmpqError(f"eta: only the ddim solver takes eta > 0 ({type(scheduler).__name__} is deterministic)")
     x = bank.initial(indices).to(device)
+    sigma0 = float(scheduler.init_noise_sigma)
+    if sigma0 != 1.0:  # sigma-space solvers (Euler, Heun) start from noise of their first sigma
+        x = x * sigma0
     for k, t in enumerate(scheduler.timesteps.tolist()):
+        t = int(round(t))  # the schedule's integer timesteps (float32 in the sigma-space schedulers)
         t_in = torch.full((x.shape[0],), t, dtype=torch.int64, device=device)
+        x_in = x if ddim else scheduler.scale_model_input(x, scheduler.timesteps[k])
         if on_step is not None:
-            on_step(k, t, x)
-        eps = guided_eps(unet, x, t_in, cond, guidance_scale)
-        noise = bank.eta(indices, k).to(device) if eta > 0 else None
-        x = scheduler.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
+            on_step(k, t, x_in)
+        eps = guided_eps(unet, x_in, t_in, cond, guidance_scale)
+        if ddim:
+            noise = bank.eta(indices, k).to(device) if eta > 0 else None
+            x = scheduler.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
+        else:
+            x = scheduler.step(eps, scheduler.timesteps[k], x).prev_sample
     return decode(unet, x)
 
 
