@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from tmpq.core.errors import TmpqError
-from tmpq.core.sampler import sample_images
+from tmpq.core.sampler import make_scheduler, sample_images
 from tmpq.core.schedules import SCHEDULES, make_timesteps
 from tmpq.evaluators.features import EXTRACTORS, RandomExtractor, make_extractor
 from tmpq.evaluators.quality import (
@@ -96,6 +96,7 @@ class CandidateEvaluator:
         self.companions = companions or cfg.name != "fid"
         self.guidance_scale = guidance_scale  # classifier-free guidance of every image (teacher and candidates)
         self._teacher: tuple[torch.Tensor, np.ndarray] | None = None
+        self._solvers: dict = {}
         net.set_fp()
 
     def _teacher_pair(self) -> tuple[torch.Tensor, np.ndarray]:
@@ -116,25 +117,38 @@ class CandidateEvaluator:
     def teacher_feats(self) -> np.ndarray:
         return self._teacher_pair()[1]
 
-    def _sample(self, timesteps, on_step=None, n: int | None = None, seed: int | None = None) -> torch.Tensor:
+    def solver(self, solver: tuple[str, int] | None):
+        """The scheduler of ``solver`` ((name, order); None: the evaluator's own, DDIM), built once."""
+        if solver is None or tuple(solver) == ("ddim", 1):
+            return self.scheduler
+        key = (str(solver[0]), int(solver[1]))
+        if key not in self._solvers:
+            self._solvers[key] = make_scheduler(self.scheduler.config, *key)
+        return self._solvers[key]
+
+    def _sample(self, timesteps, on_step=None, n: int | None = None, seed: int | None = None,
+                scheduler=None) -> torch.Tensor:
         n = self.cfg.n_images if n is None else n
-        return sample_images(self.net.unet, self.scheduler, timesteps, n, seed=self.cfg.seed if seed is None else seed,
+        return sample_images(self.net.unet, scheduler or self.scheduler, timesteps, n,
+                             seed=self.cfg.seed if seed is None else seed,
                              batch_size=min(self.cfg.batch_size, n), progress=False, on_step=on_step,
                              guidance_scale=self.guidance_scale)
 
     @torch.no_grad()
     def images(self, timesteps, bits, per_group_bits: bool | None = None, n: int | None = None,
-               seed: int | None = None) -> torch.Tensor:
+               seed: int | None = None, solver: tuple[str, int] | None = None) -> torch.Tensor:
         """The candidate's images (the proxy's bank images by default).
 
         ``bits``: one allocation (a (w, a) pair per gene) for every step, or, per time group, one allocation per
         group in ascending time order (``bits[g]`` serves the schedule's step in group g: the schedule runs from the
         last group to the first). ``per_group_bits=None`` tells the two apart by shape. ``bits=None``: the FP
-        model (every layer passed through), the reference point of a schedule.
+        model (every layer passed through), the reference point of a schedule. ``solver``: (name, order) of the
+        sampler (default DDIM).
         """
+        sched = self.solver(solver)
         if bits is None:
             self.net.set_fp()
-            return self._sample(timesteps, None, n, seed)
+            return self._sample(timesteps, None, n, seed, sched)
         if per_group_bits is None:
             per_group_bits = len(bits) > 0 and isinstance(bits[0][0], (tuple, list))
         on_step = None
@@ -149,14 +163,15 @@ class CandidateEvaluator:
             self.net.set_bits(steps[0])
         else:
             self.net.set_bits(bits)
-        return self._sample(timesteps, on_step, n, seed)
+        return self._sample(timesteps, on_step, n, seed, sched)
 
     @torch.no_grad()
-    def evaluate(self, timesteps, bits, per_group_bits: bool | None = None) -> dict:
+    def evaluate(self, timesteps, bits, per_group_bits: bool | None = None,
+                 solver: tuple[str, int] | None = None) -> dict:
         """Objectives of one candidate: ``fid_proxy`` (the configured proxy) and its companions (see :meth:`images`
-        for ``bits``)."""
+        for ``bits`` and ``solver``)."""
         t0 = time.perf_counter()
-        imgs = self.images(timesteps, bits, per_group_bits)
+        imgs = self.images(timesteps, bits, per_group_bits, solver=solver)
         feats = self.extractor(imgs)
         out = {}
         if self.companions:

@@ -19,6 +19,8 @@ class Task:
     key: str
     timesteps: tuple[int, ...]
     bits: tuple
+    solver: str = "ddim"
+    order: int = 1
 
 
 @dataclass
@@ -38,7 +40,8 @@ def run_task(evaluator, task: Task) -> Outcome:
     """Evaluate one task on an evaluator, turning any exception into a failed outcome."""
     t0 = time.perf_counter()
     try:
-        obj = evaluator.evaluate(task.timesteps, task.bits)
+        solver = {} if (task.solver, task.order) == ("ddim", 1) else {"solver": (task.solver, task.order)}
+        obj = evaluator.evaluate(task.timesteps, task.bits, **solver)
         return Outcome("ok", obj, time.perf_counter() - t0, _worker_name())
     except Exception as exc:  # a failed evaluation is a row, not a crash of the search
         return Outcome("failed", {}, time.perf_counter() - t0, _worker_name(),

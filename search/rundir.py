@@ -46,6 +46,8 @@ class EvalResult:
     generation: int = 0
     origin: str = ""
     version: int = RESULT_VERSION
+    solver: str = "ddim"  # written only when not DDIM (rows of DDIM runs are as before solvers)
+    order: int = 1
 
     def __post_init__(self):
         if self.status not in ("ok", "failed"):
@@ -55,6 +57,8 @@ class EvalResult:
         d = asdict(self)
         d["timesteps"] = list(self.timesteps)
         d["bits"] = json.loads(json.dumps(self.bits))
+        if (self.solver, self.order) == ("ddim", 1):
+            del d["solver"], d["order"]
         return json.dumps(d, sort_keys=True)
 
     @classmethod
@@ -84,7 +88,7 @@ class EvalResult:
 
 _FIELD_TYPES = {"key": str, "status": str, "timesteps": list, "bits": list, "objectives": dict, "proxy": dict,
                 "n_images": int, "seed": int, "wall_s": (float, int), "worker": str, "error": str, "generation": int,
-                "origin": str, "version": int}
+                "origin": str, "version": int, "solver": str, "order": int}
 
 
 def _tuplify(x):
@@ -186,9 +190,14 @@ def results_frame(results: list[EvalResult]):
                "proxy": r.proxy.get("name", ""), "proxy_version": r.proxy.get("version", ""),
                "n_images": r.n_images, "seed": r.seed, "wall_s": r.wall_s, "worker": r.worker, "error": r.error,
                "generation": r.generation, "origin": r.origin}
+        if (r.solver, r.order) != ("ddim", 1):
+            row.update(solver=r.solver, order=r.order)
         row.update(r.objectives)
         rows.append(row)
     df = pd.DataFrame(rows)
+    if "solver" in df:  # a run with a solver gene: its DDIM rows name theirs too
+        df["solver"] = df["solver"].fillna("ddim")
+        df["order"] = df["order"].fillna(1).astype(int)
     if not rows:
         df = pd.DataFrame(columns=["key", "status", "timesteps", "bits", "steps", "proxy", "generation", "origin"])
     return df

@@ -9,6 +9,9 @@ With a step-count gene (``step_groups``: one grouping per allowed step count) th
 ``[step-count choice] + [time position (n_max)]``: a position v in [0, R) selects offset ``v * size // R`` of its
 group (R = the largest group size of any choice), so every gene keeps one domain whatever the step count; the positions
 past the chosen count are unused. Bits are shared by all steps in this mode.
+
+With more than one solver (``solvers``: (name, order) pairs, see :mod:`tmpq.core.solvers`) one last gene picks the
+candidate's solver; with one, every candidate has it; with none, DDIM (the genome of every space before solvers).
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from tmpq.search.groups import TimeGroups
 
 SPACE_FORMAT = "tmpq.search-space"
 SPACE_VERSION = 1
+DEFAULT_SOLVER = ("ddim", 1)
 
 
 @dataclass(frozen=True)
@@ -39,18 +43,29 @@ class Candidate:
 
     timesteps: tuple[int, ...]
     bits: tuple
+    solver: str = "ddim"
+    order: int = 1
+
+    @property
+    def solver_pair(self) -> tuple[str, int]:
+        return (self.solver, self.order)
 
     @property
     def key(self) -> str:
-        blob = json.dumps({"t": list(self.timesteps), "b": _listify(self.bits)}, separators=(",", ":"))
+        d = {"t": list(self.timesteps), "b": _listify(self.bits)}
+        if self.solver_pair != DEFAULT_SOLVER:  # DDIM candidates keep the keys they had before solvers
+            d["s"] = f"{self.solver}-{self.order}"
+        blob = json.dumps(d, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
-        return {"timesteps": list(self.timesteps), "bits": _listify(self.bits), "key": self.key}
+        solver = {"solver": self.solver, "order": self.order} if self.solver_pair != DEFAULT_SOLVER else {}
+        return {"timesteps": list(self.timesteps), "bits": _listify(self.bits), **solver, "key": self.key}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Candidate":
-        return cls(tuple(int(t) for t in d["timesteps"]), _tuplify(d["bits"]))
+        return cls(tuple(int(t) for t in d["timesteps"]), _tuplify(d["bits"]), str(d.get("solver", "ddim")),
+                   int(d.get("order", 1)))
 
 
 def _listify(x):
@@ -77,8 +92,14 @@ class SearchSpace:
     # one grouping per allowed step count (ascending; ``groups`` is one of them, the reference): the step count is a
     # gene. Empty: the step count is fixed at ``groups.n``.
     step_groups: tuple[TimeGroups, ...] = ()
+    # (solver, order) choices; more than one: a solver gene (the genome's last); none: DDIM
+    solvers: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self):
+        if len(set(self.solvers)) != len(self.solvers):
+            raise TmpqError(f"search.solvers: repeated solver in {[f'{s}-{o}' for s, o in self.solvers]}")
+        if len(self.solvers) > 1 and self.per_group_bits:
+            raise TmpqError("search.solvers: a solver gene does not combine with bits per time group")
         if self.step_groups:
             if self.per_group_bits:
                 raise TmpqError("search.per_group_bits: bits per time group need a fixed step count "
@@ -116,7 +137,11 @@ class SearchSpace:
 
     @property
     def genome_length(self) -> int:
-        return self.bits_start + 2 * self.num_genes * self.bit_blocks
+        return self.bits_start + 2 * self.num_genes * self.bit_blocks + (1 if len(self.solvers) > 1 else 0)
+
+    @property
+    def solver_choices(self) -> tuple[tuple[str, int], ...]:
+        return self.solvers or (DEFAULT_SOLVER,)
 
     def upper_bounds(self) -> np.ndarray:
         """Exclusive upper bound of every gene (lower bounds are 0)."""
@@ -125,7 +150,8 @@ class SearchSpace:
             time = [len(self.step_groups)] + [self._resolution] * max(self.step_choices)
         else:
             time = list(self.groups.sizes)
-        return np.array(time + [len(self.w_bits)] * nb + [len(self.a_bits)] * nb, dtype=np.int64)
+        solver = [len(self.solvers)] if len(self.solvers) > 1 else []
+        return np.array(time + [len(self.w_bits)] * nb + [len(self.a_bits)] * nb + solver, dtype=np.int64)
 
     def _time_decode(self, g: np.ndarray) -> tuple[int, ...]:
         if not self.step_groups:
@@ -155,13 +181,14 @@ class SearchSpace:
         n, nb = self.bits_start, self.num_genes * self.bit_blocks
         ts = self._time_decode(g)
         w = [self.w_bits[i] for i in g[n:n + nb]]
-        a = [self.a_bits[i] for i in g[n + nb:]]
+        a = [self.a_bits[i] for i in g[n + nb:n + 2 * nb]]
         pairs = tuple(zip(w, a))
         if self.per_group_bits:
             bits = tuple(tuple(pairs[b * self.num_genes:(b + 1) * self.num_genes]) for b in range(self.n_steps))
         else:
             bits = tuple(pairs)
-        return Candidate(ts, bits)
+        solver = self.solver_choices[int(g[-1]) if len(self.solvers) > 1 else 0]
+        return Candidate(ts, bits, *solver)
 
     def encode(self, cand: Candidate) -> np.ndarray:
         offs = self._time_encode(cand.timesteps)
@@ -175,18 +202,24 @@ class SearchSpace:
                     raise TmpqError(f"candidate bits: ({w}, {a}) not in options W{list(self.w_bits)} A{list(self.a_bits)}")
                 w_idx.append(self.w_bits.index(w))
                 a_idx.append(self.a_bits.index(a))
-        return np.array(list(offs) + w_idx + a_idx, dtype=np.int64)
+        if cand.solver_pair not in self.solver_choices:
+            raise TmpqError(f"candidate solver: {cand.solver}-{cand.order} is not a solver of the space "
+                            f"{[f'{s}-{o}' for s, o in self.solver_choices]}")
+        solver = [self.solver_choices.index(cand.solver_pair)] if len(self.solvers) > 1 else []
+        return np.array(list(offs) + w_idx + a_idx + solver, dtype=np.int64)
 
     # -- analytic cost ----------------------------------------------------------------------------------------------
     def _step_bits(self, cand: Candidate) -> list[tuple]:
-        """Per sampling step (in schedule order), the per-gene (w, a) allocation used."""
+        """Per denoiser call (in schedule order), the per-gene (w, a) allocation used (Heun: two calls per step
+        but the last)."""
         if not self.per_group_bits:
-            return [cand.bits] * len(cand.timesteps)
+            calls = 2 * len(cand.timesteps) - 1 if cand.solver == "heun" else len(cand.timesteps)
+            return [cand.bits] * calls
         # bits[g] belongs to time group g; the schedule runs from the last group to the first
         return list(reversed(cand.bits))
 
     def bitops(self, cand: Candidate) -> float:
-        """BitOPs of the whole schedule per sample: sum over steps and layers of MACs * b_w * b_a."""
+        """BitOPs of the whole schedule per sample: sum over denoiser calls and layers of MACs * b_w * b_a."""
         return float(sum(call_bitops(self.layers, alloc) for alloc in self._step_bits(cand)))
 
     def size_mb(self, cand: Candidate) -> float:
@@ -203,9 +236,9 @@ class SearchSpace:
         return True
 
     def uniform_candidate(self, w: int, a: int, offsets: Sequence[int] | None = None,
-                          steps: int | None = None) -> Candidate:
+                          steps: int | None = None, solver: tuple[str, int] | None = None) -> Candidate:
         """Every gene at (w, a) on the seed schedule (first timestep of every group) of the reference grouping, or of
-        the ``steps`` choice of a space with a step-count gene."""
+        the ``steps`` choice of a space with a step-count gene; with the space's first solver unless ``solver``."""
         grp = self.groups
         if steps is not None and steps != grp.n:
             if steps not in self.step_choices:
@@ -214,7 +247,7 @@ class SearchSpace:
         offs = list(offsets) if offsets is not None else list(grp.seed_offsets())
         block = tuple((w, a) for _ in range(self.num_genes))
         bits = tuple(block for _ in range(self.n_steps)) if self.per_group_bits else block
-        return Candidate(grp.schedule(offs), bits)
+        return Candidate(grp.schedule(offs), bits, *(solver or self.solver_choices[0]))
 
     def uniform_seeds(self, limit: int) -> list[np.ndarray]:
         """Genomes of the uniform options (every (w, a) pair) at every step choice on its groups' seed schedule, the
@@ -222,14 +255,15 @@ class SearchSpace:
         starts from every uniform baseline it is compared with. Uniform W6A6 at the reference step count comes first
         (the paper's seed); past ``limit`` the rest are thinned evenly over BitOPs."""
         first, rest, seen = [], [], set()
-        for steps in sorted(self.step_choices, key=lambda s: s != self.groups.n):
-            for w in self.w_bits:
-                for a in self.a_bits:
-                    c = self.uniform_candidate(w, a, steps=steps)
-                    if c.key in seen or not self.feasible(c):
-                        continue
-                    seen.add(c.key)
-                    (first if (steps, w, a) == (self.groups.n, 6, 6) else rest).append(c)
+        for k, steps in enumerate(sorted(self.step_choices, key=lambda s: s != self.groups.n)):
+            for j, (w, a) in enumerate((w, a) for w in self.w_bits for a in self.a_bits):
+                # with a solver gene, the seeds take the solvers in turn
+                solver = self.solver_choices[(k + j) % len(self.solver_choices)]
+                c = self.uniform_candidate(w, a, steps=steps, solver=solver)
+                if c.key in seen or not self.feasible(c):
+                    continue
+                seen.add(c.key)
+                (first if (steps, w, a) == (self.groups.n, 6, 6) else rest).append(c)
         rest.sort(key=self.bitops)
         room = max(0, limit - len(first))
         if len(rest) > room:
@@ -295,7 +329,8 @@ class SearchSpace:
                 "num_genes": self.num_genes, "w_bits": list(self.w_bits), "a_bits": list(self.a_bits),
                 "per_group_bits": self.per_group_bits, "other_params": self.other_params,
                 "bitops_budget": self.bitops_budget, "size_budget_mb": self.size_budget_mb, "extra": self.extra,
-                "fixed": [list(f) for f in self.fixed], "step_groups": [g.to_dict() for g in self.step_groups]}
+                "fixed": [list(f) for f in self.fixed], "step_groups": [g.to_dict() for g in self.step_groups],
+                **({"solvers": [list(s) for s in self.solvers]} if self.solvers else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "SearchSpace":
@@ -307,13 +342,15 @@ class SearchSpace:
                    tuple(d["a_bits"]), bool(d["per_group_bits"]), int(d["other_params"]), d["bitops_budget"],
                    d["size_budget_mb"], dict(d.get("extra", {})),
                    tuple((int(i), int(v)) for i, v in d.get("fixed", [])),
-                   tuple(TimeGroups.from_dict(g) for g in d.get("step_groups", [])))
+                   tuple(TimeGroups.from_dict(g) for g in d.get("step_groups", [])),
+                   tuple((str(s), int(o)) for s, o in d.get("solvers", [])))
 
     @classmethod
     def from_supernet(cls, net, groups: TimeGroups, per_group_bits: bool = False,
-                      step_groups: Sequence[TimeGroups] = (), **budgets) -> "SearchSpace":
+                      step_groups: Sequence[TimeGroups] = (), solvers: Sequence[tuple[str, int]] = (),
+                      **budgets) -> "SearchSpace":
         """Build the space from a ``QuantSupernet``'s layer table (the only torch-touching constructor)."""
         layers = tuple(LayerCost(i.fqn, i.macs, i.params, i.gene, i.pinned) for i in net.infos)
         other = sum(p.numel() for p in net.unet.parameters()) - sum(i.params for i in net.infos)
         return cls(groups, layers, net.num_genes, net.config.w_bits, net.config.a_bits, per_group_bits, other,
-                   step_groups=tuple(sorted(step_groups, key=lambda g: g.n)), **budgets)
+                   step_groups=tuple(sorted(step_groups, key=lambda g: g.n)), solvers=tuple(solvers), **budgets)

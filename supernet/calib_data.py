@@ -87,18 +87,25 @@ def capture_along(unet, scheduler, timesteps, n_samples: int, seed: int = 10_000
                   guidance_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Run the sampler along exactly ``timesteps`` on noise-bank images 0..n_samples-1 (``seed`` distinct from the
     evaluation seeds), ``batch`` trajectories per sampler call (default: all at once), and return every step's
-    denoiser input: xs [steps, n, C, H, W], the timesteps [steps] and the images' conditioning (tensors [n, ...])."""
+    denoiser input: xs [calls, n, C, H, W], the timestep of each call [calls] (one call per timestep, two for most
+    of a 2nd-order solver's) and the images' conditioning (tensors [n, ...])."""
     bank = NoiseBank(seed, sample_shape(unet))
     step = batch or n_samples
-    chunks = []
+    chunks, calls = [], []
     for s in range(0, n_samples, step):
         xs: list[torch.Tensor] = []
-        sample_batch(unet, scheduler, timesteps, bank, list(range(s, min(s + step, n_samples))),
-                     on_step=lambda k, t, x: xs.append(x.clone()), guidance_scale=guidance_scale)
+        calls = []
+
+        def keep(k, t, x):
+            xs.append(x.clone())
+            calls.append(int(t))
+
+        sample_batch(unet, scheduler, timesteps, bank, list(range(s, min(s + step, n_samples))), on_step=keep,
+                     guidance_scale=guidance_scale)
         chunks.append(torch.stack(xs))
     inner = denoiser_of(unet)  # the conditioning the sampler gave images 0..n-1 (a function of their indices)
     cond = adapter_for(inner).conditions(inner, range(n_samples), device=chunks[0].device)
-    return torch.cat(chunks, dim=1), torch.tensor([int(t) for t in timesteps]), cond
+    return torch.cat(chunks, dim=1), torch.tensor(calls, dtype=torch.int64), cond
 
 
 def capture_trajectories(unet, scheduler, n_samples: int, sampler_steps: int, seed: int = 10_000,

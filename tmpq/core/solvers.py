@@ -9,8 +9,11 @@ integer schedule (what the search picks), and a pinned schedule (:meth:`Respaced
 - ``dpm++``: ``DPMSolverMultistepScheduler``, DPM-Solver++ (data prediction), multistep orders 1-3 (order 1 is DDIM),
   lower orders on the last steps as diffusers does for few steps;
 - ``unipc``: ``UniPCMultistepScheduler`` (bh2), orders 1-3 (predictor order; the corrector adds one);
-- ``euler``: ``EulerDiscreteScheduler`` (Karras et al.'s Euler step in sigma, ``x`` scaled by the scheduler);
+- ``euler``: ``EulerDiscreteScheduler`` (Karras et al.'s Euler step in sigma);
 - ``heun``: ``HeunDiscreteScheduler`` (2nd order: two denoiser calls per step but the last, 2n - 1 in all).
+  These two sample in sigma space: a pipeline must scale its initial noise (``init_noise_sigma``) and every model
+  input (``scale_model_input``), as Stable Diffusion's do; ``DDPMPipeline`` and ``DiTPipeline`` do not
+  (:func:`needs_scaling`).
 
 Each lands on the clean image after its last timestep (final sigma 0 / DDIM's final alpha), so the same schedule
 means the same start and end for every solver. :func:`denoiser_calls` counts a schedule's denoiser calls (the cost
@@ -188,6 +191,11 @@ class RespacedUniPCScheduler(Respaced, UniPCMultistepScheduler):
         self.timesteps = torch.tensor(ts, dtype=torch.int64, device=device)
         self.num_inference_steps = len(ts)
 
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True,
+             generator=None, **kwargs):
+        """UniPC's step; ``generator`` (which ``DDPMPipeline`` passes to every scheduler) is not used."""
+        return super().step(model_output, timestep, sample, return_dict=return_dict, **kwargs)
+
 
 class RespacedEulerScheduler(Respaced, EulerDiscreteScheduler):
     """Euler in sigma (``EulerDiscreteScheduler``, deterministic: no churn) on any schedule."""
@@ -233,6 +241,15 @@ def check_solver(solver: str, order: int | None = None) -> int:
     return order
 
 
+def parse_solver(text: str) -> tuple[str, int]:
+    """``"ddim"``, ``"heun"``, ``"dpm++-3"``, ``"unipc-1"``...: (solver, order), the solver's default order when none
+    is given."""
+    name, _, order = str(text).strip().lower().rpartition("-")
+    if not name or not order.isdigit():
+        name, order = str(text).strip().lower(), None
+    return name, check_solver(name, None if order is None else int(order))
+
+
 def solver_config(solver: str, order: int | None = None) -> dict:
     """The scheduler settings that make each solver what its name says (added to the model's noise-schedule
     config)."""
@@ -260,6 +277,15 @@ def make_scheduler(scheduler_config: dict, solver: str = "ddim", order: int | No
     return CLASSES[solver].from_config({**dict(scheduler_config), **config})
 
 
+SIGMA_SPACE = ("euler", "heun")
+
+
+def needs_scaling(solver: str) -> bool:
+    """Whether ``solver`` samples in sigma space (a pipeline must apply ``init_noise_sigma`` and
+    ``scale_model_input``)."""
+    return solver in SIGMA_SPACE
+
+
 def sched_order(scheduler) -> int | None:
     """The order of a multistep solver (DPM-Solver++, UniPC), else None."""
     return int(scheduler.config.solver_order) if isinstance(scheduler, (DPMSolverMultistepScheduler,
@@ -269,3 +295,11 @@ def sched_order(scheduler) -> int | None:
 def denoiser_calls(scheduler, timesteps: Sequence[int]) -> int:
     """How many denoiser calls one sample costs along ``timesteps`` with this scheduler (Heun: 2n - 1)."""
     return 2 * len(timesteps) - 1 if isinstance(scheduler, HeunDiscreteScheduler) else len(timesteps)
+
+
+def solver_of(row) -> tuple[str, int]:
+    """(solver, order) of an evaluation / front row (a dict or a pandas row; DDIM for runs before solvers)."""
+    solver = row.get("solver") if hasattr(row, "get") else None
+    if not isinstance(solver, str):  # absent, or NaN in a frame
+        return ("ddim", 1)
+    return (solver, int(row.get("order")))

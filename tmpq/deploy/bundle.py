@@ -22,7 +22,8 @@ from tmpq.core.adapters import set_conditioning
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import file_sha256, malformed, read_json
 from tmpq.core.model import ModelConfig, encode_prompts, load_model
-from tmpq.core.sampler import RespacedDDIMScheduler, make_scheduler
+from tmpq.core.sampler import make_scheduler
+from tmpq.core.solvers import CLASSES, check_solver, needs_scaling
 from tmpq.supernet import QuantSupernet
 
 EXPORT_FORMAT = "tmpq.export"
@@ -77,6 +78,11 @@ def _check_manifest(m: dict) -> None:
         raise TypeError("files: expected relative file names -> SHA-256 strings")
     if QUANT_FILE not in m["files"]:
         raise KeyError(f"files.{QUANT_FILE}")
+    if "solver" in m["sampler"]:
+        try:
+            check_solver(m["sampler"]["solver"], m["sampler"].get("order"))
+        except TmpqError as exc:
+            raise TypeError(f"sampler.{exc}") from None
     cond = m.get("conditioning", {})
     if not isinstance(cond, dict):
         raise TypeError("conditioning: expected an object")
@@ -88,7 +94,8 @@ def _check_manifest(m: dict) -> None:
 def apply_export(pipeline_or_unet, export_dir: str | Path):
     """Quantize a stock diffusers denoiser (or a pipeline holding one as ``.unet`` or ``.transformer``) in place as
     exported, with the exported conditioning settings (a class model's null label);
-    a pipeline also gets the exported sampler (``RespacedDDIMScheduler``) and ``pipeline.tmpq_timesteps``.
+    a pipeline also gets the exported sampler (its solver's respaced scheduler, :mod:`tmpq.core.solvers`: DDIM
+    unless the search chose another) and ``pipeline.tmpq_timesteps``.
 
     The pipeline's own call then samples the exported schedule: its scheduler has the searched timesteps pinned
     (:meth:`~tmpq.core.sampler.RespacedDDIMScheduler.pin_timesteps`), installed whatever ``num_inference_steps`` the
@@ -139,7 +146,13 @@ def apply_export(pipeline_or_unet, export_dir: str | Path):
     if unet is not pipeline_or_unet:
         object.__setattr__(pipeline_or_unet, "save_pretrained", refuse_save)
         sampler = manifest["sampler"]
-        sched = RespacedDDIMScheduler.from_config(sampler["config"])
+        solver = sampler.get("solver", "ddim")
+        if needs_scaling(solver) and not _scales_inputs(pipeline_or_unet):
+            raise TmpqError(f"apply_export: the export samples with {solver} (sigma space), but "
+                            f"{type(pipeline_or_unet).__name__} neither scales its initial noise nor its model inputs "
+                            f"(init_noise_sigma, scale_model_input); use a pipeline that does (Stable Diffusion's), "
+                            f"tmpq sample {export_dir}, or a search with solvers ddim / dpm++ / unipc")
+        sched = CLASSES[solver].from_config(sampler["config"])
         sched.pin_timesteps(sampler["timesteps"], default_steps=_default_steps(pipeline_or_unet))
         pipeline_or_unet.scheduler = sched
         pipeline_or_unet.tmpq_timesteps = list(sampler["timesteps"])
@@ -150,6 +163,18 @@ def net_config_of(manifest: dict) -> dict:
     """The exported supernet config (an object; {} where an export has none)."""
     cfg = manifest.get("supernet_config")
     return cfg if isinstance(cfg, dict) else {}
+
+
+def _scales_inputs(pipeline) -> bool:
+    """Whether a pipeline's call applies ``init_noise_sigma`` and ``scale_model_input`` (read from its source; True
+    where the source cannot be read)."""
+    import inspect
+
+    try:
+        src = inspect.getsource(type(pipeline).__call__)
+    except (OSError, TypeError):
+        return True
+    return "init_noise_sigma" in src and "scale_model_input" in src
 
 
 def _default_steps(pipeline) -> int | None:
@@ -171,4 +196,6 @@ def load_export(export_dir: str | Path, device: str = "cpu", prompts=None):
     prompts = tuple(prompts or manifest.get("conditioning", {}).get("prompts") or ())
     m = load_model(ModelConfig(path=str(export_dir), prompts=prompts), device=device)
     apply_export(m.unet, export_dir)
-    return m.unet, make_scheduler(m.scheduler_config), list(manifest["sampler"]["timesteps"]), manifest
+    sampler = manifest["sampler"]
+    sched = make_scheduler(m.scheduler_config, sampler.get("solver", "ddim"), sampler.get("order"))
+    return m.unet, sched, list(sampler["timesteps"]), manifest

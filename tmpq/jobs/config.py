@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tmpq.core.errors import TmpqError
 from tmpq.core.model import ModelConfig
+from tmpq.core.solvers import parse_solver
 from tmpq.evaluators.candidate import ProxyConfig
 from tmpq.search.budget import FP_FRACTION, UNIFORM_OPTION
 from tmpq.search.engines import ENGINES
@@ -61,6 +62,9 @@ class SearchSection:
     # true: the weight size (MB) is a third objective beside the proxy and BitOPs (pymoo and optuna optimise all three;
     # the Pareto front of the run is then taken over the three); the paper EA and random search ignore it
     size_objective: bool = False
+    # the samplers the search may give a candidate: "ddim", "dpm++" (order 2; "dpm++-1" / "dpm++-3"), "unipc" (2;
+    # "unipc-1" / "unipc-3"), "euler", "heun"; more than one makes the solver a gene; empty = DDIM alone
+    solvers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -101,7 +105,7 @@ MINIMUM = {
 
 
 # lists that may be empty (an empty list means "none")
-EMPTY_OK = {"model.prompts", "search.step_choices", "supernet.exclude", "supernet.tie", "supernet.block_types"}
+EMPTY_OK = {"model.prompts", "search.solvers", "search.step_choices", "supernet.exclude", "supernet.tie", "supernet.block_types"}
 
 
 def _coerce(key: str, value, tp):
@@ -170,6 +174,13 @@ def _check(key: str, value):
     if key == "search.step_choices":
         if any(n < 1 for n in value) or len(set(value)) != len(value):
             raise TmpqError(f"{key}: must be distinct step counts >= 1, got {list(value)}")
+    if key == "search.solvers":
+        try:
+            pairs = [parse_solver(v) for v in value]
+        except TmpqError as exc:
+            raise TmpqError(f"{key}: {exc}") from None
+        if len(set(pairs)) != len(pairs):
+            raise TmpqError(f"{key}: repeated solver in {list(value)}")
     if key == "search.mutation_prob" and not 0 <= value <= 1:
         raise TmpqError(f"{key}: must be in [0, 1] (0 = the engine's default), got {value}")
     if key == "search.fixed_bits" and not UNIFORM_OPTION.fullmatch(value.strip().lower()):

@@ -15,6 +15,7 @@ from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import file_sha256, malformed, read_json, read_parquet
 from tmpq.core.model import ModelConfig, load_model, save_pipeline_dir
 from tmpq.core.sampler import make_scheduler
+from tmpq.core.solvers import CLASSES, STOCK, denoiser_calls, solver_of
 from tmpq.core.version import __version__
 from tmpq.deploy.bundle import EXPORT_FORMAT, EXPORT_JSON, EXPORT_VERSION, QUANT_FILE
 from tmpq.jobs.run import load_run
@@ -78,6 +79,7 @@ def export_candidate(run_path: str | Path, key: str, out: str | Path, command: s
     if row["bits"] and isinstance(row["bits"][0][0], (list, tuple)):
         raise TmpqError("export: per-time-group bits are not exportable yet (format v1 has one allocation)")
     timesteps = [int(t) for t in row["timesteps"]]
+    solver = solver_of(row)
     m = load_model(model_cfg)
     adapter = adapter_for(m.unet)
     conditioning = {"kind": adapter.kind(m.unet), "null_label": adapter.null_label(m.unet),
@@ -110,7 +112,7 @@ def export_candidate(run_path: str | Path, key: str, out: str | Path, command: s
     convertible = [n for n, mod in pinned.unet.named_modules()
                    if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)) and not any(
                        n == w or n == f"{w}.module" for w in wrapped)]
-    sched = make_scheduler(m.scheduler_config)
+    sched = make_scheduler(m.scheduler_config, *solver)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
     try:
         save_pipeline_dir(fp_unet, m.scheduler_config, tmp)
@@ -135,9 +137,8 @@ def export_candidate(run_path: str | Path, key: str, out: str | Path, command: s
                                    "final_n": int(r["n"])})
         manifest = {
             "format": EXPORT_FORMAT, "version": EXPORT_VERSION,
-            "sampler": {"class": "tmpq.core.sampler.RespacedDDIMScheduler", "base_class": "diffusers.DDIMScheduler",
-                        "config": dict(sched.config), "timesteps": timesteps, "eta": 0.0,
-                        "guidance_scale": m.guidance_scale},
+            "sampler": {**_sampler_classes(solver), "config": dict(sched.config), "timesteps": timesteps, "eta": 0.0,
+                        "guidance_scale": m.guidance_scale, "denoiser_calls": denoiser_calls(sched, timesteps)},
             "conditioning": conditioning,
             **({"decoder": decoder} if decoder is not None else {}),
             "layers": layers,
@@ -161,6 +162,15 @@ def export_candidate(run_path: str | Path, key: str, out: str | Path, command: s
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return json.loads((out / EXPORT_JSON).read_text())
+
+
+def _sampler_classes(solver: tuple[str, int]) -> dict:
+    """The export's sampler entry naming its classes (and, beyond DDIM, the solver and its order)."""
+    if solver == ("ddim", 1):  # as exports before solvers said
+        return {"class": "tmpq.core.sampler.RespacedDDIMScheduler", "base_class": "diffusers.DDIMScheduler"}
+    cls = CLASSES[solver[0]]
+    return {"class": f"{cls.__module__}.{cls.__name__}", "base_class": f"diffusers.{STOCK[solver[0]].__name__}",
+            "solver": solver[0], "order": solver[1]}
 
 
 def _json_default(o):

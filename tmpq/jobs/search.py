@@ -23,6 +23,7 @@ from tmpq.core.data import data_fingerprint
 from tmpq.core.fileio import atomic_write_bytes, malformed, read_json
 from tmpq.core.model import ModelConfig, load_model
 from tmpq.core.sampler import make_scheduler
+from tmpq.core.solvers import parse_solver
 from tmpq.evaluators.candidate import (
     PROXY_VERSION,
     CandidateEvaluator,
@@ -88,7 +89,7 @@ def run_fingerprint(cfg: RunConfig, model_fp: str) -> str:
                                   ("search", "mutation_prob", 0.0), ("proxy", "extractor", "auto"),
                                   ("proxy", "inception_weights", ""), ("supernet", "time_groups", 1),
                                   ("search", "uniform_seeds", True),
-                                  ("search", "size_objective", False)):
+                                  ("search", "size_objective", False), ("search", "solvers", [])):
         if config[section].get(key) == default:
             del config[section][key]
     # keys that came with the components' own config classes (issue 19): likewise, only when not at their defaults
@@ -139,7 +140,8 @@ def build_space(cfg: RunConfig, net, groups, step_groups=()):
     from dataclasses import replace
 
 
-    space = SearchSpace.from_supernet(net, groups, per_group_bits=cfg.search.per_group_bits, step_groups=step_groups)
+    space = SearchSpace.from_supernet(net, groups, per_group_bits=cfg.search.per_group_bits, step_groups=step_groups,
+                                      solvers=tuple(parse_solver(v) for v in cfg.search.solvers))
     space = space.restrict(cfg.search.axes, uniform_option(cfg.search.fixed_bits, "search.fixed_bits"))
     return replace(space, bitops_budget=budget_bitops(space, cfg.search.bitops_budget),
                    size_budget_mb=cfg.search.size_budget_mb or None)
@@ -214,7 +216,7 @@ def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=No
 
             for c in cands:
                 if c.key not in logged and c.key not in seen_now:
-                    todo.append(Task(c.key, c.timesteps, c.bits))
+                    todo.append(Task(c.key, c.timesteps, c.bits, c.solver, c.order))
                     seen_now.add(c.key)
             t0 = time.perf_counter()
             bar = tqdm(executor.map(todo), total=len(todo), desc=f"generation {gen + 1}/{cfg.search.generations}",
@@ -226,6 +228,7 @@ def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=No
                     objectives["bitops"] = space.bitops(cand)
                     objectives["size_mb"] = space.size_mb(cand)
                 res = EvalResult(key=task.key, status=out.status, timesteps=cand.timesteps, bits=cand.bits,
+                                 solver=cand.solver, order=cand.order,
                                  objectives=objectives, proxy=proxy_info, n_images=cfg.proxy.n_images,
                                  seed=cfg.proxy.seed, wall_s=round(out.wall_s, 3), worker=out.worker,
                                  error=out.error, generation=gen, origin=engine.name)

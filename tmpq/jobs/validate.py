@@ -24,6 +24,7 @@ from tmpq.core.fileio import atomic_write, atomic_write_bytes, read_parquet
 from tmpq.core.model import ModelConfig, load_model
 from tmpq.core.rowlog import RowLog, parse_row
 from tmpq.core.sampler import make_scheduler, sample_images
+from tmpq.core.solvers import solver_of
 from tmpq.evaluators.candidate import (
     check_reference,
     quality_reference,
@@ -93,12 +94,14 @@ def _model(run_cfg: dict):
     return load_model(ModelConfig(**run_cfg["model"]))
 
 
-def recalibrate_point(run_path: Path, key: str, timesteps, bits, cfg: ValidateConfig, progress: bool = True):
-    """A pinned supernet for exactly this allocation, calibrated on data along this schedule; returns (net, info)."""
+def recalibrate_point(run_path: Path, key: str, timesteps, bits, cfg: ValidateConfig, progress: bool = True,
+                      solver: tuple[str, int] = ("ddim", 1)):
+    """A pinned supernet for exactly this allocation, calibrated on data along this schedule with this solver;
+    returns (net, scheduler, info)."""
 
     m = _model(json.loads((run_path / "config.resolved.json").read_text()))
     teacher = frozen_copy(m.unet)
-    sched = make_scheduler(m.scheduler_config)
+    sched = make_scheduler(m.scheduler_config, *solver)
     meta, _ = read_supernet_file(run_path / "supernet.safetensors", tensors=False)
     base = SupernetConfig.from_json(meta["config"])
     over = {}
@@ -173,7 +176,8 @@ def validate_run(run_path: str | Path, cfg: ValidateConfig, progress: bool = Tru
         if progress:
             print(f"validate point {i + 1}/{len(points)} {key}: {len(p['timesteps'])} steps, proxy "
                   f"{p['fid_proxy']:.4g}, {p['bitops'] / 1e9:.3g} GBitOPs", flush=True)
-        net, sched, info = recalibrate_point(run.path, key, p["timesteps"], p["bits"], cfg, progress)
+        solver = solver_of(p)
+        net, sched, info = recalibrate_point(run.path, key, p["timesteps"], p["bits"], cfg, progress, solver)
         net.save(out / f"{key}.safetensors")
         for seed in todo:
             t0 = time.perf_counter()
@@ -188,7 +192,7 @@ def validate_run(run_path: str | Path, cfg: ValidateConfig, progress: bool = Tru
                         "kid": s.get("kid"), "kid_std": s.get("kid_std"), "timesteps": list(p["timesteps"]),
                         "bits": json.loads(json.dumps(p["bits"])), "bitops": float(p["bitops"]),
                         "fid_proxy": float(p["fid_proxy"]), "sample_s": round(time.perf_counter() - t0, 1),
-                        **info})
+                        **({"solver": solver[0], "order": solver[1]} if solver != ("ddim", 1) else {}), **info})
         _write_summary(run.path, log, settings, cfg)
     return _write_summary(run.path, log, settings, cfg)
 
@@ -224,6 +228,9 @@ def _write_summary(run_path: Path, log, settings: str, cfg: ValidateConfig):
     first = df.drop_duplicates("key").set_index("key")
     agg["timesteps"] = [first.loc[k, "timesteps"] for k in agg["key"]]
     agg["bits"] = [first.loc[k, "bits"] for k in agg["key"]]
+    if "solver" in first:  # points of a run with a solver gene
+        agg["solver"] = [solver_of(first.loc[k])[0] for k in agg["key"]]
+        agg["order"] = [solver_of(first.loc[k])[1] for k in agg["key"]]
     agg["n"] = cfg.n
     agg = agg.sort_values("bitops").reset_index(drop=True)
     atomic_write(run_path / "final.parquet", lambda f: agg.to_parquet(f, index=False))
