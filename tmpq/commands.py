@@ -38,6 +38,7 @@ from tmpq.jobs.run import load_run
 from tmpq.jobs.search import run_search
 from tmpq.jobs.train import DenoiserTrainConfig, train_denoiser
 from tmpq.jobs.validate import ValidateConfig, validate_run
+from tmpq.search.stepsel import optimal_schedules
 from tmpq.supernet import QuantSupernet, SupernetConfig
 from tmpq.supernet.calib_data import CalibrationConfig, calibrate_to_file
 
@@ -60,15 +61,18 @@ def _parse_int_list(text: str, what: str) -> list[int]:
     return vals
 
 
-def _schedules(args: argparse.Namespace, num_train_timesteps: int) -> list[tuple[str, tuple[int, ...]]]:
-    """(label, timesteps) pairs from --timesteps, or from every --schedule x --steps combination."""
+def _schedules(args: argparse.Namespace, m) -> list[tuple[str, tuple[int, ...]]]:
+    """(label, timesteps) pairs from --timesteps, or from every --schedule x --steps combination; ``dp``: the optimal
+    steps of the model ``m`` by dynamic programming over its FP teacher trajectory (tmpq.search.stepsel)."""
 
     if getattr(args, "timesteps", None):
-        ts = validate_timesteps(_parse_int_list(args.timesteps, "timesteps"), num_train_timesteps)
+        ts = validate_timesteps(_parse_int_list(args.timesteps, "timesteps"), m.num_train_timesteps)
         return [("custom", ts)]
     names = [s for s in args.schedule.replace(" ", "").split(",") if s]
     steps = _parse_int_list(str(args.steps), "steps")
-    return [(name, make_timesteps(name, n, num_train_timesteps)) for name in names for n in steps]
+    dp = optimal_schedules(m.unet, m.scheduler_config, steps, guidance_scale=m.guidance_scale) if "dp" in names else {}
+    return [(name, dp[n] if name == "dp" else make_timesteps(name, n, m.num_train_timesteps))
+            for name in names for n in steps]
 
 
 def _set_threads(n: int) -> None:
@@ -94,7 +98,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
             raise TmpqError("sample: an export brings its own sampler; --solver / --order do not apply")
     else:
         m = load_model(_model_config(args))
-        (label, ts), *rest = _schedules(args, m.num_train_timesteps)
+        (label, ts), *rest = _schedules(args, m)
         if rest:
             raise TmpqError("sample: give one schedule and one step count")
         unet, sched, guidance = m.unet, _solver(args, m.scheduler_config), m.guidance_scale
@@ -127,7 +131,7 @@ def cmd_fid(args: argparse.Namespace) -> None:
     if args.n < 2:
         raise TmpqError(f"--n: must be >= 2 for FID, got {args.n}")
     m = load_model(_model_config(args))
-    schedules = _schedules(args, m.num_train_timesteps)
+    schedules = _schedules(args, m)
     extractor = make_extractor(args.extractor, args.inception_weights)
     ref = _build_reference(args, extractor, (m.image_channels,))
     scheduler = _solver(args, m.scheduler_config)
