@@ -169,7 +169,7 @@ class RayExecutor:
 
     def __init__(self, factory: Callable[[], object], workers: int = 2, threads_per_worker: int = 1,
                  timeout_s: float = 600.0, retries: int = 1, address: str = "", temp_dir: str | None = None,
-                 start_timeout_s: float | None = None):
+                 start_timeout_s: float | None = None, gpus_per_worker: float = 0.0):
         try:
             import ray
         except ImportError as exc:  # pragma: no cover - ray is a dependency
@@ -199,7 +199,11 @@ class RayExecutor:
                 raise TmpqError(f"executor.address: cannot start or join Ray at {address or 'local'}: "
                                 f"{_first_line(exc) or type(exc).__name__}{hint}") from None
             self._owns_ray = True
-        self._Worker = ray.remote(num_cpus=threads_per_worker, max_restarts=0, max_task_retries=0)(_RayWorker)
+        # GPU actors (gpus_per_worker > 0, fractional shares one GPU between actors): Ray sets each actor's
+        # CUDA_VISIBLE_DEVICES, so its evaluator's device "auto" / "cuda" is the GPU it was given
+        gpus = {"num_gpus": gpus_per_worker} if gpus_per_worker > 0 else {}
+        self._Worker = ray.remote(num_cpus=threads_per_worker, max_restarts=0, max_task_retries=0,
+                                  **gpus)(_RayWorker)
         self.actors: list = [None] * workers
         self.names = ["ray"] * workers
         self._starting: dict = {}  # ping ref -> (slot, t0)

@@ -124,6 +124,9 @@ class QuantSupernet(nn.Module):
             g = gene_of_key[key]
             self.genes[g] = self.genes[g] + (name,)
         self._gene_of = {n: g for g, names in enumerate(self.genes) for n in names}
+        device = next(unet.parameters()).device
+        if device.type != "cpu":  # the new quantizers join the denoiser on its device
+            self.to(device)
         self.infos = self._profile()
         self._calibrated = False
         # timestep groups: group g holds the calibration timesteps t with time_starts[g-1] <= t < time_starts[g];

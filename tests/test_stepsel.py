@@ -11,7 +11,12 @@ import pytest
 from tests.conftest import tiny_unet
 from tmpq.core.errors import TmpqError
 from tmpq.core.model import embedded_scheduler_config
-from tmpq.search.stepsel import dp_path, optimal_schedules, teacher_trajectory, transition_costs
+from tmpq.search.stepsel import (
+    dp_path,
+    optimal_schedules,
+    teacher_trajectory,
+    transition_costs,
+)
 
 
 def test_the_dynamic_programme_finds_the_cheapest_path():

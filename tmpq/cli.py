@@ -38,7 +38,13 @@ def _add_model_and_schedule(q: argparse.ArgumentParser, steps_default: str, many
                    "(default: ddim; an export's own)")
     q.add_argument("--order", type=int, default=None, help="solver order: dpm++ and unipc 1-3 (default 2)")
     q.add_argument("--batch-size", type=int, default=256, help="images per UNet batch (default: %(default)s)")
+    _add_device(q)
     _add_threads(q)
+
+
+def _add_device(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N (default: "
+                   "%(default)s)")
 
 
 def _add_prompt(q: argparse.ArgumentParser) -> None:
@@ -196,6 +202,7 @@ def _parser_search(sub) -> None:
                     help="override search.engine")
     se.add_argument("--executor", default=None, choices=("local", "ray"), help="override executor.kind")
     se.add_argument("--ray-address", default=None, help="join a Ray cluster: auto or HOST:PORT (implies --executor ray)")
+    se.add_argument("--device", default=None, help="override executor.device: auto, cpu, cuda or cuda:N")
     se.add_argument("--run-dir", default="results/runs/default", help="new run directory (default: %(default)s)")
     se.add_argument("--resume", default=None, metavar="RUN", help="resume the run in directory RUN")
     se.add_argument("--threads", type=int, default=2, help="torch CPU threads of the driver (default: %(default)s)")

@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from tmpq.core.adapters import decoder_cost, set_conditioning
+from tmpq.core.devices import resolve_device
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import malformed, read_json
 from tmpq.core.grid import save_grid
@@ -90,14 +91,15 @@ def cmd_sample(args: argparse.Namespace) -> None:
         if args.model:
             raise TmpqError("sample: give an export directory or --model, not both")
 
-        unet, sched, ts, manifest = load_export(args.export, prompts=args.prompt)
+        unet, sched, ts, manifest = load_export(args.export, device=resolve_device(args.device, "--device"),
+                                                prompts=args.prompt)
         label, guidance = "exported", float(manifest["sampler"].get("guidance_scale", 1.0))
         if args.timesteps:
             raise TmpqError("sample: an export brings its own searched timesteps; --timesteps does not apply")
         if args.solver or args.order:
             raise TmpqError("sample: an export brings its own sampler; --solver / --order do not apply")
     else:
-        m = load_model(_model_config(args))
+        m = load_model(_model_config(args), device=resolve_device(args.device, "--device"))
         (label, ts), *rest = _schedules(args, m)
         if rest:
             raise TmpqError("sample: give one schedule and one step count")
@@ -130,7 +132,7 @@ def cmd_fid(args: argparse.Namespace) -> None:
     _set_threads(args.threads)
     if args.n < 2:
         raise TmpqError(f"--n: must be >= 2 for FID, got {args.n}")
-    m = load_model(_model_config(args))
+    m = load_model(_model_config(args), device=resolve_device(args.device, "--device"))
     schedules = _schedules(args, m)
     extractor = make_extractor(args.extractor, args.inception_weights)
     ref = _build_reference(args, extractor, (m.image_channels,))
@@ -264,9 +266,13 @@ def cmd_search(args: argparse.Namespace) -> None:
     overrides = {}
     if args.engine:
         overrides["search"] = dataclasses.replace(cfg.search, engine=args.engine)
+    executor = {}
     if args.executor or args.ray_address:
-        overrides["executor"] = dataclasses.replace(cfg.executor, kind=args.executor or "ray",
-                                                    address=args.ray_address or cfg.executor.address)
+        executor.update(kind=args.executor or "ray", address=args.ray_address or cfg.executor.address)
+    if args.device:
+        executor["device"] = args.device
+    if executor:
+        overrides["executor"] = dataclasses.replace(cfg.executor, **executor)
     cfg = config_from_dict({**cfg.to_dict(), **{k: dataclasses.asdict(v) for k, v in overrides.items()}})
     _set_threads(args.threads)
     run_path = Path(args.resume) if args.resume else Path(args.run_dir)

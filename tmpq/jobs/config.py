@@ -13,6 +13,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tmpq.core.devices import check_device_name
 from tmpq.core.errors import TmpqError
 from tmpq.core.model import ModelConfig
 from tmpq.core.solvers import parse_solver
@@ -70,6 +71,11 @@ class SearchSection:
 @dataclass(frozen=True)
 class ExecutorSection:
     kind: str = "local"
+    # where the model, the supernet and the sampling run: auto (CUDA when the machine has it), cpu, cuda, cuda:N;
+    # resolved by each worker on its own machine
+    device: str = "auto"
+    # Ray: GPUs each evaluation actor asks for (fractional: 0.25 puts four actors on one GPU); 0 = CPU actors
+    gpus_per_worker: float = 0.0
     address: str = ""
     workers: int = 2
     threads_per_worker: int = 1
@@ -174,6 +180,10 @@ def _check(key: str, value):
     if key == "search.step_choices":
         if any(n < 1 for n in value) or len(set(value)) != len(value):
             raise TmpqError(f"{key}: must be distinct step counts >= 1, got {list(value)}")
+    if key == "executor.device":
+        check_device_name(value, key)
+    if key == "executor.gpus_per_worker" and not 0 <= value:
+        raise TmpqError(f"{key}: must be >= 0, got {value}")
     if key == "search.solvers":
         try:
             pairs = [parse_solver(v) for v in value]

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tmpq.core.data import data_fingerprint
+from tmpq.core.devices import resolve_device
 from tmpq.core.fileio import atomic_write_bytes, malformed, read_json
 from tmpq.core.model import ModelConfig, load_model
 from tmpq.core.sampler import make_scheduler
@@ -56,10 +57,12 @@ class WorkerSpec:
     proxy: dict
     threads: int = 1
     companions: bool = True  # paired_feat / paired_pixel_mse beside a fid proxy (costs the FP teacher's sampling)
+    device: str = "cpu"  # executor.device, resolved by the worker on its own machine
 
     def __call__(self):
         torch.set_num_threads(self.threads)
-        m = load_model(ModelConfig(**self.model) if isinstance(self.model, dict) else self.model)
+        m = load_model(ModelConfig(**self.model) if isinstance(self.model, dict) else self.model,
+                       device=resolve_device(self.device))
         net = QuantSupernet.from_file(m.unet, self.supernet_file)
         ext = scoring_extractor(m.image_channels, self.proxy.get("extractor", "auto"),
                                 self.proxy.get("inception_weights", ""))
@@ -157,7 +160,7 @@ def calibrate_to_file(cfg: RunConfig, m, net, sn_file: Path, progress: bool = Tr
 def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=None, progress: bool = True) -> RunDir:
     """Run (or resume) a search; returns the run directory. ``executor`` overrides the configured one (tests)."""
 
-    m = load_model(cfg.model)
+    m = load_model(cfg.model, device=resolve_device(cfg.executor.device))
     check_proxy(cfg, m.image_channels)
     groups, step_groups = _time_groups(cfg, m, run_path if resume else None)  # before wrapping: profiles the FP model
     net = QuantSupernet(m.unet, cfg.supernet)
@@ -180,11 +183,12 @@ def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=No
     if executor is None:
         # a fid-proxy search logs no paired companions: they would cost every worker the FP teacher's 100 steps
         spec = WorkerSpec(dataclasses.asdict(cfg.model), str(sn_file.resolve()), proxy,
-                          cfg.executor.threads_per_worker, companions=False)
+                          cfg.executor.threads_per_worker, companions=False, device=cfg.executor.device)
         if cfg.executor.kind == "ray":
             executor = RayExecutor(spec, workers=cfg.executor.workers, threads_per_worker=cfg.executor.threads_per_worker,
                                    timeout_s=cfg.executor.timeout_s, retries=cfg.executor.retries,
-                                   address=cfg.executor.address, temp_dir=str(run.path / "ray"))
+                                   address=cfg.executor.address, temp_dir=str(run.path / "ray"),
+                                   gpus_per_worker=cfg.executor.gpus_per_worker)
             # every actor builds its evaluator before the first generation (bounded by its start timeout; an actor
             # that cannot is given up), so the work spreads over all of them instead of running on whichever came
             # up first (a joined cluster's second node can take much longer)
