@@ -293,6 +293,14 @@ def _parser_pareto(sub) -> None:
     pa.add_argument("run", help="run directory")
 
 
+def _parser_status(sub) -> None:
+    st = sub.add_parser("status", help="where a running or finished search stands (read-only)",
+                        description="Evaluations done and failed, time and best proxy per generation, the front's best "
+                                    "points and the age of the log, of a run directory (local or on shared storage).")
+    st.add_argument("run", help="run directory")
+    st.add_argument("--json", action="store_true", help="print the status as JSON")
+
+
 def _parser_ref_stats(sub) -> None:
     r = sub.add_parser("ref-stats", help="save reference statistics of the embedded digits (.npz + .json sidecar)",
                        description="Compute feature statistics of the real embedded digits and save them in "
@@ -311,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for add in (_parser_train, _parser_train_classifier, _parser_sample, _parser_fid, _parser_profile,
                 _parser_calibrate, _parser_search, _parser_validate, _parser_run, _parser_speed, _parser_report,
-                _parser_export, _parser_pareto, _parser_ref_stats):  # one small function per command
+                _parser_export, _parser_pareto, _parser_status, _parser_ref_stats):  # one small function per command
         add(sub)
     return p
 

@@ -35,7 +35,7 @@ from tmpq.jobs.config import config_from_dict, load_config
 from tmpq.jobs.export import export_candidate
 from tmpq.jobs.main import MainJobConfig, main_job
 from tmpq.jobs.report import write_report
-from tmpq.jobs.run import load_run
+from tmpq.jobs.run import load_run, run_status
 from tmpq.jobs.search import run_search
 from tmpq.jobs.train import DenoiserTrainConfig, train_denoiser
 from tmpq.jobs.validate import ValidateConfig, validate_run
@@ -366,6 +366,22 @@ def cmd_pareto(args: argparse.Namespace) -> None:
         print(front[cols].to_string(index=False))
 
 
+def cmd_status(args: argparse.Namespace) -> None:
+    st = run_status(load_run(args.run))
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return
+    age = "" if st["last_write_s_ago"] is None else f", log written {st['last_write_s_ago']:.0f} s ago"
+    print(f"{st['run']}: {st['engine']}, generation {st['generations_logged']}/{st['generations']} logged, "
+          f"{st['evaluations']} evaluations ({st['failed']} failed), front {st['front_size']}; {st['state']}{age}")
+    for g in st["per_generation"]:
+        print(f"  generation {g['generation'] + 1}: {g['evaluations']} evaluations ({g['failed']} failed), "
+              f"{g['eval_s']:.0f} evaluation-s, best proxy so far {g['best_proxy']:.4g}")
+    if st["best"]:
+        print("best points (lowest proxy on the front):")
+        print(pd.DataFrame(st["best"]).to_string(index=False))
+
+
 def _command_line() -> str:
     return "tmpq " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
@@ -373,4 +389,4 @@ def _command_line() -> str:
 COMMANDS = {"train": cmd_train, "train-classifier": cmd_train_classifier, "sample": cmd_sample, "fid": cmd_fid,
             "profile": cmd_profile, "calibrate": cmd_calibrate, "search": cmd_search, "validate": cmd_validate,
             "run": cmd_run, "speed": cmd_speed, "report": cmd_report, "export": cmd_export, "pareto": cmd_pareto,
-            "ref-stats": cmd_ref_stats}
+            "status": cmd_status, "ref-stats": cmd_ref_stats}

@@ -8,6 +8,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import time
 from pathlib import Path
 
 from tmpq.core.fileio import malformed, read_json
@@ -55,6 +56,36 @@ class Run:
         (proxy and BitOPs, plus size_mb when it searched with ``search.size_objective``)."""
 
         return pareto_frame(self.evaluations, objectives or self._objectives)
+
+
+def run_status(run: Run) -> dict:
+    """Where a running or finished search stands (read-only): evaluations done and failed, per generation (count,
+    failures, evaluation seconds summed over workers, best proxy so far), the front's best points, and how long ago
+    the log was last written."""
+    cfg = run.config
+    ev = run.evaluations
+    gens = int(cfg.get("search", {}).get("generations", 0))
+    per_gen = []
+    best = float("inf")
+    for g in sorted(ev["generation"].unique()) if len(ev) else []:
+        rows = ev[ev["generation"] == g]
+        ok = rows[rows["status"] == "ok"]
+        if len(ok):
+            best = min(best, float(ok["fid_proxy"].min()))
+        per_gen.append({"generation": int(g), "evaluations": int(len(rows)),
+                        "failed": int((rows["status"] != "ok").sum()), "eval_s": round(float(rows["wall_s"].sum()), 1),
+                        "best_proxy": best})
+    front = run.pareto()
+    cols = [c for c in ("key", "fid_proxy", "bitops", "steps", "solver") if c in front]
+    log = run.path / "evaluations.jsonl"
+    age = time.time() - log.stat().st_mtime if log.is_file() else None
+    done = len(per_gen) >= gens > 0 and per_gen[-1]["generation"] == gens - 1
+    return {"run": str(run.path), "engine": cfg.get("search", {}).get("engine"), "generations": gens,
+            "generations_logged": len(per_gen), "evaluations": int(len(ev)),
+            "failed": int((ev["status"] != "ok").sum()) if len(ev) else 0, "per_generation": per_gen,
+            "front_size": int(len(front)), "best": front.sort_values("fid_proxy")[cols].head(5).to_dict("records")
+            if len(front) else [], "last_write_s_ago": None if age is None else round(age, 1),
+            "state": "finished" if done else "running or stopped"}
 
 
 def load_run(path: str | Path) -> Run:
