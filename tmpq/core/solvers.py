@@ -77,6 +77,15 @@ class Respaced:
         ts = [int(t) if isinstance(t, torch.Tensor) else t for t in timesteps]
         return list(validate_timesteps(ts, self.config.num_train_timesteps))
 
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps: Sequence[int] | None = None,
+                      **kwargs):
+        """The schedulers with a ``timesteps=`` argument of their own (DPM-Solver++, Euler) take the schedule there;
+        the others override this."""
+        ts = self._schedule(num_inference_steps, timesteps)
+        if ts is None:
+            return super().set_timesteps(num_inference_steps, device=device, **kwargs)
+        return super().set_timesteps(device=device, timesteps=ts)
+
     def schedule_timesteps(self) -> list[int]:
         """The distinct timesteps installed (a 2nd-order solver visits most of them twice)."""
         return list(dict.fromkeys(int(round(float(t))) for t in self.timesteps))
@@ -101,7 +110,7 @@ class RespacedDDIMScheduler(Respaced, DDIMScheduler):
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps: Sequence[int] | None = None):
         ts = self._schedule(num_inference_steps, timesteps)
         if ts is None:
-            super().set_timesteps(num_inference_steps, device=device)
+            DDIMScheduler.set_timesteps(self, num_inference_steps, device=device)
             ts = list(validate_timesteps([int(t) for t in self.timesteps], self.config.num_train_timesteps))
         self.num_inference_steps = len(ts)
         self.timesteps = torch.tensor(ts, dtype=torch.int64, device=device)
@@ -157,13 +166,6 @@ class RespacedDPMSolverScheduler(Respaced, DPMSolverMultistepScheduler):
 
     solver = "dpm++"
 
-    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps: Sequence[int] | None = None,
-                      **kwargs):
-        ts = self._schedule(num_inference_steps, timesteps)
-        if ts is None:
-            return super().set_timesteps(num_inference_steps, device=device, **kwargs)
-        return super().set_timesteps(device=device, timesteps=ts)
-
 
 class RespacedUniPCScheduler(Respaced, UniPCMultistepScheduler):
     """UniPC (``UniPCMultistepScheduler``) on any schedule: diffusers' UniPC takes no custom timesteps, so the
@@ -177,12 +179,12 @@ class RespacedUniPCScheduler(Respaced, UniPCMultistepScheduler):
                       **kwargs):
         ts = self._schedule(num_inference_steps, timesteps)
         if ts is None:
-            return super().set_timesteps(num_inference_steps, device=device, **kwargs)
+            return UniPCMultistepScheduler.set_timesteps(self, num_inference_steps, device=device, **kwargs)
         cfg = self.config
         if cfg.use_karras_sigmas or cfg.use_exponential_sigmas or cfg.use_beta_sigmas or cfg.use_flow_sigmas:
             raise TmpqError("unipc: a custom schedule needs the scheduler's plain sigmas (no karras / exponential / "
                             "beta / flow sigmas)")
-        super().set_timesteps(len(ts), device=device)
+        UniPCMultistepScheduler.set_timesteps(self, len(ts), device=device)
         sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
         sigmas = np.interp(np.array(ts, dtype=np.float64), np.arange(0, len(sigmas)), sigmas)
         last = 0.0 if cfg.final_sigmas_type == "zero" else float(((1 - self.alphas_cumprod[0])
@@ -202,13 +204,6 @@ class RespacedEulerScheduler(Respaced, EulerDiscreteScheduler):
 
     solver = "euler"
 
-    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps: Sequence[int] | None = None,
-                      **kwargs):
-        ts = self._schedule(num_inference_steps, timesteps)
-        if ts is None:
-            return super().set_timesteps(num_inference_steps, device=device, **kwargs)
-        return super().set_timesteps(device=device, timesteps=ts)
-
 
 class RespacedHeunScheduler(Respaced, HeunDiscreteScheduler):
     """Heun's 2nd-order method in sigma (``HeunDiscreteScheduler``) on any schedule."""
@@ -219,8 +214,9 @@ class RespacedHeunScheduler(Respaced, HeunDiscreteScheduler):
                       timesteps: Sequence[int] | None = None):
         ts = self._schedule(num_inference_steps, timesteps)
         if ts is None:
-            return super().set_timesteps(num_inference_steps, device=device, num_train_timesteps=num_train_timesteps)
-        return super().set_timesteps(device=device, timesteps=ts)
+            return HeunDiscreteScheduler.set_timesteps(self, num_inference_steps, device=device,
+                                                       num_train_timesteps=num_train_timesteps)
+        return HeunDiscreteScheduler.set_timesteps(self, device=device, timesteps=ts)
 
 
 CLASSES = {"ddim": RespacedDDIMScheduler, "dpm++": RespacedDPMSolverScheduler, "unipc": RespacedUniPCScheduler,
