@@ -69,7 +69,7 @@ def run_pins(args) -> dict:
     measured with one set of activation ranges for all timesteps, the default before supernet.time_groups, now 4;
     pinned so that its committed runs resume and its report reproduces)."""
     pins = {"supernet": {"time_groups": args.time_groups}}
-    if (args.model, args.guidance) != ("embedded", 1.0):  # another model: its own [model] section
+    if (getattr(args, "model", "embedded"), getattr(args, "guidance", 1.0)) != ("embedded", 1.0):  # another model
         pins["model"] = {"path": args.model, "guidance_scale": args.guidance}
     return pins
 
@@ -332,7 +332,8 @@ def write_report(args, log: RowLog) -> None:
     out = Path(args.out)
     rows = list(log.rows.values())
     lines = ["# Search benchmark (issue 4)", "", *findings(out),
-             ("Embedded model" if args.model == "embedded" else f"Model `{args.model}`, guidance {args.guidance}")
+             ("Embedded model" if getattr(args, "model", "embedded") == "embedded"
+              else f"Model `{args.model}`, guidance {args.guidance}")
              + "; searches pick the step count from "
              f"{', '.join(map(str, args.step_choices or [args.steps]))} (reference {args.steps} steps; {args.grouping} "
              "time groups unless stated), supernet "
