@@ -74,3 +74,19 @@ def tiny_model_dir(tmp_path: Path) -> Path:
     out = tmp_path / "tiny-ddpm"
     save_pipeline_dir(tiny_unet(), embedded_scheduler_config(), out)
     return out
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """``tmpq ARGV`` in this process (no interpreter start, no second torch import): (exit status, stdout, stderr).
+    The torch thread count the command sets is restored afterwards."""
+    import torch
+
+    from tmpq.cli import main
+
+    threads = torch.get_num_threads()
+    try:
+        code = main([str(a) for a in argv])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr()
+    return code, out.out, out.err

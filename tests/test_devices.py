@@ -3,12 +3,11 @@ is one line, and the executor's GPU settings are checked."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from tests.conftest import run_cli
 from tests.test_search_service import tiny_cfg
 from tmpq.core.devices import resolve_device
 from tmpq.core.errors import TmpqError
@@ -31,7 +30,7 @@ def test_device_names_resolve_or_fail_in_one_line():
 
 
 @no_cuda
-def test_cpu_and_auto_give_the_same_front_and_cuda_is_refused(tiny_model_dir, tmp_path):
+def test_cpu_and_auto_give_the_same_front_and_cuda_is_refused(tiny_model_dir, tmp_path, capsys):
     import dataclasses
 
     def rows(device: str):
@@ -43,9 +42,9 @@ def test_cpu_and_auto_give_the_same_front_and_cuda_is_refused(tiny_model_dir, tm
 
     cpu = rows("cpu")
     assert cpu == rows("auto") and len(cpu) == 6
-    res = subprocess.run([sys.executable, "-m", "tmpq", "sample", "--model", str(tiny_model_dir), "--device", "cuda",
-                          "--n", "2", "--out", str(tmp_path / "g.png")], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith(
+    code, _, err = run_cli(["sample", "--model", tiny_model_dir, "--device", "cuda", "--n", "2", "--out",
+                            tmp_path / "g.png"], capsys)
+    assert code == 2 and err.strip().splitlines()[-1].startswith(
         "tmpq: error: --device: cuda requested, but this machine has no CUDA device")
     with pytest.raises(TmpqError, match="executor.device: cuda requested"):
         cfg = tiny_cfg(tiny_model_dir, generations=1)

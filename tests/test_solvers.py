@@ -92,22 +92,20 @@ def test_solver_errors_are_one_line_and_a_pinned_schedule_serves_every_solver():
             s.set_timesteps(7)
 
 
-def test_tmpq_fid_and_sample_take_a_solver(tmp_path, tiny_model_dir):
+def test_tmpq_fid_and_sample_take_a_solver(tmp_path, tiny_model_dir, capsys):
     import json
-    import subprocess
-    import sys
 
-    model = tiny_model_dir
-    res = subprocess.run([sys.executable, "-m", "tmpq", "fid", "--model", str(model), "--solver", "dpm++", "--order",
-                          "3", "--steps", "4", "--schedule", "uniform", "--n", "8", "--extractor", "random", "--out",
-                          str(tmp_path / "f.json")], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
+    from tests.conftest import run_cli
+
+    code, out, err = run_cli(["fid", "--model", tiny_model_dir, "--solver", "dpm++", "--order", "3", "--steps", "4",
+                              "--schedule", "uniform", "--n", "8", "--extractor", "random", "--out",
+                              tmp_path / "f.json"], capsys)
+    assert code == 0, err
     row = json.loads((tmp_path / "f.json").read_text())["rows"][0]
-    assert (row["solver"], row["order"], row["steps"]) == ("dpm++", 3, 4) and "dpm++-3" in res.stdout
-    res = subprocess.run([sys.executable, "-m", "tmpq", "sample", "--model", str(model), "--solver", "heun", "--steps",
-                          "3", "--n", "2", "--out", str(tmp_path / "h.png")], capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0 and (tmp_path / "h.png").is_file(), res.stderr
-    res = subprocess.run([sys.executable, "-m", "tmpq", "sample", "--model", str(model), "--solver", "rk4", "--out",
-                          str(tmp_path / "x.png")], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].startswith("tmpq: error: solver: unknown 'rk4'")
+    assert (row["solver"], row["order"], row["steps"]) == ("dpm++", 3, 4) and "dpm++-3" in out
+    code, out, err = run_cli(["sample", "--model", tiny_model_dir, "--solver", "heun", "--steps", "3", "--n", "2",
+                              "--out", tmp_path / "h.png"], capsys)
+    assert code == 0 and (tmp_path / "h.png").is_file(), err
+    code, out, err = run_cli(["sample", "--model", tiny_model_dir, "--solver", "rk4", "--out", tmp_path / "x.png"],
+                             capsys)
+    assert code == 2 and err.strip().splitlines()[-1].startswith("tmpq: error: solver: unknown 'rk4'")

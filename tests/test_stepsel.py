@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import itertools
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -50,8 +48,9 @@ def test_optimal_schedules_beat_uniform_subsets_of_the_grid_on_their_own_cost():
         assert path_cost(idx) <= path_cost(uniform) + 1e-12
 
 
-def test_tmpq_sample_takes_the_dp_schedule(tmp_path, tiny_model_dir):
-    res = subprocess.run([sys.executable, "-m", "tmpq", "sample", "--model", str(tiny_model_dir), "--schedule", "dp",
-                          "--steps", "4", "--n", "2", "--out", str(tmp_path / "g.png")], capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0 and "dp schedule, timesteps [990," in res.stdout, res.stdout + res.stderr
+def test_tmpq_sample_takes_the_dp_schedule(tmp_path, tiny_model_dir, capsys):
+    from tests.conftest import run_cli
+
+    code, out, err = run_cli(["sample", "--model", tiny_model_dir, "--schedule", "dp", "--steps", "4", "--n", "2",
+                              "--out", tmp_path / "g.png"], capsys)
+    assert code == 0 and "dp schedule, timesteps [990," in out, out + err

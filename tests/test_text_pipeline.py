@@ -142,19 +142,20 @@ def test_prompts_are_checked_in_one_line(tmp_path):
         sample_images(m.unet, make_scheduler(m.scheduler_config), [500, 0], 1, progress=False)
 
 
-def test_tmpq_calibrate_takes_prompts_and_guidance(tmp_path):
+def test_tmpq_calibrate_takes_prompts_and_guidance(tmp_path, capsys):
     """``tmpq calibrate`` conditions a text model on the given prompts and, with guidance, calibrates both passes
     (every captured input twice: with its prompt and with the empty prompt)."""
+    from tests.conftest import run_cli
+
     tiny_sd(tmp_path / "sd", tmp_path)
     out = tmp_path / "sn.safetensors"
-    res = subprocess.run([sys.executable, "-m", "tmpq", "calibrate", "--model", str(tmp_path / "sd"), "--prompt",
-                          PROMPTS[0], "--prompt", PROMPTS[1], "--guidance", "2", "--w-bits", "8", "--a-bits", "8",
-                          "--calib-steps", "2", "--calib-per-step", "2", "--sampler-steps", "4", "--out", str(out)],
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
+    code, _, err = run_cli(["calibrate", "--model", tmp_path / "sd", "--prompt", PROMPTS[0], "--prompt", PROMPTS[1],
+                            "--guidance", "2", "--w-bits", "8", "--a-bits", "8", "--calib-steps", "2",
+                            "--calib-per-step", "2", "--sampler-steps", "4", "--out", out], capsys)
+    assert code == 0, err
     side = json.loads(out.with_name(out.name + ".json").read_text())
     assert side["model"]["prompts"] == PROMPTS[:2] and side["model"]["guidance_scale"] == 2.0
     assert side["calib_pairs"] == 2 * 2 * 2
-    res = subprocess.run([sys.executable, "-m", "tmpq", "calibrate", "--model", str(tmp_path / "sd"), "--guidance",
-                          "2", "--out", str(tmp_path / "x.safetensors")], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 2 and "is text-conditional: give prompts" in res.stderr.strip().splitlines()[-1]
+    code, _, err = run_cli(["calibrate", "--model", tmp_path / "sd", "--guidance", "2", "--out",
+                            tmp_path / "x.safetensors"], capsys)
+    assert code == 2 and "is text-conditional: give prompts" in err.strip().splitlines()[-1]
