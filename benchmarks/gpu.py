@@ -116,9 +116,9 @@ def part_agreement(args, log: RowLog, sn: Path) -> None:
 def part_sampling(args, log: RowLog, sn: Path) -> None:
     ts = make_timesteps("quad", 10)
     n = args.sample_n
+    sched = None
 
     def timed(unet, dtype=None):
-        sched = make_scheduler(load_model(None).scheduler_config)
         runs = []
         for _ in range(3):
             _sync(args.device)
@@ -133,6 +133,7 @@ def part_sampling(args, log: RowLog, sn: Path) -> None:
         if log.has(kind="sampling", name=name):
             continue
         m = load_model(None, device=args.device)
+        sched = sched or make_scheduler(m.scheduler_config)
         unet, dtype = m.unet, (torch.bfloat16 if name == "bf16" else None)
         if name.startswith("fakequant"):
             net = QuantSupernet.from_file(m.unet, sn)

@@ -25,9 +25,12 @@ from tmpq.core.adapters import adapter_for, sample_shape
 from tmpq.core.model import ModelConfig, load_model
 from tmpq.core.sampler import make_scheduler, sample_images
 from tmpq.core.schedules import make_timesteps
-from tmpq.evaluators.classifier import class_accuracy
 from tmpq.evaluators.features import make_extractor
-from tmpq.evaluators.quality import digit_labels, embedded_reference, score_features
+from tmpq.evaluators.quality import (
+    digit_class_accuracy,
+    embedded_reference,
+    score_features,
+)
 from tmpq.supernet import QuantSupernet, SupernetConfig
 from tmpq.supernet.calib_data import make_calib_data
 
@@ -66,9 +69,9 @@ def model_config(args) -> ModelConfig:
 def quality(unet, imgs, ext, ref) -> dict:
     """FID (KID) of ``imgs`` and, for a digit class model, their class accuracy (balanced labels)."""
     row = score_features(ext(imgs), ref)
-    labels = digit_labels(unet, len(imgs))
-    if labels is not None:
-        row["class_accuracy"] = class_accuracy(imgs, labels)
+    acc = digit_class_accuracy(unet, imgs)
+    if acc is not None:
+        row["class_accuracy"] = acc
     return row
 
 

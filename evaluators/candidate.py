@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tmpq.core.cost import DEFAULT_SOLVER
 from tmpq.core.errors import TmpqError
 from tmpq.core.sampler import make_scheduler, sample_images
 from tmpq.core.schedules import SCHEDULES, make_timesteps
@@ -119,7 +120,7 @@ class CandidateEvaluator:
 
     def solver(self, solver: tuple[str, int] | None):
         """The scheduler of ``solver`` ((name, order); None: the evaluator's own, DDIM), built once."""
-        if solver is None or tuple(solver) == ("ddim", 1):
+        if solver is None or tuple(solver) == DEFAULT_SOLVER:
             return self.scheduler
         key = (str(solver[0]), int(solver[1]))
         if key not in self._solvers:

@@ -2,6 +2,7 @@
 the feature space of tmpq's domain FID (Inception features mean little on 16x16 grey digits)."""
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import time
@@ -77,7 +78,7 @@ def accuracy(model: DigitClassifier, x: torch.Tensor, y: torch.Tensor) -> float:
 def class_accuracy(images: torch.Tensor, labels, classifier: DigitClassifier | None = None) -> float:
     """Conditional quality: the share of generated digits (``images`` in [-1, 1], one channel at the classifier's
     resolution) that the domain classifier reads as the requested ``labels`` (digits 0..9)."""
-    model = classifier if classifier is not None else load_classifier()[0]
+    model = classifier if classifier is not None else _embedded_classifier()
     labels = torch.as_tensor(labels).reshape(-1).cpu()
     if images.shape[1:] != (1, model.resolution, model.resolution):
         raise TmpqError(f"class accuracy: the domain classifier reads 1 x {model.resolution} x {model.resolution} "
@@ -136,6 +137,12 @@ def train_classifier(cfg: ClassifierTrainConfig, out: Path, command: str = "") -
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
+
+
+@functools.lru_cache(maxsize=1)
+def _embedded_classifier() -> DigitClassifier:
+    """The committed domain classifier, read once per process (class accuracy scores many image sets)."""
+    return load_classifier()[0]
 
 
 def load_classifier(path: Path | str | None = None) -> tuple[DigitClassifier, dict]:

@@ -88,16 +88,18 @@ def evaluate_schedule(unet: torch.nn.Module, scheduler, timesteps: Sequence[int]
            **({"guidance_scale": guidance_scale} if guidance_scale != 1.0 else {}), "extractor": extractor.name,
            "ref_n": ref.stats.n, "sample_s": round(sample_s, 2), "images_per_s": round(n / sample_s, 2)}
     row.update(score_features(feats, ref))
-    labels = digit_labels(unet, n)
-    if labels is not None and imgs.shape[1:] == (1, 16, 16):
-        row["class_accuracy"] = class_accuracy(imgs, labels)
+    acc = digit_class_accuracy(unet, imgs)
+    if acc is not None:
+        row["class_accuracy"] = acc
     return row
 
 
-def digit_labels(unet: torch.nn.Module, n: int) -> torch.Tensor | None:
-    """The labels sampling gives images 0..n-1 of a class-conditional model whose classes are digits, else None."""
+def digit_class_accuracy(unet: torch.nn.Module, imgs: torch.Tensor) -> float | None:
+    """Class accuracy of images 0..n-1 as sampling conditions them (balanced labels) when ``unet`` is a
+    class-conditional model whose classes are digits and its images are what the domain classifier reads (one
+    channel, 16 x 16); None otherwise."""
     inner = denoiser_of(unet)
     a = adapter_for(inner)
-    if a.kind(inner) != "class" or not set(a.classes(inner)) <= set(range(10)):
+    if a.kind(inner) != "class" or not set(a.classes(inner)) <= set(range(10)) or imgs.shape[1:] != (1, 16, 16):
         return None
-    return a.conditions(inner, range(n))["class_labels"]
+    return class_accuracy(imgs, a.conditions(inner, range(len(imgs)))["class_labels"])

@@ -11,6 +11,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from tmpq.core.cost import DEFAULT_SOLVER
 from tmpq.core.errors import TmpqError
 
 
@@ -40,7 +41,7 @@ def run_task(evaluator, task: Task) -> Outcome:
     """Evaluate one task on an evaluator, turning any exception into a failed outcome."""
     t0 = time.perf_counter()
     try:
-        solver = {} if (task.solver, task.order) == ("ddim", 1) else {"solver": (task.solver, task.order)}
+        solver = {} if (task.solver, task.order) == DEFAULT_SOLVER else {"solver": (task.solver, task.order)}
         obj = evaluator.evaluate(task.timesteps, task.bits, **solver)
         return Outcome("ok", obj, time.perf_counter() - t0, _worker_name())
     except Exception as exc:  # a failed evaluation is a row, not a crash of the search

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tmpq.core.cost import DEFAULT_SOLVER
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import (
     atomic_write_bytes,
@@ -57,7 +58,7 @@ class EvalResult:
         d = asdict(self)
         d["timesteps"] = list(self.timesteps)
         d["bits"] = json.loads(json.dumps(self.bits))
-        if (self.solver, self.order) == ("ddim", 1):
+        if (self.solver, self.order) == DEFAULT_SOLVER:
             del d["solver"], d["order"]
         return json.dumps(d, sort_keys=True)
 
@@ -190,7 +191,7 @@ def results_frame(results: list[EvalResult]):
                "proxy": r.proxy.get("name", ""), "proxy_version": r.proxy.get("version", ""),
                "n_images": r.n_images, "seed": r.seed, "wall_s": r.wall_s, "worker": r.worker, "error": r.error,
                "generation": r.generation, "origin": r.origin}
-        if (r.solver, r.order) != ("ddim", 1):
+        if (r.solver, r.order) != DEFAULT_SOLVER:
             row.update(solver=r.solver, order=r.order)
         row.update(r.objectives)
         rows.append(row)

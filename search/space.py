@@ -22,13 +22,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tmpq.core.cost import LayerCost, call_bitops, weight_bits
+from tmpq.core.cost import (
+    DEFAULT_SOLVER,
+    LayerCost,
+    call_bitops,
+    denoiser_calls,
+    weight_bits,
+)
 from tmpq.core.errors import TmpqError
 from tmpq.search.groups import TimeGroups
 
 SPACE_FORMAT = "tmpq.search-space"
 SPACE_VERSION = 1
-DEFAULT_SOLVER = ("ddim", 1)
 
 
 @dataclass(frozen=True)
@@ -213,8 +218,7 @@ class SearchSpace:
         """Per denoiser call (in schedule order), the per-gene (w, a) allocation used (Heun: two calls per step
         but the last)."""
         if not self.per_group_bits:
-            calls = 2 * len(cand.timesteps) - 1 if cand.solver == "heun" else len(cand.timesteps)
-            return [cand.bits] * calls
+            return [cand.bits] * denoiser_calls(cand.solver, len(cand.timesteps))
         # bits[g] belongs to time group g; the schedule runs from the last group to the first
         return list(reversed(cand.bits))
 

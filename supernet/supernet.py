@@ -353,8 +353,8 @@ def _forward_by_pass(unet: nn.Module, *args, **kwargs):
         net.select_time_group(net.bank_row(t, bool(null[0])))
         return run(unet, *args, **kwargs)
     outs = []
-    for mask in (~null, null):
-        net.select_time_group(net.bank_row(t, mask is null))
+    for is_null, mask in ((False, ~null), (True, null)):
+        net.select_time_group(net.bank_row(t, is_null))
         outs.append(run(unet, *_rows_of(args, mask, n), **_rows_of(kwargs, mask, n)))
     return _merge_rows(outs[0], outs[1], null)
 

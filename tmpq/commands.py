@@ -231,7 +231,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise TmpqError(f"--out must end in .safetensors, got {out}")
-    m = load_model(_model_config(args))
+    model_cfg = _model_config(args)
+    m = load_model(model_cfg)
     cfg = _supernet_config(args)
     net = QuantSupernet(m.unet, cfg)
     t0 = time.perf_counter()
@@ -240,7 +241,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
                                             "recon_iters": "recon_iters", "batch_size": "batch_size", "seed": "seed"}))
     info = calibrate_to_file(net, make_scheduler(m.scheduler_config), out, cal, guidance_scale=m.guidance_scale)
     wall = time.perf_counter() - t0
-    side = {"command": _command_line(), "model": dataclasses.asdict(_model_config(args)),
+    side = {"command": _command_line(), "model": dataclasses.asdict(model_cfg),
             "config": json.loads(cfg.to_json()), "calibration": dataclasses.asdict(cal),
             "mode": cal.mode, "strategy": cal.strategy, "calib_pairs": info["calib_pairs"], "wall_s": round(wall, 1),
             "reconstruction": info["reconstruction"]}

@@ -34,6 +34,8 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 
+from tmpq.core.cost import DEFAULT_SOLVER
+from tmpq.core.cost import denoiser_calls as calls_per_sample
 from tmpq.core.errors import TmpqError
 from tmpq.core.schedules import validate_timesteps
 
@@ -107,7 +109,8 @@ class RespacedDDIMScheduler(Respaced, DDIMScheduler):
 
     solver = "ddim"
 
-    def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps: Sequence[int] | None = None):
+    def set_timesteps(self, num_inference_steps: int | None = None, device=None,
+                      timesteps: Sequence[int] | None = None):
         ts = self._schedule(num_inference_steps, timesteps)
         if ts is None:
             DDIMScheduler.set_timesteps(self, num_inference_steps, device=device)
@@ -290,12 +293,12 @@ def sched_order(scheduler) -> int | None:
 
 def denoiser_calls(scheduler, timesteps: Sequence[int]) -> int:
     """How many denoiser calls one sample costs along ``timesteps`` with this scheduler (Heun: 2n - 1)."""
-    return 2 * len(timesteps) - 1 if isinstance(scheduler, HeunDiscreteScheduler) else len(timesteps)
+    return calls_per_sample(getattr(scheduler, "solver", "ddim"), len(timesteps))
 
 
 def solver_of(row) -> tuple[str, int]:
     """(solver, order) of an evaluation / front row (a dict or a pandas row; DDIM for runs before solvers)."""
     solver = row.get("solver") if hasattr(row, "get") else None
     if not isinstance(solver, str):  # absent, or NaN in a frame
-        return ("ddim", 1)
+        return DEFAULT_SOLVER
     return (solver, int(row.get("order")))

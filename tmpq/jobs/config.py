@@ -111,7 +111,8 @@ MINIMUM = {
 
 
 # lists that may be empty (an empty list means "none")
-EMPTY_OK = {"model.prompts", "search.solvers", "search.step_choices", "supernet.exclude", "supernet.tie", "supernet.block_types"}
+EMPTY_OK = {"model.prompts", "search.solvers", "search.step_choices", "supernet.exclude", "supernet.tie",
+            "supernet.block_types"}
 
 
 def _coerce(key: str, value, tp):

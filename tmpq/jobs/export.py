@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from tmpq.core.adapters import adapter_for, decoder_cost
+from tmpq.core.cost import DEFAULT_SOLVER
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import file_sha256, malformed, read_json, read_parquet
 from tmpq.core.model import ModelConfig, load_model, save_pipeline_dir
@@ -166,7 +167,7 @@ def export_candidate(run_path: str | Path, key: str, out: str | Path, command: s
 
 def _sampler_classes(solver: tuple[str, int]) -> dict:
     """The export's sampler entry naming its classes (and, beyond DDIM, the solver and its order)."""
-    if solver == ("ddim", 1):  # as exports before solvers said
+    if solver == DEFAULT_SOLVER:  # as exports before solvers said
         return {"class": "tmpq.core.sampler.RespacedDDIMScheduler", "base_class": "diffusers.DDIMScheduler"}
     cls = CLASSES[solver[0]]
     return {"class": f"{cls.__module__}.{cls.__name__}", "base_class": f"diffusers.{STOCK[solver[0]].__name__}",

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from tmpq.core.adapters import predict, rows
+from tmpq.core.cost import DEFAULT_SOLVER
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import atomic_write, atomic_write_bytes, read_parquet
 from tmpq.core.model import ModelConfig, load_model
@@ -30,8 +31,7 @@ from tmpq.evaluators.candidate import (
     quality_reference,
     scoring_extractor,
 )
-from tmpq.evaluators.classifier import class_accuracy
-from tmpq.evaluators.quality import digit_labels, score_features
+from tmpq.evaluators.quality import digit_class_accuracy, score_features
 from tmpq.jobs.run import load_run
 from tmpq.quant.distill import distill_scales, frozen_copy
 from tmpq.supernet import QuantSupernet, SupernetConfig
@@ -95,7 +95,7 @@ def _model(run_cfg: dict):
 
 
 def recalibrate_point(run_path: Path, key: str, timesteps, bits, cfg: ValidateConfig, progress: bool = True,
-                      solver: tuple[str, int] = ("ddim", 1)):
+                      solver: tuple[str, int] = DEFAULT_SOLVER):
     """A pinned supernet for exactly this allocation, calibrated on data along this schedule with this solver;
     returns (net, scheduler, info)."""
 
@@ -184,15 +184,13 @@ def validate_run(run_path: str | Path, cfg: ValidateConfig, progress: bool = Tru
             imgs = sample_images(net.unet, sched, list(p["timesteps"]), cfg.n, seed=seed, batch_size=cfg.batch_size,
                                  progress=progress, desc=f"{key} seed {seed}", guidance_scale=guidance)
             s = score_features(ext(imgs), ref)
-            labels = digit_labels(net.unet, cfg.n)
-            if labels is not None and imgs.shape[1:] == (1, 16, 16):  # a digit class model: conditional quality
-                s["class_accuracy"] = class_accuracy(imgs, labels)
+            acc = digit_class_accuracy(net.unet, imgs)  # a digit class model: conditional quality
             log.append({"key": key, "seed": seed, "n": cfg.n, "settings": settings, "fid": s["fid"],
-                        **({"class_accuracy": s["class_accuracy"]} if "class_accuracy" in s else {}),
+                        **({"class_accuracy": acc} if acc is not None else {}),
                         "kid": s.get("kid"), "kid_std": s.get("kid_std"), "timesteps": list(p["timesteps"]),
                         "bits": json.loads(json.dumps(p["bits"])), "bitops": float(p["bitops"]),
                         "fid_proxy": float(p["fid_proxy"]), "sample_s": round(time.perf_counter() - t0, 1),
-                        **({"solver": solver[0], "order": solver[1]} if solver != ("ddim", 1) else {}), **info})
+                        **({"solver": solver[0], "order": solver[1]} if solver != DEFAULT_SOLVER else {}), **info})
         _write_summary(run.path, log, settings, cfg)
     return _write_summary(run.path, log, settings, cfg)
 
