@@ -133,6 +133,17 @@ def _enable_token_auth_to_join() -> None:
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
+def _job_cluster_address() -> str:
+    """The cluster of the Ray job this process runs as (``ray job submit -- tmpq search ...``), else ``""``.
+
+    Ray's job supervisor starts the entrypoint with ``RAY_JOB_CONFIG_JSON_ENV_VAR`` and ``RAY_ADDRESS`` (the
+    cluster's GCS address) set; inside a job, an empty ``executor.address`` means that cluster, not a new local Ray.
+    """
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") and os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    return ""
+
+
 class _RayWorker:
     """The body of a Ray actor: one evaluator, built once; ``ping`` answers when it is built."""
 
@@ -152,6 +163,9 @@ class _RayWorker:
         out.worker = self.name
         return out
 
+    def run_batch(self, tasks: list[Task]) -> list[Outcome]:
+        return [self.run(t) for t in tasks]
+
 
 class RayExecutor:
     """Long-lived Ray actors, each holding its own evaluator built from ``factory`` (a picklable callable).
@@ -164,13 +178,21 @@ class RayExecutor:
     An actor that cannot build its evaluator ``retries + 1`` times in a row is given up; when all are, the search
     stops with an error (a broken worker setup must not be logged as failed candidates).
     Worker names are ``host:pid@node`` (the first 8 hex digits of the Ray node id).
+
+    Batching: once evaluations are seen to be short (a GPU evaluates a candidate in well under a second), one
+    remote call carries several tasks, enough for ``min_task_s`` of work at the mean evaluation time so far, but
+    never more than an even share of what is queued (so every actor keeps getting work). A batch's timeout is
+    ``timeout_s`` per task in it. A batch that dies or times out is not held against its tasks: they go back to the
+    queue to run one per call, where a failure counts as an attempt as without batching. ``calls`` counts the
+    remote calls made.
     """
 
     name = "ray"
 
     def __init__(self, factory: Callable[[], object], workers: int = 2, threads_per_worker: int = 1,
                  timeout_s: float = 600.0, retries: int = 1, address: str = "", temp_dir: str | None = None,
-                 start_timeout_s: float | None = None, gpus_per_worker: float = 0.0):
+                 start_timeout_s: float | None = None, gpus_per_worker: float = 0.0, min_task_s: float = 1.0,
+                 max_batch: int = 64):
         try:
             import ray
         except ImportError as exc:  # pragma: no cover - ray is a dependency
@@ -178,6 +200,10 @@ class RayExecutor:
         self.ray = ray
         self.factory, self.workers, self.threads = factory, workers, threads_per_worker
         self.timeout_s, self.retries = timeout_s, retries
+        self.min_task_s, self.max_batch = min_task_s, max(1, int(max_batch))
+        self.calls = 0
+        self._ok_s = self._ok_n = 0.0  # evaluation seconds and count of the ok outcomes so far (for batching)
+        address = address or _job_cluster_address()
         # building an evaluator (model, supernet) may take longer than one evaluation; never less than 10 min
         self.start_timeout_s = max(timeout_s, 600.0) if start_timeout_s is None else start_timeout_s
         self._owns_ray = False
@@ -240,39 +266,72 @@ class RayExecutor:
         else:
             self._spawn(i, kill=True)
 
+    def _batch_size(self, queued: int) -> int:
+        """How many tasks one remote call carries (see the class doc)."""
+        if self.min_task_s <= 0 or not self._ok_n or queued <= 1:
+            return 1
+        mean = self._ok_s / self._ok_n
+        want = int(-(-self.min_task_s // max(mean, 1e-6)))  # ceil
+        share = -(-queued // max(1, self.workers - len(self._given_up)))
+        return max(1, min(want, share, self.max_batch))
+
     def map(self, tasks: list[Task]) -> Iterator[tuple[Task, Outcome]]:
         ray = self.ray
-        queue = [(t, 0) for t in tasks]
-        running: dict = {}  # task ref -> (slot, task, attempt, t0)
+        queue = [(t, 0, False) for t in tasks]  # (task, attempt, solo: never batched again)
+        running: dict = {}  # task ref -> (slot, [(task, attempt, solo)], t0)
         while queue or running:
             while queue and self._idle:
                 i = self._idle.pop(0)
-                task, attempt = queue.pop(0)
-                running[self.actors[i].run.remote(task)] = (i, task, attempt, time.monotonic())
+                batch = [queue.pop(0)]
+                if not batch[0][2]:
+                    size = self._batch_size(len(queue) + 1)
+                    while len(batch) < size and queue and not queue[0][2]:
+                        batch.append(queue.pop(0))
+                actor = self.actors[i]
+                ref = actor.run.remote(batch[0][0]) if len(batch) == 1 else \
+                    actor.run_batch.remote([b[0] for b in batch])
+                self.calls += 1
+                running[ref] = (i, batch, time.monotonic())
             ready, _ = ray.wait([*running, *self._starting], num_returns=1, timeout=0.5)
             for ref in ready:
                 if ref in self._starting:
                     self._started(ref)
                     continue
-                i, task, attempt, _t0 = running.pop(ref)
+                i, batch, _t0 = running.pop(ref)
                 try:
-                    out = ray.get(ref)
+                    got = ray.get(ref)
                 except Exception as exc:  # the actor died (or the task could not run) mid-evaluation
                     name = self.names[i]
                     self._spawn(i, kill=True)
-                    yield from self._retry_or_fail(queue, task, attempt, exc, name)
+                    yield from self._requeue(queue, batch, exc, name)
                     continue
                 self._idle.append(i)
-                yield task, out
+                outs = got if isinstance(got, list) else [got]
+                for (task, _a, _s), out in zip(batch, outs):
+                    if out.status == "ok":
+                        self._ok_s += out.wall_s
+                        self._ok_n += 1
+                    yield task, out
             now = time.monotonic()
-            for ref, (i, task, attempt, t0) in list(running.items()):
-                if now - t0 > self.timeout_s:
+            for ref, (i, batch, t0) in list(running.items()):
+                if now - t0 > self.timeout_s * len(batch):
                     running.pop(ref)
                     name = self.names[i]
                     self._spawn(i, kill=True)
-                    yield from self._retry_or_fail(queue, task, attempt,
-                                                   TimeoutError(f"no answer in {self.timeout_s:g} s"), name)
+                    yield from self._requeue(queue, batch, TimeoutError(f"no answer in {self.timeout_s:g} s"),
+                                             name)
             self._check_start_timeouts(now)
+
+    def _requeue(self, queue, batch, exc, worker: str) -> Iterator[tuple[Task, Outcome]]:
+        if len(batch) > 1:  # not held against any one task: each runs alone next
+            queue.extend((task, attempt, True) for task, attempt, _solo in batch)
+            return
+        task, attempt, _solo = batch[0]
+        if attempt < self.retries:
+            queue.append((task, attempt + 1, True))
+            return
+        yield task, Outcome("failed", {}, 0.0, worker,
+                            f"{type(exc).__name__}: {_first_line(exc)} (after {attempt + 1} attempts)")
 
     def wait_ready(self) -> None:
         """Block until every worker has built its evaluator (or been given up); e.g. before timing ``map``."""
@@ -297,13 +356,6 @@ class RayExecutor:
             if now - t0 > self.start_timeout_s:
                 self._starting.pop(ref)
                 self._start_failed(i, TimeoutError(f"evaluator not built in {self.start_timeout_s:g} s"))
-
-    def _retry_or_fail(self, queue, task, attempt, exc, worker: str) -> Iterator[tuple[Task, Outcome]]:
-        if attempt < self.retries:
-            queue.append((task, attempt + 1))
-            return
-        yield task, Outcome("failed", {}, 0.0, worker,
-                            f"{type(exc).__name__}: {_first_line(exc)} (after {attempt + 1} attempts)")
 
     def close(self) -> None:
         for a in self.actors:

@@ -242,6 +242,8 @@ def test_dying_worker_and_broken_factory(ray_env, short_tmp):
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=str(short_tmp))
     try:
         # a task that kills its worker every time: retried once on a new actor, then reported failed with its error
+        # (the fake evaluations take microseconds, so after the first answers tasks travel in batches: the batch
+        # that holds k7 dies, is not held against its other tasks, and each of them then runs alone)
         ex = RayExecutor(FakeFactory(poison=7), workers=2, timeout_s=60, retries=1)
         tasks = [Task(f"k{i}", (i, 0), ((8, 8),)) for i in range(10)]
         try:
@@ -249,12 +251,21 @@ def test_dying_worker_and_broken_factory(ray_env, short_tmp):
             assert sorted(out) == sorted(t.key for t in tasks)
             assert {k for k, o in out.items() if o.status == "failed"} == {"k7"}
             assert "ActorDiedError" in out["k7"].error and "(after 2 attempts)" in out["k7"].error, out["k7"].error
+            assert ex.calls < 10 + 2 + 4  # without batching: 10 calls, k7's two deaths, its batch-mates again
             # the executor keeps working after replacing the dead actors
             again = list(ex.map([Task("z", (1, 0), ((8, 8),))]))
             assert again[0][1].status == "ok"
         finally:
             ex.close()
         assert ray.is_initialized()  # a Ray the executor joined is not its to shut down
+        # batching changes how tasks travel, not what they give: the same objectives at one call per task
+        ex = RayExecutor(FakeFactory(), workers=2, timeout_s=60, retries=1, min_task_s=0)
+        try:
+            solo = {t.key: o.objectives for t, o in ex.map(tasks[:7])}
+            assert ex.calls == 7
+        finally:
+            ex.close()
+        assert solo == {k: o.objectives for k, o in out.items() if int(k[1:]) < 7}
         # a worker that cannot build its evaluator stops the search with one clear error, nothing logged as failed
         ex = RayExecutor(FakeFactory(broken=True), workers=2, timeout_s=60, retries=1)
         try:
@@ -359,3 +370,62 @@ def test_search_on_a_two_node_cluster_through_the_cli(two_node_cluster, tiny_mod
     assert len(nodes) == 2, nodes  # one 1-CPU actor on each node
     resolved = json.loads((tmp_path / "run" / "config.resolved.json").read_text())
     assert resolved["executor"]["kind"] == "ray" and resolved["executor"]["address"] == address
+
+
+# ------------------------------------------------------------------------------------------------ Ray Jobs
+
+
+@pytest.fixture
+def jobs_cluster(short_tmp):
+    """One head node with its dashboard (which serves the Jobs API) bound to 127.0.0.1 and token authentication on.
+
+    Yields the dashboard's address and the environment a client needs: the token and ``RAY_AUTH_MODE=token`` (the
+    ``ray job`` commands send the token only in token mode)."""
+    pytest.importorskip("aiohttp", reason="Ray's dashboard (Jobs API) needs ray[default]: pip install -e '.[cluster]'")
+    token = secrets.token_hex(32)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0")
+    port, dash = _free_port(), _free_port()
+    log = short_tmp / "head.log"
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    with open(log, "w") as f:
+        proc = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+                                 "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                                 "--node-ip-address=127.0.0.1", "--dashboard-agent-listen-port=0",
+                                 "--disable-usage-stats", f"--temp-dir={short_tmp}"],
+                                env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_started(proc, log)
+        client_env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        client_env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0")
+        yield f"http://127.0.0.1:{dash}", client_env
+    finally:
+        _stop([proc], short_tmp)
+
+
+def test_search_submitted_as_a_ray_job(jobs_cluster, tiny_model_dir, tmp_path):
+    """``ray job submit -- tmpq search ...`` on a running cluster: the search joins the job's cluster (not a new
+    local Ray), its progress lines reach ``ray job logs``, and the run directory, where the job was told to put it,
+    loads with ``tmpq.load_run``. The Jobs API refuses a client without the token."""
+    import tmpq
+
+    dashboard, env = jobs_cluster  # (the fixture needs ray[default]: the `cluster` extra, part of `test`)
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(f'[model]\npath = "{tiny_model_dir}"\n\n' + (REPO / "configs" / "tiny.toml").read_text())
+    run_dir = tmp_path / "shared" / "run"
+    no_token = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
+    res = subprocess.run([ray_bin, "job", "list", "--address", dashboard], capture_output=True, text=True,
+                         env=no_token, timeout=120)
+    assert res.returncode != 0 and "token" in (res.stdout + res.stderr).lower()
+    res = subprocess.run([ray_bin, "job", "submit", "--address", dashboard, "--submission-id", "tmpq-test", "--",
+                          sys.executable, "-m", "tmpq", "search", "--config", str(cfg), "--run-dir", str(run_dir),
+                          "--executor", "ray"], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0 and "succeeded" in res.stdout + res.stderr, (res.stdout + res.stderr)[-3000:]
+    logs = subprocess.run([ray_bin, "job", "logs", "--address", dashboard, "tmpq-test"], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert logs.returncode == 0 and "generation 2/2" in logs.stdout, logs.stdout[-3000:]
+    assert "Started a local Ray instance" not in logs.stdout  # it joined the job's cluster
+    run = tmpq.load_run(run_dir)
+    assert len(run.pareto()) >= 1 and set(run.evaluations["status"]) == {"ok"}
+    assert not (run_dir / "ray").exists()  # no local Ray was started inside the run directory

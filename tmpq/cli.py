@@ -203,6 +203,9 @@ def _parser_search(sub) -> None:
     se.add_argument("--executor", default=None, choices=("local", "ray"), help="override executor.kind")
     se.add_argument("--ray-address", default=None, help="join a Ray cluster: auto or HOST:PORT (implies --executor ray)")
     se.add_argument("--device", default=None, help="override executor.device: auto, cpu, cuda or cuda:N")
+    se.add_argument("--workers", type=int, default=None, help="override executor.workers (Ray actors)")
+    se.add_argument("--gpus-per-worker", type=float, default=None,
+                    help="override executor.gpus_per_worker (fractional: 0.25 puts four actors on one GPU)")
     se.add_argument("--run-dir", default="results/runs/default", help="new run directory (default: %(default)s)")
     se.add_argument("--resume", default=None, metavar="RUN", help="resume the run in directory RUN")
     se.add_argument("--threads", type=int, default=2, help="torch CPU threads of the driver (default: %(default)s)")

@@ -272,6 +272,10 @@ def cmd_search(args: argparse.Namespace) -> None:
         executor.update(kind=args.executor or "ray", address=args.ray_address or cfg.executor.address)
     if args.device:
         executor["device"] = args.device
+    if args.workers is not None:
+        executor["workers"] = args.workers
+    if args.gpus_per_worker is not None:
+        executor["gpus_per_worker"] = args.gpus_per_worker
     if executor:
         overrides["executor"] = dataclasses.replace(cfg.executor, **executor)
     cfg = config_from_dict({**cfg.to_dict(), **{k: dataclasses.asdict(v) for k, v in overrides.items()}})

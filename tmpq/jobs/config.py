@@ -76,6 +76,8 @@ class ExecutorSection:
     device: str = "auto"
     # Ray: GPUs each evaluation actor asks for (fractional: 0.25 puts four actors on one GPU); 0 = CPU actors
     gpus_per_worker: float = 0.0
+    # Ray: one remote call carries several candidates when evaluations are shorter than this (GPU), 0 = never
+    min_task_s: float = 1.0
     address: str = ""
     workers: int = 2
     threads_per_worker: int = 1
@@ -183,7 +185,7 @@ def _check(key: str, value):
             raise TmpqError(f"{key}: must be distinct step counts >= 1, got {list(value)}")
     if key == "executor.device":
         check_device_name(value, key)
-    if key == "executor.gpus_per_worker" and not 0 <= value:
+    if key in ("executor.gpus_per_worker", "executor.min_task_s") and not 0 <= value:
         raise TmpqError(f"{key}: must be >= 0, got {value}")
     if key == "search.solvers":
         try:

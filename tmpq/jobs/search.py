@@ -188,7 +188,8 @@ def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=No
             executor = RayExecutor(spec, workers=cfg.executor.workers, threads_per_worker=cfg.executor.threads_per_worker,
                                    timeout_s=cfg.executor.timeout_s, retries=cfg.executor.retries,
                                    address=cfg.executor.address, temp_dir=str(run.path / "ray"),
-                                   gpus_per_worker=cfg.executor.gpus_per_worker)
+                                   gpus_per_worker=cfg.executor.gpus_per_worker,
+                                   min_task_s=cfg.executor.min_task_s)
             # every actor builds its evaluator before the first generation (bounded by its start timeout; an actor
             # that cannot is given up), so the work spreads over all of them instead of running on whichever came
             # up first (a joined cluster's second node can take much longer)
