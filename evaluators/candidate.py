@@ -26,8 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tmpq.core.cost import DEFAULT_SOLVER
+from tmpq.core.cost import DEFAULT_SOLVER, denoiser_calls
 from tmpq.core.errors import TmpqError
+from tmpq.core.reuse import DeepCache, reuse_plan
 from tmpq.core.sampler import make_scheduler, sample_images
 from tmpq.core.schedules import SCHEDULES, make_timesteps
 from tmpq.evaluators.features import EXTRACTORS, RandomExtractor, make_extractor
@@ -128,28 +129,43 @@ class CandidateEvaluator:
         return self._solvers[key]
 
     def _sample(self, timesteps, on_step=None, n: int | None = None, seed: int | None = None,
-                scheduler=None) -> torch.Tensor:
+                scheduler=None, reuse=None) -> torch.Tensor:
         n = self.cfg.n_images if n is None else n
-        return sample_images(self.net.unet, scheduler or self.scheduler, timesteps, n,
-                             seed=self.cfg.seed if seed is None else seed,
-                             batch_size=min(self.cfg.batch_size, n), progress=False, on_step=on_step,
-                             guidance_scale=self.guidance_scale)
+        sched = scheduler or self.scheduler
+
+        def run(step_hook):
+            return sample_images(self.net.unet, sched, timesteps, n, seed=self.cfg.seed if seed is None else seed,
+                                 batch_size=min(self.cfg.batch_size, n), progress=False, on_step=step_hook,
+                                 guidance_scale=self.guidance_scale)
+
+        if not reuse or not any(reuse[1]):
+            return run(on_step)
+        branch, plan = reuse
+        with DeepCache(self.net.unet, plan, branch) as dc:
+            def both(k, t, x):
+                dc.on_step(k, t, x)
+                if on_step is not None:
+                    on_step(k, t, x)
+
+            return run(both)
 
     @torch.no_grad()
     def images(self, timesteps, bits, per_group_bits: bool | None = None, n: int | None = None,
-               seed: int | None = None, solver: tuple[str, int] | None = None) -> torch.Tensor:
+               seed: int | None = None, solver: tuple[str, int] | None = None, reuse=None) -> torch.Tensor:
         """The candidate's images (the proxy's bank images by default).
 
         ``bits``: one allocation (a (w, a) pair per gene) for every step, or, per time group, one allocation per
         group in ascending time order (``bits[g]`` serves the schedule's step in group g: the schedule runs from the
         last group to the first). ``per_group_bits=None`` tells the two apart by shape. ``bits=None``: the FP
         model (every layer passed through), the reference point of a schedule. ``solver``: (name, order) of the
-        sampler (default DDIM).
+        sampler (default DDIM). ``reuse``: (branch, denoiser calls) that reuse deep features (:mod:`tmpq.core.reuse`).
         """
         sched = self.solver(solver)
+        if reuse and reuse[1]:  # (branch, calls) -> (branch, per-call plan)
+            reuse = (reuse[0], reuse_plan(reuse[1], denoiser_calls((solver or DEFAULT_SOLVER)[0], len(timesteps))))
         if bits is None:
             self.net.set_fp()
-            return self._sample(timesteps, None, n, seed, sched)
+            return self._sample(timesteps, None, n, seed, sched, reuse)
         if per_group_bits is None:
             per_group_bits = len(bits) > 0 and isinstance(bits[0][0], (tuple, list))
         on_step = None
@@ -164,15 +180,15 @@ class CandidateEvaluator:
             self.net.set_bits(steps[0])
         else:
             self.net.set_bits(bits)
-        return self._sample(timesteps, on_step, n, seed, sched)
+        return self._sample(timesteps, on_step, n, seed, sched, reuse)
 
     @torch.no_grad()
     def evaluate(self, timesteps, bits, per_group_bits: bool | None = None,
-                 solver: tuple[str, int] | None = None) -> dict:
+                 solver: tuple[str, int] | None = None, reuse=None) -> dict:
         """Objectives of one candidate: ``fid_proxy`` (the configured proxy) and its companions (see :meth:`images`
-        for ``bits`` and ``solver``)."""
+        for ``bits``, ``solver`` and ``reuse``)."""
         t0 = time.perf_counter()
-        imgs = self.images(timesteps, bits, per_group_bits, solver=solver)
+        imgs = self.images(timesteps, bits, per_group_bits, solver=solver, reuse=reuse)
         feats = self.extractor(imgs)
         out = {}
         if self.companions:

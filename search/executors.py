@@ -22,6 +22,8 @@ class Task:
     bits: tuple
     solver: str = "ddim"
     order: int = 1
+    reuse: tuple[int, ...] = ()  # denoiser calls that reuse deep features (tmpq.core.reuse), at this branch
+    reuse_branch: int = 0
 
 
 @dataclass
@@ -41,8 +43,10 @@ def run_task(evaluator, task: Task) -> Outcome:
     """Evaluate one task on an evaluator, turning any exception into a failed outcome."""
     t0 = time.perf_counter()
     try:
-        solver = {} if (task.solver, task.order) == DEFAULT_SOLVER else {"solver": (task.solver, task.order)}
-        obj = evaluator.evaluate(task.timesteps, task.bits, **solver)
+        kw = {} if (task.solver, task.order) == DEFAULT_SOLVER else {"solver": (task.solver, task.order)}
+        if task.reuse:
+            kw["reuse"] = (task.reuse_branch, task.reuse)
+        obj = evaluator.evaluate(task.timesteps, task.bits, **kw)
         return Outcome("ok", obj, time.perf_counter() - t0, _worker_name())
     except Exception as exc:  # a failed evaluation is a row, not a crash of the search
         return Outcome("failed", {}, time.perf_counter() - t0, _worker_name(),

@@ -49,6 +49,7 @@ class EvalResult:
     version: int = RESULT_VERSION
     solver: str = "ddim"  # written only when not DDIM (rows of DDIM runs are as before solvers)
     order: int = 1
+    reuse: tuple = ()  # denoiser calls reusing deep features; written only when some do
 
     def __post_init__(self):
         if self.status not in ("ok", "failed"):
@@ -60,6 +61,10 @@ class EvalResult:
         d["bits"] = json.loads(json.dumps(self.bits))
         if (self.solver, self.order) == DEFAULT_SOLVER:
             del d["solver"], d["order"]
+        if self.reuse:
+            d["reuse"] = list(self.reuse)
+        else:
+            del d["reuse"]
         return json.dumps(d, sort_keys=True)
 
     @classmethod
@@ -78,18 +83,21 @@ class EvalResult:
             if not isinstance(value, kind) or isinstance(value, bool):
                 raise TypeError(f"{name}: expected {kind[0].__name__ if isinstance(kind, tuple) else kind.__name__}, "
                                 f"got {type(value).__name__}")
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in d["timesteps"]):
-            raise TypeError("timesteps: expected integers")
+        for name in ("timesteps", "reuse"):
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in d.get(name, ())):
+                raise TypeError(f"{name}: expected integers")
         if not all(isinstance(v, (int, float)) or v is None for v in d.get("objectives", {}).values()):
             raise TypeError("objectives: expected numbers")
         d["timesteps"] = tuple(d["timesteps"])
         d["bits"] = _tuplify(d["bits"])
+        if "reuse" in d:
+            d["reuse"] = tuple(d["reuse"])
         return cls(**d)
 
 
 _FIELD_TYPES = {"key": str, "status": str, "timesteps": list, "bits": list, "objectives": dict, "proxy": dict,
                 "n_images": int, "seed": int, "wall_s": (float, int), "worker": str, "error": str, "generation": int,
-                "origin": str, "version": int, "solver": str, "order": int}
+                "origin": str, "version": int, "solver": str, "order": int, "reuse": list}
 
 
 def _tuplify(x):
@@ -193,12 +201,16 @@ def results_frame(results: list[EvalResult]):
                "generation": r.generation, "origin": r.origin}
         if (r.solver, r.order) != DEFAULT_SOLVER:
             row.update(solver=r.solver, order=r.order)
+        if r.reuse:
+            row["reuse"] = list(r.reuse)
         row.update(r.objectives)
         rows.append(row)
     df = pd.DataFrame(rows)
     if "solver" in df:  # a run with a solver gene: its DDIM rows name theirs too
         df["solver"] = df["solver"].fillna("ddim")
         df["order"] = df["order"].fillna(1).astype(int)
+    if "reuse" in df:  # a run with the reuse gene: rows without reuse say so with an empty list
+        df["reuse"] = [v if isinstance(v, list) else [] for v in df["reuse"]]
     if not rows:
         df = pd.DataFrame(columns=["key", "status", "timesteps", "bits", "steps", "proxy", "generation", "origin"])
     return df

@@ -12,6 +12,11 @@ past the chosen count are unused. Bits are shared by all steps in this mode.
 
 With more than one solver (``solvers``: (name, order) pairs, see :mod:`tmpq.core.solvers`) one last gene picks the
 candidate's solver; with one, every candidate has it; with none, DDIM (the genome of every space before solvers).
+
+With reuse (``reuse_branch`` > 0, ``deep_layers`` the layers a reuse call skips, see :mod:`tmpq.core.reuse`), the
+genome ends with one 0/1 gene per denoiser call after the first, up to the most calls any step choice and solver
+makes: gene k-1 = 1 makes call k reuse the deep features of the last full call; the genes past a candidate's own
+calls are unused. A reuse call costs the BitOPs of the shallow layers only.
 """
 from __future__ import annotations
 
@@ -50,6 +55,8 @@ class Candidate:
     bits: tuple
     solver: str = "ddim"
     order: int = 1
+    # denoiser calls (0-based, ascending, never 0) that reuse the deep features of the last full call
+    reuse: tuple[int, ...] = ()
 
     @property
     def solver_pair(self) -> tuple[str, int]:
@@ -60,17 +67,20 @@ class Candidate:
         d = {"t": list(self.timesteps), "b": _listify(self.bits)}
         if self.solver_pair != DEFAULT_SOLVER:  # DDIM candidates keep the keys they had before solvers
             d["s"] = f"{self.solver}-{self.order}"
+        if self.reuse:  # and candidates without reuse the keys they had before it
+            d["r"] = list(self.reuse)
         blob = json.dumps(d, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
         solver = {"solver": self.solver, "order": self.order} if self.solver_pair != DEFAULT_SOLVER else {}
-        return {"timesteps": list(self.timesteps), "bits": _listify(self.bits), **solver, "key": self.key}
+        reuse = {"reuse": list(self.reuse)} if self.reuse else {}
+        return {"timesteps": list(self.timesteps), "bits": _listify(self.bits), **solver, **reuse, "key": self.key}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Candidate":
         return cls(tuple(int(t) for t in d["timesteps"]), _tuplify(d["bits"]), str(d.get("solver", "ddim")),
-                   int(d.get("order", 1)))
+                   int(d.get("order", 1)), tuple(int(k) for k in d.get("reuse", ())))
 
 
 def _listify(x):
@@ -99,8 +109,17 @@ class SearchSpace:
     step_groups: tuple[TimeGroups, ...] = ()
     # (solver, order) choices; more than one: a solver gene (the genome's last); none: DDIM
     solvers: tuple[tuple[str, int], ...] = ()
+    # reuse of deep features as a gene (0: none): the depth of the shallow part, and the layers a reuse call skips
+    reuse_branch: int = 0
+    deep_layers: tuple[str, ...] = ()
 
     def __post_init__(self):
+        if self.reuse_branch and self.per_group_bits:
+            raise TmpqError("search.reuse: reuse genes do not combine with bits per time group")
+        if self.reuse_branch and any(s == "heun" for s, _o in self.solver_choices):
+            raise TmpqError("search.reuse_branch: reuse does not combine with the heun solver (two calls per step)")
+        if self.reuse_branch and not self.deep_layers:
+            raise TmpqError("search.reuse: no quantized layer lies in the deep part, so reuse would save nothing")
         if len(set(self.solvers)) != len(self.solvers):
             raise TmpqError(f"search.solvers: repeated solver in {[f'{s}-{o}' for s, o in self.solvers]}")
         if len(self.solvers) > 1 and self.per_group_bits:
@@ -141,8 +160,18 @@ class SearchSpace:
         return self.n_steps if self.per_group_bits else 1
 
     @property
+    def max_calls(self) -> int:
+        """The most denoiser calls any candidate of the space makes."""
+        return max(denoiser_calls(s, max(self.step_choices)) for s, _o in self.solver_choices)
+
+    @property
+    def reuse_genes(self) -> int:
+        return self.max_calls - 1 if self.reuse_branch else 0
+
+    @property
     def genome_length(self) -> int:
-        return self.bits_start + 2 * self.num_genes * self.bit_blocks + (1 if len(self.solvers) > 1 else 0)
+        return (self.bits_start + 2 * self.num_genes * self.bit_blocks + (1 if len(self.solvers) > 1 else 0)
+                + self.reuse_genes)
 
     @property
     def solver_choices(self) -> tuple[tuple[str, int], ...]:
@@ -156,7 +185,8 @@ class SearchSpace:
         else:
             time = list(self.groups.sizes)
         solver = [len(self.solvers)] if len(self.solvers) > 1 else []
-        return np.array(time + [len(self.w_bits)] * nb + [len(self.a_bits)] * nb + solver, dtype=np.int64)
+        return np.array(time + [len(self.w_bits)] * nb + [len(self.a_bits)] * nb + solver + [2] * self.reuse_genes,
+                        dtype=np.int64)
 
     def _time_decode(self, g: np.ndarray) -> tuple[int, ...]:
         if not self.step_groups:
@@ -192,8 +222,13 @@ class SearchSpace:
             bits = tuple(tuple(pairs[b * self.num_genes:(b + 1) * self.num_genes]) for b in range(self.n_steps))
         else:
             bits = tuple(pairs)
-        solver = self.solver_choices[int(g[-1]) if len(self.solvers) > 1 else 0]
-        return Candidate(ts, bits, *solver)
+        r = self.reuse_genes
+        solver = self.solver_choices[int(g[-1 - r]) if len(self.solvers) > 1 else 0]
+        reuse = ()
+        if r:
+            calls = denoiser_calls(solver[0], len(ts))
+            reuse = tuple(k for k in range(1, calls) if g[len(g) - r + k - 1])
+        return Candidate(ts, bits, *solver, reuse)
 
     def encode(self, cand: Candidate) -> np.ndarray:
         offs = self._time_encode(cand.timesteps)
@@ -211,7 +246,17 @@ class SearchSpace:
             raise TmpqError(f"candidate solver: {cand.solver}-{cand.order} is not a solver of the space "
                             f"{[f'{s}-{o}' for s, o in self.solver_choices]}")
         solver = [self.solver_choices.index(cand.solver_pair)] if len(self.solvers) > 1 else []
-        return np.array(list(offs) + w_idx + a_idx + solver, dtype=np.int64)
+        reuse = []
+        if cand.reuse:
+            calls = denoiser_calls(cand.solver, len(cand.timesteps))
+            if not self.reuse_branch:
+                raise TmpqError("candidate reuse: the space has no reuse genes (search.reuse)")
+            if list(cand.reuse) != sorted(set(cand.reuse)) or cand.reuse[0] < 1 or cand.reuse[-1] >= calls:
+                raise TmpqError(f"candidate reuse: calls must be distinct, ascending, within 1..{calls - 1}, got "
+                                f"{list(cand.reuse)}")
+        if self.reuse_genes:
+            reuse = [1 if k in cand.reuse else 0 for k in range(1, self.reuse_genes + 1)]
+        return np.array(list(offs) + w_idx + a_idx + solver + reuse, dtype=np.int64)
 
     # -- analytic cost ----------------------------------------------------------------------------------------------
     def _step_bits(self, cand: Candidate) -> list[tuple]:
@@ -223,8 +268,12 @@ class SearchSpace:
         return list(reversed(cand.bits))
 
     def bitops(self, cand: Candidate) -> float:
-        """BitOPs of the whole schedule per sample: sum over denoiser calls and layers of MACs * b_w * b_a."""
-        return float(sum(call_bitops(self.layers, alloc) for alloc in self._step_bits(cand)))
+        """BitOPs of the whole schedule per sample: sum over denoiser calls and layers of MACs * b_w * b_a (a call
+        that reuses deep features: the shallow layers only)."""
+        deep = frozenset(self.deep_layers)
+        reuse = set(cand.reuse)
+        return float(sum(call_bitops(self.layers, alloc, deep if k in reuse else frozenset())
+                         for k, alloc in enumerate(self._step_bits(cand))))
 
     def size_mb(self, cand: Candidate) -> float:
         """Weights at their bits (each distinct precision a layer needs is stored) + other parameters at 32 bits."""
@@ -285,7 +334,9 @@ class SearchSpace:
             return replace(self, fixed=())
         if axes == "bits":  # the reference step count on its groups' seed schedule
             time = self._time_encode(self.groups.schedule(self.groups.seed_offsets()))
-            return replace(self, fixed=tuple((i, int(o)) for i, o in enumerate(time)))
+            r0 = self.genome_length - self.reuse_genes  # reuse belongs to the time axis: held at "never"
+            return replace(self, fixed=tuple((i, int(o)) for i, o in enumerate(time))
+                           + tuple((r0 + j, 0) for j in range(self.reuse_genes)))
         if axes == "time":
             if fixed_bits is None or fixed_bits[0] not in self.w_bits or fixed_bits[1] not in self.a_bits:
                 raise TmpqError(f"search.fixed_bits: W{fixed_bits[0] if fixed_bits else '?'}A"
@@ -334,7 +385,9 @@ class SearchSpace:
                 "per_group_bits": self.per_group_bits, "other_params": self.other_params,
                 "bitops_budget": self.bitops_budget, "size_budget_mb": self.size_budget_mb, "extra": self.extra,
                 "fixed": [list(f) for f in self.fixed], "step_groups": [g.to_dict() for g in self.step_groups],
-                **({"solvers": [list(s) for s in self.solvers]} if self.solvers else {})}
+                **({"solvers": [list(s) for s in self.solvers]} if self.solvers else {}),
+                **({"reuse_branch": self.reuse_branch, "deep_layers": list(self.deep_layers)}
+                   if self.reuse_branch else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "SearchSpace":
@@ -347,14 +400,22 @@ class SearchSpace:
                    d["size_budget_mb"], dict(d.get("extra", {})),
                    tuple((int(i), int(v)) for i, v in d.get("fixed", [])),
                    tuple(TimeGroups.from_dict(g) for g in d.get("step_groups", [])),
-                   tuple((str(s), int(o)) for s, o in d.get("solvers", [])))
+                   tuple((str(s), int(o)) for s, o in d.get("solvers", [])), int(d.get("reuse_branch", 0)),
+                   tuple(str(f) for f in d.get("deep_layers", [])))
 
     @classmethod
     def from_supernet(cls, net, groups: TimeGroups, per_group_bits: bool = False,
                       step_groups: Sequence[TimeGroups] = (), solvers: Sequence[tuple[str, int]] = (),
-                      **budgets) -> "SearchSpace":
+                      reuse_branch: int = 0, **budgets) -> "SearchSpace":
         """Build the space from a ``QuantSupernet``'s layer table (the only torch-touching constructor)."""
         layers = tuple(LayerCost(i.fqn, i.macs, i.params, i.gene, i.pinned) for i in net.infos)
         other = sum(p.numel() for p in net.unet.parameters()) - sum(i.params for i in net.infos)
+        deep: tuple[str, ...] = ()
+        if reuse_branch:
+            from tmpq.core.reuse import reused_layers
+
+            names = reused_layers(net.unet, reuse_branch)
+            deep = tuple(i.fqn for i in net.infos if i.fqn in names)
         return cls(groups, layers, net.num_genes, net.config.w_bits, net.config.a_bits, per_group_bits, other,
-                   step_groups=tuple(sorted(step_groups, key=lambda g: g.n)), solvers=tuple(solvers), **budgets)
+                   step_groups=tuple(sorted(step_groups, key=lambda g: g.n)), solvers=tuple(solvers),
+                   reuse_branch=reuse_branch, deep_layers=deep, **budgets)

@@ -40,10 +40,13 @@ def layer_bits(layer, allocation: Sequence[tuple[int, int]]) -> tuple[int, int]:
     return int(w), int(a)
 
 
-def call_bitops(layers: Iterable, allocation: Sequence[tuple[int, int]]) -> int:
-    """BitOPs of one denoiser call for one sample: sum over layers of MACs x b_w x b_a."""
+def call_bitops(layers: Iterable, allocation: Sequence[tuple[int, int]], skip: frozenset | set = frozenset()) -> int:
+    """BitOPs of one denoiser call for one sample: sum over layers of MACs x b_w x b_a; the layers named in ``skip``
+    (the deep part on a step that reuses deep features, :mod:`tmpq.core.reuse`) do not run and cost nothing."""
     total = 0
     for lay in layers:
+        if lay.fqn in skip:
+            continue
         w, a = layer_bits(lay, allocation)
         total += lay.macs * w * a
     return total

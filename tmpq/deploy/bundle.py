@@ -22,6 +22,7 @@ from tmpq.core.adapters import set_conditioning
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import file_sha256, malformed, read_json
 from tmpq.core.model import ModelConfig, encode_prompts, load_model
+from tmpq.core.reuse import DeepCache, reuse_plan
 from tmpq.core.sampler import make_scheduler
 from tmpq.core.solvers import CLASSES, check_solver, needs_scaling
 from tmpq.supernet import QuantSupernet
@@ -83,6 +84,11 @@ def _check_manifest(m: dict) -> None:
             check_solver(m["sampler"]["solver"], m["sampler"].get("order"))
         except TmpqError as exc:
             raise TypeError(f"sampler.{exc}") from None
+    reuse = m["sampler"].get("reuse")
+    if reuse is not None and not (isinstance(reuse, dict) and isinstance(reuse.get("branch"), int)
+                                  and isinstance(reuse.get("calls"), list)
+                                  and all(isinstance(k, int) and not isinstance(k, bool) for k in reuse["calls"])):
+        raise TypeError("sampler.reuse: expected {branch: int, calls: [int, ...]}")
     cond = m.get("conditioning", {})
     if not isinstance(cond, dict):
         raise TypeError("conditioning: expected an object")
@@ -143,6 +149,15 @@ def apply_export(pipeline_or_unet, export_dir: str | Path):
 
     # diffusers would write the wrapped layers' keys, which a stock model ignores (with a warning) on reload
     object.__setattr__(unet, "save_pretrained", refuse_save)
+    reuse = manifest["sampler"].get("reuse")
+    if reuse and reuse["calls"]:
+        # the exported reuse of deep features, driven by the denoiser's own calls (a stock pipeline's loop has no
+        # step hook): a call at the schedule's first timestep starts a trajectory
+        ts = manifest["sampler"]["timesteps"]
+        dc = DeepCache(unet, reuse_plan(reuse["calls"], manifest["sampler"].get("denoiser_calls", len(ts))),
+                       reuse["branch"], timesteps=ts)
+        dc.__enter__()
+        object.__setattr__(unet, "tmpq_reuse", dc)
     if unet is not pipeline_or_unet:
         object.__setattr__(pipeline_or_unet, "save_pretrained", refuse_save)
         sampler = manifest["sampler"]

@@ -66,6 +66,9 @@ class SearchSection:
     # the samplers the search may give a candidate: "ddim", "dpm++" (order 2; "dpm++-1" / "dpm++-3"), "unipc" (2;
     # "unipc-1" / "unipc-3"), "euler", "heun"; more than one makes the solver a gene; empty = DDIM alone
     solvers: tuple[str, ...] = ()
+    # reuse of deep features (DeepCache) as a gene: 0 = never; k >= 1 gives every denoiser call after the first a
+    # recompute / reuse gene, the shallow part being the first and last k blocks (tmpq.core.reuse)
+    reuse_branch: int = 0
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,7 @@ CHOICES = {
 }
 MINIMUM = {
     "search.steps": 1, "search.population": 2, "search.generations": 1, "search.size_budget_mb": 0,
-    "executor.workers": 1, "executor.threads_per_worker": 1, "executor.timeout_s": 1, "executor.retries": 0,
+    "search.reuse_branch": 0, "executor.workers": 1, "executor.threads_per_worker": 1, "executor.timeout_s": 1, "executor.retries": 0,
 }
 
 

@@ -15,6 +15,7 @@ from tmpq.core.cost import DEFAULT_SOLVER
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import file_sha256, malformed, read_json, read_parquet
 from tmpq.core.model import ModelConfig, load_model, save_pipeline_dir
+from tmpq.core.reuse import reuse_of
 from tmpq.core.sampler import make_scheduler
 from tmpq.core.solvers import CLASSES, STOCK, denoiser_calls, solver_of
 from tmpq.core.version import __version__
@@ -81,6 +82,8 @@ def export_candidate(run_path: str | Path, key: str, out: str | Path, command: s
         raise TmpqError("export: per-time-group bits are not exportable yet (format v1 has one allocation)")
     timesteps = [int(t) for t in row["timesteps"]]
     solver = solver_of(row)
+    reuse = reuse_of(row)
+    branch = int(cfg.get("search", {}).get("reuse_branch", 0))
     m = load_model(model_cfg)
     adapter = adapter_for(m.unet)
     conditioning = {"kind": adapter.kind(m.unet), "null_label": adapter.null_label(m.unet),
@@ -139,7 +142,8 @@ def export_candidate(run_path: str | Path, key: str, out: str | Path, command: s
         manifest = {
             "format": EXPORT_FORMAT, "version": EXPORT_VERSION,
             "sampler": {**_sampler_classes(solver), "config": dict(sched.config), "timesteps": timesteps, "eta": 0.0,
-                        "guidance_scale": m.guidance_scale, "denoiser_calls": denoiser_calls(sched, timesteps)},
+                        "guidance_scale": m.guidance_scale, "denoiser_calls": denoiser_calls(sched, timesteps),
+                        **({"reuse": {"branch": branch, "calls": list(reuse)}} if reuse else {})},
             "conditioning": conditioning,
             **({"decoder": decoder} if decoder is not None else {}),
             "layers": layers,

@@ -92,7 +92,8 @@ def run_fingerprint(cfg: RunConfig, model_fp: str) -> str:
                                   ("search", "mutation_prob", 0.0), ("proxy", "extractor", "auto"),
                                   ("proxy", "inception_weights", ""), ("supernet", "time_groups", 1),
                                   ("search", "uniform_seeds", True),
-                                  ("search", "size_objective", False), ("search", "solvers", [])):
+                                  ("search", "size_objective", False), ("search", "solvers", []),
+                                  ("search", "reuse_branch", 0)):
         if config[section].get(key) == default:
             del config[section][key]
     # keys that came with the components' own config classes (issue 19): likewise, only when not at their defaults
@@ -144,7 +145,8 @@ def build_space(cfg: RunConfig, net, groups, step_groups=()):
 
 
     space = SearchSpace.from_supernet(net, groups, per_group_bits=cfg.search.per_group_bits, step_groups=step_groups,
-                                      solvers=tuple(parse_solver(v) for v in cfg.search.solvers))
+                                      solvers=tuple(parse_solver(v) for v in cfg.search.solvers),
+                                      reuse_branch=cfg.search.reuse_branch)
     space = space.restrict(cfg.search.axes, uniform_option(cfg.search.fixed_bits, "search.fixed_bits"))
     return replace(space, bitops_budget=budget_bitops(space, cfg.search.bitops_budget),
                    size_budget_mb=cfg.search.size_budget_mb or None)
@@ -221,7 +223,8 @@ def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=No
 
             for c in cands:
                 if c.key not in logged and c.key not in seen_now:
-                    todo.append(Task(c.key, c.timesteps, c.bits, c.solver, c.order))
+                    todo.append(Task(c.key, c.timesteps, c.bits, c.solver, c.order, c.reuse,
+                                     space.reuse_branch))
                     seen_now.add(c.key)
             t0 = time.perf_counter()
             bar = tqdm(executor.map(todo), total=len(todo), desc=f"generation {gen + 1}/{cfg.search.generations}",
@@ -233,7 +236,7 @@ def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=No
                     objectives["bitops"] = space.bitops(cand)
                     objectives["size_mb"] = space.size_mb(cand)
                 res = EvalResult(key=task.key, status=out.status, timesteps=cand.timesteps, bits=cand.bits,
-                                 solver=cand.solver, order=cand.order,
+                                 solver=cand.solver, order=cand.order, reuse=cand.reuse,
                                  objectives=objectives, proxy=proxy_info, n_images=cfg.proxy.n_images,
                                  seed=cfg.proxy.seed, wall_s=round(out.wall_s, 3), worker=out.worker,
                                  error=out.error, generation=gen, origin=engine.name)

@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 
 from tmpq.core.adapters import predict, rows
-from tmpq.core.cost import DEFAULT_SOLVER
+from tmpq.core.cost import DEFAULT_SOLVER, denoiser_calls
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import atomic_write, atomic_write_bytes, read_parquet
 from tmpq.core.model import ModelConfig, load_model
+from tmpq.core.reuse import reuse_of, reusing
 from tmpq.core.rowlog import RowLog, parse_row
 from tmpq.core.sampler import make_scheduler, sample_images
 from tmpq.core.solvers import solver_of
@@ -177,12 +178,16 @@ def validate_run(run_path: str | Path, cfg: ValidateConfig, progress: bool = Tru
             print(f"validate point {i + 1}/{len(points)} {key}: {len(p['timesteps'])} steps, proxy "
                   f"{p['fid_proxy']:.4g}, {p['bitops'] / 1e9:.3g} GBitOPs", flush=True)
         solver = solver_of(p)
+        reuse = reuse_of(p)  # a point of a run with the reuse gene samples with its reuse (calibration: without)
+        branch = int(run_cfg.get("search", {}).get("reuse_branch", 0))
         net, sched, info = recalibrate_point(run.path, key, p["timesteps"], p["bits"], cfg, progress, solver)
         net.save(out / f"{key}.safetensors")
         for seed in todo:
             t0 = time.perf_counter()
-            imgs = sample_images(net.unet, sched, list(p["timesteps"]), cfg.n, seed=seed, batch_size=cfg.batch_size,
-                                 progress=progress, desc=f"{key} seed {seed}", guidance_scale=guidance)
+            with reusing(net.unet, reuse, branch, denoiser_calls(solver[0], len(p["timesteps"]))) as dc:
+                imgs = sample_images(net.unet, sched, list(p["timesteps"]), cfg.n, seed=seed,
+                                     batch_size=cfg.batch_size, progress=progress, desc=f"{key} seed {seed}",
+                                     guidance_scale=guidance, on_step=dc.on_step)
             s = score_features(ext(imgs), ref)
             acc = digit_class_accuracy(net.unet, imgs)  # a digit class model: conditional quality
             log.append({"key": key, "seed": seed, "n": cfg.n, "settings": settings, "fid": s["fid"],
@@ -190,7 +195,8 @@ def validate_run(run_path: str | Path, cfg: ValidateConfig, progress: bool = Tru
                         "kid": s.get("kid"), "kid_std": s.get("kid_std"), "timesteps": list(p["timesteps"]),
                         "bits": json.loads(json.dumps(p["bits"])), "bitops": float(p["bitops"]),
                         "fid_proxy": float(p["fid_proxy"]), "sample_s": round(time.perf_counter() - t0, 1),
-                        **({"solver": solver[0], "order": solver[1]} if solver != DEFAULT_SOLVER else {}), **info})
+                        **({"solver": solver[0], "order": solver[1]} if solver != DEFAULT_SOLVER else {}),
+                        **({"reuse": list(reuse)} if reuse else {}), **info})
         _write_summary(run.path, log, settings, cfg)
     return _write_summary(run.path, log, settings, cfg)
 
@@ -229,6 +235,8 @@ def _write_summary(run_path: Path, log, settings: str, cfg: ValidateConfig):
     if "solver" in first:  # points of a run with a solver gene
         agg["solver"] = [solver_of(first.loc[k])[0] for k in agg["key"]]
         agg["order"] = [solver_of(first.loc[k])[1] for k in agg["key"]]
+    if "reuse" in first:  # points of a run with the reuse gene
+        agg["reuse"] = [list(reuse_of(first.loc[k])) for k in agg["key"]]
     agg["n"] = cfg.n
     agg = agg.sort_values("bitops").reset_index(drop=True)
     atomic_write(run_path / "final.parquet", lambda f: agg.to_parquet(f, index=False))
