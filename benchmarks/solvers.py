@@ -1,0 +1,275 @@
+"""Solvers, step selection and reuse of deep features (issue 21). Resumable: rows in <out>/rows.jsonl, search runs in
+<out>/runs/<name> (their raw logs committed under <out>/raw/).
+
+    .venv/bin/python -m benchmarks.solvers --part fp         # FP FID per solver x steps, uniform and DP schedules
+    .venv/bin/python -m benchmarks.solvers --part gene       # solver gene vs DDIM only: hypervolume, 3 seeds
+    .venv/bin/python -m benchmarks.solvers --part stacking   # quantization alone, reuse alone, both naively, joint
+    .venv/bin/python -m benchmarks.solvers --part report     # rewrite README.md from the rows
+
+- ``fp``: the FP model with each solver (``--solvers``) at ``--steps`` on uniform DDIM timesteps and on the DP-optimal
+  timesteps of :mod:`tmpq.search.stepsel` (one FP teacher run of 100 uniform steps on 64 images of noise seed 20,000,
+  apart from the evaluation noise), scored by FID (domain extractor, N = ``--n``, noise seed ``--seed``) with the FP
+  100-step DDIM row as the reference point.
+- ``gene``: searches with the demo's settings (step choices 5-20, W6A6 budget at 10 steps, 200 evaluations) over DDIM
+  only and over ``--gene-solvers``, seeds 0..``--seeds``-1; hypervolume of each run's evaluated points (proxy,
+  GBitOPs) against one reference point set before the runs: 1.1 x (the uniform W6A6 DDIM 5-step proxy, the budget).
+- ``stacking``: on uniform DDIM ``--stack-steps`` steps: FP; uniform W``a``A``b`` (``--stack-bits``) alone; DeepCache
+  reuse alone (every other call after the first, branch ``--branch``); both naively; and the best point of a joint
+  search with the reuse gene at no more BitOPs than the naive stacking (its proxy-best), all scored by FID at N.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.common import RowLog, findings, keep_raw, run_evaluations
+
+SOLVERS = ("ddim", "dpm++-2", "unipc-2", "euler", "heun")
+GENE_SOLVERS = ("ddim", "dpm++-2", "unipc-2")
+
+
+def _model(args):
+    from tmpq.core.model import ModelConfig, load_model
+
+    return load_model(ModelConfig(path=args.model, guidance_scale=args.guidance))
+
+
+def part_fp(args, log: RowLog) -> None:
+    from tmpq.core.sampler import make_scheduler
+    from tmpq.core.schedules import make_timesteps
+    from tmpq.core.solvers import parse_solver
+    from tmpq.evaluators.features import make_extractor
+    from tmpq.evaluators.quality import embedded_reference, evaluate_schedule
+    from tmpq.search.stepsel import optimal_schedules
+
+    m = _model(args)
+    ext = make_extractor("domain")
+    ref = embedded_reference(ext, "all", 16)
+    dp = None
+
+    def row(solver: str, schedule: str, ts) -> None:
+        if log.has(kind="fp", solver=solver, schedule=schedule, steps=len(ts), n=args.n, seed=args.seed):
+            return
+        name, order = parse_solver(solver)
+        sched = make_scheduler(m.scheduler_config, name, order)
+        r = evaluate_schedule(m.unet, sched, list(ts), args.n, ext, ref, seed=args.seed, batch_size=256,
+                              desc=f"{solver} {schedule} {len(ts)}", guidance_scale=m.guidance_scale)
+        log.append({"kind": "fp", "solver": solver, "schedule": schedule, **r})
+
+    row("ddim", "uniform", make_timesteps("uniform", 100))
+    for steps in args.steps:
+        for solver in args.solvers:
+            row(solver, "uniform", make_timesteps("uniform", steps))
+        if dp is None:
+            dp = optimal_schedules(m.unet, m.scheduler_config, args.steps, guidance_scale=m.guidance_scale)
+        for solver in args.solvers:
+            row(solver, "dp", dp[steps])
+
+
+def _gene_config(args, sn: Path, seed: int, solvers, **extra):
+    from tmpq.jobs.config import config_from_dict, load_config
+
+    base = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.toml").to_dict()
+    base["calibration"]["supernet_file"] = str(sn)
+    base["search"].update(seed=seed, solvers=list(solvers), **extra)
+    if args.population:  # smaller searches (a smoke run); the report says what was run
+        base["search"].update(population=args.population, generations=args.generations)
+    base["executor"].update(kind="local", threads_per_worker=args.threads)
+    return config_from_dict(base)
+
+
+def _search(args, log: RowLog, name: str, cfg) -> Path:
+    from tmpq.jobs.search import run_search
+
+    path = Path(args.out) / "runs" / name
+    if log.has(kind="search", name=name):
+        return path
+    t0 = time.perf_counter()
+    run = run_search(cfg, path, resume=(path / "config.resolved.json").is_file(), progress=True)
+    keep_raw(run.path)
+    ev = run_evaluations(run.path)
+    log.append({"kind": "search", "name": name, "evaluations": int(len(ev)), "wall_s": round(time.perf_counter() - t0, 1),
+                "search": {k: v for k, v in cfg.to_dict()["search"].items() if k in ("seed", "solvers", "reuse_branch")}})
+    return path
+
+
+def _supernet(args) -> Path:
+    """The demo's supernet, calibrated once for every search here."""
+    from tmpq.core.model import load_model
+    from tmpq.jobs.config import load_config
+    from tmpq.jobs.search import calibrate_to_file
+    from tmpq.supernet import QuantSupernet
+
+    path = Path(args.out) / "supernet.safetensors"
+    if not path.is_file():
+        cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.toml")
+        m = load_model(cfg.model)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        calibrate_to_file(cfg, m, QuantSupernet(m.unet, cfg.supernet), path, True)
+    return path
+
+
+def part_gene(args, log: RowLog) -> None:
+    sn = _supernet(args)
+    for seed in range(args.seeds):
+        _search(args, log, f"ddim-s{seed}", _gene_config(args, sn, seed, []))
+        _search(args, log, f"gene-s{seed}", _gene_config(args, sn, seed, args.gene_solvers))
+
+
+def part_stacking(args, log: RowLog) -> None:
+    from tmpq.core.schedules import make_timesteps
+    from tmpq.evaluators.features import make_extractor
+    from tmpq.evaluators.quality import embedded_reference, score_features
+    from tmpq.jobs.run import load_run
+    from tmpq.jobs.search import WorkerSpec
+    from tmpq.search.budget import fp_bitops
+    from tmpq.search.space import Candidate
+
+    sn = _supernet(args)
+    joint = _search(args, log, "joint-reuse-s0", _gene_config(args, sn, 0, [], reuse_branch=args.branch,
+                                                               bitops_budget="none"))
+    run = load_run(joint)
+    space = run.space
+    ev = WorkerSpec({"path": args.model, "guidance_scale": args.guidance}, str(sn.resolve()),
+                    {"name": "fid", "n_images": 128}, args.threads)()
+    ext = make_extractor("domain")
+    ref = embedded_reference(ext, "all", 16)
+    n = args.stack_steps
+    ts = tuple(make_timesteps("uniform", n))
+    w, a = args.stack_bits
+    every_other = tuple(range(1, n, 2))
+    quant = space.uniform_candidate(w, a)
+    cases = {"fp": (None, ()), "quant": ((w, a), ()), "reuse": (None, every_other), "both": ((w, a), every_other)}
+    fp100 = fp_bitops(space, 100)  # the FP model (32 x 32 bits on every layer) at 100 steps: the issue's reference
+    deep_macs = sum(lay.macs for lay in space.layers if lay.fqn in set(space.deep_layers))
+    for name, (bits, reuse) in cases.items():
+        if log.has(kind="stack", name=name, n=args.n, seed=args.seed):
+            continue
+        alloc = tuple(bits for _ in quant.bits) if bits else None
+        cost = (space.bitops(Candidate(ts, alloc, reuse=reuse)) if alloc
+                else fp_bitops(space, n) - 32 * 32 * deep_macs * len(reuse))
+        t0 = time.perf_counter()
+        imgs = ev.images(ts, alloc, n=args.n, seed=args.seed, reuse=(args.branch, reuse) if reuse else None)
+        s = score_features(ext(imgs), ref)
+        log.append({"kind": "stack", "name": name, "n": args.n, "seed": args.seed, "timesteps": list(ts),
+                    "bits": [w, a] if bits else None, "reuse": list(reuse), "bitops": cost,
+                    "bitops_share_of_fp100": cost / fp100, "fid": s["fid"], "sample_s": round(time.perf_counter() - t0, 1)})
+    both = next(r for r in log.rows.values() if r["kind"] == "stack" and r["name"] == "both")
+    if not log.has(kind="stack", name="joint", n=args.n, seed=args.seed):
+        front = run.pareto()
+        ok = front[front["bitops"] <= both["bitops"]]
+        if len(ok):
+            p = ok.sort_values("fid_proxy").iloc[0]
+            reuse = tuple(int(k) for k in p["reuse"]) if "reuse" in p and len(p["reuse"]) else ()
+            bits = tuple(tuple(int(v) for v in b) for b in p["bits"])
+            imgs = ev.images(tuple(p["timesteps"]), bits, n=args.n, seed=args.seed,
+                             reuse=(args.branch, reuse) if reuse else None)
+            s = score_features(ext(imgs), ref)
+            log.append({"kind": "stack", "name": "joint", "n": args.n, "seed": args.seed, "key": p["key"],
+                        "timesteps": list(p["timesteps"]), "bits": json.loads(json.dumps(p["bits"])),
+                        "reuse": list(reuse), "bitops": float(p["bitops"]),
+                        "bitops_share_of_fp100": float(p["bitops"]) / fp100, "fid": s["fid"]})
+
+
+def write_report(args, log: RowLog) -> None:
+    from tmpq.search.pareto import hypervolume_2d
+
+    out = Path(args.out)
+    rows = list(log.rows.values())
+    lines = ["# Solvers, step selection and reuse of deep features (issue 21)", "", *findings(out)]
+    fp = [r for r in rows if r["kind"] == "fp"]
+    ref100 = next((r for r in fp if r["solver"] == "ddim" and r["steps"] == 100), None)
+    if fp:
+        steps = sorted({r["steps"] for r in fp if r["steps"] != 100})
+        lines += [f"## FP model per solver (FID, N = {fp[0]['n']}, noise seed {fp[0]['seed']})", "",
+                  (f"Reference: FP uniform DDIM 100 steps, FID {ref100['fid']:.4f}. " if ref100 else "")
+                  + "`dp`: the DP-optimal timesteps (tmpq.search.stepsel) of each step count, the same for every "
+                  "solver.", "", "| solver | schedule | " + " | ".join(f"{s} steps" for s in steps) + " |",
+                  "|---|---|" + "---:|" * len(steps)]
+        for solver in dict.fromkeys(r["solver"] for r in fp):
+            for sched in ("uniform", "dp"):
+                cells = []
+                for s in steps:
+                    r = next((x for x in fp if (x["solver"], x["schedule"], x["steps"]) == (solver, sched, s)), None)
+                    cells.append(f"{r['fid']:.4f}" if r else "-")
+                lines.append(f"| {solver} | {sched} | " + " | ".join(cells) + " |")
+        lines.append("")
+    runs = {r["name"]: r for r in rows if r["kind"] == "search" and r["name"][:4] in ("ddim", "gene")}
+    if runs:
+        pts = {}
+        for name in runs:
+            ev = run_evaluations(out / "runs" / name)
+            ev = ev[ev["status"] == "ok"]
+            pts[name] = np.stack([ev["fid_proxy"].to_numpy(float), ev["bitops"].to_numpy(float) / 1e9], axis=1)
+        b = json.loads((out / "runs" / next(iter(runs)) / "config.resolved.json").read_text())
+        refpt = np.array([1.1 * max(p[:, 0].max() for p in pts.values()), 1.1 * max(p[:, 1].max() for p in pts.values())])
+        lines += ["## Solver gene vs DDIM only (hypervolume, same evaluations, same supernet and proxy)", "",
+                  f"Demo settings (`configs/demo.toml`, budget {b['search']['bitops_budget']}); reference point "
+                  f"({refpt[0]:.4g}, {refpt[1]:.4g} GBitOPs) = 1.1 x the worst proxy and the largest BitOPs of all "
+                  "runs.", "", "| seed | DDIM only | solver gene | ratio |", "|---:|---:|---:|---:|"]
+        ratios = []
+        for s in range(args.seeds):
+            d, g = pts.get(f"ddim-s{s}"), pts.get(f"gene-s{s}")
+            if d is None or g is None:
+                continue
+            hd, hg = hypervolume_2d(d, refpt), hypervolume_2d(g, refpt)
+            ratios.append(hg / hd)
+            lines.append(f"| {s} | {hd:.4g} | {hg:.4g} | {hg / hd:.3f} |")
+        if ratios:
+            lines += ["", f"Ratio mean {np.mean(ratios):.3f} +- {np.std(ratios):.3f} over {len(ratios)} seeds.", ""]
+    st = {r["name"]: r for r in rows if r["kind"] == "stack"}
+    if st:
+        lines += ["## Stacking quantization and reuse", "", "| case | bits | reused calls | BitOPs / FP 100 steps | FID |",
+                  "|---|---|---|---:|---:|"]
+        for name in ("fp", "quant", "reuse", "both", "joint"):
+            r = st.get(name)
+            if r:
+                lines.append(f"| {name} | {r['bits']} | {r['reuse']} | {r['bitops_share_of_fp100']:.4f} | {r['fid']:.4f} |")
+        lines.append("")
+    any_row = next(iter(rows), None)
+    if any_row:
+        lines += ["## How it was produced", "", f"- command: `{any_row['command']}` (resumable; rows in `rows.jsonl`, "
+                  "raw search logs in `raw/`)", f"- machine: {any_row['machine']}", ""]
+    (out / "README.md").write_text("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--part", required=True, choices=("fp", "gene", "stacking", "report"))
+    ap.add_argument("--out", default="results/solvers")
+    ap.add_argument("--model", default="embedded")
+    ap.add_argument("--guidance", type=float, default=1.0)
+    ap.add_argument("--solvers", type=lambda s: s.split(","), default=list(SOLVERS))
+    ap.add_argument("--gene-solvers", type=lambda s: s.split(","), default=list(GENE_SOLVERS))
+    ap.add_argument("--steps", type=lambda s: [int(v) for v in s.split(",")], default=[5, 7, 10, 14, 20])
+    ap.add_argument("--n", type=int, default=10000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--branch", type=int, default=1)
+    ap.add_argument("--stack-steps", type=int, default=20)
+    ap.add_argument("--stack-bits", type=lambda s: tuple(int(v) for v in s.split(",")), default=(6, 6))
+    ap.add_argument("--population", type=int, default=0, help="override the demo's population (0: keep it)")
+    ap.add_argument("--generations", type=int, default=1, help="with --population: generations")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = RowLog(out / "rows.jsonl", ("kind", "name", "solver", "schedule", "steps", "n", "seed"))
+    if args.part == "fp":
+        part_fp(args, log)
+    elif args.part == "gene":
+        part_gene(args, log)
+    elif args.part == "stacking":
+        part_stacking(args, log)
+    write_report(args, log)
+    print(f"wrote {out / 'README.md'}")
+
+
+if __name__ == "__main__":
+    main()
