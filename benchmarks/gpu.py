@@ -11,13 +11,18 @@ Writes ``OUT/rows.jsonl`` (one row per measurement, resumable) and ``OUT/README.
   differences;
 - ``sampling``: FP and fake-quantized (uniform W8A8) sampling time on the device at 10 steps, in fp32 (and FP in bf16);
 - ``actors``: evaluation throughput of 1, 2 and 4 Ray actors sharing the device (``gpus_per_worker = 1 / k``);
-- ``kernels``: real int8 kernels on the device are not implemented yet (issue 22 item 4): the row says so.
+- ``kernels``: torchao's int8 matmuls (``tmpq.deploy.torchao_int8``) on the uniform W8A8 model at 10 steps:
+  layers converted, the conversion check's worst error against fake quantization, each fallback named, the
+  sampling time of fake quantization and of the int8 model (each also ``torch.compile``'d, except in a CPU
+  ``--small`` smoke run or with ``--no-compile``) and the pixel MSE
+  between their images on the same noise.
 
 Every timing synchronises the device before reading the clock.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import platform
 import shutil
@@ -177,6 +182,39 @@ def part_actors(args, log: RowLog, sn: Path) -> None:
                     "gpus_per_worker": 1.0 / k if gpu else 0})
 
 
+def part_kernels(args, log: RowLog, sn: Path) -> None:
+    from tmpq.deploy.int8 import compiled_timings, int8_summary, time_sampling
+    from tmpq.deploy.torchao_int8 import to_torchao_int8, torchao_version
+
+    if log.has(kind="kernels", name="torchao-w8a8"):
+        return
+    if importlib.util.find_spec("torchao") is None:
+        print("kernels: torchao is not installed (pip install -e '.[gpu]'): no row", flush=True)
+        return
+    ts, n = make_timesteps("quad", 10), args.sample_n
+    m = load_model(None, device=args.device)
+    sched = make_scheduler(m.scheduler_config)
+    net = QuantSupernet.from_file(m.unet, sn)
+    net.set_uniform(8, 8)
+    unet, batch = net.unet, min(n, 1024)
+    fq_s = time_sampling(unet, sched, ts, n, batch)
+    fq = sample_images(unet, sched, ts, n, batch_size=batch, progress=False)
+    unet, layers = to_torchao_int8(unet, lambda u: sample_images(u, sched, ts, 4, seed=2, batch_size=4,
+                                                                  progress=False), device=args.device)
+    i8_s = time_sampling(unet, sched, ts, n, batch)
+    i8 = sample_images(unet, sched, ts, n, batch_size=batch, progress=False)
+    row = {"kind": "kernels", "name": "torchao-w8a8", "torchao": torchao_version(), "n": n, "steps": len(ts),
+           "fakequant_s": round(fq_s, 4), "torchao_int8_s": round(i8_s, 4),
+           "pixel_mse_vs_fakequant": float((i8 - fq).pow(2).mean()), **int8_summary(layers),
+           "fallbacks": {r["fqn"]: r["why"] for r in layers if not r["int8"]}}
+    if not (args.no_compile or (args.small and args.device == "cpu")):  # a CPU smoke run skips the compiles
+        fresh = QuantSupernet.from_file(load_model(None, device=args.device).unet, sn)
+        fresh.set_uniform(8, 8)
+        row.update({k: round(v, 4) if isinstance(v, float) else v for k, v in compiled_timings(
+            {"fakequant": (fresh.unet, sched, ts), "torchao_int8": (unet, sched, ts)}, n, batch).items()})
+    log.append(row)
+
+
 def write_report(out: Path, log: RowLog, args) -> None:
     rows = list(log.rows.values())
     lines = ["# GPU check (issue 22)", "", f"- command: `{command_line()}`", ""]
@@ -199,7 +237,22 @@ def write_report(out: Path, log: RowLog, args) -> None:
         lines += ["## Evaluation throughput, Ray actors sharing the device", "", "| actors | GPUs per actor | tasks | "
                   "evals/s |", "|---:|---:|---:|---:|"] + [
             f"| {r['actors']} | {r['gpus_per_worker']:.2f} | {r['tasks']} | {r['evals_per_s']} |" for r in act] + [""]
-    lines += ["## Real int8 kernels on the device", "", "Not implemented yet (issue 22 item 4): no row.", ""]
+    kern = next((r for r in rows if r["kind"] == "kernels"), None)
+    if kern:
+        comp = {k: kern.get(f"{k}_compiled_s") for k in ("fakequant", "torchao_int8")}
+        lines += [f"## Real int8 kernels on the device (torchao {kern['torchao']}, uniform W8A8, {kern['steps']} "
+                  f"steps, {kern['n']} images)", "",
+                  f"{kern['int8_layers']} layers on torchao's int8 matmul, {kern['fallback_layers']} fake-quant; "
+                  f"worst check error {kern['check_worst_err_int8']:.1e} of the exact magnitude; pixel MSE vs fake "
+                  f"quantization {kern['pixel_mse_vs_fakequant']:.1e}", "",
+                  "| model | median s | compiled s |", "|---|---:|---:|",
+                  f"| fake quantization | {kern['fakequant_s']} | {comp['fakequant'] or '-'} |",
+                  f"| torchao int8 | {kern['torchao_int8_s']} | {comp['torchao_int8'] or '-'} |", ""]
+        lines += [f"- fallback {k}: {v}" for k, v in kern["fallbacks"].items()] + [""]
+        lines += [f"- torch.compile failed for {k}: {v}" for k, v in kern.get("compile_errors", {}).items()]
+    else:
+        lines += ["## Real int8 kernels on the device", "", "No row (the kernels part was not run, or torchao is not "
+                  "installed).", ""]
     (out / "README.md").write_text("\n".join(lines))
 
 
@@ -208,7 +261,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default="results/gpu")
     ap.add_argument("--small", action="store_true", help="a smoke run: small calibration, few images and tasks")
-    ap.add_argument("--parts", default="env,agreement,sampling,actors")
+    ap.add_argument("--parts", default="env,agreement,sampling,actors,kernels")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile timings of the kernels part")
     args = ap.parse_args()
     args.device = resolve_device(args.device, "--device")
     args.proxy_n = 16 if args.small else 128
@@ -221,7 +275,8 @@ def main() -> None:
     if "env" in parts and not log.has(kind="env", name="env"):
         log.append(env_row(args.device))
     sn = supernet_file(out, args.small)
-    for name, fn in (("agreement", part_agreement), ("sampling", part_sampling), ("actors", part_actors)):
+    for name, fn in (("agreement", part_agreement), ("sampling", part_sampling), ("actors", part_actors),
+                     ("kernels", part_kernels)):
         if name in parts:
             t0 = time.perf_counter()
             fn(args, log, sn)

@@ -12,6 +12,11 @@ a diffusion sampler integrates that shift over every step (measured: the one-sca
 embedded model alone moved its samples 20x more than random weight noise of twice the size). The shift is
 ``-E[op(x, W_q - W)]`` over calibration inputs x, the classic bias correction of data-free quantization (Nagel et
 al., 2019) measured on data, as PTQD does for diffusion models.
+
+Dtypes: a layer computes in its wrapped module's dtype (``model.dtype``). Every quantizer of a bf16 / fp16 layer
+quantizes in fp32 and rounds its result once to that dtype (:func:`tmpq.quant.quantizer.fake_quant_in_fp32`); the
+active bias (bias + shift) is summed in fp32 and rounded once; the bias shifts are measured in fp32 on the
+layer-dtype quantized weight. An fp32 layer runs exactly as before (every cast a no-op).
 """
 from __future__ import annotations
 
@@ -24,7 +29,17 @@ import torch.nn.functional as F
 from tmpq.quant.adaround import AdaRoundQuantizer
 from tmpq.quant.binarize import MultiBasisBinarizer
 from tmpq.quant.functional import fake_quant_split_inference
-from tmpq.quant.quantizer import AffineQuantizer, QuantError
+from tmpq.quant.quantizer import (
+    LOW_PRECISION,
+    AffineQuantizer,
+    QuantError,
+    fake_quant_in_fp32,
+)
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    """A bf16 / fp16 tensor upcast (exactly) to fp32; any other unchanged."""
+    return t.float() if t.dtype in LOW_PRECISION else t
 
 
 class QuantLayer(nn.Module):
@@ -145,17 +160,21 @@ class QuantLayer(nn.Module):
                 self.a_quant_split[i].freeze()
 
     # -- forward ------------------------------------------------------------------------------------------------
+    def _quantize_weight(self, q: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+        """``q(weight)`` in the weight's dtype: a bf16 / fp16 weight quantized in fp32 and rounded once."""
+        return fake_quant_in_fp32(q, weight)
+
     def quantized_weight(self) -> torch.Tensor:
         if self.w_index is None:
             return self.module.weight
         q = self.w_quant[self.w_index]
         if torch.is_grad_enabled() and (self.module.weight.requires_grad or any(p.requires_grad for p in q.parameters())):
-            return q(self.module.weight)
+            return self._quantize_weight(q, self.module.weight)
         weight = self.module.weight
         w = self._w_cache.get(self.w_index)
         if w is None or w.stride() != weight.stride():  # (re)built in the weight's memory format: a channels-last
             # model must not convert its weights in every conv call (empty_like keeps the weight's strides)
-            w = self._w_cache[self.w_index] = torch.empty_like(weight).copy_(q(weight).detach())
+            w = self._w_cache[self.w_index] = torch.empty_like(weight).copy_(self._quantize_weight(q, weight).detach())
         return w
 
     def invalidate_cache(self) -> None:
@@ -186,7 +205,9 @@ class QuantLayer(nn.Module):
             return x
         grads = torch.is_grad_enabled() and (x.requires_grad or qa.scale.requires_grad or qb.scale.requires_grad)
         if not grads and qa.granularity == qb.granularity == "tensor" and bool(qa.frozen) and bool(qb.frozen):
-            return fake_quant_split_inference(x, self.split, qa.inference_params(), qb.inference_params())
+            # (the kernel casts the parameters to the input's dtype: a bf16 / fp16 input goes through it in fp32)
+            return fake_quant_in_fp32(lambda v: fake_quant_split_inference(v, self.split, qa.inference_params(),
+                                                                           qb.inference_params()), x)
         return torch.cat([qa(a), qb(b)], dim=1)
 
     # -- bias correction ------------------------------------------------------------------------------------------
@@ -197,10 +218,11 @@ class QuantLayer(nn.Module):
 
     @torch.no_grad()
     def _observe_shift(self, x: torch.Tensor) -> None:
+        # in fp32 (no-ops for an fp32 layer): the shift of the weight the layer will use, on its exact inputs
         w = self.module.weight
         sums = []
         for q in self.w_quant:
-            d = self._op(x, q(w).detach() - w, None)
+            d = self._op(_fp32(x), _fp32(self._quantize_weight(q, w).detach()) - _fp32(w), None)
             c = self.channel_dim % d.ndim
             sums.append(d.double().sum(dim=[i for i in range(d.ndim) if i != c]))
         n = d.numel() // d.shape[c]
@@ -222,8 +244,8 @@ class QuantLayer(nn.Module):
         b = self.module.bias
         if self.w_index is None:
             return b
-        shift = self.w_quant[self.w_index].bias_shift
-        return shift if b is None else b + shift
+        shift = self.w_quant[self.w_index].bias_shift  # fp32: summed in fp32, rounded once to the layer's dtype
+        return (shift if b is None else b + shift).to(self.module.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bias_observing:

@@ -4,6 +4,10 @@ Life cycle: build (shapes fixed) -> ``observe(x)`` one or more times -> ``freeze
 ``forward`` fake-quantizes. Weight quantizers usually do ``observe(w); freeze()`` once. A quantizer that was never
 frozen refuses to run instead of silently creating state inside ``forward``. ``state_dict`` round-trips without any
 warm-up forward because every tensor exists from ``__init__`` on.
+
+Dtypes: a quantizer's state (scale, zero-point) is fp32 whatever the model's dtype, and a bf16 / fp16 input is
+fake-quantized exactly as its fp32 upcast would be, the result rounded once to the input's dtype
+(:func:`fake_quant_in_fp32`).
 """
 from __future__ import annotations
 
@@ -25,8 +29,29 @@ OBSERVERS = ("minmax", "percentile", "mse")
 SUPPORTED_BITS = tuple(range(2, 17))
 
 
+# input dtypes that are fake-quantized in fp32 and rounded once back (see fake_quant_in_fp32)
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
 class QuantError(ValueError):
     """Invalid quantizer configuration or use."""
+
+
+def fake_quant_in_fp32(fn, x: torch.Tensor) -> torch.Tensor:
+    """``fn(x)`` for an fp32 (or fp64) ``x``; for a bf16 / fp16 ``x``, ``fn(x.float())`` rounded once to ``x``'s dtype.
+
+    What "exact in the dtype it computes in" means here: the integer code of every element is the one fp32 fake
+    quantization gives (codes from fp32 scaling, rounding and clamping of the exactly upcast input, never from a
+    scale or a product rounded to 8 mantissa bits, which would move values across rounding boundaries), and the
+    dequantized value is the fp32 grid value ``(q - zero_point) * scale`` rounded once, to nearest, to the compute
+    dtype: no second rounding in between. A grid value itself is generally not representable in bf16 (8 significant
+    bits against an 8-bit code times a 24-bit scale); the bf16 value is its nearest neighbour, and for codes
+    ``|q - zero_point| <= 128`` (every symmetric grid of up to 8 bits) it still decodes to its code:
+    ``round(value / scale) == q - zero_point`` (fp16, 11 significant bits: up to 1024). Tested in
+    ``tests/test_dtype.py``. Gradients pass through both casts."""
+    if x.dtype in LOW_PRECISION:
+        return fn(x.float()).to(x.dtype)
+    return fn(x)
 
 
 class AffineQuantizer(nn.Module):
@@ -174,8 +199,13 @@ class AffineQuantizer(nn.Module):
         return self.scale.detach(), self.zero_point.detach(), self.qmin, self.qmax
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize ``x``; a bf16 / fp16 ``x`` in fp32, the result rounded once to its dtype
+        (:func:`fake_quant_in_fp32`)."""
         if not bool(self.frozen):
             raise QuantError("quantizer used before calibration (observe + freeze, or load a state_dict)")
+        return fake_quant_in_fp32(self._fake_quant, x)
+
+    def _fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         if self.granularity == "tensor":
             if not (torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad)):
                 # inference fast path: in-place ops, bit-exact with fake_quant and the torch reference op (tested)

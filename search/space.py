@@ -406,16 +406,13 @@ class SearchSpace:
     @classmethod
     def from_supernet(cls, net, groups: TimeGroups, per_group_bits: bool = False,
                       step_groups: Sequence[TimeGroups] = (), solvers: Sequence[tuple[str, int]] = (),
-                      reuse_branch: int = 0, **budgets) -> "SearchSpace":
-        """Build the space from a ``QuantSupernet``'s layer table (the only torch-touching constructor)."""
+                      reuse_branch: int = 0, reused: Sequence[str] = (), **budgets) -> "SearchSpace":
+        """Build the space from a ``QuantSupernet``'s layer table (the only torch-touching constructor); with
+        ``reuse_branch``, ``reused`` names the modules a reuse call skips (:func:`tmpq.core.reuse.reused_layers`)."""
         layers = tuple(LayerCost(i.fqn, i.macs, i.params, i.gene, i.pinned) for i in net.infos)
         other = sum(p.numel() for p in net.unet.parameters()) - sum(i.params for i in net.infos)
-        deep: tuple[str, ...] = ()
-        if reuse_branch:
-            from tmpq.core.reuse import reused_layers
-
-            names = reused_layers(net.unet, reuse_branch)
-            deep = tuple(i.fqn for i in net.infos if i.fqn in names)
+        names = set(reused)
+        deep = tuple(i.fqn for i in net.infos if i.fqn in names) if reuse_branch else ()
         return cls(groups, layers, net.num_genes, net.config.w_bits, net.config.a_bits, per_group_bits, other,
                    step_groups=tuple(sorted(step_groups, key=lambda g: g.n)), solvers=tuple(solvers),
                    reuse_branch=reuse_branch, deep_layers=deep, **budgets)

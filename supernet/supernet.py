@@ -18,6 +18,7 @@ import torch.nn as nn
 from tmpq.core.adapters import adapter_for, forward, sample_shape
 from tmpq.core.cost import call_bitops, output_macs, weight_bits
 from tmpq.core.errors import TmpqError
+from tmpq.core.sampler import model_dtype
 from tmpq.quant.layers import WRAPPERS, QuantLayer, correct_bias, replace_module, wrap
 from tmpq.supernet import calibration
 from tmpq.supernet.config import TIE_QKV, LayerInfo, SupernetConfig
@@ -157,7 +158,7 @@ class QuantSupernet(nn.Module):
             lay.set_bits(None, None)
         try:
             adapter, device = adapter_for(self.unet), self._device()
-            x = torch.zeros(1, *sample_shape(self.unet), device=device)
+            x = torch.zeros(1, *sample_shape(self.unet), device=device, dtype=model_dtype(self.unet))
             adapter.call(self.unet, x, torch.tensor([500], device=device), adapter.example(self.unet, 1, device))
         finally:
             for h in hooks:

@@ -1,5 +1,13 @@
 """tmpq: timestep x mixed-precision co-optimisation of diffusion models."""
+import logging as _logging
+
 from tmpq.core.version import __version__ as __version__
+
+# With torchao installed (the gpu extra), every diffusers model load imports it, and torchao 0.18 beside diffusers
+# 0.42 logs two warnings that concern neither the user's model nor tmpq (a deprecated torch pytree registration, and
+# diffusers looking for torchao classes that moved); they would turn tmpq's one-line errors into three lines.
+for _name in ("torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
+    _logging.getLogger(_name).setLevel(_logging.ERROR)
 
 
 def load_run(path):

@@ -125,6 +125,12 @@ def _parser_sample(sub) -> None:
     s.add_argument("--null-label", type=int, default=None, help="class-conditional UNets: the label the model "
                    "was trained to treat as unconditional (a DiT's is its extra embedding row)")
     _add_prompt(s)
+    _add_dtype(s)
+
+
+def _add_dtype(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"), help="what the FP model computes in "
+                   "(model.dtype; the sampler's state and steps stay fp32) (default: fp32)")
 
 
 def _parser_fid(sub) -> None:
@@ -147,6 +153,7 @@ def _parser_fid(sub) -> None:
     f.add_argument("--null-label", type=int, default=None, help="class-conditional UNets: the label the model "
                    "was trained to treat as unconditional")
     f.add_argument("--out", default=None, help="write the result rows as JSON here")
+    _add_dtype(f)
 
 
 
@@ -258,12 +265,20 @@ def _parser_speed(sub) -> None:
                                     "(oneDNN static int8 conv / Linear) for every layer they run exactly. Prints the "
                                     "CPU's int8 instruction sets; every int8 layer is checked against fake "
                                     "quantization on real inputs at conversion, and the layers that fall back are "
-                                    "named with why.")
+                                    "named with why. With --device cuda: FP (float32 and bf16 autocast), fake "
+                                    "quantization and torchao's int8 matmuls (static exported activation quantizers, "
+                                    "exported weight grid; convs as im2col) on the GPU, checked the same way.")
     sp.add_argument("export", help="export directory (tmpq export)")
     sp.add_argument("--n", type=int, default=256, help="images per timing (default: %(default)s)")
     sp.add_argument("--batch-size", type=int, default=256, help="images per UNet batch (default: %(default)s)")
     sp.add_argument("--fid-n", type=int, default=0, help="also FID of fake-quant vs int8 at this N (default: off)")
     sp.add_argument("--out", default=None, help="write the numbers as JSON here")
+    sp.add_argument("--device", default="cpu",
+                    help="cpu (default: oneDNN int8 kernels), cuda or cuda:N (torchao int8 matmuls on the GPU, FP also "
+                         "under bf16 autocast; needs the gpu extra, pip install 'tmpq[gpu]'), or auto")
+    sp.add_argument("--compile", action="store_true",
+                    help="also time each model with a torch.compile'd forward (the warm-up batch compiles; a model "
+                         "that does not compile is named with its error)")
     _add_threads(sp)
 
 

@@ -24,6 +24,7 @@ from tmpq.core.schedules import make_timesteps, validate_timesteps
 from tmpq.core.solvers import sched_order
 from tmpq.deploy.bundle import load_export
 from tmpq.deploy.int8 import CHECK_TOL, describe_cpu_int8, measure_speed
+from tmpq.deploy.torchao_int8 import describe_device, measure_speed_torchao
 from tmpq.evaluators.classifier import ClassifierTrainConfig, train_classifier
 from tmpq.evaluators.features import make_extractor
 from tmpq.evaluators.quality import (
@@ -90,6 +91,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     if args.export:
         if args.model:
             raise TmpqError("sample: give an export directory or --model, not both")
+        if args.dtype not in (None, "fp32"):
+            raise TmpqError(f"sample: --dtype {args.dtype} applies to --model sampling, not to an export")
 
         unet, sched, ts, manifest = load_export(args.export, device=resolve_device(args.device, "--device"),
                                                 prompts=args.prompt)
@@ -99,7 +102,10 @@ def cmd_sample(args: argparse.Namespace) -> None:
         if args.solver or args.order:
             raise TmpqError("sample: an export brings its own sampler; --solver / --order do not apply")
     else:
-        m = load_model(_model_config(args), device=resolve_device(args.device, "--device"))
+        if args.dtype not in (None, "fp32") and not args.timesteps and "dp" in args.schedule.replace(" ", "").split(","):
+            raise TmpqError(f"--dtype {args.dtype}: --schedule dp profiles the model in fp32 only (use uniform or quad)")
+        m = load_model(dataclasses.replace(_model_config(args), **({"dtype": args.dtype} if args.dtype else {})),
+                       device=resolve_device(args.device, "--device"))
         (label, ts), *rest = _schedules(args, m)
         if rest:
             raise TmpqError("sample: give one schedule and one step count")
@@ -132,7 +138,10 @@ def cmd_fid(args: argparse.Namespace) -> None:
     _set_threads(args.threads)
     if args.n < 2:
         raise TmpqError(f"--n: must be >= 2 for FID, got {args.n}")
-    m = load_model(_model_config(args), device=resolve_device(args.device, "--device"))
+    if args.dtype not in (None, "fp32") and not args.timesteps and "dp" in args.schedule.replace(" ", "").split(","):
+        raise TmpqError(f"--dtype {args.dtype}: --schedule dp profiles the model in fp32 only (use uniform or quad)")
+    m = load_model(dataclasses.replace(_model_config(args), **({"dtype": args.dtype} if args.dtype else {})),
+                   device=resolve_device(args.device, "--device"))
     schedules = _schedules(args, m)
     extractor = make_extractor(args.extractor, args.inception_weights)
     ref = _build_reference(args, extractor, (m.image_channels,))
@@ -317,24 +326,56 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 def cmd_speed(args: argparse.Namespace) -> None:
     _set_threads(args.threads)
+    device = resolve_device(args.device, "--device")  # a CUDA name without CUDA: one line, before any work
+    labels = {"fp_100_uniform": "FP, uniform DDIM 100 steps", "fp_100_uniform_bf16": "FP bf16, uniform DDIM 100 steps",
+              "fp_export_schedule": "FP, exported schedule", "fp_export_schedule_bf16": "FP bf16, exported schedule",
+              "fakequant_export": "fake quantization, exported", "int8_export": "real int8 kernels, exported",
+              "torchao_int8_export": "torchao int8 matmuls, exported"}
 
-    print(f"CPU: {describe_cpu_int8()}", flush=True)
-    rows = measure_speed(args.export, n=args.n, batch_size=args.batch_size, fid_n=args.fid_n)
-    rows["threads"] = args.threads
-    layers = rows["layers"]
-    print(f"{'FP, uniform DDIM 100 steps':36s} {rows['fp_100_uniform_s']:8.2f} s")
-    print(f"{'FP, exported schedule':36s} {rows['fp_export_schedule_s']:8.2f} s")
-    print(f"{'fake quantization, exported':36s} {rows['fakequant_export_s']:8.2f} s")
-    print(f"{'real int8 kernels, exported':36s} {rows['int8_export_s']:8.2f} s  "
-          f"({rows['int8_layers']}/{len(layers)} layers int8, {rows['split_weight_layers']} of them on split weights)")
-    print(f"int8 check against fake quantization on real inputs: worst error {rows['check_worst_err_int8']:.1e} of "
-          f"the exact magnitude among the int8 layers ({rows['check_worst_err']:.1e} among all checked; "
-          f"tolerance {CHECK_TOL:.0e}); int8 vs fake-quant images: pixel MSE {rows['int8_vs_fakequant_pixel_mse']:.1e}")
-    sh = rows["op_shares"]
-    print(f"conv + Linear share of one denoiser call: FP {sh['fp']['conv_linear_share']:.0%} of "
-          f"{sh['fp']['total_ms']:.0f} ms, int8 {sh['int8']['conv_linear_share']:.0%} of "
-          f"{sh['int8']['total_ms']:.0f} ms; speed-up bound vs FP 100 steps with free convs / Linears: "
-          f"{rows['speedup_bound_vs_fp100']:.1f}x")
+    def compiled_lines(rows: dict) -> None:
+        for key, label in labels.items():
+            if f"{key}_compiled_s" in rows:
+                print(f"{label + ', compiled':36s} {rows[f'{key}_compiled_s']:8.2f} s")
+        for key, err in rows.get("compile_errors", {}).items():
+            print(f"  torch.compile failed for {labels.get(key, key)}: {err}")
+
+    if device != "cpu":  # torchao's int8 matmuls on the device (tmpq.deploy.torchao_int8)
+        print(f"Device: {describe_device(device)}", flush=True)
+        rows = measure_speed_torchao(args.export, device, n=args.n, batch_size=args.batch_size, fid_n=args.fid_n,
+                                     compile=args.compile)
+        rows["threads"] = args.threads
+        layers = rows["layers"]
+        for key in ("fp_100_uniform", "fp_100_uniform_bf16", "fp_export_schedule", "fp_export_schedule_bf16",
+                    "fakequant_export"):
+            print(f"{labels[key]:36s} {rows[key + '_s']:8.2f} s")
+        print(f"{labels['torchao_int8_export']:36s} {rows['torchao_int8_export_s']:8.2f} s  "
+              f"({rows['int8_layers']}/{len(layers)} layers int8 through torchao)")
+        print(f"torchao int8 check against fake quantization on real inputs: worst error "
+              f"{rows['check_worst_err_int8']:.1e} of the exact magnitude among the int8 layers "
+              f"({rows['check_worst_err']:.1e} among all checked; tolerance {CHECK_TOL:.0e}); int8 vs fake-quant "
+              f"images: pixel MSE {rows['torchao_int8_vs_fakequant_pixel_mse']:.1e}")
+    else:
+        print(f"CPU: {describe_cpu_int8()}", flush=True)
+        rows = measure_speed(args.export, n=args.n, batch_size=args.batch_size, fid_n=args.fid_n,
+                             compile=args.compile)
+        rows["threads"] = args.threads
+        layers = rows["layers"]
+        print(f"{'FP, uniform DDIM 100 steps':36s} {rows['fp_100_uniform_s']:8.2f} s")
+        print(f"{'FP, exported schedule':36s} {rows['fp_export_schedule_s']:8.2f} s")
+        print(f"{'fake quantization, exported':36s} {rows['fakequant_export_s']:8.2f} s")
+        print(f"{'real int8 kernels, exported':36s} {rows['int8_export_s']:8.2f} s  "
+              f"({rows['int8_layers']}/{len(layers)} layers int8, {rows['split_weight_layers']} of them on split "
+              f"weights)")
+        print(f"int8 check against fake quantization on real inputs: worst error {rows['check_worst_err_int8']:.1e} "
+              f"of the exact magnitude among the int8 layers ({rows['check_worst_err']:.1e} among all checked; "
+              f"tolerance {CHECK_TOL:.0e}); int8 vs fake-quant images: pixel MSE "
+              f"{rows['int8_vs_fakequant_pixel_mse']:.1e}")
+        sh = rows["op_shares"]
+        print(f"conv + Linear share of one denoiser call: FP {sh['fp']['conv_linear_share']:.0%} of "
+              f"{sh['fp']['total_ms']:.0f} ms, int8 {sh['int8']['conv_linear_share']:.0%} of "
+              f"{sh['int8']['total_ms']:.0f} ms; speed-up bound vs FP 100 steps with free convs / Linears: "
+              f"{rows['speedup_bound_vs_fp100']:.1f}x")
+    compiled_lines(rows)
     fids = [k for k in rows if k.endswith(f"_fid_n{args.fid_n}")] if args.fid_n else []
     if fids:
         print("FID at N = " + f"{args.fid_n}: " + ", ".join(f"{k.split('_fid')[0]} {rows[k]:.4g}" for k in fids))

@@ -29,20 +29,15 @@ from collections.abc import Sequence
 
 import torch.nn as nn
 
+from tmpq.core.adapters import denoiser_of
 from tmpq.core.errors import TmpqError
-
-
-def _inner(model: nn.Module) -> nn.Module:
-    from tmpq.core.adapters import denoiser_of
-
-    return denoiser_of(model)
 
 
 def deep_modules(model: nn.Module, branch: int = 1) -> tuple[str, list[tuple[str, nn.Module]]]:
     """The kind of split (``"unet"`` or ``"blocks"``) and the deep modules (name, module), in call order, of
     ``model``'s denoiser at depth ``branch``; a one-line error when the class has no split or ``branch`` leaves no
     deep part."""
-    inner = _inner(model)
+    inner = denoiser_of(model)
     if isinstance(branch, bool) or not isinstance(branch, int) or branch < 1:
         raise TmpqError(f"reuse branch: must be an integer >= 1, got {branch!r}")
     if hasattr(inner, "down_blocks") and hasattr(inner, "up_blocks"):

@@ -25,7 +25,8 @@ from tmpq.core.errors import TmpqError
 from tmpq.core.schedules import validate_timesteps
 from tmpq.core.solvers import RespacedDDIMScheduler, make_scheduler
 
-__all__ = ["NoiseBank", "RespacedDDIMScheduler", "make_scheduler", "noise_generators", "sample_batch", "sample_images"]
+__all__ = ["NoiseBank", "RespacedDDIMScheduler", "make_scheduler", "model_dtype", "noise_generators", "sample_batch",
+           "sample_images"]
 
 
 def _seed_for(seed: int, index: int, stream: int) -> int:
@@ -76,6 +77,16 @@ class NoiseBank:
         return self._draw(list(indices), step + 1)
 
 
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype the denoiser computes in (``model.dtype``): diffusers' ``dtype`` of the denoiser (which skips modules
+    it keeps in fp32), else its first floating-point parameter's."""
+    inner = denoiser_of(model)
+    dtype = getattr(inner, "dtype", None)
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    return next((p.dtype for p in inner.parameters() if p.is_floating_point()), torch.float32)
+
+
 @torch.inference_mode()
 def sample_batch(unet: torch.nn.Module, scheduler: RespacedDDIMScheduler, timesteps: Sequence[int],
                  bank: NoiseBank, indices: Sequence[int], eta: float = 0.0, on_step=None, labels=None,
@@ -86,9 +97,15 @@ def sample_batch(unet: torch.nn.Module, scheduler: RespacedDDIMScheduler, timest
     The denoiser is called through its adapter (:mod:`tmpq.core.adapters`) with the images' conditioning (class
     models: balanced labels ``index % classes`` unless ``labels`` names them; text models: the model's prompts),
     and with classifier-free guidance when ``guidance_scale != 1``. ``on_step(k, t, x_t)``, if given, sees the
-    denoiser input of every step (calibration-data capture)."""
+    denoiser input of every step (calibration-data capture).
+
+    Dtypes (``model.dtype``), as diffusers' pipelines that run a bf16 transformer on fp32 latents (e.g. Wan) do: the
+    noise is drawn in fp32 on the CPU and moved to the device once; the sample ``x_t`` and every scheduler step stay
+    fp32; only the denoiser's input is cast to the model's dtype and its output back to fp32 (a VAE decodes in its
+    own dtype). With an fp32 model both casts are no-ops: the fp32 path is the one of before."""
     scheduler.set_timesteps(timesteps=timesteps)
     device = next(unet.parameters()).device
+    dtype = model_dtype(unet)
     inner = denoiser_of(unet)
     cond = adapter_for(inner).conditions(inner, indices, labels, device=device)
     ddim = isinstance(scheduler, RespacedDDIMScheduler)
@@ -101,10 +118,10 @@ def sample_batch(unet: torch.nn.Module, scheduler: RespacedDDIMScheduler, timest
     for k, t in enumerate(scheduler.timesteps.tolist()):
         t = int(round(t))  # the schedule's integer timesteps (float32 in the sigma-space schedulers)
         t_in = torch.full((x.shape[0],), t, dtype=torch.int64, device=device)
-        x_in = x if ddim else scheduler.scale_model_input(x, scheduler.timesteps[k])
+        x_in = (x if ddim else scheduler.scale_model_input(x, scheduler.timesteps[k])).to(dtype)
         if on_step is not None:
             on_step(k, t, x_in)
-        eps = guided_eps(unet, x_in, t_in, cond, guidance_scale)
+        eps = guided_eps(unet, x_in, t_in, cond, guidance_scale).float()
         if ddim:
             noise = bank.eta(indices, k).to(device) if eta > 0 else None
             x = scheduler.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample

@@ -27,6 +27,7 @@ a grouped conv; all of them when this PyTorch build has no oneDNN int8 kernels.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import time
@@ -102,6 +103,12 @@ def _lacks() -> str:
 def _why_not_int8(layer: QuantLayer) -> str | None:
     if not onednn_available():
         return "no oneDNN int8 kernels in this PyTorch build"
+    return why_not_w8a8(layer)
+
+
+def why_not_w8a8(layer: QuantLayer) -> str | None:
+    """Why the layer's exported option is not an int8 weight grid times per-channel scales on 8-bit per-tensor
+    activations (None: it is), whatever the kernels (also used by :mod:`tmpq.deploy.torchao_int8`)."""
     if layer.w_index is None:
         return "full-precision weights"
     q = layer.w_quant[layer.w_index]
@@ -428,6 +435,39 @@ def int8_summary(rows: list[dict]) -> dict:
             "check_worst_err_int8": max((r["check_err"] for r in rows if r["int8"]), default=0.0)}
 
 
+def compiled(unet: nn.Module) -> nn.Module:
+    """A view of ``unet`` whose forward is ``torch.compile``'d (same class, modules and parameters; ``unet`` itself
+    stays eager)."""
+    view = copy.copy(unet)
+    view.forward = torch.compile(unet.forward)
+    return view
+
+
+def compiled_timings(models: dict[str, tuple], n: int, batch: int, repeats: int = 3) -> dict:
+    """``time_sampling`` of each ``name: (unet, scheduler, timesteps[, autocast dtype])`` with a compiled forward
+    (the warm-up batch compiles): ``{"NAME_compiled_s": ..., "compile_errors": {NAME: one line}}``; a model that
+    does not compile is named with its error rather than failing the others."""
+    out: dict = {"compile_errors": {}}
+    import torch._dynamo
+
+    # the blocks of a UNet share their forward code at other shapes, and time groups switch modules: more than
+    # dynamo's default 8 versions per frame, past which it silently runs the frame eagerly
+    limit = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = max(limit, 64)
+    try:
+        for name, (unet, sched, ts, *dtype) in models.items():
+            dev = next(unet.parameters()).device.type
+            try:
+                with torch.autocast(dev, dtype=dtype[0] if dtype else None, enabled=bool(dtype)):
+                    out[f"{name}_compiled_s"] = time_sampling(compiled(unet), sched, ts, n, batch, repeats)
+            except Exception as e:  # noqa: BLE001 - a compile failure is a measurement, reported per model
+                first = (str(e).strip().splitlines() or [""])[0][:300]
+                out["compile_errors"][name] = f"{type(e).__name__}: {first}"
+    finally:
+        torch._dynamo.config.recompile_limit = limit
+    return out
+
+
 def time_sampling(unet, scheduler, timesteps, n: int, batch: int, repeats: int = 3, seed: int = 0) -> float:
     """Median wall-clock seconds to sample ``n`` images (after one warm-up batch)."""
 
@@ -466,10 +506,11 @@ def op_shares(unet, batch: int, t: int = 500) -> dict:
     return {"total_ms": total, "conv_linear_ms": mm, "conv_linear_share": mm / total if total else 0.0}
 
 
-def measure_speed(export_dir, n: int = 256, batch_size: int = 256, fid_n: int = 0) -> dict:
+def measure_speed(export_dir, n: int = 256, batch_size: int = 256, fid_n: int = 0, compile: bool = False) -> dict:
     """Wall-clock of an export (``tmpq speed``): FP at 100 uniform DDIM steps, FP and fake quantization at the
     exported schedule, real int8 kernels at the exported schedule; the pixel MSE between int8 and fake-quant images
-    on the same noise and, with ``fid_n``, both FIDs (embedded 1-channel models only). Times are medians of 3."""
+    on the same noise and, with ``fid_n``, both FIDs (embedded 1-channel models only). Times are medians of 3.
+    ``compile``: also each of the four with a ``torch.compile``'d forward (``compiled_timings``)."""
 
     fp = load_model(export_dir)  # the export holds the FP weights: the FP reference is the same model
     unet, sched, ts, _ = load_export(export_dir)
@@ -499,4 +540,9 @@ def measure_speed(export_dir, n: int = 256, batch_size: int = 256, fid_n: int = 
                  "speedup_int8_vs_fp100": rows["fp_100_uniform_s"] / rows["int8_export_s"],
                  "speedup_fakequant_vs_fp100": rows["fp_100_uniform_s"] / rows["fakequant_export_s"],
                  "speedup_int8_vs_fakequant": rows["fakequant_export_s"] / rows["int8_export_s"]})
+    if compile:
+        fp100 = (make_scheduler(fp.scheduler_config), make_timesteps("uniform", 100, T))
+        rows.update(compiled_timings({"fp_100_uniform": (fp.unet, *fp100), "fp_export_schedule": (fp.unet, sched, ts),
+                                      "fakequant_export": (load_export(export_dir)[0], sched, ts),
+                                      "int8_export": (unet, sched, ts)}, n, batch_size))
     return rows

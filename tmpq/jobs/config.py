@@ -227,6 +227,9 @@ def config_from_dict(data: dict) -> RunConfig:
         raise TmpqError(f"search.mutation_prob: engine random does not mutate; leave it at 0 (got {s.mutation_prob})")
     if s.step_choices and s.per_group_bits:
         raise TmpqError("search.per_group_bits: bits per time group need a fixed step count (drop search.step_choices)")
+    if s.grouping in ("sensitivity", "error") and cfg.model.dtype != "fp32":
+        raise TmpqError(f"search.grouping: {s.grouping} groups are profiled in fp32 only, not with model.dtype = "
+                        f"{cfg.model.dtype} (use quad or uniform)")
     return cfg
 
 

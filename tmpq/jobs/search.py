@@ -23,6 +23,7 @@ from tmpq.core.data import data_fingerprint
 from tmpq.core.devices import resolve_device
 from tmpq.core.fileio import atomic_write_bytes, malformed, read_json
 from tmpq.core.model import ModelConfig, load_model
+from tmpq.core.reuse import reused_layers
 from tmpq.core.sampler import make_scheduler
 from tmpq.core.solvers import parse_solver
 from tmpq.evaluators.candidate import (
@@ -146,7 +147,9 @@ def build_space(cfg: RunConfig, net, groups, step_groups=()):
 
     space = SearchSpace.from_supernet(net, groups, per_group_bits=cfg.search.per_group_bits, step_groups=step_groups,
                                       solvers=tuple(parse_solver(v) for v in cfg.search.solvers),
-                                      reuse_branch=cfg.search.reuse_branch)
+                                      reuse_branch=cfg.search.reuse_branch,
+                                      reused=reused_layers(net.unet, cfg.search.reuse_branch)
+                                      if cfg.search.reuse_branch else ())
     space = space.restrict(cfg.search.axes, uniform_option(cfg.search.fixed_bits, "search.fixed_bits"))
     return replace(space, bitops_budget=budget_bitops(space, cfg.search.bitops_budget),
                    size_budget_mb=cfg.search.size_budget_mb or None)
