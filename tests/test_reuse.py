@@ -162,6 +162,11 @@ def test_a_reuse_point_validates_exports_and_runs_in_the_stock_pipeline(tiny_mod
     out = torch.from_numpy(np.asarray(img)).permute(0, 3, 1, 2) * 2 - 1
     assert float((out - ref).abs().max()) < 1e-5
     assert pipe.unet.tmpq_reuse.reuse_calls == len(row["reuse"])
+    # tmpq speed times the export with its reuse, on the fake-quant and the int8 path alike
+    from tmpq.deploy.int8 import measure_speed
+
+    rows = measure_speed(tmp_path / "exp", n=2, batch_size=2)
+    assert rows["reuse"]["calls"] == row["reuse"] and rows["reuse"]["reuse_calls_run"] > 0
     # without the reuse the same export gives other images: the reuse is what ran
     pipe.unet.tmpq_reuse.__exit__(None, None, None)
     plain = pipe(batch_size=3, generator=noise_generators(3, 0), output_type="np").images

@@ -531,6 +531,11 @@ def measure_speed(export_dir, n: int = 256, batch_size: int = 256, fid_n: int = 
         for name, u in (("fakequant", load_export(export_dir)[0]), ("int8", unet)):
             imgs = sample_images(u, sched, ts, fid_n, seed=1, batch_size=batch_size, progress=False)
             rows[f"{name}_fid_n{fid_n}"] = score_features(ext(imgs), ref)["fid"]
+    reuse = getattr(unet, "tmpq_reuse", None)  # an export that reuses deep features: its timings above reused
+    if reuse is not None:
+        rows["reuse"] = {"branch": reuse.branch, "calls": [k for k, r in enumerate(reuse.plan) if r],
+                         "reuse_calls_run": reuse.reuse_calls, "full_calls_run": reuse.full_calls}
+        reuse.__exit__(None, None, None)  # op_shares profiles single full calls
     shares = {"fp": op_shares(fp.unet, batch_size), "int8": op_shares(unet, batch_size)}
     rows.update({"images": n, "batch_size": batch_size, "steps": len(ts), **int8_summary(layers),
                  "cpu_int8": cpu_int8_features(), "layers": layers, "op_shares": shares,
