@@ -67,7 +67,8 @@ def test_a_guided_dit_searches_validates_exports_and_samples_from_the_export(tmp
     rows = [json.loads(line) for line in run.log_path.read_text().splitlines()]
     assert len(rows) == 4 and {r["status"] for r in rows} == {"ok"}
     resolved = json.loads((run.path / "config.resolved.json").read_text())
-    assert resolved["model"] == {"path": str(tmp_path / "dit"), "guidance_scale": 2.0, "null_label": -1, "prompts": []}
+    assert resolved["model"] == {"path": str(tmp_path / "dit"), "guidance_scale": 2.0, "null_label": -1, "prompts": [],
+                                 "dtype": "fp32"}
     final = validate_run(run.path, ValidateConfig(top_k=1, n=4, seeds=(1,), calib_per_step=2, distill_iters=0,
                                                   batch_size=4), progress=False)
     key = final["key"].iloc[0]
