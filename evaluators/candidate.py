@@ -28,7 +28,7 @@ import torch
 
 from tmpq.core.cost import DEFAULT_SOLVER, denoiser_calls
 from tmpq.core.errors import TmpqError
-from tmpq.core.reuse import DeepCache, reuse_plan
+from tmpq.core.reuse import reusing
 from tmpq.core.sampler import make_scheduler, sample_images
 from tmpq.core.schedules import SCHEDULES, make_timesteps
 from tmpq.evaluators.features import EXTRACTORS, RandomExtractor, make_extractor
@@ -138,14 +138,14 @@ class CandidateEvaluator:
                                  batch_size=min(self.cfg.batch_size, n), progress=False, on_step=step_hook,
                                  guidance_scale=self.guidance_scale)
 
-        if not reuse or not any(reuse[1]):
-            return run(on_step)
-        branch, plan = reuse
-        with DeepCache(self.net.unet, plan, branch) as dc:
+        branch, calls, n_calls = reuse or (0, (), 0)
+        with reusing(self.net.unet, calls, branch, n_calls) as dc:
+            if dc.on_step is None or on_step is None:
+                return run(on_step or dc.on_step)
+
             def both(k, t, x):
                 dc.on_step(k, t, x)
-                if on_step is not None:
-                    on_step(k, t, x)
+                on_step(k, t, x)
 
             return run(both)
 
@@ -161,8 +161,8 @@ class CandidateEvaluator:
         sampler (default DDIM). ``reuse``: (branch, denoiser calls) that reuse deep features (:mod:`tmpq.core.reuse`).
         """
         sched = self.solver(solver)
-        if reuse and reuse[1]:  # (branch, calls) -> (branch, per-call plan)
-            reuse = (reuse[0], reuse_plan(reuse[1], denoiser_calls((solver or DEFAULT_SOLVER)[0], len(timesteps))))
+        if reuse:  # (branch, calls) + the trajectory's denoiser calls
+            reuse = (*reuse, denoiser_calls((solver or DEFAULT_SOLVER)[0], len(timesteps)))
         if bits is None:
             self.net.set_fp()
             return self._sample(timesteps, None, n, seed, sched, reuse)
