@@ -15,16 +15,21 @@ def findings(out: Path) -> list[str]:
     return [f.read_text().strip(), ""] if f.is_file() else []
 
 
-def baseline_fp_row(rows: Path, steps: int, n: int | None = None, seed: int | None = None) -> dict:
-    """The FP uniform DDIM FID row at ``steps`` of ``benchmarks.baseline`` (the first one, or the one at ``n`` /
-    ``seed`` when given); exits naming the file when there is none."""
+def baseline_fp_row(rows: Path, steps: int, n: int | None = None, seed: int | None = None,
+                    guidance: float = 1.0) -> dict:
+    """The FP uniform DDIM FID row at ``steps`` and guidance scale ``guidance`` of ``benchmarks.baseline`` (the first
+    one, or the one at ``n`` / ``seed`` when given; a row without ``guidance_scale`` was sampled without guidance);
+    exits naming the file when there is none."""
     for line in Path(rows).read_text().splitlines():
         r = json.loads(line)
         if (r.get("kind"), r.get("schedule"), r.get("steps")) == ("fid", "uniform", steps) and \
+                float(r.get("guidance_scale", 1.0)) == float(guidance) and \
                 (n is None or r.get("n") == n) and (seed is None or r.get("seed") == seed):
             return r
     raise SystemExit(f"{rows}: no FP uniform {steps}-step row" + (f" at N = {n}" if n else "")
-                     + (f", seed {seed}" if seed is not None else "") + " (run python -m benchmarks.baseline first)")
+                     + (f", seed {seed}" if seed is not None else "")
+                     + (f", guidance {guidance}" if guidance != 1.0 else "")
+                     + " (run python -m benchmarks.baseline first)")
 
 
 def _raw_path(run_path: Path) -> Path:

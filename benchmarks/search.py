@@ -266,7 +266,7 @@ def part_front(args, log: RowLog, sn: Path) -> None:
     # random-plain: random search without the uniform seeds every other engine starts from (the textbook baseline;
     # "random" gets the seeds, so the two show how much of a front the seeds alone give)
     for seed in range(args.seeds):
-        for engine in ("pymoo", "random", "paper-ea", "random-plain"):
+        for engine in args.engines:
             extra = ({"bitops_budget": "w6a6", "generations": paper_gens, "population": 50} if engine == "paper-ea"
                      else {})
             if engine == "random-plain":
@@ -599,6 +599,9 @@ def main() -> None:
     ap.add_argument("--population", type=int, default=40)
     ap.add_argument("--generations", type=int, default=5)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--engines", type=lambda s: [v for v in s.split(",") if v],
+                    default=["pymoo", "random", "paper-ea", "random-plain"],
+                    help="front part: the engines run on every seed (default: %(default)s)")
     ap.add_argument("--proxy", default="fid", choices=("paired-feat", "fid"))
     ap.add_argument("--proxy-n", type=int, default=128)
     ap.add_argument("--n-cand", type=int, default=32)
@@ -610,9 +613,11 @@ def main() -> None:
     ap.add_argument("--time-groups", type=int, default=1,
                     help="supernet.time_groups of the shared supernet (default 1: results/search; the library's: 4)")
     args = ap.parse_args()
+    shown = lambda v: ",".join(map(str, v)) if isinstance(v, list) else v  # noqa: E731
     args.cmd_doc = "python -m benchmarks.search --part PART" + "".join(
-        f" --{k.replace('_', '-')} {getattr(args, k)}" for k, d in (("grouping", "quad"), ("time_groups", 1))
-        if getattr(args, k) != d) + (f" --out {args.out}" if args.out != "results/search" else "")
+        f" --{k.replace('_', '-')} {shown(getattr(args, k))}" for k in ("model", "guidance", "grouping", "time_groups",
+                                                                       "population", "generations", "engines")
+        if getattr(args, k) != ap.get_default(k)) + (f" --out {args.out}" if args.out != "results/search" else "")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     log = RowLog(out / "rows.jsonl", ("kind", "name"))

@@ -229,7 +229,8 @@ def fidelity(args, log: RowLog, fresh_unet, cfg, batches, score, teacher) -> Non
 def quality_and_cost(args, log: RowLog, fresh_unet, sched, ext, ref, batches, parts) -> None:
     """Uniform options at ``--quality-steps`` uniform DDIM vs FP; timing and memory."""
     ts_q = make_timesteps("uniform", args.quality_steps)
-    fp_row = (baseline_fp_row(args.fp_from_baseline, args.quality_steps, args.quality_n, args.seed)
+    fp_row = (baseline_fp_row(args.fp_from_baseline, args.quality_steps, args.quality_n, args.seed,
+                              args.guidance)
               if args.fp_from_baseline else None)
     if fp_row is not None and not log.has(kind="quality", name="fp", n=args.quality_n, seed=args.seed):
         log.append({"kind": "quality", "name": "fp", "n": args.quality_n, "seed": args.seed,
@@ -284,7 +285,7 @@ def quality_and_cost(args, log: RowLog, fresh_unet, sched, ext, ref, batches, pa
                         "ratio": round(float(np.median(tg_runs) / np.median(one_runs)), 3),
                         "one_set_runs_s": [round(v, 3) for v in one_runs],
                         "time_groups_runs_s": [round(v, 3) for v in tg_runs]})
-    elif "cost" in parts and not log.has(kind="cost", name="timing", n=256, seed=args.seed):
+    if "cost" in parts and not log.has(kind="cost", name="timing", n=256, seed=args.seed):
         fp_unet = fresh_unet()
         net.set_uniform(6, 6)
         fp_runs, fq_runs = [], []
@@ -308,7 +309,8 @@ def quality_and_cost(args, log: RowLog, fresh_unet, sched, ext, ref, batches, pa
         set_s = (time.perf_counter() - t0) / 100
         q_bytes = sum(v.numel() * v.element_size() for v in net.quantizer_state().values())
         fp_bytes = sum(p.numel() * p.element_size() for p in fp_unet.parameters())
-        log.append({"kind": "cost", "name": "timing", "n": 256, "seed": args.seed, "fp_sample_s": round(fp_s, 3),
+        log.append({"kind": "cost", "name": "timing", "n": 256, "seed": args.seed, "time_groups": tg,
+                    "guidance_scale": args.guidance, "fp_sample_s": round(fp_s, 3),
                     "fakequant_sample_s": round(fq_s, 3), "ratio": round(fq_s / fp_s, 3),
                     "fp_runs_s": [round(v, 3) for v in fp_runs], "fakequant_runs_s": [round(v, 3) for v in fq_runs],
                     "unet_forward_s": round(fwd_s, 4), "set_bits_s": set_s, "set_bits_frac": set_s / fwd_s,
