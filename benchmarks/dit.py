@@ -93,6 +93,14 @@ def write_report(out: Path) -> None:
                          f"{rs[0]['fid_proxy']:.4g} | {fid:.4f} | {acc:.3f} |")
         lines += ["", "Raw rows: `raw/run.jsonl.gz` (every evaluation), `raw/run.final.jsonl` (validation), "
                   "`raw/main_job.json` (timings, best point), `raw/config.resolved.json`.", ""]
+    subs = [(d, title) for d, title in (
+        ("supernet", "Supernet on the DiT without guidance: uniform W8A8 vs FP at 100 uniform DDIM steps"),
+        ("supernet-g1.5", "Supernet on the DiT at guidance 1.5: fidelity (shared vs per-allocation calibration), "
+                          "sampling cost, shared vs separate guidance-pass activation ranges"),
+        ("search", "Search front on the DiT at guidance 1.5 vs the uniform baselines and random search, 3 seeds"))
+        if (out / d / "README.md").is_file()]
+    if subs:
+        lines += ["## Further reports", "", *(f"- [{d}/README.md]({d}/README.md): {title}" for d, title in subs), ""]
     machine = next((r.get("machine") for r in (_rows(bl) if bl.is_file() else []) if r.get("machine")), None)
     if machine:
         lines += ["## Machine", "", f"- {machine}", ""]

@@ -61,6 +61,8 @@ def part_fp(args, log: RowLog) -> None:
                               desc=f"{solver} {schedule} {len(ts)}", guidance_scale=m.guidance_scale)
         log.append({"kind": "fp", "solver": solver, "schedule": schedule, **r})
 
+    if args.ddim_from_baseline:
+        _ddim_from_baseline(args, log, row)
     row("ddim", "uniform", make_timesteps("uniform", 100))
     for steps in args.steps:
         for solver in args.solvers:
@@ -69,6 +71,38 @@ def part_fp(args, log: RowLog) -> None:
             dp = optimal_schedules(m.unet, m.scheduler_config, args.steps, guidance_scale=m.guidance_scale)
         for solver in args.solvers:
             row(solver, "dp", dp[steps])
+
+
+def _ddim_from_baseline(args, log: RowLog, row) -> None:
+    """Take the FP DDIM rows on uniform steps from ``benchmarks.baseline``'s rows (same model, noise, extractor and
+    reference) instead of sampling them again, once one of them is reproduced here: the check samples the baseline's
+    5-step row anew and stops, naming both values, when the FID differs (a protocol that has drifted)."""
+    from benchmarks.common import baseline_fp_row
+    from tmpq.core.schedules import make_timesteps
+
+    src = Path(args.ddim_from_baseline)
+    if args.model != "embedded":
+        raise SystemExit("--ddim-from-baseline: the baseline rows are the embedded UNet's")
+    check = baseline_fp_row(src, 5, args.n, args.seed, args.guidance)
+    if not log.has(kind="fp", solver="ddim", schedule="uniform", steps=5, n=args.n, seed=args.seed):
+        row("ddim", "uniform", make_timesteps("uniform", 5))
+    here = next(r for r in log.rows.values() if r["kind"] == "fp" and r["solver"] == "ddim"
+                and r["schedule"] == "uniform" and r["steps"] == 5 and r["n"] == args.n and r["seed"] == args.seed)
+    if abs(here["fid"] - check["fid"]) > 1e-6 * max(1.0, check["fid"]):
+        raise SystemExit(f"--ddim-from-baseline: {src} has FID {check['fid']:.6f} for DDIM uniform 5 steps, this "
+                         f"protocol gives {here['fid']:.6f}: not the same protocol, rows not taken")
+    for steps in sorted({100, *args.steps}):
+        if log.has(kind="fp", solver="ddim", schedule="uniform", steps=steps, n=args.n, seed=args.seed):
+            continue
+        try:
+            b = baseline_fp_row(src, steps, args.n, args.seed, args.guidance)
+        except SystemExit:
+            continue  # not in the baseline: sampled here
+        log.append({"kind": "fp", "solver": "ddim", "schedule": "uniform", "steps": steps, "n": args.n,
+                    "seed": args.seed, "timesteps": b["timesteps"], "fid": b["fid"], "kid": b.get("kid"),
+                    "kid_std": b.get("kid_std"), "sample_s": b.get("sample_s"),
+                    "source": f"{src} ({b['command']}, {b['finished']}; DDIM uniform 5 steps reproduced here to "
+                              f"{abs(here['fid'] - check['fid']):.1e})"})
 
 
 def _gene_config(args, sn: Path, seed: int, solvers, **extra):
@@ -248,6 +282,8 @@ def main() -> None:
     ap.add_argument("--gene-solvers", type=lambda s: s.split(","), default=list(GENE_SOLVERS))
     ap.add_argument("--steps", type=lambda s: [int(v) for v in s.split(",")], default=[5, 7, 10, 14, 20])
     ap.add_argument("--n", type=int, default=10000)
+    ap.add_argument("--ddim-from-baseline", default="", help="fp part: take FP DDIM uniform rows from this "
+                    "benchmarks.baseline rows.jsonl (e.g. results/baseline/rows.jsonl) once its 5-step row reproduces")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--branch", type=int, default=1)

@@ -235,6 +235,7 @@ def quality_and_cost(args, log: RowLog, fresh_unet, sched, ext, ref, batches, pa
     if fp_row is not None and not log.has(kind="quality", name="fp", n=args.quality_n, seed=args.seed):
         log.append({"kind": "quality", "name": "fp", "n": args.quality_n, "seed": args.seed,
                     "steps": args.quality_steps, "fid": fp_row["fid"], "kid": fp_row.get("kid"),
+                    **({"class_accuracy": fp_row["class_accuracy"]} if "class_accuracy" in fp_row else {}),
                     "source": f"{args.fp_from_baseline} ({fp_row['command']}, {fp_row['finished']})"})
     if not log.has(kind="quality", name="fp", n=args.quality_n, seed=args.seed):
         fp = fresh_unet()
@@ -399,7 +400,9 @@ def write_report(out: Path, log: RowLog, args) -> None:
     cost = next((r for r in rows if r["kind"] == "cost" and r["name"] == "timing"), None)
     if cost:
         lines += ["", "## Cost", "",
-                  f"- fake-quant (W6A6) / FP sampling time, quad 10 steps, 256 images in one batch (median of "
+                  f"- fake-quant (W6A6{', time_groups %d' % cost['time_groups'] if cost.get('time_groups', 1) > 1 else ''}"
+                  f"{', guidance %g' % cost['guidance_scale'] if cost.get('guidance_scale', 1.0) != 1.0 else ''}) / FP "
+                  "sampling time, quad 10 steps, 256 images in one batch (median of "
                   f"{len(cost.get('fp_runs_s', [0]))} alternated runs each): {cost['ratio']:.2f}",
                   f"- set_bits: {1e6 * cost['set_bits_s']:.0f} us = {100 * cost['set_bits_frac']:.2f} % of one UNet "
                   f"forward at batch 256 ({cost['unet_forward_s']:.3f} s)",
