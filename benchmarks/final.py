@@ -241,7 +241,8 @@ def _write(out, args, cfg, final, under, ref, summary, speed, fp100, budget, ext
                 ", every call in full (no reuse)" if getattr(s, "reuse_branch", 0) else "")
             lines += [f"Where the gap comes from: the FP model on that same schedule{how} reaches FID {gap['fid']:.3f} "
                       f"(N = {gap['n']}, seeds {gap['seeds']}) = {gap['fid'] / ref['fid']:.2f} x FP 100 steps (the "
-                      f"cost of {len(b['timesteps'])} steps), and quantization multiplies it by "
+                      f"cost of {len(b['timesteps'])} steps), and quantization"
+                      f"{' with the reuse' if getattr(s, 'reuse_branch', 0) else ''} multiplies it by "
                       f"{b['fid_mean'] / gap['fid']:.2f}.", ""]
     else:
         lines += ["No validated point lies under the budget.", ""]
