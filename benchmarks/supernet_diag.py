@@ -20,6 +20,7 @@ FP trajectory, seed 10000; per-option calibration).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from benchmarks.common import RowLog
 
 
 def main() -> None:
-    from tmpq.core.model import load_model
+    from tmpq.core.model import ModelConfig, load_model
     from tmpq.core.sampler import make_scheduler, sample_images
     from tmpq.core.schedules import make_timesteps
     from tmpq.supernet import QuantSupernet, SupernetConfig
@@ -51,19 +52,39 @@ def main() -> None:
     ap.add_argument("--fid-n", type=int, default=0, help="with --time-groups: also FID / KID at this N (noise seed "
                     "0, domain extractor, as the supernet benchmark's quality part)")
     ap.add_argument("--out", default="results/supernet/diag")
+    ap.add_argument("--model", default="embedded", help="model.path (another model: its adapter's default pins, "
+                    "--pins ignored; not with --time-groups)")
+    ap.add_argument("--guidance", type=float, default=1.0, help="model.guidance_scale of calibration and sampling")
+    ap.add_argument("--supernet-time-groups", type=int, default=1, help="supernet.time_groups of the supernet the "
+                    "weight / activation split measures (default 1)")
+    ap.add_argument("--extra-pin", action="append", default=[], metavar="PATTERN=W,A",
+                    help="another model: pin the layers matching PATTERN (fnmatch) at W,A beside its adapter's pins")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.time_groups and args.model != "embedded":
+        raise SystemExit("--time-groups: the embedded UNet only (use --supernet-time-groups)")
     pins = [[int(b) for b in part.split(",")] for part in args.pins.split("/")]
-    cfg = SupernetConfig(time_groups=1, pin={"conv_in": pins[0], "conv_out": pins[-1]}, a_observer=args.a_observer)
+    pin = {"conv_in": pins[0], "conv_out": pins[-1]} if args.model == "embedded" else "auto"
+    extra = {pat: [int(b) for b in wa.split(",")] for pat, wa in (e.rsplit("=", 1) for e in args.extra_pin)}
+    cfg = SupernetConfig(time_groups=args.supernet_time_groups, pin=pin, a_observer=args.a_observer)
     tag = "" if args.a_observer == "mse" else f" [{args.a_observer} observer]"
     log = RowLog(Path(args.out) / "diag.jsonl", ("pins", "setting", "bits", "steps", "n"))
     key = {"pins": args.pins, "bits": args.bits, "steps": args.steps, "n": args.n}
 
-    base = load_model(None)
+    mcfg = ModelConfig(path=args.model, guidance_scale=args.guidance)
+    base = load_model(mcfg)
+    if extra:
+        from tmpq.core.adapters import adapter_for
+
+        cfg = dataclasses.replace(cfg, pin={**(cfg.pin if isinstance(cfg.pin, dict) else
+                                                adapter_for(base.unet).default_pins(base.unet)), **extra})
+        tag = f" [pins {', '.join(f'{k}={v[0]},{v[1]}' for k, v in extra.items())}]" + tag
     sched = make_scheduler(base.scheduler_config)
     ts = make_timesteps("uniform", args.steps)
-    teacher = sample_images(base.unet, sched, ts, args.n, seed=0, progress=False)
-    data = make_calib_data(base.unet, sched, "uniform", n_steps=20, per_step=32, sampler_steps=100, seed=10_000)
+    gs = args.guidance
+    teacher = sample_images(base.unet, sched, ts, args.n, seed=0, progress=False, guidance_scale=gs)
+    data = make_calib_data(base.unet, sched, "uniform", n_steps=20, per_step=32, sampler_steps=100, seed=10_000,
+                           guidance_scale=gs)
     if args.time_groups:
         for g in (int(v) for v in args.time_groups.split(",")):
             setting = f"W{args.bits} per-time-group calibration, G = {g}{tag}" + (
@@ -84,7 +105,7 @@ def main() -> None:
             log.append(row)
             print(f"{mse:.6f}  {setting}", flush=True)
         return
-    net = QuantSupernet(load_model(None).unet, cfg)
+    net = QuantSupernet(load_model(mcfg).unet, cfg)
     t0 = time.perf_counter()
     net.calibrate(list(data.batches(64)), progress=False)
     print(f"calibrated in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -97,7 +118,8 @@ def main() -> None:
             return
         net.set_uniform(args.bits, cfg.a_bits[ai])  # pinned layers at their pins
         setup()
-        mse = float((sample_images(net.unet, sched, ts, args.n, seed=0, progress=False) - teacher).pow(2).mean())
+        mse = float((sample_images(net.unet, sched, ts, args.n, seed=0, progress=False, guidance_scale=gs)
+                     - teacher).pow(2).mean())
         log.append({"setting": setting, **key, "paired_mse": mse})
         print(f"{mse:.6f}  {setting}", flush=True)
 
