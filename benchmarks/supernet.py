@@ -344,7 +344,9 @@ def write_report(out: Path, log: RowLog, args) -> None:
 
     rows = list(log.rows.values())
     alone = {r["alloc_id"]: r for r in rows if r["kind"] == "standalone"}
-    lines = ["# Supernet benchmark (issue 3)", "", *findings(out)]
+    model = getattr(args, "model", "embedded")
+    lines = ["# Supernet benchmark (issue 3)" + (f": model `{model}`" if model != "embedded" else ""), "",
+             *findings(out)]
     if alone:
         lines += ["## Fidelity", "", f"{len(alone)} allocations, FID at N = {args.fid_n} (domain extractor), "
                   f"{args.schedule} DDIM {args.steps} steps, noise seed {args.seed}.", "",
@@ -357,12 +359,13 @@ def write_report(out: Path, log: RowLog, args) -> None:
         tf = kendalltau([shared[i]["fid"] for i in ids], [alone[i]["fid"] for i in ids])[0]
         tm = kendalltau([shared[i]["paired_mse"] for i in ids], [alone[i]["paired_mse"] for i in ids])[0]
         lines.append(f"| {mode} | {tf:.3f} | {tm:.3f} | {shared[ids[0]]['calib_s']} |")
-    for n in sorted({r["n"] for r in rows if r["kind"] == "quality"}):
-        quality = {r["name"]: r for r in rows if r["kind"] == "quality" and r["n"] == n}
+    qkeys = sorted({(r["n"], r["seed"]) for r in rows if r["kind"] == "quality"})
+    for n, seed in qkeys:
+        quality = {r["name"]: r for r in rows if r["kind"] == "quality" and r["n"] == n and r["seed"] == seed}
         fp = quality.get("fp")
         steps = next(iter(quality.values()))["steps"]
         acc = any("class_accuracy" in r for r in quality.values())
-        lines += ["", f"## Quality: uniform options, uniform DDIM {steps} steps, N = {n}, seed {args.seed}", "",
+        lines += ["", f"## Quality: uniform options, uniform DDIM {steps} steps, N = {n}, noise seed {seed}", "",
                   "| config | FID | vs FP | KID x1e3 |" + (" class accuracy |" if acc else ""),
                   "|---|---:|---:|---:|" + ("---:|" if acc else "")]
         for name, r in quality.items():
@@ -372,6 +375,20 @@ def write_report(out: Path, log: RowLog, args) -> None:
             lines.append(f"| {name} | {r['fid']:.3f} | {rel} | {kid} |{ca}")
         if fp and fp.get("source"):
             lines.append(f"\nFP row from {fp['source']}.")
+    for n in sorted({n for n, _ in qkeys}):  # several noise seeds: each option's FID over the FP one, per seed
+        seeds = [sd for m, sd in qkeys if m == n]
+        per = {sd: {r["name"]: r["fid"] for r in rows if r["kind"] == "quality" and r["n"] == n and r["seed"] == sd}
+               for sd in seeds}
+        names = [nm for nm in per[seeds[0]] if nm != "fp" and all(nm in per[sd] and "fp" in per[sd] for sd in seeds)]
+        if len(seeds) < 2 or not names:
+            continue
+        lines += ["", f"Over noise seeds {', '.join(map(str, seeds))} (N = {n} each): option / FP FID per seed, and "
+                  "the ratio of the mean FIDs", "", "| config | " + " | ".join(f"seed {sd}" for sd in seeds)
+                  + " | mean FID / mean FP FID |", "|---|" + "---:|" * (len(seeds) + 1)]
+        for nm in names:
+            ratios = [per[sd][nm] / per[sd]["fp"] for sd in seeds]
+            mean = sum(per[sd][nm] for sd in seeds) / sum(per[sd]["fp"] for sd in seeds)
+            lines.append(f"| {nm} | " + " | ".join(f"{x:.3f}x" for x in ratios) + f" | {mean:.3f}x |")
     ranges = [r for r in rows if r["kind"] == "ranges"]
     if ranges:
         r0 = ranges[0]
@@ -414,7 +431,8 @@ def write_report(out: Path, log: RowLog, args) -> None:
                      f"batch, median of 3 alternated runs): {r['ratio']:.3f}x (`{r['command']}`)")
     any_row = next(iter(log.rows.values()), None)
     if any_row:
-        lines += ["", f"- command: `{any_row['command']}`", f"- machine: {any_row['machine']}"]
+        cmds = list(dict.fromkeys(r["command"] for r in rows if r.get("command")))  # first use order
+        lines += ["", *(f"- command: `{c}`" for c in cmds), f"- machine: {any_row['machine']}"]
     out.mkdir(parents=True, exist_ok=True)
     (out / "README.md").write_text("\n".join(lines) + "\n")
 
