@@ -331,7 +331,9 @@ def write_report(args, log: RowLog) -> None:
 
     out = Path(args.out)
     rows = list(log.rows.values())
-    lines = ["# Search benchmark (issue 4)", "", *findings(out),
+    model = getattr(args, "model", "embedded")
+    lines = ["# Search benchmark (issue 4)" + (f": model `{model}`, guidance {args.guidance:g}" if model != "embedded"
+                                              else ""), "", *findings(out),
              ("Embedded model" if getattr(args, "model", "embedded") == "embedded"
               else f"Model `{args.model}`, guidance {args.guidance}")
              + "; searches pick the step count from "
@@ -456,10 +458,11 @@ def write_report(args, log: RowLog) -> None:
                     gains.setdefault(other, []).append(
                         hv[name] - hypervolume_2d(seed_points(out / "runs" / name), refpt))
         if gains.get("pymoo"):
+            others = [f"{k} **{np.mean(gains['pymoo']) / np.mean(v):.2f}x**" for k, v in gains.items()
+                      if k != "pymoo" and np.mean(v) > 0]
             lines.append("- hypervolume added beyond each run's own uniform seeds (mean over seeds): "
-                         + ", ".join(f"{k} {np.mean(v):.4g}" for k, v in gains.items()) + "; pymoo / "
-                         + ", pymoo / ".join(f"{k} **{np.mean(gains['pymoo']) / np.mean(v):.2f}x**"
-                                            for k, v in gains.items() if k != "pymoo" and np.mean(v) > 0))
+                         + ", ".join(f"{k} {np.mean(v):.4g}" for k, v in gains.items())
+                         + ("; pymoo / " + ", pymoo / ".join(others) if others else ""))
         lines += _ceiling(all_pts, hv, refpt, args.seeds)
         lines.append("")
         lines += _axes_table(all_pts, refpt)
