@@ -348,10 +348,13 @@ def write_report(out: Path, log: RowLog, args) -> None:
     lines = ["# Supernet benchmark (issue 3)" + (f": model `{model}`" if model != "embedded" else ""), "",
              *findings(out)]
     if alone:
-        lines += ["## Fidelity", "", f"{len(alone)} allocations, FID at N = {args.fid_n} (domain extractor), "
+        fid_n = sorted({r["n"] for r in alone.values()})
+        lines += ["## Fidelity", "", f"{len(alone)} allocations, FID at N = {', '.join(map(str, fid_n))} (domain "
+                  "extractor), "
                   f"{args.schedule} DDIM {args.steps} steps, noise seed {args.seed}.", "",
                   "| mode | Kendall tau (FID) | Kendall tau (paired MSE) | calibration s |", "|---|---:|---:|---:|"]
-    for mode in args.modes.split(",") if alone else ():
+    modes = list(dict.fromkeys(r["mode"] for r in rows if r["kind"] == "shared"))  # the modes the rows have
+    for mode in modes if alone else ():
         shared = {r["alloc_id"]: r for r in rows if r["kind"] == "shared" and r.get("mode") == mode}
         ids = sorted(set(shared) & set(alone))
         if len(ids) < 3:
