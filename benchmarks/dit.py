@@ -97,7 +97,9 @@ def write_report(out: Path) -> None:
         ("supernet", "Supernet on the DiT without guidance: uniform W8A8 vs FP at 100 uniform DDIM steps"),
         ("supernet-g1.5", "Supernet on the DiT at guidance 1.5: fidelity (shared vs per-allocation calibration), "
                           "sampling cost, shared vs separate guidance-pass activation ranges"),
-        ("search", "Search front on the DiT at guidance 1.5 vs the uniform baselines and random search, 3 seeds"))
+        ("search", "Search front on the DiT at guidance 1.5 vs the uniform baselines and random search, 3 seeds"),
+        ("diag", "Where the DiT's W8A8 error comes from (paired pixel MSE per layer), before and after pinning its "
+                 "conditioning path"))
         if (out / d / "README.md").is_file()]
     if subs:
         lines += ["## Further reports", "", *(f"- [{d}/README.md]({d}/README.md): {title}" for d, title in subs), ""]
