@@ -345,7 +345,9 @@ def write_report(out: Path, log: RowLog, args) -> None:
     rows = list(log.rows.values())
     alone = {r["alloc_id"]: r for r in rows if r["kind"] == "standalone"}
     model = getattr(args, "model", "embedded")
-    lines = ["# Supernet benchmark (issue 3)" + (f": model `{model}`" if model != "embedded" else ""), "",
+    guidance = getattr(args, "guidance", 1.0)
+    lines = ["# Supernet benchmark (issue 3)" + (f": model `{model}`" if model != "embedded" else "")
+             + (f", guidance {guidance:g}" if guidance != 1.0 else ""), "",
              *findings(out)]
     if alone:
         fid_n = sorted({r["n"] for r in alone.values()})
