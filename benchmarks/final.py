@@ -30,6 +30,8 @@ import numpy as np
 import torch
 
 from benchmarks.common import baseline_fp_row, findings
+from tmpq.core.reuse import reuse_of
+from tmpq.core.solvers import solver_of
 
 
 def _search_finished(run_path: Path, generations: int) -> bool:
@@ -149,7 +151,7 @@ def fp_on_schedule(out: Path, best, args) -> dict:
     ts = [int(t) for t in best["timesteps"]]
     seeds = [int(s) for s in args.seeds.split(",")]
     cached = json.loads(path.read_text()) if path.is_file() else {}
-    solver = _solver(best)
+    solver = solver_of(best)
     if cached.get("timesteps") == ts and cached.get("n") == args.n and cached.get("seeds") == seeds and \
             tuple(cached.get("solver", DEFAULT_SOLVER)) == solver:
         return cached
@@ -162,15 +164,6 @@ def fp_on_schedule(out: Path, best, args) -> dict:
            "key": best["key"], **({"solver": list(solver)} if solver != DEFAULT_SOLVER else {})}
     path.write_text(json.dumps(row, indent=2) + "\n")
     return row
-
-
-def _solver(r) -> tuple[str, int]:
-    """A validated point's solver: (name, order) where the run had a solver gene, DDIM otherwise."""
-    from tmpq.core.solvers import DEFAULT_SOLVER
-
-    if "solver" in r and isinstance(r["solver"], str):
-        return (r["solver"], int(r["order"]))
-    return DEFAULT_SOLVER
 
 
 def _plot(out: Path, final, budget: float, fp100: float, ref: dict, target: float = 1.15) -> None:
@@ -221,8 +214,8 @@ def _write(out, args, cfg, final, under, ref, summary, speed, fp100, budget, ext
                       "KID x1e3 | under budget |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for _, r in final.sort_values("bitops").iterrows():
         std = "-" if r["fid_std"] != r["fid_std"] else f"{r['fid_std']:.3f}"
-        name, order = _solver(r)
-        reuse = r["reuse"] if "reuse" in r and isinstance(r["reuse"], (list, tuple)) else []
+        name, order = solver_of(r)
+        reuse = reuse_of(r)
         steps = (f" {name}{'' if name in ('ddim', 'euler', 'heun') else f' (order {order})'} | "
                  f"{len(r['timesteps'])} | {len(reuse)} |") if solvers else f" {len(r['timesteps'])} |"
         lines.append(f"| {r['key']} |{steps} {100 * r['bitops_frac']:.3f} | {r['fid_proxy']:.4g} | "
@@ -235,11 +228,11 @@ def _write(out, args, cfg, final, under, ref, summary, speed, fp100, budget, ext
         b = under.iloc[0]
         verdict = "meets" if b["fid_vs_fp100"] <= args.target else "misses"
         lines += [f"Best point under the budget: `{b['key']}`, {len(b['timesteps'])} steps {list(b['timesteps'])}"
-                  + (f" ({_solver(b)[0]})" if solvers else "") + ", "
+                  + (f" ({solver_of(b)[0]})" if solvers else "") + ", "
                   f"{100 * b['bitops_frac']:.3f} % of FP 100-step BitOPs, FID {b['fid_mean']:.3f} = "
                   f"{b['fid_vs_fp100']:.2f} x FP 100 steps: it **{verdict}** the {args.target:g} x target.", ""]
         if gap:
-            how = (f" with its solver ({_solver(b)[0]})" if solvers else "") + (
+            how = (f" with its solver ({solver_of(b)[0]})" if solvers else "") + (
                 ", every call in full (no reuse)" if getattr(s, "reuse_branch", 0) else "")
             lines += [f"Where the gap comes from: the FP model on that same schedule{how} reaches FID {gap['fid']:.3f} "
                       f"(N = {gap['n']}, seeds {gap['seeds']}) = {gap['fid'] / ref['fid']:.2f} x FP 100 steps (the "
@@ -255,7 +248,7 @@ def _write(out, args, cfg, final, under, ref, summary, speed, fp100, budget, ext
             verdict = "meets" if b["fid_vs_fp100"] <= args.extra_target else "misses"
             lines += [f"Best validated point under the tighter budget ({100 * args.extra_budget_frac:g} % = "
                       f"{extra_budget / 1e9:.3g} GBitOPs per image): `{b['key']}`, {len(b['timesteps'])} steps"
-                      + (f" ({_solver(b)[0]})" if solvers else "") + f", {100 * b['bitops_frac']:.3f} % of FP "
+                      + (f" ({solver_of(b)[0]})" if solvers else "") + f", {100 * b['bitops_frac']:.3f} % of FP "
                       f"100-step BitOPs, FID {b['fid_mean']:.3f} = {b['fid_vs_fp100']:.2f} x FP 100 steps: it "
                       f"**{verdict}** the {args.extra_target:g} x target.", ""]
         else:
