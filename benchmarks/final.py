@@ -17,7 +17,9 @@ the FP 100-step model. Resumable (the search run, validation rows and the speed 
 - A run with a solver gene: every point samples with its own solver, and the FP model on the best point's schedule
   uses that solver too.
 
-Writes results/final/README.md, validated.png and speed.json.
+Writes results/final/README.md, validated.png and speed.json, and keeps the run's files the report reads (its config,
+search space, evaluation log and validation rows, gzip) under ``OUT/raw/``: ``--report-only`` rebuilds the report
+from them on a fresh clone, where the run directory (git-ignored) is absent, sampling nothing.
 """
 from __future__ import annotations
 
@@ -32,6 +34,39 @@ import torch
 from benchmarks.common import baseline_fp_row, findings
 from tmpq.core.reuse import reuse_of
 from tmpq.core.solvers import solver_of
+
+RAW_FILES = ("config.resolved.json", "search_space.json", "evaluations.jsonl", "final/rows.jsonl")
+
+
+def keep_run_files(run_path: Path, raw: Path) -> None:
+    """Commit-ready gzip copies (no timestamp: the same file gives the same bytes) of the run files the report reads."""
+    import gzip
+
+    from tmpq.core.fileio import atomic_write_bytes, read_bytes
+
+    raw.mkdir(parents=True, exist_ok=True)
+    for name in RAW_FILES:
+        data = read_bytes(run_path / name, "run file")
+        atomic_write_bytes(raw / (name.replace("/", "-") + ".gz"), gzip.compress(data, mtime=0))
+
+
+def restore_run(raw: Path, into: Path) -> Path:
+    """A run directory rebuilt from ``keep_run_files``' copies (for ``--report-only`` where the run is not here)."""
+    import gzip
+
+    from tmpq.core.errors import TmpqError
+    from tmpq.core.fileio import malformed, read_bytes
+
+    run = into / "run"
+    for name in RAW_FILES:
+        src = raw / (name.replace("/", "-") + ".gz")
+        if not src.is_file():
+            raise TmpqError(f"neither the run directory nor its kept copy {src} is here")
+        with malformed(src, "kept run file"):
+            data = gzip.decompress(read_bytes(src, "kept run file"))
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_bytes(data)
+    return run
 
 
 def _search_finished(run_path: Path, generations: int) -> bool:
@@ -78,25 +113,42 @@ def main() -> None:
     ap.add_argument("--speed-target", type=float, default=0.0,
                     help="cheapest-within-target: the FID bound, x FP 100 steps (0: --target)")
     ap.add_argument("--title", default="Final evaluation on the embedded default (issue 5)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite the report from the run (or its kept copy under OUT/raw/): no search, no sampling")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from tmpq.core.rowlog import command_line, machine
-    from tmpq.deploy.int8 import measure_speed
     from tmpq.jobs.config import load_config
-    from tmpq.jobs.export import ensure_export
-    from tmpq.jobs.run import load_run
     from tmpq.jobs.search import run_search
-    from tmpq.jobs.validate import ValidateConfig, validate_run
-    from tmpq.search.budget import fp_bitops
 
     out = Path(args.out)
     run_path = out / "run"
     cfg = load_config(args.config)
+    if args.report_only:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            if not (run_path / "config.resolved.json").is_file():
+                run_path = restore_run(out / "raw", Path(tmp))
+            _evaluate(args, cfg, out, run_path, 0.0)
+        return
     t0 = time.perf_counter()
     if not _search_finished(run_path, cfg.search.generations):  # a finished run is not replayed (the engine's
         run_search(cfg, run_path, resume=(run_path / "config.resolved.json").is_file(), progress=True)  # code may
     search_s = time.perf_counter() - t0  # have changed since, and a replay would then search again)
+    _evaluate(args, cfg, out, run_path, search_s)
+
+
+def _evaluate(args, cfg, out: Path, run_path: Path, search_s: float) -> None:
+    """Validate (resuming: a point and seed with its row is not sampled again), export and time the pick, find the
+    FP gap, write the report; under ``--report-only`` every number must already be here (else one line says which)."""
+    from tmpq.core.errors import TmpqError
+    from tmpq.core.rowlog import command_line, machine
+    from tmpq.deploy.int8 import measure_speed
+    from tmpq.jobs.export import ensure_export
+    from tmpq.jobs.run import load_run
+    from tmpq.jobs.validate import ValidateConfig, validate_run
+    from tmpq.search.budget import fp_bitops
 
     run = load_run(run_path)
     fp100_bitops = fp_bitops(run.space, 100)
@@ -107,9 +159,13 @@ def main() -> None:
     keys = choose_keys(front, budget, args.top_k, args.spread, extra_budget)
     vcfg = ValidateConfig(n=args.n, seeds=tuple(int(s) for s in args.seeds.split(",")), keys=tuple(keys),
                           distill_iters=args.distill_iters)
+    if args.report_only:
+        _check_validated(run_path / "final" / "rows.jsonl", keys, vcfg)
     t0 = time.perf_counter()
     final = validate_run(run_path, vcfg, progress=True)
     validate_s = time.perf_counter() - t0
+    if not args.report_only:
+        keep_run_files(run_path, out / "raw")
     summary = json.loads((run_path / "final.json").read_text())
     final["bitops_frac"] = final["bitops"] / fp100_bitops
     final["fid_vs_fp100"] = final["fid_mean"] / ref["fid"]
@@ -122,19 +178,40 @@ def main() -> None:
         pick = under
     if len(pick):
         best = pick.iloc[0]
-        export_dir = ensure_export(run_path, best["key"], out / "export", command="python -m benchmarks.final")
         speed_file = out / "speed.json"
         speed = json.loads(speed_file.read_text()) if speed_file.is_file() else None
+        if args.report_only and (speed is None or speed.get("candidate") != best["key"]):
+            raise TmpqError(f"{speed_file}: no timing of the pick {best['key']} (run without --report-only)")
         if speed is None or speed.get("candidate") != best["key"]:
+            export_dir = ensure_export(run_path, best["key"], out / "export", command="python -m benchmarks.final")
             speed = measure_speed(export_dir, n=args.speed_n, batch_size=args.speed_n, fid_n=args.speed_fid_n)
             speed.update({"candidate": best["key"], "threads": args.threads, "pick": args.speed_pick})
             speed_file.write_text(json.dumps(speed, indent=2) + "\n")
     gap = fp_on_schedule(out, under.iloc[0], args) if len(under) else None
+    produced = out / "raw" / "produced.json"  # how the numbers were produced: a rebuilt report keeps the command
+    if args.report_only:
+        if not produced.is_file():
+            raise TmpqError(f"{produced}: missing (run without --report-only)")
+        how = json.loads(produced.read_text())
+    else:
+        how = {"command": command_line(), "machine": machine(), "search_s": round(search_s, 1),
+               "validate_s": round(validate_s, 1)}
+        produced.write_text(json.dumps(how, indent=2) + "\n")
     _plot(out, final, budget, fp100_bitops, ref, args.target)
     _write(out, args, cfg, final, under, ref, summary, speed, fp100_bitops, budget, extra_budget,
-           {"search_s": round(search_s, 1), "validate_s": round(validate_s, 1)}, command_line(), machine(),
-           gap)
+           {"search_s": how["search_s"], "validate_s": how["validate_s"]}, how["command"], how["machine"], gap)
     print(json.dumps({"report": str(out / "README.md")}))
+
+
+def _check_validated(rows: Path, keys: list[str], vcfg) -> None:
+    """``--report-only``: every chosen point has its validation rows at this N and these seeds (else one line)."""
+    from tmpq.core.errors import TmpqError
+
+    have = {(r["key"], r["seed"], r["n"]) for r in map(json.loads, rows.read_text().splitlines())}
+    missing = [f"{k} seed {s}" for k in keys for s in vcfg.seeds if (k, s, vcfg.n) not in have]
+    if missing:
+        raise TmpqError(f"{rows}: no validation row at N = {vcfg.n} for {', '.join(missing)} (run without "
+                        "--report-only)")
 
 
 def fp_on_schedule(out: Path, best, args) -> dict:
@@ -155,6 +232,10 @@ def fp_on_schedule(out: Path, best, args) -> dict:
     if cached.get("timesteps") == ts and cached.get("n") == args.n and cached.get("seeds") == seeds and \
             tuple(cached.get("solver", DEFAULT_SOLVER)) == solver:
         return cached
+    if args.report_only:
+        from tmpq.core.errors import TmpqError
+
+        raise TmpqError(f"{path}: no FP run on the schedule of {best['key']} (run without --report-only)")
     m = load_model(None)
     ext = make_extractor("domain")
     ref = embedded_reference(ext)
@@ -297,4 +378,9 @@ def _write(out, args, cfg, final, under, ref, summary, speed, fp100, budget, ext
 
 
 if __name__ == "__main__":
-    main()
+    from tmpq.core.errors import TmpqError
+
+    try:
+        main()
+    except TmpqError as exc:  # a missing or damaged input: one line, non-zero exit
+        raise SystemExit(f"benchmarks.final: {exc}") from None

@@ -27,3 +27,18 @@ def test_final_benchmark_runs_and_resumes_on_the_tiny_config(tmp_path):
     assert second.returncode == 0, second.stderr[-2000:]
     assert len((out / "run" / "evaluations.jsonl").read_text().splitlines()) == n_evals  # nothing searched again
     assert "validate point" not in second.stdout  # validation rows reused
+    report = (out / "README.md").read_text()
+
+    # a fresh clone has no run directory (git-ignored): the report rebuilds from the kept copies alone, sampling nothing
+    (out / "run").rename(tmp_path / "run-away")
+    (out / "README.md").unlink()
+    third = subprocess.run(cmd + ["--report-only"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert (out / "README.md").read_text() == report
+    assert "validate point" not in third.stdout and not (out / "run").exists()
+
+    # a kept copy missing: one line naming it, non-zero exit, the report left as it was
+    (out / "raw" / "final-rows.jsonl.gz").unlink()
+    fourth = subprocess.run(cmd + ["--report-only"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert fourth.returncode != 0 and "final-rows.jsonl.gz" in fourth.stderr.strip().splitlines()[-1]
+    assert (out / "README.md").read_text() == report
