@@ -363,6 +363,18 @@ def write_report(args, log: RowLog) -> None:
             r = st.get(name)
             if r:
                 lines.append(f"| {name} | {r['bits']} | {r['reuse']} | {r['bitops_share_of_fp100']:.4f} | {r['fid']:.4f} |")
+        if all(k in st for k in ("fp", "quant", "reuse", "both")):
+            dq, dr, db = (st[k]["fid"] - st["fp"]["fid"] for k in ("quant", "reuse", "both"))
+            lines += ["", f"FID added to FP on the same {len(st['fp']['timesteps'])} steps (N = {st['fp']['n']}, noise "
+                      f"seed {st['fp']['seed']}): quantization alone {dq:+.4f}, reuse alone {dr:+.4f}, both naively "
+                      f"{db:+.4f} against a sum of {dq + dr:+.4f}: the two stack "
+                      + ("super-additively (the effect CacheQuant reports)" if db > dq + dr else "at most additively")
+                      + (f", ratio {db / (dq + dr):.2f}." if dq + dr > 0 else ".")]
+            if "joint" in st:
+                j = st["joint"]
+                lines.append(f"The joint search's proxy-best point at no more BitOPs than both naively "
+                             f"({len(j['timesteps'])} steps, {len(j['reuse'])} reused calls): FID {j['fid']:.4f} vs "
+                             f"{st['both']['fid']:.4f}.")
         lines.append("")
     any_row = next(iter(rows), None)
     if any_row:
