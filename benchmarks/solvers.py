@@ -330,6 +330,17 @@ def _gene_section(args, out: Path, runs: dict, stepside: list) -> list[str]:
     return lines
 
 
+def _bits_text(bits) -> str:
+    """``[w, a]`` (uniform) or one pair per layer gene: a short label."""
+    if not bits:
+        return "FP"
+    if isinstance(bits[0], int):
+        return f"W{bits[0]}A{bits[1]}"
+    pairs = sorted({(int(w), int(a)) for w, a in bits}, reverse=True)
+    return (f"W{pairs[0][0]}A{pairs[0][1]} (all)" if len(pairs) == 1
+            else "mixed: " + ", ".join(f"W{w}A{a} x{sum(1 for b in bits if tuple(b) == (w, a))}" for w, a in pairs))
+
+
 def write_report(args, log: RowLog) -> None:
 
     out = Path(args.out)
@@ -357,19 +368,21 @@ def write_report(args, log: RowLog) -> None:
         lines += _gene_section(args, out, runs, [r for r in rows if r["kind"] == "stepside"])
     st = {r["name"]: r for r in rows if r["kind"] == "stack"}
     if st:
-        lines += ["## Stacking quantization and reuse", "", "| case | bits | reused calls | BitOPs / FP 100 steps | FID |",
-                  "|---|---|---|---:|---:|"]
+        lines += ["## Stacking quantization and reuse", "",
+                  "| case | steps | bits | reused calls | BitOPs / FP 100 steps | FID |", "|---|---:|---|---|---:|---:|"]
         for name in ("fp", "quant", "reuse", "both", "joint"):
             r = st.get(name)
             if r:
-                lines.append(f"| {name} | {r['bits']} | {r['reuse']} | {r['bitops_share_of_fp100']:.4f} | {r['fid']:.4f} |")
+                lines.append(f"| {name} | {len(r['timesteps'])} | {_bits_text(r['bits'])} | {r['reuse']} | {r['bitops_share_of_fp100']:.4f} | "
+                             f"{r['fid']:.4f} |")
         if all(k in st for k in ("fp", "quant", "reuse", "both")):
             dq, dr, db = (st[k]["fid"] - st["fp"]["fid"] for k in ("quant", "reuse", "both"))
             lines += ["", f"FID added to FP on the same {len(st['fp']['timesteps'])} steps (N = {st['fp']['n']}, noise "
                       f"seed {st['fp']['seed']}): quantization alone {dq:+.4f}, reuse alone {dr:+.4f}, both naively "
-                      f"{db:+.4f} against a sum of {dq + dr:+.4f}: the two stack "
-                      + ("super-additively (the effect CacheQuant reports)" if db > dq + dr else "at most additively")
-                      + (f", ratio {db / (dq + dr):.2f}." if dq + dr > 0 else ".")]
+                      f"{db:+.4f} against a sum of {dq + dr:+.4f}"
+                      + ((": the two stack " + ("super-additively (the effect CacheQuant reports)" if db > dq + dr
+                                                else "at most additively") + f", ratio {db / (dq + dr):.2f}.")
+                         if dq > 0 and dr > 0 else " (one of the two alone adds no FID: no stacking to read).")]
             if "joint" in st:
                 j = st["joint"]
                 lines.append(f"The joint search's proxy-best point at no more BitOPs than both naively "
