@@ -389,10 +389,11 @@ def write_report(args, log: RowLog) -> None:
                              f"({len(j['timesteps'])} steps, {len(j['reuse'])} reused calls): FID {j['fid']:.4f} vs "
                              f"{st['both']['fid']:.4f}.")
         lines.append("")
-    any_row = next(iter(rows), None)
-    if any_row:
-        lines += ["## How it was produced", "", f"- command: `{any_row['command']}` (resumable; rows in `rows.jsonl`, "
-                  "raw search logs in `raw/`)", f"- machine: {any_row['machine']}", ""]
+    if rows:
+        lines += ["## How it was produced", "", "Resumable; rows in `rows.jsonl` (each with its command, machine and "
+                  "time), raw search logs in `raw/`.", ""]
+        lines += [f"- command: `{c}`" for c in dict.fromkeys(r["command"] for r in rows if "command" in r)]
+        lines += [f"- machine: {m}" for m in dict.fromkeys(r["machine"] for r in rows if "machine" in r)] + [""]
     (out / "README.md").write_text("\n".join(lines))
 
 
