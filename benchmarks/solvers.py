@@ -6,9 +6,9 @@
     .venv/bin/python -m benchmarks.solvers --part stacking   # quantization alone, reuse alone, both naively, joint
     .venv/bin/python -m benchmarks.solvers --part report     # rewrite README.md from the rows
 
-- ``fp``: the FP model with each solver (``--solvers``) at ``--steps`` on uniform DDIM timesteps and on the DP-optimal
-  timesteps of :mod:`tmpq.search.stepsel` (one FP teacher run of 100 uniform steps on 64 images of noise seed 20,000,
-  apart from the evaluation noise), scored by FID (domain extractor, N = ``--n``, noise seed ``--seed``) with the FP
+- ``fp``: the FP model with each solver (``--solvers``) at ``--steps`` on uniform DDIM timesteps, on diffusers'
+  trailing spacing and on the DP-optimal timesteps of :mod:`tmpq.search.stepsel` (one FP teacher run of 100 uniform
+  steps on 64 images of noise seed 20,000, apart from the evaluation noise), scored by FID (domain extractor, N = ``--n``, noise seed ``--seed``) with the FP
   100-step DDIM row as the reference point.
 - ``gene``: searches with the demo's settings (step choices 5-20, W6A6 budget at 10 steps, 200 evaluations) over DDIM
   only and over ``--gene-solvers``, seeds 0..``--seeds``-1; hypervolume of each run's evaluated points (proxy,
@@ -71,6 +71,8 @@ def part_fp(args, log: RowLog) -> None:
     for steps in args.steps:
         for solver in args.solvers:
             row(solver, "uniform", make_timesteps("uniform", steps))
+        for solver in args.solvers:  # diffusers' stock spacing for few steps (from T - 1, no step at t = 0)
+            row(solver, "trailing", make_timesteps("trailing", steps))
         if dp is None:
             dp = optimal_schedules(m.unet, m.scheduler_config, args.steps, guidance_scale=m.guidance_scale)
         for solver in args.solvers:
@@ -352,11 +354,12 @@ def write_report(args, log: RowLog) -> None:
         steps = sorted({r["steps"] for r in fp if r["steps"] != 100})
         lines += [f"## FP model per solver (FID, N = {fp[0]['n']}, noise seed {fp[0]['seed']})", "",
                   (f"Reference: FP uniform DDIM 100 steps, FID {ref100['fid']:.4f}. " if ref100 else "")
-                  + "`dp`: the DP-optimal timesteps (tmpq.search.stepsel) of each step count, the same for every "
-                  "solver.", "", "| solver | schedule | " + " | ".join(f"{s} steps" for s in steps) + " |",
+                  + "`uniform`: DDIM's leading spacing (5 steps: 800 ... 200, 0); `trailing`: diffusers' trailing "
+                  "spacing (999, 799, ..., 199); `dp`: the DP-optimal timesteps (tmpq.search.stepsel) of each step "
+                  "count, the same for every solver.", "", "| solver | schedule | " + " | ".join(f"{s} steps" for s in steps) + " |",
                   "|---|---|" + "---:|" * len(steps)]
         for solver in dict.fromkeys(r["solver"] for r in fp):
-            for sched in ("uniform", "dp"):
+            for sched in ("uniform", "trailing", "dp"):
                 cells = []
                 for s in steps:
                     r = next((x for x in fp if (x["solver"], x["schedule"], x["steps"]) == (solver, sched, s)), None)

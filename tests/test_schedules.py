@@ -5,6 +5,7 @@ from tmpq.core.errors import TmpqError
 from tmpq.core.schedules import (
     make_timesteps,
     quadratic_timesteps,
+    trailing_timesteps,
     uniform_timesteps,
     validate_timesteps,
 )
@@ -20,7 +21,7 @@ def test_quadratic_matches_paper_groups_at_10_steps():
 
 @pytest.mark.parametrize("n", [1, 5, 10, 20, 50, 100, 250])
 def test_spacings_are_strictly_descending_and_in_range(n):
-    for ts in (uniform_timesteps(n), quadratic_timesteps(n)):
+    for ts in (uniform_timesteps(n), trailing_timesteps(n), quadratic_timesteps(n)):
         assert len(ts) == n
         assert all(a > b for a, b in zip(ts, ts[1:]))
         assert 0 <= ts[-1] and ts[0] <= 999
@@ -32,6 +33,16 @@ def test_uniform_is_ddim_leading_spacing():
     s = DDIMScheduler(num_train_timesteps=1000, steps_offset=0)
     s.set_timesteps(20)
     assert tuple(int(t) for t in s.timesteps) == uniform_timesteps(20)
+
+
+@pytest.mark.parametrize("n", [1, 5, 7, 10, 14, 20, 100])
+def test_trailing_is_the_diffusers_trailing_spacing(n):
+    from diffusers import DDIMScheduler
+
+    s = DDIMScheduler(num_train_timesteps=1000, timestep_spacing="trailing")
+    s.set_timesteps(n)
+    assert tuple(int(t) for t in s.timesteps) == trailing_timesteps(n) == make_timesteps("trailing", n)
+    assert trailing_timesteps(n)[0] == 999
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -54,3 +65,5 @@ def test_unknown_schedule_and_bad_n():
         uniform_timesteps(0)
     with pytest.raises(TmpqError, match="steps"):
         quadratic_timesteps(1001)
+    with pytest.raises(TmpqError, match="steps"):
+        trailing_timesteps(0)

@@ -26,7 +26,8 @@ def _add_model_and_schedule(q: argparse.ArgumentParser, steps_default: str, many
                    "MNIST model)")
     q.add_argument("--steps", default=steps_default, help="number of denoising steps" +
                    (", or a comma-separated list" if many else "") + " (default: %(default)s)")
-    q.add_argument("--schedule", default="quad", help="timestep spacing: uniform (DDIM), quad (quadratic DDIM) or dp "
+    q.add_argument("--schedule", default="quad", help="timestep spacing: uniform (DDIM leading), trailing (from T-1, "
+                   "diffusers' trailing), quad (quadratic DDIM) or dp "
                    "(optimal steps by dynamic programming over the FP model's 100-step trajectory)"
                    + (", or a comma-separated list" if many else "") + " (default: %(default)s)")
     q.add_argument("--timesteps", default=None, help="explicit strictly descending timesteps, e.g. 800,450,200,"

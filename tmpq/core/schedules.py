@@ -1,4 +1,5 @@
-"""Timestep spacings for DDIM-style sampling: uniform (DDIM "leading") and quadratic (DDIM "quad", TMPQ-DM seed).
+"""Timestep spacings for DDIM-style sampling: uniform (DDIM "leading"), trailing (diffusers' "trailing": starts at
+T - 1 and never spends a step at t = 0, the stock spacing for few steps) and quadratic (DDIM "quad", TMPQ-DM seed).
 
 Every schedule is a strictly descending tuple of ints in [0, T-1].
 """
@@ -10,7 +11,7 @@ import numpy as np
 
 from tmpq.core.errors import TmpqError
 
-SCHEDULES = ("uniform", "quad")
+SCHEDULES = ("uniform", "trailing", "quad")
 
 
 def uniform_timesteps(n: int, num_train_timesteps: int = 1000, offset: int = 0) -> tuple[int, ...]:
@@ -23,6 +24,19 @@ def uniform_timesteps(n: int, num_train_timesteps: int = 1000, offset: int = 0) 
     _check_n(n, num_train_timesteps)
     ts = np.arange(n) * (num_train_timesteps // n) + offset
     return validate_timesteps(tuple(int(t) for t in ts[::-1]), num_train_timesteps)
+
+
+def trailing_timesteps(n: int, num_train_timesteps: int = 1000) -> tuple[int, ...]:
+    """diffusers' ``timestep_spacing="trailing"``: ``round(arange(T, 0, -T / n)) - 1`` (Lin et al. 2024, "Common
+    Diffusion Noise Schedules and Sample Steps are Flawed").
+
+    Example:
+        >>> trailing_timesteps(5)
+        (999, 799, 599, 399, 199)
+    """
+    _check_n(n, num_train_timesteps)
+    ts = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / n)).astype(np.int64) - 1
+    return validate_timesteps(tuple(int(t) for t in ts), num_train_timesteps)
 
 
 def quadratic_timesteps(n: int, num_train_timesteps: int = 1000) -> tuple[int, ...]:
@@ -45,9 +59,11 @@ def quadratic_timesteps(n: int, num_train_timesteps: int = 1000) -> tuple[int, .
 
 
 def make_timesteps(schedule: str, n: int, num_train_timesteps: int = 1000) -> tuple[int, ...]:
-    """Named spacing: ``uniform`` or ``quad``."""
+    """Named spacing: ``uniform``, ``trailing`` or ``quad``."""
     if schedule == "uniform":
         return uniform_timesteps(n, num_train_timesteps)
+    if schedule == "trailing":
+        return trailing_timesteps(n, num_train_timesteps)
     if schedule == "quad":
         return quadratic_timesteps(n, num_train_timesteps)
     raise TmpqError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
