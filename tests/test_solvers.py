@@ -109,3 +109,22 @@ def test_tmpq_fid_and_sample_take_a_solver(tmp_path, tiny_model_dir, capsys):
     code, out, err = run_cli(["sample", "--model", tiny_model_dir, "--solver", "rk4", "--out", tmp_path / "x.png"],
                              capsys)
     assert code == 2 and err.strip().splitlines()[-1].startswith("tmpq: error: solver: unknown 'rk4'")
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_dpm_solver_matches_stock_on_a_custom_schedule_ending_at_t0(order):
+    """DDIM's leading spacing ends at t = 0, where a multistep solver's last step (sigma(0) -> 0) overshoots: the
+    respaced solver does what the stock scheduler does with the same ``timesteps=`` (clipped), not something else.
+    (UniPC's stock scheduler takes no ``timesteps=``.)"""
+    solver = "dpm++"
+    unet = tiny_unet()
+    ts = [800, 600, 400, 200, 0]
+    cfg = {**embedded_scheduler_config(), **solver_config(solver, order)}
+    stock = STOCK[solver].from_config(cfg)
+    stock.set_timesteps(timesteps=ts)
+    x = NoiseBank(0, (1, 8, 8)).initial(range(3)) * stock.init_noise_sigma
+    with torch.no_grad():
+        for t in stock.timesteps:
+            x = stock.step(unet(stock.scale_model_input(x, t), t).sample, t, x).prev_sample
+    out = sample_images(unet, make_scheduler(cfg, solver, order), ts, 3, seed=0, progress=False)
+    assert float((out - x.clamp(-1, 1)).abs().max()) <= 1e-5
