@@ -5,7 +5,8 @@ from pathlib import Path
 
 from tmpq.core.rowlog import RowLog, command_line, machine
 
-__all__ = ["RowLog", "baseline_fp_row", "command_line", "findings", "keep_raw", "machine", "run_evaluations"]
+__all__ = ["RowLog", "baseline_fp_row", "command_line", "findings", "keep_gzip", "keep_raw", "log_proxy", "machine",
+           "read_gzip", "run_evaluations"]
 
 
 def findings(out: Path) -> list[str]:
@@ -38,27 +39,39 @@ def _raw_path(run_path: Path) -> Path:
     return run_path.parent.parent / "raw" / f"{run_path.name}.jsonl.gz"
 
 
-def keep_raw(run_path: Path) -> Path:
-    """Commit-ready copy of a finished run's evaluation log (gzip, no timestamp: the same log gives the same bytes),
-    so that a report rebuilds from a fresh clone, where the run directories (git-ignored) are absent."""
+def keep_gzip(src: Path, dst: Path, what: str) -> None:
+    """Commit-ready gzip copy of ``src`` (no timestamp: the same file gives the same bytes), written atomically."""
     import gzip
 
     from tmpq.core.fileio import atomic_write_bytes, read_bytes
 
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(Path(dst), gzip.compress(read_bytes(Path(src), what), mtime=0))
+
+
+def read_gzip(src: Path, what: str) -> bytes:
+    """The bytes of a ``keep_gzip`` copy; a damaged one is a one-line ``TmpqError`` naming it."""
+    import gzip
+
+    from tmpq.core.fileio import malformed, read_bytes
+
+    with malformed(Path(src), what):
+        return gzip.decompress(read_bytes(Path(src), what))
+
+
+def keep_raw(run_path: Path) -> Path:
+    """Commit-ready copy of a finished run's evaluation log (``keep_gzip``), so that a report rebuilds from a fresh
+    clone, where the run directories (git-ignored) are absent."""
     raw = _raw_path(run_path)
-    raw.parent.mkdir(parents=True, exist_ok=True)
-    data = read_bytes(Path(run_path) / "evaluations.jsonl", "evaluation log")
-    atomic_write_bytes(raw, gzip.compress(data, mtime=0))
+    keep_gzip(Path(run_path) / "evaluations.jsonl", raw, "evaluation log")
     return raw
 
 
 def run_evaluations(run_path: Path):
     """Every evaluation of a benchmark run as ``tmpq.load_run(...).evaluations`` gives it: from the run directory when
     it is here, else from its committed raw log (``keep_raw``)."""
-    import gzip
-
     from tmpq.core.errors import TmpqError
-    from tmpq.core.fileio import malformed, parse_jsonl, read_bytes
+    from tmpq.core.fileio import parse_jsonl
     from tmpq.jobs.run import load_run
     from tmpq.search.rundir import EvalResult, results_frame
 
@@ -68,6 +81,13 @@ def run_evaluations(run_path: Path):
     raw = _raw_path(run_path)
     if not raw.is_file():
         raise TmpqError(f"neither the run {run_path} nor its raw log {raw} is here")
-    with malformed(raw, "raw evaluation log"):
-        data = gzip.decompress(read_bytes(raw, "raw evaluation log"))
+    data = read_gzip(raw, "raw evaluation log")
     return results_frame(parse_jsonl(data, raw, EvalResult.from_json, "raw evaluation log")[0])
+
+
+def log_proxy(p):
+    """(proxy, GBitOPs) rows with the proxy on log10: the proxy spans an order of magnitude."""
+    import numpy as np
+
+    p = np.asarray(p, dtype=np.float64)
+    return np.stack([np.log10(p[:, 0]), p[:, 1]], axis=1)

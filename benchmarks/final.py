@@ -31,41 +31,34 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import baseline_fp_row, findings
+from benchmarks.common import RowLog, baseline_fp_row, findings, keep_gzip, read_gzip
 from tmpq.core.reuse import reuse_of
 from tmpq.core.solvers import solver_of
 
 RAW_FILES = ("config.resolved.json", "search_space.json", "evaluations.jsonl", "final/rows.jsonl")
 
 
+def _kept(raw: Path, name: str) -> Path:
+    return raw / (name.replace("/", "-") + ".gz")
+
+
 def keep_run_files(run_path: Path, raw: Path) -> None:
-    """Commit-ready gzip copies (no timestamp: the same file gives the same bytes) of the run files the report reads."""
-    import gzip
-
-    from tmpq.core.fileio import atomic_write_bytes, read_bytes
-
-    raw.mkdir(parents=True, exist_ok=True)
+    """Commit-ready gzip copies (``keep_gzip``) of the run files the report reads."""
     for name in RAW_FILES:
-        data = read_bytes(run_path / name, "run file")
-        atomic_write_bytes(raw / (name.replace("/", "-") + ".gz"), gzip.compress(data, mtime=0))
+        keep_gzip(run_path / name, _kept(raw, name), "run file")
 
 
 def restore_run(raw: Path, into: Path) -> Path:
     """A run directory rebuilt from ``keep_run_files``' copies (for ``--report-only`` where the run is not here)."""
-    import gzip
-
     from tmpq.core.errors import TmpqError
-    from tmpq.core.fileio import malformed, read_bytes
 
     run = into / "run"
     for name in RAW_FILES:
-        src = raw / (name.replace("/", "-") + ".gz")
+        src = _kept(raw, name)
         if not src.is_file():
             raise TmpqError(f"neither the run directory nor its kept copy {src} is here")
-        with malformed(src, "kept run file"):
-            data = gzip.decompress(read_bytes(src, "kept run file"))
         (run / name).parent.mkdir(parents=True, exist_ok=True)
-        (run / name).write_bytes(data)
+        (run / name).write_bytes(read_gzip(src, "kept run file"))
     return run
 
 
@@ -207,8 +200,8 @@ def _check_validated(rows: Path, keys: list[str], vcfg) -> None:
     """``--report-only``: every chosen point has its validation rows at this N and these seeds (else one line)."""
     from tmpq.core.errors import TmpqError
 
-    have = {(r["key"], r["seed"], r["n"]) for r in map(json.loads, rows.read_text().splitlines())}
-    missing = [f"{k} seed {s}" for k in keys for s in vcfg.seeds if (k, s, vcfg.n) not in have]
+    log = RowLog(rows, ("key", "seed", "n"))  # reads only
+    missing = [f"{k} seed {s}" for k in keys for s in vcfg.seeds if not log.has(key=k, seed=s, n=vcfg.n)]
     if missing:
         raise TmpqError(f"{rows}: no validation row at N = {vcfg.n} for {', '.join(missing)} (run without "
                         "--report-only)")

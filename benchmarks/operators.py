@@ -68,7 +68,7 @@ def main() -> None:
     ap.add_argument("--out", default="results/search/operators.json")
     args = ap.parse_args()
 
-    from benchmarks.search import log_proxy
+    from benchmarks.common import log_proxy
     from tmpq.core.rowlog import command_line, machine
     from tmpq.search.engines import make_engine
     from tmpq.search.pareto import hypervolume_2d

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import RowLog, findings, keep_raw, run_evaluations
+from benchmarks.common import RowLog, findings, keep_raw, log_proxy, run_evaluations
 
 UNIFORM_BASELINES = [(w, a, sched, n) for (w, a) in ((8, 8), (6, 6), (4, 8)) for sched in ("uniform", "quad")
                      for n in (5, 10, 20)]
@@ -239,11 +239,6 @@ def part_fidelity(args, log: RowLog, sn: Path) -> None:
                     "paired_feat": proxy["paired_feat"], "paired_pixel_mse": proxy["paired_pixel_mse"],
                     "proxy_s": proxy["eval_s"], "proxy_n": args.proxy_n, **small,
                     "fid10k": full["fid"], "kid10k": full.get("kid"), "fid10k_s": round(full_s, 1)})
-
-
-def log_proxy(p: np.ndarray) -> np.ndarray:
-    """(proxy, GBitOPs) rows with the proxy on log10: the proxy spans an order of magnitude."""
-    return np.stack([np.log10(p[:, 0]), p[:, 1]], axis=1)
 
 
 def _small_n_scores(feats: np.ndarray, ref, ns) -> dict:

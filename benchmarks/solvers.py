@@ -8,8 +8,8 @@
 
 - ``fp``: the FP model with each solver (``--solvers``) at ``--steps`` on uniform DDIM timesteps, on diffusers'
   trailing spacing and on the DP-optimal timesteps of :mod:`tmpq.search.stepsel` (one FP teacher run of 100 uniform
-  steps on 64 images of noise seed 20,000, apart from the evaluation noise), scored by FID (domain extractor, N = ``--n``, noise seed ``--seed``) with the FP
-  100-step DDIM row as the reference point.
+  steps on 64 images of noise seed 20,000, apart from the evaluation noise), scored by FID (domain extractor,
+  N = ``--n``, noise seed ``--seed``) with the FP 100-step DDIM row as the reference point.
 - ``gene``: searches with the demo's settings (step choices 5-20, W6A6 budget at 10 steps, 200 evaluations) over DDIM
   only and over ``--gene-solvers``, seeds 0..``--seeds``-1; hypervolume of each run's evaluated points (proxy,
   GBitOPs) against one reference point for all runs, by a rule fixed before the runs: 1.1 x the worst proxy and the
@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import RowLog, findings, keep_raw, run_evaluations
+from benchmarks.common import RowLog, findings, keep_raw, log_proxy, run_evaluations
 
 SOLVERS = ("ddim", "dpm++-2", "unipc-2", "euler", "heun")
 GENE_SOLVERS = ("ddim", "dpm++-2", "unipc-2")
@@ -185,37 +186,32 @@ def _step_side(args, log: RowLog, sn: Path) -> None:
     reuse_space = replace(space, reuse_branch=args.branch, deep_layers=deep)
     dp = None
     ev = None
-    for method in ("dp", "deepcache"):
-        for steps in space.step_choices:
-            for solver in args.gene_solvers:
-                name, order = parse_solver(solver)
-                for w in space.w_bits:
-                    for a in space.a_bits:
-                        if log.has(kind="stepside", name=f"{method}-{solver}-{steps}-w{w}a{a}"):
-                            continue
-                        bits = tuple((w, a) for _ in range(space.num_genes))
-                        if method == "dp":
-                            if dp is None:
-                                dp = optimal_schedules(m.unet, m.scheduler_config, list(space.step_choices),
-                                                       guidance_scale=m.guidance_scale)
-                            cand = Candidate(tuple(int(t) for t in dp[steps]), bits, name, order)
-                            cost = space.bitops(cand)
-                        else:
-                            calls = denoiser_calls(name, steps)
-                            cand = Candidate(tuple(make_timesteps("uniform", steps)), bits, name, order,
-                                             reuse=tuple(range(1, calls, 2)))
-                            cost = reuse_space.bitops(cand)
-                        if space.bitops_budget is not None and cost > space.bitops_budget:
-                            continue
-                        if ev is None:
-                            ev = WorkerSpec(cfg["model"], str(sn.resolve()), cfg["proxy"], args.threads,
-                                            companions=False)()
-                        r = ev.evaluate(cand.timesteps, bits, solver=(name, order),
-                                        reuse=(args.branch, cand.reuse) if cand.reuse else None)
-                        log.append({"kind": "stepside", "name": f"{method}-{solver}-{steps}-w{w}a{a}",
-                                    "method": method, "solver": solver, "steps": steps, "bits": [w, a],
-                                    "timesteps": list(cand.timesteps), "reuse": list(cand.reuse), "bitops": cost,
-                                    "fid_proxy": r["fid_proxy"], "eval_s": round(r["eval_s"], 2)})
+    for method, steps, solver, w, a in itertools.product(("dp", "deepcache"), space.step_choices, args.gene_solvers,
+                                                         space.w_bits, space.a_bits):
+        tag = f"{method}-{solver}-{steps}-w{w}a{a}"
+        if log.has(kind="stepside", name=tag):
+            continue
+        name, order = parse_solver(solver)
+        bits = tuple((w, a) for _ in range(space.num_genes))
+        if method == "dp":
+            if dp is None:
+                dp = optimal_schedules(m.unet, m.scheduler_config, list(space.step_choices),
+                                       guidance_scale=m.guidance_scale)
+            cand = Candidate(tuple(int(t) for t in dp[steps]), bits, name, order)
+            cost = space.bitops(cand)
+        else:
+            cand = Candidate(tuple(make_timesteps("uniform", steps)), bits, name, order,
+                             reuse=tuple(range(1, denoiser_calls(name, steps), 2)))
+            cost = reuse_space.bitops(cand)
+        if space.bitops_budget is not None and cost > space.bitops_budget:
+            continue
+        if ev is None:
+            ev = WorkerSpec(cfg["model"], str(sn.resolve()), cfg["proxy"], args.threads, companions=False)()
+        r = ev.evaluate(cand.timesteps, bits, solver=(name, order),
+                        reuse=(args.branch, cand.reuse) if cand.reuse else None)
+        log.append({"kind": "stepside", "name": tag, "method": method, "solver": solver, "steps": steps,
+                    "bits": [w, a], "timesteps": list(cand.timesteps), "reuse": list(cand.reuse), "bitops": cost,
+                    "fid_proxy": r["fid_proxy"], "eval_s": round(r["eval_s"], 2)})
 
 
 def part_stacking(args, log: RowLog) -> None:
@@ -287,7 +283,7 @@ def _gene_section(args, out: Path, runs: dict, stepside: list) -> list[str]:
         pts[name] = np.stack([ev["fid_proxy"].to_numpy(float), ev["bitops"].to_numpy(float) / 1e9], axis=1)
     first = runs[next(iter(runs))]
     refpt = np.array([1.1 * max(p[:, 0].max() for p in pts.values()), 1.1 * max(p[:, 1].max() for p in pts.values())])
-    logp = np.array([np.log10(refpt[0]), refpt[1]])
+    logp = log_proxy(refpt[None, :])[0]
     base = np.array([[r["fid_proxy"], r["bitops"] / 1e9] for r in stepside]) if stepside else np.zeros((0, 2))
     lines = ["## Solver gene vs DDIM only (hypervolume, same supernet, proxy, noise and budget)", "",
              f"The demo's search (`configs/demo.toml`: step choices 5-20, budget uniform W6A6 at 10 steps, population x "
@@ -305,8 +301,7 @@ def _gene_section(args, out: Path, runs: dict, stepside: list) -> list[str]:
         if d is None or g is None:
             continue
         hd, hg = hypervolume_2d(d, refpt), hypervolume_2d(g, refpt)
-        ld = hypervolume_2d(np.stack([np.log10(d[:, 0]), d[:, 1]], 1), logp)
-        lg = hypervolume_2d(np.stack([np.log10(g[:, 0]), g[:, 1]], 1), logp)
+        ld, lg = hypervolume_2d(log_proxy(d), logp), hypervolume_2d(log_proxy(g), logp)
         ratios.append(hg / hd)
         lratios.append(lg / ld)
         dom = " / ".join(f"{int(dominates_all(p[non_dominated(p)], base, strict=True).sum())}/{len(base)}"
@@ -317,7 +312,7 @@ def _gene_section(args, out: Path, runs: dict, stepside: list) -> list[str]:
                   f"{np.std(lratios):.3f}) over {len(ratios)} seeds."]
     if len(base):
         lines.append(f"The step-side baselines taken together as one set: hypervolume {hypervolume_2d(base, refpt):.4g} "
-                     f"(log10 proxy {hypervolume_2d(np.stack([np.log10(base[:, 0]), base[:, 1]], 1), logp):.4g}).")
+                     f"(log10 proxy {hypervolume_2d(log_proxy(base), logp):.4g}).")
     lines.append("")
     if stepside:
         lines += ["### Step-side baselines (same proxy, noise and budget)", "",
@@ -344,7 +339,6 @@ def _bits_text(bits) -> str:
 
 
 def write_report(args, log: RowLog) -> None:
-
     out = Path(args.out)
     rows = list(log.rows.values())
     lines = ["# Solvers, step selection and reuse of deep features (issue 21)", "", *findings(out)]
@@ -356,7 +350,8 @@ def write_report(args, log: RowLog) -> None:
                   (f"Reference: FP uniform DDIM 100 steps, FID {ref100['fid']:.4f}. " if ref100 else "")
                   + "`uniform`: DDIM's leading spacing (5 steps: 800 ... 200, 0); `trailing`: diffusers' trailing "
                   "spacing (999, 799, ..., 199); `dp`: the DP-optimal timesteps (tmpq.search.stepsel) of each step "
-                  "count, the same for every solver.", "", "| solver | schedule | " + " | ".join(f"{s} steps" for s in steps) + " |",
+                  "count, the same for every solver.", "",
+                  "| solver | schedule | " + " | ".join(f"{s} steps" for s in steps) + " |",
                   "|---|---|" + "---:|" * len(steps)]
         for solver in dict.fromkeys(r["solver"] for r in fp):
             for sched in ("uniform", "trailing", "dp"):
@@ -376,8 +371,8 @@ def write_report(args, log: RowLog) -> None:
         for name in ("fp", "quant", "reuse", "both", "joint"):
             r = st.get(name)
             if r:
-                lines.append(f"| {name} | {len(r['timesteps'])} | {_bits_text(r['bits'])} | {r['reuse']} | {r['bitops_share_of_fp100']:.4f} | "
-                             f"{r['fid']:.4f} |")
+                lines.append(f"| {name} | {len(r['timesteps'])} | {_bits_text(r['bits'])} | {r['reuse']} | "
+                             f"{r['bitops_share_of_fp100']:.4f} | {r['fid']:.4f} |")
         if all(k in st for k in ("fp", "quant", "reuse", "both")):
             dq, dr, db = (st[k]["fid"] - st["fp"]["fid"] for k in ("quant", "reuse", "both"))
             lines += ["", f"FID added to FP on the same {len(st['fp']['timesteps'])} steps (N = {st['fp']['n']}, noise "
