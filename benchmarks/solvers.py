@@ -70,14 +70,13 @@ def part_fp(args, log: RowLog) -> None:
         _ddim_from_baseline(args, log, row)
     row("ddim", "uniform", make_timesteps("uniform", 100))
     for steps in args.steps:
-        for solver in args.solvers:
-            row(solver, "uniform", make_timesteps("uniform", steps))
-        for solver in args.solvers:  # diffusers' stock spacing for few steps (from T - 1, no step at t = 0)
-            row(solver, "trailing", make_timesteps("trailing", steps))
-        if dp is None:
-            dp = optimal_schedules(m.unet, m.scheduler_config, args.steps, guidance_scale=m.guidance_scale)
-        for solver in args.solvers:
-            row(solver, "dp", dp[steps])
+        for sched in args.schedules:
+            if sched == "dp" and dp is None:
+                dp = optimal_schedules(m.unet, m.scheduler_config, args.steps, guidance_scale=m.guidance_scale)
+            # trailing: diffusers' stock spacing for few steps (from T - 1, no step at t = 0)
+            ts = dp[steps] if sched == "dp" else make_timesteps(sched, steps)
+            for solver in args.solvers:
+                row(solver, sched, ts)
 
 
 def _ddim_from_baseline(args, log: RowLog, row) -> None:
@@ -404,6 +403,8 @@ def main() -> None:
     ap.add_argument("--solvers", type=lambda s: s.split(","), default=list(SOLVERS))
     ap.add_argument("--gene-solvers", type=lambda s: s.split(","), default=list(GENE_SOLVERS))
     ap.add_argument("--steps", type=lambda s: [int(v) for v in s.split(",")], default=[5, 7, 10, 14, 20])
+    ap.add_argument("--schedules", type=lambda s: s.split(","), default=["uniform", "trailing", "dp"],
+                    help="fp part: timestep spacings, of uniform (DDIM's leading), trailing, dp")
     ap.add_argument("--n", type=int, default=10000)
     ap.add_argument("--ddim-from-baseline", default="", help="fp part: take FP DDIM uniform rows from this "
                     "benchmarks.baseline rows.jsonl (e.g. results/baseline/rows.jsonl) once its 5-step row reproduces")
@@ -416,6 +417,9 @@ def main() -> None:
     ap.add_argument("--generations", type=int, default=1, help="with --population: generations")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    bad = sorted(set(args.schedules) - {"uniform", "trailing", "dp"})
+    if bad:
+        raise SystemExit(f"--schedules: unknown spacing {', '.join(bad)} (uniform, trailing, dp)")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
