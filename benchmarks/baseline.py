@@ -17,9 +17,7 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
-
-from benchmarks.common import RowLog, findings
+from benchmarks.common import RowLog, cpu_setup, findings
 from tmpq.core.data import load_digits
 from tmpq.core.grid import save_grid
 from tmpq.core.model import load_model
@@ -55,7 +53,7 @@ def main() -> None:
     ap.add_argument("--out", default="results/baseline")
     ap.add_argument("--report-only", action="store_true", help="only rewrite the report from rows.jsonl")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    cpu_setup(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     # model / guidance_scale are absent from the rows of the embedded UNet without guidance (the historical rows)

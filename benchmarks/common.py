@@ -91,3 +91,13 @@ def log_proxy(p):
 
     p = np.asarray(p, dtype=np.float64)
     return np.stack([np.log10(p[:, 0]), p[:, 1]], axis=1)
+
+
+def cpu_setup(threads: int) -> None:
+    """Torch threads and the CPU allocator as the ``tmpq`` commands set them (``tune_cpu_allocator``)."""
+    import torch
+
+    from tmpq.core.devices import tune_cpu_allocator
+
+    torch.set_num_threads(threads)
+    tune_cpu_allocator()

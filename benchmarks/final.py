@@ -29,9 +29,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from benchmarks.common import RowLog, baseline_fp_row, findings, keep_gzip, read_gzip
+from benchmarks.common import (
+    RowLog,
+    baseline_fp_row,
+    cpu_setup,
+    findings,
+    keep_gzip,
+    read_gzip,
+)
 from tmpq.core.reuse import reuse_of
 from tmpq.core.solvers import solver_of
 
@@ -109,7 +115,7 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite the report from the run (or its kept copy under OUT/raw/): no search, no sampling")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    cpu_setup(args.threads)
 
     from tmpq.jobs.config import load_config
     from tmpq.jobs.search import run_search

@@ -28,9 +28,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from benchmarks.common import RowLog, findings, keep_raw, log_proxy, run_evaluations
+from benchmarks.common import (
+    RowLog,
+    cpu_setup,
+    findings,
+    keep_raw,
+    log_proxy,
+    run_evaluations,
+)
 
 UNIFORM_BASELINES = [(w, a, sched, n) for (w, a) in ((8, 8), (6, 6), (4, 8)) for sched in ("uniform", "quad")
                      for n in (5, 10, 20)]
@@ -54,7 +60,7 @@ def supernet_file(args, out: Path) -> Path:
     path = out / "supernet.safetensors"
     if path.is_file():
         return path
-    torch.set_num_threads(args.threads)
+    cpu_setup(args.threads)
     cfg = config_from_dict(run_pins(args))
     m = load_model(cfg.model)
     out.mkdir(parents=True, exist_ok=True)
@@ -616,7 +622,7 @@ def main() -> None:
         f" --{k.replace('_', '-')} {shown(getattr(args, k))}" for k in ("model", "guidance", "grouping", "time_groups",
                                                                        "population", "generations", "engines")
         if getattr(args, k) != ap.get_default(k)) + (f" --out {args.out}" if args.out != "results/search" else "")
-    torch.set_num_threads(args.threads)
+    cpu_setup(args.threads)
     out = Path(args.out)
     log = RowLog(out / "rows.jsonl", ("kind", "name"))
     if args.part != "report":

@@ -30,9 +30,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from benchmarks.common import RowLog, findings, keep_raw, log_proxy, run_evaluations
+from benchmarks.common import (
+    RowLog,
+    cpu_setup,
+    findings,
+    keep_raw,
+    log_proxy,
+    run_evaluations,
+)
 
 SOLVERS = ("ddim", "dpm++-2", "unipc-2", "euler", "heun")
 GENE_SOLVERS = ("ddim", "dpm++-2", "unipc-2")
@@ -420,7 +426,7 @@ def main() -> None:
     bad = sorted(set(args.schedules) - {"uniform", "trailing", "dp"})
     if bad:
         raise SystemExit(f"--schedules: unknown spacing {', '.join(bad)} (uniform, trailing, dp)")
-    torch.set_num_threads(args.threads)
+    cpu_setup(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = RowLog(out / "rows.jsonl", ("kind", "name", "solver", "schedule", "steps", "n", "seed"))

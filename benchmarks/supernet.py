@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import RowLog, baseline_fp_row, findings
+from benchmarks.common import RowLog, baseline_fp_row, cpu_setup, findings
 from tmpq.core.adapters import adapter_for, sample_shape
 from tmpq.core.model import ModelConfig, load_model
 from tmpq.core.sampler import make_scheduler, sample_images
@@ -107,7 +107,7 @@ def main() -> None:
                     help="comma list, run in this order: quality, cost, fidelity, strategy, timegroups, ranges")
     ap.add_argument("--report-only", action="store_true", help="only rewrite README.md from rows.jsonl")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    cpu_setup(args.threads)
     out = Path(args.out)
     log = RowLog(out / "rows.jsonl", ("kind", "mode", "alloc_id", "name", "n", "seed"))
     if args.report_only:

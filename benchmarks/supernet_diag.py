@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import RowLog
+from benchmarks.common import RowLog, cpu_setup
 
 
 def main() -> None:
@@ -60,7 +60,7 @@ def main() -> None:
     ap.add_argument("--extra-pin", action="append", default=[], metavar="PATTERN=W,A",
                     help="another model: pin the layers matching PATTERN (fnmatch) at W,A beside its adapter's pins")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    cpu_setup(args.threads)
     if args.time_groups and args.model != "embedded":
         raise SystemExit("--time-groups: the embedded UNet only (use --supernet-time-groups)")
     pins = [[int(b) for b in part.split(",")] for part in args.pins.split("/")]

@@ -3,6 +3,10 @@ is one line, and the executor's GPU settings are checked."""
 from __future__ import annotations
 
 import json
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -51,3 +55,34 @@ def test_cpu_and_auto_give_the_same_front_and_cuda_is_refused(tiny_model_dir, tm
         run_search(dataclasses.replace(cfg, executor=dataclasses.replace(cfg.executor, device="cuda")),
                    tmp_path / "cuda", progress=False)
     assert not (tmp_path / "cuda").exists()  # refused before any run directory
+
+
+
+
+_ALLOC = """
+import ctypes, json, sys, torch
+from tmpq.core.devices import cpu_allocator, tune_cpu_allocator
+said = tune_cpu_allocator() if sys.argv[1] == "tune" else "untouched"
+libc = ctypes.CDLL("libc.so.6")
+libc.sbrk.restype, libc.sbrk.argtypes = ctypes.c_void_p, [ctypes.c_long]
+x = torch.ones(16 << 20)  # 64 MB: above glibc's largest mmap threshold
+print(json.dumps({"said": said, "now": cpu_allocator(), "in_heap": x.data_ptr() < libc.sbrk(0)}))
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the allocator tuning is glibc's")
+@pytest.mark.parametrize("mode", ["tune", "stock-env", "untouched"])
+def test_the_tuned_cpu_allocator_serves_large_tensors_from_the_heap(mode):
+    """With the tuning a 64 MB tensor comes from the heap (below the program break), where a freed block serves the
+    next one without faulting its pages in again; with glibc's defaults (TMPQ_CPU_ALLOCATOR=stock, or never tuned)
+    it is a fresh mmap of its own, returned to the kernel on free. Each mode in a fresh process: the tuning is
+    process-wide."""
+    env = {**os.environ, "TMPQ_CPU_ALLOCATOR": "stock" if mode == "stock-env" else ""}
+    out = subprocess.run([sys.executable, "-c", _ALLOC, "tune" if mode != "untouched" else "no"], env=env,
+                         capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    if mode == "tune":
+        assert r["said"].startswith("glibc ") and "no mmap" in r["said"] and r["now"] == r["said"]
+    else:
+        assert r["now"] == "stock" and (mode == "untouched" or "TMPQ_CPU_ALLOCATOR=stock" in r["said"])
+    assert r["in_heap"] == (mode == "tune")

@@ -240,11 +240,13 @@ def test_int8_conv_and_linear_compute_what_fake_quantization_computes(kernel, st
     assert got.shape == want.shape and torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "slice"])
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("bits,a_sym", [(8, False), (8, True), (6, False), (6, True)])
-def test_int8_input_codes_are_the_fake_quantizer_codes(bits, a_sym, fused):
+def test_int8_input_codes_are_the_fake_quantizer_codes(bits, a_sym, fused, layout):
     """The deployed input quantizer (one fused quantize pass to bytes) gives exactly the calibrated quantizer's
-    levels, ties and both clamps included."""
+    levels, ties and both clamps included, whatever the input's memory layout (a split conv quantizes a channel slice
+    of a channels-last tensor)."""
     from tmpq.deploy.int8 import _StaticInput
     from tmpq.quant.quantizer import AffineQuantizer
 
@@ -259,8 +261,13 @@ def test_int8_input_codes_are_the_fake_quantizer_codes(bits, a_sym, fused):
     if fused and not inp.fused:
         pytest.skip("this PyTorch build has no fused per-tensor quantize")
     inp.fused = fused
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "slice":
+        x = torch.cat([torch.zeros(2, 3, 16, 16), x], 1).contiguous(memory_format=torch.channels_last)[:, 3:]
+        assert x.storage_offset() == 3 and not x.is_contiguous()
     u = inp(x)
-    assert u.dtype == torch.uint8 and int(u.max()) <= aq.qmax - aq.qmin
+    assert u.dtype == torch.uint8 and u.shape == x.shape and int(u.max()) <= aq.qmax - aq.qmin
     got = (u.float() + aq.qmin - float(aq.zero_point.reshape(-1)[0])) * s
     with torch.no_grad():
         assert torch.equal(got, aq(x))

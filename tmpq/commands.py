@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from tmpq.core.adapters import decoder_cost, set_conditioning
-from tmpq.core.devices import resolve_device
+from tmpq.core.devices import cpu_allocator, resolve_device, tune_cpu_allocator
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import malformed, read_json
 from tmpq.core.grid import save_grid
@@ -81,6 +81,7 @@ def _set_threads(n: int) -> None:
     if n < 1:
         raise TmpqError(f"threads: must be >= 1, got {n}")
     torch.set_num_threads(n)
+    tune_cpu_allocator()
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -356,6 +357,7 @@ def cmd_speed(args: argparse.Namespace) -> None:
               f"images: pixel MSE {rows['torchao_int8_vs_fakequant_pixel_mse']:.1e}")
     else:
         print(f"CPU: {describe_cpu_int8()}", flush=True)
+        print(f"CPU allocator (every timing below): {cpu_allocator()}", flush=True)
         rows = measure_speed(args.export, n=args.n, batch_size=args.batch_size, fid_n=args.fid_n,
                              compile=args.compile)
         rows["threads"] = args.threads

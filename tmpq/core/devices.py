@@ -6,6 +6,8 @@ samples from the same noise.
 """
 from __future__ import annotations
 
+import ctypes
+import os
 import re
 
 import torch
@@ -36,3 +38,40 @@ def resolve_device(name: str = "auto", key: str = "executor.device") -> str:
             raise TmpqError(f"{key}: {name} requested, but this machine has {torch.cuda.device_count()} CUDA "
                             f"device(s)")
     return name
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_allocator = "stock"
+
+
+def tune_cpu_allocator() -> str:
+    """Keep freed memory in this process for the next tensor (glibc: no mmap per large block, no trimming of the
+    heap), once per process; what is in effect comes back as one line (also :func:`cpu_allocator`).
+
+    A CPU denoiser call allocates and frees tens of MB per op; glibc serves each block of 32 MB or more (and, after
+    its adaptive threshold moves, smaller ones) by a fresh mmap whose pages fault in again on first touch and are
+    zeroed by the kernel. Measured on the embedded UNet at batch 256 (2 threads, AMD EPYC Zen 4): ~1e4-3e4 page
+    faults per call with glibc's defaults, none after this. Numbers do not change (only where memory comes from);
+    the process keeps its peak memory instead of returning it. ``TMPQ_CPU_ALLOCATOR=stock`` leaves glibc's defaults;
+    on a C library other than glibc nothing is done."""
+    global _allocator
+    if _allocator != "stock":
+        return _allocator
+    if os.environ.get("TMPQ_CPU_ALLOCATOR", "").strip().lower() == "stock":
+        return "glibc defaults (TMPQ_CPU_ALLOCATOR=stock)"
+    try:
+        libc = ctypes.CDLL("libc.so.6")  # only glibc has gnu_get_libc_version
+        libc.gnu_get_libc_version.restype = ctypes.c_char_p
+        glibc = libc.gnu_get_libc_version().decode()
+    except (OSError, AttributeError):
+        return "stock (not glibc)"
+    if libc.mallopt(_M_MMAP_MAX, 0) != 1 or libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) != 1:
+        return f"glibc {glibc} defaults (mallopt refused)"
+    _allocator = f"glibc {glibc}: no mmap for large blocks, no heap trimming (tmpq.core.devices.tune_cpu_allocator)"
+    return _allocator
+
+
+def cpu_allocator() -> str:
+    """What :func:`tune_cpu_allocator` put in effect in this process ("stock": glibc's defaults)."""
+    return _allocator

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tmpq.core.data import data_fingerprint
-from tmpq.core.devices import resolve_device
+from tmpq.core.devices import resolve_device, tune_cpu_allocator
 from tmpq.core.fileio import atomic_write_bytes, malformed, read_json
 from tmpq.core.model import ModelConfig, load_model
 from tmpq.core.reuse import reused_layers
@@ -62,8 +62,10 @@ class WorkerSpec:
 
     def __call__(self):
         torch.set_num_threads(self.threads)
-        m = load_model(ModelConfig(**self.model) if isinstance(self.model, dict) else self.model,
-                       device=resolve_device(self.device))
+        device = resolve_device(self.device)
+        if device == "cpu":
+            tune_cpu_allocator()  # this process samples on the CPU (a Ray worker's own process too)
+        m = load_model(ModelConfig(**self.model) if isinstance(self.model, dict) else self.model, device=device)
         net = QuantSupernet.from_file(m.unet, self.supernet_file)
         ext = scoring_extractor(m.image_channels, self.proxy.get("extractor", "auto"),
                                 self.proxy.get("inception_weights", ""))
