@@ -219,6 +219,88 @@ def _step_side(args, log: RowLog, sn: Path) -> None:
                     "fid_proxy": r["fid_proxy"], "eval_s": round(r["eval_s"], 2)})
 
 
+def part_speed(args, log: RowLog) -> None:
+    """The speed must-show from the step side: one point fixed before its validation (``--speed-solver`` on the
+    DP-optimal timesteps of ``--speed-steps`` steps, every layer at ``--speed-bits``: the int8 kernels' own width,
+    where lower bits add error and no speed), added to a run of ``configs/solvers.toml`` (the issue-21 final run's
+    model, supernet calibration, proxy and budget; no search) as an evaluated candidate of origin ``stepside-dp``,
+    then validated, exported and timed exactly as ``benchmarks.final`` does its picks (re-calibrated along its own
+    schedule, N = ``--n`` x seeds 1, 2; ``measure_speed`` with 256 images, FID of fake quant and int8 at N = 2,000)."""
+    import dataclasses
+
+    from tmpq.core.model import load_model
+    from tmpq.core.solvers import parse_solver
+    from tmpq.deploy.int8 import measure_speed
+    from tmpq.evaluators.candidate import PROXY_VERSION
+    from tmpq.jobs.config import load_config
+    from tmpq.jobs.export import ensure_export
+    from tmpq.jobs.search import (
+        WorkerSpec,
+        _time_groups,
+        build_space,
+        calibrate_to_file,
+        run_fingerprint,
+    )
+    from tmpq.jobs.validate import ValidateConfig, validate_run
+    from tmpq.search.budget import fp_bitops
+    from tmpq.search.rundir import EvalResult, RunDir
+    from tmpq.search.space import Candidate
+    from tmpq.supernet import QuantSupernet
+
+    fp_row = next((r for r in log.rows.values() if r["kind"] == "fp" and r["solver"] == args.speed_solver
+                   and r["schedule"] == "dp" and r["steps"] == args.speed_steps and r["n"] == args.n
+                   and r["seed"] == args.seed), None)
+    if fp_row is None:
+        raise SystemExit(f"--part speed: no FP row of {args.speed_solver} on DP {args.speed_steps} steps yet "
+                         f"(run --part fp first)")
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "solvers.toml")
+    path = Path(args.out) / "runs" / f"speed-{args.speed_solver}-dp{args.speed_steps}"
+    m = load_model(cfg.model)
+    groups, step_groups = _time_groups(cfg, m, None)
+    net = QuantSupernet(m.unet, cfg.supernet)
+    fingerprint = run_fingerprint(cfg, net.fingerprint)
+    space = build_space(cfg, net, groups, step_groups)
+    run = (RunDir.reopen(path, fingerprint) if (path / "config.resolved.json").is_file()
+           else RunDir.create(path, cfg.to_dict(), space.to_dict(), fingerprint))
+    sn = run.path / "supernet.safetensors"
+    if not sn.is_file():
+        calibrate_to_file(cfg, m, net, sn, True)
+    del net
+    name, order = parse_solver(args.speed_solver)
+    w, a = args.speed_bits
+    cand = Candidate(tuple(int(t) for t in fp_row["timesteps"]), tuple((w, a) for _ in range(space.num_genes)),
+                     name, order)
+    if not any(r.key == cand.key for r in run.replay()):
+        spec = WorkerSpec(dataclasses.asdict(cfg.model), str(sn.resolve()), dataclasses.asdict(cfg.proxy),
+                          args.threads, companions=False)
+        t0 = time.perf_counter()
+        r = spec().evaluate(cand.timesteps, cand.bits, solver=(name, order))
+        objectives = {k: float(v) for k, v in r.items() if isinstance(v, (int, float))}
+        objectives.update(bitops=space.bitops(cand), size_mb=space.size_mb(cand))
+        run.append(EvalResult(key=cand.key, status="ok", timesteps=cand.timesteps, bits=cand.bits, solver=name,
+                              order=order, objectives=objectives, n_images=cfg.proxy.n_images, seed=cfg.proxy.seed,
+                              proxy={"name": cfg.proxy.name, "version": PROXY_VERSION,
+                                     "n_images": cfg.proxy.n_images},
+                              wall_s=round(time.perf_counter() - t0, 3), worker="benchmarks.solvers",
+                              origin="stepside-dp"))
+        run.compact()
+    final = validate_run(run.path, ValidateConfig(n=args.n, seeds=(1, 2), keys=(cand.key,)), progress=True)
+    p = final[final["key"] == cand.key].iloc[0]
+    tag = f"{args.speed_solver}-dp{args.speed_steps}-w{w}a{a}"
+    if not log.has(kind="speed", name=tag):
+        export_dir = ensure_export(run.path, cand.key, Path(args.out) / "runs" / f"{path.name}-export",
+                                   command="python -m benchmarks.solvers --part speed")
+        speed = measure_speed(export_dir, n=256, batch_size=256, fid_n=2000)
+        speed.pop("layers")
+        seeds = {r["seed"]: r["fid"] for r in map(json.loads, (run.path / "final" / "rows.jsonl").open())
+                 if r["key"] == cand.key and r["n"] == args.n}
+        log.append({"kind": "speed", "name": tag, "key": cand.key, "solver": args.speed_solver, "n_validated": args.n,
+                    "steps": args.speed_steps, "timesteps": list(cand.timesteps), "bits": [w, a],
+                    "bitops_frac": float(p["bitops"]) / fp_bitops(space, 100), "fid_mean": float(p["fid_mean"]),
+                    "fid_seeds": seeds, "fid_proxy": float(p["fid_proxy"]), "fp_fid": fp_row["fid"],
+                    "speed": speed})
+
+
 def part_stacking(args, log: RowLog) -> None:
     from tmpq.core.schedules import make_timesteps
     from tmpq.evaluators.features import make_extractor
@@ -365,7 +447,8 @@ def write_report(args, log: RowLog) -> None:
                     r = next((x for x in fp if (x["solver"], x["schedule"], x["steps"]) == (solver, sched, s)), None)
                     cells.append(f"{r['fid']:.4f}" if r else "-")
                 lines.append(f"| {solver} | {sched} | " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += ["", "`-`: not sampled (the trailing spacing was added to the grid for the few-step counts; at 14 "
+                  "and 20 steps the grid has the uniform and DP rows the issue asks for).", ""]
     runs = {r["name"]: r for r in rows if r["kind"] == "search" and r["name"][:4] in ("ddim", "gene")}
     if runs:
         lines += _gene_section(args, out, runs, [r for r in rows if r["kind"] == "stepside"])
@@ -392,6 +475,27 @@ def write_report(args, log: RowLog) -> None:
                              f"({len(j['timesteps'])} steps, {len(j['reuse'])} reused calls): FID {j['fid']:.4f} vs "
                              f"{st['both']['fid']:.4f}.")
         lines.append("")
+    for r in (r for r in rows if r["kind"] == "speed"):
+        sp = r["speed"]
+        seeds = " / ".join(f"{v:.4f}" for _, v in sorted(r["fid_seeds"].items()))
+        ratio = r["fid_mean"] / ref100["fid"] if ref100 else float("nan")
+        lines += [f"## Speed at equal quality: a step-side point ({r['name']})", "",
+                  f"{r['solver']} on the DP-optimal timesteps of {r['steps']} steps ({r['timesteps']}), every layer "
+                  f"at W{r['bits'][0]}A{r['bits'][1]} (the int8 kernels' own width: lower bits add error, no speed), "
+                  f"{r['bitops_frac']:.3%} of the FP 100-step BitOPs. Fixed after the FP grid showed this schedule's "
+                  f"FP FID ({r['fp_fid']:.4f}) and before the point was validated; added to a run of "
+                  "`configs/solvers.toml` (no search) as an evaluated candidate and validated, exported and timed as "
+                  "`benchmarks.final` does its picks.", "",
+                  f"- validated FID (N = {r['n_validated']}, seeds 1 / 2): {seeds}, mean {r['fid_mean']:.4f} = "
+                  f"**{ratio:.3f}x** the FP DDIM 100-step FID (target for the speed pick: <= 1.15x); FP on the same "
+                  f"schedule {r['fp_fid']:.4f}; proxy {r['fid_proxy']:.4f}",
+                  f"- `tmpq speed` ({sp['images']} images, batch {sp['batch_size']}, median of 3, "
+                  f"CPU: {sp['cpu_int8']['cpu']}, int8 ISA {', '.join(sp['cpu_int8']['int8_isa'])}; allocator: "
+                  f"{sp.get('cpu_allocator', 'stock')}): FP DDIM 100 steps {sp['fp_100_uniform_s']:.2f} s, FP on the "
+                  f"schedule {sp['fp_export_schedule_s']:.2f} s, fake quantization {sp['fakequant_export_s']:.2f} s, "
+                  f"int8 {sp['int8_export_s']:.2f} s: **{sp['speedup_int8_vs_fp100']:.1f}x** FP 100 steps "
+                  f"({sp['int8_layers']} int8 layers, {sp['fallback_layers']} fallbacks; FID at N = 2,000 seed 1: "
+                  f"fake quant {sp['fakequant_fid_n2000']:.4f}, int8 {sp['int8_fid_n2000']:.4f})", ""]
     if rows:
         lines += ["## How it was produced", "", "Resumable; rows in `rows.jsonl` (each with its command, machine and "
                   "time), raw search logs in `raw/`.", ""]
@@ -402,7 +506,7 @@ def write_report(args, log: RowLog) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", required=True, choices=("fp", "gene", "stacking", "report"))
+    ap.add_argument("--part", required=True, choices=("fp", "gene", "stacking", "speed", "report"))
     ap.add_argument("--out", default="results/solvers")
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--guidance", type=float, default=1.0)
@@ -421,6 +525,10 @@ def main() -> None:
     ap.add_argument("--stack-bits", type=lambda s: tuple(int(v) for v in s.split(",")), default=(6, 6))
     ap.add_argument("--population", type=int, default=0, help="override the demo's population (0: keep it)")
     ap.add_argument("--generations", type=int, default=1, help="with --population: generations")
+    ap.add_argument("--speed-solver", default="dpm++-2", help="speed part: the solver of the step-side point")
+    ap.add_argument("--speed-steps", type=int, default=7, help="speed part: its steps (DP-optimal timesteps)")
+    ap.add_argument("--speed-bits", type=lambda s: tuple(int(v) for v in s.split(",")), default=(8, 8),
+                    help="speed part: every layer's W,A bits")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     bad = sorted(set(args.schedules) - {"uniform", "trailing", "dp"})
@@ -436,6 +544,8 @@ def main() -> None:
         part_gene(args, log)
     elif args.part == "stacking":
         part_stacking(args, log)
+    elif args.part == "speed":
+        part_speed(args, log)
     write_report(args, log)
     print(f"wrote {out / 'README.md'}")
 
