@@ -13,7 +13,7 @@ import numpy as np
 from tmpq.core.errors import TmpqError
 from tmpq.core.schedules import quadratic_timesteps, uniform_timesteps
 
-GROUPINGS = ("quad", "uniform", "sensitivity", "error")
+GROUPINGS = ("quad", "uniform", "sensitivity", "error", "dp")
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class TimeGroups:
     starts: tuple[int, ...]
     num_train_timesteps: int = 1000
     kind: str = "quad"
+    seeds: tuple[int, ...] = ()  # the seed schedule's offset in each group; () = every group's first timestep
 
     def __post_init__(self):
         s = self.starts
@@ -37,6 +38,8 @@ class TimeGroups:
         if any(b <= a for a, b in zip(s, s[1:])) or s[-1] >= self.num_train_timesteps:
             raise TmpqError(f"time groups: starts must increase strictly inside [0, {self.num_train_timesteps}), "
                             f"got {list(s)}")
+        if self.seeds and (len(self.seeds) != len(s) or any(not 0 <= o < n for o, n in zip(self.seeds, self.sizes))):
+            raise TmpqError(f"time groups: seed offsets {list(self.seeds)} do not fit groups of sizes {list(self.sizes)}")
 
     @property
     def n(self) -> int:
@@ -72,18 +75,23 @@ class TimeGroups:
         return tuple(out)
 
     def seed_offsets(self) -> tuple[int, ...]:
-        """The first timestep of every group (for quad groups: quadratic DDIM)."""
-        return (0,) * self.n
+        """The seed schedule's offsets: the first timestep of every group (for quad groups: quadratic DDIM), or the
+        groups' own ``seeds`` (``dp`` groups: the DP-optimal timesteps)."""
+        return tuple(self.seeds) if self.seeds else (0,) * self.n
 
     def log10_count(self) -> float:
         return float(np.sum(np.log10(self.sizes)))
 
     def to_dict(self) -> dict:
-        return {"starts": list(self.starts), "num_train_timesteps": self.num_train_timesteps, "kind": self.kind}
+        d = {"starts": list(self.starts), "num_train_timesteps": self.num_train_timesteps, "kind": self.kind}
+        if self.seeds:  # written only when set: the groups of older runs read and write as before
+            d["seeds"] = list(self.seeds)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "TimeGroups":
-        return cls(tuple(int(s) for s in d["starts"]), int(d["num_train_timesteps"]), str(d["kind"]))
+        return cls(tuple(int(s) for s in d["starts"]), int(d["num_train_timesteps"]), str(d["kind"]),
+                   tuple(int(o) for o in d.get("seeds", ())))
 
 
 def quadratic_groups(n: int, num_train_timesteps: int = 1000) -> TimeGroups:
@@ -122,6 +130,24 @@ def sensitivity_groups(sensitivity: Sequence[float], n: int, kind: str = "sensit
     for i in range(n - 1, 0, -1):
         starts[i] = min(starts[i], T - (n - i))
     return TimeGroups(tuple(int(v) for v in starts), T, kind)
+
+
+def dp_groups(schedule: Sequence[int], num_train_timesteps: int = 1000) -> TimeGroups:
+    """Groups around a schedule (the DP-optimal timesteps of :mod:`search.stepsel`): each timestep is the seed of its
+    own group, and the groups meet halfway between neighbouring timesteps, so the seed schedule is the given one and
+    the time genes move each step at most halfway towards its neighbours.
+
+    Example:
+        >>> g = dp_groups((990, 850, 690, 520, 370, 240, 70))
+        >>> g.starts, g.schedule(g.seed_offsets())
+        ((0, 155, 305, 445, 605, 770, 920), (990, 850, 690, 520, 370, 240, 70))
+    """
+    ts = sorted(int(t) for t in schedule)
+    T = num_train_timesteps
+    if not ts or len(set(ts)) != len(ts) or ts[0] < 0 or ts[-1] >= T:
+        raise TmpqError(f"dp groups: a schedule of distinct timesteps in [0, {T}) is needed, got {list(schedule)}")
+    starts = (0, *((a + b + 1) // 2 for a, b in zip(ts, ts[1:])))
+    return TimeGroups(starts, T, "dp", tuple(t - s for t, s in zip(ts, starts)))
 
 
 def make_groups(kind: str, n: int, num_train_timesteps: int = 1000, profile: Sequence[float] | None = None

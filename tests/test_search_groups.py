@@ -7,6 +7,7 @@ from tmpq.core.errors import TmpqError
 from tmpq.core.schedules import quadratic_timesteps, uniform_timesteps
 from tmpq.search.groups import (
     TimeGroups,
+    dp_groups,
     quadratic_groups,
     sensitivity_groups,
     uniform_groups,
@@ -73,3 +74,26 @@ def test_make_groups_dispatches_by_kind_and_needs_a_profile_for_data_driven_kind
     assert make_groups("error", 5, profile=prof) == sensitivity_groups(prof, 5, "error")
     with pytest.raises(TmpqError, match="'sensitivity': need the FP model's profile"):
         make_groups("sensitivity", 5)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.sets(st.integers(0, 999), min_size=1, max_size=40))
+def test_dp_groups_hold_each_timestep_as_its_groups_seed(timesteps):
+    """Groups around any schedule: its timesteps are the seed schedule, each in its own group, groups meet halfway
+    between neighbours, and the seeds survive the JSON round trip (groups without seeds write no ``seeds`` key)."""
+    ts = tuple(sorted(timesteps, reverse=True))
+    g = dp_groups(ts)
+    assert g.kind == "dp" and g.n == len(ts) and g.schedule(g.seed_offsets()) == ts
+    asc = sorted(ts)
+    for i in range(1, g.n):  # the boundary lies halfway, rounded up
+        assert g.starts[i] == (asc[i - 1] + asc[i] + 1) // 2
+    assert TimeGroups.from_dict(g.to_dict()) == g
+    assert "seeds" not in uniform_groups(len(ts)).to_dict()
+
+
+def test_dp_groups_refuse_bad_schedules_and_seeds_outside_their_groups():
+    for bad in ((), (5, 5), (-1, 3), (1000,)):
+        with pytest.raises(TmpqError, match="dp groups"):
+            dp_groups(bad)
+    with pytest.raises(TmpqError, match="seed offsets"):
+        TimeGroups((0, 10), 20, "dp", (3, 10))  # group 1 is [10, 20): offset 10 is outside it

@@ -63,6 +63,43 @@ def test_data_driven_grouping_search_and_resume_reuse_stored_groups(tiny_model_d
     run_search(cfg, tmp_path / "run", resume=True, progress=False)
 
 
+def test_dp_grouping_seeds_each_step_count_with_its_dp_schedule_and_resume_keeps_the_groups(tiny_model_dir, tmp_path,
+                                                                                           monkeypatch):
+    """``grouping = "dp"``: each step count's groups lie around its DP-optimal timesteps, the first generation holds
+    the uniform options on exactly those schedules, every evaluated schedule fits its groups, and a resumed run
+    reads its stored groups instead of running the FP teacher again."""
+    import json
+
+    import tmpq.jobs.search as js
+    from tmpq.core.model import load_model
+    from tmpq.jobs.run import load_run
+    from tmpq.search.groups import TimeGroups
+    from tmpq.search.stepsel import optimal_schedules
+
+    cfg = tiny_cfg(tiny_model_dir, grouping="dp", steps=3, step_choices=[2, 3, 4], engine="random", generations=1)
+    run = run_search(cfg, tmp_path / "run", progress=False)
+    m = load_model(cfg.model)
+    best = optimal_schedules(m.unet, m.scheduler_config, [2, 3, 4])
+    stored = [TimeGroups.from_dict(g) for g in json.loads((run.path / "search_space.json").read_text())["step_groups"]]
+    assert sorted(g.n for g in stored) == [2, 3, 4]
+    for g in stored:
+        assert g.kind == "dp" and g.schedule(g.seed_offsets()) == best[g.n]
+    ev = load_run(run.path).evaluations
+    uniform = {tuple(int(t) for t in ts) for ts, b in zip(ev["timesteps"], ev["bits"]) if len({tuple(x) for x in b}) == 1}
+    assert uniform and uniform <= set(best.values())  # the seeds: uniform bits on the DP schedules
+    by_n = {g.n: g for g in stored}
+    for ts in ev["timesteps"]:
+        assert len(by_n[len(ts)].offsets(ts)) == len(ts)
+
+    def no_teacher(*a, **k):
+        raise AssertionError("a resumed run must reuse its stored groups, not run the FP teacher again")
+
+    monkeypatch.setattr(js, "optimal_schedules", no_teacher)
+    n_lines = len(run.log_path.read_text().splitlines())
+    run_search(cfg, tmp_path / "run", resume=True, progress=False)
+    assert len(run.log_path.read_text().splitlines()) == n_lines
+
+
 def test_per_group_bits_search_runs_and_loads(tiny_model_dir, tmp_path):
     from tmpq.jobs.run import load_run
 

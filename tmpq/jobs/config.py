@@ -39,7 +39,8 @@ class SearchSection:
     # kind); ``steps`` must be one of them (the reference for budgets like w6a6 and for the bits-only search)
     step_choices: tuple[int, ...] = ()
     # "uniform" by measurement (results/search: on the embedded model its joint front weakly dominates all 18 uniform
-    # baselines, quadratic groups' front 15, the sensitivity groups' fewer); "quad" is TMPQ-DM's
+    # baselines, quadratic groups' front 15, the sensitivity groups' fewer); "quad" is TMPQ-DM's; "dp" puts each step
+    # count's groups around its DP-optimal timesteps (search.stepsel), which then seed the first generation
     grouping: str = "uniform"
     population: int = 50
     generations: int = 6
@@ -105,7 +106,7 @@ class RunConfig:
 # choices and minimums of the run's own sections (the supernet, calibration and proxy classes check theirs)
 CHOICES = {
     "search.engine": ENGINES,
-    "search.grouping": ("quad", "uniform", "sensitivity", "error"),
+    "search.grouping": ("quad", "uniform", "sensitivity", "error", "dp"),
     "search.axes": ("joint", "time", "bits"),
     "executor.kind": ("local", "ray"),
 }
@@ -227,7 +228,7 @@ def config_from_dict(data: dict) -> RunConfig:
         raise TmpqError(f"search.mutation_prob: engine random does not mutate; leave it at 0 (got {s.mutation_prob})")
     if s.step_choices and s.per_group_bits:
         raise TmpqError("search.per_group_bits: bits per time group need a fixed step count (drop search.step_choices)")
-    if s.grouping in ("sensitivity", "error") and cfg.model.dtype != "fp32":
+    if s.grouping in ("sensitivity", "error", "dp") and cfg.model.dtype != "fp32":
         raise TmpqError(f"search.grouping: {s.grouping} groups are profiled in fp32 only, not with model.dtype = "
                         f"{cfg.model.dtype} (use quad or uniform)")
     return cfg

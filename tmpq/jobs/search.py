@@ -39,10 +39,11 @@ from tmpq.jobs.config import RunConfig
 from tmpq.search.budget import budget_bitops, uniform_option
 from tmpq.search.engines import make_engine, optuna_study_for_run
 from tmpq.search.executors import LocalExecutor, RayExecutor, Task
-from tmpq.search.groups import TimeGroups, make_groups
+from tmpq.search.groups import TimeGroups, dp_groups, make_groups
 from tmpq.search.rundir import EvalResult, RunDir, run_objectives
 from tmpq.search.sensitivity import PROFILES
 from tmpq.search.space import SearchSpace
+from tmpq.search.stepsel import optimal_schedules
 from tmpq.supernet import QuantSupernet, SupernetConfig
 from tmpq.supernet.calib_data import calibrate_to_file as calibrate
 
@@ -111,7 +112,8 @@ def run_fingerprint(cfg: RunConfig, model_fp: str) -> str:
 def _time_groups(cfg: RunConfig, m, resumed_run: Path | None):
     """Time groups of the configured grouping (the reference ``search.steps``) and, with ``search.step_choices``, one
     grouping per step choice. ``sensitivity`` and ``error`` profile the FP model once (64 bank images along 100-step
-    uniform DDIM, seed = search.seed); a resumed run reuses the groups stored in its search_space.json, so round-off
+    uniform DDIM, seed = search.seed); ``dp`` groups each step count around its DP-optimal timesteps (one FP teacher
+    run, :func:`search.stepsel.optimal_schedules`); a resumed run reuses the groups stored in its search_space.json, so round-off
     in a re-profile can never change the space under a running search."""
 
     kind, T = cfg.search.grouping, m.num_train_timesteps
@@ -125,6 +127,9 @@ def _time_groups(cfg: RunConfig, m, resumed_run: Path | None):
             with malformed(stored, "search space"):
                 found = [TimeGroups.from_dict(g) for g in d.get("step_groups") or [d["groups"]]]
             per = {g.n: g for g in found}
+        elif kind == "dp":  # one FP teacher run (its own noise seed, apart from the proxy's) for every step count
+            best = optimal_schedules(m.unet, m.scheduler_config, choices, guidance_scale=m.guidance_scale)
+            per = {n: dp_groups(best[n], T) for n in choices}
         else:
             prof = PROFILES[kind](m.unet, make_scheduler(m.scheduler_config), seed=cfg.search.seed)
             per = {n: make_groups(kind, n, T, prof) for n in choices}
