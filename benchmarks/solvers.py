@@ -37,6 +37,7 @@ from benchmarks.common import (
     findings,
     keep_raw,
     log_proxy,
+    read_gzip,
     run_evaluations,
 )
 
@@ -301,6 +302,59 @@ def part_speed(args, log: RowLog) -> None:
                     "speed": speed})
 
 
+def part_grouping(args, log: RowLog) -> None:
+    """``configs/solvers-dp.toml`` (the issue-21 final run's config with ``grouping = "dp"``) searched once, to set
+    against the final run's own search (``final/raw``: the same config with uniform groups, search seed 0)."""
+    from tmpq.jobs.config import load_config
+
+    _search(args, log, "dp-grouping-s0", load_config(Path(__file__).resolve().parents[1] / "configs" / "solvers-dp.toml"))
+
+
+def _grouping_section(out: Path) -> list[str]:
+    """DP-seeded groups vs uniform groups, one search each (seed 0), same supernet calibration, proxy, noise, budget
+    and evaluations: hypervolume of the evaluated points (reference rule of the gene part) and the best proxy under
+    1 % and 0.5 % of the FP 100-step BitOPs."""
+    from tmpq.core.fileio import parse_jsonl
+    from tmpq.search.budget import fp_bitops
+    from tmpq.search.pareto import hypervolume_2d
+    from tmpq.search.rundir import EvalResult, results_frame
+    from tmpq.search.space import SearchSpace
+
+    raw = out / "final" / "raw"
+    space = SearchSpace.from_dict(json.loads(read_gzip(raw / "search_space.json.gz", "search space")))
+    fp100 = fp_bitops(space, 100)
+    frames = {"uniform groups (final/)": results_frame(parse_jsonl(read_gzip(raw / "evaluations.jsonl.gz", "evaluations"),
+                                                                   raw / "evaluations.jsonl.gz", EvalResult.from_json,
+                                                                   "evaluations")[0]),
+              "dp groups": run_evaluations(out / "runs" / "dp-grouping-s0")}
+    pts = {}
+    for name, ev in frames.items():
+        ev = ev[ev["status"] == "ok"]
+        frames[name] = ev
+        pts[name] = np.stack([ev["fid_proxy"].to_numpy(float), ev["bitops"].to_numpy(float) / 1e9], axis=1)
+    refpt = np.array([1.1 * max(p[:, 0].max() for p in pts.values()), 1.1 * max(p[:, 1].max() for p in pts.values())])
+    logp = log_proxy(refpt[None, :])[0]
+    lines = ["## DP-seeded time groups vs uniform groups (one search each)", "",
+             "`configs/solvers-dp.toml` (`grouping = \"dp\"`) against the final run's search (`configs/solvers.toml`, "
+             "uniform groups), search seed 0 both, the same supernet calibration, proxy, noise, budget and number of "
+             f"evaluations. Reference point ({refpt[0]:.4g}, {refpt[1]:.4g} GBitOPs) by the gene part's rule. One seed: "
+             "a first reading, not a mean.", "",
+             "| groups | evaluations | HV | HV, log10 proxy | best proxy <= 1 % BitOPs | best proxy <= 0.5 % BitOPs |",
+             "|---|---:|---:|---:|---|---|"]
+    for name, ev in frames.items():
+        cells = []
+        for frac in (0.01, 0.005):
+            sel = ev[ev["bitops"] <= frac * fp100]
+            if len(sel):
+                b = sel.loc[sel["fid_proxy"].idxmin()]
+                cells.append(f"{b['fid_proxy']:.4f} ({b.get('solver', 'ddim')}, {len(b['timesteps'])} steps)")
+            else:
+                cells.append("-")
+        lines.append(f"| {name} | {len(ev)} | {hypervolume_2d(pts[name], refpt):.4g} | "
+                     f"{hypervolume_2d(log_proxy(pts[name]), logp):.4g} | {cells[0]} | {cells[1]} |")
+    return lines + [""]
+
+
 def part_stacking(args, log: RowLog) -> None:
     from tmpq.core.schedules import make_timesteps
     from tmpq.evaluators.features import make_extractor
@@ -452,6 +506,8 @@ def write_report(args, log: RowLog) -> None:
     runs = {r["name"]: r for r in rows if r["kind"] == "search" and r["name"][:4] in ("ddim", "gene")}
     if runs:
         lines += _gene_section(args, out, runs, [r for r in rows if r["kind"] == "stepside"])
+    if any(r["kind"] == "search" and r["name"] == "dp-grouping-s0" for r in rows):
+        lines += _grouping_section(out)
     st = {r["name"]: r for r in rows if r["kind"] == "stack"}
     if st:
         lines += ["## Stacking quantization and reuse", "",
@@ -506,7 +562,7 @@ def write_report(args, log: RowLog) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", required=True, choices=("fp", "gene", "stacking", "speed", "report"))
+    ap.add_argument("--part", required=True, choices=("fp", "gene", "stacking", "speed", "grouping", "report"))
     ap.add_argument("--out", default="results/solvers")
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--guidance", type=float, default=1.0)
@@ -546,6 +602,8 @@ def main() -> None:
         part_stacking(args, log)
     elif args.part == "speed":
         part_speed(args, log)
+    elif args.part == "grouping":
+        part_grouping(args, log)
     write_report(args, log)
     print(f"wrote {out / 'README.md'}")
 
