@@ -49,9 +49,9 @@ def tune_cpu_allocator() -> str:
     """Keep freed memory in this process for the next tensor (glibc: no mmap per large block, no trimming of the
     heap), once per process; what is in effect comes back as one line (also :func:`cpu_allocator`).
 
-    A CPU denoiser call allocates and frees tens of MB per op; glibc serves each block of 32 MB or more (and, after
-    its adaptive threshold moves, smaller ones) by a fresh mmap whose pages fault in again on first touch and are
-    zeroed by the kernel. Measured on the embedded UNet at batch 256 (2 threads, AMD EPYC Zen 4): ~1e4-3e4 page
+    A CPU denoiser call allocates and frees tens of MB per op; glibc serves large blocks by fresh mmaps (from 128 KB
+    on; its adaptive threshold rises to 32 MB at most) and trims the top of its heap, so their pages fault in again on
+    first touch, zeroed by the kernel. Measured on the embedded UNet at batch 256 (2 threads, AMD EPYC Zen 4): ~1e4-3e4 page
     faults per call with glibc's defaults, none after this. Numbers do not change (only where memory comes from);
     the process keeps its peak memory instead of returning it. ``TMPQ_CPU_ALLOCATOR=stock`` leaves glibc's defaults;
     on a C library other than glibc nothing is done."""
