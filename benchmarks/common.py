@@ -6,7 +6,7 @@ from pathlib import Path
 from tmpq.core.rowlog import RowLog, command_line, machine
 
 __all__ = ["RowLog", "baseline_fp_row", "command_line", "findings", "keep_gzip", "keep_raw", "log_proxy", "machine",
-           "read_gzip", "run_evaluations"]
+           "kept_evaluations", "read_gzip", "run_evaluations"]
 
 
 def findings(out: Path) -> list[str]:
@@ -71,9 +71,7 @@ def run_evaluations(run_path: Path):
     """Every evaluation of a benchmark run as ``tmpq.load_run(...).evaluations`` gives it: from the run directory when
     it is here, else from its committed raw log (``keep_raw``)."""
     from tmpq.core.errors import TmpqError
-    from tmpq.core.fileio import parse_jsonl
     from tmpq.jobs.run import load_run
-    from tmpq.search.rundir import EvalResult, results_frame
 
     run_path = Path(run_path)
     if (run_path / "config.resolved.json").is_file():
@@ -81,6 +79,14 @@ def run_evaluations(run_path: Path):
     raw = _raw_path(run_path)
     if not raw.is_file():
         raise TmpqError(f"neither the run {run_path} nor its raw log {raw} is here")
+    return kept_evaluations(raw)
+
+
+def kept_evaluations(raw: Path):
+    """The evaluations frame of a gzip-kept evaluation log (``keep_raw``, or ``benchmarks.final``'s kept run files)."""
+    from tmpq.core.fileio import parse_jsonl
+    from tmpq.search.rundir import EvalResult, results_frame
+
     data = read_gzip(raw, "raw evaluation log")
     return results_frame(parse_jsonl(data, raw, EvalResult.from_json, "raw evaluation log")[0])
 

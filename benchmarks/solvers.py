@@ -36,6 +36,7 @@ from benchmarks.common import (
     cpu_setup,
     findings,
     keep_raw,
+    kept_evaluations,
     log_proxy,
     read_gzip,
     run_evaluations,
@@ -314,26 +315,18 @@ def _grouping_section(out: Path) -> list[str]:
     """DP-seeded groups vs uniform groups, one search each (seed 0), same supernet calibration, proxy, noise, budget
     and evaluations: hypervolume of the evaluated points (reference rule of the gene part) and the best proxy under
     1 % and 0.5 % of the FP 100-step BitOPs."""
-    from tmpq.core.fileio import parse_jsonl
     from tmpq.search.budget import fp_bitops
     from tmpq.search.pareto import hypervolume_2d
-    from tmpq.search.rundir import EvalResult, results_frame
     from tmpq.search.space import SearchSpace
 
     raw = out / "final" / "raw"
     space = SearchSpace.from_dict(json.loads(read_gzip(raw / "search_space.json.gz", "search space")))
     fp100 = fp_bitops(space, 100)
-    frames = {"uniform groups (final/)": results_frame(parse_jsonl(read_gzip(raw / "evaluations.jsonl.gz", "evaluations"),
-                                                                   raw / "evaluations.jsonl.gz", EvalResult.from_json,
-                                                                   "evaluations")[0]),
-              "dp groups": run_evaluations(out / "runs" / "dp-grouping-s0")}
-    pts = {}
-    for name, ev in frames.items():
-        ev = ev[ev["status"] == "ok"]
-        frames[name] = ev
-        pts[name] = np.stack([ev["fid_proxy"].to_numpy(float), ev["bitops"].to_numpy(float) / 1e9], axis=1)
-    refpt = np.array([1.1 * max(p[:, 0].max() for p in pts.values()), 1.1 * max(p[:, 1].max() for p in pts.values())])
-    logp = log_proxy(refpt[None, :])[0]
+    frames = {name: ev[ev["status"] == "ok"] for name, ev in (
+        ("uniform groups (final/)", kept_evaluations(raw / "evaluations.jsonl.gz")),
+        ("dp groups", run_evaluations(out / "runs" / "dp-grouping-s0")))}
+    pts = {name: _proxy_gbitops(ev) for name, ev in frames.items()}
+    refpt, logp = _reference_point(pts)
     lines = ["## DP-seeded time groups vs uniform groups (one search each)", "",
              "`configs/solvers-dp.toml` (`grouping = \"dp\"`) against the final run's search (`configs/solvers.toml`, "
              "uniform groups), search seed 0 both, the same supernet calibration, proxy, noise, budget and number of "
@@ -410,6 +403,18 @@ def part_stacking(args, log: RowLog) -> None:
                         "bitops_share_of_fp100": float(p["bitops"]) / fp100, "fid": s["fid"]})
 
 
+def _proxy_gbitops(ev) -> np.ndarray:
+    """(proxy, GBitOPs) rows of an evaluations frame."""
+    return np.stack([ev["fid_proxy"].to_numpy(float), ev["bitops"].to_numpy(float) / 1e9], axis=1)
+
+
+def _reference_point(pts: dict) -> tuple[np.ndarray, np.ndarray]:
+    """One reference point for all runs, by the rule fixed before the gene runs: 1.1 x the worst proxy and the largest
+    BitOPs any run evaluated; and the same point with the proxy on log10."""
+    refpt = np.array([1.1 * max(p[:, 0].max() for p in pts.values()), 1.1 * max(p[:, 1].max() for p in pts.values())])
+    return refpt, log_proxy(refpt[None, :])[0]
+
+
 def _gene_section(args, out: Path, runs: dict, stepside: list) -> list[str]:
     """Hypervolume of each run's evaluated points (proxy, GBitOPs) against one reference point for all runs, fixed
     before the runs: 1.1 x the worst proxy and the largest BitOPs any run evaluated; on the linear proxy and on
@@ -420,11 +425,9 @@ def _gene_section(args, out: Path, runs: dict, stepside: list) -> list[str]:
     pts = {}
     for name in runs:
         ev = run_evaluations(out / "runs" / name)
-        ev = ev[ev["status"] == "ok"]
-        pts[name] = np.stack([ev["fid_proxy"].to_numpy(float), ev["bitops"].to_numpy(float) / 1e9], axis=1)
+        pts[name] = _proxy_gbitops(ev[ev["status"] == "ok"])
     first = runs[next(iter(runs))]
-    refpt = np.array([1.1 * max(p[:, 0].max() for p in pts.values()), 1.1 * max(p[:, 1].max() for p in pts.values())])
-    logp = log_proxy(refpt[None, :])[0]
+    refpt, logp = _reference_point(pts)
     base = np.array([[r["fid_proxy"], r["bitops"] / 1e9] for r in stepside]) if stepside else np.zeros((0, 2))
     lines = ["## Solver gene vs DDIM only (hypervolume, same supernet, proxy, noise and budget)", "",
              f"The demo's search (`configs/demo.toml`: step choices 5-20, budget uniform W6A6 at 10 steps, population x "
