@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -228,26 +229,15 @@ def part_speed(args, log: RowLog) -> None:
     model, supernet calibration, proxy and budget; no search) as an evaluated candidate of origin ``stepside-dp``,
     then validated, exported and timed exactly as ``benchmarks.final`` does its picks (re-calibrated along its own
     schedule, N = ``--n`` x seeds 1, 2; ``measure_speed`` with 256 images, FID of fake quant and int8 at N = 2,000)."""
-    import dataclasses
-
-    from tmpq.core.model import load_model
     from tmpq.core.solvers import parse_solver
     from tmpq.deploy.int8 import measure_speed
-    from tmpq.evaluators.candidate import PROXY_VERSION
     from tmpq.jobs.config import load_config
     from tmpq.jobs.export import ensure_export
-    from tmpq.jobs.search import (
-        WorkerSpec,
-        _time_groups,
-        build_space,
-        calibrate_to_file,
-        run_fingerprint,
-    )
+    from tmpq.jobs.search import prepare_run, proxy_record, worker_spec
     from tmpq.jobs.validate import ValidateConfig, validate_run
     from tmpq.search.budget import fp_bitops
-    from tmpq.search.rundir import EvalResult, RunDir
+    from tmpq.search.rundir import EvalResult
     from tmpq.search.space import Candidate
-    from tmpq.supernet import QuantSupernet
 
     fp_row = next((r for r in log.rows.values() if r["kind"] == "fp" and r["solver"] == args.speed_solver
                    and r["schedule"] == "dp" and r["steps"] == args.speed_steps and r["n"] == args.n
@@ -257,32 +247,19 @@ def part_speed(args, log: RowLog) -> None:
                          f"(run --part fp first)")
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "solvers.toml")
     path = Path(args.out) / "runs" / f"speed-{args.speed_solver}-dp{args.speed_steps}"
-    m = load_model(cfg.model)
-    groups, step_groups = _time_groups(cfg, m, None)
-    net = QuantSupernet(m.unet, cfg.supernet)
-    fingerprint = run_fingerprint(cfg, net.fingerprint)
-    space = build_space(cfg, net, groups, step_groups)
-    run = (RunDir.reopen(path, fingerprint) if (path / "config.resolved.json").is_file()
-           else RunDir.create(path, cfg.to_dict(), space.to_dict(), fingerprint))
-    sn = run.path / "supernet.safetensors"
-    if not sn.is_file():
-        calibrate_to_file(cfg, m, net, sn, True)
-    del net
+    run, space, sn = prepare_run(cfg, path, resume=(path / "config.resolved.json").is_file())
     name, order = parse_solver(args.speed_solver)
     w, a = args.speed_bits
     cand = Candidate(tuple(int(t) for t in fp_row["timesteps"]), tuple((w, a) for _ in range(space.num_genes)),
                      name, order)
     if not any(r.key == cand.key for r in run.replay()):
-        spec = WorkerSpec(dataclasses.asdict(cfg.model), str(sn.resolve()), dataclasses.asdict(cfg.proxy),
-                          args.threads, companions=False)
         t0 = time.perf_counter()
-        r = spec().evaluate(cand.timesteps, cand.bits, solver=(name, order))
+        r = worker_spec(cfg, sn, args.threads)().evaluate(cand.timesteps, cand.bits, solver=(name, order))
         objectives = {k: float(v) for k, v in r.items() if isinstance(v, (int, float))}
         objectives.update(bitops=space.bitops(cand), size_mb=space.size_mb(cand))
         run.append(EvalResult(key=cand.key, status="ok", timesteps=cand.timesteps, bits=cand.bits, solver=name,
                               order=order, objectives=objectives, n_images=cfg.proxy.n_images, seed=cfg.proxy.seed,
-                              proxy={"name": cfg.proxy.name, "version": PROXY_VERSION,
-                                     "n_images": cfg.proxy.n_images},
+                              proxy=proxy_record(cfg),
                               wall_s=round(time.perf_counter() - t0, 3), worker="benchmarks.solvers",
                               origin="stepside-dp"))
         run.compact()
@@ -303,18 +280,127 @@ def part_speed(args, log: RowLog) -> None:
                     "speed": speed})
 
 
+def _grouping_config(dp: bool, seed: int, sn: Path | None):
+    """``configs/solvers-dp.toml`` (``dp``) or ``configs/solvers.toml`` at search seed ``seed``; with ``sn``, that
+    calibrated supernet file instead of calibrating again (the same ``[calibration]`` settings)."""
+    from tmpq.jobs.config import config_from_dict, load_config
+
+    base = load_config(Path(__file__).resolve().parents[1] / "configs" /
+                       ("solvers-dp.toml" if dp else "solvers.toml")).to_dict()
+    base["search"]["seed"] = seed
+    if sn is not None:
+        base["calibration"]["supernet_file"] = str(sn)
+    return config_from_dict(base)
+
+
 def part_grouping(args, log: RowLog) -> None:
-    """``configs/solvers-dp.toml`` (the issue-21 final run's config with ``grouping = "dp"``) searched once, to set
-    against the final run's own search (``final/raw``: the same config with uniform groups, search seed 0)."""
-    from tmpq.jobs.config import load_config
+    """``configs/solvers-dp.toml`` (the issue-21 final run's config with ``grouping = "dp"``) against the same config
+    with uniform groups, search seeds 0 .. ``--seeds`` - 1. Seed 0's uniform side is the final run's own search
+    (``final/raw``); seeds >= 1 search both sides with the seed-0 DP run's calibrated supernet file when it is here
+    (the same ``[calibration]`` settings as every run of the comparison)."""
 
-    _search(args, log, "dp-grouping-s0", load_config(Path(__file__).resolve().parents[1] / "configs" / "solvers-dp.toml"))
+    first = _search(args, log, "dp-grouping-s0", _grouping_config(True, 0, None))
+    sn = first / "supernet.safetensors"
+    for seed in range(1, args.seeds):
+        for dp in (False, True):
+            _search(args, log, f"{'dp' if dp else 'uniform'}-grouping-s{seed}",
+                    _grouping_config(dp, seed, sn if sn.is_file() else None))
 
 
-def _grouping_section(out: Path) -> list[str]:
-    """DP-seeded groups vs uniform groups, one search each (seed 0), same supernet calibration, proxy, noise, budget
-    and evaluations: hypervolume of the evaluated points (reference rule of the gene part) and the best proxy under
-    1 % and 0.5 % of the FP 100-step BitOPs."""
+def part_grouping_validate(args, log: RowLog) -> None:
+    """The rule, fixed before any of these points was sampled at large N: per search seed and side of the grouping
+    comparison, the proxy-best evaluated point under 0.5 % of the FP 100-step BitOPs, validated as
+    ``benchmarks.final`` validates (re-calibrated along its own schedule, N = ``--n`` x noise seeds 1, 2). Seed 0's
+    uniform side is the final run's, validated there (``final/raw``); its rows are read, not sampled again."""
+    from benchmarks.final import restore_run
+    from tmpq.jobs.run import load_run
+    from tmpq.jobs.validate import ValidateConfig, validate_run
+
+    out = Path(args.out)
+    for seed in range(args.seeds):
+        for side in ("uniform", "dp"):
+            name = f"{side}-grouping-s{seed}"
+            if log.has(kind="grouping-validated", name=name):
+                continue
+            with tempfile.TemporaryDirectory() as tmp:
+                if seed == 0 and side == "uniform":
+                    run_path, source = restore_run(out / "final" / "raw", Path(tmp)), "final/raw (benchmarks.final)"
+                    key = _best_under(load_run(run_path), 0.005)
+                else:
+                    run_path, source = out / "runs" / name, f"runs/{name}"
+                    key = _best_under(load_run(run_path), 0.005)
+                    validate_run(run_path, ValidateConfig(n=args.n, seeds=(1, 2), keys=(key,)), progress=True)
+                rows = [r for r in map(json.loads, (run_path / "final" / "rows.jsonl").open())
+                        if r["key"] == key and r["n"] == args.n and r["seed"] in (1, 2)]
+                if len(rows) != 2:
+                    raise SystemExit(f"--part grouping-validate: {name}: expected the validation rows of seeds 1, 2 "
+                                     f"for {key}, found {len(rows)}")
+                log.append({"kind": "grouping-validated", "name": name, "side": side, "search_seed": seed,
+                            **_point_record(load_run(run_path), key), "n": args.n,
+                            "fid_seeds": {str(r["seed"]): r["fid"] for r in rows}, "source": source})
+
+
+def part_grouping_speed(args, log: RowLog) -> None:
+    """Speed at equal quality from the searches themselves, by a rule fixed before this part's timing: of the grouping
+    comparison's validated points (``--part grouping-validate``) within 1.15x the FP DDIM 100-step FID, the one with
+    the fewest full denoiser calls (then the fewest BitOPs), exported from its run and timed exactly as ``--part
+    speed`` times the step-side point."""
+    from tmpq.core.cost import denoiser_calls
+    from tmpq.deploy.int8 import measure_speed
+    from tmpq.jobs.export import ensure_export
+
+    ref = next((r for r in log.rows.values() if r["kind"] == "fp" and r["solver"] == "ddim" and r["steps"] == 100),
+               None)
+    val = [r for r in log.rows.values() if r["kind"] == "grouping-validated"]
+    if ref is None or not val:
+        raise SystemExit("--part grouping-speed: needs the FP DDIM 100-step row and --part grouping-validate first")
+    within = [r for r in val if np.mean(list(r["fid_seeds"].values())) <= 1.15 * ref["fid"]
+              and r["source"].startswith("runs/")]
+    if not within:
+        raise SystemExit("--part grouping-speed: no validated search point here within 1.15x FP 100 steps")
+    pick = min(within, key=lambda r: (denoiser_calls(r["solver"], len(r["timesteps"])) - r["reused"],
+                                      r["bitops_frac"]))
+    tag = f"search-{pick['name']}"
+    if log.has(kind="speed", name=tag):
+        return
+    run_path = Path(args.out) / pick["source"]
+    export_dir = ensure_export(run_path, pick["key"], run_path.parent / f"{run_path.name}-export",
+                               command="python -m benchmarks.solvers --part grouping-speed")
+    speed = measure_speed(export_dir, n=256, batch_size=256, fid_n=2000)
+    speed.pop("layers")
+    f = list(pick["fid_seeds"].values())
+    log.append({"kind": "speed", "name": tag, "origin": "search", "key": pick["key"], "solver": pick["solver"],
+                "n_validated": pick["n"], "steps": len(pick["timesteps"]), "timesteps": pick["timesteps"],
+                "reused": pick["reused"], "bitops_frac": pick["bitops_frac"], "fid_mean": float(np.mean(f)),
+                "fid_seeds": pick["fid_seeds"], "fid_proxy": pick["fid_proxy"], "speed": speed})
+
+
+def _point_record(run, key: str) -> dict:
+    """What the report says of one evaluated point of ``run``."""
+    from tmpq.search.budget import fp_bitops
+
+    ev = run.evaluations.set_index("key").loc[key]
+    return {"key": key, "solver": str(ev.get("solver", "ddim")), "order": int(ev.get("order", 1)),
+            "timesteps": [int(t) for t in ev["timesteps"]], "reused": len(ev.get("reuse", [])),
+            "bitops_frac": float(ev["bitops"]) / fp_bitops(run.space, 100), "fid_proxy": float(ev["fid_proxy"])}
+
+
+def _best_under(run, frac: float) -> str:
+    """Key of the proxy-best evaluated point of ``run`` under ``frac`` of the FP 100-step BitOPs."""
+    from tmpq.search.budget import fp_bitops
+
+    ev = run.evaluations
+    ev = ev[(ev["status"] == "ok") & (ev["bitops"] <= frac * fp_bitops(run.space, 100))]
+    if not len(ev):
+        raise SystemExit(f"no evaluated point of {run.path} under {frac:.1%} of the FP 100-step BitOPs")
+    return str(ev.loc[ev["fid_proxy"].idxmin(), "key"])
+
+
+def _grouping_section(out: Path, names: set, validated: list, ref100: dict | None) -> list[str]:
+    """DP-seeded groups vs uniform groups, one search per side and seed (``names``: the searches logged), the same
+    supernet calibration settings, proxy, noise, budget and evaluations: hypervolume of each run's evaluated points
+    against one reference point for all runs (the gene part's rule), its ratio per seed, and each run's best proxy
+    under 1 % and 0.5 % of the FP 100-step BitOPs."""
     from tmpq.search.budget import fp_bitops
     from tmpq.search.pareto import hypervolume_2d
     from tmpq.search.space import SearchSpace
@@ -322,19 +408,27 @@ def _grouping_section(out: Path) -> list[str]:
     raw = out / "final" / "raw"
     space = SearchSpace.from_dict(json.loads(read_gzip(raw / "search_space.json.gz", "search space")))
     fp100 = fp_bitops(space, 100)
-    frames = {name: ev[ev["status"] == "ok"] for name, ev in (
-        ("uniform groups (final/)", kept_evaluations(raw / "evaluations.jsonl.gz")),
-        ("dp groups", run_evaluations(out / "runs" / "dp-grouping-s0")))}
-    pts = {name: _proxy_gbitops(ev) for name, ev in frames.items()}
+    seeds = [s for s in range(10) if f"dp-grouping-s{s}" in names and (s == 0 or f"uniform-grouping-s{s}" in names)]
+    frames = {}
+    for s in seeds:
+        uni = (kept_evaluations(raw / "evaluations.jsonl.gz") if s == 0
+               else run_evaluations(out / "runs" / f"uniform-grouping-s{s}"))
+        for side, ev in (("uniform", uni), ("dp", run_evaluations(out / "runs" / f"dp-grouping-s{s}"))):
+            frames[(s, side)] = ev[ev["status"] == "ok"]
+    pts = {k: _proxy_gbitops(ev) for k, ev in frames.items()}
     refpt, logp = _reference_point(pts)
-    lines = ["## DP-seeded time groups vs uniform groups (one search each)", "",
-             "`configs/solvers-dp.toml` (`grouping = \"dp\"`) against the final run's search (`configs/solvers.toml`, "
-             "uniform groups), search seed 0 both, the same supernet calibration, proxy, noise, budget and number of "
-             f"evaluations. Reference point ({refpt[0]:.4g}, {refpt[1]:.4g} GBitOPs) by the gene part's rule. One seed: "
-             "a first reading, not a mean.", "",
-             "| groups | evaluations | HV | HV, log10 proxy | best proxy <= 1 % BitOPs | best proxy <= 0.5 % BitOPs |",
-             "|---|---:|---:|---:|---|---|"]
-    for name, ev in frames.items():
+    hv = {k: (hypervolume_2d(p, refpt), hypervolume_2d(log_proxy(p), logp)) for k, p in pts.items()}
+    lines = ["## DP-seeded time groups vs uniform groups", "",
+             "`configs/solvers-dp.toml` (`grouping = \"dp\"`) against `configs/solvers.toml` (uniform groups; at seed 0 "
+             "the final run's own search, `final/raw`), search seeds " + ", ".join(map(str, seeds)) + ", the same "
+             "supernet calibration settings, proxy, noise, budget and number of evaluations (`python -m "
+             "benchmarks.solvers --part grouping`). One reference point for every run, by the gene part's rule: "
+             f"({refpt[0]:.4g}, {refpt[1]:.4g} GBitOPs)"
+             + (" — it moves as runs are added, so the seed-0 values differ from the one-seed reading." if len(seeds) > 1
+                else ". One seed: a first reading, not a mean."), "",
+             "| seed | groups | evaluations | HV | HV, log10 proxy | best proxy <= 1 % BitOPs | best proxy <= 0.5 % BitOPs |",
+             "|---:|---|---:|---:|---:|---|---|"]
+    for (s, side), ev in frames.items():
         cells = []
         for frac in (0.01, 0.005):
             sel = ev[ev["bitops"] <= frac * fp100]
@@ -343,9 +437,30 @@ def _grouping_section(out: Path) -> list[str]:
                 cells.append(f"{b['fid_proxy']:.4f} ({b.get('solver', 'ddim')}, {len(b['timesteps'])} steps)")
             else:
                 cells.append("-")
-        lines.append(f"| {name} | {len(ev)} | {hypervolume_2d(pts[name], refpt):.4g} | "
-                     f"{hypervolume_2d(log_proxy(pts[name]), logp):.4g} | {cells[0]} | {cells[1]} |")
-    return lines + [""]
+        lines.append(f"| {s} | {side} | {len(ev)} | {hv[(s, side)][0]:.4g} | {hv[(s, side)][1]:.4g} | {cells[0]} | "
+                     f"{cells[1]} |")
+    ratio = np.array([[hv[(s, "dp")][i] / hv[(s, "uniform")][i] for i in (0, 1)] for s in seeds])
+    lines += ["", "HV ratio dp / uniform per seed: " + ", ".join(
+        f"seed {s}: {r[0]:.3f} (log10 {r[1]:.3f})" for s, r in zip(seeds, ratio))
+        + (f"; mean {ratio[:, 0].mean():.3f} (range {ratio[:, 0].min():.3f}-{ratio[:, 0].max():.3f}), log10 mean "
+           f"{ratio[:, 1].mean():.3f} (range {ratio[:, 1].min():.3f}-{ratio[:, 1].max():.3f})." if len(seeds) > 1
+           else "."), ""]
+    if validated:
+        lines += ["Validated (`--part grouping-validate`; the rule, fixed before any of them was sampled at large N: "
+                  "per seed and side, the proxy-best evaluated point under 0.5 % of the FP 100-step BitOPs, "
+                  "re-calibrated along its own schedule as `benchmarks.final` does, N = "
+                  f"{validated[0]['n']} x noise seeds 1, 2; x FP100 against FP DDIM 100 steps, "
+                  f"{ref100['fid']:.4f}):" if ref100 else "Validated:", "",
+                  "| seed | groups | key | solver | timesteps | reused calls | % FP100 BitOPs | proxy | FID seeds 1 / 2 "
+                  "| mean | x FP100 |", "|---:|---|---|---|---|---:|---:|---:|---|---:|---:|"]
+        for r in sorted(validated, key=lambda r: (r["search_seed"], r["side"] != "uniform")):
+            f = [r["fid_seeds"][k] for k in sorted(r["fid_seeds"])]
+            x = f"{np.mean(f) / ref100['fid']:.2f}" if ref100 else "-"
+            lines.append(f"| {r['search_seed']} | {r['side']} | {r['key']} | {r['solver']} | {r['timesteps']} | "
+                         f"{r['reused']} | {100 * r['bitops_frac']:.3f} | {r['fid_proxy']:.4f} | "
+                         f"{' / '.join(f'{v:.4f}' for v in f)} | {np.mean(f):.4f} | {x} |")
+        lines.append("")
+    return lines
 
 
 def part_stacking(args, log: RowLog) -> None:
@@ -482,6 +597,17 @@ def _bits_text(bits) -> str:
             else "mixed: " + ", ".join(f"W{w}A{a} x{sum(1 for b in bits if tuple(b) == (w, a))}" for w, a in pairs))
 
 
+def _speed_line(sp: dict) -> str:
+    """One ``measure_speed`` result as the report's bullet (the CPU, its int8 ISA and the allocator beside it)."""
+    return (f"- `tmpq speed` ({sp['images']} images, batch {sp['batch_size']}, median of 3, "
+            f"CPU: {sp['cpu_int8']['cpu']}, int8 ISA {', '.join(sp['cpu_int8']['int8_isa'])}; allocator: "
+            f"{sp.get('cpu_allocator', 'stock')}): FP DDIM 100 steps {sp['fp_100_uniform_s']:.2f} s, FP on the "
+            f"schedule {sp['fp_export_schedule_s']:.2f} s, fake quantization {sp['fakequant_export_s']:.2f} s, "
+            f"int8 {sp['int8_export_s']:.2f} s: **{sp['speedup_int8_vs_fp100']:.1f}x** FP 100 steps "
+            f"({sp['int8_layers']} int8 layers, {sp['fallback_layers']} fallbacks; FID at N = 2,000 seed 1: "
+            f"fake quant {sp['fakequant_fid_n2000']:.4f}, int8 {sp['int8_fid_n2000']:.4f})")
+
+
 def write_report(args, log: RowLog) -> None:
     out = Path(args.out)
     rows = list(log.rows.values())
@@ -510,8 +636,9 @@ def write_report(args, log: RowLog) -> None:
     runs = {r["name"]: r for r in rows if r["kind"] == "search" and r["name"][:4] in ("ddim", "gene")}
     if runs:
         lines += _gene_section(args, out, runs, [r for r in rows if r["kind"] == "stepside"])
-    if any(r["kind"] == "search" and r["name"] == "dp-grouping-s0" for r in rows):
-        lines += _grouping_section(out)
+    searched = {r["name"] for r in rows if r["kind"] == "search"}
+    if "dp-grouping-s0" in searched:
+        lines += _grouping_section(out, searched, [r for r in rows if r["kind"] == "grouping-validated"], ref100)
     st = {r["name"]: r for r in rows if r["kind"] == "stack"}
     if st:
         lines += ["## Stacking quantization and reuse", "",
@@ -535,7 +662,18 @@ def write_report(args, log: RowLog) -> None:
                              f"({len(j['timesteps'])} steps, {len(j['reuse'])} reused calls): FID {j['fid']:.4f} vs "
                              f"{st['both']['fid']:.4f}.")
         lines.append("")
-    for r in (r for r in rows if r["kind"] == "speed"):
+    for r in (r for r in rows if r["kind"] == "speed" and r.get("origin") == "search"):
+        f = [r["fid_seeds"][k] for k in sorted(r["fid_seeds"])]
+        ratio = r["fid_mean"] / ref100["fid"] if ref100 else float("nan")
+        lines += [f"## Speed at equal quality: a searched point ({r['name']})", "",
+                  f"`{r['key']}`, {r['solver']}, {r['steps']} steps ({r['timesteps']}), {r['reused']} reused calls, "
+                  f"{r['bitops_frac']:.3%} of the FP 100-step BitOPs: picked by `--part grouping-speed`'s rule (of "
+                  "the grouping comparison's validated points within 1.15x, the fewest full denoiser calls, then the "
+                  "fewest BitOPs), exported from its run and timed as the step-side point below.", "",
+                  f"- validated FID (N = {r['n_validated']}, seeds 1 / 2): {' / '.join(f'{v:.4f}' for v in f)}, mean "
+                  f"{r['fid_mean']:.4f} = **{ratio:.3f}x** the FP DDIM 100-step FID; proxy {r['fid_proxy']:.4f}",
+                  _speed_line(r["speed"]), ""]
+    for r in (r for r in rows if r["kind"] == "speed" and r.get("origin") != "search"):
         sp = r["speed"]
         seeds = " / ".join(f"{v:.4f}" for _, v in sorted(r["fid_seeds"].items()))
         ratio = r["fid_mean"] / ref100["fid"] if ref100 else float("nan")
@@ -549,13 +687,7 @@ def write_report(args, log: RowLog) -> None:
                   f"- validated FID (N = {r['n_validated']}, seeds 1 / 2): {seeds}, mean {r['fid_mean']:.4f} = "
                   f"**{ratio:.3f}x** the FP DDIM 100-step FID (target for the speed pick: <= 1.15x); FP on the same "
                   f"schedule {r['fp_fid']:.4f}; proxy {r['fid_proxy']:.4f}",
-                  f"- `tmpq speed` ({sp['images']} images, batch {sp['batch_size']}, median of 3, "
-                  f"CPU: {sp['cpu_int8']['cpu']}, int8 ISA {', '.join(sp['cpu_int8']['int8_isa'])}; allocator: "
-                  f"{sp.get('cpu_allocator', 'stock')}): FP DDIM 100 steps {sp['fp_100_uniform_s']:.2f} s, FP on the "
-                  f"schedule {sp['fp_export_schedule_s']:.2f} s, fake quantization {sp['fakequant_export_s']:.2f} s, "
-                  f"int8 {sp['int8_export_s']:.2f} s: **{sp['speedup_int8_vs_fp100']:.1f}x** FP 100 steps "
-                  f"({sp['int8_layers']} int8 layers, {sp['fallback_layers']} fallbacks; FID at N = 2,000 seed 1: "
-                  f"fake quant {sp['fakequant_fid_n2000']:.4f}, int8 {sp['int8_fid_n2000']:.4f})", ""]
+                  _speed_line(sp), ""]
     if rows:
         lines += ["## How it was produced", "", "Resumable; rows in `rows.jsonl` (each with its command, machine and "
                   "time), raw search logs in `raw/`.", ""]
@@ -566,7 +698,9 @@ def write_report(args, log: RowLog) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", required=True, choices=("fp", "gene", "stacking", "speed", "grouping", "report"))
+    ap.add_argument("--part", required=True,
+                    choices=("fp", "gene", "stacking", "speed", "grouping", "grouping-validate",
+                             "grouping-speed", "report"))
     ap.add_argument("--out", default="results/solvers")
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--guidance", type=float, default=1.0)
@@ -608,6 +742,10 @@ def main() -> None:
         part_speed(args, log)
     elif args.part == "grouping":
         part_grouping(args, log)
+    elif args.part == "grouping-validate":
+        part_grouping_validate(args, log)
+    elif args.part == "grouping-speed":
+        part_grouping_speed(args, log)
     write_report(args, log)
     print(f"wrote {out / 'README.md'}")
 

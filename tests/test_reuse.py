@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_unet
 from tests.test_search_service import tiny_cfg
 from tmpq.core.errors import TmpqError
 from tmpq.core.model import embedded_scheduler_config
@@ -15,8 +16,6 @@ from tmpq.core.sampler import make_scheduler, sample_images
 from tmpq.jobs.run import load_run
 from tmpq.jobs.search import run_search
 from tmpq.search.space import Candidate
-
-from conftest import tiny_unet
 
 
 def tiny_dit():

@@ -258,3 +258,27 @@ def test_size_objective_makes_a_three_objective_search_and_front(tiny_model_dir,
     n_lines = len(run.log_path.read_text().splitlines())
     run_search(cfg, tmp_path / "run", resume=True, progress=False)
     assert len(run.log_path.read_text().splitlines()) == n_lines
+
+
+def test_prepared_run_is_set_up_without_a_search_and_the_search_resumes_it_without_recalibrating(
+        tiny_model_dir, tmp_path, monkeypatch):
+    from tmpq.jobs.search import prepare_run, worker_spec
+    from tmpq.supernet import QuantSupernet
+
+    cfg = tiny_cfg(tiny_model_dir, generations=1)
+    run, space, sn = prepare_run(cfg, tmp_path / "run", progress=False)
+    assert sn == run.path / "supernet.safetensors" and sn.is_file() and list(run.replay()) == []
+    calibrated = sn.read_bytes()
+
+    def no_calibration(*a, **k):
+        raise AssertionError("a prepared run's supernet must not be recalibrated")
+
+    monkeypatch.setattr(QuantSupernet, "calibrate", no_calibration)
+    again, space2, sn2 = prepare_run(cfg, tmp_path / "run", resume=True, progress=False)
+    assert sn2.read_bytes() == calibrated and space2.to_dict() == space.to_dict()
+    # the spec a benchmark evaluates one candidate with is the search workers' own
+    spec = worker_spec(cfg, sn, threads=1)
+    assert spec.companions is False and spec.supernet_file == str(sn.resolve()) and spec.threads == 1
+    done = run_search(cfg, tmp_path / "run", resume=True, progress=False)
+    assert len(list(done.replay())) >= cfg.search.population // 2
+    assert sn.read_bytes() == calibrated

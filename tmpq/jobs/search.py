@@ -169,8 +169,12 @@ def calibrate_to_file(cfg: RunConfig, m, net, sn_file: Path, progress: bool = Tr
               guidance_scale=m.guidance_scale)
 
 
-def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=None, progress: bool = True) -> RunDir:
-    """Run (or resume) a search; returns the run directory. ``executor`` overrides the configured one (tests)."""
+def prepare_run(cfg: RunConfig, run_path: Path, resume: bool = False,
+                progress: bool = True) -> tuple[RunDir, SearchSpace, Path]:
+    """A search's start-up without its search: load the model, refuse a proxy it cannot serve, place the time groups
+    (a resumed run keeps its stored ones), build the space, create (or, with ``resume``, reopen under the same
+    fingerprint) the run directory and give it a calibrated ``supernet.safetensors`` (copied from
+    ``calibration.supernet_file`` when set, else calibrated here, resumably). Returns (run, space, supernet file)."""
 
     m = load_model(cfg.model, device=resolve_device(cfg.executor.device))
     check_proxy(cfg, m.image_channels)
@@ -190,12 +194,29 @@ def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=No
         atomic_write_bytes(sn_file, given.read_bytes())
     if not sn_file.is_file():
         calibrate_to_file(cfg, m, net, sn_file, progress)
-    del net
+    return run, space, sn_file
+
+
+def worker_spec(cfg: RunConfig, sn_file: Path, threads: int | None = None) -> WorkerSpec:
+    """The evaluator every worker of a run of ``cfg`` builds (``threads`` overrides ``executor.threads_per_worker``).
+    A search logs no paired companions: they would cost every worker the FP teacher's 100 steps per candidate."""
     proxy = json.loads(json.dumps(dataclasses.asdict(cfg.proxy)))
+    return WorkerSpec(dataclasses.asdict(cfg.model), str(Path(sn_file).resolve()), proxy,
+                      cfg.executor.threads_per_worker if threads is None else threads, companions=False,
+                      device=cfg.executor.device)
+
+
+def proxy_record(cfg: RunConfig) -> dict:
+    """The proxy an evaluation of a run of ``cfg`` was scored with, as its log row records it."""
+    return {"name": cfg.proxy.name, "version": PROXY_VERSION, "n_images": cfg.proxy.n_images}
+
+
+def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=None, progress: bool = True) -> RunDir:
+    """Run (or resume) a search; returns the run directory. ``executor`` overrides the configured one (tests)."""
+
+    run, space, sn_file = prepare_run(cfg, run_path, resume, progress)
     if executor is None:
-        # a fid-proxy search logs no paired companions: they would cost every worker the FP teacher's 100 steps
-        spec = WorkerSpec(dataclasses.asdict(cfg.model), str(sn_file.resolve()), proxy,
-                          cfg.executor.threads_per_worker, companions=False, device=cfg.executor.device)
+        spec = worker_spec(cfg, sn_file)
         if cfg.executor.kind == "ray":
             executor = RayExecutor(spec, workers=cfg.executor.workers, threads_per_worker=cfg.executor.threads_per_worker,
                                    timeout_s=cfg.executor.timeout_s, retries=cfg.executor.retries,
@@ -224,7 +245,7 @@ def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=No
                          seeds=seeds, storage=storage, study_name=study_name,
                          p_mutation=cfg.search.mutation_prob or None, n_obj=len(obj_names))
     logged = {r.key: r for r in run.replay()}
-    proxy_info = {"name": cfg.proxy.name, "version": PROXY_VERSION, "n_images": cfg.proxy.n_images}
+    proxy_info = proxy_record(cfg)
     try:
         for gen in range(engine.generation, cfg.search.generations):  # > 0 only for a resumed Optuna study
             genomes = engine.ask()
