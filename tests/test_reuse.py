@@ -75,6 +75,33 @@ def test_a_reuse_call_skips_the_deep_part_and_stands_in_its_last_result(make):
                                  else model.mid_block)
 
 
+@torch.no_grad()
+def test_the_stock_pipeline_hook_reuses_only_inside_a_trajectory_and_runs_other_calls_in_full():
+    """With ``timesteps`` (no sampler loop: a stock pipeline's denoiser calls drive it), a direct forward before any
+    trajectory, or past the plan's last call, runs the whole model, exactly, instead of failing on an empty cache."""
+    model = tiny_unet()
+    x = torch.randn(2, 1, 8, 8)
+    t = {v: torch.full((2,), v) for v in (900, 500, 300, 100, 700)}
+    full = {v: _call(model, x, tv) for v, tv in t.items()}
+    calls, hooks = _deep_leaf_calls(model, 1)
+    try:
+        with DeepCache(model, [False, True, False], branch=1, timesteps=[900, 500, 100]) as dc:
+            assert torch.equal(_call(model, x, t[300]), full[300])  # before any trajectory: full, no error
+            n0 = calls["n"]
+            assert n0 > 0 and dc.full_calls == dc.reuse_calls == 0
+            assert torch.equal(_call(model, x, t[900]), full[900])
+            n1 = calls["n"]
+            reused = _call(model, x, t[500])  # the plan's reuse call: the deep part does not run
+            assert calls["n"] == n1 and not torch.equal(reused, full[500])
+            _call(model, x, t[100])
+            assert (dc.full_calls, dc.reuse_calls) == (2, 1)
+            assert torch.equal(_call(model, x, t[700]), full[700])  # past the plan: full again, counted nowhere
+            assert (dc.full_calls, dc.reuse_calls) == (2, 1) and calls["n"] == n1 + 2 * n0
+    finally:
+        for h in hooks:
+            h.remove()
+
+
 def test_sampling_with_an_all_full_plan_is_bit_identical_and_reuse_changes_images():
     unet = tiny_unet()
     sched = make_scheduler(embedded_scheduler_config())

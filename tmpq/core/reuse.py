@@ -107,7 +107,8 @@ class DeepCache:
     """Installs the reuse on ``model``'s denoiser for the duration of a ``with`` block (see the module doc).
 
     ``timesteps``: the schedule, when no sampler loop calls :meth:`on_step` (a stock diffusers pipeline): a forward
-    pre-hook on ``model`` counts its calls, a call at the schedule's first timestep starting a trajectory."""
+    pre-hook on ``model`` counts its calls, a call at the schedule's first timestep starting a trajectory; a call that
+    is not part of one (before any, or past the plan's last call) runs in full and counts nowhere."""
 
     def __init__(self, model: nn.Module, plan: Sequence[bool], branch: int = 1, timesteps: Sequence[int] = ()):
         self.plan = check_plan(plan)
@@ -118,6 +119,7 @@ class DeepCache:
         self._hook = None
         self._last_t = None
         self._k = 0
+        self._in_trajectory = False  # the hook has seen the schedule's first timestep and not left its trajectory
         self._cache: dict = {}
         self._calls: dict = {}
         self._saved: list = []
@@ -127,6 +129,7 @@ class DeepCache:
         """Called before denoiser call ``k`` of a trajectory (the sampler's ``on_step``)."""
         if k == 0:
             self._cache.clear()
+        self._in_trajectory = True
         self._k = k
         self._calls.clear()
         if self.reusing():
@@ -186,7 +189,14 @@ class DeepCache:
         if t == self._last_t:  # another pass of the same step (the supernet's separate guidance passes)
             return
         self._last_t = t
-        self.on_step(0 if t == self.first_t else self._k + 1)
+        if t == self.first_t:
+            self.on_step(0)
+        elif self._in_trajectory and self._k + 1 < len(self.plan):
+            self.on_step(self._k + 1)
+        else:  # a call outside a trajectory of the schedule (a direct forward, a longer schedule): it runs in full
+            self._in_trajectory = False
+            self._k = len(self.plan)
+            self._calls.clear()
 
     def __enter__(self) -> DeepCache:
         if self.first_t is not None:
