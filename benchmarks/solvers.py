@@ -120,12 +120,22 @@ def _ddim_from_baseline(args, log: RowLog, row) -> None:
                               f"{abs(here['fid'] - check['fid']):.1e})"})
 
 
-def _gene_config(args, sn: Path, seed: int, solvers, **extra):
-    from tmpq.jobs.config import config_from_dict, load_config
+def _toml_config(name: str, sn: Path | None, **search) -> dict:
+    """``configs/NAME`` as a dict, with ``search`` keys set and, with ``sn``, that calibrated supernet file instead of
+    calibrating again (the same ``[calibration]`` settings)."""
+    from tmpq.jobs.config import load_config
 
-    base = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.toml").to_dict()
-    base["calibration"]["supernet_file"] = str(sn)
-    base["search"].update(seed=seed, solvers=list(solvers), **extra)
+    base = load_config(Path(__file__).resolve().parents[1] / "configs" / name).to_dict()
+    if sn is not None:
+        base["calibration"]["supernet_file"] = str(sn)
+    base["search"].update(search)
+    return base
+
+
+def _gene_config(args, sn: Path, seed: int, solvers, **extra):
+    from tmpq.jobs.config import config_from_dict
+
+    base = _toml_config("demo.toml", sn, seed=seed, solvers=list(solvers), **extra)
     if args.population:  # smaller searches (a smoke run); the report says what was run
         base["search"].update(population=args.population, generations=args.generations)
     base["executor"].update(kind="local", threads_per_worker=args.threads)
@@ -271,8 +281,7 @@ def part_speed(args, log: RowLog) -> None:
                                    command="python -m benchmarks.solvers --part speed")
         speed = measure_speed(export_dir, n=256, batch_size=256, fid_n=2000)
         speed.pop("layers")
-        seeds = {r["seed"]: r["fid"] for r in map(json.loads, (run.path / "final" / "rows.jsonl").open())
-                 if r["key"] == cand.key and r["n"] == args.n}
+        seeds = _validated_fids(run.path, cand.key, args.n)
         log.append({"kind": "speed", "name": tag, "key": cand.key, "solver": args.speed_solver, "n_validated": args.n,
                     "steps": args.speed_steps, "timesteps": list(cand.timesteps), "bits": [w, a],
                     "bitops_frac": float(p["bitops"]) / fp_bitops(space, 100), "fid_mean": float(p["fid_mean"]),
@@ -281,16 +290,10 @@ def part_speed(args, log: RowLog) -> None:
 
 
 def _grouping_config(dp: bool, seed: int, sn: Path | None):
-    """``configs/solvers-dp.toml`` (``dp``) or ``configs/solvers.toml`` at search seed ``seed``; with ``sn``, that
-    calibrated supernet file instead of calibrating again (the same ``[calibration]`` settings)."""
-    from tmpq.jobs.config import config_from_dict, load_config
+    """``configs/solvers-dp.toml`` (``dp``) or ``configs/solvers.toml`` at search seed ``seed`` (``_toml_config``)."""
+    from tmpq.jobs.config import config_from_dict
 
-    base = load_config(Path(__file__).resolve().parents[1] / "configs" /
-                       ("solvers-dp.toml" if dp else "solvers.toml")).to_dict()
-    base["search"]["seed"] = seed
-    if sn is not None:
-        base["calibration"]["supernet_file"] = str(sn)
-    return config_from_dict(base)
+    return config_from_dict(_toml_config("solvers-dp.toml" if dp else "solvers.toml", sn, seed=seed))
 
 
 def part_grouping(args, log: RowLog) -> None:
@@ -325,19 +328,18 @@ def part_grouping_validate(args, log: RowLog) -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 if seed == 0 and side == "uniform":
                     run_path, source = restore_run(out / "final" / "raw", Path(tmp)), "final/raw (benchmarks.final)"
-                    key = _best_under(load_run(run_path), 0.005)
                 else:
                     run_path, source = out / "runs" / name, f"runs/{name}"
-                    key = _best_under(load_run(run_path), 0.005)
+                run = load_run(run_path)
+                key = _best_under(run, 0.005)
+                if source.startswith("runs/"):
                     validate_run(run_path, ValidateConfig(n=args.n, seeds=(1, 2), keys=(key,)), progress=True)
-                rows = [r for r in map(json.loads, (run_path / "final" / "rows.jsonl").open())
-                        if r["key"] == key and r["n"] == args.n and r["seed"] in (1, 2)]
-                if len(rows) != 2:
+                fids = _validated_fids(run_path, key, args.n)
+                if len(fids) != 2:
                     raise SystemExit(f"--part grouping-validate: {name}: expected the validation rows of seeds 1, 2 "
-                                     f"for {key}, found {len(rows)}")
+                                     f"for {key}, found {len(fids)}")
                 log.append({"kind": "grouping-validated", "name": name, "side": side, "search_seed": seed,
-                            **_point_record(load_run(run_path), key), "n": args.n,
-                            "fid_seeds": {str(r["seed"]): r["fid"] for r in rows}, "source": source})
+                            **_point_record(run, key), "n": args.n, "fid_seeds": fids, "source": source})
 
 
 def part_grouping_speed(args, log: RowLog) -> None:
@@ -385,15 +387,26 @@ def _point_record(run, key: str) -> dict:
             "bitops_frac": float(ev["bitops"]) / fp_bitops(run.space, 100), "fid_proxy": float(ev["fid_proxy"])}
 
 
+def _validated_fids(run_path: Path, key: str, n: int, seeds=(1, 2)) -> dict[str, float]:
+    """``{seed: FID}`` of point ``key`` validated at ``n`` images per seed, from the run's ``final/rows.jsonl``."""
+    rows = map(json.loads, (Path(run_path) / "final" / "rows.jsonl").read_text().splitlines())
+    return {str(r["seed"]): r["fid"] for r in rows if r["key"] == key and r["n"] == n and r["seed"] in seeds}
+
+
+def _proxy_best(ev, max_bitops: float):
+    """The ``ok`` row of evaluations frame ``ev`` with the best proxy at no more than ``max_bitops``; None if none."""
+    ev = ev[(ev["status"] == "ok") & (ev["bitops"] <= max_bitops)]
+    return ev.loc[ev["fid_proxy"].idxmin()] if len(ev) else None
+
+
 def _best_under(run, frac: float) -> str:
     """Key of the proxy-best evaluated point of ``run`` under ``frac`` of the FP 100-step BitOPs."""
     from tmpq.search.budget import fp_bitops
 
-    ev = run.evaluations
-    ev = ev[(ev["status"] == "ok") & (ev["bitops"] <= frac * fp_bitops(run.space, 100))]
-    if not len(ev):
+    best = _proxy_best(run.evaluations, frac * fp_bitops(run.space, 100))
+    if best is None:
         raise SystemExit(f"no evaluated point of {run.path} under {frac:.1%} of the FP 100-step BitOPs")
-    return str(ev.loc[ev["fid_proxy"].idxmin(), "key"])
+    return str(best["key"])
 
 
 def _grouping_section(out: Path, names: set, validated: list, ref100: dict | None) -> list[str]:
@@ -431,12 +444,9 @@ def _grouping_section(out: Path, names: set, validated: list, ref100: dict | Non
     for (s, side), ev in frames.items():
         cells = []
         for frac in (0.01, 0.005):
-            sel = ev[ev["bitops"] <= frac * fp100]
-            if len(sel):
-                b = sel.loc[sel["fid_proxy"].idxmin()]
-                cells.append(f"{b['fid_proxy']:.4f} ({b.get('solver', 'ddim')}, {len(b['timesteps'])} steps)")
-            else:
-                cells.append("-")
+            b = _proxy_best(ev, frac * fp100)
+            cells.append("-" if b is None else
+                         f"{b['fid_proxy']:.4f} ({b.get('solver', 'ddim')}, {len(b['timesteps'])} steps)")
         lines.append(f"| {s} | {side} | {len(ev)} | {hv[(s, side)][0]:.4g} | {hv[(s, side)][1]:.4g} | {cells[0]} | "
                      f"{cells[1]} |")
     ratio = np.array([[hv[(s, "dp")][i] / hv[(s, "uniform")][i] for i in (0, 1)] for s in seeds])

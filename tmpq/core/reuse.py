@@ -119,7 +119,7 @@ class DeepCache:
         self._hook = None
         self._last_t = None
         self._k = 0
-        self._in_trajectory = False  # the hook has seen the schedule's first timestep and not left its trajectory
+        self._in_trajectory = False  # a call k of the plan is running (on_step), not a call outside any trajectory
         self._cache: dict = {}
         self._calls: dict = {}
         self._saved: list = []
@@ -138,7 +138,7 @@ class DeepCache:
             self.full_calls += 1
 
     def reusing(self) -> bool:
-        return self._k < len(self.plan) and self.plan[self._k]
+        return self._in_trajectory and self._k < len(self.plan) and self.plan[self._k]
 
     def _slot(self, name: str) -> tuple[str, int]:
         i = self._calls.get(name, 0)
@@ -195,7 +195,6 @@ class DeepCache:
             self.on_step(self._k + 1)
         else:  # a call outside a trajectory of the schedule (a direct forward, a longer schedule): it runs in full
             self._in_trajectory = False
-            self._k = len(self.plan)
             self._calls.clear()
 
     def __enter__(self) -> DeepCache:
