@@ -189,6 +189,7 @@ class CandidateEvaluator:
         for ``bits``, ``solver`` and ``reuse``)."""
         t0 = time.perf_counter()
         imgs = self.images(timesteps, bits, per_group_bits, solver=solver, reuse=reuse)
+        check_finite_images(imgs)
         feats = self.extractor(imgs)
         out = {}
         if self.companions:
@@ -207,6 +208,15 @@ class CandidateEvaluator:
     def proxy_info(self) -> dict:
         return {"name": self.cfg.name, "version": PROXY_VERSION, "teacher": f"{self.cfg.teacher_schedule}"
                 f"{self.cfg.teacher_steps}", "extractor": self.extractor.name}
+
+
+def check_finite_images(imgs: torch.Tensor) -> None:
+    """Refuse images with NaN or infinite pixels (the quantized model diverged on this candidate) before any metric:
+    the failure row then says so, instead of a linear-algebra error from deep inside the FID."""
+    bad = ~torch.isfinite(imgs.reshape(len(imgs), -1)).all(dim=1)
+    if bool(bad.any()):
+        raise TmpqError(f"non-finite images: {int(bad.sum())} of {len(imgs)} sampled images have NaN or infinite "
+                        f"pixels (the quantized model diverges at this candidate)")
 
 
 PROXY_HINT = "; set proxy.reference or use proxy.name = paired-feat"

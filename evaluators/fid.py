@@ -34,6 +34,10 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
         raise TmpqError(f"frechet distance: shapes differ (mu {mu1.shape} vs {mu2.shape}, "
                         f"sigma {s1.shape} vs {s2.shape}); the statistics come from different extractors")
+    for name, v in (("mu1", mu1), ("sigma1", s1), ("mu2", mu2), ("sigma2", s2)):
+        if not np.isfinite(v).all():  # the eigensolvers below would fail with "did not converge"
+            raise TmpqError(f"frechet distance: {name} is not finite (NaN or infinite features: the images or the "
+                            f"statistics file hold non-finite values)")
     r1 = _sqrtm_psd(s1)
     eig = np.linalg.eigvalsh(r1 @ s2 @ r1)
     tr_covmean = float(np.sqrt(np.clip(eig, 0.0, None)).sum())
@@ -86,6 +90,9 @@ class FeatureStats:
         feats = np.asarray(feats, np.float64)
         if feats.ndim != 2 or len(feats) < 2:
             raise TmpqError(f"feature stats: need [N >= 2, D] features, got shape {feats.shape}")
+        if not np.isfinite(feats).all():
+            raise TmpqError(f"feature stats: {int((~np.isfinite(feats).all(1)).sum())} of {len(feats)} feature rows "
+                            f"are not finite (NaN or infinite images)")
         return cls(feats.mean(0), np.cov(feats, rowvar=False), len(feats), dict(meta))
 
     def fid(self, other: "FeatureStats") -> float:

@@ -5,10 +5,14 @@ and bounded retries; a task that still fails is reported as failed with its erro
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
 import socket
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from tmpq.core.cost import DEFAULT_SOLVER
@@ -95,8 +99,6 @@ _MAX_RAY_TEMP = 38
 
 
 def _short_temp_dir(temp_dir: str) -> str:
-    import tempfile
-
     path = os.path.abspath(temp_dir)
     if len(path) <= _MAX_RAY_TEMP:
         os.makedirs(path, exist_ok=True)
@@ -117,8 +119,8 @@ def _enable_token_auth_to_join() -> None:
     """Token authentication when joining a cluster by address.
 
     Ray (2.60 as installed; see ray/_private/authentication/) turns token authentication on by itself for a
-    cluster that ``ray.init()`` starts (the token is generated once into ``~/.ray/auth_token``) and for
-    ``address="auto"``, but not for an explicit ``HOST:PORT``:
+    cluster that ``ray.init()`` starts (the token is generated once into ``~/.ray/auth_token``; tmpq's own local Ray
+    uses ``_local_token_env`` instead) and for ``address="auto"``, but not for an explicit ``HOST:PORT``:
     there the driver only sends its token if ``RAY_AUTH_MODE=token`` is set, and a token-protected cluster refuses
     it otherwise ("InvalidAuthToken"). So, unless ``RAY_AUTH_MODE`` is set explicitly, tmpq switches token mode on
     whenever a token is available to this process: ``RAY_AUTH_TOKEN`` (the token itself), ``RAY_AUTH_TOKEN_PATH``
@@ -135,6 +137,81 @@ def _enable_token_auth_to_join() -> None:
     except ImportError:  # pragma: no cover - a Ray without token authentication
         return
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+_LOOPBACK = "127.0.0.1"
+# Ray (2.60 as installed) swaps a loopback node address for the machine's reachable one
+# (ray/_private/services.py: resolve_ip_for_localhost -> get_node_ip_address) unless clusters are switched off, as
+# they are by default on macOS / Windows (ray/_private/ray_constants.py: ENABLE_RAY_CLUSTER, read at import from
+# this variable). With the swap, every gRPC server (GCS, raylet, workers, the agents) listens on 0.0.0.0 / [::].
+_RAY_CLUSTERS_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextmanager
+def _loopback_only():
+    """While a local Ray starts: its node address stays 127.0.0.1, so GCS, raylet, workers, the dashboard agent,
+    the runtime-env agent and the metrics servers bind to loopback only (Ray binds its gRPC servers to 127.0.0.1
+    when the node address is; checked with the sockets in tests/test_ray_loopback.py). The processes started here
+    inherit the variable; this process's copy of Ray's constant is patched because Ray read it at import."""
+    from ray._private import ray_constants
+
+    old_env, old_const = os.environ.get(_RAY_CLUSTERS_VAR), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_RAY_CLUSTERS_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = old_const
+        _restore_env({_RAY_CLUSTERS_VAR: old_env})
+
+
+def _restore_env(saved: dict) -> None:
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _reload_ray_auth() -> None:
+    """Make this process's Ray see the current RAY_AUTH_* variables (it caches its config and token): config
+    first, then the token cache, as ray._private.authentication_test_utils.reset_auth_token_state does."""
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+    except ImportError:  # pragma: no cover - a Ray without token authentication
+        return
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def _local_token_env(token_dir: str) -> dict[str, str]:
+    """The RAY_AUTH_* variables for a local Ray that tmpq starts: token authentication on, with the token the user
+    names (``RAY_AUTH_TOKEN``, or the file ``RAY_AUTH_TOKEN_PATH``), else a fresh one generated into
+    ``<token_dir>/auth/auth_token`` (file 0600 in a folder 0700: Ray makes its temp dir world-writable, where another
+    user could swap a file, not a folder of ours). Ray itself would write ``~/.ray/auth_token`` (world-readable) and
+    reuse it for every later cluster; ``~/.ray`` is neither read nor written here. An explicit ``RAY_AUTH_MODE`` other
+    than ``token`` is the user's opt-out and is respected (no variables)."""
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is not None and mode.lower() != "token":
+        return {}
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return {"RAY_AUTH_MODE": "token"}
+    named = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if named:
+        if not os.path.isfile(named):
+            raise TmpqError(f"RAY_AUTH_TOKEN_PATH: no token file at {named}")
+        return {"RAY_AUTH_MODE": "token"}
+    folder = os.path.join(token_dir, "auth")
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    os.chmod(folder, 0o700)
+    path = os.path.join(folder, "auth_token")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # an older file keeps its mode through O_CREAT
+        os.write(fd, secrets.token_hex(32).encode())
+    finally:
+        os.close(fd)
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": path}
 
 
 def _job_cluster_address() -> str:
@@ -174,11 +251,15 @@ class _RayWorker:
 class RayExecutor:
     """Long-lived Ray actors, each holding its own evaluator built from ``factory`` (a picklable callable).
 
-    ``address``: ``""`` starts a local Ray (dashboard off, token auth on, temp dir inside ``temp_dir``);
-    ``auto`` or ``HOST:PORT`` joins an existing cluster (see ``_enable_token_auth_to_join`` for its token).
+    ``address``: ``""`` starts a local Ray bound to 127.0.0.1 only (see ``_loopback_only``), dashboard off, token
+    auth on (see ``_local_token_env``: the token is the user's or is generated into the temp dir, never ``~/.ray``),
+    temp dir inside ``temp_dir``; ``auto`` or ``HOST:PORT`` joins an existing cluster (see
+    ``_enable_token_auth_to_join`` for its token).
     A task goes only to an actor whose evaluator is built (within ``start_timeout_s``), and ``timeout_s`` runs
     from then; an actor that dies or times out is killed and replaced, its task retried up to ``retries`` times,
-    then reported failed with its error.
+    then reported failed with its error. Ray reports an actor whose process died within about a second; the death
+    of this driver's own node (its raylet, or a process the raylet shares its fate with, such as the dashboard
+    agent) is checked every ``_HEALTH_S`` and stops the search with one line (``_check_node``).
     An actor that cannot build its evaluator ``retries + 1`` times in a row is given up; when all are, the search
     stops with an error (a broken worker setup must not be logged as failed candidates).
     Worker names are ``host:pid@node`` (the first 8 hex digits of the Ray node id).
@@ -192,6 +273,7 @@ class RayExecutor:
     """
 
     name = "ray"
+    _HEALTH_S = 1.0
 
     def __init__(self, factory: Callable[[], object], workers: int = 2, threads_per_worker: int = 1,
                  timeout_s: float = 600.0, retries: int = 1, address: str = "", temp_dir: str | None = None,
@@ -211,6 +293,9 @@ class RayExecutor:
         # building an evaluator (model, supernet) may take longer than one evaluation; never less than 10 min
         self.start_timeout_s = max(timeout_s, 600.0) if start_timeout_s is None else start_timeout_s
         self._owns_ray = False
+        self._saved_env: dict = {}  # RAY_AUTH_* as they were before a local Ray started here
+        self._token_tmp = ""  # a directory made only for the token (no temp_dir given), removed on close
+        self._logs = ""
         if not ray.is_initialized():
             kwargs = dict(include_dashboard=False, log_to_driver=False)
             if address:
@@ -220,16 +305,31 @@ class RayExecutor:
                 # "local", not None: a RAY_ADDRESS in the environment must not turn this into a join
                 kwargs["address"] = "local"
                 kwargs["num_cpus"] = max(workers * threads_per_worker, os.cpu_count() or 1)
+                kwargs["_node_ip_address"] = kwargs["dashboard_host"] = _LOOPBACK
                 if temp_dir:
-                    kwargs["_temp_dir"] = _short_temp_dir(temp_dir)
+                    kwargs["_temp_dir"] = token_dir = _short_temp_dir(temp_dir)
+                    self._logs = os.path.join(token_dir, "session_latest", "logs")
+                else:
+                    token_dir = self._token_tmp = tempfile.mkdtemp(prefix="tmpq-ray-")
+                token_env = _local_token_env(token_dir)
+                self._saved_env = {k: os.environ.get(k) for k in token_env}
+                os.environ.update(token_env)
+                _reload_ray_auth()
             try:
-                ray.init(**kwargs)
+                if address:
+                    ray.init(**kwargs)
+                else:
+                    with _loopback_only():
+                        ray.init(**kwargs)
             except Exception as exc:
+                self._restore_auth()
                 hint = (" (a cluster with token authentication needs its token here: RAY_AUTH_TOKEN, "
                         "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)") if address else ""
                 raise TmpqError(f"executor.address: cannot start or join Ray at {address or 'local'}: "
                                 f"{_first_line(exc) or type(exc).__name__}{hint}") from None
             self._owns_ray = True
+        self._node_id = ray.get_runtime_context().get_node_id()  # this driver's node
+        self._next_health = 0.0
         # GPU actors (gpus_per_worker > 0, fractional shares one GPU between actors): Ray sets each actor's
         # CUDA_VISIBLE_DEVICES, so its evaluator's device "auto" / "cuda" is the GPU it was given
         gpus = {"num_gpus": gpus_per_worker} if gpus_per_worker > 0 else {}
@@ -305,6 +405,7 @@ class RayExecutor:
                 try:
                     got = ray.get(ref)
                 except Exception as exc:  # the actor died (or the task could not run) mid-evaluation
+                    self._check_node()  # its node with it? then nothing can be retried
                     name = self.names[i]
                     self._spawn(i, kill=True)
                     yield from self._requeue(queue, batch, exc, name)
@@ -325,6 +426,7 @@ class RayExecutor:
                     yield from self._requeue(queue, batch, TimeoutError(f"no answer in {self.timeout_s:g} s"),
                                              name)
             self._check_start_timeouts(now)
+            self._check_node(now)
 
     def _requeue(self, queue, batch, exc, worker: str) -> Iterator[tuple[Task, Outcome]]:
         if len(batch) > 1:  # not held against any one task: each runs alone next
@@ -344,12 +446,14 @@ class RayExecutor:
             for ref in ready:
                 self._started(ref)
             self._check_start_timeouts(time.monotonic())
+            self._check_node(time.monotonic())
 
     def _started(self, ref) -> None:
         i, _t0 = self._starting.pop(ref)
         try:
             self.names[i] = self.ray.get(ref)
         except Exception as exc:  # the evaluator could not be built (or the actor died doing so)
+            self._check_node()
             self._start_failed(i, exc)
             return
         self._start_failures[i] = 0
@@ -360,6 +464,33 @@ class RayExecutor:
             if now - t0 > self.start_timeout_s:
                 self._starting.pop(ref)
                 self._start_failed(i, TimeoutError(f"evaluator not built in {self.start_timeout_s:g} s"))
+
+    def _check_node(self, now: float | None = None) -> None:
+        """Stop with one line once this driver's Ray node is dead: no task can run or be retried then, and the
+        actors that would replace the dead ones would wait for a node forever (``start_timeout_s``, 10 min). One GCS
+        call, at most every ``_HEALTH_S`` unless ``now`` is None. (If the GCS itself is gone, Ray ends this process
+        after its ``gcs_rpc_server_reconnect_timeout_s``, 60 s.)"""
+        if now is not None and now < self._next_health:
+            return
+        self._next_health = time.monotonic() + self._HEALTH_S
+        try:
+            nodes = self.ray.nodes()
+        except Exception:  # the GCS did not answer: see above
+            return
+        me = next((n for n in nodes if n.get("NodeID") == self._node_id), None)
+        if me is None or me.get("Alive", True):
+            return
+        logs = f"; Ray's logs: {self._logs}" if self._logs else ""
+        raise TmpqError(f"executor: the Ray node of this search (node {self._node_id[:8]} at "
+                        f"{me.get('NodeManagerAddress', '?')}) died: no Ray worker can be reached (its raylet or an "
+                        f"agent it depends on exited{logs}); the finished evaluations are logged, resume the run "
+                        f"to evaluate the rest")
+
+    def _restore_auth(self) -> None:
+        if self._saved_env:
+            _restore_env(self._saved_env)
+            self._saved_env = {}
+            _reload_ray_auth()
 
     def close(self) -> None:
         for a in self.actors:
@@ -373,6 +504,10 @@ class RayExecutor:
         if self._owns_ray:
             self._owns_ray = False
             self.ray.shutdown()
+        self._restore_auth()
+        if self._token_tmp:
+            shutil.rmtree(self._token_tmp, ignore_errors=True)
+            self._token_tmp = ""
 
 
 def _first_line(exc: BaseException) -> str:

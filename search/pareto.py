@@ -1,4 +1,5 @@
-"""Pareto utilities (minimisation): non-dominated filter, weak / strict dominance by a front, 2-D hypervolume.
+"""Pareto utilities (minimisation, any number of objectives): non-dominated filter, weak / strict dominance by a
+front, hypervolume. Sorting and hypervolume are pymoo's (its non-dominated sorting and exact hypervolume indicator).
 
 Example:
     >>> import numpy as np
@@ -7,49 +8,65 @@ Example:
     [True, True, False]
     >>> hypervolume_2d(pts, ref=(4.0, 6.0))
     9.0
+    >>> hypervolume([[1.0, 1.0, 1.0]], ref=(2.0, 3.0, 4.0))
+    6.0
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import numpy as np
+from pymoo.indicators.hv import HV
+from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 
 from tmpq.core.errors import TmpqError
 
 
+def _points(points, what: str = "pareto") -> np.ndarray:
+    p = np.asarray(points, dtype=np.float64)
+    if p.size == 0:
+        return p.reshape(0, p.shape[-1] if p.ndim == 2 else 0)
+    if p.ndim != 2:
+        raise TmpqError(f"{what}: points must be [N, M], got shape {p.shape}")
+    return p
+
+
 def non_dominated(points: np.ndarray) -> np.ndarray:
     """Boolean mask of the points no other point dominates (<= in every objective, < in one). Duplicates of a
-    non-dominated point are all kept."""
-    p = np.asarray(points, dtype=np.float64)
-    if p.ndim != 2:
-        raise TmpqError(f"pareto: points must be [N, M], got shape {p.shape}")
-    keep = np.ones(len(p), dtype=bool)
-    for i in range(len(p)):
-        dominated = np.all(p <= p[i], axis=1) & np.any(p < p[i], axis=1)
-        if dominated.any():
-            keep[i] = False
+    non-dominated point are all kept; a point with a NaN objective is incomparable (kept, dominating nothing)."""
+    p = _points(points)
+    keep = np.zeros(len(p), dtype=bool)
+    finite = ~np.isnan(p).any(axis=1)
+    keep[~finite] = True
+    idx = np.flatnonzero(finite)
+    if len(idx):
+        keep[idx[NonDominatedSorting().do(p[idx], only_non_dominated_front=True)]] = True
     return keep
+
+
+def hypervolume(points: np.ndarray, ref: Sequence[float]) -> float:
+    """Volume dominated by ``points`` and bounded by the reference point ``ref`` (every objective minimised; points
+    not strictly better than ``ref`` in every objective add nothing)."""
+    p = _points(points, "hypervolume")
+    r = np.asarray(ref, dtype=np.float64)
+    if r.ndim != 1 or (len(p) and p.shape[1] != len(r)):
+        raise TmpqError(f"hypervolume: points [N, {p.shape[1] if p.ndim == 2 else '?'}] and a "
+                        f"{r.size}-D reference point do not match")
+    p = p[np.all(p < r, axis=1)] if len(p) else p
+    if len(p) == 0:
+        return 0.0
+    return float(HV(ref_point=r)(p))
 
 
 def hypervolume_2d(points: np.ndarray, ref: Sequence[float]) -> float:
     """Area dominated by ``points`` and bounded by the reference point ``ref`` (both objectives minimised)."""
-    p = np.asarray(points, dtype=np.float64)
+    p = _points(points, "hypervolume_2d")
     r = np.asarray(ref, dtype=np.float64)
     if p.size == 0:
         return 0.0
-    if p.ndim != 2 or p.shape[1] != 2 or r.shape != (2,):
+    if p.shape[1] != 2 or r.shape != (2,):
         raise TmpqError("hypervolume_2d: needs [N, 2] points and a 2-D reference point")
-    p = p[np.all(p < r, axis=1)]
-    if len(p) == 0:
-        return 0.0
-    p = p[non_dominated(p)]
-    p = p[np.lexsort((p[:, 1], p[:, 0]))]
-    area, prev_y = 0.0, r[1]
-    for x, y in p:
-        if y < prev_y:
-            area += (r[0] - x) * (prev_y - y)
-            prev_y = y
-    return float(area)
+    return hypervolume(p, r)
 
 
 def dominates_all(front: np.ndarray, others: np.ndarray, strict: bool = False) -> np.ndarray:
@@ -68,10 +85,9 @@ def dominates_all(front: np.ndarray, others: np.ndarray, strict: bool = False) -
     """
     f = np.asarray(front, dtype=np.float64)
     o = np.asarray(others, dtype=np.float64)
-    if f.size == 0:
+    if f.size == 0 or o.size == 0:
         return np.zeros(len(o), dtype=bool)
-    out = []
-    for q in o:
-        le = np.all(f <= q, axis=1)
-        out.append(bool(np.any(le & np.any(f < q, axis=1)) if strict else np.any(le)))
-    return np.array(out, dtype=bool)
+    le = np.all(f[None, :, :] <= o[:, None, :], axis=2)  # [others, front]
+    if strict:
+        le &= np.any(f[None, :, :] < o[:, None, :], axis=2)
+    return le.any(axis=1)

@@ -2,20 +2,26 @@
 
 Layout: ``config.resolved.json``, ``search_space.json``, ``evaluations.jsonl`` (one ``EvalResult`` per line, flushed
 and fsync'd as each evaluation finishes), ``evaluations.parquet``, ``pareto.parquet`` and ``pareto.csv``.
-Resume = replay the log; a run whose fingerprint (config / model / data) changed is refused. Reading never changes a
-run: a torn last line of the log (a crash mid-write) is skipped, and only the resuming writer moves it into a side file
-``evaluations.jsonl.torn-<n>``; a bad line anywhere else is a one-line error naming the file and line.
+Resume = replay the log; a run whose fingerprint (config / model / data) changed is refused. One writer at a time:
+creating, resuming and every other write hold the run lock (``.tmpq.lock``, :mod:`tmpq.core.runlock`). Reading never
+changes a run (nor takes the lock): a torn last line of the log (a crash mid-write) is skipped, and only the resuming
+writer moves it into a side file ``evaluations.jsonl.torn-<n>``; a bad line anywhere else is a one-line error naming
+the file and line.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from tmpq.core.cost import DEFAULT_SOLVER
+from tmpq.core import runlock
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import (
     atomic_write_bytes,
@@ -114,30 +120,68 @@ class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.log_path = self.path / "evaluations.jsonl"
+        self.lock: runlock.RunLock | None = None  # the writer lock, where this object is the run's writer
 
     @classmethod
-    def create(cls, path: Path, config: dict, space: dict, fingerprint: str) -> "RunDir":
+    def create(cls, path: Path, config: dict, space: dict, fingerprint: str, writer: str = "") -> "RunDir":
+        """A new run directory, published atomically: written in a sibling temporary directory (its writer lock
+        taken there first) and renamed into place, so of two creators of one path exactly one wins and the other
+        gets one line. An existing empty directory is replaced. ``writer`` (a job name): the returned run keeps the
+        writer lock (``run.lock``); otherwise it is released on return."""
         path = Path(path)
-        if path.exists() and any(path.iterdir()):
-            raise TmpqError(f"run directory {path} already exists and is not empty; use --resume {path}")
-        path.mkdir(parents=True, exist_ok=True)
+        taken = TmpqError(f"run directory {path} already exists and is not empty; use --resume {path}")
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise taken
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.creating-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.mkdir(tmp)  # honours the umask, as the run directory always did
+        lock = None
+        try:
+            lock = runlock.acquire(tmp, writer or "create")
+            atomic_write_bytes(tmp / "config.resolved.json", (json.dumps({"fingerprint": fingerprint, **config},
+                                                                         indent=2, sort_keys=True) + "\n").encode())
+            atomic_write_bytes(tmp / "search_space.json", (json.dumps(space, indent=2) + "\n").encode())
+            (tmp / "evaluations.jsonl").touch()
+            try:
+                os.rename(tmp, path)  # fails when another creator's run (or any file) is already there
+            except OSError as exc:
+                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                    raise taken from None
+                raise
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         run = cls(path)
-        atomic_write_bytes(path / "config.resolved.json",
-                           (json.dumps({"fingerprint": fingerprint, **config}, indent=2, sort_keys=True) + "\n").encode())
-        atomic_write_bytes(path / "search_space.json", (json.dumps(space, indent=2) + "\n").encode())
-        run.log_path.touch()
+        lock.path = path / runlock.LOCK_NAME  # the same file (and lock), published
+        if writer:
+            run.lock = lock
+        else:
+            lock.release()
         return run
 
     @classmethod
-    def reopen(cls, path: Path, fingerprint: str) -> "RunDir":
-        """Reopen a run to resume it (the writer): refuses a changed fingerprint, and moves a torn last line of the
-        log into ``evaluations.jsonl.torn-<n>`` (see :meth:`recover`)."""
+    def reopen(cls, path: Path, fingerprint: str, writer: str = "") -> "RunDir":
+        """Reopen a run to resume it (the writer): takes the writer lock (one line naming the holder when another
+        process has it), refuses a changed fingerprint, and moves a torn last line of the log into
+        ``evaluations.jsonl.torn-<n>`` (see :meth:`recover`). ``writer`` (a job name): the returned run keeps the
+        lock (``run.lock``); otherwise it is released on return."""
         run = cls.open(path)
-        old = run.config().get("fingerprint")
-        if old != fingerprint:
-            raise TmpqError(f"refusing to resume {run.path}: its config / model / data fingerprint {str(old)[:12]} "
-                            f"differs from the current {fingerprint[:12]}")
-        run.recover()
+        lock = runlock.acquire(run.path, writer or "resume")
+        try:
+            old = run.config().get("fingerprint")
+            if old != fingerprint:
+                raise TmpqError(f"refusing to resume {run.path}: its config / model / data fingerprint "
+                                f"{str(old)[:12]} differs from the current {fingerprint[:12]}")
+            run.recover()
+        except BaseException:
+            lock.release()
+            raise
+        if writer:
+            run.lock = lock
+        else:
+            lock.release()
         return run
 
     @classmethod

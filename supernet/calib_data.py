@@ -50,10 +50,13 @@ class CalibrationConfig:
         for key, choices in (("mode", MODES), ("strategy", STRATEGIES)):
             if getattr(self, key) not in choices:
                 raise TmpqError(f"calibration.{key}: must be one of {', '.join(choices)}, got {getattr(self, key)!r}")
-        for key, low in (("steps", 1), ("per_step", 1), ("sampler_steps", 1), ("batch_size", 1), ("recon_iters", 0)):
+        for key, low in (("steps", 1), ("per_step", 1), ("sampler_steps", 1), ("batch_size", 1), ("recon_iters", 0),
+                         ("seed", 0)):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise TmpqError(f"calibration.{key}: must be an integer >= {low}, got {v!r}")
+        if not self.seed < 2**32:  # the noise bank's seed sequence takes 0 <= seed < 2**32
+            raise TmpqError(f"calibration.seed: must be < 2**32, got {self.seed}")
 
 
 @dataclass

@@ -64,6 +64,7 @@ def calibrate(net, data: Iterable[tuple[torch.Tensor, torch.Tensor]], mode: str 
     if not done and not done_groups:
         for layer in net.layers.values():
             layer.calibrate_weights()
+        check_finite_ranges(net)
     banked = G * P > 1
     for j, (row, p, part) in enumerate(jobs):
         if row in done_groups:
@@ -129,6 +130,7 @@ def _calibrate_activations(net, batches, mode: str, seed: int, progress: bool, d
                     layer.freeze_activations(j)
                 elif not bool(layer.a_quant[0].frozen):
                     layer.freeze_activations(0)
+            check_finite_ranges(net)  # before a checkpoint could keep them
             done.append(a)
             if checkpoint is not None and len(done) < len(net.config.a_bits):
                 net.save(checkpoint, progress={"mode": mode, "done_a_bits": done, "complete": False})
@@ -148,6 +150,23 @@ def _calibrate_activations(net, batches, mode: str, seed: int, progress: bool, d
                 net.observe(batches[: max(1, len(batches) // 4)])
         for layer in net.layers.values():
             layer.freeze_activations()
+        check_finite_ranges(net)
+
+
+@torch.no_grad()
+def check_finite_ranges(net) -> None:
+    """Refuse a calibration whose quantizer state is not finite (NaN / inf weights or activations observed): it
+    would make every candidate's images NaN and every evaluation fail far from the cause. One line naming the
+    layer, the option and the tensor."""
+    for name, layer in net.layers.items():
+        for kind, quantizers in (("activation", layer.activation_quantizers()), ("weight", layer.w_quant)):
+            for q in quantizers:
+                for tname, t in (*q.named_parameters(), *q.named_buffers()):
+                    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                        what = "range" if tname in ("scale", "zero_point", "tg_scale", "tg_zero_point") else tname
+                        raise TmpqError(f"calibration: layer {name}: non-finite {kind} {what} ({tname} of its "
+                                        f"{q.bits}-bit option); the model or the calibration data produce NaN or "
+                                        f"infinite {kind}s there")
 
 
 def blocks(net) -> list[tuple[str, nn.Module]]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 
 from tmpq.core.cost import LayerCost
@@ -19,7 +20,7 @@ GUIDANCE_RANGES = ("shared", "separate")
 
 def _check_bits(key: str, b, weight: bool) -> None:
     """Weights take 1..16 bits (1 and 2 through the multi-basis binarizer), activations 2..16."""
-    ok = b in SUPPORTED_BITS or (weight and b in BINARY_BITS)
+    ok = not isinstance(b, bool) and (b in SUPPORTED_BITS or (weight and b in BINARY_BITS))
     if not ok:
         raise TmpqError(f"{key}: {b} is not a supported bit-width "
                         f"({'1..16 for weights' if weight else '2..16 for activations'})")
@@ -126,6 +127,13 @@ class SupernetConfig:
                 raise TmpqError(f"supernet.pin.{pat}: must be [w_bits, a_bits], got {wa!r}")
             _check_bits(f"supernet.pin.{pat}", wa[0], weight=True)
             _check_bits(f"supernet.pin.{pat}", wa[1], weight=False)
+        for t in self.tie:
+            try:
+                groups = re.compile(t).groups
+            except (re.error, TypeError) as exc:
+                raise TmpqError(f"supernet.tie: {t!r} is not a regular expression ({exc})") from None
+            if groups != 1:
+                raise TmpqError(f"supernet.tie: regex {t!r} needs exactly one capture group")
         for key, choices in (("w_two_bit", ("multibasis", "affine")), ("w_granularity", GRANULARITIES),
                              ("w_rounding", ("nearest", "adaround")), ("w_observer", OBSERVERS),
                              ("a_observer", OBSERVERS)):

@@ -52,8 +52,22 @@ def save_supernet(net, path: Path | str, progress: dict | None = None) -> Path:
     if net.config.time_groups > 1:
         meta["time_starts"] = json.dumps(net.time_starts)
     # fsync'd temp file + rename, with a plain open's permissions (safetensors' own writer made it owner-only)
-    atomic_write_bytes(path, save(net.quantizer_state(), metadata=meta))
+    atomic_write_bytes(path, canonical_safetensors(save(net.quantizer_state(), metadata=meta)))
     return path
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """Safetensors bytes with the metadata keys of their header in sorted order, so that the same state and metadata
+    always give the same bytes (safetensors writes the metadata from a hash map, in an order that varies from call to
+    call). Tensor entries and data are kept as written (safetensors orders those itself); the header is re-padded
+    with spaces to 8 bytes as safetensors pads it. Readers see the same metadata and tensors either way."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta is not None else {}) | header
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-(8 + len(text)) % 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + n:]
 
 
 def load_supernet(net, path: Path | str, allow_partial: bool = False) -> dict:

@@ -271,3 +271,68 @@ def test_int8_input_codes_are_the_fake_quantizer_codes(bits, a_sym, fused, layou
     got = (u.float() + aq.qmin - float(aq.zero_point.reshape(-1)[0])) * s
     with torch.no_grad():
         assert torch.equal(got, aq(x))
+
+
+def test_one_call_loads_the_export_quantized_and_samples_its_schedule(exported):
+    """``TmpqPipeline.from_pretrained(EXPORT)``: the export quantized in one call (its plan read from the manifest
+    agrees with the loaded quantizers), sampling what ``tmpq sample`` samples on the same noise."""
+    from diffusers import DiffusionPipeline
+
+    from tmpq.core.sampler import noise_generators, sample_images
+    from tmpq.deploy.bundle import load_export
+    from tmpq.deploy.pipelines import TmpqPipeline
+    from tmpq.deploy.plan import QuantPlan
+
+    root, run, key, man = exported
+    exp = root / "exp"
+    before = {p: p.read_bytes() for p in exp.rglob("*") if p.is_file()}
+    pipe = TmpqPipeline.from_pretrained(str(exp))
+    pipe.set_progress_bar_config(disable=True)
+    plan = QuantPlan.from_export(man)
+    assert pipe.tmpq_plan == plan and pipe.tmpq_timesteps == list(plan.sampler.timesteps)
+    unet, sched, ts, _ = load_export(exp)
+    assert QuantPlan.from_model(unet).layers.keys() == plan.layers.keys()
+    assert all((plan.layers[n].w_bits, plan.layers[n].a_bits) == (o.w_bits, o.a_bits)
+               for n, o in QuantPlan.from_model(unet).layers.items())
+    got = pipe(batch_size=4, generator=noise_generators(4, seed=3), output_type="pt").images
+    ref = sample_images(unet, sched, ts, 4, seed=3, batch_size=4, progress=False)
+    assert torch.equal(got, (ref / 2 + 0.5).clamp(0, 1))
+    assert len(pipe(batch_size=2).images) == 2  # PIL images
+    with pytest.raises(TmpqError, match="num_inference_steps=7"):
+        pipe(num_inference_steps=7)
+    # the model_index.json of an unconditional UNet names diffusers' DDPMPipeline: the stock way still loads it
+    assert type(DiffusionPipeline.from_pretrained(str(exp))).__name__ == "DDPMPipeline"
+    assert {p: p.read_bytes() for p in exp.rglob("*") if p.is_file()} == before  # loading wrote nothing
+
+
+def test_an_export_with_non_finite_quantizer_scales_is_refused_at_load(exported, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from tests.conftest import run_cli
+    from tmpq.core.fileio import file_sha256
+    from tmpq.deploy.bundle import load_export
+    from tmpq.deploy.pipelines import TmpqPipeline
+    from tmpq.supernet.store import read_supernet_file
+
+    root, run, key, man = exported
+    bad = tmp_path / "nan"
+    shutil.copytree(root / "exp", bad)
+    q = bad / "quantizers.safetensors"
+    meta, _ = read_supernet_file(q, tensors=False)
+    state = load_file(q)
+    name = next(k for k in sorted(state) if k.endswith(".a_quant.0.scale") and not k.startswith("conv_in"))
+    state[name] = state[name].clone().fill_(float("nan"))
+    save_file(state, q, metadata=meta)
+    m = json.loads((bad / "tmpq_export.json").read_text())
+    m["files"]["quantizers.safetensors"] = file_sha256(q)  # consistent hashes: only the values are wrong
+    (bad / "tmpq_export.json").write_text(json.dumps(m))
+    for load in (load_export, TmpqPipeline.from_pretrained):
+        with pytest.raises(TmpqError, match=f"quantizers.safetensors: tensor {name} holds 1 non-finite") as err:
+            load(str(bad))
+        assert "\n" not in str(err.value)
+    capsys.readouterr()  # the loads' progress bars
+    code, _, stderr = run_cli(["sample", bad, "--n", "2", "--out", tmp_path / "g.png"], capsys)
+    assert code == 2 and name in stderr and len(stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "g.png").exists()

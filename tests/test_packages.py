@@ -49,6 +49,9 @@ from tmpq.core.sampler import sample_images
 imgs = sample_images(m.unet, tmpq.core.sampler.make_scheduler(m.scheduler_config), make_timesteps("uniform", 2), 2,
                      seed=0, progress=False)
 assert imgs.shape == (2, 1, 16, 16)
+from tmpq.jobs.config import presets_dir, preset_names
+assert "site-packages" in str(presets_dir()) and {"demo", "tiny", "default"} <= set(preset_names()), presets_dir()
+assert tmpq.RunConfig.preset("tiny").search.steps == 3
 print("smoke ok")
 """
 
@@ -84,3 +87,14 @@ def test_wheel_installs_one_name_and_runs_outside_the_checkout(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     r = subprocess.run([str(py), "-c", SMOKE], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0 and "smoke ok" in r.stdout, r.stderr[-2000:]
+    # the main command outside the checkout, on the packaged presets: with no --config it reads the demo preset (a
+    # refused override shows it was found), and the tiny job, cut to one generation of four, runs to its export
+    tmpq = [str(py), "-m", "tmpq", "run", "--run-dir", "R", "--threads", "1"]
+    r = subprocess.run(tmpq + ["--set", "search.population=1"], cwd=tmp_path, capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 2 and r.stderr == "tmpq: error: search.population: must be >= 2, got 1\n", r.stderr
+    r = subprocess.run(tmpq + ["--config", "tiny", "--set", "search.population=4", "--set", "search.generations=1",
+                               "--top-k", "1", "--validate-n", "8", "--seeds", "1"],
+                       cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "R" / "export" / "tmpq_export.json").is_file() and "export: R/export" in r.stdout

@@ -22,6 +22,10 @@ def reported(tmp_path_factory):
     # with a step-count gene: the report's baselines cover every step choice
     run = run_search(tiny_cfg(root / "tiny-ddpm", generations=1, step_choices=[2, 3]), root / "run",
                      progress=False).path
+    from tmpq.jobs.run import load_run
+
+    r = load_run(run)
+    r.export(r.pareto().sort_values("bitops")["key"].iloc[0])  # the report marks it
     r = subprocess.run([sys.executable, "-m", "tmpq", "report", str(run)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     return run
@@ -57,3 +61,46 @@ def test_report_renders_in_headless_chromium_with_all_images(reported, tmp_path)
     m = re.search(r'data-images="(\d+)/(\d+)"', r.stdout)
     assert m, "the page's load handler did not run"
     assert int(m.group(2)) == n_imgs and int(m.group(1)) == n_imgs  # every image decoded
+
+
+def test_report_shows_per_layer_bits_and_how_to_export_each_point(reported):
+    import json
+
+    from PIL import Image
+
+    from tmpq.jobs.run import load_run
+
+    run = load_run(reported)
+    page = (reported / "report" / "report.html").read_text()
+    front = run.pareto().sort_values("bitops")
+    exported = run.exports["key"].tolist()
+    assert exported == [front["key"].iloc[0]]
+    rows = re.findall(r"<tr( class=\"exported\")?><td><b>(P\d+)</b><br><code>(\w+)</code>(.*?)</tr>", page, re.S)
+    assert [(name, k) for _, name, k, _ in rows] == [(f"P{i + 1}", k) for i, k in enumerate(front["key"])]
+    for marked, _, k, rest in rows:
+        if k in exported:
+            assert marked and "<b>exported</b>" in rest and str(reported / "exports" / k[:8]) in rest
+        else:  # the command that exports it where tmpq status and the report find it
+            assert not marked and f"tmpq export {reported} --candidate {k} --out {reported}/exports/{k[:8]}" in rest
+    assert '<img src="bits.png"' in page
+    layers = json.loads((reported / "search_space.json").read_text())["layers"]
+    searched = [lay for lay in layers if lay["gene"] is not None]
+    with Image.open(reported / "report" / "bits.png") as im:  # a row of at least 14 pixels per searched layer
+        assert len(searched) > 20 and im.size[1] >= 14 * len(searched)
+    assert all(lay["fqn"] in page for lay in layers if lay["pinned"])  # named as not shown
+
+
+def test_save_grid_lays_images_out_with_white_gaps(tmp_path):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from tmpq.core.grid import save_grid
+
+    imgs = torch.stack([torch.full((1, 2, 3), v) for v in (-1.0, 0.0, 1.0)])  # black, grey, white; 2 x 3 pixels
+    g = np.array(Image.open(save_grid(imgs, tmp_path / "g.png", nrow=2, scale=2)))
+    assert g.shape == (2 * (2 * 3 + 1), 2 * (2 * 4 + 1))  # 2 rows x 2 columns of 2x3 images, 1-pixel gaps, x2
+    assert (g[2:6, 2:8] == 0).all() and (g[2:6, 10:16] == 128).all() and (g[8:12, 2:8] == 255).all()
+    assert (g[:2] == 255).all() and (g[:, 8:10] == 255).all() and (g[8:12, 10:16] == 255).all()  # gaps, empty cell
+    one = np.array(Image.open(save_grid(imgs[:1], tmp_path / "one.png", nrow=8, scale=1)))
+    assert one.shape == (4, 5) and (one[1:3, 1:4] == 0).all() and one[0].min() == 255  # a lone image keeps its border

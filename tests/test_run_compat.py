@@ -18,7 +18,22 @@ from tmpq.jobs.search import run_fingerprint, run_search
 from tmpq.supernet import QuantSupernet, SupernetConfig, model_fingerprint
 
 FIXTURE = REPO / "tests" / "data" / "run-3f4b168"
-COMPARED = ("fid_proxy", "fid_small", "kid_small", "bitops", "size_mb")
+EXACT = ("bitops", "size_mb")  # analytic: the same on every machine
+SAMPLED = ("fid_proxy", "fid_small", "kid_small")  # sampled through float kernels that differ between CPUs
+
+
+def _fixture_cpu() -> bool:
+    """True on the CPU kind the fixture's second generation was logged on (AMD EPYC, AVX-512 VNNI, no AMX): only
+    there are the sampled objectives bit for bit. Elsewhere oneDNN picks other float kernels, and at 4-6 bits a
+    rounding difference can move a value across a quantization step: on an Intel Xeon with AMX (the same code,
+    commit 4cf403c) the six resumed rows differed from the log by 1e-7 to 3.7e-3 relative in the FID and up to
+    9.8e-3 in the KID of N = 4 images. There the sampled objectives are compared to 2e-2 relative, while the
+    candidates (keys, timesteps, bits, so the search's choices) and the analytic objectives stay exact."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "AuthenticAMD" in info and "avx512_vnni" in info and " amx" not in info
 
 
 @pytest.fixture
@@ -68,7 +83,13 @@ def test_a_run_made_before_the_move_resumes_as_the_old_code_continued_it(old_run
     assert len(new_rows) == 12
 
     def same(rows):
-        return [(r["key"], r["generation"], r["timesteps"], r["bits"], {k: r["objectives"][k] for k in COMPARED})
+        return [(r["key"], r["generation"], r["timesteps"], r["bits"], {k: r["objectives"][k] for k in EXACT})
                 for r in rows]
 
-    assert same(new_rows) == same(old_rows)  # bit for bit: the same candidates and objectives
+    assert same(new_rows) == same(old_rows)  # the same candidates, bit for bit
+    for new, old in zip(new_rows, old_rows):
+        for k in SAMPLED:
+            if _fixture_cpu():
+                assert new["objectives"][k] == old["objectives"][k], (new["key"], k)
+            else:
+                assert new["objectives"][k] == pytest.approx(old["objectives"][k], rel=2e-2), (new["key"], k)

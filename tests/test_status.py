@@ -11,7 +11,8 @@ from tmpq.jobs.search import run_search
 
 
 def _digests(path):
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*"))
+            if p.is_file()}
 
 
 def test_status_reports_generations_failures_and_best_points_read_only(tiny_model_dir, tmp_path, capsys):
@@ -30,3 +31,44 @@ def test_status_reports_generations_failures_and_best_points_read_only(tiny_mode
     assert _digests(run.path) == before
     code, _, err = run_cli(["status", tmp_path / "nope"], capsys)
     assert code == 2 and err.strip().startswith("tmpq: error:")
+
+
+def test_status_covers_every_stage_and_answers_without_torch(tiny_model_dir, tmp_path, capsys):
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import tiny_unet
+    from tmpq.supernet import QuantSupernet
+
+    run = run_search(tiny_cfg(tiny_model_dir, generations=1), tmp_path / "run", progress=False).path
+    before = _digests(run)
+    code, out, _ = run_cli(["status", run], capsys)
+    assert code == 0 and "calibration: calibrated (supernet.safetensors)" in out
+    assert "validation: none yet" in out and "exports: none yet" in out and "generation 1/1 logged" in out
+    # the CLI answers from the run files alone: neither torch nor diffusers is imported (seconds saved)
+    probe = ("import sys; from tmpq.cli import main; code = main(['status', sys.argv[1], '--json']); "
+             "assert code == 0, code; heavy = {'torch', 'diffusers'} & set(sys.modules); "
+             "assert not heavy, heavy")
+    r = subprocess.run([sys.executable, "-c", probe, str(run)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["calibration"] == {"state": "calibrated", "file": "supernet.safetensors"}
+    assert _digests(run) == before
+
+    # a calibration stopped after its first activation-bit option: the checkpoint calibration writes
+    stopped = tmp_path / "stopped"
+    shutil.copytree(run, stopped)
+    (stopped / "supernet.safetensors").unlink()
+    net = QuantSupernet.from_file(tiny_unet(), run / "supernet.safetensors")
+    net.save(stopped / "supernet.partial.safetensors",
+             progress={"mode": "per-option", "done_a_bits": [8], "complete": False})
+    st = run_status(stopped)
+    assert st["calibration"] == {"state": "calibrating", "file": "supernet.partial.safetensors", "a_bits": [8, 6],
+                                 "a_bits_done": [8], "groups_done": 0}
+    code, out, _ = run_cli(["status", stopped], capsys)
+    assert code == 0 and "calibrating (1/2 activation-bit options done" in out
+    (stopped / "supernet.partial.safetensors").unlink()
+    assert run_status(stopped)["calibration"]["state"] == "not started"
+    (stopped / "supernet.safetensors").write_bytes(b"\x08\x00")  # truncated
+    code, _, err = run_cli(["status", stopped], capsys)
+    assert code == 2 and "supernet.safetensors" in err and len(err.strip().splitlines()) == 1

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from tmpq.core.errors import TmpqError
@@ -200,12 +201,29 @@ def _parser_calibrate(sub) -> None:
     ca.add_argument("--out", default="results/supernet/supernet.safetensors", help="output file (default: %(default)s)")
 
 
+def _add_run_config(q: argparse.ArgumentParser, default_help: str, default: str | None = None) -> None:
+    """The run config of ``search`` and ``run``: a preset or TOML file, then the model and any key overridden (in
+    this order: --model, --guidance, --null-label, then each --set)."""
+    q.add_argument("--config", default=default, metavar="PRESET|FILE",
+                   help="a packaged preset (default, demo, tiny, dit, final, solvers, solvers-dp; the files of "
+                        f"configs/) or a TOML file ({default_help})")
+    q.add_argument("--model", default=None, help="local diffusers model directory, embedded or embedded-dit "
+                   "(sets model.path)")
+    q.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (sets "
+                   "model.guidance_scale)")
+    q.add_argument("--null-label", type=int, default=None, help="class-conditional models: the unconditional label "
+                   "(sets model.null_label)")
+    q.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
+                   help="set any config key, the value read as TOML (a bare word is a string), e.g. --set "
+                        "search.population=8 --set supernet.w_bits=[8,6] (repeatable)")
+
+
 def _parser_search(sub) -> None:
     se = sub.add_parser("search", help="joint timestep x bit-width search (writes a run directory)",
                         description="Calibrate the supernet once, then search schedules and per-layer bits with an "
                                     "evolutionary engine; every evaluation is logged as it finishes and the run "
                                     "resumes from its log.")
-    se.add_argument("--config", default=None, help="TOML config (default: built-in defaults; see configs/)")
+    _add_run_config(se, "default: the built-in defaults, the default preset")
     se.add_argument("--engine", default=None, choices=ENGINES,
                     help="override search.engine")
     se.add_argument("--executor", default=None, choices=("local", "ray"), help="override executor.kind")
@@ -247,15 +265,16 @@ def _parser_run(sub) -> None:
                         description="Run the whole pipeline on a config: calibrate the supernet, search, validate "
                                     "the best points under the export budget with large-N FID, export the best "
                                     "validated point and write the HTML report. Rerun the same command to resume.")
-    rn.add_argument("--config", default="configs/demo.toml", help="TOML config (default: %(default)s)")
+    _add_run_config(rn, "default: demo", default="demo")
     rn.add_argument("--run-dir", default="results/runs/demo", help="run directory (default: %(default)s)")
-    rn.add_argument("--top-k", type=int, default=3, help="points to validate (default: %(default)s)")
-    rn.add_argument("--validate-n", type=int, default=2000, help="FID images per seed in validation "
-                    "(default: %(default)s)")
-    rn.add_argument("--seeds", default="1,2", help="validation noise-bank seeds (default: %(default)s)")
-    rn.add_argument("--budget", default="w6a6", help="export budget: BitOPs <= this uniform option at the "
+    rn.add_argument("--top-k", type=int, default=None, help="points to validate (default: MainJobConfig.top_k)")
+    rn.add_argument("--validate-n", type=int, default=None, help="FID images per seed in validation "
+                    "(default: MainJobConfig.validate_n)")
+    rn.add_argument("--seeds", default=None, help="validation noise-bank seeds, comma-separated (default: "
+                    "MainJobConfig.seeds)")
+    rn.add_argument("--budget", default=None, help="export budget: BitOPs <= this uniform option at the "
                     "config's search.steps (w6a6), a share of the FP model ('1%% fp100': 1 %% of its BitOPs at 100 "
-                    "steps), a number, or none (default: %(default)s)")
+                    "steps), a number, or none (default: the config's search.bitops_budget)")
     _add_threads(rn)
 
 
@@ -352,14 +371,31 @@ def _library_errors() -> tuple[type[Exception], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit:  # --help or a usage error: its text flushed here, where a closed pipe can end quietly
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            return _quiet_closed_pipe()
+        raise
+    except BrokenPipeError:
+        return _quiet_closed_pipe()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        from tmpq.commands import (
-            COMMANDS,  # after parsing: --help and usage errors need no torch
-        )
+        if args.command == "status":  # read-only and torch-free: answers in about a second
+            from tmpq.jobs.runinfo import print_status
 
-        COMMANDS[args.command](args)
+            print_status(args.run, args.json)
+        else:
+            from tmpq.commands import (
+                COMMANDS,  # after parsing: --help and usage errors need no torch
+            )
+
+            COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe surfaces here, not in the interpreter's flush at exit
+    except BrokenPipeError:
+        return _quiet_closed_pipe()
     except (TmpqError, OSError, *_library_errors()) as exc:
         text = str(exc)
         if isinstance(exc, OSError) and exc.filename is not None:  # a file the command could not read or write
@@ -370,6 +406,20 @@ def main(argv: list[str] | None = None) -> int:
         print("tmpq: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _quiet_closed_pipe() -> int:
+    """Output into a closed pipe (``tmpq status RUN | head -1``) ends quietly, as Unix tools do: no message, exit
+    status 141 (128 + SIGPIPE). Standard output is pointed at /dev/null so that the interpreter's final flush cannot
+    report the broken pipe again."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (captured in tests)
+        return 141
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
+    return 141
 
 
 if __name__ == "__main__":

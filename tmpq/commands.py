@@ -19,6 +19,7 @@ from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import malformed, read_json
 from tmpq.core.grid import save_grid
 from tmpq.core.model import ModelConfig, load_model
+from tmpq.core.runlock import lock_inside
 from tmpq.core.sampler import make_scheduler, sample_images
 from tmpq.core.schedules import make_timesteps, validate_timesteps
 from tmpq.core.solvers import sched_order
@@ -32,11 +33,12 @@ from tmpq.evaluators.quality import (
     evaluate_schedule,
     load_reference,
 )
-from tmpq.jobs.config import config_from_dict, load_config
+from tmpq.jobs.config import config_from_dict, config_with, parse_override, resolve_config
 from tmpq.jobs.export import export_candidate
 from tmpq.jobs.main import MainJobConfig, main_job
 from tmpq.jobs.report import write_report
-from tmpq.jobs.run import load_run, run_status
+from tmpq.jobs.run import load_run
+from tmpq.jobs.runinfo import print_status
 from tmpq.jobs.search import run_search
 from tmpq.jobs.train import DenoiserTrainConfig, train_denoiser
 from tmpq.jobs.validate import ValidateConfig, validate_run
@@ -78,8 +80,8 @@ def _schedules(args: argparse.Namespace, m) -> list[tuple[str, tuple[int, ...]]]
 
 
 def _set_threads(n: int) -> None:
-    if n < 1:
-        raise TmpqError(f"threads: must be >= 1, got {n}")
+    if not 1 <= n <= 1024:  # torch crashes on absurd counts
+        raise TmpqError(f"threads: must be in [1, 1024], got {n}")
     torch.set_num_threads(n)
     tune_cpu_allocator()
 
@@ -249,13 +251,14 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     cal = CalibrationConfig(**_given(args, {"mode": "mode", "strategy": "strategy", "calib_steps": "steps",
                                             "calib_per_step": "per_step", "sampler_steps": "sampler_steps",
                                             "recon_iters": "recon_iters", "batch_size": "batch_size", "seed": "seed"}))
-    info = calibrate_to_file(net, make_scheduler(m.scheduler_config), out, cal, guidance_scale=m.guidance_scale)
-    wall = time.perf_counter() - t0
-    side = {"command": _command_line(), "model": dataclasses.asdict(model_cfg),
-            "config": json.loads(cfg.to_json()), "calibration": dataclasses.asdict(cal),
-            "mode": cal.mode, "strategy": cal.strategy, "calib_pairs": info["calib_pairs"], "wall_s": round(wall, 1),
-            "reconstruction": info["reconstruction"]}
-    out.with_name(out.name + ".json").write_text(json.dumps(side, indent=2) + "\n")
+    with lock_inside(out, "calibrate"):  # --out inside a run directory: written by the run's one writer
+        info = calibrate_to_file(net, make_scheduler(m.scheduler_config), out, cal, guidance_scale=m.guidance_scale)
+        wall = time.perf_counter() - t0
+        side = {"command": _command_line(), "model": dataclasses.asdict(model_cfg),
+                "config": json.loads(cfg.to_json()), "calibration": dataclasses.asdict(cal), "mode": cal.mode,
+                "strategy": cal.strategy, "calib_pairs": info["calib_pairs"], "wall_s": round(wall, 1),
+                "reconstruction": info["reconstruction"]}
+        out.with_name(out.name + ".json").write_text(json.dumps(side, indent=2) + "\n")
     print(f"wrote {out} ({len(net.layers)} layers x {len(cfg.w_bits)} W / {len(cfg.a_bits)} A options, "
           f"{info['calib_pairs']} calibration pairs, {wall:.0f} s)")
 
@@ -271,28 +274,28 @@ def cmd_search(args: argparse.Namespace) -> None:
         with malformed(cfg_file, "run config"):
             cfg = config_from_dict(data)
         if args.config:
-            cfg = load_config(args.config)
+            cfg = resolve_config(args.config)
     else:
-        cfg = load_config(args.config)
-    overrides = {}
-    if args.engine:
-        overrides["search"] = dataclasses.replace(cfg.search, engine=args.engine)
-    executor = {}
+        cfg = resolve_config(args.config)
+    over = _given(args, {"engine": "search.engine", "device": "executor.device", "workers": "executor.workers",
+                         "gpus_per_worker": "executor.gpus_per_worker"})
     if args.executor or args.ray_address:
-        executor.update(kind=args.executor or "ray", address=args.ray_address or cfg.executor.address)
-    if args.device:
-        executor["device"] = args.device
-    if args.workers is not None:
-        executor["workers"] = args.workers
-    if args.gpus_per_worker is not None:
-        executor["gpus_per_worker"] = args.gpus_per_worker
-    if executor:
-        overrides["executor"] = dataclasses.replace(cfg.executor, **executor)
-    cfg = config_from_dict({**cfg.to_dict(), **{k: dataclasses.asdict(v) for k, v in overrides.items()}})
+        over.update({"executor.kind": args.executor or "ray",
+                     "executor.address": args.ray_address or cfg.executor.address})
+    cfg = _run_config(args, cfg, over)
     _set_threads(args.threads)
     run_path = Path(args.resume) if args.resume else Path(args.run_dir)
     run = run_search(cfg, run_path, resume=bool(args.resume))
     print(f"run directory: {run.path} (evaluations.parquet, pareto.parquet, pareto.csv)")
+
+
+def _run_config(args: argparse.Namespace, cfg, over: dict | None = None):
+    """``cfg`` with the run-config flags of ``search`` / ``run`` applied: ``over`` (a command's own flags), then
+    --model, --guidance, --null-label, then every --set in order (so a --set has the last word)."""
+    over = {**(over or {}), **_given(args, {"model": "model.path", "guidance": "model.guidance_scale",
+                                            "null_label": "model.null_label"})}
+    over.update(parse_override(text) for text in args.set or ())
+    return config_with(cfg, over) if over else cfg
 
 
 def cmd_validate(args: argparse.Namespace) -> None:
@@ -303,7 +306,8 @@ def cmd_validate(args: argparse.Namespace) -> None:
                          keys=tuple(args.candidate or ()))
     df = validate_run(args.run, cfg, progress=True)
 
-    print(df[["key", "fid_mean", "fid_std", "seeds", "fid_proxy", "bitops"]].to_string(index=False))
+    cols = ["key", "fid_mean", "fid_std", "class_accuracy_mean", "seeds", "fid_proxy", "bitops"]
+    print(df[[c for c in cols if c in df]].to_string(index=False))  # class accuracy: digit class models
 
     summary = read_json(Path(args.run) / "final.json", "validation summary")
     tau = summary.get("kendall_tau_proxy_vs_fid")
@@ -313,13 +317,13 @@ def cmd_validate(args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> None:
     _set_threads(args.threads)
-    cfg = load_config(args.config)
-    job = MainJobConfig(top_k=args.top_k, validate_n=args.validate_n,
-                        seeds=tuple(_parse_int_list(args.seeds, "seeds")), budget=args.budget)
+    cfg = _run_config(args, resolve_config(args.config))
+    job = MainJobConfig(**_given(args, {"top_k": "top_k", "validate_n": "validate_n", "budget": "budget"}),
+                        **({"seeds": tuple(_parse_int_list(args.seeds, "seeds"))} if args.seeds else {}))
     s = main_job(cfg, Path(args.run_dir), job)
     b = s["best"]
-    print(f"\ndone in {sum(s['timings'].values()):.0f} s: best point under {args.budget}: {b['key']} "
-          f"(FID {b['fid_mean']:.3f} at N = {args.validate_n}, {b['bitops'] / 1e9:.3g} GBitOPs, "
+    print(f"\ndone in {sum(s['timings'].values()):.0f} s: best point under {s['budget']}: {b['key']} "
+          f"(FID {b['fid_mean']:.3f} at N = {job.validate_n}, {b['bitops'] / 1e9:.3g} GBitOPs, "
           f"timesteps {list(b['timesteps'])})")
     print(f"report: {s['report']}")
     print(f"export: {s['export']}  (tmpq sample {s['export']}; tmpq.apply_export(pipeline, \"{s['export']}\"))")
@@ -416,19 +420,7 @@ def cmd_pareto(args: argparse.Namespace) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> None:
-    st = run_status(load_run(args.run))
-    if args.json:
-        print(json.dumps(st, indent=2))
-        return
-    age = "" if st["last_write_s_ago"] is None else f", log written {st['last_write_s_ago']:.0f} s ago"
-    print(f"{st['run']}: {st['engine']}, generation {st['generations_logged']}/{st['generations']} logged, "
-          f"{st['evaluations']} evaluations ({st['failed']} failed), front {st['front_size']}; {st['state']}{age}")
-    for g in st["per_generation"]:
-        print(f"  generation {g['generation'] + 1}: {g['evaluations']} evaluations ({g['failed']} failed), "
-              f"{g['eval_s']:.0f} evaluation-s, best proxy so far {g['best_proxy']:.4g}")
-    if st["best"]:
-        print("best points (lowest proxy on the front):")
-        print(pd.DataFrame(st["best"]).to_string(index=False))
+    print_status(args.run, args.json)  # tmpq.cli answers status without this module (no torch): see print_status
 
 
 def _command_line() -> str:

@@ -7,6 +7,8 @@ import io
 import json
 import logging
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -25,15 +27,45 @@ def _umask() -> int:
 _UMASK = _umask()
 
 
+def os_errno(exc: BaseException) -> int | None:
+    """The OS error number behind ``exc``: an ``OSError``'s own, or the ``(os error N)`` that safetensors' and other
+    Rust writers put in their messages; None for anything else."""
+    if isinstance(exc, OSError):
+        return exc.errno
+    m = re.search(r"\(os error (\d+)\)", str(exc))
+    return int(m.group(1)) if m else None
+
+
+def write_failure(exc: BaseException, path: Path, what: str = "") -> TmpqError | None:
+    """The one-line error for a failed write of ``path`` (``what``: e.g. "export"), naming ``path`` itself and the
+    reason ("no space left on device", "read-only file system", ...), never a hidden temporary file; None when
+    ``exc`` is not an OS-level failure."""
+    code = os_errno(exc)
+    if code is None and not isinstance(exc, OSError):
+        return None
+    if code:
+        reason = os.strerror(code)
+    else:
+        reason = getattr(exc, "strerror", None) or _reason(exc) or type(exc).__name__
+    reason = reason[:1].lower() + reason[1:]
+    return TmpqError(f"cannot write {what + ' ' if what else ''}{path}: {reason}")
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Call ``write(f)`` on a temporary binary file and move it over ``path``; a crash leaves the old file. The file
-    gets the permissions a plain ``open(path, "wb")`` would give it (mkstemp's are owner-only)."""
+    gets the permissions a plain ``open(path, "wb")`` would give it (mkstemp's are owner-only). A failing write
+    (full disk, read-only file system, no permission) is one ``TmpqError`` naming ``path``."""
     path = Path(path)
     try:
         mode = path.stat().st_mode & 0o777
     except FileNotFoundError:
         mode = 0o666 & ~_UMASK
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise write_failure(exc, path) from None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise write_failure(exc, path) from None
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), mode)
@@ -41,13 +73,65 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        failure = write_failure(exc, path) if isinstance(exc, Exception) else None
+        if failure is not None:
+            raise failure from None
         raise
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     atomic_write(path, lambda f: f.write(data))
+
+
+def _missing_parents(path: Path) -> list[Path]:
+    """The ancestors of ``path`` that do not exist yet, outermost first."""
+    missing = []
+    p = path.parent
+    while not p.exists() and not p.is_symlink() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    return missing[::-1]
+
+
+@contextmanager
+def atomic_directory(path: Path, what: str = "directory"):
+    """Build a directory in place of ``path`` atomically: yields an empty staging directory beside it (in
+    ``path.parent``, so the final rename never crosses file systems), renamed onto ``path`` (absent or an empty
+    directory) when the block ends. Missing parents are created first; directories get a plain ``mkdir``'s mode
+    (mkdtemp's is owner-only). On any failure the staging directory and the parents it created are removed, and an
+    OS-level failure (full disk, read-only file system, no permission: also safetensors' errors wrapping one) is one
+    ``TmpqError`` naming ``path`` and the reason."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise TmpqError(f"{path} is a dangling symbolic link (to {os.readlink(path)}); remove it or choose another "
+                        f"path")
+    created = _missing_parents(path)
+    tmp, staged = None, ""
+    try:
+        for d in created:
+            d.mkdir()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        staged = str(tmp)
+        os.chmod(tmp, 0o777 & ~_UMASK)
+        yield tmp
+        os.replace(tmp, path)  # replaces an empty directory atomically (POSIX rename)
+        tmp = None
+    except BaseException as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for d in reversed(created):
+            try:
+                d.rmdir()
+            except OSError:  # not empty any more: someone else's now
+                pass
+        if isinstance(exc, TmpqError) and staged and staged in str(exc):  # an inner writer named its staged file
+            raise TmpqError(str(exc).replace(staged, str(path))) from None
+        failure = write_failure(exc, path, what) if isinstance(exc, Exception) else None
+        if failure is not None:
+            raise failure from None
+        raise
 
 
 def file_sha256(path: Path) -> str:

@@ -1,29 +1,27 @@
-"""Image grids as PNG (no torchvision needed)."""
+"""Image grids as PNG: torchvision's ``make_grid`` (white 1-pixel gaps), upscaled nearest-neighbour."""
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
+from torchvision.utils import make_grid
 
 
 def save_grid(images: torch.Tensor, path: Path | str, nrow: int = 8, scale: int = 4, pad: int = 1) -> Path:
-    """Save images in [-1, 1] ([N, C, H, W], C = 1 or 3) as one PNG grid, upscaled ``scale`` times (nearest).
+    """Save images in [-1, 1] ([N, C, H, W], C = 1 or 3) as one PNG grid, upscaled ``scale`` times (nearest); a
+    1-channel batch gives a grayscale PNG.
 
     Example:
         >>> save_grid(torch.zeros(4, 1, 16, 16), "/tmp/g.png", nrow=2)  # doctest: +SKIP
     """
     from PIL import Image
 
-    x = ((images.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).cpu().numpy()
-    n, c, h, w = x.shape
-    nrow = max(1, min(nrow, n))
-    rows = (n + nrow - 1) // nrow
-    grid = np.full((c, rows * (h + pad) + pad, nrow * (w + pad) + pad), 255, dtype=np.uint8)
-    for i in range(n):
-        r, q = divmod(i, nrow)
-        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = x[i]
-    grid = grid.repeat(scale, axis=1).repeat(scale, axis=2)
+    x = ((images.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).cpu()
+    c = x.shape[1]
+    grid = make_grid(x, nrow=max(1, min(nrow, len(x))), padding=pad, pad_value=255)  # uint8 [3, H, W]
+    if len(x) == 1:  # make_grid returns a lone image as it is: give it the same border as a grid's
+        grid = torch.nn.functional.pad(grid, (pad, pad, pad, pad), value=255)
+    grid = grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2).numpy()
     img = Image.fromarray(grid[0] if c == 1 else grid.transpose(1, 2, 0), mode="L" if c == 1 else "RGB")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

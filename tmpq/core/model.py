@@ -10,6 +10,8 @@ The denoiser's class comes from its ``config.json`` (``_class_name``) and must h
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib.resources
 import json
 import os
@@ -220,7 +222,18 @@ def _from_pretrained(cls: type, folder: Path, what: str = "model", weights: tupl
         model = cls.from_pretrained(str(folder), use_safetensors=True, local_files_only=True, **load_kw)
     except Exception as exc:
         raise TmpqError(f"cannot load {cls.__name__} from {folder}: {str(exc).splitlines()[0]}") from None
+    check_finite(model, folder)
     return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def check_finite(model: torch.nn.Module, where: Path | str) -> None:
+    """Refuse a model with a NaN or infinite weight (a damaged or diverged checkpoint): every later step would fail
+    far from the cause (calibration ranges, every evaluation). One line naming the first such parameter."""
+    for name, t in model.named_parameters():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            kind = "NaN" if bool(torch.isnan(t).any()) else "infinite"
+            raise TmpqError(f"{where}: parameter {name} has {kind} values; the model is damaged")
 
 
 def _dtype_kw(dtype: torch.dtype, key: str = "torch_dtype") -> dict:
@@ -309,6 +322,23 @@ def denoiser_class(config_file: Path) -> type:
     raise TmpqError(f"{config_file}: no denoiser adapter for {name}; register one with tmpq.register_adapter")
 
 
+# live models (tmpq.core.handle.DiffusionModel) that load_model serves for their ``model.path`` inside ``serving``
+_SERVED: contextvars.ContextVar[dict] = contextvars.ContextVar("tmpq_served_models", default={})
+LIVE_PREFIX = "live:"  # model.path of a live model that came from no directory
+
+
+@contextlib.contextmanager
+def serving(path: str, factory):
+    """Inside this block (this thread), :func:`load_model` of a config whose ``path`` is ``path`` returns
+    ``factory(cfg, device)`` (a fresh ``LoadedModel`` of a model held in memory) instead of reading a directory: the
+    jobs then run on a live pipeline's model through their ordinary code paths, without a disk round trip."""
+    token = _SERVED.set({**_SERVED.get(), path: factory})
+    try:
+        yield
+    finally:
+        _SERVED.reset(token)
+
+
 def load_model(path: str | os.PathLike | ModelConfig | None = None, device: str = "cpu") -> LoadedModel:
     """Load a denoiser and its noise schedule from a local directory (``None`` / ``"embedded"``: the embedded MNIST
     UNet; ``"embedded-dit"``: the embedded class-conditional DiT), or as a ``ModelConfig`` says (its null label set
@@ -320,6 +350,12 @@ def load_model(path: str | os.PathLike | ModelConfig | None = None, device: str 
         (1, 16, 16)
     """
     cfg = path if isinstance(path, ModelConfig) else ModelConfig(path="embedded" if path in (None, "") else str(path))
+    live = _SERVED.get().get(cfg.path)
+    if live is not None:
+        return live(cfg, device)
+    if cfg.path.startswith(LIVE_PREFIX):
+        raise TmpqError(f"model.path: {cfg.path} is a model that lived in the Python session of its search (no "
+                        f"directory); pass it again, e.g. tmpq.export(run, model=pipe)")
     dtype = cfg.torch_dtype
     root, unet_dir, sched_cfg = resolve_model_dir(cfg.path)
     unet = _from_pretrained(denoiser_class(unet_dir / "config.json"), unet_dir, low_cpu_mem_usage=False,
@@ -362,7 +398,7 @@ def save_pipeline_dir(unet: torch.nn.Module, scheduler_config: dict, out: Path, 
         tokenizer.save_pretrained(str(out / "tokenizer"))
         index.update(text_encoder=["transformers", type(encoder).__name__],
                      tokenizer=["transformers", type(tokenizer).__name__])
-    if name == "UNet2DModel" and vae is None:
+    if name == "UNet2DModel" and vae is None and not unet.config.num_class_embeds:
         pipeline = "DDPMPipeline"
     elif name == "UNet2DConditionModel" and vae is not None and text is not None:
         pipeline = "StableDiffusionPipeline"
@@ -370,8 +406,8 @@ def save_pipeline_dir(unet: torch.nn.Module, scheduler_config: dict, out: Path, 
                      requires_safety_checker=False)
     elif name == "DiTTransformer2DModel" and vae is not None:
         pipeline = "DiTPipeline"
-    else:
-        pipeline = "tmpq.Pipeline"
+    else:  # tmpq.deploy.pipelines.TmpqPipeline (registered with diffusers): no stock pipeline samples it
+        pipeline = "TmpqPipeline"
     index = {"_class_name": pipeline, **index}
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     if manifest is not None:

@@ -25,7 +25,9 @@ from tmpq.core.model import ModelConfig, encode_prompts, load_model
 from tmpq.core.reuse import DeepCache, reuse_plan
 from tmpq.core.sampler import make_scheduler
 from tmpq.core.solvers import CLASSES, check_solver, needs_scaling
+from tmpq.deploy.plan import LayerOption, QuantPlan
 from tmpq.supernet import QuantSupernet
+from tmpq.supernet.store import read_supernet_file
 
 EXPORT_FORMAT = "tmpq.export"
 EXPORT_VERSION = 1
@@ -120,14 +122,16 @@ def apply_export(pipeline_or_unet, export_dir: str | Path):
 
     export_dir = Path(export_dir)
     manifest = read_export(export_dir)
-    unet = next((getattr(pipeline_or_unet, a) for a in ("unet", "transformer") if hasattr(pipeline_or_unet, a)),
-                pipeline_or_unet)
+    with malformed(export_dir / EXPORT_JSON, "export manifest"):
+        plan = QuantPlan.from_export(manifest)
+    unet = next((getattr(pipeline_or_unet, a) for a in ("unet", "transformer")
+                 if getattr(pipeline_or_unet, a, None) is not None), pipeline_or_unet)
     if not isinstance(unet, torch.nn.Module):
         raise TmpqError(f"apply_export: expected a diffusers denoiser or a pipeline with .unet / .transformer, got "
                         f"{type(pipeline_or_unet).__name__}")
-    null = manifest.get("conditioning", {}).get("null_label")
-    if null is not None:
-        set_conditioning(unet, null_label=int(null))
+    check_finite(export_dir / QUANT_FILE)
+    if plan.null_label is not None:
+        set_conditioning(unet, null_label=plan.null_label)
     encoder, tokenizer = (getattr(pipeline_or_unet, a, None) for a in ("text_encoder", "tokenizer"))
     separate = net_config_of(manifest).get("guidance_ranges") == "separate"
     if encoder is not None and tokenizer is not None and separate:
@@ -138,40 +142,92 @@ def apply_export(pipeline_or_unet, export_dir: str | Path):
         unet.to(memory_format=torch.channels_last)
     net = QuantSupernet.from_file(unet, export_dir / QUANT_FILE)
     net.set_bits([])
+    _check_bits(plan, net, export_dir)
     # keep the wrapper reachable without registering it as a submodule: it holds ``unet`` itself, and a module
     # cycle sends .eval() / .to() / state_dict() of the user's model (or pipeline) into infinite recursion
     object.__setattr__(unet, "tmpq_supernet", net)
+    if manifest.get("conditioning", {}).get("kind") == "class" and not _passes_labels(pipeline_or_unet, unet):
+        _refuse_unlabelled_calls(unet, export_dir)
 
     def refuse_save(*_args, **_kwargs):
         raise TmpqError(f"save_pretrained: a model quantized by tmpq.apply_export does not reload in diffusers (a "
                         f"stock UNet2DModel would start from random weights); its saved form is the export "
-                        f"{export_dir}: DDPMPipeline.from_pretrained(DIR), then tmpq.apply_export(pipe, DIR)")
+                        f"{export_dir}: TmpqPipeline.from_pretrained(DIR) (tmpq.deploy.pipelines), or the stock "
+                        f"pipeline's from_pretrained(DIR), then tmpq.apply_export(pipe, DIR)")
 
     # diffusers would write the wrapped layers' keys, which a stock model ignores (with a warning) on reload
     object.__setattr__(unet, "save_pretrained", refuse_save)
-    reuse = manifest["sampler"].get("reuse")
-    if reuse and reuse["calls"]:
+    ts = list(plan.sampler.timesteps)
+    if plan.reuse is not None and plan.reuse.calls:
         # the exported reuse of deep features, driven by the denoiser's own calls (a stock pipeline's loop has no
         # step hook): a call at the schedule's first timestep starts a trajectory
-        ts = manifest["sampler"]["timesteps"]
-        dc = DeepCache(unet, reuse_plan(reuse["calls"], manifest["sampler"].get("denoiser_calls", len(ts))),
-                       reuse["branch"], timesteps=ts)
+        dc = DeepCache(unet, reuse_plan(list(plan.reuse.calls), plan.sampler.denoiser_calls or len(ts)),
+                       plan.reuse.branch, timesteps=ts)
         dc.__enter__()
         object.__setattr__(unet, "tmpq_reuse", dc)
     if unet is not pipeline_or_unet:
         object.__setattr__(pipeline_or_unet, "save_pretrained", refuse_save)
-        sampler = manifest["sampler"]
-        solver = sampler.get("solver", "ddim")
+        solver = plan.sampler.solver
         if needs_scaling(solver) and not _scales_inputs(pipeline_or_unet):
             raise TmpqError(f"apply_export: the export samples with {solver} (sigma space), but "
                             f"{type(pipeline_or_unet).__name__} neither scales its initial noise nor its model inputs "
                             f"(init_noise_sigma, scale_model_input); use a pipeline that does (Stable Diffusion's), "
                             f"tmpq sample {export_dir}, or a search with solvers ddim / dpm++ / unipc")
-        sched = CLASSES[solver].from_config(sampler["config"])
-        sched.pin_timesteps(sampler["timesteps"], default_steps=_default_steps(pipeline_or_unet))
+        sched = CLASSES[solver].from_config(manifest["sampler"]["config"])
+        sched.pin_timesteps(ts, default_steps=_default_steps(pipeline_or_unet))
         pipeline_or_unet.scheduler = sched
-        pipeline_or_unet.tmpq_timesteps = list(sampler["timesteps"])
+        pipeline_or_unet.tmpq_timesteps = ts
+        pipeline_or_unet.tmpq_plan = plan
     return pipeline_or_unet
+
+
+def check_finite(quant_file: Path) -> None:
+    """Refuse a quantizer file holding a NaN or infinite value (a broken calibration would sample garbage, or NaN
+    images, without an error): one line naming the file and the first such tensor."""
+    _, state = read_supernet_file(quant_file)
+    for name, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise TmpqError(f"{quant_file}: tensor {name} holds {bad} non-finite value(s) (NaN / inf): the export's "
+                            f"quantizers are broken; export the candidate again from its run")
+
+
+def _check_bits(plan: QuantPlan, net: QuantSupernet, export_dir: Path) -> None:
+    """The loaded quantizers carry the manifest's bits, layer for layer (else one line naming the first layer)."""
+    for fqn, layer in net.layers.items():
+        opt, live = plan.layers.get(fqn), LayerOption.of(layer)
+        if opt is None or (opt.w_bits, opt.a_bits) != (live.w_bits, live.a_bits):
+            want = "absent" if opt is None else f"W{opt.w_bits}A{opt.a_bits}"
+            raise TmpqError(f"export {export_dir}: layer {fqn} is W{live.w_bits}A{live.a_bits} in {QUANT_FILE} but "
+                            f"{want} in {EXPORT_JSON}")
+
+
+def _passes_labels(pipeline_or_unet, unet) -> bool:
+    """Whether whoever calls this class model passes its labels: tmpq's sampler, or a pipeline whose call takes
+    ``class_labels`` (a bare denoiser: its caller)."""
+    if pipeline_or_unet is unet:
+        return True
+    import inspect
+
+    try:
+        params = inspect.signature(type(pipeline_or_unet).__call__).parameters
+    except (TypeError, ValueError):
+        return True
+    return "class_labels" in params
+
+
+def _refuse_unlabelled_calls(unet, export_dir: Path) -> None:
+    """A stock pipeline that calls a class-conditional UNet without labels (``DDPMPipeline``) gets one line saying
+    how to sample the export instead of diffusers' error deep in the model."""
+
+    def hook(_mod, args, kwargs):
+        if kwargs.get("class_labels") is None and len(args) < 3:
+            raise TmpqError(f"{type(unet).__name__} of the export {export_dir} is class-conditional, but this "
+                            f"pipeline calls it without class labels: load it with "
+                            f"tmpq.deploy.pipelines.TmpqPipeline.from_pretrained(DIR) and call pipe(class_labels=...)")
+        return None
+
+    unet.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def net_config_of(manifest: dict) -> dict:
@@ -185,6 +241,8 @@ def _scales_inputs(pipeline) -> bool:
     where the source cannot be read)."""
     import inspect
 
+    if getattr(type(pipeline), "tmpq_scales_inputs", False):  # tmpq's own pipeline samples as tmpq does
+        return True
     try:
         src = inspect.getsource(type(pipeline).__call__)
     except (OSError, TypeError):
@@ -211,6 +269,6 @@ def load_export(export_dir: str | Path, device: str = "cpu", prompts=None):
     prompts = tuple(prompts or manifest.get("conditioning", {}).get("prompts") or ())
     m = load_model(ModelConfig(path=str(export_dir), prompts=prompts), device=device)
     apply_export(m.unet, export_dir)
-    sampler = manifest["sampler"]
-    sched = make_scheduler(m.scheduler_config, sampler.get("solver", "ddim"), sampler.get("order"))
-    return m.unet, sched, list(sampler["timesteps"]), manifest
+    with malformed(Path(export_dir) / EXPORT_JSON, "export manifest"):
+        s = QuantPlan.from_export(manifest).sampler
+    return m.unet, make_scheduler(m.scheduler_config, s.solver, s.order), list(s.timesteps), manifest

@@ -44,6 +44,7 @@ from tmpq.core.rowlog import cpu_info
 from tmpq.core.sampler import make_scheduler, sample_images
 from tmpq.core.schedules import make_timesteps
 from tmpq.deploy.bundle import load_export
+from tmpq.deploy.plan import FP_BITS, LayerOption, QuantPlan
 from tmpq.evaluators.features import make_extractor
 from tmpq.evaluators.quality import embedded_reference, score_features
 from tmpq.quant.layers import QuantConv2d, QuantLayer, QuantLinear, replace_module
@@ -101,26 +102,15 @@ def _lacks() -> str:
     return ""
 
 
-def _why_not_int8(layer: QuantLayer) -> str | None:
-    if not onednn_available():
-        return "no oneDNN int8 kernels in this PyTorch build"
-    return why_not_w8a8(layer)
-
-
 def why_not_w8a8(layer: QuantLayer) -> str | None:
-    """Why the layer's exported option is not an int8 weight grid times per-channel scales on 8-bit per-tensor
-    activations (None: it is), whatever the kernels (also used by :mod:`tmpq.deploy.torchao_int8`)."""
-    if layer.w_index is None:
-        return "full-precision weights"
-    q = layer.w_quant[layer.w_index]
-    if q.granularity == "multibasis":
-        return f"{q.bits}-bit multi-basis binarized weights (sums of scaled signs, not one integer grid)"
-    if q.bits > 8:
-        return f"{q.bits}-bit weights (int8 kernels hold <= 8)"
-    if not q.symmetric:
-        return "asymmetric weights (the int8 kernels take zero-point 0)"
-    if q.granularity == "group":
-        return "group-wise weight scales"
+    """Why the layer's live option is not an int8 weight grid times per-channel scales on 8-bit per-tensor
+    activations, or its geometry not one the kernels take (None: it runs W8A8), whatever the kernels (also used by
+    :mod:`tmpq.deploy.torchao_int8`)."""
+    return LayerOption.of(layer).why_not_w8a8() or why_not_geometry(layer)
+
+
+def why_not_geometry(layer: QuantLayer) -> str | None:
+    """What of a layer's module (not of its option) the int8 kernels do not take (None: nothing)."""
     if isinstance(layer, QuantConv2d):
         m = layer.module
         if m.padding_mode != "zeros":
@@ -129,14 +119,6 @@ def why_not_w8a8(layer: QuantLayer) -> str | None:
             return f"padding {m.padding!r}"
         if m.groups != 1:
             return f"grouped conv (groups = {m.groups})"
-    if layer.a_index is None:
-        return "full-precision activations"
-    acts = [layer.a_quant[layer.a_index]] + ([layer.a_quant_split[layer.a_index]] if layer.split is not None else [])
-    for a in acts:
-        if a.bits > 8:
-            return f"{a.bits}-bit activations (the kernels take 8-bit inputs)"
-        if a.granularity != "tensor":
-            return f"{a.granularity}-wise activation scales (the kernels take one per tensor)"
     return None
 
 
@@ -391,43 +373,77 @@ def _check_module(layer: QuantLayer, module: nn.Module, inputs: dict[int, list[t
     return worst
 
 
-def to_int8(unet: nn.Module, probe: Callable[[nn.Module], object], tol: float = CHECK_TOL,
-            per_group: int = 2) -> tuple[nn.Module, list[dict]]:
-    """Replace every quantized layer the int8 kernels run exactly by its int8 module (in place).
+def convert_checked(unet: nn.Module, plan: QuantPlan, make_kernel: Callable[[str, QuantLayer], nn.Module],
+                    probe: Callable[[nn.Module], object], *,
+                    why_not: Callable[[str, QuantLayer], str | None] | None = None,
+                    convert: Callable[[nn.Module, dict], None] | None = None, tol: float = CHECK_TOL,
+                    per_group: int = 2, what: str = "int8 kernel", lacks: Callable[[], str] | None = None,
+                    backend: str | None = None) -> tuple[nn.Module, list[dict]]:
+    """The one convert -> check -> fall back loop of every real-kernel backend (in place).
 
-    ``probe(unet)`` runs the (fake-quant) model on real inputs, e.g. a few images along the exported schedule; each
-    layer's int8 module is checked on the inputs it saw there (``check_layer``) and replaces the layer only when its
-    error is within ``tol`` (float rounding); otherwise the layer stays fake-quant, named with the measured error and
-    what the CPU lacks. Returns the model and one row per quantized layer: ``{"fqn", "kind", "w_bits", "a_bits",
-    "int8", "why", "parts", "check_err", "check_rel_mse"}``.
+    A quantized layer converts when ``plan`` runs it W8A8 (:meth:`QuantPlan.why_not_w8a8`) and the backend's
+    ``why_not(fqn, layer)`` has no objection: ``make_kernel(fqn, layer)`` builds its module, which replaces the
+    layer; ``convert(unet, {fqn: module})``, if given, then runs once over all of them (torchao's ``quantize_``).
+    ``probe(unet)`` has run the fake-quant model on real inputs first; each converted module is checked on the inputs
+    its layer saw there (:func:`check_layer`, every time group) and stays only when its error is within ``tol``
+    (float rounding); otherwise, or when the kernel fails on those inputs, the fake-quant layer goes back, named with
+    the measured error (and ``lacks()``: what the machine lacks). Returns the model and one row per quantized layer:
+    ``{"fqn", "kind", "w_bits", "a_bits", "int8", "why", "parts", "check_err", "check_rel_mse"[, "backend"]}``.
     """
     layers = {n: m for n, m in unet.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))}
-    why = {n: _why_not_int8(m) for n, m in layers.items()}
+    why = {n: plan.why_not_w8a8(n) or (why_not(n, m) if why_not is not None else None) for n, m in layers.items()}
     inputs = _capture_inputs(unet, {n: m for n, m in layers.items() if why[n] is None}, probe, per_group)
-    rows = []
+    rows, made = [], {}
     for name, layer in layers.items():
-        wq = layer.w_quant[layer.w_index] if layer.w_index is not None else None
-        aq = layer.a_quant[layer.a_index] if layer.a_index is not None else None
-        row = {"fqn": name, "kind": type(layer.module).__name__, "w_bits": wq.bits if wq else 32,
-               "a_bits": aq.bits if aq else 32, "int8": False, "why": why[name] or "", "parts": 0,
-               "check_err": None, "check_rel_mse": None}
+        opt = plan.layers.get(name)
+        row = {"fqn": name, "kind": type(layer.module).__name__, "w_bits": opt.w_bits if opt else FP_BITS,
+               "a_bits": opt.a_bits if opt else FP_BITS, "int8": False, "why": why[name] or "", "parts": 0,
+               "check_err": None, "check_rel_mse": None, **({"backend": backend} if backend else {})}
         rows.append(row)
         if why[name] is not None:
             continue
         if not inputs[name]:
-            row["why"] = "the probe run never called it, so its int8 kernel could not be checked"
+            row["why"] = f"the probe run never called it, so its {what} could not be checked"
             continue
-        module = _int8_module(layer)
-        c = _check_module(layer, module, inputs[name])
-        row.update(check_err=c["err"], check_rel_mse=c["rel_mse"],
-                   parts=max(m.parts for m in module.modules() if isinstance(m, _Int8Op)))
-        if c["err"] > tol:
-            row["why"] = (f"its int8 kernel disagrees with fake quantization (error {c['err']:.1e} of the exact "
-                          f"magnitude, tolerance {tol:.0e}; relative MSE {c['rel_mse']:.1e}){_lacks()}")
+        made[name] = make_kernel(name, layer)
+        replace_module(unet, name, made[name])
+    if made and convert is not None:
+        convert(unet, made)
+    for row in rows:
+        name = row["fqn"]
+        if name not in made:
             continue
-        row["int8"] = True
-        replace_module(unet, name, module)
+        module, layer = made[name], layers[name]
+        try:
+            c = _check_module(layer, module, inputs[name])
+        except Exception as e:  # noqa: BLE001 - a kernel that cannot run this layer is a named fallback
+            row["why"] = f"its {what} failed on it: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+        else:
+            row.update(check_err=c["err"], check_rel_mse=c["rel_mse"],
+                       parts=max(getattr(m, "parts", 1) for m in module.modules()))
+            if c["err"] <= tol:
+                row["int8"] = True
+                continue
+            row["why"] = (f"its {what} disagrees with fake quantization (error {c['err']:.1e} of the exact "
+                          f"magnitude, tolerance {tol:.0e}; relative MSE {c['rel_mse']:.1e})"
+                          f"{lacks() if lacks is not None else ''}")
+        replace_module(unet, name, layer)  # back to fake quantization
     return unet, rows
+
+
+def to_int8(unet: nn.Module, probe: Callable[[nn.Module], object], tol: float = CHECK_TOL,
+            per_group: int = 2, plan: QuantPlan | None = None) -> tuple[nn.Module, list[dict]]:
+    """Replace every quantized layer the oneDNN int8 kernels run exactly by its int8 module (in place), through
+    :func:`convert_checked`: ``plan`` (default: the model's live options, :meth:`QuantPlan.from_model`) says which
+    layers are W8A8; ``probe(unet)`` runs the (fake-quant) model on real inputs, e.g. a few images along the
+    exported schedule; a layer whose int8 module disagrees stays fake-quant, named with the measured error and what
+    the CPU lacks."""
+    plan = plan if plan is not None else QuantPlan.from_model(unet)
+    return convert_checked(unet, plan, lambda _name, layer: _int8_module(layer), probe,
+                           why_not=lambda _name, layer: (None if onednn_available() else
+                                                         "no oneDNN int8 kernels in this PyTorch build")
+                           or why_not_geometry(layer),
+                           tol=tol, per_group=per_group, what="int8 kernel", lacks=_lacks)
 
 
 def int8_summary(rows: list[dict]) -> dict:
@@ -517,7 +533,7 @@ def measure_speed(export_dir, n: int = 256, batch_size: int = 256, fid_n: int = 
     ``compile``: also each of the four with a ``torch.compile``'d forward (``compiled_timings``)."""
 
     fp = load_model(export_dir)  # the export holds the FP weights: the FP reference is the same model
-    unet, sched, ts, _ = load_export(export_dir)
+    unet, sched, ts, manifest = load_export(export_dir)
     T = fp.num_train_timesteps
     rows = {"fp_100_uniform_s": time_sampling(fp.unet, make_scheduler(fp.scheduler_config),
                                               make_timesteps("uniform", 100, T), n, batch_size),
@@ -525,7 +541,8 @@ def measure_speed(export_dir, n: int = 256, batch_size: int = 256, fid_n: int = 
             "fakequant_export_s": time_sampling(unet, sched, ts, n, batch_size)}
     fq_imgs = sample_images(unet, sched, ts, n, seed=0, batch_size=batch_size, progress=False)
     # the check's real inputs: a few images along the exported schedule, on noise the timed runs do not use
-    unet, layers = to_int8(unet, lambda u: sample_images(u, sched, ts, 4, seed=2, batch_size=4, progress=False))
+    unet, layers = to_int8(unet, lambda u: sample_images(u, sched, ts, 4, seed=2, batch_size=4, progress=False),
+                           plan=QuantPlan.from_export(manifest))
     rows["int8_export_s"] = time_sampling(unet, sched, ts, n, batch_size)
     i8_imgs = sample_images(unet, sched, ts, n, seed=0, batch_size=batch_size, progress=False)
     rows["int8_vs_fakequant_pixel_mse"] = float((i8_imgs - fq_imgs).pow(2).mean())

@@ -41,16 +41,13 @@ itself would be 1e-3 off; the timings use the default settings.
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from tmpq.core.devices import resolve_device
-from tmpq.core.errors import TmpqError
 from tmpq.core.model import load_model
 from tmpq.core.sampler import make_scheduler, sample_images
 from tmpq.core.schedules import make_timesteps
@@ -59,69 +56,28 @@ from tmpq.deploy.int8 import (
     CHECK_TOL,
     SplitInt8Conv2d,
     TimeGroupedInt8,
-    _capture_inputs,
-    _check_module,
     _int8_weight,
     compiled_timings,
+    convert_checked,
     int8_summary,
     time_sampling,
+    why_not_geometry,
     why_not_w8a8,
 )
+from tmpq.deploy.plan import QuantPlan, W8A8Operands, exported_w8a8_config, torchao_api
 from tmpq.evaluators.features import make_extractor
 from tmpq.evaluators.quality import embedded_reference, score_features
 from tmpq.quant.layers import QuantConv2d, QuantLayer, QuantLinear, replace_module
 
 
-@functools.cache
-def _torchao():
-    """torchao's pieces, imported once, with this module's config handler registered; one line when absent."""
-    try:
-        import torchao
-        from torchao.core.config import AOBaseConfig
-        from torchao.quantization import FqnToConfig, quantize_
-        from torchao.quantization.granularity import PerTensor
-        from torchao.quantization.quant_api import register_quantize_module_handler
-        from torchao.quantization.quant_primitives import MappingType
-        from torchao.quantization.quantize_.workflows.int8.int8_tensor import (
-            Int8Tensor,
-            QuantizeTensorToInt8Kwargs,
-        )
-    except ImportError as e:
-        raise TmpqError(f"the torchao int8 path needs torchao (pip install 'tmpq[gpu]'): {e}") from None
-
-    @dataclass
-    class _Config(AOBaseConfig):
-        codes: torch.Tensor  # [N, K] int8: the exported weight grid's integers
-        scale: torch.Tensor  # [N] float32: its per-output-channel scales
-        act_scale: float
-        act_zero_point: int  # in the int8 range (shifted by -qmin - 128)
-
-    def _handler(module: nn.Module, config: _Config, *, parameter_name: str = "weight") -> nn.Module:
-        w = getattr(module, parameter_name)
-        dev = w.device
-        zp = int(config.act_zero_point)
-        kwargs = QuantizeTensorToInt8Kwargs(granularity=PerTensor(),
-                                            mapping_type=MappingType.ASYMMETRIC if zp else MappingType.SYMMETRIC)
-        t = Int8Tensor(config.codes.to(dev), config.scale.reshape(-1, 1).float().to(dev),
-                       [1, config.codes.shape[1]], w.dtype, act_quant_kwargs=kwargs,
-                       act_quant_scale=torch.full((1, 1), float(config.act_scale), device=dev),
-                       act_quant_zero_point=torch.full((1, 1), zp, dtype=torch.int8, device=dev) if zp else None)
-        setattr(module, parameter_name, nn.Parameter(t, requires_grad=False))
-        return module
-
-    register_quantize_module_handler(_Config)(_handler)
-    return {"version": torchao.__version__, "Config": _Config, "FqnToConfig": FqnToConfig, "quantize_": quantize_,
-            "Int8Tensor": Int8Tensor}
-
-
 def ExportedW8A8Config(codes: torch.Tensor, scale: torch.Tensor, act_scale: float, act_zero_point: int):
     """The torchao config of one converted matmul: the exported int8 weight codes ``[N, K]``, their per-channel
     scales, and the exported activation scale and zero-point in the int8 range."""
-    return _torchao()["Config"](codes, scale, act_scale, act_zero_point)
+    return exported_w8a8_config(codes, scale, act_scale, act_zero_point)
 
 
 def torchao_version() -> str:
-    return _torchao()["version"]
+    return torchao_api()["version"]
 
 
 def _run_mm(module: TorchaoLinear, x: torch.Tensor) -> torch.Tensor:
@@ -187,7 +143,7 @@ def _act_params(aq) -> tuple[float, int, float | None]:
 
 
 def _single(layer: QuantLayer, name: str, configs: dict) -> nn.Module:
-    """The float wrapper of the layer's live option; ``configs`` gets ``{wrapper-relative fqn: config}``."""
+    """The float wrapper of the layer's live option; ``configs`` gets ``{wrapper-relative fqn: W8A8Operands}``."""
     q = layer.w_quant[layer.w_index]
     w = layer.quantized_weight().detach().float().contiguous()
     scale = q.scale.detach().reshape(-1).float()
@@ -199,7 +155,7 @@ def _single(layer: QuantLayer, name: str, configs: dict) -> nn.Module:
     def lin(wpart, b, aq, part):
         w2 = wpart.reshape(wpart.shape[0], -1).contiguous()
         s, zp, hi = _act_params(aq)
-        configs[part] = ExportedW8A8Config(_int8_weight(w2.cpu(), scale.cpu()), scale.cpu(), s, zp)
+        configs[part] = W8A8Operands(_int8_weight(w2.cpu(), scale.cpu()), scale.cpu(), s, zp)
         half = {"a.lin.mm": " (first half of the skip concatenation)",
                 "b.lin.mm": " (second half of the skip concatenation)"}.get(part, "")
         return TorchaoLinear(w2, b, hi, name + half)
@@ -217,7 +173,7 @@ def _single(layer: QuantLayer, name: str, configs: dict) -> nn.Module:
 
 
 def _wrapper(layer: QuantLayer, name: str) -> tuple[nn.Module, dict]:
-    """The float wrapper of a layer (one per time group where it has several) and its torchao configs by fqn
+    """The float wrapper of a layer (one per time group where it has several) and its matmuls' operands by fqn
     relative to the wrapper."""
     if layer.time_groups <= 1:
         configs: dict = {}
@@ -236,7 +192,12 @@ def _wrapper(layer: QuantLayer, name: str) -> tuple[nn.Module, dict]:
 
 def why_not_torchao(layer: QuantLayer, device: str = "cpu") -> str | None:
     """Why a layer does not run on torchao's int8 matmul on ``device`` (None: it does)."""
-    why = why_not_w8a8(layer)
+    return why_not_w8a8(layer) or _why_not_device(layer, device)
+
+
+def _why_not_device(layer: QuantLayer, device: str) -> str | None:
+    """What of a W8A8 layer's module the int8 matmul on ``device`` does not take (None: nothing)."""
+    why = why_not_geometry(layer)
     if why is not None or not str(device).startswith("cuda"):
         return why
     n = layer.module.weight.shape[0]
@@ -267,61 +228,34 @@ def exact_float():
 
 
 def to_torchao_int8(unet: nn.Module, probe: Callable[[nn.Module], object], device: str | None = None,
-                    tol: float = CHECK_TOL, per_group: int = 2) -> tuple[nn.Module, list[dict]]:
-    """Convert (in place) every layer :func:`plan` allows to torchao's int8 matmul, through one ``quantize_`` call
-    with the per-layer ``FqnToConfig`` map built from the export, then check each converted layer against its
-    fake-quant twin on the inputs it saw in ``probe(unet)`` (``int8.check_layer``); a layer beyond ``tol`` goes back
-    to fake quantization, named with the measured error. Returns the model and one row per quantized layer, as
-    ``int8.to_int8`` does (``int8`` true for a converted layer), with ``"backend": "torchao"``."""
-    ao = _torchao()
+                    tol: float = CHECK_TOL, per_group: int = 2,
+                    plan: QuantPlan | None = None) -> tuple[nn.Module, list[dict]]:
+    """Convert (in place) every layer ``plan`` runs W8A8 (default: the model's live options) and the device takes
+    (:func:`why_not_torchao`) to torchao's int8 matmul, through one ``quantize_`` call with the plan's
+    ``FqnToConfig`` (:meth:`QuantPlan.to_torchao`), and check each against its fake-quant twin on the inputs it saw
+    in ``probe(unet)``: :func:`tmpq.deploy.int8.convert_checked`, with float32 references (TF32 off). Returns the
+    model and one row per quantized layer, as ``int8.to_int8`` does, with ``"backend": "torchao"``."""
+    ao = torchao_api()
     device = str(device or next(unet.parameters()).device)
-    layers = {n: m for n, m in unet.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))}
-    why = plan(unet, device)
-    rows, wrappers, fqn_to_config = [], {}, {}
+    plan = plan if plan is not None else QuantPlan.from_model(unet)
+    operands: dict[str, dict] = {}
+
+    def make(name: str, layer: QuantLayer) -> nn.Module:
+        module, operands[name] = _wrapper(layer, name)
+        return module
+
+    def convert(model: nn.Module, _made: dict) -> None:
+        ao["quantize_"](model, plan.to_torchao(operands), filter_fn=None)
+
     with exact_float(), torch.no_grad():
-        inputs = _capture_inputs(unet, {n: m for n, m in layers.items() if why[n] is None}, probe, per_group)
-        for name, layer in layers.items():
-            wq = layer.w_quant[layer.w_index] if layer.w_index is not None else None
-            aq = layer.a_quant[layer.a_index] if layer.a_index is not None else None
-            row = {"fqn": name, "kind": type(layer.module).__name__, "w_bits": wq.bits if wq else 32,
-                   "a_bits": aq.bits if aq else 32, "int8": False, "why": why[name] or "", "parts": 0,
-                   "check_err": None, "check_rel_mse": None, "backend": "torchao"}
-            rows.append(row)
-            if why[name] is not None:
-                continue
-            if not inputs[name]:
-                row["why"] = "the probe run never called it, so its int8 matmul could not be checked"
-                continue
-            module, configs = _wrapper(layer, name)
-            wrappers[name] = module
-            fqn_to_config.update({f"{name}.{k}": v for k, v in configs.items()})
-            replace_module(unet, name, module)
-        if fqn_to_config:
-            ao["quantize_"](unet, ao["FqnToConfig"](fqn_to_config), filter_fn=None)
-        for row in rows:
-            name = row["fqn"]
-            if name not in wrappers:
-                continue
-            module, layer = wrappers[name], layers[name]
-            try:
-                c = _check_module(layer, module, inputs[name])
-            except Exception as e:  # noqa: BLE001 - a kernel that cannot run this layer is a named fallback
-                c = None
-                row["why"] = f"torchao's int8 matmul failed on it: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            if c is not None:
-                row.update(check_err=c["err"], check_rel_mse=c["rel_mse"], parts=1)
-                if c["err"] <= tol:
-                    row["int8"] = True
-                    continue
-                row["why"] = (f"its torchao int8 matmul disagrees with fake quantization (error {c['err']:.1e} of the "
-                              f"exact magnitude, tolerance {tol:.0e}; relative MSE {c['rel_mse']:.1e})")
-            replace_module(unet, name, layer)  # back to fake quantization
-    return unet, rows
+        return convert_checked(unet, plan, make, probe, why_not=lambda _n, layer: _why_not_device(layer, device),
+                               convert=convert, tol=tol, per_group=per_group, what="torchao int8 matmul",
+                               backend="torchao")
 
 
 def torchao_layers(unet: nn.Module) -> int:
     """How many matmul weights in ``unet`` are torchao ``Int8Tensor``s."""
-    cls = _torchao()["Int8Tensor"]
+    cls = torchao_api()["Int8Tensor"]
     return sum(isinstance(m.weight, cls) for m in unet.modules() if isinstance(m, nn.Linear))
 
 
@@ -341,9 +275,9 @@ def measure_speed_torchao(export_dir, device: str = "cuda", n: int = 256, batch_
     to the CPU per batch, which synchronises the device)."""
 
     dev = resolve_device(device, "--device")
-    _torchao()
+    torchao_api()
     fp = load_model(export_dir, device=dev)
-    unet, sched, ts, _ = load_export(export_dir, device=dev)
+    unet, sched, ts, manifest = load_export(export_dir, device=dev)
     T = fp.num_train_timesteps
     sched100, ts100 = make_scheduler(fp.scheduler_config), make_timesteps("uniform", 100, T)
     bf16 = lambda: torch.autocast(dev.split(":")[0], dtype=torch.bfloat16)  # noqa: E731
@@ -363,7 +297,8 @@ def measure_speed_torchao(export_dir, device: str = "cuda", n: int = 256, batch_
     # enough rows (> 16) that every matmul takes cuBLAS's int8 kernel there as in the timed runs
     k = 32 if dev.startswith("cuda") else 4
     unet, layers = to_torchao_int8(unet, lambda u: sample_images(u, sched, ts, k, seed=2, batch_size=k,
-                                                                  progress=False), device=dev)
+                                                                  progress=False), device=dev,
+                                  plan=QuantPlan.from_export(manifest))
     rows["torchao_int8_export_s"] = timed(unet, sched, ts)
     i8_imgs = sample_images(unet, sched, ts, n, seed=0, batch_size=batch_size, progress=False)
     rows["torchao_int8_vs_fakequant_pixel_mse"] = float((i8_imgs - fq_imgs).pow(2).mean())

@@ -1,12 +1,17 @@
 """The run configuration: one validated tree of frozen dataclasses, TOML in, resolved JSON out.
 
 Every error names the key at fault, e.g. ``search.population: must be >= 2, got 0``. Unknown keys are errors
-(a typo must not silently fall back to a default).
+(a typo must not silently fall back to a default). Everything is checked here, before a job writes or computes
+anything: types (no bool for a number), finite floats, every number within ``BOUNDS`` (seeds in [0, 2**32), sizes under
+generous upper bounds), strings without control characters (printable ASCII outside ``FREE_TEXT``), the Optuna storage
+URL parsed without connecting, and the budgets against the supernet's own bit options.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import json
+import math
 import re
 import tomllib
 import typing
@@ -102,18 +107,60 @@ class RunConfig:
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
+    @classmethod
+    def preset(cls, name: str) -> "RunConfig":
+        """A packaged preset by name (``demo``, ``tiny``, ``default``, ...; :func:`preset_names`), validated.
 
-# choices and minimums of the run's own sections (the supernet, calibration and proxy classes check theirs)
+        Example:
+            >>> RunConfig.preset("tiny").search.population
+            6
+        """
+        return load_preset(name)
+
+    def with_(self, **overrides) -> "RunConfig":
+        """This config with dotted keys replaced and the whole validated again (errors name the key), e.g.
+        ``cfg.with_(**{"search.population": 8, "model.guidance_scale": 2.0})``. Values are as TOML gives them
+        (lists for tuples). ``dataclasses.replace`` works too, but skips the validation."""
+        return config_with(self, overrides)
+
+
+# choices of the run's own sections (the supernet, calibration and proxy classes check theirs as well)
 CHOICES = {
     "search.engine": ENGINES,
     "search.grouping": ("quad", "uniform", "sensitivity", "error", "dp"),
     "search.axes": ("joint", "time", "bits"),
     "executor.kind": ("local", "ray"),
 }
-MINIMUM = {
-    "search.steps": 1, "search.population": 2, "search.generations": 1, "search.size_budget_mb": 0,
-    "search.reuse_branch": 0, "executor.workers": 1, "executor.threads_per_worker": 1, "executor.timeout_s": 1, "executor.retries": 0,
+# noise-bank and engine seeds: NumPy's and pymoo's seeding takes 0 <= seed < 2**32
+SEED_LIMIT = 2**32
+# every number of every section within [low, high]: the lows are the meaningful minimums, the highs generous bounds on
+# absurd sizes (a typo of a few extra digits is refused in one line instead of running for days or running out of
+# memory); the components' own classes check their lows (and choices) again where they are built without a run config
+# (low None: only that class checks it, in its own words)
+BOUNDS: dict[str, tuple[float | None, float]] = {
+    "model.guidance_scale": (None, 100), "model.null_label": (None, 1_000_000),
+    "supernet.group_size": (None, 1 << 20), "supernet.time_groups": (None, 1000),
+    "calibration.steps": (1, 10_000), "calibration.per_step": (1, 1 << 20), "calibration.sampler_steps": (1, 10_000),
+    "calibration.batch_size": (1, 1 << 16), "calibration.recon_iters": (0, 10_000_000),
+    "calibration.seed": (0, SEED_LIMIT - 1),
+    "search.steps": (1, 10_000), "search.step_choices": (1, 10_000), "search.population": (2, 100_000),
+    "search.generations": (1, 100_000), "search.seed": (0, SEED_LIMIT - 1), "search.size_budget_mb": (0, 1e9),
+    "search.reuse_branch": (0, 1000),
+    "proxy.n_images": (2, 1_000_000), "proxy.seed": (0, SEED_LIMIT - 1), "proxy.teacher_steps": (1, 10_000),
+    "proxy.batch_size": (1, 1 << 16),
+    "executor.gpus_per_worker": (0, 1024), "executor.min_task_s": (0, 86_400), "executor.workers": (1, 4096),
+    "executor.threads_per_worker": (1, 1024), "executor.timeout_s": (1, 7 * 86_400), "executor.retries": (0, 100),
 }
+# strings: at most this many characters, no control characters but tab and line breaks (a NUL in a path is a crash
+# deep in the OS layer)
+MAX_TEXT = 4096
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+# strings that are free text (paths, patterns, prompts, a database URL); every other string must be printable ASCII
+FREE_TEXT = {"model.path", "model.prompts", "supernet.include", "supernet.exclude", "supernet.tie", "supernet.pin",
+             "supernet.block_types", "calibration.supernet_file", "proxy.reference", "proxy.inception_weights",
+             "search.storage"}
 
 
 # lists that may be empty (an empty list means "none")
@@ -121,76 +168,112 @@ EMPTY_OK = {"model.prompts", "search.solvers", "search.step_choices", "supernet.
             "supernet.block_types"}
 
 
+def _show(value) -> str:
+    """``repr`` of a refused value, cut to one short line (a megabyte of garbage must not become the message)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _coerce(key: str, value, tp):
     origin = typing.get_origin(tp)
     if origin is tuple:
         (item, _ellipsis) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or (not value and key not in EMPTY_OK):
-            raise TmpqError(f"{key}: must be a {'' if key in EMPTY_OK else 'non-empty '}list, got {value!r}")
+            raise TmpqError(f"{key}: must be a {'' if key in EMPTY_OK else 'non-empty '}list, got {_show(value)}")
+        if len(value) > 1000:
+            raise TmpqError(f"{key}: at most 1000 entries, got {len(value)}")
         return tuple(_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value))
     if tp is bool:
         if not isinstance(value, bool):
-            raise TmpqError(f"{key}: must be true or false, got {value!r}")
+            raise TmpqError(f"{key}: must be true or false, got {_show(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise TmpqError(f"{key}: must be an integer, got {value!r}")
+            raise TmpqError(f"{key}: must be an integer, got {_show(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TmpqError(f"{key}: must be a number, got {value!r}")
+            raise TmpqError(f"{key}: must be a number, got {_show(value)}")
+        if isinstance(value, int) and abs(value) > 1e300:  # float() would overflow
+            raise TmpqError(f"{key}: must be a finite number, got {_show(value)}")
+        if not math.isfinite(value):
+            raise TmpqError(f"{key}: must be a finite number, got {value}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise TmpqError(f"{key}: must be a string, got {value!r}")
+            raise TmpqError(f"{key}: must be a string, got {_show(value)}")
+        if len(value) > MAX_TEXT:
+            raise TmpqError(f"{key}: at most {MAX_TEXT} characters, got {len(value)}")
+        if _CONTROL.search(value) or any(0xD800 <= ord(c) <= 0xDFFF for c in value):
+            raise TmpqError(f"{key}: control characters or unpaired surrogates are not allowed, got {_show(value)}")
         return value
     if tp == (dict | str):  # supernet.pin: "auto" or a table
         return _coerce(key, value, dict if isinstance(value, dict) else str)
     if tp is dict:  # a table; its owner checks the entries
         if not isinstance(value, dict):
-            raise TmpqError(f"{key}: must be a table, got {value!r}")
+            raise TmpqError(f"{key}: must be a table, got {_show(value)}")
+        for k, v in value.items():
+            _coerce(f"{key}.{k}", k, str)
+            if isinstance(v, (list, tuple)) and any(isinstance(b, bool) or not isinstance(b, int) for b in v):
+                raise TmpqError(f"{key}.{k}: must be a list of integers, got {_show(v)}")
         return dict(value)
     raise TmpqError(f"{key}: unsupported type {tp}")  # pragma: no cover
 
 
 def _build(cls, data, prefix: str):
     if not isinstance(data, dict):
-        raise TmpqError(f"{prefix or 'config'}: must be a table, got {data!r}")
+        raise TmpqError(f"{prefix or 'config'}: must be a table, got {_show(data)}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names, key=str)
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise TmpqError(f"{where}{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
+        raise TmpqError(f"{where}{_clean(unknown[0])}: unknown key (known: {', '.join(sorted(names))})")
     kwargs = {}
-    for name in names & set(data):
+    for name in sorted(names & set(data)):
         key = f"{prefix}.{name}" if prefix else name
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, data[name], key)
         else:
             kwargs[name] = _check(key, _coerce(key, data[name], tp))
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:  # a component's own check that is not a TmpqError (never expected)
+        raise TmpqError(f"{prefix or 'config'}: {exc}") from None
+
+
+def _num(x) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def _clean(name) -> str:
+    """An unknown key as it may be printed: cut, with control characters escaped."""
+    text = str(name)
+    return _show(text)[1:-1] if not text.isprintable() or len(text) > 80 else text
 
 
 def _check(key: str, value):
     if key in CHOICES and value not in CHOICES[key]:
-        raise TmpqError(f"{key}: must be one of {', '.join(CHOICES[key])}, got {value!r}")
-    if key in MINIMUM and value < MINIMUM[key]:
-        raise TmpqError(f"{key}: must be >= {MINIMUM[key]}, got {value}")
+        raise TmpqError(f"{key}: must be one of {', '.join(CHOICES[key])}, got {_show(value)}")
+    texts = value if isinstance(value, tuple) else (value,)
+    if key not in FREE_TEXT and any(isinstance(t, str) and not (t.isascii() and t.isprintable()) for t in texts):
+        # names, options and specs are ASCII: a look-alike letter or a non-ASCII digit (an Arabic-Indic one in
+        # "cuda:N", which Python's int and float read) is refused here rather than failing far from the config
+        raise TmpqError(f"{key}: must be printable ASCII, got {_show(value)}")
+    if key in BOUNDS:
+        low, high = BOUNDS[key]
+        for v in value if isinstance(value, tuple) else (value,):
+            if (low is not None and v < low) or v > high:
+                bound = f"<= {_num(high)} (the bound on this key)" if v > high else f">= {_num(low)}"
+                raise TmpqError(f"{key}: must be {bound}, got {_num(v)}")
     if key == "search.bitops_budget":
-        v = value.strip().lower()
-        ok = v in ("", "none") or UNIFORM_OPTION.fullmatch(v) or _is_number(value) or FP_FRACTION.fullmatch(v)
-        if not ok:
-            raise TmpqError(f"{key}: must be 'none', a uniform option like 'w6a6', a share of the FP model like "
-                            f"'1% fp100' (1 % of its BitOPs at 100 steps), or a number, got {value!r}")
+        check_budget_spec(value, key)
     if key == "search.step_choices":
-        if any(n < 1 for n in value) or len(set(value)) != len(value):
+        if len(set(value)) != len(value):
             raise TmpqError(f"{key}: must be distinct step counts >= 1, got {list(value)}")
     if key == "executor.device":
         check_device_name(value, key)
-    if key in ("executor.gpus_per_worker", "executor.min_task_s") and not 0 <= value:
-        raise TmpqError(f"{key}: must be >= 0, got {value}")
     if key == "search.solvers":
         try:
             pairs = [parse_solver(v) for v in value]
@@ -201,13 +284,54 @@ def _check(key: str, value):
     if key == "search.mutation_prob" and not 0 <= value <= 1:
         raise TmpqError(f"{key}: must be in [0, 1] (0 = the engine's default), got {value}")
     if key == "search.fixed_bits" and not UNIFORM_OPTION.fullmatch(value.strip().lower()):
-        raise TmpqError(f"{key}: must be a uniform option like 'w8a8', got {value!r}")
-    if key == "search.storage" and value and not re.match(r"[A-Za-z][A-Za-z0-9]*(\+[A-Za-z0-9_]+)?://", value):
-        raise TmpqError(f"{key}: must be empty (SQLite optuna.db in the run directory) or a database URL such as "
-                        f"sqlite:///optuna.db or postgresql+psycopg2://user@host:5432/db, got {value!r}")
+        raise TmpqError(f"{key}: must be a uniform option like 'w8a8', got {_show(value)}")
+    if key == "search.storage":
+        check_storage_url(value, key)
+    if key == "executor.address" and value and not RAY_ADDRESS.fullmatch(value):
+        raise TmpqError(f"{key}: must be empty (a local Ray), auto, local, HOST:PORT or ray://HOST:PORT, got "
+                        f"{_show(value)}")
     return value
 
 
+# a Ray address: auto, local, HOST:PORT or ray://HOST:PORT (HOST a name, IPv4 or [IPv6])
+RAY_ADDRESS = re.compile(r"auto|local|(ray://)?([A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]):[0-9]{1,5}")
+
+
+def check_budget_spec(value: str, key: str) -> str:
+    """A BitOPs budget's form (``none``, ``w6a6``, ``1% fp100`` or a finite number >= 0), not yet its supernet."""
+    v = value.strip().lower()
+    number = _is_number(v) and math.isfinite(float(v)) and float(v) >= 0
+    if not (v in ("", "none") or UNIFORM_OPTION.fullmatch(v) or number or FP_FRACTION.fullmatch(v)):
+        raise TmpqError(f"{key}: must be 'none', a uniform option like 'w6a6', a share of the FP model like "
+                        f"'1% fp100' (1 % of its BitOPs at 100 steps), or a number >= 0, got {_show(value)}")
+    return value
+
+
+def check_budget_options(value: str, supernet: SupernetConfig, key: str) -> None:
+    """A uniform-option budget (``w6a6``) names bit-widths the supernet has (checked before any run directory, as the
+    search's space would only after calibration)."""
+    m = UNIFORM_OPTION.fullmatch(value.strip().lower())
+    if m and (int(m.group(1)) not in supernet.w_bits or int(m.group(2)) not in supernet.a_bits):
+        raise TmpqError(f"{key}: {value.strip()} is not a uniform option of the supernet (supernet.w_bits "
+                        f"{list(supernet.w_bits)}, supernet.a_bits {list(supernet.a_bits)})")
+
+
+def check_storage_url(value: str, key: str = "search.storage") -> str:
+    """An Optuna storage URL parsed (SQLAlchemy's own parser and dialect registry) without connecting; "" = SQLite in
+    the run directory."""
+    if not value:
+        return value
+    from sqlalchemy.engine import make_url  # optuna's dependency; third-party, imported where used
+
+    try:
+        make_url(value).get_dialect()
+    except Exception as exc:  # noqa: BLE001 - ArgumentError, NoSuchModuleError, ValueError (a bad port) ...
+        why = " ".join(str(exc).split()) or type(exc).__name__
+        shown = re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", value)  # never a password in a message
+        raise TmpqError(f"{key}: must be empty (SQLite optuna.db in the run directory) or a database URL SQLAlchemy "
+                        f"can use, such as sqlite:///optuna.db or postgresql+psycopg2://user@host:5432/db; got "
+                        f"{_show(shown)} ({why})") from None
+    return value
 
 
 def _is_number(text: str) -> bool:
@@ -231,6 +355,14 @@ def config_from_dict(data: dict) -> RunConfig:
     if s.grouping in ("sensitivity", "error", "dp") and cfg.model.dtype != "fp32":
         raise TmpqError(f"search.grouping: {s.grouping} groups are profiled in fp32 only, not with model.dtype = "
                         f"{cfg.model.dtype} (use quad or uniform)")
+    # what the search would find only once the run directory exists and the supernet is calibrated
+    check_budget_options(s.bitops_budget, cfg.supernet, "search.bitops_budget")
+    if s.axes == "time":
+        check_budget_options(s.fixed_bits, cfg.supernet, "search.fixed_bits")
+    c = cfg.calibration
+    if not c.supernet_file and c.steps > c.sampler_steps:
+        raise TmpqError(f"calibration.steps: {c.steps} must be <= calibration.sampler_steps ({c.sampler_steps}): the "
+                        "calibration timesteps are taken from that trajectory")
     return cfg
 
 
@@ -244,6 +376,8 @@ def load_config(path: str | Path | None) -> RunConfig:
     if path is None:
         return RunConfig()
     p = Path(path)
+    if p.is_dir():
+        raise TmpqError(f"config {p}: is a directory, not a TOML file")
     if not p.is_file():
         raise TmpqError(f"config file not found: {p}")
     try:
@@ -251,3 +385,79 @@ def load_config(path: str | Path | None) -> RunConfig:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise TmpqError(f"malformed config {p}: {exc}") from None
     return config_from_dict(data)
+
+
+def presets_dir() -> Path:
+    """Where the presets live: ``tmpq/presets`` in an installed wheel (pyproject packages ``configs/`` there), or
+    ``configs/`` itself in a checkout and an editable install (one copy: the wheel's is built from it)."""
+    packaged = Path(str(importlib.resources.files("tmpq").joinpath("presets")))
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "configs"
+
+
+def preset_names() -> list[str]:
+    """The names :meth:`RunConfig.preset` and ``tmpq run --config NAME`` accept."""
+    return sorted(p.stem for p in presets_dir().glob("*.toml"))
+
+
+def load_preset(name: str) -> RunConfig:
+    """The preset ``name`` (see :func:`preset_names`), validated."""
+    if name not in preset_names():
+        raise TmpqError(f"config: no preset {name!r} (presets: {', '.join(preset_names())})")
+    return load_config(presets_dir() / f"{name}.toml")
+
+
+def resolve_config(spec: str | Path | RunConfig | dict | None) -> RunConfig:
+    """A run config from a TOML path, a preset name, a plain dict (as TOML gives), a ``RunConfig`` or ``None``
+    (the defaults). A path that names a file wins over a preset of the same name."""
+    if spec is None or isinstance(spec, RunConfig):
+        return spec or RunConfig()
+    if isinstance(spec, dict):
+        return config_from_dict(spec)
+    p = Path(spec)
+    if not p.is_file() and not p.is_dir() and p.suffix != ".toml" and str(spec) in preset_names():
+        return load_preset(str(spec))
+    if not p.exists() and p.suffix != ".toml" and len(p.parts) == 1:
+        raise TmpqError(f"config file not found: {p} (nor a preset: {', '.join(preset_names())})")
+    return load_config(p)
+
+
+def config_with(cfg: RunConfig, overrides: dict) -> RunConfig:
+    """``cfg`` with each dotted key (``search.population``) set to its value, validated as a whole."""
+    data = cfg.to_dict()
+    for key, value in overrides.items():
+        *sections, name = key.split(".")
+        node = data
+        for i, part in enumerate(sections):
+            if not isinstance(node.get(part), dict):
+                where = ".".join(sections[:i + 1])
+                raise TmpqError(f"{where}: unknown section (sections: {', '.join(sorted(data))})")
+            node = node[part]
+        if name not in node:
+            raise TmpqError(f"{key}: unknown key (known: {', '.join(sorted(node))})")
+        node[name] = list(value) if isinstance(value, tuple) else value
+    return config_from_dict(data)
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` (``tmpq search --set``) as (key, value): the value read as a TOML value (``8``, ``2.5``,
+    ``true``, ``[8, 6]``, ``"w6a6"``); a value that is no TOML (``optuna``, ``w6a6``, a path) is the string itself."""
+    key, sep, value = text.partition("=")
+    key, value = key.strip(), value.strip()
+    if not sep or not key:
+        raise TmpqError(f"--set: expected KEY=VALUE (e.g. search.population=8), got {text!r}")
+    try:
+        parsed = tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key, value
+    # a string key takes the text as written (search.bitops_budget=1e9 is the string "1e9", not a float)
+    return key, value if _key_type(key) is str and not isinstance(parsed, str) else parsed
+
+
+def _key_type(key: str):
+    """The annotated type of a dotted run-config key, or None for an unknown one."""
+    tp = RunConfig
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(tp) or part not in {f.name for f in dataclasses.fields(tp)}:
+            return None
+        tp = typing.get_type_hints(tp)[part]
+    return tp

@@ -5,7 +5,6 @@ import copy
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -13,8 +12,9 @@ import torch
 from tmpq.core.adapters import adapter_for, decoder_cost
 from tmpq.core.cost import DEFAULT_SOLVER
 from tmpq.core.errors import TmpqError
-from tmpq.core.fileio import file_sha256, malformed, read_json, read_parquet
+from tmpq.core.fileio import atomic_directory, file_sha256, malformed, read_json, read_parquet
 from tmpq.core.model import ModelConfig, load_model, save_pipeline_dir
+from tmpq.core.runlock import lock_inside
 from tmpq.core.reuse import reuse_of
 from tmpq.core.sampler import make_scheduler
 from tmpq.core.solvers import CLASSES, STOCK, denoiser_calls, solver_of
@@ -50,9 +50,10 @@ def ensure_export(run_path: str | Path, key: str, out: str | Path, command: str 
         with malformed(manifest, "export manifest"):
             if data["provenance"]["candidate"] == key:
                 return out
-    if out.exists():
-        shutil.rmtree(out)
-    export_candidate(run_path, key, out, command=command)
+    with lock_inside(out, "export"):  # an export inside a run (tmpq run's RUN/export) is written by its one writer
+        if out.exists():
+            shutil.rmtree(out)
+        export_candidate(run_path, key, out, command=command)
     return out
 
 
@@ -63,9 +64,7 @@ def export_candidate(run_path: str | Path, key: str, out: str | Path, command: s
     """
 
     run = load_run(run_path)
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise TmpqError(f"--out {out} exists and is not empty")
+    out = _checked_out(Path(out))
     ev = run.evaluations
     rows = ev[(ev["key"] == key) & (ev["status"] == "ok")] if len(ev) else ev
     if len(rows) == 0:
@@ -117,8 +116,9 @@ def export_candidate(run_path: str | Path, key: str, out: str | Path, command: s
                    if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)) and not any(
                        n == w or n == f"{w}.module" for w in wrapped)]
     sched = make_scheduler(m.scheduler_config, *solver)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
-    try:
+    # staged beside --out (missing parents created, plain directory modes), renamed into place; a failure leaves
+    # nothing behind, and a full disk or read-only target is one line naming --out
+    with lock_inside(out, "export"), atomic_directory(out, "export") as tmp:  # inside a run: its writer lock
         save_pipeline_dir(fp_unet, m.scheduler_config, tmp)
         pinned.save(tmp / QUANT_FILE)
         layers = {}
@@ -138,7 +138,9 @@ def export_candidate(run_path: str | Path, key: str, out: str | Path, command: s
             if len(fr):
                 r = fr.iloc[0]
                 objectives.update({"final_fid_mean": float(r["fid_mean"]), "final_fid_seeds": int(r["seeds"]),
-                                   "final_n": int(r["n"])})
+                                   "final_n": int(r["n"]),  # and every other metric validation computed
+                                   **{f"final_{k}": float(r[k]) for k in ("fid_std", "kid_mean", "class_accuracy_mean")
+                                      if k in r and r[k] == r[k]}})
         manifest = {
             "format": EXPORT_FORMAT, "version": EXPORT_VERSION,
             "sampler": {**_sampler_classes(solver), "config": dict(sched.config), "timesteps": timesteps, "eta": 0.0,
@@ -159,14 +161,21 @@ def export_candidate(run_path: str | Path, key: str, out: str | Path, command: s
         manifest["files"] = {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*"))
                              if p.is_file()}
         (tmp / EXPORT_JSON).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=_json_default) + "\n")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return json.loads((out / EXPORT_JSON).read_text())
+
+
+def _checked_out(out: Path) -> Path:
+    """``--out`` as the export will be written to: refused (before any work) when it is a dangling symbolic link, a
+    file, or a non-empty directory; a link to an empty directory is followed (staging happens beside its target)."""
+    if out.is_symlink():
+        if not out.exists():
+            raise TmpqError(f"--out {out} is a dangling symbolic link (to {os.readlink(out)})")
+        out = Path(os.path.realpath(out))
+    if out.exists() and not out.is_dir():
+        raise TmpqError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        raise TmpqError(f"--out {out} exists and is not empty")
+    return out
 
 
 def _sampler_classes(solver: tuple[str, int]) -> dict:

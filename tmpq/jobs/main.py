@@ -4,6 +4,7 @@ interruption continues where it stopped.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -11,6 +12,8 @@ from pathlib import Path
 
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import atomic_write_bytes
+from tmpq.core.runlock import keep_run_locks
+from tmpq.jobs.config import check_budget_options, check_budget_spec
 from tmpq.jobs.export import ensure_export
 from tmpq.jobs.report import write_report
 from tmpq.jobs.run import load_run
@@ -24,13 +27,48 @@ class MainJobConfig:
     top_k: int = 3                 # validated points (the best proxies under the budget)
     validate_n: int = 2000         # FID images per seed in validation
     seeds: tuple[int, ...] = (1, 2)
-    budget: str = "w6a6"           # export budget: BitOPs <= this uniform option at search.steps ("none": no budget)
+    # export budget: BitOPs <= this uniform option at search.steps, a share of the FP model, a number or "none";
+    # None = the config's search.bitops_budget (so a config's "none" is not overridden by a default)
+    budget: str | None = None
+
+    def validate(self) -> ValidateConfig:
+        """Refuse bad values of the job's own options (flags of ``tmpq run``) before anything is written; returns the
+        validation settings they give (checked as ``tmpq validate`` checks its flags)."""
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k <= 1000:
+            raise TmpqError(f"--top-k: must be an integer in [1, 1000], got {self.top_k!r}")
+        if self.budget is not None:
+            check_budget_spec(self.budget, "--budget")
+        cfg = ValidateConfig(n=self.validate_n, seeds=tuple(self.seeds))
+        try:
+            cfg.validate()
+        except TmpqError as exc:
+            raise TmpqError(str(exc).replace("--n:", "--validate-n:", 1)) from None
+        return cfg
+
+
+def export_budget(cfg, job: MainJobConfig) -> str:
+    """The export budget of the main job (``job.budget``, else the config's ``search.bitops_budget``), checked against
+    the config's supernet options: a ``w6a6`` the supernet cannot run is refused before the search, not after it."""
+    budget = cfg.search.bitops_budget if job.budget is None else job.budget
+    key = "search.bitops_budget" if job.budget is None else "--budget"
+    check_budget_spec(budget, key)
+    check_budget_options(budget, cfg.supernet, key)
+    return budget
 
 
 def main_job(cfg, run_path: str | Path, job: MainJobConfig = MainJobConfig(), progress: bool = True) -> dict:
-    """Run (or resume) the whole pipeline; returns ``{"run", "report", "export", "best", "timings"}``."""
+    """Run (or resume) the whole pipeline; returns ``{"run", "report", "export", "best", "timings"}``. One writer
+    throughout: the run lock the search takes is kept until the report is written (another writer gets one line)."""
+    with keep_run_locks():
+        return _main_job(cfg, run_path, job, progress)
+
+
+def _main_job(cfg, run_path: str | Path, job: MainJobConfig, progress: bool) -> dict:
+    """The stages of :func:`main_job`."""
 
     run_path = Path(run_path)
+    validation = job.validate()  # every option and the budget checked before anything is written or computed
+    budget = export_budget(cfg, job)
     timings = {}
 
     def stage(name: str):
@@ -43,16 +81,16 @@ def main_job(cfg, run_path: str | Path, job: MainJobConfig = MainJobConfig(), pr
     run_search(cfg, run_path, resume=resume, progress=progress)
     timings["search_s"] = round(time.perf_counter() - t0, 1)
 
-    t0 = stage(f"validate the {job.top_k} best points under the {job.budget} budget")
+    t0 = stage(f"validate the {job.top_k} best points under the {budget} budget")
     run = load_run(run_path)
     front = run.pareto()
-    limit = budget_bitops(run.space, job.budget)
+    limit = budget_bitops(run.space, budget)
     eligible = front if limit is None else front[front["bitops"] <= limit]
     if eligible.empty:
-        raise TmpqError(f"no Pareto point is within the export budget {job.budget}; lower search budgets or pass "
+        raise TmpqError(f"no Pareto point is within the export budget {budget}; lower search budgets or pass "
                         "--budget none")
     keys = tuple(eligible.sort_values("fid_proxy").head(job.top_k)["key"])
-    validate_run(run_path, ValidateConfig(n=job.validate_n, seeds=job.seeds, keys=keys), progress=progress)
+    validate_run(run_path, dataclasses.replace(validation, keys=keys), progress=progress)
     timings["validate_s"] = round(time.perf_counter() - t0, 1)
 
     t0 = stage("export the best validated point")
@@ -65,7 +103,7 @@ def main_job(cfg, run_path: str | Path, job: MainJobConfig = MainJobConfig(), pr
     t0 = stage("report")
     report = write_report(run_path, progress=progress)
     timings["report_s"] = round(time.perf_counter() - t0, 1)
-    summary = {"run": str(run_path), "report": str(report), "export": str(export_dir),
+    summary = {"run": str(run_path), "budget": budget, "report": str(report), "export": str(export_dir),
                "best": {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in best.items()}, "timings": timings}
 
     atomic_write_bytes(run_path / "main_job.json", (json.dumps(summary, indent=2, default=str) + "\n").encode())

@@ -3,7 +3,9 @@
 - the Pareto plot: every evaluation (proxy vs GBitOPs), the front, uniform W/A baselines at the run's schedule
   scored with the same supernet and proxy, and (when ``tmpq validate`` ran) the final FID of the validated points;
 - a sample grid for every front point beside the FP reference (same noise-bank images);
-- the front and final tables.
+- a heat map of the per-layer weight / activation bits of every front point;
+- the front table (each point named P1, P2, ... by BitOPs, its final FID when validated, the exported point marked,
+  and the ``tmpq export`` command of every other point).
 
 Baselines and grids are computed once and cached under ``RUN/report/`` (a rerun only rewrites the page).
 """
@@ -11,14 +13,17 @@ from __future__ import annotations
 
 import html
 import json
+import shlex
 from pathlib import Path
 
+from tmpq.core import runlock
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import atomic_write_bytes, malformed, read_json, read_parquet
 from tmpq.core.grid import save_grid
 from tmpq.core.schedules import make_timesteps
 from tmpq.jobs.run import load_run
 from tmpq.jobs.search import WorkerSpec
+from tmpq.search.rundir import RunDir
 
 GRID_N = 16
 
@@ -86,7 +91,7 @@ def _grids(front, ev_factory, out: Path, progress: bool = False) -> dict[str, st
     return names
 
 
-def _plot(ev_df, front, baselines, final, out: Path) -> str:
+def _plot(ev_df, front, baselines, final, out: Path, exported: frozenset[str] = frozenset()) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,6 +105,10 @@ def _plot(ev_df, front, baselines, final, out: Path) -> str:
     f = front.sort_values("bitops")
     ax.step(f["bitops"] / 1e9, f["fid_proxy"], where="post", color="C0", lw=1.5, label="Pareto front")
     ax.scatter(f["bitops"] / 1e9, f["fid_proxy"], s=18, color="C0")
+    ex = f[f["key"].isin(exported)]
+    if len(ex):
+        ax.scatter(ex["bitops"] / 1e9, ex["fid_proxy"], marker="*", s=160, color="C1", edgecolor="k", zorder=5,
+                   label="exported")
     for b in baselines:
         ax.scatter(b["bitops"] / 1e9, b["fid_proxy"], marker="x", s=50, color="C3")
         ax.annotate(f"W{b['w']}A{b['a']}", (b["bitops"] / 1e9, b["fid_proxy"]), fontsize=7,
@@ -124,8 +133,91 @@ def _plot(ev_df, front, baselines, final, out: Path) -> str:
     return "pareto.png"
 
 
+def _point_names(front) -> dict[str, str]:
+    """P1, P2, ... for the front points in order of BitOPs (the names the table and the heat map share)."""
+    return {k: f"P{i + 1}" for i, k in enumerate(front.sort_values("bitops")["key"])}
+
+
+def _bits_heatmap(bits, names: dict[str, str], exported: frozenset[str], out: Path) -> str:
+    """``bits.png``: weight and activation bits of every searched layer (rows, model order) at every front point
+    (columns, by BitOPs; per time group with per-group bits), the exported point's columns outlined. Pinned layers
+    (held at their pins, not searched) are left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.patches import Rectangle
+
+    b = bits[~bits["pinned"]]
+    layers = list(dict.fromkeys(b["layer"]))
+    groups = sorted(b["group"].unique()) if "group" in b else [None]
+    cols = [(k, g) for k in names for g in groups]
+    col = {c: j for j, c in enumerate(cols)}
+    row = {name: i for i, name in enumerate(layers)}
+    w = np.full((len(layers), len(cols)), np.nan)
+    a = np.full_like(w, np.nan)
+    for r in b.itertuples(index=False):
+        ij = row[r.layer], col[(r.key, r.group if groups != [None] else None)]
+        w[ij], a[ij] = r.w_bits, r.a_bits
+    labels = [f"{names[k]} {k[:8]}" + (f" g{g}" if g is not None else "") + (" (exported)" if k in exported else "")
+              for k, g in cols]
+    height = min(60.0, 1.8 + 0.14 * len(layers))
+    width = min(24.0, 2 * (2.5 + 0.35 * len(cols))) + 3.0
+    fig, axes = plt.subplots(1, 2, figsize=(width, height), sharey=True, squeeze=False)
+    for ax, m, title in ((axes[0][0], w, "weight bits"), (axes[0][1], a, "activation bits")):
+        im = ax.imshow(m, aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_xticks(range(len(cols)), labels, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(layers)), layers, fontsize=6 if len(layers) <= 120 else 3)
+        ax.set_title(title, fontsize=9)
+        if m.size <= 3000:
+            for (i, j), v in np.ndenumerate(m):
+                if v == v:
+                    ax.text(j, i, f"{int(v)}", ha="center", va="center", fontsize=5,
+                            color="white" if v <= np.nanmean(m) else "black")
+        for j, (k, _) in enumerate(cols):
+            if k in exported:
+                ax.add_patch(Rectangle((j - 0.5, -0.5), 1, len(layers), fill=False, edgecolor="C3", lw=2))
+        fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, ticks=sorted({int(v) for v in m.flat if v == v}))
+    fig.tight_layout()
+    fig.savefig(out / "bits.png", dpi=100)
+    plt.close(fig)
+    return "bits.png"
+
+
+def _front_rows(front, run_path: Path, names: dict[str, str], grids: dict[str, str], fin, exports) -> list[str]:
+    """The front table's rows (by BitOPs): name and key, objectives, final FID, the export (its directory when
+    exported, else the ``tmpq export`` command that writes it where ``tmpq status`` and the report find it), the
+    schedule and the sample grid."""
+    exported = dict(zip(exports["key"], exports["path"]))
+    rows = []
+    for _, p in front.sort_values("bitops").iterrows():
+        k = p["key"]
+        fid = (f"{_fmt(fin.loc[k, 'fid_mean'])} ± {_fmt(fin.loc[k, 'fid_std'], '.2g')}"
+               if fin is not None and k in fin.index else "–")
+        img = f'<img src="{grids[k]}" alt="samples of {k}">' if k in grids else ""
+        if k in exported:
+            export = f'<b>exported</b>: <code>{html.escape(exported[k])}</code>'
+        else:
+            cmd = shlex.join(["tmpq", "export", str(run_path), "--candidate", k, "--out",
+                              str(run_path / "exports" / k[:8])])
+            export = f"<code>{html.escape(cmd)}</code>"
+        style = ' class="exported"' if k in exported else ""
+        rows.append(f"<tr{style}><td><b>{names[k]}</b><br><code>{html.escape(k)}</code></td>"
+                    f"<td>{_fmt(p['fid_proxy'])}</td><td>{_fmt(p['bitops'] / 1e9)}</td>"
+                    f"<td>{_fmt(p.get('size_mb', float('nan')), '.3f')}</td><td>{fid}</td>"
+                    f"<td>{html.escape(str(list(p['timesteps'])))}</td><td>{export}</td><td>{img}</td></tr>")
+    return rows
+
+
 def write_report(run_path: str | Path, baselines: bool = True, grids: bool = True, progress: bool = False) -> Path:
-    """Write ``RUN/report/report.html`` and return its path (a damaged run file fails before anything is written)."""
+    """Write ``RUN/report/report.html`` and return its path (a damaged run file fails before anything is written).
+    Holds the run's writer lock throughout: refused with one line while a search or another job writes the run."""
+    with runlock.acquire(RunDir.open(run_path).path, "report"):
+        return _write_report(run_path, baselines, grids, progress)
+
+
+def _write_report(run_path: str | Path, baselines: bool, grids: bool, progress: bool) -> Path:
 
     # every run file is read (read-only) before anything is written
     run = load_run(run_path)
@@ -137,6 +229,9 @@ def write_report(run_path: str | Path, baselines: bool = True, grids: bool = Tru
     with malformed(run.path / "config.resolved.json", "run config"):
         proxy = {k: cfg["proxy"][k] for k in ("name", "n_images", "teacher_schedule", "teacher_steps")}
     space = run.space
+    exports = run.exports
+    names_of = _point_names(front)
+    bits = run.bits_table(list(names_of))
     final = summary = None
     if (run.path / "final.parquet").exists():
         final = read_parquet(run.path / "final.parquet", "validation summary",
@@ -157,19 +252,13 @@ def write_report(run_path: str | Path, baselines: bool = True, grids: bool = Tru
         return cache["ev"]
 
     base = _baselines(space, ev_factory, out, evaluations, progress) if baselines else []
-    plot = _plot(evaluations, front, base, final, out)
+    exported = frozenset(exports["key"])
+    plot = _plot(evaluations, front, base, final, out, exported)
+    heat = _bits_heatmap(bits, names_of, exported, out)
     names = _grids(front, ev_factory, out, progress) if grids else {}
     fin = final.set_index("key") if final is not None else None
-
-    rows = []
-    for _, p in front.sort_values("bitops").iterrows():
-        k = p["key"]
-        fid = (f"{_fmt(fin.loc[k, 'fid_mean'])} ± {_fmt(fin.loc[k, 'fid_std'], '.2g')}"
-               if fin is not None and k in fin.index else "–")
-        img = f'<img src="{names[k]}" alt="samples of {k}">' if k in names else ""
-        rows.append(f"<tr><td><code>{html.escape(k)}</code></td><td>{_fmt(p['fid_proxy'])}</td>"
-                    f"<td>{_fmt(p['bitops'] / 1e9)}</td><td>{_fmt(p.get('size_mb', float('nan')), '.3f')}</td>"
-                    f"<td>{fid}</td><td>{html.escape(str(list(p['timesteps'])))}</td><td>{img}</td></tr>")
+    rows = _front_rows(front, run.path, names_of, names, fin, exports)
+    pinned = sorted(set(bits.loc[bits["pinned"], "layer"]))
     base_rows = "".join(f"<tr><td>{html.escape(b['name'])}</td><td>{_fmt(b['fid_proxy'])}</td>"
                         f"<td>{_fmt(b['bitops'] / 1e9)}</td></tr>" for b in base)
     final_note = ""
@@ -183,7 +272,7 @@ def write_report(run_path: str | Path, baselines: bool = True, grids: bool = Tru
 <html lang="en"><head><meta charset="utf-8"><title>tmpq report: {html.escape(run.path.name)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px;vertical-align:middle}}img{{image-rendering:pixelated}}
-code{{font-size:12px}}</style></head><body>
+code{{font-size:12px}}tr.exported{{background:#fff3d6}}</style></head><body>
 <h1>tmpq search report: {html.escape(run.path.name)}</h1>
 <p>{len(evaluations)} evaluations, {len(front)} Pareto points; {'/'.join(map(str, space.step_choices))} steps
 ({html.escape(space.groups.kind)} time groups); bits W{list(space.w_bits)} × A{list(space.a_bits)}; proxy <code>{html.escape(str(proxy['name']))}</code>
@@ -195,8 +284,13 @@ at N = {proxy['n_images']}.</p>
 <h2>Front points</h2>
 <p>FP reference (teacher: {html.escape(str(proxy['teacher_schedule']))} DDIM {proxy['teacher_steps']} steps,
 the same {GRID_N} noise-bank images as every grid below):</p>{fp_img}
-<table><tr><th>key</th><th>proxy</th><th>GBitOPs</th><th>size MB</th><th>final FID</th><th>timesteps</th>
-<th>samples</th></tr>{''.join(rows)}</table>
+<table><tr><th>point</th><th>proxy</th><th>GBitOPs</th><th>size MB</th><th>final FID</th><th>timesteps</th>
+<th>export</th><th>samples</th></tr>{''.join(rows)}</table>
+<h2>Per-layer bits of the front points</h2>
+<p>Weight and activation bits of every searched layer (rows) at every front point (columns, named as in the table;
+the exported point outlined). {len(pinned)} pinned layers, held at their pins, are not shown{
+': ' + html.escape(', '.join(pinned)) if pinned else ''}. In Python: <code>tmpq.load_run(RUN).bits_table()</code>.</p>
+<img src="{heat}" alt="per-layer bits heat map">
 <script>
 // marks the page for automated checks: how many images decoded
 window.addEventListener('load', () => {{

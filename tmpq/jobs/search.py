@@ -19,8 +19,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from tmpq.core import runlock
 from tmpq.core.data import data_fingerprint
 from tmpq.core.devices import resolve_device, tune_cpu_allocator
+from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import atomic_write_bytes, malformed, read_json
 from tmpq.core.model import ModelConfig, load_model
 from tmpq.core.reuse import reused_layers
@@ -174,26 +176,36 @@ def prepare_run(cfg: RunConfig, run_path: Path, resume: bool = False,
     """A search's start-up without its search: load the model, refuse a proxy it cannot serve, place the time groups
     (a resumed run keeps its stored ones), build the space, create (or, with ``resume``, reopen under the same
     fingerprint) the run directory and give it a calibrated ``supernet.safetensors`` (copied from
-    ``calibration.supernet_file`` when set, else calibrated here, resumably). Returns (run, space, supernet file)."""
+    ``calibration.supernet_file`` when set, else calibrated here, resumably). Returns (run, space, supernet file);
+    the run holds its writer lock (``run.lock``, taken before anything is written: a resume takes it first of all,
+    a new run as it is created) until the caller releases it or exits."""
 
-    m = load_model(cfg.model, device=resolve_device(cfg.executor.device))
-    check_proxy(cfg, m.image_channels)
-    groups, step_groups = _time_groups(cfg, m, run_path if resume else None)  # before wrapping: profiles the FP model
-    net = QuantSupernet(m.unet, cfg.supernet)
-    fp = run_fingerprint(cfg, net.fingerprint)
-    space = build_space(cfg, net, groups, step_groups)
-    given = Path(cfg.calibration.supernet_file) if cfg.calibration.supernet_file else None
-    if given is not None:
-        net.load(given)  # refuses a missing, corrupt, unfinished or foreign file before any run directory exists
-    if resume:
-        run = RunDir.reopen(run_path, fp)
-    else:
-        run = RunDir.create(run_path, cfg.to_dict(), space.to_dict(), fp)
-    sn_file = run.path / "supernet.safetensors"
-    if not sn_file.is_file() and given is not None:
-        atomic_write_bytes(sn_file, given.read_bytes())
-    if not sn_file.is_file():
-        calibrate_to_file(cfg, m, net, sn_file, progress)
+    lock = runlock.acquire(RunDir.open(run_path).path, "search") if resume else None  # a second writer: one line
+    try:
+        m = load_model(cfg.model, device=resolve_device(cfg.executor.device))
+        check_proxy(cfg, m.image_channels)
+        groups, step_groups = _time_groups(cfg, m, run_path if resume else None)  # before wrapping: profiles FP
+        net = QuantSupernet(m.unet, cfg.supernet)
+        fp = run_fingerprint(cfg, net.fingerprint)
+        space = build_space(cfg, net, groups, step_groups)
+        given = Path(cfg.calibration.supernet_file) if cfg.calibration.supernet_file else None
+        if given is not None:
+            net.load(given)  # refuses a missing, corrupt, unfinished or foreign file before any run directory exists
+        if resume:
+            run = RunDir.reopen(run_path, fp)  # under the lock taken above
+            run.lock = lock
+        else:
+            run = RunDir.create(run_path, cfg.to_dict(), space.to_dict(), fp, writer="search")
+            lock = run.lock
+        sn_file = run.path / "supernet.safetensors"
+        if not sn_file.is_file() and given is not None:
+            atomic_write_bytes(sn_file, given.read_bytes())
+        if not sn_file.is_file():
+            calibrate_to_file(cfg, m, net, sn_file, progress)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     return run, space, sn_file
 
 
@@ -212,9 +224,18 @@ def proxy_record(cfg: RunConfig) -> dict:
 
 
 def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=None, progress: bool = True) -> RunDir:
-    """Run (or resume) a search; returns the run directory. ``executor`` overrides the configured one (tests)."""
+    """Run (or resume) a search; returns the run directory. ``executor`` overrides the configured one (tests). The
+    run's writer lock is held from before calibration to the end (released on return, or by the kernel on a kill)."""
 
     run, space, sn_file = prepare_run(cfg, run_path, resume, progress)
+    try:
+        return _search(cfg, run, space, sn_file, executor, progress)
+    finally:
+        run.lock.release()
+
+
+def _search(cfg: RunConfig, run: RunDir, space: SearchSpace, sn_file: Path, executor, progress: bool) -> RunDir:
+    """The search loop of :func:`run_search` over a prepared run (whose writer lock the caller holds)."""
     if executor is None:
         spec = worker_spec(cfg, sn_file)
         if cfg.executor.kind == "ray":
@@ -237,7 +258,9 @@ def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=No
     seeds = space.uniform_seeds(max(1, cfg.search.population // 2)) if cfg.search.uniform_seeds else []
     storage = study_name = None
     if cfg.search.engine == "optuna":  # a persistent study: resume continues it from engine.generation
-
+        # One process per study, also in an external storage many runs share: the study is named once per run
+        # (optuna.json in the run, a fresh suffix each) and opened only here, under the run's writer lock. (A copy
+        # of a run directory names the same study: resume the copy only while the original is not written.)
         storage, study_name = optuna_study_for_run(run.path, cfg.search.storage)
 
     obj_names = run_objectives(cfg.to_dict())
@@ -288,4 +311,13 @@ def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=No
                       f"front {len(front)}", flush=True)
     finally:
         executor.close()
+    _refuse_all_failed(run, logged)
     return run
+
+
+def _refuse_all_failed(run: RunDir, logged: dict) -> None:
+    """A search whose every evaluation failed has no front: one line (exit 2) with the first error, not an empty
+    result and exit 0. The log keeps every failure row."""
+    if logged and not any(r.status == "ok" for r in logged.values()):
+        first = next(iter(logged.values())).error.split(" | ")[0].strip() or "no error recorded"
+        raise TmpqError(f"search: all {len(logged)} evaluations failed (first: {first}); see {run.log_path}")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from tmpq.core import runlock
 from tmpq.core.adapters import predict, rows
 from tmpq.core.cost import DEFAULT_SOLVER, denoiser_calls
 from tmpq.core.errors import TmpqError
@@ -62,6 +63,19 @@ class ValidateConfig:
             raise TmpqError(f"--n: must be >= 2, got {self.n}")
         if not self.seeds:
             raise TmpqError("--seeds: give at least one seed")
+        for seed in self.seeds:
+            if not 0 <= seed < 2**32:
+                raise TmpqError(f"--seeds: each seed must be in [0, 2**32), got {seed}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise TmpqError(f"--seeds: repeated seed in {list(self.seeds)}")
+        for key, high in (("n", 1_000_000), ("calib_per_step", 1 << 20), ("batch_size", 1 << 16),
+                          ("recon_iters", 10_000_000), ("distill_iters", 10_000_000), ("top_k", 100_000)):
+            if getattr(self, key) > high:  # a typo's extra digits: refused, not run for days
+                raise TmpqError(f"--{key.replace('_', '-')}: must be <= {high} (the bound on this flag), got "
+                                f"{getattr(self, key)}")
+        for key in ("recon_iters", "distill_iters"):
+            if getattr(self, key) < 0:
+                raise TmpqError(f"--{key.replace('_', '-')}: must be >= 0, got {getattr(self, key)}")
         for key in ("calib_per_step", "batch_size"):
             if getattr(self, key) < 1:
                 raise TmpqError(f"--{key.replace('_', '-')}: must be >= 1, got {getattr(self, key)}")
@@ -159,46 +173,47 @@ def validate_run(run_path: str | Path, cfg: ValidateConfig, progress: bool = Tru
     channels, guidance = model.image_channels, model.guidance_scale
     del model
     check_reference(reference, channels, hint="; validation scores against the run's proxy.reference")
-    out = run.path / "final"
-    log = RowLog(out / "rows.jsonl", ("key", "seed", "n", "settings"), parse=_final_row)  # read before any write
-    out.mkdir(exist_ok=True)
-    settings = json.dumps({k: v for k, v in asdict(cfg).items() if k not in ("top_k", "keys", "seeds", "batch_size")},
-                          sort_keys=True)
-    ext = None
-    ref = None
-    for i, (_, p) in enumerate(points.iterrows()):
-        key = p["key"]
-        todo = [s for s in cfg.seeds if not log.has(key=key, seed=s, n=cfg.n, settings=settings)]
-        if not todo:
-            continue
-        if ext is None:
-            ext = scoring_extractor(channels, proxy.get("extractor", "auto"), proxy.get("inception_weights", ""))
-            ref = quality_reference(reference, ext, channels)
-        if progress:
-            print(f"validate point {i + 1}/{len(points)} {key}: {len(p['timesteps'])} steps, proxy "
-                  f"{p['fid_proxy']:.4g}, {p['bitops'] / 1e9:.3g} GBitOPs", flush=True)
-        solver = solver_of(p)
-        reuse = reuse_of(p)  # a point of a run with the reuse gene samples with its reuse (calibration: without)
-        branch = int(run_cfg.get("search", {}).get("reuse_branch", 0))
-        net, sched, info = recalibrate_point(run.path, key, p["timesteps"], p["bits"], cfg, progress, solver)
-        net.save(out / f"{key}.safetensors")
-        for seed in todo:
-            t0 = time.perf_counter()
-            with reusing(net.unet, reuse, branch, denoiser_calls(solver[0], len(p["timesteps"]))) as dc:
-                imgs = sample_images(net.unet, sched, list(p["timesteps"]), cfg.n, seed=seed,
-                                     batch_size=cfg.batch_size, progress=progress, desc=f"{key} seed {seed}",
-                                     guidance_scale=guidance, on_step=dc.on_step)
-            s = score_features(ext(imgs), ref)
-            acc = digit_class_accuracy(net.unet, imgs)  # a digit class model: conditional quality
-            log.append({"key": key, "seed": seed, "n": cfg.n, "settings": settings, "fid": s["fid"],
-                        **({"class_accuracy": acc} if acc is not None else {}),
-                        "kid": s.get("kid"), "kid_std": s.get("kid_std"), "timesteps": list(p["timesteps"]),
-                        "bits": json.loads(json.dumps(p["bits"])), "bitops": float(p["bitops"]),
-                        "fid_proxy": float(p["fid_proxy"]), "sample_s": round(time.perf_counter() - t0, 1),
-                        **({"solver": solver[0], "order": solver[1]} if solver != DEFAULT_SOLVER else {}),
-                        **({"reuse": list(reuse)} if reuse else {}), **info})
-        _write_summary(run.path, log, settings, cfg)
-    return _write_summary(run.path, log, settings, cfg)
+    with runlock.acquire(run.path, "validate"):  # one writer: refused (one line) while a search or job holds it
+        out = run.path / "final"
+        log = RowLog(out / "rows.jsonl", ("key", "seed", "n", "settings"), parse=_final_row)  # read before any write
+        out.mkdir(exist_ok=True)
+        settings = json.dumps({k: v for k, v in asdict(cfg).items()
+                               if k not in ("top_k", "keys", "seeds", "batch_size")}, sort_keys=True)
+        ext = None
+        ref = None
+        for i, (_, p) in enumerate(points.iterrows()):
+            key = p["key"]
+            todo = [s for s in cfg.seeds if not log.has(key=key, seed=s, n=cfg.n, settings=settings)]
+            if not todo:
+                continue
+            if ext is None:
+                ext = scoring_extractor(channels, proxy.get("extractor", "auto"), proxy.get("inception_weights", ""))
+                ref = quality_reference(reference, ext, channels)
+            if progress:
+                print(f"validate point {i + 1}/{len(points)} {key}: {len(p['timesteps'])} steps, proxy "
+                      f"{p['fid_proxy']:.4g}, {p['bitops'] / 1e9:.3g} GBitOPs", flush=True)
+            solver = solver_of(p)
+            reuse = reuse_of(p)  # a point of a run with the reuse gene samples with its reuse (calibration: without)
+            branch = int(run_cfg.get("search", {}).get("reuse_branch", 0))
+            net, sched, info = recalibrate_point(run.path, key, p["timesteps"], p["bits"], cfg, progress, solver)
+            net.save(out / f"{key}.safetensors")
+            for seed in todo:
+                t0 = time.perf_counter()
+                with reusing(net.unet, reuse, branch, denoiser_calls(solver[0], len(p["timesteps"]))) as dc:
+                    imgs = sample_images(net.unet, sched, list(p["timesteps"]), cfg.n, seed=seed,
+                                         batch_size=cfg.batch_size, progress=progress, desc=f"{key} seed {seed}",
+                                         guidance_scale=guidance, on_step=dc.on_step)
+                s = score_features(ext(imgs), ref)
+                acc = digit_class_accuracy(net.unet, imgs)  # a digit class model: conditional quality
+                log.append({"key": key, "seed": seed, "n": cfg.n, "settings": settings, "fid": s["fid"],
+                            **({"class_accuracy": acc} if acc is not None else {}),
+                            "kid": s.get("kid"), "kid_std": s.get("kid_std"), "timesteps": list(p["timesteps"]),
+                            "bits": json.loads(json.dumps(p["bits"])), "bitops": float(p["bitops"]),
+                            "fid_proxy": float(p["fid_proxy"]), "sample_s": round(time.perf_counter() - t0, 1),
+                            **({"solver": solver[0], "order": solver[1]} if solver != DEFAULT_SOLVER else {}),
+                            **({"reuse": list(reuse)} if reuse else {}), **info})
+            _write_summary(run.path, log, settings, cfg)
+        return _write_summary(run.path, log, settings, cfg)
 
 
 _ROW_FIELDS = {"key": str, "seed": int, "n": int, "settings": str, "fid": (int, float), "bitops": (int, float),
