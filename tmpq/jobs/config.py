@@ -356,9 +356,17 @@ def config_from_dict(data: dict) -> RunConfig:
         raise TmpqError(f"search.grouping: {s.grouping} groups are profiled in fp32 only, not with model.dtype = "
                         f"{cfg.model.dtype} (use quad or uniform)")
     # what the search would find only once the run directory exists and the supernet is calibrated
-    check_budget_options(s.bitops_budget, cfg.supernet, "search.bitops_budget")
-    if s.axes == "time":
-        check_budget_options(s.fixed_bits, cfg.supernet, "search.fixed_bits")
+    # a key left at its default is not the culprit: name the supernet's options the user did set instead
+    for key, value in (("bitops_budget", s.bitops_budget), ("fixed_bits", s.fixed_bits if s.axes == "time" else "")):
+        given = key in (data.get("search") or {})
+        try:
+            check_budget_options(value, cfg.supernet, f"search.{key}")
+        except TmpqError as exc:
+            if given:
+                raise
+            raise TmpqError(f"supernet.w_bits / supernet.a_bits: {list(cfg.supernet.w_bits)} / "
+                            f"{list(cfg.supernet.a_bits)} lack the default search.{key} {value.strip()!r}; add its "
+                            f"widths or set search.{key}") from None
     c = cfg.calibration
     if not c.supernet_file and c.steps > c.sampler_steps:
         raise TmpqError(f"calibration.steps: {c.steps} must be <= calibration.sampler_steps ({c.sampler_steps}): the "
