@@ -246,7 +246,7 @@ PLANTS = {
                                  "tmpq.core.bad -> tmpq.jobs (upward: jobs over core)"),
     "a relative import of a peer": ("evaluators/bad.py", "from ..search.space import SearchSpace\n",
                                     "tmpq.evaluators.bad -> tmpq.search.space (peer library)"),
-    "an importlib string import": ("quant/bad.py", "import importlib\n\nsn = importlib.import_module('tmpq.supernet')\n",
+    "an importlib string import": ("quant/bad.py", "import importlib\n\nm = importlib.import_module('tmpq.supernet')\n",
                                    "tmpq.quant.bad -> tmpq.supernet (upward: supernet over quant)"),
     "a first-party name outside the package": ("supernet/bad.py", "from benchmarks.common import RowLog\n",
                                                "tmpq.supernet.bad -> benchmarks.common (first-party outside the "
@@ -254,7 +254,8 @@ PLANTS = {
     "torch reached through core": ({"search/space.py": "from tmpq.core.mid import f\n",
                                     "tmpq/core/mid.py": "from . import heavy\n",
                                     "tmpq/core/heavy.py": "import diffusers\n"},
-                                   "tmpq.search.space -> torch (through tmpq.core.mid -> tmpq.core.heavy -> diffusers)"),
+                                   "tmpq.search.space -> torch (through tmpq.core.mid -> tmpq.core.heavy -> "
+                                   "diffusers)"),
     "torch reached through a package's __init__": ({"search/groups.py": "from tmpq.core.errors import TmpqError\n",
                                                    "tmpq/core/__init__.py": "import torch\n"},
                                                   "tmpq.search.groups -> torch (through tmpq.core -> torch)"),

@@ -38,7 +38,7 @@ from tmpq.evaluators.candidate import (
     scoring_extractor,
 )
 from tmpq.evaluators.profile import RATES, dp_costs
-from tmpq.jobs.config import RunConfig
+from tmpq.jobs.config import CONFIG_VERSION, LATER_KEYS, RunConfig
 from tmpq.search.budget import budget_bitops, uniform_option
 from tmpq.search.engines import make_engine, optuna_study_for_run
 from tmpq.search.executors import LocalExecutor, RayExecutor, Task
@@ -47,7 +47,7 @@ from tmpq.search.rundir import EvalResult, RunDir, run_objectives
 from tmpq.search.sensitivity import PROFILES
 from tmpq.search.space import SearchSpace
 from tmpq.search.stepsel import optimal_schedules
-from tmpq.supernet import QuantSupernet, SupernetConfig
+from tmpq.supernet import QuantSupernet
 from tmpq.supernet.calib_data import calibrate_to_file
 
 log = logging.getLogger(__name__)
@@ -88,35 +88,17 @@ class WorkerSpec:
                                   guidance_scale=m.guidance_scale)
 
 
-# the keys of a run config's [model], [supernet] and [proxy] sections before they became ModelConfig,
-# SupernetConfig and ProxyConfig
-_SECTION_KEYS_BEFORE_19 = {
-    "model": {"path"},
-    "supernet": {"w_bits", "a_bits", "tie_qkv", "w_rounding", "w_granularity", "group_size", "w_two_bit",
-                 "bias_correction", "w_observer", "a_observer", "time_groups"},
-    "proxy": {"name", "n_images", "seed", "teacher_steps", "teacher_schedule", "reference", "extractor",
-              "inception_weights"},
-}
-
-
 def run_fingerprint(cfg: RunConfig, model_fp: str) -> str:
+    """The run's identity: its config, the model's and the data's fingerprints. A resume must match it."""
     # The executor section is left out: local and Ray give bit-identical evaluations at the same threads_per_worker
     # (tests/test_search_ray.py), so a run may resume on another executor or at a new cluster address.
     config = {k: v for k, v in cfg.to_dict().items() if k != "executor"}
-    # keys added after runs already existed count only when set, so those runs still resume
-    for section, key, default in (("search", "step_choices", []), ("proxy", "reference", ""),
-                                  ("search", "mutation_prob", 0.0), ("proxy", "extractor", "auto"),
-                                  ("proxy", "inception_weights", ""), ("supernet", "time_groups", 1),
-                                  ("search", "uniform_seeds", True),
-                                  ("search", "size_objective", False), ("search", "solvers", []),
-                                  ("search", "reuse_branch", 0)):
-        if config[section].get(key) == default:
+    # a key added after the first runs counts only when it is not the value the runs before it behaved as, so they
+    # still resume (the config's version table, tmpq.jobs.config.LATER_KEYS)
+    for dotted, (_version, before) in LATER_KEYS.items():
+        section, key = dotted.split(".", 1)
+        if key in config.get(section, {}) and config[section][key] == before:
             del config[section][key]
-    # keys that came with the components' own config classes (issue 19): likewise, only when not at their defaults
-    for section, owner in (("model", ModelConfig()), ("supernet", SupernetConfig()), ("proxy", ProxyConfig())):
-        for key in set(config[section]) - _SECTION_KEYS_BEFORE_19[section]:
-            if config[section][key] == json.loads(json.dumps(getattr(owner, key))):
-                del config[section][key]
     blob = json.dumps({"config": config, "model": model_fp, "data": data_fingerprint()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -215,7 +197,9 @@ def prepare_run(cfg: RunConfig, run_path: Path, resume: bool = False,
             run = RunDir.reopen(run_path, fp)  # under the lock taken above
             run.lock = lock
         else:
-            run = RunDir.create(run_path, cfg.to_dict(), space.to_dict(), fp, writer="search")
+            # the resolved config records its version (outside the fingerprint; config_from_dict drops it)
+            run = RunDir.create(run_path, {**cfg.to_dict(), "config_version": CONFIG_VERSION}, space.to_dict(), fp,
+                                writer="search")
             lock = run.lock
         sn_file = run.path / "supernet.safetensors"
         if not sn_file.is_file() and given is not None:
