@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 from tmpq.core.cost import DEFAULT_SOLVER
 from tmpq.core.errors import TmpqError
 
+# executor.kind: where a search evaluates (LocalExecutor, RayExecutor)
+EXECUTORS = ("local", "ray")
+
 
 @dataclass(frozen=True)
 class Task:

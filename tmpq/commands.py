@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from tmpq.core.adapters import decoder_cost, set_conditioning
+from tmpq.core.choices import BIT_PRESETS
 from tmpq.core.devices import cpu_allocator, resolve_device, tune_cpu_allocator
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import malformed, read_json
@@ -211,8 +212,8 @@ def supernet_config(args: argparse.Namespace) -> SupernetConfig:
     kw = _given(args, {"tie_qkv": "tie_qkv", "rounding": "w_rounding", "w_granularity": "w_granularity",
                        "group_size": "group_size", "time_groups": "time_groups",
                        "guidance_ranges": "guidance_ranges"})
-    if args.preset == "paper":
-        kw["w_bits"] = kw["a_bits"] = (8, 7, 6, 5)
+    if args.preset is not None:
+        kw["w_bits"] = kw["a_bits"] = BIT_PRESETS[args.preset]
     for arg in ("w_bits", "a_bits"):
         if getattr(args, arg) is not None and args.preset is None:
             kw[arg] = tuple(_parse_int_list(getattr(args, arg), "--" + arg.replace("_", "-")))
