@@ -28,15 +28,13 @@ from tmpq.core.fileio import atomic_write_bytes
 def build(cfg, work: Path):
     """The supernet file (calibrated once, as ``run_search`` does) and the search space of ``cfg``."""
     from tmpq.core.model import load_model
-    from tmpq.jobs.search import (
-        _time_groups,
-        build_space,
-        calibrate_to_file,
-    )
+    from tmpq.core.sampler import make_scheduler
+    from tmpq.jobs.search import build_space, time_groups
     from tmpq.supernet import QuantSupernet
+    from tmpq.supernet.calib_data import calibrate_to_file
 
     m = load_model(cfg.model.path)
-    groups, step_groups = _time_groups(cfg, m, None)  # before wrapping: a sensitivity grouping profiles the FP model
+    groups, step_groups = time_groups(cfg, m, None)  # before wrapping: a sensitivity grouping profiles the FP model
     net = QuantSupernet(m.unet, cfg.supernet)
     space = build_space(cfg, net, groups, step_groups)
     # cached per model x supernet options x calibration settings (configs with other bit options get their own file)
@@ -47,7 +45,8 @@ def build(cfg, work: Path):
         net.load(sn_file)  # refuses a file that does not fit this config
     else:
         work.mkdir(parents=True, exist_ok=True)
-        calibrate_to_file(cfg, m, net, sn_file, progress=False)
+        calibrate_to_file(net, make_scheduler(m.scheduler_config), sn_file, cfg.calibration, progress=False,
+                          guidance_scale=m.guidance_scale)
     return sn_file, space
 
 

@@ -53,9 +53,10 @@ def supernet_file(args, out: Path) -> Path:
     """Calibrate the benchmark's supernet (the default but for ``run_pins``) once (resumable per option) and keep it
     for every part."""
     from tmpq.core.model import load_model
+    from tmpq.core.sampler import make_scheduler
     from tmpq.jobs.config import config_from_dict
-    from tmpq.jobs.search import calibrate_to_file
     from tmpq.supernet import QuantSupernet
+    from tmpq.supernet.calib_data import calibrate_to_file
 
     path = out / "supernet.safetensors"
     if path.is_file():
@@ -65,7 +66,8 @@ def supernet_file(args, out: Path) -> Path:
     m = load_model(cfg.model)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    calibrate_to_file(cfg, m, QuantSupernet(m.unet, cfg.supernet), path)
+    calibrate_to_file(QuantSupernet(m.unet, cfg.supernet), make_scheduler(m.scheduler_config), path, cfg.calibration,
+                      guidance_scale=m.guidance_scale)
     print(f"calibrated the shared supernet in {time.perf_counter() - t0:.0f} s -> {path}", flush=True)
     return path
 
@@ -294,6 +296,7 @@ def fp_grouping_rows(args, log: RowLog, sn: Path) -> None:
     good a schedule each grouping starts its search from."""
     from tmpq.core.model import ModelConfig, load_model
     from tmpq.core.sampler import make_scheduler
+    from tmpq.jobs.search import fp_profile
     from tmpq.search.groups import make_groups
     from tmpq.search.sensitivity import PROFILES
 
@@ -305,7 +308,7 @@ def fp_grouping_rows(args, log: RowLog, sn: Path) -> None:
                 continue
             if kind in PROFILES and kind not in profiles:  # the search's own profile: same FP model, seed 0
                 m = load_model(ModelConfig(**run_pins(args).get("model", {})))
-                profiles[kind] = PROFILES[kind](m.unet, make_scheduler(m.scheduler_config), seed=0)
+                profiles[kind] = fp_profile(kind, m.unet, make_scheduler(m.scheduler_config), seed=0)
             groups = make_groups(kind, n, profile=profiles.get(kind))
             if ev is None:
                 ev = evaluator(args, sn)

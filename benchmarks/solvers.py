@@ -59,7 +59,7 @@ def part_fp(args, log: RowLog) -> None:
     from tmpq.core.solvers import parse_solver
     from tmpq.evaluators.features import make_extractor
     from tmpq.evaluators.quality import embedded_reference, evaluate_schedule
-    from tmpq.search.stepsel import optimal_schedules
+    from tmpq.jobs.search import dp_schedules
 
     m = _model(args)
     ext = make_extractor("domain")
@@ -81,7 +81,7 @@ def part_fp(args, log: RowLog) -> None:
     for steps in args.steps:
         for sched in args.schedules:
             if sched == "dp" and dp is None:
-                dp = optimal_schedules(m.unet, m.scheduler_config, args.steps, guidance_scale=m.guidance_scale)
+                dp = dp_schedules(m.unet, m.scheduler_config, args.steps, guidance_scale=m.guidance_scale)
             # trailing: diffusers' stock spacing for few steps (from T - 1, no step at t = 0)
             ts = dp[steps] if sched == "dp" else make_timesteps(sched, steps)
             for solver in args.solvers:
@@ -160,16 +160,18 @@ def _search(args, log: RowLog, name: str, cfg) -> Path:
 def _supernet(args) -> Path:
     """The demo's supernet, calibrated once for every search here."""
     from tmpq.core.model import load_model
+    from tmpq.core.sampler import make_scheduler
     from tmpq.jobs.config import load_config
-    from tmpq.jobs.search import calibrate_to_file
     from tmpq.supernet import QuantSupernet
+    from tmpq.supernet.calib_data import calibrate_to_file
 
     path = Path(args.out) / "supernet.safetensors"
     if not path.is_file():
         cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.toml")
         m = load_model(cfg.model)
         path.parent.mkdir(parents=True, exist_ok=True)
-        calibrate_to_file(cfg, m, QuantSupernet(m.unet, cfg.supernet), path, True)
+        calibrate_to_file(QuantSupernet(m.unet, cfg.supernet), make_scheduler(m.scheduler_config), path,
+                          cfg.calibration, guidance_scale=m.guidance_scale)
     return path
 
 
@@ -193,9 +195,8 @@ def _step_side(args, log: RowLog, sn: Path) -> None:
     from tmpq.core.schedules import make_timesteps
     from tmpq.core.solvers import parse_solver
     from tmpq.jobs.run import load_run
-    from tmpq.jobs.search import WorkerSpec
+    from tmpq.jobs.search import WorkerSpec, dp_schedules
     from tmpq.search.space import Candidate
-    from tmpq.search.stepsel import optimal_schedules
 
     run = load_run(Path(args.out) / "runs" / "gene-s0")
     cfg, space = run.config, run.space
@@ -213,8 +214,8 @@ def _step_side(args, log: RowLog, sn: Path) -> None:
         bits = tuple((w, a) for _ in range(space.num_genes))
         if method == "dp":
             if dp is None:
-                dp = optimal_schedules(m.unet, m.scheduler_config, list(space.step_choices),
-                                       guidance_scale=m.guidance_scale)
+                dp = dp_schedules(m.unet, m.scheduler_config, list(space.step_choices),
+                                  guidance_scale=m.guidance_scale)
             cand = Candidate(tuple(int(t) for t in dp[steps]), bits, name, order)
             cost = space.bitops(cand)
         else:

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tmpq.core.choices import ROUNDINGS, TWO_BIT
 from tmpq.quant.adaround import AdaRoundQuantizer
 from tmpq.quant.binarize import MultiBasisBinarizer
 from tmpq.quant.functional import fake_quant_split_inference
@@ -60,9 +61,9 @@ class QuantLayer(nn.Module):
         self.w_bits, self.a_bits = tuple(int(b) for b in w_bits), tuple(int(b) for b in a_bits)
         if not self.w_bits or not self.a_bits:
             raise QuantError("a quantized layer needs at least one weight and one activation bit option")
-        if w_rounding not in ("nearest", "adaround"):
+        if w_rounding not in ROUNDINGS:
             raise QuantError(f"w_rounding: unknown {w_rounding!r}; choose nearest or adaround")
-        if w_two_bit not in ("multibasis", "affine"):
+        if w_two_bit not in TWO_BIT:
             raise QuantError(f"w_two_bit: unknown {w_two_bit!r}; choose multibasis or affine")
         if w_rounding == "adaround" and w_granularity != "channel":
             raise QuantError("w_rounding adaround supports channel granularity only")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from tmpq.core.choices import GRANULARITIES, OBSERVERS
 from tmpq.quant.functional import (
     affine_params,
     channel_view,
@@ -24,8 +25,6 @@ from tmpq.quant.functional import (
     to_groups,
 )
 
-GRANULARITIES = ("tensor", "channel", "group")
-OBSERVERS = ("minmax", "percentile", "mse")
 SUPPORTED_BITS = tuple(range(2, 17))
 
 

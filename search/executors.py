@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 from tmpq.core.cost import DEFAULT_SOLVER
 from tmpq.core.errors import TmpqError
 
+# executor.kind: where a search evaluates (LocalExecutor, RayExecutor)
+EXECUTORS = ("local", "ray")
+
 
 @dataclass(frozen=True)
 class Task:
@@ -62,7 +65,9 @@ class LocalExecutor:
 
     Evaluations run at the factory's ``threads`` (as a Ray actor would) and the process's torch thread count is
     restored after each one: the driver's later work (calibrating another supernet, say) must not inherit the
-    worker's setting, since float reductions, and so calibrated scales, differ between thread counts.
+    worker's setting, since float reductions, and so calibrated scales, differ between thread counts. The factory
+    sets them through its ``torch_threads(n)`` (which returns the count before; this library imports no torch); a
+    factory without it is left alone.
     """
 
     name = "local"
@@ -73,15 +78,14 @@ class LocalExecutor:
         self._evaluator = None
 
     def _at_worker_threads(self, fn: Callable[[], object]):
-        import torch
-
-        prev = torch.get_num_threads()
-        if self.threads:
-            torch.set_num_threads(self.threads)
+        knob = getattr(self.factory, "torch_threads", None)
+        if knob is None:
+            return fn()
+        prev = knob(self.threads)
         try:
             return fn()
         finally:
-            torch.set_num_threads(prev)
+            knob(prev)
 
     def map(self, tasks: list[Task]) -> Iterator[tuple[Task, Outcome]]:
         if self._evaluator is None:
@@ -230,9 +234,10 @@ class _RayWorker:
 
     def __init__(self, factory, threads: int):
         import ray
-        import torch
 
-        torch.set_num_threads(threads)
+        knob = getattr(factory, "torch_threads", None)  # the evaluator's torch threads, set by its factory
+        if knob is not None:
+            knob(threads)
         self.name = f"{_worker_name()}@{ray.get_runtime_context().get_node_id()[:8]}"
         self.evaluator = factory()
 

@@ -39,6 +39,8 @@ from tmpq.search.groups import TimeGroups
 
 SPACE_FORMAT = "tmpq.search-space"
 SPACE_VERSION = 1
+# search.axes: what a search may change (SearchSpace.restrict)
+AXES = ("joint", "time", "bits")
 
 
 @dataclass(frozen=True)
@@ -345,7 +347,7 @@ class SearchSpace:
             nb = self.num_genes * self.bit_blocks
             wi, ai = self.w_bits.index(fixed_bits[0]), self.a_bits.index(fixed_bits[1])
             return replace(self, fixed=tuple((n + j, wi) for j in range(nb)) + tuple((n + nb + j, ai) for j in range(nb)))
-        raise TmpqError(f"search.axes: unknown {axes!r}; choose joint, time or bits")
+        raise TmpqError(f"search.axes: unknown {axes!r}; choose {', '.join(AXES[:-1])} or {AXES[-1]}")
 
     def _hold(self, g: np.ndarray) -> np.ndarray:
         for i, v in self.fixed:

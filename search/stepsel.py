@@ -8,56 +8,17 @@ of the edge i -> j (the last point is the clean sample). A schedule of k steps i
 dynamic programme finds the path of least total cost, and the schedule is the timesteps of i_0 .. i_(k-1). One teacher
 run (``grid_steps`` denoiser calls on ``n`` images) pays for every k. The local cost is DDIM's (first order); other
 solvers are sampled on the same schedule (the GITS practice), which is how the baselines use it.
+
+The teacher run and the costs are measured by :func:`tmpq.evaluators.profile.dp_costs` (torch); this module is the
+dynamic programme over them (pure NumPy); the search job joins the two (:func:`tmpq.jobs.search.dp_schedules`).
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 import numpy as np
-import torch
 
-from tmpq.core.adapters import adapter_for, denoiser_of, guided_eps, sample_shape
 from tmpq.core.errors import TmpqError
-from tmpq.core.sampler import NoiseBank, make_scheduler
-from tmpq.core.schedules import uniform_timesteps
-
-
-@torch.no_grad()
-def teacher_trajectory(unet, scheduler_config: dict, grid_steps: int = 100, n: int = 64, seed: int = 20_000,
-                       guidance_scale: float = 1.0):
-    """(grid timesteps, states [G + 1, n, ...], eps [G, n, ...]) of the FP model's DDIM trajectory on bank images
-    0..n-1: states[i] is the sample at grid[i], states[G] the clean sample."""
-    sched = make_scheduler(scheduler_config)
-    grid = list(uniform_timesteps(grid_steps, sched.config.num_train_timesteps))
-    sched.set_timesteps(timesteps=grid)
-    inner = denoiser_of(unet)
-    device = next(unet.parameters()).device
-    cond = adapter_for(inner).conditions(inner, range(n), device=device)
-    x = NoiseBank(seed, sample_shape(unet)).initial(range(n)).to(device)
-    states, eps = [x], []
-    for t in grid:
-        e = guided_eps(unet, x, torch.full((n,), t, dtype=torch.int64, device=device), cond, guidance_scale)
-        x = sched.step(e, t, x).prev_sample
-        eps.append(e)
-        states.append(x)
-    return grid, torch.stack(states), torch.stack(eps)
-
-
-def _jump(sched, x: torch.Tensor, eps: torch.Tensor, t: int, t_next: int | None) -> torch.Tensor:
-    """One DDIM step from (x, eps) at ``t`` to ``t_next`` (None: the clean sample), clipping x0 as the sampler does."""
-    sched.set_timesteps(timesteps=[t] if t_next is None else [t, t_next])
-    return sched.step(eps, t, x).prev_sample
-
-
-def transition_costs(scheduler_config: dict, grid, states: torch.Tensor, eps: torch.Tensor) -> np.ndarray:
-    """cost[i, j] (j > i, j = len(grid) the clean sample): mean squared error of one DDIM jump from grid point i to j
-    against the teacher's state at j; inf elsewhere."""
-    sched = make_scheduler(scheduler_config)
-    g = len(grid)
-    cost = np.full((g, g + 1), np.inf)
-    for i in range(g):
-        for j in range(i + 1, g + 1):
-            x_hat = _jump(sched, states[i], eps[i], grid[i], grid[j] if j < g else None)
-            cost[i, j] = float((x_hat - states[j]).pow(2).mean())
-    return cost
 
 
 def dp_path(cost: np.ndarray, k: int) -> list[int]:
@@ -80,10 +41,7 @@ def dp_path(cost: np.ndarray, k: int) -> list[int]:
     return path[::-1]
 
 
-def optimal_schedules(unet, scheduler_config: dict, steps, grid_steps: int = 100, n: int = 64, seed: int = 20_000,
-                      guidance_scale: float = 1.0) -> dict[int, tuple[int, ...]]:
-    """The DP schedule of every step count in ``steps`` from one teacher run (``seed``: a noise seed apart from the
-    evaluation seeds)."""
-    grid, states, eps = teacher_trajectory(unet, scheduler_config, grid_steps, n, seed, guidance_scale)
-    cost = transition_costs(scheduler_config, grid, states, eps)
+def optimal_schedules(grid: Sequence[int], cost: np.ndarray, steps: Iterable[int]) -> dict[int, tuple[int, ...]]:
+    """The DP schedule of every step count in ``steps`` from one teacher run's ``grid`` timesteps and transition
+    ``cost`` (:func:`tmpq.evaluators.profile.dp_costs`)."""
     return {int(k): tuple(grid[i] for i in dp_path(cost, int(k))) for k in steps}

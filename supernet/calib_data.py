@@ -20,8 +20,7 @@ from tmpq.core.errors import TmpqError
 from tmpq.core.sampler import NoiseBank, sample_batch
 from tmpq.core.schedules import make_timesteps
 
-STRATEGIES = ("uniform", "ndtc", "eda")
-MODES = ("per-option", "random-path")
+from tmpq.core.choices import MODES, STRATEGIES 
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ import json
 import re
 from dataclasses import asdict, dataclass
 
+from tmpq.core.choices import GUIDANCE_RANGES, ROUNDINGS, TWO_BIT
 from tmpq.core.cost import LayerCost
 from tmpq.core.errors import TmpqError
 from tmpq.quant.binarize import BINARY_BITS
@@ -15,7 +16,6 @@ from tmpq.quant.quantizer import GRANULARITIES, OBSERVERS, SUPPORTED_BITS
 TIE_QKV = r"(.*)\.to_[qkv]$"
 # what supernet files before ``tie_qkv`` stored in ``tie`` for it (read back as tie_qkv = true)
 _LEGACY_TIE_QKV = r"(.*attentions\.\d+)\.to_[qkv]$"
-GUIDANCE_RANGES = ("shared", "separate")
 
 
 def _check_bits(key: str, b, weight: bool) -> None:
@@ -134,8 +134,8 @@ class SupernetConfig:
                 raise TmpqError(f"supernet.tie: {t!r} is not a regular expression ({exc})") from None
             if groups != 1:
                 raise TmpqError(f"supernet.tie: regex {t!r} needs exactly one capture group")
-        for key, choices in (("w_two_bit", ("multibasis", "affine")), ("w_granularity", GRANULARITIES),
-                             ("w_rounding", ("nearest", "adaround")), ("w_observer", OBSERVERS),
+        for key, choices in (("w_two_bit", TWO_BIT), ("w_granularity", GRANULARITIES),
+                             ("w_rounding", ROUNDINGS), ("w_observer", OBSERVERS),
                              ("a_observer", OBSERVERS)):
             if getattr(self, key) not in choices:
                 raise TmpqError(f"supernet.{key}: must be one of {', '.join(choices)}, got {getattr(self, key)!r}")

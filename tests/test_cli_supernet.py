@@ -38,15 +38,15 @@ def test_calibrate_defaults_are_the_run_configs():
     """One source of defaults: the parser leaves every supernet and calibration option unset, and the command
     fills in the config classes' own defaults (those of a run config's sections)."""
     from tmpq.cli import build_parser
-    from tmpq.commands import _supernet_config
+    from tmpq.commands import supernet_config
     from tmpq.jobs.config import RunConfig
 
     args = build_parser().parse_args(["calibrate"])
-    assert _supernet_config(args) == RunConfig().supernet
+    assert supernet_config(args) == RunConfig().supernet
     assert {getattr(args, a) for a in ("w_bits", "a_bits", "tie_qkv", "rounding", "time_groups", "mode",
                                        "strategy", "calib_steps", "seed", "recon_iters")} == {None}
     args = build_parser().parse_args(["calibrate", "--no-tie-qkv", "--time-groups", "1", "--w-bits", "8,4"])
-    assert _supernet_config(args) == SupernetConfig(tie_qkv=False, time_groups=1, w_bits=(8, 4))
+    assert supernet_config(args) == SupernetConfig(tie_qkv=False, time_groups=1, w_bits=(8, 4))
 
 
 def test_calibrate_bad_bits(tiny_model_dir, tmp_path):

@@ -1,4 +1,5 @@
-"""Data-driven time groups from the FP model's per-timestep sensitivity."""
+"""Data-driven time groups from the FP model's per-timestep sensitivity (rates measured by the evaluators' probe,
+the profile made of them by the search library, joined by the search job's ``fp_profile``)."""
 import numpy as np
 import pytest
 
@@ -6,8 +7,13 @@ from tests.conftest import tiny_unet
 from tmpq.core.errors import TmpqError
 from tmpq.core.model import embedded_scheduler_config
 from tmpq.core.sampler import make_scheduler
+from tmpq.evaluators.profile import x0_rates
+from tmpq.jobs.search import fp_profile
 from tmpq.search.groups import sensitivity_groups
-from tmpq.search.sensitivity import sensitivity_profile
+
+
+def sensitivity_profile(unet, sched, **probe):
+    return fp_profile("sensitivity", unet, sched, **probe)
 
 
 def test_profile_is_deterministic_positive_and_gives_valid_groups():
@@ -26,17 +32,15 @@ def test_profile_is_deterministic_positive_and_gives_valid_groups():
 def test_profile_bad_settings():
     unet, sched = tiny_unet(), make_scheduler(embedded_scheduler_config())
     with pytest.raises(TmpqError, match="probe_steps"):
-        sensitivity_profile(unet, sched, n_images=2, probe_steps=1)
+        x0_rates(unet, sched, n_images=2, probe_steps=1)
     with pytest.raises(TmpqError, match="n_images"):
         sensitivity_profile(unet, sched, n_images=0)
 
 
 def test_step_error_profile_is_deterministic_positive_and_gives_valid_groups():
-    from tmpq.search.sensitivity import step_error_profile
-
     unet, sched = tiny_unet(), make_scheduler(embedded_scheduler_config())
-    a = step_error_profile(unet, sched, n_images=4, probe_steps=20, seed=0)
-    np.testing.assert_array_equal(a, step_error_profile(unet, sched, n_images=4, probe_steps=20, seed=0))
+    a = fp_profile("error", unet, sched, n_images=4, probe_steps=20, seed=0)
+    np.testing.assert_array_equal(a, fp_profile("error", unet, sched, n_images=4, probe_steps=20, seed=0))
     assert a.shape == (1000,) and np.all(np.isfinite(a)) and np.all(a > 0)
     g = sensitivity_groups(a, 10, "error")
     assert g.n == 10 and sum(g.sizes) == 1000 and g.kind == "error"

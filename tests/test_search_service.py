@@ -42,7 +42,7 @@ def test_resume_with_changed_config_is_refused(tiny_model_dir, tmp_path):
 def test_data_driven_grouping_search_and_resume_reuse_stored_groups(tiny_model_dir, tmp_path, monkeypatch, kind):
     import json
 
-    import tmpq.search.sensitivity as sens
+    import tmpq.evaluators.profile as probes
 
     cfg = tiny_cfg(tiny_model_dir, grouping=kind, generations=1)
     run = run_search(cfg, tmp_path / "run", progress=False)
@@ -58,8 +58,8 @@ def test_data_driven_grouping_search_and_resume_reuse_stored_groups(tiny_model_d
     def no_profile(*a, **k):
         raise AssertionError("a resumed run must reuse its stored groups, not re-profile")
 
-    for k in sens.PROFILES:
-        monkeypatch.setitem(sens.PROFILES, k, no_profile)
+    for k in probes.RATES:
+        monkeypatch.setitem(probes.RATES, k, no_profile)
     run_search(cfg, tmp_path / "run", resume=True, progress=False)
 
 
@@ -74,12 +74,11 @@ def test_dp_grouping_seeds_each_step_count_with_its_dp_schedule_and_resume_keeps
     from tmpq.core.model import load_model
     from tmpq.jobs.run import load_run
     from tmpq.search.groups import TimeGroups
-    from tmpq.search.stepsel import optimal_schedules
 
     cfg = tiny_cfg(tiny_model_dir, grouping="dp", steps=3, step_choices=[2, 3, 4], engine="random", generations=1)
     run = run_search(cfg, tmp_path / "run", progress=False)
     m = load_model(cfg.model)
-    best = optimal_schedules(m.unet, m.scheduler_config, [2, 3, 4])
+    best = js.dp_schedules(m.unet, m.scheduler_config, [2, 3, 4])
     stored = [TimeGroups.from_dict(g) for g in json.loads((run.path / "search_space.json").read_text())["step_groups"]]
     assert sorted(g.n for g in stored) == [2, 3, 4]
     for g in stored:
@@ -94,7 +93,7 @@ def test_dp_grouping_seeds_each_step_count_with_its_dp_schedule_and_resume_keeps
     def no_teacher(*a, **k):
         raise AssertionError("a resumed run must reuse its stored groups, not run the FP teacher again")
 
-    monkeypatch.setattr(js, "optimal_schedules", no_teacher)
+    monkeypatch.setattr(js, "dp_costs", no_teacher)
     n_lines = len(run.log_path.read_text().splitlines())
     run_search(cfg, tmp_path / "run", resume=True, progress=False)
     assert len(run.log_path.read_text().splitlines()) == n_lines

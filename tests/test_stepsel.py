@@ -9,12 +9,9 @@ import pytest
 from tests.conftest import tiny_unet
 from tmpq.core.errors import TmpqError
 from tmpq.core.model import embedded_scheduler_config
-from tmpq.search.stepsel import (
-    dp_path,
-    optimal_schedules,
-    teacher_trajectory,
-    transition_costs,
-)
+from tmpq.evaluators.profile import teacher_trajectory, transition_costs
+from tmpq.jobs.search import dp_schedules
+from tmpq.search.stepsel import dp_path
 
 
 def test_the_dynamic_programme_finds_the_cheapest_path():
@@ -39,7 +36,7 @@ def test_optimal_schedules_beat_uniform_subsets_of_the_grid_on_their_own_cost():
     assert len(grid) == 20 and states.shape[0] == 21 and eps.shape[0] == 20
     cost = transition_costs(cfg, grid, states, eps)
     assert cost[0, 1] == pytest.approx(0.0, abs=1e-10)  # one grid step is the teacher's own step
-    scheds = optimal_schedules(unet, cfg, [3, 5], grid_steps=20, n=8)
+    scheds = dp_schedules(unet, cfg, [3, 5], grid_steps=20, n=8)
     for k, ts in scheds.items():
         assert len(ts) == k and ts[0] == grid[0] and list(ts) == sorted(ts, reverse=True)
         idx = [grid.index(t) for t in ts]

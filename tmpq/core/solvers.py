@@ -16,8 +16,8 @@ integer schedule (what the search picks), and a pinned schedule (:meth:`Respaced
   (:func:`needs_scaling`).
 
 Each lands on the clean image after its last timestep (final sigma 0 / DDIM's final alpha), so the same schedule
-means the same start and end for every solver. :func:`denoiser_calls` counts a schedule's denoiser calls (the cost
-model's multiplier). Each solver reproduces its stock diffusers scheduler on that scheduler's own spacing (tested).
+means the same start and end for every solver. :func:`tmpq.core.cost.denoiser_calls` counts a schedule's denoiser
+calls (the cost model's multiplier). Each solver reproduces its stock diffusers scheduler on that scheduler's own spacing (tested).
 """
 from __future__ import annotations
 
@@ -35,7 +35,6 @@ from diffusers import (
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 
 from tmpq.core.cost import DEFAULT_SOLVER
-from tmpq.core.cost import denoiser_calls as calls_per_sample
 from tmpq.core.errors import TmpqError
 from tmpq.core.schedules import validate_timesteps
 
@@ -289,11 +288,6 @@ def sched_order(scheduler) -> int | None:
     """The order of a multistep solver (DPM-Solver++, UniPC), else None."""
     return int(scheduler.config.solver_order) if isinstance(scheduler, (DPMSolverMultistepScheduler,
                                                                         UniPCMultistepScheduler)) else None
-
-
-def denoiser_calls(scheduler, timesteps: Sequence[int]) -> int:
-    """How many denoiser calls one sample costs along ``timesteps`` with this scheduler (Heun: 2n - 1)."""
-    return calls_per_sample(getattr(scheduler, "solver", "ddim"), len(timesteps))
 
 
 def solver_of(row) -> tuple[str, int]:

@@ -25,6 +25,9 @@ from tmpq.core.solvers import parse_solver
 from tmpq.evaluators.candidate import ProxyConfig
 from tmpq.search.budget import FP_FRACTION, UNIFORM_OPTION
 from tmpq.search.engines import ENGINES
+from tmpq.search.executors import EXECUTORS
+from tmpq.search.groups import GROUPINGS
+from tmpq.search.space import AXES
 from tmpq.supernet.calib_data import CalibrationConfig
 from tmpq.supernet.config import SupernetConfig
 
@@ -124,12 +127,37 @@ class RunConfig:
         return config_with(self, overrides)
 
 
+# The run config's version: 1 is the key set of the first runs; every key added since is in ``LATER_KEYS`` with the
+# version that added it and the value the runs before it behaved as (frozen: a later change of the default must not
+# change which runs resume). Such a key counts in a run's fingerprint only when set to another value
+# (tmpq.jobs.search.run_fingerprint), so the runs made before it keep their fingerprint and resume. New runs write
+# ``config_version`` into their resolved config (not into the fingerprint); a config of a newer version is refused.
+# Adding a key: append it here with CONFIG_VERSION + 1 and raise CONFIG_VERSION (tests/test_config_version.py
+# fails on a key that is neither of version 1 nor listed).
+CONFIG_VERSION = 3
+LATER_KEYS: dict[str, tuple[int, object]] = {
+    # 2: keys added to the run's own sections one by one
+    "search.step_choices": (2, []), "proxy.reference": (2, ""), "search.mutation_prob": (2, 0.0),
+    "proxy.extractor": (2, "auto"), "proxy.inception_weights": (2, ""), "supernet.time_groups": (2, 1),
+    "search.uniform_seeds": (2, True), "search.size_objective": (2, False), "search.solvers": (2, []),
+    "search.reuse_branch": (2, 0),
+    # 3: keys that came with the components' own config classes (ModelConfig, SupernetConfig, ProxyConfig), at the
+    # defaults those classes had then
+    "model.dtype": (3, "fp32"), "model.guidance_scale": (3, 1.0), "model.null_label": (3, -1), "model.prompts": (3, []),
+    "supernet.a_symmetric": (3, False),
+    "supernet.block_types": (3, ["ResnetBlock2D", "Attention", "Downsample2D", "Upsample2D", "TimestepEmbedding"]),
+    "supernet.exclude": (3, []), "supernet.guidance_ranges": (3, "shared"), "supernet.include": (3, ["*"]),
+    "supernet.pin": (3, "auto"), "supernet.split_skip": (3, True), "supernet.tie": (3, []),
+    "supernet.w_symmetric": (3, True),
+    "proxy.batch_size": (3, 128),
+}
+
 # choices of the run's own sections (the supernet, calibration and proxy classes check theirs as well)
 CHOICES = {
     "search.engine": ENGINES,
-    "search.grouping": ("quad", "uniform", "sensitivity", "error", "dp"),
-    "search.axes": ("joint", "time", "bits"),
-    "executor.kind": ("local", "ray"),
+    "search.grouping": GROUPINGS,
+    "search.axes": AXES,
+    "executor.kind": EXECUTORS,
 }
 # noise-bank and engine seeds: NumPy's and pymoo's seeding takes 0 <= seed < 2**32
 SEED_LIMIT = 2**32
@@ -343,7 +371,14 @@ def _is_number(text: str) -> bool:
 
 
 def config_from_dict(data: dict) -> RunConfig:
-    """Validate a plain dict (as TOML gives) into a ``RunConfig``."""
+    """Validate a plain dict (as TOML gives) into a ``RunConfig``. A ``config_version`` (a resolved config's, see
+    ``CONFIG_VERSION``) is checked and dropped."""
+    if isinstance(data, dict) and "config_version" in data:
+        version = data["config_version"]
+        if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= CONFIG_VERSION:
+            raise TmpqError(f"config_version: this tmpq reads run configs of versions 1 to {CONFIG_VERSION}, got "
+                            f"{_show(version)} (a run of a newer tmpq?)")
+        data = {k: v for k, v in data.items() if k != "config_version"}
     cfg = _build(RunConfig, data, "")
     s = cfg.search
     if s.step_choices and s.steps not in s.step_choices:

@@ -10,14 +10,14 @@ from pathlib import Path
 import torch
 
 from tmpq.core.adapters import adapter_for, decoder_cost
-from tmpq.core.cost import DEFAULT_SOLVER
+from tmpq.core.cost import DEFAULT_SOLVER, denoiser_calls
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import atomic_directory, file_sha256, malformed, read_json, read_parquet
 from tmpq.core.model import ModelConfig, load_model, save_pipeline_dir
 from tmpq.core.runlock import lock_inside
 from tmpq.core.reuse import reuse_of
 from tmpq.core.sampler import make_scheduler
-from tmpq.core.solvers import CLASSES, STOCK, denoiser_calls, solver_of
+from tmpq.core.solvers import CLASSES, STOCK, solver_of
 from tmpq.core.version import __version__
 from tmpq.deploy.bundle import EXPORT_FORMAT, EXPORT_JSON, EXPORT_VERSION, QUANT_FILE
 from tmpq.jobs.run import load_run
@@ -144,7 +144,7 @@ def export_candidate(run_path: str | Path, key: str, out: str | Path, command: s
         manifest = {
             "format": EXPORT_FORMAT, "version": EXPORT_VERSION,
             "sampler": {**_sampler_classes(solver), "config": dict(sched.config), "timesteps": timesteps, "eta": 0.0,
-                        "guidance_scale": m.guidance_scale, "denoiser_calls": denoiser_calls(sched, timesteps),
+                        "guidance_scale": m.guidance_scale, "denoiser_calls": denoiser_calls(solver[0], len(timesteps)),
                         **({"reuse": {"branch": branch, "calls": list(reuse)}} if reuse else {})},
             "conditioning": conditioning,
             **({"decoder": decoder} if decoder is not None else {}),

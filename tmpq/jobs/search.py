@@ -37,7 +37,8 @@ from tmpq.evaluators.candidate import (
     proxy_reference,
     scoring_extractor,
 )
-from tmpq.jobs.config import RunConfig
+from tmpq.evaluators.profile import RATES, dp_costs
+from tmpq.jobs.config import CONFIG_VERSION, LATER_KEYS, RunConfig
 from tmpq.search.budget import budget_bitops, uniform_option
 from tmpq.search.engines import make_engine, optuna_study_for_run
 from tmpq.search.executors import LocalExecutor, RayExecutor, Task
@@ -46,8 +47,8 @@ from tmpq.search.rundir import EvalResult, RunDir, run_objectives
 from tmpq.search.sensitivity import PROFILES
 from tmpq.search.space import SearchSpace
 from tmpq.search.stepsel import optimal_schedules
-from tmpq.supernet import QuantSupernet, SupernetConfig
-from tmpq.supernet.calib_data import calibrate_to_file as calibrate
+from tmpq.supernet import QuantSupernet
+from tmpq.supernet.calib_data import calibrate_to_file
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,15 @@ class WorkerSpec:
     threads: int = 1
     companions: bool = True  # paired_feat / paired_pixel_mse beside a fid proxy (costs the FP teacher's sampling)
     device: str = "cpu"  # executor.device, resolved by the worker on its own machine
+
+    @staticmethod
+    def torch_threads(n: int | None = None) -> int:
+        """torch's thread count before setting it to ``n`` (None: left as it is): how the executors, which import no
+        torch, run a worker at its threads and hand the driver back its own."""
+        prev = torch.get_num_threads()
+        if n:
+            torch.set_num_threads(n)
+        return prev
 
     def __call__(self):
         torch.set_num_threads(self.threads)
@@ -78,44 +88,43 @@ class WorkerSpec:
                                   guidance_scale=m.guidance_scale)
 
 
-# the keys of a run config's [model], [supernet] and [proxy] sections before they became ModelConfig,
-# SupernetConfig and ProxyConfig
-_SECTION_KEYS_BEFORE_19 = {
-    "model": {"path"},
-    "supernet": {"w_bits", "a_bits", "tie_qkv", "w_rounding", "w_granularity", "group_size", "w_two_bit",
-                 "bias_correction", "w_observer", "a_observer", "time_groups"},
-    "proxy": {"name", "n_images", "seed", "teacher_steps", "teacher_schedule", "reference", "extractor",
-              "inception_weights"},
-}
-
-
 def run_fingerprint(cfg: RunConfig, model_fp: str) -> str:
+    """The run's identity: its config, the model's and the data's fingerprints. A resume must match it."""
     # The executor section is left out: local and Ray give bit-identical evaluations at the same threads_per_worker
     # (tests/test_search_ray.py), so a run may resume on another executor or at a new cluster address.
     config = {k: v for k, v in cfg.to_dict().items() if k != "executor"}
-    # keys added after runs already existed count only when set, so those runs still resume
-    for section, key, default in (("search", "step_choices", []), ("proxy", "reference", ""),
-                                  ("search", "mutation_prob", 0.0), ("proxy", "extractor", "auto"),
-                                  ("proxy", "inception_weights", ""), ("supernet", "time_groups", 1),
-                                  ("search", "uniform_seeds", True),
-                                  ("search", "size_objective", False), ("search", "solvers", []),
-                                  ("search", "reuse_branch", 0)):
-        if config[section].get(key) == default:
+    # a key added after the first runs counts only when it is not the value the runs before it behaved as, so they
+    # still resume (the config's version table, tmpq.jobs.config.LATER_KEYS)
+    for dotted, (_version, before) in LATER_KEYS.items():
+        section, key = dotted.split(".", 1)
+        if key in config.get(section, {}) and config[section][key] == before:
             del config[section][key]
-    # keys that came with the components' own config classes (issue 19): likewise, only when not at their defaults
-    for section, owner in (("model", ModelConfig()), ("supernet", SupernetConfig()), ("proxy", ProxyConfig())):
-        for key in set(config[section]) - _SECTION_KEYS_BEFORE_19[section]:
-            if config[section][key] == json.loads(json.dumps(getattr(owner, key))):
-                del config[section][key]
     blob = json.dumps({"config": config, "model": model_fp, "data": data_fingerprint()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _time_groups(cfg: RunConfig, m, resumed_run: Path | None):
+def fp_profile(kind: str, unet, scheduler, seed: int = 0, **probe):
+    """The FP model's per-timestep profile of a data-driven grouping ``kind`` (``sensitivity`` or ``error``): the
+    evaluators' probe measures its rates (``probe``: ``n_images``, ``probe_steps``), the search library makes the
+    profile of them (:data:`tmpq.search.sensitivity.PROFILES`)."""
+    steps, rates = RATES[kind](unet, scheduler, seed=seed, **probe)
+    return PROFILES[kind](steps, rates, scheduler.alphas_cumprod.numpy())
+
+
+def dp_schedules(unet, scheduler_config: dict, steps, guidance_scale: float = 1.0,
+                 **teacher) -> dict[int, tuple[int, ...]]:
+    """The DP-optimal schedule of every step count in ``steps``: one FP teacher run and its transition costs
+    (:func:`tmpq.evaluators.profile.dp_costs`; ``teacher``: ``grid_steps``, ``n``, ``seed``), then the dynamic
+    programme over them (:func:`tmpq.search.stepsel.optimal_schedules`)."""
+    grid, cost = dp_costs(unet, scheduler_config, guidance_scale=guidance_scale, **teacher)
+    return optimal_schedules(grid, cost, steps)
+
+
+def time_groups(cfg: RunConfig, m, resumed_run: Path | None):
     """Time groups of the configured grouping (the reference ``search.steps``) and, with ``search.step_choices``, one
     grouping per step choice. ``sensitivity`` and ``error`` profile the FP model once (64 bank images along 100-step
     uniform DDIM, seed = search.seed); ``dp`` groups each step count around its DP-optimal timesteps (one FP teacher
-    run, :func:`search.stepsel.optimal_schedules`); a resumed run reuses the groups stored in its search_space.json, so round-off
+    run, :func:`dp_schedules`); a resumed run reuses the groups stored in its search_space.json, so round-off
     in a re-profile can never change the space under a running search."""
 
     kind, T = cfg.search.grouping, m.num_train_timesteps
@@ -130,10 +139,10 @@ def _time_groups(cfg: RunConfig, m, resumed_run: Path | None):
                 found = [TimeGroups.from_dict(g) for g in d.get("step_groups") or [d["groups"]]]
             per = {g.n: g for g in found}
         elif kind == "dp":  # one FP teacher run (its own noise seed, apart from the proxy's) for every step count
-            best = optimal_schedules(m.unet, m.scheduler_config, choices, guidance_scale=m.guidance_scale)
+            best = dp_schedules(m.unet, m.scheduler_config, choices, guidance_scale=m.guidance_scale)
             per = {n: dp_groups(best[n], T) for n in choices}
         else:
-            prof = PROFILES[kind](m.unet, make_scheduler(m.scheduler_config), seed=cfg.search.seed)
+            prof = fp_profile(kind, m.unet, make_scheduler(m.scheduler_config), seed=cfg.search.seed)
             per = {n: make_groups(kind, n, T, prof) for n in choices}
     steps = tuple(per.values()) if cfg.search.step_choices else ()  # from_supernet orders them
     return per[cfg.search.steps], steps
@@ -164,13 +173,6 @@ def build_space(cfg: RunConfig, net, groups, step_groups=()):
                    size_budget_mb=cfg.search.size_budget_mb or None)
 
 
-def calibrate_to_file(cfg: RunConfig, m, net, sn_file: Path, progress: bool = True) -> None:
-    """Calibrate ``net`` (over the FP model ``m``) as the run's ``[calibration]`` section says and save it to
-    ``sn_file``; resumable per option through ``supernet.partial.safetensors`` beside it."""
-    calibrate(net, make_scheduler(m.scheduler_config), sn_file, cfg.calibration, progress=progress,
-              guidance_scale=m.guidance_scale)
-
-
 def prepare_run(cfg: RunConfig, run_path: Path, resume: bool = False,
                 progress: bool = True) -> tuple[RunDir, SearchSpace, Path]:
     """A search's start-up without its search: load the model, refuse a proxy it cannot serve, place the time groups
@@ -184,7 +186,7 @@ def prepare_run(cfg: RunConfig, run_path: Path, resume: bool = False,
     try:
         m = load_model(cfg.model, device=resolve_device(cfg.executor.device))
         check_proxy(cfg, m.image_channels)
-        groups, step_groups = _time_groups(cfg, m, run_path if resume else None)  # before wrapping: profiles FP
+        groups, step_groups = time_groups(cfg, m, run_path if resume else None)  # before wrapping: profiles FP
         net = QuantSupernet(m.unet, cfg.supernet)
         fp = run_fingerprint(cfg, net.fingerprint)
         space = build_space(cfg, net, groups, step_groups)
@@ -195,13 +197,16 @@ def prepare_run(cfg: RunConfig, run_path: Path, resume: bool = False,
             run = RunDir.reopen(run_path, fp)  # under the lock taken above
             run.lock = lock
         else:
-            run = RunDir.create(run_path, cfg.to_dict(), space.to_dict(), fp, writer="search")
+            # the resolved config records its version (outside the fingerprint; config_from_dict drops it)
+            run = RunDir.create(run_path, {**cfg.to_dict(), "config_version": CONFIG_VERSION}, space.to_dict(), fp,
+                                writer="search")
             lock = run.lock
         sn_file = run.path / "supernet.safetensors"
         if not sn_file.is_file() and given is not None:
             atomic_write_bytes(sn_file, given.read_bytes())
-        if not sn_file.is_file():
-            calibrate_to_file(cfg, m, net, sn_file, progress)
+        if not sn_file.is_file():  # resumable per option through supernet.partial.safetensors beside it
+            calibrate_to_file(net, make_scheduler(m.scheduler_config), sn_file, cfg.calibration, progress=progress,
+                              guidance_scale=m.guidance_scale)
     except BaseException:
         if lock is not None:
             lock.release()

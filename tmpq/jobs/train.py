@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DModel
 from tqdm.auto import tqdm
 
+from tmpq.core.choices import ARCHS
 from tmpq.core.data import data_fingerprint, load_digits
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import atomic_write
@@ -28,9 +29,6 @@ from tmpq.core.model import (
 )
 
 log = logging.getLogger(__name__)
-
-
-ARCHS = ("unet", "dit")
 
 
 @dataclass(frozen=True)
