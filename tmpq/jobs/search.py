@@ -74,8 +74,7 @@ class WorkerSpec:
                                 self.proxy.get("inception_weights", ""))
         cfg = ProxyConfig(**self.proxy)
         ref = proxy_reference(cfg, ext, m.image_channels)
-        return CandidateEvaluator(net, make_scheduler(m.scheduler_config), ext, ref, cfg, companions=self.companions,
-                                  guidance_scale=m.guidance_scale)
+        return CandidateEvaluator(net, make_scheduler(m.scheduler_config), ext, ref, cfg, companions=self.companions)
 
 
 # the keys of a run config's [model], [supernet] and [proxy] sections before they became ModelConfig,
@@ -167,8 +166,7 @@ def build_space(cfg: RunConfig, net, groups, step_groups=()):
 def calibrate_to_file(cfg: RunConfig, m, net, sn_file: Path, progress: bool = True) -> None:
     """Calibrate ``net`` (over the FP model ``m``) as the run's ``[calibration]`` section says and save it to
     ``sn_file``; resumable per option through ``supernet.partial.safetensors`` beside it."""
-    calibrate(net, make_scheduler(m.scheduler_config), sn_file, cfg.calibration, progress=progress,
-              guidance_scale=m.guidance_scale)
+    calibrate(net, make_scheduler(m.scheduler_config), sn_file, cfg.calibration, progress=progress)
 
 
 def prepare_run(cfg: RunConfig, run_path: Path, resume: bool = False,
