@@ -45,8 +45,7 @@ def build(cfg, work: Path):
         net.load(sn_file)  # refuses a file that does not fit this config
     else:
         work.mkdir(parents=True, exist_ok=True)
-        calibrate_to_file(net, make_scheduler(m.scheduler_config), sn_file, cfg.calibration, progress=False,
-                          guidance_scale=m.guidance_scale)
+        calibrate_to_file(net, make_scheduler(m.scheduler_config), sn_file, cfg.calibration, progress=False)
     return sn_file, space
 
 

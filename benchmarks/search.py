@@ -66,8 +66,7 @@ def supernet_file(args, out: Path) -> Path:
     m = load_model(cfg.model)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    calibrate_to_file(QuantSupernet(m.unet, cfg.supernet), make_scheduler(m.scheduler_config), path, cfg.calibration,
-                      guidance_scale=m.guidance_scale)
+    calibrate_to_file(QuantSupernet(m.unet, cfg.supernet), make_scheduler(m.scheduler_config), path, cfg.calibration)
     print(f"calibrated the shared supernet in {time.perf_counter() - t0:.0f} s -> {path}", flush=True)
     return path
 

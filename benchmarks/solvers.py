@@ -72,7 +72,7 @@ def part_fp(args, log: RowLog) -> None:
         name, order = parse_solver(solver)
         sched = make_scheduler(m.scheduler_config, name, order)
         r = evaluate_schedule(m.unet, sched, list(ts), args.n, ext, ref, seed=args.seed, batch_size=256,
-                              desc=f"{solver} {schedule} {len(ts)}", guidance_scale=m.guidance_scale)
+                              desc=f"{solver} {schedule} {len(ts)}")
         log.append({"kind": "fp", "solver": solver, "schedule": schedule, **r})
 
     if args.ddim_from_baseline:
@@ -81,7 +81,7 @@ def part_fp(args, log: RowLog) -> None:
     for steps in args.steps:
         for sched in args.schedules:
             if sched == "dp" and dp is None:
-                dp = dp_schedules(m.unet, m.scheduler_config, args.steps, guidance_scale=m.guidance_scale)
+                dp = dp_schedules(m.unet, m.scheduler_config, args.steps)
             # trailing: diffusers' stock spacing for few steps (from T - 1, no step at t = 0)
             ts = dp[steps] if sched == "dp" else make_timesteps(sched, steps)
             for solver in args.solvers:
@@ -171,7 +171,7 @@ def _supernet(args) -> Path:
         m = load_model(cfg.model)
         path.parent.mkdir(parents=True, exist_ok=True)
         calibrate_to_file(QuantSupernet(m.unet, cfg.supernet), make_scheduler(m.scheduler_config), path,
-                          cfg.calibration, guidance_scale=m.guidance_scale)
+                          cfg.calibration)
     return path
 
 
@@ -214,8 +214,7 @@ def _step_side(args, log: RowLog, sn: Path) -> None:
         bits = tuple((w, a) for _ in range(space.num_genes))
         if method == "dp":
             if dp is None:
-                dp = dp_schedules(m.unet, m.scheduler_config, list(space.step_choices),
-                                  guidance_scale=m.guidance_scale)
+                dp = dp_schedules(m.unet, m.scheduler_config, list(space.step_choices))
             cand = Candidate(tuple(int(t) for t in dp[steps]), bits, name, order)
             cost = space.bitops(cand)
         else:

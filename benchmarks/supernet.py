@@ -134,7 +134,7 @@ def main() -> None:
     calib_kw = dict(n_steps=args.calib_steps, per_step=args.calib_per_step, sampler_steps=args.sampler_steps,
                     seed=10_000)
     args.calib_kw = calib_kw
-    calib = make_calib_data(base.unet, sched, args.strategy, guidance_scale=args.guidance, **calib_kw)
+    calib = make_calib_data(base.unet, sched, args.strategy, **calib_kw)  # guided as the model loaded with --guidance says
     batches = list(calib.batches(64))
     calib_capture_s = time.perf_counter() - t0
     parts = args.parts.split(",")
@@ -328,7 +328,7 @@ def strategies(args, log: RowLog, fresh_unet, sched, ext, ref) -> None:
         if all(log.has(kind="strategy", mode=strategy, name=f"W{w}A{a}", n=args.fid_n, seed=args.seed)
                for w, a in [(6, 6), lowest]):
             continue
-        data = make_calib_data(base.unet, sched, strategy, guidance_scale=args.guidance, **args.calib_kw)
+        data = make_calib_data(base.unet, sched, strategy, **args.calib_kw)
         snet = QuantSupernet(fresh_unet(), SupernetConfig(time_groups=1, guidance_ranges=args.guidance_ranges))
         snet.calibrate(list(data.batches(64)), mode="per-option")
         for w, a in [(6, 6), lowest]:

@@ -83,20 +83,19 @@ class ProxyConfig:
 
 
 class CandidateEvaluator:
-    """Objectives of candidates on one supernet (built once per worker and kept).
+    """Objectives of candidates on one supernet (built once per worker and kept). Every image (teacher and
+    candidates) is conditioned and guided as the model's conditioning says (bound by its loader).
 
     Example:
         >>> ev = CandidateEvaluator(net, scheduler, extractor, ref, ProxyConfig(n_images=64))  # doctest: +SKIP
         >>> ev.evaluate(candidate)["fid_proxy"]  # doctest: +SKIP
     """
 
-    def __init__(self, net, scheduler, extractor, ref: Reference | None, cfg: ProxyConfig, companions: bool = True,
-                 guidance_scale: float = 1.0):
+    def __init__(self, net, scheduler, extractor, ref: Reference | None, cfg: ProxyConfig, companions: bool = True):
         if cfg.name == "fid" and ref is None:
             raise TmpqError("proxy.name = fid needs reference statistics")
         self.net, self.scheduler, self.extractor, self.ref, self.cfg = net, scheduler, extractor, ref, cfg
         self.companions = companions or cfg.name != "fid"
-        self.guidance_scale = guidance_scale  # classifier-free guidance of every image (teacher and candidates)
         self._teacher: tuple[torch.Tensor, np.ndarray] | None = None
         self._solvers: dict = {}
         net.set_fp()
@@ -135,8 +134,7 @@ class CandidateEvaluator:
 
         def run(step_hook):
             return sample_images(self.net.unet, sched, timesteps, n, seed=self.cfg.seed if seed is None else seed,
-                                 batch_size=min(self.cfg.batch_size, n), progress=False, on_step=step_hook,
-                                 guidance_scale=self.guidance_scale)
+                                 batch_size=min(self.cfg.batch_size, n), progress=False, on_step=step_hook)
 
         branch, calls, n_calls = reuse or (0, (), 0)
         with reusing(self.net.unet, calls, branch, n_calls) as dc:

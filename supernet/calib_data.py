@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tmpq.core.adapters import adapter_for, denoiser_of, rows, sample_shape, with_null
+from tmpq.core.adapters import adapter_for, conditioning_of, denoiser_of, rows, sample_shape, with_null
 from tmpq.core.errors import TmpqError
 from tmpq.core.sampler import NoiseBank, sample_batch
 from tmpq.core.schedules import make_timesteps
@@ -85,10 +85,11 @@ class CalibData:
 
 
 @torch.no_grad()
-def capture_along(unet, scheduler, timesteps, n_samples: int, seed: int = 10_000, batch: int | None = None,
-                  guidance_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def capture_along(unet, scheduler, timesteps, n_samples: int, seed: int = 10_000,
+                  batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Run the sampler along exactly ``timesteps`` on noise-bank images 0..n_samples-1 (``seed`` distinct from the
-    evaluation seeds), ``batch`` trajectories per sampler call (default: all at once), and return every step's
+    evaluation seeds; conditioned and guided as the model's bound :class:`~tmpq.core.adapters.Conditioning` says),
+    ``batch`` trajectories per sampler call (default: all at once), and return every step's
     denoiser input: xs [calls, n, C, H, W], the timestep of each call [calls] (one call per timestep, two for most
     of a 2nd-order solver's) and the images' conditioning (tensors [n, ...])."""
     bank = NoiseBank(seed, sample_shape(unet))
@@ -102,8 +103,7 @@ def capture_along(unet, scheduler, timesteps, n_samples: int, seed: int = 10_000
             xs.append(x.clone())
             calls.append(int(t))
 
-        sample_batch(unet, scheduler, timesteps, bank, list(range(s, min(s + step, n_samples))), on_step=keep,
-                     guidance_scale=guidance_scale)
+        sample_batch(unet, scheduler, timesteps, bank, list(range(s, min(s + step, n_samples))), on_step=keep)
         chunks.append(torch.stack(xs))
     inner = denoiser_of(unet)  # the conditioning the sampler gave images 0..n-1 (a function of their indices)
     cond = adapter_for(inner).conditions(inner, range(n_samples), device=chunks[0].device)
@@ -111,10 +111,10 @@ def capture_along(unet, scheduler, timesteps, n_samples: int, seed: int = 10_000
 
 
 def capture_trajectories(unet, scheduler, n_samples: int, sampler_steps: int, seed: int = 10_000,
-                         schedule: str = "uniform", guidance_scale: float = 1.0):
+                         schedule: str = "uniform"):
     """:func:`capture_along` the ``schedule`` of ``sampler_steps`` steps (the FP sampler's trajectories)."""
     ts = make_timesteps(schedule, sampler_steps, scheduler.config.num_train_timesteps)
-    return capture_along(unet, scheduler, ts, n_samples, seed, guidance_scale=guidance_scale)
+    return capture_along(unet, scheduler, ts, n_samples, seed)
 
 
 def _mid_features(unet, x: torch.Tensor, t: torch.Tensor, cond: dict) -> np.ndarray:
@@ -151,11 +151,11 @@ def _farthest_points(f: np.ndarray, k: int, rng: np.random.Generator) -> np.ndar
 
 
 def make_calib_data(unet, scheduler, strategy: str = "uniform", n_steps: int = 20, per_step: int = 32,
-                    sampler_steps: int = 100, seed: int = 10_000, lam: float = 1.0,
-                    guidance_scale: float = 1.0) -> CalibData:
-    """Build ``n_steps x per_step`` calibration pairs with the named strategy (default 20 x 32 = 640). With
-    ``guidance_scale != 1`` the trajectories are guided and every input comes twice: with its conditioning and with
-    the null conditioning (the two passes of classifier-free guidance).
+                    sampler_steps: int = 100, seed: int = 10_000, lam: float = 1.0) -> CalibData:
+    """Build ``n_steps x per_step`` calibration pairs with the named strategy (default 20 x 32 = 640). When the
+    model's conditioning guides (``guidance_scale != 1``, bound by its loader) the trajectories are guided and every
+    input comes twice: with its conditioning and with the null conditioning (the two passes of classifier-free
+    guidance).
 
     Example:
         >>> data = make_calib_data(unet, sched, "ndtc", n_steps=4, per_step=8)  # doctest: +SKIP
@@ -165,31 +165,29 @@ def make_calib_data(unet, scheduler, strategy: str = "uniform", n_steps: int = 2
     if n_steps < 1 or per_step < 1 or sampler_steps < n_steps:
         raise TmpqError(f"calibration: need 1 <= n_steps <= sampler_steps and per_step >= 1, got n_steps={n_steps}, "
                         f"per_step={per_step}, sampler_steps={sampler_steps}")
-    data = _strategy_data(unet, scheduler, strategy, n_steps, per_step, sampler_steps, seed, lam, guidance_scale)
-    return data.with_null_pass(unet) if guidance_scale != 1.0 else data
+    data = _strategy_data(unet, scheduler, strategy, n_steps, per_step, sampler_steps, seed, lam)
+    return data.with_null_pass(unet) if conditioning_of(unet).guidance_scale != 1.0 else data
 
 
-def _strategy_data(unet, scheduler, strategy, n_steps, per_step, sampler_steps, seed, lam, guidance_scale):
+def _strategy_data(unet, scheduler, strategy, n_steps, per_step, sampler_steps, seed, lam):
     rng = np.random.default_rng(seed)
     T = scheduler.config.num_train_timesteps
     if strategy == "uniform":
-        xs, ts, cond = capture_trajectories(unet, scheduler, per_step, sampler_steps, seed,
-                                            guidance_scale=guidance_scale)
+        xs, ts, cond = capture_trajectories(unet, scheduler, per_step, sampler_steps, seed)
         keep = np.unique(np.linspace(0, sampler_steps - 1, n_steps).round().astype(int))
         x = xs[keep].flatten(0, 1)
         t = ts[keep].repeat_interleave(per_step)
         return CalibData(x, t, strategy, rows(cond, torch.arange(per_step).repeat(len(keep))))
     total = n_steps * per_step
     if strategy == "ndtc":
-        xs, ts, cond = capture_trajectories(unet, scheduler, total, sampler_steps, seed,
-                                            guidance_scale=guidance_scale)
+        xs, ts, cond = capture_trajectories(unet, scheduler, total, sampler_steps, seed)
         want = np.clip(rng.normal(0.4 * T, 0.4 * T, size=total), 0, T - 1)
         step = np.abs(ts.numpy()[None, :] - want[:, None]).argmin(1)  # nearest trajectory step per sample
         x = torch.stack([xs[s, i] for i, s in enumerate(step)])
         return CalibData(x, ts[step], strategy, cond)
     # eda: density + lambda * diversity per step, then farthest-point selection inside each step
     pool = max(per_step * 2, 16)
-    xs, ts, cond = capture_trajectories(unet, scheduler, pool, sampler_steps, seed, guidance_scale=guidance_scale)
+    xs, ts, cond = capture_trajectories(unet, scheduler, pool, sampler_steps, seed)
     cand = np.unique(np.linspace(0, sampler_steps - 1, min(sampler_steps, 2 * n_steps)).round().astype(int))
     feats = {s: _mid_features(unet, xs[s], ts[s].repeat(pool), cond) for s in cand}
     allf = np.concatenate(list(feats.values()))
@@ -215,9 +213,9 @@ def _strategy_data(unet, scheduler, strategy, n_steps, per_step, sampler_steps, 
 
 
 def calibrate_to_file(net, scheduler, out: Path | str, cfg: CalibrationConfig | None = None,
-                      progress: bool = True, guidance_scale: float = 1.0) -> dict:
+                      progress: bool = True) -> dict:
     """Capture calibration data (``cfg.strategy`` along the FP trajectories of ``net``'s own denoiser, passed
-    through), calibrate every option of the supernet ``net`` and save it to ``out`` (a ``.safetensors`` file).
+    through, guided as its model's conditioning says), calibrate every option of the supernet ``net`` and save it to ``out`` (a ``.safetensors`` file).
     Resumable per option through ``<out stem>.partial.safetensors`` beside it, which is removed once ``out`` is
     written; with AdaRound weights and ``cfg.recon_iters > 0``, BRECQ-style block reconstruction follows. Returns
     ``{"calib_pairs", "reconstruction"}``. The one path of ``tmpq calibrate`` and of a search run's supernet."""
@@ -225,7 +223,7 @@ def calibrate_to_file(net, scheduler, out: Path | str, cfg: CalibrationConfig | 
     out = Path(out)
     partial = out.with_name(out.stem + ".partial.safetensors")
     data = make_calib_data(net.unet, scheduler, cfg.strategy, n_steps=cfg.steps, per_step=cfg.per_step,
-                           sampler_steps=cfg.sampler_steps, seed=cfg.seed, guidance_scale=guidance_scale)
+                           sampler_steps=cfg.sampler_steps, seed=cfg.seed)
     net.set_fp()
     batches = list(data.batches(cfg.batch_size))
     net.calibrate(batches, mode=cfg.mode, seed=0, progress=progress, checkpoint=partial)

@@ -12,8 +12,11 @@ from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 
 import tmpq
 from tmpq.core.adapters import (
+    Conditioning,
     DenoiserAdapter,
     adapter_for,
+    bind_conditioning,
+    conditioning_of,
     guided_eps,
     register_adapter,
     set_conditioning,
@@ -25,6 +28,12 @@ from tmpq.supernet import QuantSupernet, SupernetConfig
 from tmpq.supernet.calib_data import make_calib_data
 
 TS = [900, 600, 300, 0]
+
+
+def guided(model, scale: float):
+    """``model`` with its bound conditioning guided at ``scale`` (as a run's loader binds model.guidance_scale)."""
+    bind_conditioning(model, conditioning_of(model).replace(guidance_scale=scale))
+    return model
 
 
 def class_unet(null: int | None = 4):
@@ -62,7 +71,7 @@ MODELS = {"class-unet": class_unet, "dit": dit, "text-unet": text_unet}
 def test_each_adapter_calibrates_switches_and_samples_with_guidance(name):
     model = MODELS[name]()
     sched = make_scheduler(embedded_scheduler_config())
-    data = make_calib_data(model, sched, "uniform", n_steps=2, per_step=4, sampler_steps=4, guidance_scale=2.0)
+    data = make_calib_data(guided(model, 2.0), sched, "uniform", n_steps=2, per_step=4, sampler_steps=4)
     key = "encoder_hidden_states" if name == "text-unet" else "class_labels"
     assert len(data) == 2 * 2 * 4 and len(data.cond[key]) == len(data)  # both passes of guidance, per input
     if key == "class_labels":
@@ -173,3 +182,25 @@ def test_a_registered_adapter_serves_a_users_own_class():
     assert sample_images(net, sched, TS, 2, progress=False).shape == (2, 1, 8, 8)
     with pytest.raises(TmpqError, match="register_adapter: expected a DenoiserAdapter"):
         register_adapter(ToyDenoiser)
+
+
+def test_conditioning_lives_in_the_handle_and_one_registry_not_on_the_module():
+    """The loader's LoadedModel holds the run's Conditioning and binds it to the denoiser; nothing is set on the
+    module, a copy is unbound, and the sampler guides as the bound conditioning says unless told otherwise."""
+    import copy
+
+    from tmpq.core.model import ModelConfig, load_model
+
+    m = load_model(ModelConfig(path="embedded-dit", guidance_scale=2.0, null_label=3))
+    assert isinstance(m.conditioning, Conditioning) and m.guidance_scale == 2.0
+    assert conditioning_of(m.unet) is m.conditioning and adapter_for(m.unet).null_label(m.unet) == 3
+    assert not [k for k in vars(m.unet) if "tmpq" in k and "vae" not in k and "text" not in k]
+    assert conditioning_of(copy.deepcopy(m.unet)).guidance_scale == 1.0  # a copy is unbound
+    sched = make_scheduler(m.scheduler_config)
+    bound = sample_images(m.unet, sched, [600, 0], 2, labels=[1, 2], progress=False)
+    assert torch.equal(bound, sample_images(m.unet, sched, [600, 0], 2, labels=[1, 2], progress=False,
+                                            guidance_scale=2.0))
+    assert not torch.equal(bound, sample_images(m.unet, sched, [600, 0], 2, labels=[1, 2], progress=False,
+                                                guidance_scale=1.0))
+    with pytest.raises(TmpqError, match="expected a Conditioning"):
+        bind_conditioning(m.unet, {"guidance_scale": 2.0})

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.test_adapters import MODELS, TS
+from tests.test_adapters import MODELS, TS, guided
 from tmpq.core.adapters import adapter_for, guided_eps
 from tmpq.core.errors import TmpqError
 from tmpq.core.model import embedded_scheduler_config
@@ -18,9 +18,9 @@ G = 2  # time groups
 
 
 def calibrated(name: str, ranges: str, guidance: float = 2.0):
-    model = MODELS[name]()
+    model = guided(MODELS[name](), guidance)
     data = make_calib_data(model, make_scheduler(embedded_scheduler_config()), "uniform", n_steps=2, per_step=4,
-                           sampler_steps=4, guidance_scale=guidance)
+                           sampler_steps=4)
     net = QuantSupernet(model, SupernetConfig(w_bits=(8, 4), a_bits=(8, 6), time_groups=G, guidance_ranges=ranges))
     net.calibrate(list(data.batches(8)), progress=False)
     return net, data

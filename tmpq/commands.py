@@ -254,7 +254,7 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
                                             "calib_per_step": "per_step", "sampler_steps": "sampler_steps",
                                             "recon_iters": "recon_iters", "batch_size": "batch_size", "seed": "seed"}))
     with lock_inside(out, "calibrate"):  # --out inside a run directory: written by the run's one writer
-        info = calibrate_to_file(net, make_scheduler(m.scheduler_config), out, cal, guidance_scale=m.guidance_scale)
+        info = calibrate_to_file(net, make_scheduler(m.scheduler_config), out, cal)
         wall = time.perf_counter() - t0
         side = {"command": _command_line(), "model": dataclasses.asdict(model_cfg),
                 "config": json.loads(cfg.to_json()), "calibration": dataclasses.asdict(cal), "mode": cal.mode,

@@ -20,13 +20,19 @@ A wrapper around a denoiser (the quantized supernet) exposes it as ``.denoiser``
 are found by class, subclasses included, the most recently registered first: :func:`register_adapter` adds one for
 another class (see ``ToyAdapter`` in tests/test_adapters.py for a complete small one).
 
-Conventions that differ between models are settings of the model object, not of the adapter
-(:func:`set_conditioning`): a class-conditional ``UNet2DModel``'s null label (diffusers has no convention for it), a
-text model's prompt embeddings and the empty prompt's.
+Conventions that differ between models are settings of one model, not of its adapter: a :class:`Conditioning`
+value (the guidance scale, a class-conditional ``UNet2DModel``'s null label (diffusers has no convention for it), a
+text model's prompt embeddings and the empty prompt's). The model handles (``LoadedModel``, ``DiffusionModel``) hold
+it; :func:`bind_conditioning` files it in the one registry below, keyed by the denoiser object, so that what sees
+only the denoiser (the sampler, the supernet's pass routing and profiling, a stock pipeline's call after
+``apply_export``) finds it there. The registry holds weak references and sets nothing on the module: the user's
+object is left as it was, and a copy of a denoiser is unbound until its loader binds it.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -36,11 +42,33 @@ from tmpq.core.cost import output_macs
 from tmpq.core.errors import TmpqError
 
 KINDS = ("none", "class", "text")
-_NULL = "_tmpq_null_label"
 _VAE = "_tmpq_vae"
-_PROMPTS = "_tmpq_prompt_embeds"
-_EMPTY = "_tmpq_null_embeds"
 _TEXT = "_tmpq_text_encoder"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Conditioning:
+    """How one model is conditioned and guided, everything that differs between models of a class:
+
+    - ``guidance_scale``: classifier-free guidance of its sampling (1 = none);
+    - ``null_label``: a class model's unconditional label (None: its adapter's; a class UNet has none);
+    - ``prompt_embeds`` ``[P, L, D]``: a text model's prompts, encoded (image ``i`` takes prompt ``i % P``);
+    - ``null_embeds`` ``[1, L, D]``: the empty prompt's embedding (the null pass of a text model's guidance).
+    """
+
+    guidance_scale: float = 1.0
+    null_label: int | None = None
+    prompt_embeds: torch.Tensor | None = None
+    null_embeds: torch.Tensor | None = None
+
+    def replace(self, **changes) -> "Conditioning":
+        """This conditioning with the given fields changed (``None`` values leave a field as it is)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+UNCONDITIONED = Conditioning()
+# the one place a denoiser's Conditioning is found from the denoiser alone (see the module doc)
+_BOUND: "weakref.WeakKeyDictionary[torch.nn.Module, Conditioning]" = weakref.WeakKeyDictionary()
 
 
 def denoiser_of(model):
@@ -89,7 +117,7 @@ class DenoiserAdapter:
         if labels is not None:
             raise TmpqError(f"labels: {type(model).__name__} is not class-conditional")
         if kind == "text":
-            embeds = getattr(model, _PROMPTS, None)
+            embeds = conditioning_of(model).prompt_embeds
             if embeds is None:
                 raise TmpqError(f"{type(model).__name__} is text-conditional: give prompts (model.prompts in a run "
                                 f"config) so that tmpq can condition it")
@@ -106,7 +134,7 @@ class DenoiserAdapter:
                                 f"label it was trained to treat as unconditional, or keep guidance_scale = 1)")
             return {"class_labels": torch.full_like(cond["class_labels"], null)}
         if kind == "text":
-            empty = getattr(model, _EMPTY, None)
+            empty = conditioning_of(model).null_embeds
             if empty is None:
                 raise TmpqError(f"guidance: {type(model).__name__} has no empty-prompt embedding")
             h = cond["encoder_hidden_states"]
@@ -122,7 +150,7 @@ class DenoiserAdapter:
         if kind == "class" and kwargs.get("class_labels") is not None and null is not None:
             labels = torch.as_tensor(kwargs["class_labels"]).reshape(-1).cpu()
             return (labels.expand(n) if labels.numel() == 1 else labels) == null
-        empty, h = getattr(model, _EMPTY, None), kwargs.get("encoder_hidden_states")
+        empty, h = conditioning_of(model).null_embeds, kwargs.get("encoder_hidden_states")
         if kind == "text" and h is not None and empty is not None and h.shape[1:] == empty.shape[1:]:
             empty = empty.to(h.device, h.dtype)
             return ((h - empty).abs().flatten(1).amax(1) <= 1e-4 * (1.0 + float(empty.abs().amax()))).cpu()
@@ -130,7 +158,7 @@ class DenoiserAdapter:
 
     def example(self, model, n: int, device) -> dict:
         """Valid conditioning for ``n`` samples (profiling and int8 checks)."""
-        if self.kind(model) == "text" and getattr(model, _PROMPTS, None) is None:
+        if self.kind(model) == "text" and conditioning_of(model).prompt_embeds is None:
             dim = int(model.config.cross_attention_dim)
             return {"encoder_hidden_states": torch.zeros(n, 1, dim, device=device)}
         return self.conditions(model, range(n), device=device)
@@ -159,7 +187,7 @@ def _labels(indices: Sequence[int], labels, classes: list[int], device) -> torch
 
 class UNet2DAdapter(DenoiserAdapter):
     """``UNet2DModel``: unconditional, or class-conditional with ``num_class_embeds`` (the null label of guidance
-    is set per model with :func:`set_conditioning`; it is not a class)."""
+    is a setting of each model, in its :class:`Conditioning`; it is not a class)."""
 
     cls = UNet2DModel
 
@@ -171,7 +199,7 @@ class UNet2DAdapter(DenoiserAdapter):
         return [c for c in range(n) if c != self.null_label(model)]
 
     def null_label(self, model) -> int | None:
-        return getattr(model, _NULL, None)
+        return conditioning_of(model).null_label
 
     def default_pins(self, model) -> dict[str, list[int]]:
         return {"conv_in": [8, 16], "conv_out": [16, 16]}
@@ -182,7 +210,7 @@ class UNet2DAdapter(DenoiserAdapter):
 
 class UNet2DConditionAdapter(DenoiserAdapter):
     """``UNet2DConditionModel`` (Stable Diffusion's): ``encoder_hidden_states`` from a text encoder; tmpq holds
-    the embeddings of the run's prompts and of the empty prompt on the model (:func:`set_conditioning`)."""
+    the embeddings of the run's prompts and of the empty prompt in the model's :class:`Conditioning`."""
 
     cls = UNet2DConditionModel
 
@@ -212,7 +240,7 @@ class DiTAdapter(DenoiserAdapter):
         return list(range(int(model.config.num_embeds_ada_norm)))
 
     def null_label(self, model) -> int | None:
-        own = getattr(model, _NULL, None)
+        own = conditioning_of(model).null_label
         return int(model.config.num_embeds_ada_norm) if own is None else own
 
     def default_pins(self, model) -> dict[str, list[int]]:
@@ -249,14 +277,24 @@ def adapter_for(model) -> DenoiserAdapter:
                     f"(known: {', '.join(sorted({a.cls.__name__ for a in _REGISTRY}))})")
 
 
+def bind_conditioning(model, cond: Conditioning) -> None:
+    """File ``cond`` as the conditioning of ``model``'s denoiser (replacing any before); the model loaders call it."""
+    if not isinstance(cond, Conditioning):
+        raise TmpqError(f"conditioning: expected a Conditioning, got {type(cond).__name__}")
+    _BOUND[denoiser_of(model)] = cond
+
+
+def conditioning_of(model) -> Conditioning:
+    """The conditioning bound to ``model``'s denoiser (unconditioned, unguided when none is)."""
+    return _BOUND.get(denoiser_of(model), UNCONDITIONED)
+
+
 def set_conditioning(model, null_label: int | None = None, prompt_embeds: torch.Tensor | None = None,
                      null_embeds: torch.Tensor | None = None) -> None:
-    """Settings of one model's conditioning that differ between models of a class: the null label of a
-    class-conditional UNet, a text model's prompt embeddings ``[P, L, D]`` and its empty prompt's ``[1, L, D]``."""
-    inner = denoiser_of(model)
-    for name, value in ((_NULL, null_label), (_PROMPTS, prompt_embeds), (_EMPTY, null_embeds)):
-        if value is not None:
-            object.__setattr__(inner, name, value)
+    """Change the given fields of ``model``'s bound conditioning (e.g. the null label of a class UNet that a stock
+    pipeline holds after ``apply_export``)."""
+    bind_conditioning(model, conditioning_of(model).replace(null_label=null_label, prompt_embeds=prompt_embeds,
+                                                            null_embeds=null_embeds))
 
 
 def sample_shape(model) -> tuple[int, int, int]:

@@ -21,14 +21,7 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler
 
-from tmpq.core.adapters import (
-    adapter_for,
-    decoder_of,
-    set_conditioning,
-    set_decoder,
-    set_text_encoder,
-    text_encoder_of,
-)
+from tmpq.core.adapters import adapter_for, decoder_of, set_decoder, set_text_encoder, text_encoder_of
 from tmpq.core.errors import TmpqError
 from tmpq.core.model import (
     DENOISER_FOLDERS,
@@ -36,7 +29,7 @@ from tmpq.core.model import (
     LIVE_PREFIX,
     LoadedModel,
     ModelConfig,
-    encode_prompts,
+    condition,
     load_model,
     serving,
 )
@@ -171,23 +164,13 @@ class DiffusionModel:
         if self.vae is not None:
             upcast = dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False)
             set_decoder(unet, _copy_to(self.vae, device, torch.float32 if upcast else dtype))
-        if cfg.null_label >= 0:
-            set_conditioning(unet, null_label=cfg.null_label)
-        adapter = adapter_for(unet)
-        if cfg.prompts and adapter.kind(unet) != "text":
-            raise TmpqError(f"model.prompts: {type(unet).__name__} is not text-conditional")
+        text = None
         if self.text is not None:
-            encoder = _copy_to(self.text[0], device, dtype)
-            set_text_encoder(unet, encoder, self.text[1])
-            set_conditioning(unet, null_embeds=encode_prompts(encoder, self.text[1], [""], device),
-                             prompt_embeds=encode_prompts(encoder, self.text[1], cfg.prompts, device)
-                             if cfg.prompts else None)
-        elif cfg.prompts:
-            raise TmpqError("model.prompts: the pipeline has no text_encoder + tokenizer to encode them")
-        if cfg.guidance_scale != 1.0:
-            adapter.null(unet, adapter.example(unet, 1, "cpu"))  # refuses a model that cannot guide
+            text = (_copy_to(self.text[0], device, dtype), self.text[1])
+            set_text_encoder(unet, *text)
+        cond = condition(unet, cfg, text, device, "the pipeline has no text_encoder + tokenizer")
         return LoadedModel(unet=unet, scheduler_config=dict(self.scheduler_config), path=Path(self.source),
-                           guidance_scale=float(cfg.guidance_scale))
+                           conditioning=cond)
 
     def __repr__(self) -> str:
         return (f"DiffusionModel({type(self.denoiser).__name__}, source={self.source!r}, "

@@ -23,11 +23,12 @@ import torch
 from diffusers import DDPMScheduler
 
 from tmpq.core.adapters import (
+    Conditioning,
     adapter_classes,
     adapter_for,
+    bind_conditioning,
     decoder_of,
     sample_shape,
-    set_conditioning,
     set_decoder,
     set_text_encoder,
     text_encoder_of,
@@ -131,12 +132,18 @@ def embedded_scheduler_config() -> dict:
 
 @dataclass
 class LoadedModel:
-    """A denoiser, the noise-schedule config it was trained with, and the guidance scale it is sampled with."""
+    """A denoiser, the noise-schedule config it was trained with, and its :class:`Conditioning` (guidance scale,
+    null label, prompt embeddings), which the loaders also bind to the denoiser so that everything sampling it
+    (sampler, calibration capture, candidate evaluator, validation) conditions and guides it alike."""
 
     unet: torch.nn.Module
     scheduler_config: dict
     path: Path
-    guidance_scale: float = 1.0
+    conditioning: Conditioning = Conditioning()
+
+    @property
+    def guidance_scale(self) -> float:
+        return self.conditioning.guidance_scale
 
     @property
     def num_train_timesteps(self) -> int:
@@ -299,19 +306,23 @@ def encode_prompts(encoder, tokenizer, prompts, device="cpu") -> torch.Tensor:
     return encoder.to(device)(ids.input_ids.to(device), attention_mask=mask)[0]
 
 
-def _condition_text(unet, root: Path, prompts: tuple[str, ...], device, dtype: torch.dtype = torch.float32) -> None:
-    """Load a text model's encoder, encode ``prompts`` and the empty prompt, and hold both on the denoiser."""
-    text = _load_text(root, dtype)
-    kind = adapter_for(unet).kind(unet)
-    if prompts and kind != "text":
+def condition(unet, cfg: ModelConfig, text, device, where: str) -> Conditioning:
+    """The :class:`Conditioning` of ``cfg`` for ``unet`` (``text``: its ``(encoder, tokenizer)`` or None, which
+    encode ``cfg.prompts`` and the empty prompt), bound to it; refuses prompts for a model without text conditioning
+    and guidance for a model that cannot guide. ``where`` names the model's source in messages."""
+    if cfg.prompts and adapter_for(unet).kind(unet) != "text":
         raise TmpqError(f"model.prompts: {type(unet).__name__} is not text-conditional")
-    if text is None:
-        if prompts:
-            raise TmpqError(f"model.prompts: {root} has no text_encoder/ + tokenizer/ to encode them")
-        return
-    set_text_encoder(unet, *text)
-    set_conditioning(unet, null_embeds=encode_prompts(*text, [""], device),
-                     prompt_embeds=encode_prompts(*text, prompts, device) if prompts else None)
+    if cfg.prompts and text is None:
+        raise TmpqError(f"model.prompts: {where} to encode them")
+    cond = Conditioning(float(cfg.guidance_scale), cfg.null_label if cfg.null_label >= 0 else None)
+    if text is not None:
+        cond = cond.replace(null_embeds=encode_prompts(*text, [""], device),
+                            prompt_embeds=encode_prompts(*text, cfg.prompts, device) if cfg.prompts else None)
+    bind_conditioning(unet, cond)
+    if cond.guidance_scale != 1.0:
+        adapter = adapter_for(unet)
+        adapter.null(unet, adapter.example(unet, 1, "cpu"))  # refuses a model that cannot guide
+    return cond
 
 
 def denoiser_class(config_file: Path) -> type:
@@ -343,7 +354,8 @@ def serving(path: str, factory):
 def load_model(path: str | os.PathLike | ModelConfig | None = None, device: str = "cpu") -> LoadedModel:
     """Load a denoiser and its noise schedule from a local directory (``None`` / ``"embedded"``: the embedded MNIST
     UNet; ``"embedded-dit"``: the embedded class-conditional DiT), or as a ``ModelConfig`` says (its null label set
-    on the model, its guidance scale on the result, the denoiser, VAE and text encoder in its ``dtype``).
+    and guidance scale in the result's :class:`Conditioning`, bound to the denoiser; the denoiser, VAE and text
+    encoder in its ``dtype``).
 
     Example:
         >>> m = load_model()              # the embedded MNIST 16x16 model
@@ -366,13 +378,11 @@ def load_model(path: str | os.PathLike | ModelConfig | None = None, device: str 
     vae = _load_vae(root, dtype)
     if vae is not None:
         set_decoder(unet, vae.to(device))
-    if cfg.null_label >= 0:
-        set_conditioning(unet, null_label=cfg.null_label)
-    _condition_text(unet, root, cfg.prompts, device, dtype)
-    if cfg.guidance_scale != 1.0:
-        adapter = adapter_for(unet)
-        adapter.null(unet, adapter.example(unet, 1, "cpu"))  # refuses a model that cannot guide
-    return LoadedModel(unet=unet, scheduler_config=dict(sched_cfg), path=root, guidance_scale=float(cfg.guidance_scale))
+    text = _load_text(root, dtype)
+    if text is not None:
+        set_text_encoder(unet, *text)
+    cond = condition(unet, cfg, text, device, f"{root} has no text_encoder/ + tokenizer/")
+    return LoadedModel(unet=unet, scheduler_config=dict(sched_cfg), path=root, conditioning=cond)
 
 
 def save_pipeline_dir(unet: torch.nn.Module, scheduler_config: dict, out: Path, manifest: dict | None = None) -> None:

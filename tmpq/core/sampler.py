@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from tmpq.core.adapters import (
     adapter_for,
+    conditioning_of,
     decode,
     denoiser_of,
     guided_eps,
@@ -90,13 +91,14 @@ def model_dtype(model: torch.nn.Module) -> torch.dtype:
 @torch.inference_mode()
 def sample_batch(unet: torch.nn.Module, scheduler: RespacedDDIMScheduler, timesteps: Sequence[int],
                  bank: NoiseBank, indices: Sequence[int], eta: float = 0.0, on_step=None, labels=None,
-                 guidance_scale: float = 1.0) -> torch.Tensor:
+                 guidance_scale: float | None = None) -> torch.Tensor:
     """Denoise the bank's images ``indices`` along ``timesteps``; returns images in [-1, 1] (a latent model's
     latents decoded through its VAE, :func:`tmpq.core.adapters.decode`).
 
     The denoiser is called through its adapter (:mod:`tmpq.core.adapters`) with the images' conditioning (class
     models: balanced labels ``index % classes`` unless ``labels`` names them; text models: the model's prompts),
-    and with classifier-free guidance when ``guidance_scale != 1``. ``on_step(k, t, x_t)``, if given, sees the
+    guided as the model's :class:`~tmpq.core.adapters.Conditioning` says (``guidance_scale``, when given, in place of
+    its scale: an export sampled at the caller's scale). ``on_step(k, t, x_t)``, if given, sees the
     denoiser input of every step (calibration-data capture).
 
     Dtypes (``model.dtype``), as diffusers' pipelines that run a bf16 transformer on fp32 latents (e.g. Wan) do: the
@@ -108,6 +110,8 @@ def sample_batch(unet: torch.nn.Module, scheduler: RespacedDDIMScheduler, timest
     dtype = model_dtype(unet)
     inner = denoiser_of(unet)
     cond = adapter_for(inner).conditions(inner, indices, labels, device=device)
+    if guidance_scale is None:
+        guidance_scale = conditioning_of(inner).guidance_scale
     ddim = isinstance(scheduler, RespacedDDIMScheduler)
     if eta > 0 and not ddim:
         raise TmpqError(f"eta: only the ddim solver takes eta > 0 ({type(scheduler).__name__} is deterministic)")
@@ -133,11 +137,12 @@ def sample_batch(unet: torch.nn.Module, scheduler: RespacedDDIMScheduler, timest
 def sample_images(unet: torch.nn.Module, scheduler: RespacedDDIMScheduler, timesteps: Sequence[int], n: int, *,
                   seed: int = 0, batch_size: int = 256, eta: float = 0.0, start: int = 0,
                   progress: bool = True, desc: str = "sample", on_step=None, labels=None,
-                  guidance_scale: float = 1.0) -> torch.Tensor:
+                  guidance_scale: float | None = None) -> torch.Tensor:
     """Sample ``n`` images (bank indices ``start .. start+n-1``) in batches, with a progress bar.
 
     ``labels`` (class-conditional models): None = balanced (image i gets class ``i % classes``), one int for all,
-    or one per image; ``guidance_scale``: classifier-free guidance (1 = none). ``on_step(k, t, x_t)`` is
+    or one per image; ``guidance_scale``: classifier-free guidance (1 = none; None = the model's, as its loader bound
+    it, see :func:`sample_batch`). ``on_step(k, t, x_t)`` is
     called before every denoiser call (see :func:`sample_batch`).
 
     Example:

@@ -84,8 +84,7 @@ class WorkerSpec:
                                 self.proxy.get("inception_weights", ""))
         cfg = ProxyConfig(**self.proxy)
         ref = proxy_reference(cfg, ext, m.image_channels)
-        return CandidateEvaluator(net, make_scheduler(m.scheduler_config), ext, ref, cfg, companions=self.companions,
-                                  guidance_scale=m.guidance_scale)
+        return CandidateEvaluator(net, make_scheduler(m.scheduler_config), ext, ref, cfg, companions=self.companions)
 
 
 def run_fingerprint(cfg: RunConfig, model_fp: str) -> str:
@@ -139,7 +138,7 @@ def time_groups(cfg: RunConfig, m, resumed_run: Path | None):
                 found = [TimeGroups.from_dict(g) for g in d.get("step_groups") or [d["groups"]]]
             per = {g.n: g for g in found}
         elif kind == "dp":  # one FP teacher run (its own noise seed, apart from the proxy's) for every step count
-            best = dp_schedules(m.unet, m.scheduler_config, choices, guidance_scale=m.guidance_scale)
+            best = dp_schedules(m.unet, m.scheduler_config, choices)
             per = {n: dp_groups(best[n], T) for n in choices}
         else:
             prof = fp_profile(kind, m.unet, make_scheduler(m.scheduler_config), seed=cfg.search.seed)
@@ -205,8 +204,7 @@ def prepare_run(cfg: RunConfig, run_path: Path, resume: bool = False,
         if not sn_file.is_file() and given is not None:
             atomic_write_bytes(sn_file, given.read_bytes())
         if not sn_file.is_file():  # resumable per option through supernet.partial.safetensors beside it
-            calibrate_to_file(net, make_scheduler(m.scheduler_config), sn_file, cfg.calibration, progress=progress,
-                              guidance_scale=m.guidance_scale)
+            calibrate_to_file(net, make_scheduler(m.scheduler_config), sn_file, cfg.calibration, progress=progress)
     except BaseException:
         if lock is not None:
             lock.release()

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from tmpq.core import runlock
-from tmpq.core.adapters import predict, rows
+from tmpq.core.adapters import bind_conditioning, conditioning_of, predict, rows
 from tmpq.core.cost import DEFAULT_SOLVER, denoiser_calls
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import atomic_write, atomic_write_bytes, read_parquet
@@ -92,15 +92,15 @@ def choose_points(front, cfg: ValidateConfig):
     return front
 
 
-def _capture_along(unet, scheduler, timesteps, n: int, seed: int, batch: int = 64, guidance_scale: float = 1.0):
+def _capture_along(unet, scheduler, timesteps, n: int, seed: int, batch: int = 64):
     """(x_t, t[, cond]) batches of the FP sampler along exactly ``timesteps`` (n trajectories; every step kept), in
-    the order of ``batch``-trajectory chunks, each step by step."""
-    xs, ts, cond = capture_along(unet, scheduler, timesteps, n, seed, batch, guidance_scale)  # [steps, n, ...]
+    the order of ``batch``-trajectory chunks, each step by step; guided as the model's conditioning says."""
+    xs, ts, cond = capture_along(unet, scheduler, timesteps, n, seed, batch)  # [steps, n, ...]
     x = torch.cat([xs[:, s:s + batch].flatten(0, 1) for s in range(0, n, batch)])
     t = torch.cat([ts.repeat_interleave(min(batch, n - s)) for s in range(0, n, batch)])
     image = torch.cat([torch.arange(s, min(s + batch, n)).repeat(len(ts)) for s in range(0, n, batch)])
     data = CalibData(x, t, "along", rows(cond, image))
-    if guidance_scale != 1.0:  # guided sampling runs the conditional and the null pass: calibrate on both
+    if conditioning_of(unet).guidance_scale != 1.0:  # guided sampling runs both passes: calibrate on both
         data = data.with_null_pass(unet)
     return list(data.batches(batch))
 
@@ -116,6 +116,7 @@ def recalibrate_point(run_path: Path, key: str, timesteps, bits, cfg: ValidateCo
 
     m = _model(json.loads((run_path / "config.resolved.json").read_text()))
     teacher = frozen_copy(m.unet)
+    bind_conditioning(teacher, m.conditioning)  # a copy is unbound: the teacher samples as the model does
     sched = make_scheduler(m.scheduler_config, *solver)
     meta, _ = read_supernet_file(run_path / "supernet.safetensors", tensors=False)
     base = SupernetConfig.from_json(meta["config"])
@@ -128,12 +129,13 @@ def recalibrate_point(run_path: Path, key: str, timesteps, bits, cfg: ValidateCo
         over["time_groups"] = 1
     if over:
         base = dataclasses.replace(base, **over)  # validated again by __post_init__
-    probe = QuantSupernet(frozen_copy(m.unet), base)
+    probe = frozen_copy(m.unet)
+    bind_conditioning(probe, m.conditioning)  # profiled with the model's own conditioning
+    probe = QuantSupernet(probe, base)
     net = QuantSupernet(m.unet, probe.pinned_config([tuple(int(v) for v in p) for p in bits]))
     del probe
     t0 = time.perf_counter()
-    data = _capture_along(teacher, sched, list(timesteps), cfg.calib_per_step, cfg.calib_seed,
-                          guidance_scale=m.guidance_scale)
+    data = _capture_along(teacher, sched, list(timesteps), cfg.calib_per_step, cfg.calib_seed)
     net.calibrate(data, mode="per-option", progress=progress)
     info = {"calib_inputs": sum(len(b[1]) for b in data), "calib_s": round(time.perf_counter() - t0, 1),
             "time_groups": net.config.time_groups}
@@ -170,7 +172,7 @@ def validate_run(run_path: str | Path, cfg: ValidateConfig, progress: bool = Tru
     proxy = run_cfg.get("proxy", {})
     reference = proxy.get("reference", "")
     model = _model(run_cfg)
-    channels, guidance = model.image_channels, model.guidance_scale
+    channels = model.image_channels
     del model
     check_reference(reference, channels, hint="; validation scores against the run's proxy.reference")
     with runlock.acquire(run.path, "validate"):  # one writer: refused (one line) while a search or job holds it
@@ -202,7 +204,7 @@ def validate_run(run_path: str | Path, cfg: ValidateConfig, progress: bool = Tru
                 with reusing(net.unet, reuse, branch, denoiser_calls(solver[0], len(p["timesteps"]))) as dc:
                     imgs = sample_images(net.unet, sched, list(p["timesteps"]), cfg.n, seed=seed,
                                          batch_size=cfg.batch_size, progress=progress, desc=f"{key} seed {seed}",
-                                         guidance_scale=guidance, on_step=dc.on_step)
+                                         on_step=dc.on_step)
                 s = score_features(ext(imgs), ref)
                 acc = digit_class_accuracy(net.unet, imgs)  # a digit class model: conditional quality
                 log.append({"key": key, "seed": seed, "n": cfg.n, "settings": settings, "fid": s["fid"],
