@@ -89,6 +89,10 @@ def load_supernet(net, path: Path | str, allow_partial: bool = False) -> dict:
     if not progress.get("complete") and not allow_partial:
         raise TmpqError(f"supernet file {path} holds an unfinished calibration (done: "
                         f"{progress.get('done_a_bits')}); rerun calibration to resume it")
+    if progress.get("complete"):  # an unfinished file may hold observers' initial +-inf for options still to come
+        for name, t in state.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise TmpqError(f"supernet file {path} holds non-finite quantizer state ({name}); recalibrate it")
     try:
         missing, unexpected = net.unet.load_state_dict(state, strict=False)
     except RuntimeError as exc:

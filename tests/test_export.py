@@ -11,20 +11,25 @@ from tests.test_search_service import tiny_cfg
 from tmpq.core.errors import TmpqError
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def searched_tiny_run(root):
+    """A one-generation search of a seeded tiny model under ``root``: the run and the key of its first front point."""
     from tests.conftest import tiny_unet
     from tmpq.core.model import embedded_scheduler_config, save_pipeline_dir
-    from tmpq.jobs.export import export_candidate
     from tmpq.jobs.run import load_run
     from tmpq.jobs.search import run_search
 
-    root = tmp_path_factory.mktemp("export")
     model = root / "tiny-ddpm"
     save_pipeline_dir(tiny_unet(), embedded_scheduler_config(), model)
     run = run_search(tiny_cfg(model, generations=1), root / "run", progress=False)
-    front = load_run(run.path).pareto()
-    key = front["key"].iloc[0]
+    return run, load_run(run.path).pareto()["key"].iloc[0]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from tmpq.jobs.export import export_candidate
+
+    root = tmp_path_factory.mktemp("export")
+    run, key = searched_tiny_run(root)
     man = export_candidate(run.path, key, root / "exp", command="test")
     return root, run, key, man
 

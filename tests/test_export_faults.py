@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_cli
-from tests.test_search_service import tiny_cfg
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import atomic_directory, atomic_write, atomic_write_bytes
 
@@ -26,16 +25,10 @@ def _umask() -> int:
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory):
     """A tiny searched run and the key of one of its Pareto candidates."""
-    from tests.conftest import tiny_unet
-    from tmpq.core.model import embedded_scheduler_config, save_pipeline_dir
-    from tmpq.jobs.run import load_run
-    from tmpq.jobs.search import run_search
+    from tests.test_export import searched_tiny_run
 
-    root = tmp_path_factory.mktemp("faults")
-    model = root / "tiny-ddpm"
-    save_pipeline_dir(tiny_unet(), embedded_scheduler_config(), model)
-    run = run_search(tiny_cfg(model, generations=1), root / "run", progress=False)
-    return run.path, load_run(run.path).pareto()["key"].iloc[0]
+    run, key = searched_tiny_run(tmp_path_factory.mktemp("faults"))
+    return run.path, key
 
 
 @pytest.fixture

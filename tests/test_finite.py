@@ -153,3 +153,21 @@ def test_a_supernet_file_with_unsorted_metadata_still_loads(tmp_path):
     fresh = QuantSupernet(tiny_unet(), net.config)
     fresh.load(old)
     assert all(torch.equal(a, b) for a, b in zip(fresh.quantizer_state().values(), net.quantizer_state().values()))
+
+
+def test_a_supernet_file_with_non_finite_scales_is_refused_at_load(tmp_path):
+    """A damaged (or hand-edited) supernet file with a NaN scale is refused when it loads, naming the file and the
+    tensor, instead of serving finite garbage through the 8-bit activation path."""
+    from safetensors.torch import save
+
+    from tmpq.supernet.store import read_supernet_file
+
+    net = QuantSupernet(tiny_unet(), SupernetConfig(time_groups=1, w_observer="minmax", a_observer="minmax"))
+    net.calibrate(calib_batches(n=1, batch=2), progress=False)
+    meta, state = read_supernet_file(net.save(tmp_path / "sn.safetensors"))
+    name = next(k for k, t in state.items() if t.is_floating_point() and k.endswith("scale"))
+    state[name] = torch.full_like(state[name], float("nan"))
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(save(state, metadata=meta))
+    with pytest.raises(TmpqError, match=rf"^supernet file {bad} holds non-finite quantizer state \({name}\)"):
+        QuantSupernet(tiny_unet(), net.config).load(bad)
