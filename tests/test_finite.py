@@ -78,28 +78,18 @@ def _fast_cfg(model_dir, **search):
     return d
 
 
-def _nan_supernet(model_dir, cfg, path):
-    """A complete supernet file of ``cfg`` whose output layer has NaN weight scales (a damaged file: calibration
-    itself refuses to write one)."""
-    from tmpq.core.model import load_model
-
-    net = QuantSupernet(load_model(model_dir).unet, cfg.supernet)
-    net.calibrate(calib_batches(n=1, batch=2), progress=False)
-    last = list(net.layers)[-1]  # the output layer: no later activation quantizer turns its NaN into codes
-    with torch.no_grad():
-        for q in net.layers[last].w_quant:
-            q.scale.fill_(float("nan"))
-    net.save(path)
-
-
-def test_non_finite_images_are_failure_rows_and_an_all_failed_search_exits_2(tiny_model_dir, tmp_path, capsys):
+def test_non_finite_images_are_failure_rows_and_an_all_failed_search_exits_2(tiny_model_dir, tmp_path, capsys,
+                                                                             monkeypatch):
+    """Every candidate's images NaN (a quantized model that diverges; a damaged supernet file can no longer cause it,
+    it is refused at load): each evaluation is a failure row saying so, and the search exits 2."""
     from tests.conftest import run_cli
+    from tmpq.evaluators.candidate import CandidateEvaluator
     from tmpq.jobs.config import config_from_dict
     from tmpq.jobs.search import run_search
 
+    images = CandidateEvaluator.images
+    monkeypatch.setattr(CandidateEvaluator, "images", lambda self, *a, **k: images(self, *a, **k) * float("nan"))
     d = _fast_cfg(tiny_model_dir, generations=1, population=4)
-    _nan_supernet(tiny_model_dir, config_from_dict(d), tmp_path / "nan.safetensors")
-    d["calibration"]["supernet_file"] = str(tmp_path / "nan.safetensors")
     with pytest.raises(TmpqError) as info:
         run_search(config_from_dict(d), tmp_path / "run", progress=False)
     msg = str(info.value)
