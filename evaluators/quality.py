@@ -32,8 +32,11 @@ _REFERENCES: dict[tuple, Reference] = {}
 
 def embedded_reference(extractor: FeatureExtractor, split: str = "all", resolution: int = 16) -> Reference:
     """Reference of the real embedded MNIST digits (split ``all``: N = 5,000); kept per process and extractor
-    weights (a search worker, the proxy and the validator need the same one; arrays made read-only)."""
-    key = (extractor.name, extractor.fingerprint, split, resolution)
+    weights (a search worker, the proxy and the validator need the same one; arrays made read-only). The key holds
+    torch's thread count too: the features' float reductions depend on it on some CPUs (seen on an Intel Xeon with
+    AMX: a reference made at 2 threads moved a 1-thread search worker's FID in the 9th digit), so a cached reference
+    is exactly what a fresh process at the same thread count computes."""
+    key = (extractor.name, extractor.fingerprint, split, resolution, torch.get_num_threads())
     if key not in _REFERENCES:
         ref = _embedded_reference(extractor, split, resolution)
         for a in (ref.stats.mu, ref.stats.sigma, ref.feats):
