@@ -272,3 +272,11 @@ def read_parquet(path: Path, what: str, columns: tuple[str, ...] = ()):
     if missing:
         raise TmpqError(f"{path}: malformed {what} (no column {missing[0]!r})")
     return df
+
+
+def parse_row(line: str) -> dict:
+    """One row of a JSONL row log (:class:`tmpq.core.rowlog.RowLog`, ``final/rows.jsonl``): a JSON object."""
+    row = json.loads(line)
+    if not isinstance(row, dict):
+        raise TypeError(f"expected a JSON object, got {type(row).__name__}")
+    return row

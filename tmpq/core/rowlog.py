@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from tmpq.core.fileio import lacks_final_newline, read_jsonl, repair_jsonl_tail
+from tmpq.core.fileio import lacks_final_newline, parse_row, read_jsonl, repair_jsonl_tail
 
 
 def cpu_info() -> tuple[str, set[str]]:
@@ -43,14 +43,6 @@ def command_line() -> str:
     spec = getattr(main, "__spec__", None)
     head = f"python -m {spec.name}" if spec is not None and spec.name else "python " + Path(sys.argv[0]).name
     return " ".join([head, *(shlex.quote(a) for a in sys.argv[1:])])
-
-
-def parse_row(line: str) -> dict:
-    """One row of a :class:`RowLog`: a JSON object."""
-    row = json.loads(line)
-    if not isinstance(row, dict):
-        raise TypeError(f"expected a JSON object, got {type(row).__name__}")
-    return row
 
 
 class RowLog:

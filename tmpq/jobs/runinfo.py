@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from tmpq.core.errors import TmpqError
-from tmpq.core.fileio import malformed, read_json, read_jsonl, read_parquet
+from tmpq.core.fileio import malformed, parse_row, read_json, read_jsonl, read_parquet
 from tmpq.search.rundir import RunDir, pareto_frame, results_frame, run_objectives
 
 SUPERNET_FILE = "supernet.safetensors"
@@ -74,19 +74,27 @@ def validated_frame(run_path: Path):
     return df[[c for c in VALIDATED_COLUMNS if c in df] + extra].reset_index(drop=True)
 
 
+ROW_FIELDS = {"key": str, "seed": int, "n": int, "settings": str, "fid": (int, float), "bitops": (int, float),
+               "fid_proxy": (int, float), "timesteps": list, "bits": list}
+
+
+def final_row(line: str) -> dict:
+    """One row of ``final/rows.jsonl``; a row without the fields the summary reads raises (one line via RowLog)."""
+    row = parse_row(line)
+    for name, kind in ROW_FIELDS.items():
+        if not isinstance(row[name], kind) or isinstance(row[name], bool):
+            raise TypeError(f"{name}: expected {getattr(kind, '__name__', 'a number')}, got {type(row[name]).__name__}")
+    if not isinstance(row.get("kid"), (int, float, type(None))):
+        raise TypeError(f"kid: expected a number, got {type(row['kid']).__name__}")
+    return row
+
+
 def validation_rows(run_path: Path) -> list[dict]:
     """Rows of ``RUN/final/rows.jsonl`` (one per validated point and seed; a validation in progress appends them)."""
     path = run_path / "final" / "rows.jsonl"
     if not path.is_file():
         return []
-
-    def parse(line: str) -> dict:
-        row = json.loads(line)
-        if not isinstance(row, dict) or not isinstance(row.get("key"), str):
-            raise TypeError("expected an object with a key")
-        return row
-
-    return read_jsonl(path, parse, "validation rows")[0]
+    return read_jsonl(path, final_row, "validation rows")[0]
 
 
 def export_dirs(run_path: Path) -> list[Path]:

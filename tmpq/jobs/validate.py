@@ -25,7 +25,7 @@ from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import atomic_write, atomic_write_bytes, read_parquet
 from tmpq.core.model import ModelConfig, load_model
 from tmpq.core.reuse import reuse_of, reusing
-from tmpq.core.rowlog import RowLog, parse_row
+from tmpq.core.rowlog import RowLog
 from tmpq.core.sampler import make_scheduler, sample_images
 from tmpq.core.solvers import solver_of
 from tmpq.evaluators.candidate import (
@@ -35,6 +35,7 @@ from tmpq.evaluators.candidate import (
 )
 from tmpq.evaluators.quality import digit_class_accuracy, score_features
 from tmpq.jobs.run import load_run
+from tmpq.jobs.runinfo import final_row
 from tmpq.quant.distill import distill_scales, frozen_copy
 from tmpq.supernet import QuantSupernet, SupernetConfig
 from tmpq.supernet.calib_data import CalibData, capture_along
@@ -177,7 +178,7 @@ def validate_run(run_path: str | Path, cfg: ValidateConfig, progress: bool = Tru
     check_reference(reference, channels, hint="; validation scores against the run's proxy.reference")
     with runlock.acquire(run.path, "validate"):  # one writer: refused (one line) while a search or job holds it
         out = run.path / "final"
-        log = RowLog(out / "rows.jsonl", ("key", "seed", "n", "settings"), parse=_final_row)  # read before any write
+        log = RowLog(out / "rows.jsonl", ("key", "seed", "n", "settings"), parse=final_row)  # read before any write
         out.mkdir(exist_ok=True)
         settings = json.dumps({k: v for k, v in asdict(cfg).items()
                                if k not in ("top_k", "keys", "seeds", "batch_size")}, sort_keys=True)
@@ -216,21 +217,6 @@ def validate_run(run_path: str | Path, cfg: ValidateConfig, progress: bool = Tru
                             **({"reuse": list(reuse)} if reuse else {}), **info})
             _write_summary(run.path, log, settings, cfg)
         return _write_summary(run.path, log, settings, cfg)
-
-
-_ROW_FIELDS = {"key": str, "seed": int, "n": int, "settings": str, "fid": (int, float), "bitops": (int, float),
-               "fid_proxy": (int, float), "timesteps": list, "bits": list}
-
-
-def _final_row(line: str) -> dict:
-    """One row of ``final/rows.jsonl``; a row without the fields the summary reads raises (one line via RowLog)."""
-    row = parse_row(line)
-    for name, kind in _ROW_FIELDS.items():
-        if not isinstance(row[name], kind) or isinstance(row[name], bool):
-            raise TypeError(f"{name}: expected {getattr(kind, '__name__', 'a number')}, got {type(row[name]).__name__}")
-    if not isinstance(row.get("kid"), (int, float, type(None))):
-        raise TypeError(f"kid: expected a number, got {type(row['kid']).__name__}")
-    return row
 
 
 def _write_summary(run_path: Path, log, settings: str, cfg: ValidateConfig):
