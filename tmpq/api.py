@@ -27,7 +27,7 @@ from tmpq.core.handle import DiffusionModel
 from tmpq.deploy.bundle import EXPORT_JSON, apply_export, load_export, read_export
 from tmpq.jobs.config import RunConfig, resolve_config
 from tmpq.jobs.export import ensure_export, export_candidate
-from tmpq.jobs.main import MainJobConfig, main_job
+from tmpq.jobs.main import MainJobConfig, front_within, main_job
 from tmpq.jobs.run import Run, load_run
 from tmpq.jobs.search import run_search
 from tmpq.jobs.validate import ValidateConfig, best_validated, validate_run
@@ -120,12 +120,11 @@ def pick(run, budget: str | None = None) -> str:
     best = best_validated(run.path, limit)
     if best is not None:
         return str(best["key"])
-    front = run.pareto()
-    eligible = front if limit is None or front.empty else front[front["bitops"] <= limit]
+    eligible = front_within(run, limit)
     if eligible.empty:
         raise TmpqError(f"export: no Pareto point of {run.path} is within the budget {budget}; pass key= or "
                         "budget='none'")
-    return str(eligible.sort_values("fid_proxy").iloc[0]["key"])
+    return str(eligible.iloc[0]["key"])
 
 
 def export(run, key: str | None = None, out: str | os.PathLike | None = None, *, model=None,

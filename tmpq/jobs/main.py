@@ -46,6 +46,17 @@ class MainJobConfig:
         return cfg
 
 
+def front_within(run, limit: float | None):
+    """The run's Pareto points within ``limit`` BitOPs (``None``: all), best proxy first: the points the main job
+    validates, and the one it exports before any validation exists."""
+    front = run.pareto()
+    if front.empty:
+        return front
+    if limit is not None:
+        front = front[front["bitops"] <= limit]
+    return front.sort_values("fid_proxy")
+
+
 def export_budget(cfg, job: MainJobConfig) -> str:
     """The export budget of the main job (``job.budget``, else the config's ``search.bitops_budget``), checked against
     the config's supernet options: a ``w6a6`` the supernet cannot run is refused before the search, not after it."""
@@ -83,13 +94,12 @@ def _main_job(cfg, run_path: str | Path, job: MainJobConfig, progress: bool) -> 
 
     t0 = stage(f"validate the {job.top_k} best points under the {budget} budget")
     run = load_run(run_path)
-    front = run.pareto()
     limit = budget_bitops(run.space, budget)
-    eligible = front if limit is None else front[front["bitops"] <= limit]
+    eligible = front_within(run, limit)
     if eligible.empty:
         raise TmpqError(f"no Pareto point is within the export budget {budget}; lower search budgets or pass "
                         "--budget none")
-    keys = tuple(eligible.sort_values("fid_proxy").head(job.top_k)["key"])
+    keys = tuple(eligible.head(job.top_k)["key"])
     validate_run(run_path, dataclasses.replace(validation, keys=keys), progress=progress)
     timings["validate_s"] = round(time.perf_counter() - t0, 1)
 
