@@ -38,8 +38,7 @@ from benchmarks.common import (
     keep_gzip,
     read_gzip,
 )
-from tmpq.core.reuse import reuse_of
-from tmpq.core.solvers import solver_of
+from tmpq.core.candidate import DEFAULT_SOLVER, Solver, reuse_of
 
 RAW_FILES = ("config.resolved.json", "search_space.json", "evaluations.jsonl", "final/rows.jsonl")
 
@@ -219,7 +218,6 @@ def fp_on_schedule(out: Path, best, args) -> dict:
     ``OUT/fp_schedule.json`` per schedule."""
     from tmpq.core.model import load_model
     from tmpq.core.sampler import make_scheduler
-    from tmpq.core.solvers import DEFAULT_SOLVER
     from tmpq.evaluators.features import make_extractor
     from tmpq.evaluators.quality import embedded_reference, evaluate_schedule
 
@@ -227,7 +225,7 @@ def fp_on_schedule(out: Path, best, args) -> dict:
     ts = [int(t) for t in best["timesteps"]]
     seeds = [int(s) for s in args.seeds.split(",")]
     cached = json.loads(path.read_text()) if path.is_file() else {}
-    solver = solver_of(best)
+    solver = Solver.of(best)
     if cached.get("timesteps") == ts and cached.get("n") == args.n and cached.get("seeds") == seeds and \
             tuple(cached.get("solver", DEFAULT_SOLVER)) == solver:
         return cached
@@ -294,7 +292,7 @@ def _write(out, args, cfg, final, under, ref, summary, speed, fp100, budget, ext
                       "KID x1e3 | under budget |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for _, r in final.sort_values("bitops").iterrows():
         std = "-" if r["fid_std"] != r["fid_std"] else f"{r['fid_std']:.3f}"
-        name, order = solver_of(r)
+        name, order = Solver.of(r)
         reuse = reuse_of(r)
         steps = (f" {name}{'' if name in ('ddim', 'euler', 'heun') else f' (order {order})'} | "
                  f"{len(r['timesteps'])} | {len(reuse)} |") if solvers else f" {len(r['timesteps'])} |"
@@ -308,11 +306,11 @@ def _write(out, args, cfg, final, under, ref, summary, speed, fp100, budget, ext
         b = under.iloc[0]
         verdict = "meets" if b["fid_vs_fp100"] <= args.target else "misses"
         lines += [f"Best point under the budget: `{b['key']}`, {len(b['timesteps'])} steps {list(b['timesteps'])}"
-                  + (f" ({solver_of(b)[0]})" if solvers else "") + ", "
+                  + (f" ({Solver.of(b)[0]})" if solvers else "") + ", "
                   f"{100 * b['bitops_frac']:.3f} % of FP 100-step BitOPs, FID {b['fid_mean']:.3f} = "
                   f"{b['fid_vs_fp100']:.2f} x FP 100 steps: it **{verdict}** the {args.target:g} x target.", ""]
         if gap:
-            how = (f" with its solver ({solver_of(b)[0]})" if solvers else "") + (
+            how = (f" with its solver ({Solver.of(b)[0]})" if solvers else "") + (
                 ", every call in full (no reuse)" if getattr(s, "reuse_branch", 0) else "")
             lines += [f"Where the gap comes from: the FP model on that same schedule{how} reaches FID {gap['fid']:.3f} "
                       f"(N = {gap['n']}, seeds {gap['seeds']}) = {gap['fid'] / ref['fid']:.2f} x FP 100 steps (the "
@@ -328,7 +326,7 @@ def _write(out, args, cfg, final, under, ref, summary, speed, fp100, budget, ext
             verdict = "meets" if b["fid_vs_fp100"] <= args.extra_target else "misses"
             lines += [f"Best validated point under the tighter budget ({100 * args.extra_budget_frac:g} % = "
                       f"{extra_budget / 1e9:.3g} GBitOPs per image): `{b['key']}`, {len(b['timesteps'])} steps"
-                      + (f" ({solver_of(b)[0]})" if solvers else "") + f", {100 * b['bitops_frac']:.3f} % of FP "
+                      + (f" ({Solver.of(b)[0]})" if solvers else "") + f", {100 * b['bitops_frac']:.3f} % of FP "
                       f"100-step BitOPs, FID {b['fid_mean']:.3f} = {b['fid_vs_fp100']:.2f} x FP 100 steps: it "
                       f"**{verdict}** the {args.extra_target:g} x target.", ""]
         else:

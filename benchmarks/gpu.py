@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import RowLog, command_line, machine
+from tmpq.core.candidate import Candidate
 from tmpq.core.devices import resolve_device
 from tmpq.core.model import load_model
 from tmpq.core.sampler import make_scheduler, sample_images
@@ -107,7 +108,7 @@ def part_agreement(args, log: RowLog, sn: Path) -> None:
         for ts, bits in cands:
             _sync(dev)
             t0 = time.perf_counter()
-            obj = ev.evaluate(ts, bits)
+            obj = ev.evaluate(Candidate(ts, bits))
             _sync(dev)
             rows[dev].append({"fid_proxy": obj["fid_proxy"], "paired_pixel_mse": obj.get("paired_pixel_mse"),
                               "s": time.perf_counter() - t0})
@@ -165,7 +166,7 @@ def part_actors(args, log: RowLog, sn: Path) -> None:
         for i in range(args.actor_tasks):
             bits = tuple((int(rng.choice(net.config.w_bits)), int(rng.choice(net.config.a_bits)))
                          for _ in range(net.num_genes))
-            tasks.append(Task(f"t{i}", make_timesteps("quad", 10), bits))
+            tasks.append(Task(f"t{i}", Candidate(make_timesteps("quad", 10), bits)))
         tmp = tempfile.mkdtemp(prefix="tmpq-gpu-ray-")
         ex = RayExecutor(spec, workers=k, threads_per_worker=1, temp_dir=tmp, gpus_per_worker=(1.0 / k if gpu else 0))
         try:

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         if c.key not in seen:
             seen.add(c.key)
             cands.append(c)
-    tasks = [Task(c.key, c.timesteps, c.bits) for c in cands]
+    tasks = [Task(c.key, c) for c in cands]
     warmup, timed = tasks[args.n:], tasks[: args.n]
     spec = WorkerSpec(cfg.model.path, str(sn_file.resolve()), json.loads(json.dumps(cfg.proxy.__dict__)),
                       args.threads_per_worker)

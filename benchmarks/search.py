@@ -37,6 +37,7 @@ from benchmarks.common import (
     log_proxy,
     run_evaluations,
 )
+from tmpq.core.candidate import Candidate
 
 UNIFORM_BASELINES = [(w, a, sched, n) for (w, a) in ((8, 8), (6, 6), (4, 8)) for sched in ("uniform", "quad")
                      for n in (5, 10, 20)]
@@ -154,7 +155,7 @@ def baseline_points(args, log: RowLog, sn: Path) -> list[dict]:
             if ev is None:
                 ev = evaluator(args, sn)
             alloc = [(w, a)] * ev.net.num_genes
-            obj = ev.evaluate(make_timesteps(sched, n), alloc)
+            obj = ev.evaluate(Candidate(make_timesteps(sched, n), alloc))
             log.append({"kind": "baseline", "name": name, "w": w, "a": a, "schedule": sched, "steps": n,
                         "fid_proxy": obj["fid_proxy"], "gbitops": ev.net.bitops(alloc) * n / 1e9,
                         "eval_s": obj["eval_s"]})
@@ -164,7 +165,7 @@ def baseline_points(args, log: RowLog, sn: Path) -> list[dict]:
         if not log.has(kind="fp-schedule", name=name):
             if ev is None:
                 ev = evaluator(args, sn)
-            obj = ev.evaluate(make_timesteps(sched, n), None)
+            obj = ev.evaluate(Candidate.fp(make_timesteps(sched, n)))
             log.append({"kind": "fp-schedule", "name": name, "schedule": sched, "steps": n,
                         "fid_proxy": obj["fid_proxy"], "paired_pixel_mse": obj["paired_pixel_mse"],
                         "eval_s": obj["eval_s"]})
@@ -222,7 +223,7 @@ def part_fidelity(args, log: RowLog, sn: Path) -> None:
         c = picks[i]
         if log.has(kind="fidelity", name=f"cand{i:02d}"):
             continue
-        proxy = ev.evaluate(c.timesteps, c.bits)
+        proxy = ev.evaluate(c)
         ev.net.set_bits(c.bits)
         t0 = time.perf_counter()
         imgs = sample_images(ev.net.unet, ev.scheduler, c.timesteps, 10_000, seed=args.seed + 1,
@@ -311,7 +312,7 @@ def fp_grouping_rows(args, log: RowLog, sn: Path) -> None:
             groups = make_groups(kind, n, profile=profiles.get(kind))
             if ev is None:
                 ev = evaluator(args, sn)
-            obj = ev.evaluate(sorted(groups.starts, reverse=True), None)
+            obj = ev.evaluate(Candidate.fp(sorted(groups.starts, reverse=True)))
             log.append({"kind": "fp-grouping", "name": name, "grouping": kind, "steps": n,
                         "starts": list(groups.starts), "fid_proxy": obj["fid_proxy"], "eval_s": obj["eval_s"]})
 

@@ -190,13 +190,12 @@ def _step_side(args, log: RowLog, sn: Path) -> None:
     (``deepcache``, branch ``--branch``; BitOPs count the reused calls at their shallow layers only)."""
     from dataclasses import replace
 
-    from tmpq.core.cost import denoiser_calls
     from tmpq.core.reuse import reused_layers
     from tmpq.core.schedules import make_timesteps
     from tmpq.core.solvers import parse_solver
     from tmpq.jobs.run import load_run
     from tmpq.jobs.search import WorkerSpec, dp_schedules
-    from tmpq.search.space import Candidate
+    from tmpq.core.candidate import Candidate
 
     run = load_run(Path(args.out) / "runs" / "gene-s0")
     cfg, space = run.config, run.space
@@ -210,23 +209,23 @@ def _step_side(args, log: RowLog, sn: Path) -> None:
         tag = f"{method}-{solver}-{steps}-w{w}a{a}"
         if log.has(kind="stepside", name=tag):
             continue
-        name, order = parse_solver(solver)
+        sol = parse_solver(solver)
         bits = tuple((w, a) for _ in range(space.num_genes))
         if method == "dp":
             if dp is None:
                 dp = dp_schedules(m.unet, m.scheduler_config, list(space.step_choices))
-            cand = Candidate(tuple(int(t) for t in dp[steps]), bits, name, order)
+            cand = Candidate(tuple(int(t) for t in dp[steps]), bits, sol)
             cost = space.bitops(cand)
         else:
-            cand = Candidate(tuple(make_timesteps("uniform", steps)), bits, name, order,
-                             reuse=tuple(range(1, denoiser_calls(name, steps), 2)))
+            cand = Candidate(tuple(make_timesteps("uniform", steps)), bits, sol,
+                             reuse=tuple(range(1, sol.calls(steps), 2)))
             cost = reuse_space.bitops(cand)
         if space.bitops_budget is not None and cost > space.bitops_budget:
             continue
         if ev is None:
-            ev = WorkerSpec(cfg["model"], str(sn.resolve()), cfg["proxy"], args.threads, companions=False)()
-        r = ev.evaluate(cand.timesteps, bits, solver=(name, order),
-                        reuse=(args.branch, cand.reuse) if cand.reuse else None)
+            ev = WorkerSpec(cfg["model"], str(sn.resolve()), cfg["proxy"], args.threads, companions=False,
+                            reuse_branch=args.branch)()
+        r = ev.evaluate(cand)
         log.append({"kind": "stepside", "name": tag, "method": method, "solver": solver, "steps": steps,
                     "bits": [w, a], "timesteps": list(cand.timesteps), "reuse": list(cand.reuse), "bitops": cost,
                     "fid_proxy": r["fid_proxy"], "eval_s": round(r["eval_s"], 2)})
@@ -247,7 +246,7 @@ def part_speed(args, log: RowLog) -> None:
     from tmpq.jobs.validate import ValidateConfig, validate_run
     from tmpq.search.budget import fp_bitops
     from tmpq.search.rundir import EvalResult
-    from tmpq.search.space import Candidate
+    from tmpq.core.candidate import Candidate
 
     fp_row = next((r for r in log.rows.values() if r["kind"] == "fp" and r["solver"] == args.speed_solver
                    and r["schedule"] == "dp" and r["steps"] == args.speed_steps and r["n"] == args.n
@@ -258,17 +257,15 @@ def part_speed(args, log: RowLog) -> None:
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "solvers.toml")
     path = Path(args.out) / "runs" / f"speed-{args.speed_solver}-dp{args.speed_steps}"
     run, space, sn = prepare_run(cfg, path, resume=(path / "config.resolved.json").is_file())
-    name, order = parse_solver(args.speed_solver)
     w, a = args.speed_bits
     cand = Candidate(tuple(int(t) for t in fp_row["timesteps"]), tuple((w, a) for _ in range(space.num_genes)),
-                     name, order)
+                     parse_solver(args.speed_solver))
     if not any(r.key == cand.key for r in run.replay()):
         t0 = time.perf_counter()
-        r = worker_spec(cfg, sn, args.threads)().evaluate(cand.timesteps, cand.bits, solver=(name, order))
+        r = worker_spec(cfg, sn, args.threads)().evaluate(cand)
         objectives = {k: float(v) for k, v in r.items() if isinstance(v, (int, float))}
         objectives.update(bitops=space.bitops(cand), size_mb=space.size_mb(cand))
-        run.append(EvalResult(key=cand.key, status="ok", timesteps=cand.timesteps, bits=cand.bits, solver=name,
-                              order=order, objectives=objectives, n_images=cfg.proxy.n_images, seed=cfg.proxy.seed,
+        run.append(EvalResult(key=cand.key, status="ok", candidate=cand, objectives=objectives, n_images=cfg.proxy.n_images, seed=cfg.proxy.seed,
                               proxy=proxy_record(cfg),
                               wall_s=round(time.perf_counter() - t0, 3), worker="benchmarks.solvers",
                               origin="stepside-dp"))
@@ -347,7 +344,7 @@ def part_grouping_speed(args, log: RowLog) -> None:
     comparison's validated points (``--part grouping-validate``) within 1.15x the FP DDIM 100-step FID, the one with
     the fewest full denoiser calls (then the fewest BitOPs), exported from its run and timed exactly as ``--part
     speed`` times the step-side point."""
-    from tmpq.core.cost import denoiser_calls
+    from tmpq.core.solvers import parse_solver
     from tmpq.deploy.int8 import measure_speed
     from tmpq.jobs.export import ensure_export
 
@@ -360,7 +357,7 @@ def part_grouping_speed(args, log: RowLog) -> None:
               and r["source"].startswith("runs/")]
     if not within:
         raise SystemExit("--part grouping-speed: no validated search point here within 1.15x FP 100 steps")
-    pick = min(within, key=lambda r: (denoiser_calls(r["solver"], len(r["timesteps"])) - r["reused"],
+    pick = min(within, key=lambda r: (parse_solver(r["solver"]).calls(len(r["timesteps"])) - r["reused"],
                                       r["bitops_frac"]))
     tag = f"search-{pick['name']}"
     if log.has(kind="speed", name=tag):
@@ -480,7 +477,7 @@ def part_stacking(args, log: RowLog) -> None:
     from tmpq.jobs.run import load_run
     from tmpq.jobs.search import WorkerSpec
     from tmpq.search.budget import fp_bitops
-    from tmpq.search.space import Candidate
+    from tmpq.core.candidate import Candidate
 
     sn = _supernet(args)
     joint = _search(args, log, "joint-reuse-s0", _gene_config(args, sn, 0, [], reuse_branch=args.branch,
@@ -488,7 +485,7 @@ def part_stacking(args, log: RowLog) -> None:
     run = load_run(joint)
     space = run.space
     ev = WorkerSpec({"path": args.model, "guidance_scale": args.guidance}, str(sn.resolve()),
-                    {"name": "fid", "n_images": 128}, args.threads)()
+                    {"name": "fid", "n_images": 128}, args.threads, reuse_branch=args.branch)()
     ext = make_extractor("domain")
     ref = embedded_reference(ext, "all", 16)
     n = args.stack_steps
@@ -506,7 +503,7 @@ def part_stacking(args, log: RowLog) -> None:
         cost = (space.bitops(Candidate(ts, alloc, reuse=reuse)) if alloc
                 else fp_bitops(space, n) - 32 * 32 * deep_macs * len(reuse))
         t0 = time.perf_counter()
-        imgs = ev.images(ts, alloc, n=args.n, seed=args.seed, reuse=(args.branch, reuse) if reuse else None)
+        imgs = ev.images(Candidate(ts, alloc, reuse=reuse), n=args.n, seed=args.seed)
         s = score_features(ext(imgs), ref)
         log.append({"kind": "stack", "name": name, "n": args.n, "seed": args.seed, "timesteps": list(ts),
                     "bits": [w, a] if bits else None, "reuse": list(reuse), "bitops": cost,
@@ -517,10 +514,9 @@ def part_stacking(args, log: RowLog) -> None:
         ok = front[front["bitops"] <= both["bitops"]]
         if len(ok):
             p = ok.sort_values("fid_proxy").iloc[0]
-            reuse = tuple(int(k) for k in p["reuse"]) if "reuse" in p and len(p["reuse"]) else ()
-            bits = tuple(tuple(int(v) for v in b) for b in p["bits"])
-            imgs = ev.images(tuple(p["timesteps"]), bits, n=args.n, seed=args.seed,
-                             reuse=(args.branch, reuse) if reuse else None)
+            cand = Candidate.from_dict(p)
+            reuse = cand.reuse
+            imgs = ev.images(cand, n=args.n, seed=args.seed)
             s = score_features(ext(imgs), ref)
             log.append({"kind": "stack", "name": "joint", "n": args.n, "seed": args.seed, "key": p["key"],
                         "timesteps": list(p["timesteps"]), "bits": json.loads(json.dumps(p["bits"])),

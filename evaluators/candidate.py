@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tmpq.core.cost import DEFAULT_SOLVER, denoiser_calls
+from tmpq.core.candidate import DEFAULT_SOLVER, Candidate, Solver
 from tmpq.core.errors import TmpqError
 from tmpq.core.reuse import reusing
 from tmpq.core.sampler import make_scheduler, sample_images
@@ -91,11 +91,13 @@ class CandidateEvaluator:
         >>> ev.evaluate(candidate)["fid_proxy"]  # doctest: +SKIP
     """
 
-    def __init__(self, net, scheduler, extractor, ref: Reference | None, cfg: ProxyConfig, companions: bool = True):
+    def __init__(self, net, scheduler, extractor, ref: Reference | None, cfg: ProxyConfig, companions: bool = True,
+                 reuse_branch: int = 0):
         if cfg.name == "fid" and ref is None:
             raise TmpqError("proxy.name = fid needs reference statistics")
         self.net, self.scheduler, self.extractor, self.ref, self.cfg = net, scheduler, extractor, ref, cfg
         self.companions = companions or cfg.name != "fid"
+        self.reuse_branch = reuse_branch  # the depth a candidate's reuse calls cut at (search.reuse_branch)
         self._teacher: tuple[torch.Tensor, np.ndarray] | None = None
         self._solvers: dict = {}
         net.set_fp()
@@ -105,7 +107,7 @@ class CandidateEvaluator:
             ts = make_timesteps(self.cfg.teacher_schedule, self.cfg.teacher_steps,
                                 self.scheduler.config.num_train_timesteps)
             with torch.no_grad():
-                imgs = self.images(ts, None)
+                imgs = self.images(Candidate.fp(ts))
             self._teacher = (imgs, self.extractor(imgs))
         return self._teacher
 
@@ -118,26 +120,22 @@ class CandidateEvaluator:
     def teacher_feats(self) -> np.ndarray:
         return self._teacher_pair()[1]
 
-    def solver(self, solver: tuple[str, int] | None):
-        """The scheduler of ``solver`` ((name, order); None: the evaluator's own, DDIM), built once."""
-        if solver is None or tuple(solver) == DEFAULT_SOLVER:
+    def solver(self, solver: Solver = DEFAULT_SOLVER):
+        """The scheduler of ``solver`` (the evaluator's own for DDIM), built once."""
+        if solver.is_default:
             return self.scheduler
-        key = (str(solver[0]), int(solver[1]))
-        if key not in self._solvers:
-            self._solvers[key] = make_scheduler(self.scheduler.config, *key)
-        return self._solvers[key]
+        if solver not in self._solvers:
+            self._solvers[solver] = make_scheduler(self.scheduler.config, *solver)
+        return self._solvers[solver]
 
-    def _sample(self, timesteps, on_step=None, n: int | None = None, seed: int | None = None,
-                scheduler=None, reuse=None) -> torch.Tensor:
-        n = self.cfg.n_images if n is None else n
-        sched = scheduler or self.scheduler
-
+    def _sample(self, cand: Candidate, on_step, n: int, seed: int) -> torch.Tensor:
         def run(step_hook):
-            return sample_images(self.net.unet, sched, timesteps, n, seed=self.cfg.seed if seed is None else seed,
+            return sample_images(self.net.unet, self.solver(cand.solver), cand.timesteps, n, seed=seed,
                                  batch_size=min(self.cfg.batch_size, n), progress=False, on_step=step_hook)
 
-        branch, calls, n_calls = reuse or (0, (), 0)
-        with reusing(self.net.unet, calls, branch, n_calls) as dc:
+        if cand.reuse and not self.reuse_branch:
+            raise TmpqError("candidate reuse: this evaluator has no reuse branch (search.reuse_branch)")
+        with reusing(self.net.unet, cand.reuse, self.reuse_branch, cand.calls) as dc:
             if dc.on_step is None or on_step is None:
                 return run(on_step or dc.on_step)
 
@@ -148,45 +146,30 @@ class CandidateEvaluator:
             return run(both)
 
     @torch.no_grad()
-    def images(self, timesteps, bits, per_group_bits: bool | None = None, n: int | None = None,
-               seed: int | None = None, solver: tuple[str, int] | None = None, reuse=None) -> torch.Tensor:
-        """The candidate's images (the proxy's bank images by default).
-
-        ``bits``: one allocation (a (w, a) pair per gene) for every step, or, per time group, one allocation per
-        group in ascending time order (``bits[g]`` serves the schedule's step in group g: the schedule runs from the
-        last group to the first). ``per_group_bits=None`` tells the two apart by shape. ``bits=None``: the FP
-        model (every layer passed through), the reference point of a schedule. ``solver``: (name, order) of the
-        sampler (default DDIM). ``reuse``: (branch, denoiser calls) that reuse deep features (:mod:`tmpq.core.reuse`).
-        """
-        sched = self.solver(solver)
-        if reuse:  # (branch, calls) + the trajectory's denoiser calls
-            reuse = (*reuse, denoiser_calls((solver or DEFAULT_SOLVER)[0], len(timesteps)))
-        if bits is None:
-            self.net.set_fp()
-            return self._sample(timesteps, None, n, seed, sched, reuse)
-        if per_group_bits is None:
-            per_group_bits = len(bits) > 0 and isinstance(bits[0][0], (tuple, list))
+    def images(self, cand: Candidate, n: int | None = None, seed: int | None = None) -> torch.Tensor:
+        """The candidate's images (the proxy's bank images by default): its bits (the FP model for ``bits=None``),
+        its solver, and its reused calls at this evaluator's ``reuse_branch``."""
+        n = self.cfg.n_images if n is None else n
+        seed = self.cfg.seed if seed is None else seed
         on_step = None
-        if per_group_bits:
-            if len(bits) != len(timesteps):
-                raise TmpqError(f"per-group bits: {len(bits)} allocations for {len(timesteps)} steps")
-            steps = list(reversed(bits))  # step k (descending t) lies in group n-1-k
+        if cand.bits is None:
+            self.net.set_fp()
+        elif cand.per_group:
+            steps = list(reversed(cand.bits))  # step k (descending t) lies in group n-1-k
 
             def on_step(k, t, x):
                 self.net.set_bits(steps[k])
 
             self.net.set_bits(steps[0])
         else:
-            self.net.set_bits(bits)
-        return self._sample(timesteps, on_step, n, seed, sched, reuse)
+            self.net.set_bits(cand.bits)
+        return self._sample(cand, on_step, n, seed)
 
     @torch.no_grad()
-    def evaluate(self, timesteps, bits, per_group_bits: bool | None = None,
-                 solver: tuple[str, int] | None = None, reuse=None) -> dict:
-        """Objectives of one candidate: ``fid_proxy`` (the configured proxy) and its companions (see :meth:`images`
-        for ``bits``, ``solver`` and ``reuse``)."""
+    def evaluate(self, cand: Candidate) -> dict:
+        """Objectives of one candidate: ``fid_proxy`` (the configured proxy) and its companions."""
         t0 = time.perf_counter()
-        imgs = self.images(timesteps, bits, per_group_bits, solver=solver, reuse=reuse)
+        imgs = self.images(cand)
         check_finite_images(imgs)
         feats = self.extractor(imgs)
         out = {}

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from tmpq.core.cost import DEFAULT_SOLVER
+from tmpq.core.candidate import Candidate
 from tmpq.core.errors import TmpqError
 
 # executor.kind: where a search evaluates (LocalExecutor, RayExecutor)
@@ -24,13 +24,10 @@ EXECUTORS = ("local", "ray")
 
 @dataclass(frozen=True)
 class Task:
+    """One evaluation to run: the candidate, whole, under the key its row is logged by."""
+
     key: str
-    timesteps: tuple[int, ...]
-    bits: tuple
-    solver: str = "ddim"
-    order: int = 1
-    reuse: tuple[int, ...] = ()  # denoiser calls that reuse deep features (tmpq.core.reuse), at this branch
-    reuse_branch: int = 0
+    candidate: Candidate
 
 
 @dataclass
@@ -50,10 +47,7 @@ def run_task(evaluator, task: Task) -> Outcome:
     """Evaluate one task on an evaluator, turning any exception into a failed outcome."""
     t0 = time.perf_counter()
     try:
-        kw = {} if (task.solver, task.order) == DEFAULT_SOLVER else {"solver": (task.solver, task.order)}
-        if task.reuse:
-            kw["reuse"] = (task.reuse_branch, task.reuse)
-        obj = evaluator.evaluate(task.timesteps, task.bits, **kw)
+        obj = evaluator.evaluate(task.candidate)
         return Outcome("ok", obj, time.perf_counter() - t0, _worker_name())
     except Exception as exc:  # a failed evaluation is a row, not a crash of the search
         return Outcome("failed", {}, time.perf_counter() - t0, _worker_name(),

@@ -15,12 +15,12 @@ import json
 import os
 import shutil
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
-from tmpq.core.cost import DEFAULT_SOLVER
+from tmpq.core.candidate import Candidate
 from tmpq.core import runlock
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import (
@@ -37,12 +37,13 @@ RESULT_VERSION = 1
 
 @dataclass(frozen=True)
 class EvalResult:
-    """One evaluation: a row of the log. ``status`` is ``ok`` or ``failed`` (with ``error``), never a magic value."""
+    """One evaluation: a row of the log, the candidate whole. ``status`` is ``ok`` or ``failed`` (with ``error``),
+    never a magic value. The row's fields are the candidate's (:meth:`Candidate.fields`: solver and reuse written
+    only when not the defaults, so rows of runs before those genes are as they were) and the evaluation's."""
 
     key: str
     status: str
-    timesteps: tuple[int, ...]
-    bits: tuple
+    candidate: Candidate
     objectives: dict = field(default_factory=dict)
     proxy: dict = field(default_factory=dict)
     n_images: int = 0
@@ -53,25 +54,14 @@ class EvalResult:
     generation: int = 0
     origin: str = ""
     version: int = RESULT_VERSION
-    solver: str = "ddim"  # written only when not DDIM (rows of DDIM runs are as before solvers)
-    order: int = 1
-    reuse: tuple = ()  # denoiser calls reusing deep features; written only when some do
 
     def __post_init__(self):
         if self.status not in ("ok", "failed"):
             raise TmpqError(f"evaluation status must be ok or failed, got {self.status!r}")
 
     def to_json(self) -> str:
-        d = asdict(self)
-        d["timesteps"] = list(self.timesteps)
-        d["bits"] = json.loads(json.dumps(self.bits))
-        if (self.solver, self.order) == DEFAULT_SOLVER:
-            del d["solver"], d["order"]
-        if self.reuse:
-            d["reuse"] = list(self.reuse)
-        else:
-            del d["reuse"]
-        return json.dumps(d, sort_keys=True)
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "candidate"}
+        return json.dumps({**d, **self.candidate.fields()}, sort_keys=True)
 
     @classmethod
     def from_json(cls, line: str) -> "EvalResult":
@@ -94,20 +84,16 @@ class EvalResult:
                 raise TypeError(f"{name}: expected integers")
         if not all(isinstance(v, (int, float)) or v is None for v in d.get("objectives", {}).values()):
             raise TypeError("objectives: expected numbers")
-        d["timesteps"] = tuple(d["timesteps"])
-        d["bits"] = _tuplify(d["bits"])
-        if "reuse" in d:
-            d["reuse"] = tuple(d["reuse"])
-        return cls(**d)
+        cand = Candidate.from_dict(d)
+        for name in _CANDIDATE_FIELDS:
+            d.pop(name, None)
+        return cls(candidate=cand, **d)
 
 
+_CANDIDATE_FIELDS = ("timesteps", "bits", "solver", "order", "reuse")
 _FIELD_TYPES = {"key": str, "status": str, "timesteps": list, "bits": list, "objectives": dict, "proxy": dict,
                 "n_images": int, "seed": int, "wall_s": (float, int), "worker": str, "error": str, "generation": int,
                 "origin": str, "version": int, "solver": str, "order": int, "reuse": list}
-
-
-def _tuplify(x):
-    return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
 
 
 class RunDir:
@@ -238,15 +224,12 @@ def results_frame(results: list[EvalResult]):
 
     rows = []
     for r in results:
-        row = {"key": r.key, "status": r.status, "timesteps": list(r.timesteps),
-               "bits": json.loads(json.dumps(r.bits)), "steps": len(r.timesteps),
-               "proxy": r.proxy.get("name", ""), "proxy_version": r.proxy.get("version", ""),
-               "n_images": r.n_images, "seed": r.seed, "wall_s": r.wall_s, "worker": r.worker, "error": r.error,
-               "generation": r.generation, "origin": r.origin}
-        if (r.solver, r.order) != DEFAULT_SOLVER:
-            row.update(solver=r.solver, order=r.order)
-        if r.reuse:
-            row["reuse"] = list(r.reuse)
+        c = r.candidate
+        row = {"key": r.key, "status": r.status, "timesteps": list(c.timesteps), "bits": c.fields()["bits"],
+               "steps": len(c.timesteps), "proxy": r.proxy.get("name", ""),
+               "proxy_version": r.proxy.get("version", ""), "n_images": r.n_images, "seed": r.seed,
+               "wall_s": r.wall_s, "worker": r.worker, "error": r.error, "generation": r.generation,
+               "origin": r.origin, **c.solver.fields(), **({"reuse": list(c.reuse)} if c.reuse else {})}
         row.update(r.objectives)
         rows.append(row)
     df = pd.DataFrame(rows)

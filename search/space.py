@@ -20,20 +20,13 @@ calls are unused. A reuse call costs the BitOPs of the shallow layers only.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from tmpq.core.cost import (
-    DEFAULT_SOLVER,
-    LayerCost,
-    call_bitops,
-    denoiser_calls,
-    weight_bits,
-)
+from tmpq.core.candidate import DEFAULT_SOLVER, Candidate, Solver
+from tmpq.core.cost import LayerCost, call_bitops, weight_bits
 from tmpq.core.errors import TmpqError
 from tmpq.search.groups import TimeGroups
 
@@ -41,56 +34,6 @@ SPACE_FORMAT = "tmpq.search-space"
 SPACE_VERSION = 1
 # search.axes: what a search may change (SearchSpace.restrict)
 AXES = ("joint", "time", "bits")
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A schedule (strictly descending) and bits: one (w, a) per gene, or per (time group, gene) in per-group mode.
-
-    Example:
-        >>> c = Candidate((800, 50, 0), ((8, 8), (6, 6)))
-        >>> len(c.key)
-        16
-    """
-
-    timesteps: tuple[int, ...]
-    bits: tuple
-    solver: str = "ddim"
-    order: int = 1
-    # denoiser calls (0-based, ascending, never 0) that reuse the deep features of the last full call
-    reuse: tuple[int, ...] = ()
-
-    @property
-    def solver_pair(self) -> tuple[str, int]:
-        return (self.solver, self.order)
-
-    @property
-    def key(self) -> str:
-        d = {"t": list(self.timesteps), "b": _listify(self.bits)}
-        if self.solver_pair != DEFAULT_SOLVER:  # DDIM candidates keep the keys they had before solvers
-            d["s"] = f"{self.solver}-{self.order}"
-        if self.reuse:  # and candidates without reuse the keys they had before it
-            d["r"] = list(self.reuse)
-        blob = json.dumps(d, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-    def to_dict(self) -> dict:
-        solver = {"solver": self.solver, "order": self.order} if self.solver_pair != DEFAULT_SOLVER else {}
-        reuse = {"reuse": list(self.reuse)} if self.reuse else {}
-        return {"timesteps": list(self.timesteps), "bits": _listify(self.bits), **solver, **reuse, "key": self.key}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Candidate":
-        return cls(tuple(int(t) for t in d["timesteps"]), _tuplify(d["bits"]), str(d.get("solver", "ddim")),
-                   int(d.get("order", 1)), tuple(int(k) for k in d.get("reuse", ())))
-
-
-def _listify(x):
-    return [_listify(v) for v in x] if isinstance(x, (list, tuple)) else x
-
-
-def _tuplify(x):
-    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else int(x)
 
 
 @dataclass(frozen=True)
@@ -123,7 +66,7 @@ class SearchSpace:
         if self.reuse_branch and not self.deep_layers:
             raise TmpqError("search.reuse: no quantized layer lies in the deep part, so reuse would save nothing")
         if len(set(self.solvers)) != len(self.solvers):
-            raise TmpqError(f"search.solvers: repeated solver in {[f'{s}-{o}' for s, o in self.solvers]}")
+            raise TmpqError(f"search.solvers: repeated solver in {[Solver(*s).label for s in self.solvers]}")
         if len(self.solvers) > 1 and self.per_group_bits:
             raise TmpqError("search.solvers: a solver gene does not combine with bits per time group")
         if self.step_groups:
@@ -164,7 +107,7 @@ class SearchSpace:
     @property
     def max_calls(self) -> int:
         """The most denoiser calls any candidate of the space makes."""
-        return max(denoiser_calls(s, max(self.step_choices)) for s, _o in self.solver_choices)
+        return max(s.calls(max(self.step_choices)) for s in self.solver_choices)
 
     @property
     def reuse_genes(self) -> int:
@@ -176,8 +119,8 @@ class SearchSpace:
                 + self.reuse_genes)
 
     @property
-    def solver_choices(self) -> tuple[tuple[str, int], ...]:
-        return self.solvers or (DEFAULT_SOLVER,)
+    def solver_choices(self) -> tuple[Solver, ...]:
+        return tuple(Solver(*s) for s in self.solvers) or (DEFAULT_SOLVER,)
 
     def upper_bounds(self) -> np.ndarray:
         """Exclusive upper bound of every gene (lower bounds are 0)."""
@@ -228,12 +171,15 @@ class SearchSpace:
         solver = self.solver_choices[int(g[-1 - r]) if len(self.solvers) > 1 else 0]
         reuse = ()
         if r:
-            calls = denoiser_calls(solver[0], len(ts))
+            calls = solver.calls(len(ts))
             reuse = tuple(k for k in range(1, calls) if g[len(g) - r + k - 1])
-        return Candidate(ts, bits, *solver, reuse)
+        return Candidate(ts, bits, solver, reuse, per_group=self.per_group_bits)
 
     def encode(self, cand: Candidate) -> np.ndarray:
         offs = self._time_encode(cand.timesteps)
+        if cand.per_group != self.per_group_bits:
+            want = "bits per time group" if self.per_group_bits else "one allocation for every step"
+            raise TmpqError(f"candidate bits: the space has {want}")
         blocks = cand.bits if self.per_group_bits else (cand.bits,)
         if len(blocks) != self.bit_blocks or any(len(b) != self.num_genes for b in blocks):
             raise TmpqError(f"candidate bits: expected {self.bit_blocks} x {self.num_genes} (w, a) pairs")
@@ -244,13 +190,13 @@ class SearchSpace:
                     raise TmpqError(f"candidate bits: ({w}, {a}) not in options W{list(self.w_bits)} A{list(self.a_bits)}")
                 w_idx.append(self.w_bits.index(w))
                 a_idx.append(self.a_bits.index(a))
-        if cand.solver_pair not in self.solver_choices:
-            raise TmpqError(f"candidate solver: {cand.solver}-{cand.order} is not a solver of the space "
-                            f"{[f'{s}-{o}' for s, o in self.solver_choices]}")
-        solver = [self.solver_choices.index(cand.solver_pair)] if len(self.solvers) > 1 else []
+        if cand.solver not in self.solver_choices:
+            raise TmpqError(f"candidate solver: {cand.solver.label} is not a solver of the space "
+                            f"{[s.label for s in self.solver_choices]}")
+        solver = [self.solver_choices.index(cand.solver)] if len(self.solvers) > 1 else []
         reuse = []
         if cand.reuse:
-            calls = denoiser_calls(cand.solver, len(cand.timesteps))
+            calls = cand.calls
             if not self.reuse_branch:
                 raise TmpqError("candidate reuse: the space has no reuse genes (search.reuse)")
             if list(cand.reuse) != sorted(set(cand.reuse)) or cand.reuse[0] < 1 or cand.reuse[-1] >= calls:
@@ -265,7 +211,7 @@ class SearchSpace:
         """Per denoiser call (in schedule order), the per-gene (w, a) allocation used (Heun: two calls per step
         but the last)."""
         if not self.per_group_bits:
-            return [cand.bits] * denoiser_calls(cand.solver, len(cand.timesteps))
+            return [cand.bits] * cand.calls
         # bits[g] belongs to time group g; the schedule runs from the last group to the first
         return list(reversed(cand.bits))
 
@@ -302,7 +248,8 @@ class SearchSpace:
         offs = list(offsets) if offsets is not None else list(grp.seed_offsets())
         block = tuple((w, a) for _ in range(self.num_genes))
         bits = tuple(block for _ in range(self.n_steps)) if self.per_group_bits else block
-        return Candidate(grp.schedule(offs), bits, *(solver or self.solver_choices[0]))
+        return Candidate(grp.schedule(offs), bits, Solver(*(solver or self.solver_choices[0])),
+                         per_group=self.per_group_bits)
 
     def uniform_seeds(self, limit: int) -> list[np.ndarray]:
         """Genomes of the uniform options (every (w, a) pair) at every step choice on its groups' seed schedule, the
@@ -402,7 +349,7 @@ class SearchSpace:
                    d["size_budget_mb"], dict(d.get("extra", {})),
                    tuple((int(i), int(v)) for i, v in d.get("fixed", [])),
                    tuple(TimeGroups.from_dict(g) for g in d.get("step_groups", [])),
-                   tuple((str(s), int(o)) for s, o in d.get("solvers", [])), int(d.get("reuse_branch", 0)),
+                   tuple(Solver(str(s), int(o)) for s, o in d.get("solvers", [])), int(d.get("reuse_branch", 0)),
                    tuple(str(f) for f in d.get("deep_layers", [])))
 
     @classmethod
@@ -416,5 +363,6 @@ class SearchSpace:
         names = set(reused)
         deep = tuple(i.fqn for i in net.infos if i.fqn in names) if reuse_branch else ()
         return cls(groups, layers, net.num_genes, net.config.w_bits, net.config.a_bits, per_group_bits, other,
-                   step_groups=tuple(sorted(step_groups, key=lambda g: g.n)), solvers=tuple(solvers),
+                   step_groups=tuple(sorted(step_groups, key=lambda g: g.n)),
+                   solvers=tuple(Solver(*s) for s in solvers),
                    reuse_branch=reuse_branch, deep_layers=deep, **budgets)

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from conftest import tiny_unet
+from tmpq.core.candidate import Candidate
 from tmpq.core.errors import TmpqError
 from tmpq.core.model import embedded_scheduler_config
 from tmpq.core.sampler import make_scheduler
@@ -29,17 +30,17 @@ def evaluator():
 def test_paired_proxy_is_deterministic_and_orders_bits(evaluator):
     ev, net = evaluator
     ts = quadratic_timesteps(5)
-    hi = ev.evaluate(ts, [(8, 8)] * net.num_genes)
-    hi2 = ev.evaluate(ts, [(8, 8)] * net.num_genes)
-    lo = ev.evaluate(ts, [(4, 6)] * net.num_genes)
+    hi = ev.evaluate(Candidate(ts, [(8, 8)] * net.num_genes))
+    hi2 = ev.evaluate(Candidate(ts, [(8, 8)] * net.num_genes))
+    lo = ev.evaluate(Candidate(ts, [(4, 6)] * net.num_genes))
     assert hi["fid_proxy"] == hi2["fid_proxy"]
     assert hi["paired_pixel_mse"] < lo["paired_pixel_mse"]
 
 
 def test_more_steps_get_closer_to_teacher(evaluator):
     ev, net = evaluator
-    few = ev.evaluate(quadratic_timesteps(2), [(8, 8)] * net.num_genes)
-    many = ev.evaluate(quadratic_timesteps(15), [(8, 8)] * net.num_genes)
+    few = ev.evaluate(Candidate(quadratic_timesteps(2), [(8, 8)] * net.num_genes))
+    many = ev.evaluate(Candidate(quadratic_timesteps(15), [(8, 8)] * net.num_genes))
     assert many["paired_pixel_mse"] < few["paired_pixel_mse"]
 
 
@@ -55,7 +56,7 @@ def test_per_group_bits_switch_per_step(evaluator):
     ts = quadratic_timesteps(4)
     hi, lo = tuple([(8, 8)] * net.num_genes), tuple([(4, 6)] * net.num_genes)
     # the same allocation in every group is the shared-bits candidate, value for value
-    assert ev.evaluate(ts, (hi,) * 4)["fid_proxy"] == ev.evaluate(ts, hi)["fid_proxy"]
+    assert ev.evaluate(Candidate(ts, (hi,) * 4, per_group=True))["fid_proxy"] == ev.evaluate(Candidate(ts, hi))["fid_proxy"]
     seen = []
     real_set_bits = net.set_bits
 
@@ -65,13 +66,13 @@ def test_per_group_bits_switch_per_step(evaluator):
 
     net.set_bits = spy
     try:
-        mixed = ev.evaluate(ts, (lo, hi, hi, hi))  # group 0 (smallest t) low: the last step runs at W4A6
+        mixed = ev.evaluate(Candidate(ts, (lo, hi, hi, hi), per_group=True))  # group 0 (smallest t) low: the last step runs at W4A6
     finally:
         del net.set_bits
     assert seen[1:] == [hi, hi, hi, lo]  # seen[0]: the set before sampling; then one per step, descending t
-    assert mixed["fid_proxy"] != ev.evaluate(ts, (hi,) * 4)["fid_proxy"]
+    assert mixed["fid_proxy"] != ev.evaluate(Candidate(ts, (hi,) * 4, per_group=True))["fid_proxy"]
     with pytest.raises(TmpqError, match="per-group bits"):
-        ev.evaluate(ts, (hi,) * 3)
+        Candidate(ts, (hi,) * 3, per_group=True)
 
 
 def test_fp_reference_of_a_schedule(evaluator):
@@ -79,9 +80,9 @@ def test_fp_reference_of_a_schedule(evaluator):
     from tmpq.core.schedules import make_timesteps
 
     ts = make_timesteps("uniform", 20)  # the teacher's own schedule (uniform, 20 steps): FP gives the teacher exactly
-    fp = ev.evaluate(ts, None)
+    fp = ev.evaluate(Candidate.fp(ts))
     assert fp["paired_pixel_mse"] == 0.0 and fp["fid_proxy"] == pytest.approx(0.0, abs=1e-9)
-    assert ev.evaluate(ts, [(4, 6)] * net.num_genes)["paired_pixel_mse"] > 0.0
+    assert ev.evaluate(Candidate(ts, [(4, 6)] * net.num_genes))["paired_pixel_mse"] > 0.0
 
 
 def test_fid_proxy_without_companions_never_samples_the_teacher(evaluator):
@@ -90,7 +91,7 @@ def test_fid_proxy_without_companions_never_samples_the_teacher(evaluator):
     ts, alloc = quadratic_timesteps(5), [(6, 6)] * net.num_genes
     bare = CandidateEvaluator(net, ev.scheduler, ev.extractor, ev.ref, cfg, companions=False)
     full = CandidateEvaluator(net, ev.scheduler, ev.extractor, ev.ref, cfg)
-    a, b = bare.evaluate(ts, alloc), full.evaluate(ts, alloc)
+    a, b = bare.evaluate(Candidate(ts, alloc)), full.evaluate(Candidate(ts, alloc))
     assert bare._teacher is None and "paired_feat" not in a and "paired_pixel_mse" not in a
     assert a["fid_proxy"] == b["fid_proxy"] and b["paired_pixel_mse"] > 0
     # the companions are the paired proxy's values: the same teacher, sampled on first use

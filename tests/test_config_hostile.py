@@ -138,12 +138,12 @@ def test_random_values_are_valid_or_one_line(entry, value):
     ({"search": {"storage": "sqlite:/x.db"}}, "search.storage: must be empty"),
     ({"search": {"storage": "postgresql://u:secret@h:port/db"}},
      "got 'postgresql://u:***@h:port/db' (invalid literal"),
-    ({"supernet": {"w_bits": [8, 4]}}, "supernet.w_bits / supernet.a_bits: [8, 4] / [8, 6] lack the default "
+    ({"supernet": {"w_bits": [8, 4]}}, "supernet.w_bits: [8, 4] lacks the weight width of the default "
      "search.bitops_budget 'w6a6'"),
     ({"search": {"bitops_budget": "w6a6"}, "supernet": {"w_bits": [8, 4]}},
      "search.bitops_budget: w6a6 is not a uniform option of the supernet"),
     ({"search": {"axes": "time", "fixed_bits": "w6a6"}, "supernet": {"a_bits": [8]}},
-     "lack the default search.bitops_budget 'w6a6'"),
+     "supernet.a_bits: [8] lacks the activation width of the default search.bitops_budget 'w6a6'"),
     ({"search": {"axes": "time", "fixed_bits": "w6a8", "bitops_budget": "none"}, "supernet": {"w_bits": [8]}},
      "search.fixed_bits: w6a8 is not a uniform option of the supernet"),
     ({"calibration": {"steps": 30, "sampler_steps": 10}}, "calibration.steps: 30 must be <= calibration.sampler_steps"),

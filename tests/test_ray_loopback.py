@@ -25,6 +25,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+from tmpq.core.candidate import Candidate  # noqa: E402
 from tmpq.core.errors import TmpqError  # noqa: E402
 from tmpq.search.executors import RayExecutor, Task  # noqa: E402
 
@@ -48,7 +49,8 @@ class SleepyEvaluator:
     def __init__(self, spec: Sleepy):
         self.spec = spec
 
-    def evaluate(self, timesteps, bits):
+    def evaluate(self, cand):
+        timesteps = cand.timesteps
         if self.spec.victim_dir:
             try:
                 fd = os.open(os.path.join(self.spec.victim_dir, "claimed"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -229,7 +231,7 @@ def test_local_ray_on_loopback_survives_a_killed_worker_and_stops_when_its_node_
 
         t = threading.Thread(target=assassin, daemon=True)
         t.start()
-        tasks = [Task(f"k{i}", (i, 0), ((8, 8),)) for i in range(4)]
+        tasks = [Task(f"k{i}", Candidate((i, 0), ((8, 8),))) for i in range(4)]
         t0 = time.monotonic()
         out = [(task.key, o) for task, o in ex.map(tasks)]
         t.join(5)
@@ -246,7 +248,7 @@ def test_local_ray_on_loopback_survives_a_killed_worker_and_stops_when_its_node_
         # the dashboard agent killed after two answers: the raylet exits with it and the node is marked dead; with
         # ten evaluations of 1 s left, the search stops within seconds with one line, having yielded (so logged)
         # each finished key once and nothing failed for the node's death
-        tasks = [Task(f"n{i}", (i, 1), ((8, 8),)) for i in range(12)]
+        tasks = [Task(f"n{i}", Candidate((i, 1), ((8, 8),))) for i in range(12)]
         got, killed_at = [], []
         with pytest.raises(TmpqError, match=r"the Ray node of this search .* died: no Ray worker can be reached") \
                 as err:

@@ -11,12 +11,13 @@ import pytest
 
 from tests.test_search_service import tiny_cfg
 from tmpq.cli import main
+from tmpq.core.candidate import Candidate
 from tmpq.core.errors import TmpqError
 from tmpq.search.rundir import EvalResult, RunDir
 
 
 def _result(i: int) -> EvalResult:
-    return EvalResult(key=f"k{i:04d}", status="ok", timesteps=(800, 400, 0), bits=((8, 8), (6, 6)),
+    return EvalResult(key=f"k{i:04d}", status="ok", candidate=Candidate((800, 400, 0), ((8, 8), (6, 6))),
                       objectives={"fid_proxy": 1.0 / (i + 1), "bitops": 10.0 * (i + 1)},
                       proxy={"name": "paired-mse", "version": 1}, n_images=4, generation=i // 6, origin="test")
 

@@ -142,7 +142,7 @@ def test_a_search_with_the_reuse_gene(tiny_model_dir, tmp_path):
         c = Candidate.from_dict(r)
         assert c.key == r["key"] and space.decode(space.encode(c)) == c
         # a reuse call costs the shallow layers only: exactly the deep layers' BitOPs less per reused call
-        plain = Candidate(c.timesteps, c.bits, c.solver, c.order)
+        plain = Candidate(c.timesteps, c.bits, c.solver)
         per_call_deep = sum(lay.macs * w * a for lay in space.layers if lay.fqn in deep
                             for w, a in [c.bits[lay.gene] if lay.gene is not None else lay.pinned])
         assert space.bitops(c) == pytest.approx(space.bitops(plain) - len(c.reuse) * per_call_deep, rel=1e-12)

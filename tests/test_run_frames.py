@@ -109,3 +109,32 @@ def test_validated_and_exports_frames_and_export_writes_where_status_finds_it(ti
     assert run_status(tiny)["exports"] == [{"key": key, "path": str(out), "quantizers": run.exports["quantizers"][0]}]
     with pytest.raises(TmpqError, match="exists and is not empty"):
         run.export(key)  # never over an existing export
+
+
+def test_a_logged_candidate_comes_back_whole_and_scores_as_logged(tiny):
+    """``Run.candidate(key)``: the row's candidate as one value (its key is the row's), which the search's own
+    evaluator scores to the logged proxy; the face names the same classes."""
+    import tmpq
+    from tmpq.core.candidate import Candidate, Solver
+    from tmpq.core.errors import TmpqError
+    from tmpq.jobs.run import load_run
+    from tmpq.jobs.search import WorkerSpec
+
+    before = _digests(tiny)
+    run = load_run(tiny)
+    row = run.pareto().iloc[0]
+    cand = run.candidate(row["key"])
+    assert isinstance(cand, Candidate) and cand.key == row["key"] and cand.solver == Solver("ddim", 1)
+    assert cand.to_dict() == {**Candidate.from_dict(row).fields(), "key": row["key"]}
+    cfg = run.config
+    spec = WorkerSpec(cfg["model"], str(tiny / "supernet.safetensors"), cfg["proxy"],
+                      cfg["executor"]["threads_per_worker"], companions=False)
+    prev = spec.torch_threads()
+    try:
+        assert spec().evaluate(cand)["fid_proxy"] == pytest.approx(float(row["fid_proxy"]), rel=1e-6)
+    finally:
+        spec.torch_threads(prev)  # the rest of this process keeps its thread count
+    with pytest.raises(TmpqError, match="no evaluation with key 'nope'"):
+        run.candidate("nope")
+    assert tmpq.Candidate is Candidate and tmpq.Solver is Solver
+    assert _digests(tiny) == before  # reading a run never modifies it

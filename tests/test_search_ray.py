@@ -33,6 +33,7 @@ ray = pytest.importorskip("ray")
 from test_search_service import tiny_cfg  # noqa: E402
 
 from conftest import REPO  # noqa: E402
+from tmpq.core.candidate import Candidate  # noqa: E402
 from tmpq.core.errors import TmpqError  # noqa: E402
 from tmpq.jobs.config import config_from_dict  # noqa: E402
 from tmpq.jobs.search import run_search  # noqa: E402
@@ -105,7 +106,8 @@ class FakeEvaluator:
     def __init__(self, spec: FakeFactory):
         self.spec = spec
 
-    def evaluate(self, timesteps, bits):
+    def evaluate(self, cand):
+        timesteps, bits = cand.timesteps, cand.bits
         s = self.spec
         if s.victim_dir:
             try:
@@ -245,7 +247,7 @@ def test_dying_worker_and_broken_factory(ray_env, short_tmp):
         # (the fake evaluations take microseconds, so after the first answers tasks travel in batches: the batch
         # that holds k7 dies, is not held against its other tasks, and each of them then runs alone)
         ex = RayExecutor(FakeFactory(poison=7), workers=2, timeout_s=60, retries=1)
-        tasks = [Task(f"k{i}", (i, 0), ((8, 8),)) for i in range(10)]
+        tasks = [Task(f"k{i}", Candidate((i, 0), ((8, 8),))) for i in range(10)]
         try:
             out = {t.key: o for t, o in ex.map(tasks)}
             assert sorted(out) == sorted(t.key for t in tasks)
@@ -253,7 +255,7 @@ def test_dying_worker_and_broken_factory(ray_env, short_tmp):
             assert "ActorDiedError" in out["k7"].error and "(after 2 attempts)" in out["k7"].error, out["k7"].error
             assert ex.calls < 10 + 2 + 4  # without batching: 10 calls, k7's two deaths, its batch-mates again
             # the executor keeps working after replacing the dead actors
-            again = list(ex.map([Task("z", (1, 0), ((8, 8),))]))
+            again = list(ex.map([Task("z", Candidate((1, 0), ((8, 8),)))]))
             assert again[0][1].status == "ok"
         finally:
             ex.close()

@@ -2,12 +2,13 @@
 import pandas as pd
 import pytest
 
+from tmpq.core.candidate import Candidate
 from tmpq.core.errors import TmpqError
 from tmpq.search.rundir import EvalResult, RunDir, pareto_frame, results_frame
 
 
 def res(i, proxy, bitops, status="ok"):
-    return EvalResult(key=f"k{i}", status=status, timesteps=(800, 50, 0), bits=((8, 8), (6, 6)),
+    return EvalResult(key=f"k{i}", status=status, candidate=Candidate((800, 50, 0), ((8, 8), (6, 6))),
                       objectives={"fid_proxy": proxy, "bitops": bitops} if status == "ok" else {},
                       proxy={"name": "paired-mse", "version": 1}, n_images=64, seed=0, generation=i // 2,
                       origin="test", error="" if status == "ok" else "worker died")
@@ -17,7 +18,7 @@ def test_eval_result_json_round_trip():
     r = res(1, 0.5, 10.0)
     assert EvalResult.from_json(r.to_json()) == r
     with pytest.raises(TmpqError, match="status"):
-        EvalResult(key="x", status="weird", timesteps=(1,), bits=())
+        EvalResult(key="x", status="weird", candidate=Candidate((1,), ()))
 
 
 def test_log_append_replay_and_torn_line(tmp_path):

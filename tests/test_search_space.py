@@ -57,7 +57,7 @@ def test_bitops_and_size_by_hand():
 
 def test_per_group_bits_cost_and_storage():
     sp = make_space(n=2, genes=1, per_group=True)
-    c = Candidate(sp.groups.schedule([0, 0]), (((8, 8),), ((4, 6),)))
+    c = Candidate(sp.groups.schedule([0, 0]), (((8, 8),), ((4, 6),)), per_group=True)
     assert sp.bitops(c) == 2 * 100 * 64 * 2 + 1000 * 64 + 1000 * 24
     assert sp.size_mb(c) == pytest.approx((10 * 8 * 2 + 50 * (8 + 4) + 7 * 32) / 8e6)
 

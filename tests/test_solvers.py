@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_unet
-from tmpq.core.cost import denoiser_calls
+from tmpq.core.candidate import Solver
 from tmpq.core.errors import TmpqError
 from tmpq.core.model import embedded_scheduler_config
 from tmpq.core.sampler import NoiseBank, sample_images
@@ -58,7 +58,7 @@ def test_each_solver_runs_any_schedule_and_counts_its_denoiser_calls(solver, ord
     out = sample_images(unet, sched, ts, 2, batch_size=2, progress=False)
     hook.remove()
     assert out.shape == (2, 1, 8, 8) and bool(torch.isfinite(out).all())
-    assert len(calls) == denoiser_calls(sched.solver, len(ts)) == (9 if solver == "heun" else 5)
+    assert len(calls) == Solver(sched.solver).calls(len(ts)) == (9 if solver == "heun" else 5)
     assert sched.schedule_timesteps() == ts
 
 

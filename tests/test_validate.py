@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.test_search_service import tiny_cfg
+from tmpq.core.candidate import Candidate
 from tmpq.core.errors import TmpqError
 
 
@@ -72,7 +73,7 @@ def test_distillation_never_worsens_the_tuning_loss(tiny_run):
 
     p = load_run(tiny_run).pareto().iloc[0]
     cfg = fin.ValidateConfig(n=4, calib_per_step=4, distill_iters=20, distill_lr=1e-3)
-    net, _, info = fin.recalibrate_point(tiny_run, p["key"], p["timesteps"], p["bits"], cfg, progress=False)
+    net, _, info = fin.recalibrate_point(tiny_run, Candidate.from_dict(p), cfg, progress=False)
     assert info["distill_loss_after"] <= info["distill_loss_before"]
     assert all(not q.requires_grad for q in net.unet.parameters())  # tuned scales are frozen again
 

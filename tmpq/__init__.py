@@ -30,6 +30,7 @@ for _name in ("torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quant
 _NAMES = {
     "DenoiserAdapter": "tmpq.core.adapters", "register_adapter": "tmpq.core.adapters",
     "DiffusionModel": "tmpq.core.handle", "TmpqError": "tmpq.core.errors",
+    "Candidate": "tmpq.core.candidate", "Solver": "tmpq.core.candidate",
     "TmpqPipeline": "tmpq.deploy.pipelines", "apply_export": "tmpq.deploy.bundle", "load_export": "tmpq.deploy.bundle", "read_export": "tmpq.deploy.bundle",
     "RunConfig": "tmpq.jobs.config", "Run": "tmpq.jobs.run", "load_run": "tmpq.jobs.run",
     "validate": "tmpq.api", "export": "tmpq.api", "run": "tmpq.api",

@@ -42,8 +42,6 @@ from tmpq.core.cost import output_macs
 from tmpq.core.errors import TmpqError
 
 KINDS = ("none", "class", "text")
-_VAE = "_tmpq_vae"
-_TEXT = "_tmpq_text_encoder"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -69,6 +67,9 @@ class Conditioning:
 UNCONDITIONED = Conditioning()
 # the one place a denoiser's Conditioning is found from the denoiser alone (see the module doc)
 _BOUND: "weakref.WeakKeyDictionary[torch.nn.Module, Conditioning]" = weakref.WeakKeyDictionary()
+# and its FP companions, held beside it the same way (not attributes of the module: a copy of the denoiser does not
+# drag a VAE along, and nothing is set on a diffusers module): "vae" and "text" ((encoder, tokenizer))
+_PARTS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 def denoiser_of(model):
@@ -358,22 +359,31 @@ def adapter_classes() -> list[type]:
 def set_decoder(model, vae) -> None:
     """A latent model's VAE (``AutoencoderKL`` / ``AutoencoderTiny``, FP): samples are decoded through it before any
     metric. It is held beside the denoiser, not inside it: never quantized, not in its state dict, not in its BitOPs."""
-    object.__setattr__(denoiser_of(model), _VAE, vae)
+    _PARTS.setdefault(denoiser_of(model), {})["vae"] = vae
 
 
 def decoder_of(model):
-    return getattr(denoiser_of(model), _VAE, None)
+    return _PARTS.get(denoiser_of(model), {}).get("vae")
 
 
 def set_text_encoder(model, encoder, tokenizer) -> None:
     """A text model's FP text encoder and tokenizer, held beside the denoiser as its VAE is (never quantized): they
     encode the run's prompts once (:func:`tmpq.core.model.encode_prompts`) and travel into its export."""
-    object.__setattr__(denoiser_of(model), _TEXT, (encoder, tokenizer))
+    _PARTS.setdefault(denoiser_of(model), {})["text"] = (encoder, tokenizer)
 
 
 def text_encoder_of(model):
     """``(text_encoder, tokenizer)`` of a text model loaded from a pipeline directory, or None."""
-    return getattr(denoiser_of(model), _TEXT, None)
+    return _PARTS.get(denoiser_of(model), {}).get("text")
+
+
+def bind_like(copy, source) -> None:
+    """Give ``copy`` (a copy of ``source``'s denoiser) the conditioning, VAE and text encoder of ``source``: a copy
+    starts unbound, so that copying a denoiser never copies its companions."""
+    bind_conditioning(copy, conditioning_of(source))
+    parts = _PARTS.get(denoiser_of(source))
+    if parts:
+        _PARTS[denoiser_of(copy)] = dict(parts)
 
 
 def decode(model, latents: torch.Tensor) -> torch.Tensor:

@@ -17,17 +17,6 @@ class LayerCost:
     pinned: tuple[int, int] | None = None
 
 
-# (solver, order) of a candidate that names none: DDIM, the only sampler before solvers (its rows, keys and exports
-# are written as they were then)
-DEFAULT_SOLVER = ("ddim", 1)
-
-
-def denoiser_calls(solver: str, steps: int) -> int:
-    """Denoiser calls per sample of a ``steps``-step schedule: one per step, but Heun's 2nd-order method calls it twice
-    per step except the last (2n - 1)."""
-    return 2 * steps - 1 if solver == "heun" else steps
-
-
 def output_macs(out, weight) -> int:
     """MACs per sample of one Conv2d / Linear call from its output and weight: each output element costs
     (in / groups) * kh * kw (conv) or in_features (linear) MACs, one weight row."""

@@ -33,6 +33,7 @@ from tmpq.core.model import (
     load_model,
     serving,
 )
+from tmpq.core.timeaxis import check_served
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:
@@ -120,6 +121,8 @@ class DiffusionModel:
                             f"{type(pipe).__name__}")
         # the training noise schedule, whatever sampler the pipeline holds now (a DDIM or DPM-Solver scheduler
         # carries the same betas); the run's sampler is tmpq's own
+        check_served({**dict(scheduler.config), "_class_name": type(scheduler).__name__},
+                  "model: the pipeline's scheduler")
         sched = {k: v for k, v in DDPMScheduler.from_config(scheduler.config).config.items() if not k.startswith("_")}
         name = getattr(pipe, "name_or_path", None)
         source = _source_of(name) if name and Path(str(name)).is_dir() else LIVE_PREFIX + type(denoiser).__name__

@@ -35,6 +35,7 @@ from tmpq.core.adapters import (
 )
 from tmpq.core.choices import DTYPES as DTYPE_NAMES
 from tmpq.core.errors import TmpqError
+from tmpq.core.timeaxis import check_served
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tmpq never downloads weights
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -193,6 +194,9 @@ def resolve_model_dir(path: str | os.PathLike | None) -> tuple[Path, Path, dict]
             sched_cfg = json.loads(sched_file.read_text())
         except json.JSONDecodeError as exc:
             raise TmpqError(f"malformed scheduler config {sched_file}: {exc}") from None
+        if not isinstance(sched_cfg, dict):
+            raise TmpqError(f"malformed scheduler config {sched_file}: expected a JSON object")
+        check_served(sched_cfg, str(sched_file))
     else:
         sched_cfg = embedded_scheduler_config()
     return root, unet_dir, sched_cfg

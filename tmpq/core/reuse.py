@@ -82,12 +82,6 @@ def check_plan(plan: Sequence[bool]) -> tuple[bool, ...]:
     return plan
 
 
-def reuse_of(row) -> tuple[int, ...]:
-    """The reused denoiser calls of an evaluation / front / validation row (a dict or a pandas row); () when none."""
-    v = row.get("reuse") if hasattr(row, "get") else None
-    return tuple(int(k) for k in v) if isinstance(v, (list, tuple)) or hasattr(v, "tolist") else ()
-
-
 def reusing(model: nn.Module, calls: Sequence[int], branch: int, n_calls: int, timesteps: Sequence[int] = ()):
     """A context that reuses on ``calls`` of each ``n_calls``-call trajectory, or does nothing when ``calls`` is
     empty; its value's ``on_step`` drives the cache (None for nothing). With ``timesteps`` the cache follows the

@@ -16,7 +16,7 @@ integer schedule (what the search picks), and a pinned schedule (:meth:`Respaced
   (:func:`needs_scaling`).
 
 Each lands on the clean image after its last timestep (final sigma 0 / DDIM's final alpha), so the same schedule
-means the same start and end for every solver. :func:`tmpq.core.cost.denoiser_calls` counts a schedule's denoiser
+means the same start and end for every solver. :meth:`tmpq.core.candidate.Solver.calls` counts a schedule's denoiser
 calls (the cost model's multiplier). Each solver reproduces its stock diffusers scheduler on that scheduler's own spacing (tested).
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 
-from tmpq.core.cost import DEFAULT_SOLVER
+from tmpq.core.candidate import Solver
 from tmpq.core.errors import TmpqError
 from tmpq.core.schedules import validate_timesteps
 
@@ -239,13 +239,13 @@ def check_solver(solver: str, order: int | None = None) -> int:
     return order
 
 
-def parse_solver(text: str) -> tuple[str, int]:
-    """``"ddim"``, ``"heun"``, ``"dpm++-3"``, ``"unipc-1"``...: (solver, order), the solver's default order when none
-    is given."""
+def parse_solver(text: str) -> Solver:
+    """``"ddim"``, ``"heun"``, ``"dpm++-3"``, ``"unipc-1"``...: the :class:`Solver`, at the solver's default order
+    when none is given."""
     name, _, order = str(text).strip().lower().rpartition("-")
     if not name or not order.isdigit():
         name, order = str(text).strip().lower(), None
-    return name, check_solver(name, None if order is None else int(order))
+    return Solver(name, check_solver(name, None if order is None else int(order)))
 
 
 def solver_config(solver: str, order: int | None = None) -> dict:
@@ -288,11 +288,3 @@ def sched_order(scheduler) -> int | None:
     """The order of a multistep solver (DPM-Solver++, UniPC), else None."""
     return int(scheduler.config.solver_order) if isinstance(scheduler, (DPMSolverMultistepScheduler,
                                                                         UniPCMultistepScheduler)) else None
-
-
-def solver_of(row) -> tuple[str, int]:
-    """(solver, order) of an evaluation / front row (a dict or a pandas row; DDIM for runs before solvers)."""
-    solver = row.get("solver") if hasattr(row, "get") else None
-    if not isinstance(solver, str):  # absent, or NaN in a frame
-        return DEFAULT_SOLVER
-    return (solver, int(row.get("order")))

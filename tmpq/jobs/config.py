@@ -399,9 +399,11 @@ def config_from_dict(data: dict) -> RunConfig:
         except TmpqError as exc:
             if given:
                 raise
-            raise TmpqError(f"supernet.w_bits / supernet.a_bits: {list(cfg.supernet.w_bits)} / "
-                            f"{list(cfg.supernet.a_bits)} lack the default search.{key} {value.strip()!r}; add its "
-                            f"widths or set search.{key}") from None
+            m = UNIFORM_OPTION.fullmatch(value.strip().lower())
+            side = "w_bits" if int(m.group(1)) not in cfg.supernet.w_bits else "a_bits"  # the one lacking a width
+            raise TmpqError(f"supernet.{side}: {list(getattr(cfg.supernet, side))} lacks the "
+                            f"{'weight' if side == 'w_bits' else 'activation'} width of the default search.{key} "
+                            f"{value.strip()!r}; add it or set search.{key}") from None
     c = cfg.calibration
     if not c.supernet_file and c.steps > c.sampler_steps:
         raise TmpqError(f"calibration.steps: {c.steps} must be <= calibration.sampler_steps ({c.sampler_steps}): the "

@@ -9,15 +9,14 @@ from pathlib import Path
 
 import torch
 
-from tmpq.core.adapters import adapter_for, decoder_cost
-from tmpq.core.cost import DEFAULT_SOLVER, denoiser_calls
+from tmpq.core.adapters import adapter_for, bind_like, decoder_cost
+from tmpq.core.candidate import Candidate, Solver
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import atomic_directory, file_sha256, malformed, read_json, read_parquet
 from tmpq.core.model import ModelConfig, load_model, save_pipeline_dir
 from tmpq.core.runlock import lock_inside
-from tmpq.core.reuse import reuse_of
 from tmpq.core.sampler import make_scheduler
-from tmpq.core.solvers import CLASSES, STOCK, solver_of
+from tmpq.core.solvers import CLASSES, STOCK
 from tmpq.core.version import __version__
 from tmpq.deploy.bundle import EXPORT_FORMAT, EXPORT_JSON, EXPORT_VERSION, QUANT_FILE
 from tmpq.jobs.run import load_run
@@ -77,11 +76,10 @@ def export_candidate(run_path: str | Path, key: str, out: str | Path, command: s
     meta, _ = read_supernet_file(sn_file, tensors=False)
     model_cfg = ModelConfig(**cfg["model"])
     model_path = model_cfg.path
-    if row["bits"] and isinstance(row["bits"][0][0], (list, tuple)):
+    cand = Candidate.from_dict(row)
+    if cand.per_group:
         raise TmpqError("export: per-time-group bits are not exportable yet (format v1 has one allocation)")
-    timesteps = [int(t) for t in row["timesteps"]]
-    solver = solver_of(row)
-    reuse = reuse_of(row)
+    timesteps = list(cand.timesteps)
     branch = int(cfg.get("search", {}).get("reuse_branch", 0))
     m = load_model(model_cfg)
     adapter = adapter_for(m.unet)
@@ -91,6 +89,7 @@ def export_candidate(run_path: str | Path, key: str, out: str | Path, command: s
         conditioning["prompts"] = list(model_cfg.prompts)
     decoder = decoder_cost(m.unet)  # a latent model's FP VAE decoder, reported beside the searched denoiser
     fp_unet = copy.deepcopy(m.unet)  # the FP weights the export directory carries (m.unet gets wrapped below)
+    bind_like(fp_unet, m.unet)  # with the model's VAE and text encoder (not copied)
     validated = run.path / "final" / f"{key}.safetensors"
     if validated.is_file():
         # tmpq validate re-calibrated this point at exactly its bits along its own schedule: export that state
@@ -99,7 +98,7 @@ def export_candidate(run_path: str | Path, key: str, out: str | Path, command: s
         source = "validated (tmpq validate: re-calibrated at this allocation along this schedule)"
     else:
         net = QuantSupernet.from_file(copy.deepcopy(fp_unet), sn_file)
-        bits = [tuple(int(v) for v in p) for p in row["bits"]]
+        bits = list(cand.bits)
         layer_bits = net.layer_bits(bits)
         state = _select_state(net, layer_bits)
         # the pinned single-option supernet over the FP model: its file verifies on load
@@ -115,7 +114,7 @@ def export_candidate(run_path: str | Path, key: str, out: str | Path, command: s
     convertible = [n for n, mod in pinned.unet.named_modules()
                    if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)) and not any(
                        n == w or n == f"{w}.module" for w in wrapped)]
-    sched = make_scheduler(m.scheduler_config, *solver)
+    sched = make_scheduler(m.scheduler_config, *cand.solver)
     # staged beside --out (missing parents created, plain directory modes), renamed into place; a failure leaves
     # nothing behind, and a full disk or read-only target is one line naming --out
     with lock_inside(out, "export"), atomic_directory(out, "export") as tmp:  # inside a run: its writer lock
@@ -143,9 +142,9 @@ def export_candidate(run_path: str | Path, key: str, out: str | Path, command: s
                                       if k in r and r[k] == r[k]}})
         manifest = {
             "format": EXPORT_FORMAT, "version": EXPORT_VERSION,
-            "sampler": {**_sampler_classes(solver), "config": dict(sched.config), "timesteps": timesteps, "eta": 0.0,
-                        "guidance_scale": m.guidance_scale, "denoiser_calls": denoiser_calls(solver[0], len(timesteps)),
-                        **({"reuse": {"branch": branch, "calls": list(reuse)}} if reuse else {})},
+            "sampler": {**_sampler_classes(cand.solver), "config": dict(sched.config), "timesteps": timesteps,
+                        "eta": 0.0, "guidance_scale": m.guidance_scale, "denoiser_calls": cand.calls,
+                        **({"reuse": {"branch": branch, "calls": list(cand.reuse)}} if cand.reuse else {})},
             "conditioning": conditioning,
             **({"decoder": decoder} if decoder is not None else {}),
             "layers": layers,
@@ -178,13 +177,13 @@ def _checked_out(out: Path) -> Path:
     return out
 
 
-def _sampler_classes(solver: tuple[str, int]) -> dict:
+def _sampler_classes(solver: Solver) -> dict:
     """The export's sampler entry naming its classes (and, beyond DDIM, the solver and its order)."""
-    if solver == DEFAULT_SOLVER:  # as exports before solvers said
+    if solver.is_default:  # as exports before solvers said
         return {"class": "tmpq.core.sampler.RespacedDDIMScheduler", "base_class": "diffusers.DDIMScheduler"}
-    cls = CLASSES[solver[0]]
-    return {"class": f"{cls.__module__}.{cls.__name__}", "base_class": f"diffusers.{STOCK[solver[0]].__name__}",
-            "solver": solver[0], "order": solver[1]}
+    cls = CLASSES[solver.name]
+    return {"class": f"{cls.__module__}.{cls.__name__}", "base_class": f"diffusers.{STOCK[solver.name].__name__}",
+            **solver.fields()}
 
 
 def _json_default(o):

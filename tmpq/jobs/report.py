@@ -17,6 +17,7 @@ import shlex
 from pathlib import Path
 
 from tmpq.core import runlock
+from tmpq.core.candidate import Candidate
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import atomic_write_bytes, malformed, read_json, read_parquet
 from tmpq.core.grid import save_grid
@@ -36,7 +37,8 @@ def _fmt(v, spec=".4g") -> str:
 
 
 def _evaluator(run_path: Path, cfg: dict):
-    spec = WorkerSpec(cfg["model"], str(run_path / "supernet.safetensors"), cfg["proxy"], 2, companions=False)
+    spec = WorkerSpec(cfg["model"], str(run_path / "supernet.safetensors"), cfg["proxy"], 2, companions=False,
+                      reuse_branch=int(cfg.get("search", {}).get("reuse_branch", 0)))
     return spec()
 
 
@@ -62,7 +64,7 @@ def _baselines(space, ev_factory, out: Path, logged=None, progress: bool = False
         cand = space.uniform_candidate(w, a, steps=n)
         proxy = known.get(cand.key)
         if proxy is None:
-            proxy = ev_factory().evaluate(cand.timesteps, cand.bits)["fid_proxy"]
+            proxy = ev_factory().evaluate(cand)["fid_proxy"]
         rows.append({"name": f"W{w}A{a} {space.groups.kind} DDIM {n}", "w": w, "a": a, "fid_proxy": float(proxy),
                      "bitops": space.bitops(cand)})
 
@@ -81,12 +83,12 @@ def _grids(front, ev_factory, out: Path, progress: bool = False) -> dict[str, st
     ev = ev_factory()
 
     teacher_ts = make_timesteps(ev.cfg.teacher_schedule, ev.cfg.teacher_steps, ev.scheduler.config.num_train_timesteps)
-    save_grid(ev.images(teacher_ts, None, n=GRID_N), out / names["fp"], nrow=8, scale=3)
+    save_grid(ev.images(Candidate.fp(teacher_ts), n=GRID_N), out / names["fp"], nrow=8, scale=3)
     for _, p in tqdm(list(front.iterrows()), desc="report: sample grids", disable=not progress, leave=False):
         f = out / names[p["key"]]
         if f.is_file():
             continue
-        imgs = ev.images(list(p["timesteps"]), json.loads(json.dumps(p["bits"])), n=GRID_N)
+        imgs = ev.images(Candidate.from_dict(p), n=GRID_N)
         save_grid(imgs, f, nrow=8, scale=3)
     return names
 

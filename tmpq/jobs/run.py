@@ -68,6 +68,14 @@ class Run:
 
         return results_frame(self._dir.replay())
 
+    def candidate(self, key: str):
+        """The logged candidate of ``key``, whole (:class:`tmpq.core.candidate.Candidate`: schedule, bits, solver,
+        reuse, bits layout); a key the run never evaluated is a one-line error."""
+        for r in self._dir.replay():
+            if r.key == key:
+                return r.candidate
+        raise TmpqError(f"{self.path}: no evaluation with key {key!r}")
+
     def pareto(self, objectives: tuple[str, ...] | None = None):
         """Non-dominated ``ok`` evaluations, sorted by the last objective; ``objectives`` default to the run's own
         (proxy and BitOPs, plus size_mb when it searched with ``search.size_objective``)."""

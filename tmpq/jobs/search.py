@@ -63,6 +63,7 @@ class WorkerSpec:
     threads: int = 1
     companions: bool = True  # paired_feat / paired_pixel_mse beside a fid proxy (costs the FP teacher's sampling)
     device: str = "cpu"  # executor.device, resolved by the worker on its own machine
+    reuse_branch: int = 0  # search.reuse_branch: where a candidate's reuse calls cut the denoiser
 
     @staticmethod
     def torch_threads(n: int | None = None) -> int:
@@ -84,7 +85,8 @@ class WorkerSpec:
                                 self.proxy.get("inception_weights", ""))
         cfg = ProxyConfig(**self.proxy)
         ref = proxy_reference(cfg, ext, m.image_channels)
-        return CandidateEvaluator(net, make_scheduler(m.scheduler_config), ext, ref, cfg, companions=self.companions)
+        return CandidateEvaluator(net, make_scheduler(m.scheduler_config), ext, ref, cfg, companions=self.companions,
+                                  reuse_branch=self.reuse_branch)
 
 
 def run_fingerprint(cfg: RunConfig, model_fp: str) -> str:
@@ -218,7 +220,7 @@ def worker_spec(cfg: RunConfig, sn_file: Path, threads: int | None = None) -> Wo
     proxy = json.loads(json.dumps(dataclasses.asdict(cfg.proxy)))
     return WorkerSpec(dataclasses.asdict(cfg.model), str(Path(sn_file).resolve()), proxy,
                       cfg.executor.threads_per_worker if threads is None else threads, companions=False,
-                      device=cfg.executor.device)
+                      device=cfg.executor.device, reuse_branch=cfg.search.reuse_branch)
 
 
 def proxy_record(cfg: RunConfig) -> dict:
@@ -280,23 +282,21 @@ def _search(cfg: RunConfig, run: RunDir, space: SearchSpace, sn_file: Path, exec
 
             for c in cands:
                 if c.key not in logged and c.key not in seen_now:
-                    todo.append(Task(c.key, c.timesteps, c.bits, c.solver, c.order, c.reuse,
-                                     space.reuse_branch))
+                    todo.append(Task(c.key, c))
                     seen_now.add(c.key)
             t0 = time.perf_counter()
             bar = tqdm(executor.map(todo), total=len(todo), desc=f"generation {gen + 1}/{cfg.search.generations}",
                        unit="eval", disable=not progress, leave=False)
             for task, out in bar:
-                cand = next(c for c in cands if c.key == task.key)
+                cand = task.candidate
                 objectives = dict(out.objectives)
                 if out.status == "ok":
                     objectives["bitops"] = space.bitops(cand)
                     objectives["size_mb"] = space.size_mb(cand)
-                res = EvalResult(key=task.key, status=out.status, timesteps=cand.timesteps, bits=cand.bits,
-                                 solver=cand.solver, order=cand.order, reuse=cand.reuse,
-                                 objectives=objectives, proxy=proxy_info, n_images=cfg.proxy.n_images,
-                                 seed=cfg.proxy.seed, wall_s=round(out.wall_s, 3), worker=out.worker,
-                                 error=out.error, generation=gen, origin=engine.name)
+                res = EvalResult(key=task.key, status=out.status, candidate=cand, objectives=objectives,
+                                 proxy=proxy_info, n_images=cfg.proxy.n_images, seed=cfg.proxy.seed,
+                                 wall_s=round(out.wall_s, 3), worker=out.worker, error=out.error, generation=gen,
+                                 origin=engine.name)
                 run.append(res)
                 logged[task.key] = res
             F = np.array([[logged[c.key].objectives.get(o, np.inf) if logged[c.key].status == "ok" else np.inf

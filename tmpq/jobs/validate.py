@@ -19,15 +19,14 @@ from pathlib import Path
 import torch
 
 from tmpq.core import runlock
-from tmpq.core.adapters import bind_conditioning, conditioning_of, predict, rows
-from tmpq.core.cost import DEFAULT_SOLVER, denoiser_calls
+from tmpq.core.adapters import bind_like, conditioning_of, predict, rows
+from tmpq.core.candidate import Candidate, Solver, reuse_of
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import atomic_write, atomic_write_bytes, read_parquet
 from tmpq.core.model import ModelConfig, load_model
-from tmpq.core.reuse import reuse_of, reusing
+from tmpq.core.reuse import reusing
 from tmpq.core.rowlog import RowLog
 from tmpq.core.sampler import make_scheduler, sample_images
-from tmpq.core.solvers import solver_of
 from tmpq.evaluators.candidate import (
     check_reference,
     quality_reference,
@@ -110,15 +109,16 @@ def _model(run_cfg: dict):
     return load_model(ModelConfig(**run_cfg["model"]))
 
 
-def recalibrate_point(run_path: Path, key: str, timesteps, bits, cfg: ValidateConfig, progress: bool = True,
-                      solver: tuple[str, int] = DEFAULT_SOLVER):
-    """A pinned supernet for exactly this allocation, calibrated on data along this schedule with this solver;
-    returns (net, scheduler, info)."""
+def recalibrate_point(run_path: Path, cand: Candidate, cfg: ValidateConfig, progress: bool = True):
+    """A pinned supernet for exactly the candidate's allocation, calibrated on data along its schedule with its
+    solver (without its reuse); returns (net, scheduler, info)."""
+    if cand.per_group:
+        raise TmpqError("validate: per-time-group bits are not validated yet (one allocation per point)")
 
     m = _model(json.loads((run_path / "config.resolved.json").read_text()))
     teacher = frozen_copy(m.unet)
-    bind_conditioning(teacher, m.conditioning)  # a copy is unbound: the teacher samples as the model does
-    sched = make_scheduler(m.scheduler_config, *solver)
+    bind_like(teacher, m.unet)  # a copy is unbound: the teacher samples as the model does
+    sched = make_scheduler(m.scheduler_config, *cand.solver)
     meta, _ = read_supernet_file(run_path / "supernet.safetensors", tensors=False)
     base = SupernetConfig.from_json(meta["config"])
     over = {}
@@ -131,12 +131,12 @@ def recalibrate_point(run_path: Path, key: str, timesteps, bits, cfg: ValidateCo
     if over:
         base = dataclasses.replace(base, **over)  # validated again by __post_init__
     probe = frozen_copy(m.unet)
-    bind_conditioning(probe, m.conditioning)  # profiled with the model's own conditioning
+    bind_like(probe, m.unet)  # profiled with the model's own conditioning
     probe = QuantSupernet(probe, base)
-    net = QuantSupernet(m.unet, probe.pinned_config([tuple(int(v) for v in p) for p in bits]))
+    net = QuantSupernet(m.unet, probe.pinned_config(list(cand.bits)))
     del probe
     t0 = time.perf_counter()
-    data = _capture_along(teacher, sched, list(timesteps), cfg.calib_per_step, cfg.calib_seed)
+    data = _capture_along(teacher, sched, list(cand.timesteps), cfg.calib_per_step, cfg.calib_seed)
     net.calibrate(data, mode="per-option", progress=progress)
     info = {"calib_inputs": sum(len(b[1]) for b in data), "calib_s": round(time.perf_counter() - t0, 1),
             "time_groups": net.config.time_groups}
@@ -195,26 +195,24 @@ def validate_run(run_path: str | Path, cfg: ValidateConfig, progress: bool = Tru
             if progress:
                 print(f"validate point {i + 1}/{len(points)} {key}: {len(p['timesteps'])} steps, proxy "
                       f"{p['fid_proxy']:.4g}, {p['bitops'] / 1e9:.3g} GBitOPs", flush=True)
-            solver = solver_of(p)
-            reuse = reuse_of(p)  # a point of a run with the reuse gene samples with its reuse (calibration: without)
+            cand = Candidate.from_dict(p)  # a point of a run with the reuse gene samples with its reuse
             branch = int(run_cfg.get("search", {}).get("reuse_branch", 0))
-            net, sched, info = recalibrate_point(run.path, key, p["timesteps"], p["bits"], cfg, progress, solver)
+            net, sched, info = recalibrate_point(run.path, cand, cfg, progress)
             net.save(out / f"{key}.safetensors")
             for seed in todo:
                 t0 = time.perf_counter()
-                with reusing(net.unet, reuse, branch, denoiser_calls(solver[0], len(p["timesteps"]))) as dc:
-                    imgs = sample_images(net.unet, sched, list(p["timesteps"]), cfg.n, seed=seed,
+                with reusing(net.unet, cand.reuse, branch, cand.calls) as dc:
+                    imgs = sample_images(net.unet, sched, list(cand.timesteps), cfg.n, seed=seed,
                                          batch_size=cfg.batch_size, progress=progress, desc=f"{key} seed {seed}",
                                          on_step=dc.on_step)
                 s = score_features(ext(imgs), ref)
                 acc = digit_class_accuracy(net.unet, imgs)  # a digit class model: conditional quality
                 log.append({"key": key, "seed": seed, "n": cfg.n, "settings": settings, "fid": s["fid"],
                             **({"class_accuracy": acc} if acc is not None else {}),
-                            "kid": s.get("kid"), "kid_std": s.get("kid_std"), "timesteps": list(p["timesteps"]),
-                            "bits": json.loads(json.dumps(p["bits"])), "bitops": float(p["bitops"]),
+                            "kid": s.get("kid"), "kid_std": s.get("kid_std"), "timesteps": list(cand.timesteps),
+                            "bits": cand.fields()["bits"], "bitops": float(p["bitops"]),
                             "fid_proxy": float(p["fid_proxy"]), "sample_s": round(time.perf_counter() - t0, 1),
-                            **({"solver": solver[0], "order": solver[1]} if solver != DEFAULT_SOLVER else {}),
-                            **({"reuse": list(reuse)} if reuse else {}), **info})
+                            **cand.solver.fields(), **({"reuse": list(cand.reuse)} if cand.reuse else {}), **info})
             _write_summary(run.path, log, settings, cfg)
         return _write_summary(run.path, log, settings, cfg)
 
@@ -236,8 +234,8 @@ def _write_summary(run_path: Path, log, settings: str, cfg: ValidateConfig):
     agg["timesteps"] = [first.loc[k, "timesteps"] for k in agg["key"]]
     agg["bits"] = [first.loc[k, "bits"] for k in agg["key"]]
     if "solver" in first:  # points of a run with a solver gene
-        agg["solver"] = [solver_of(first.loc[k])[0] for k in agg["key"]]
-        agg["order"] = [solver_of(first.loc[k])[1] for k in agg["key"]]
+        solvers = [Solver.of(first.loc[k]) for k in agg["key"]]
+        agg["solver"], agg["order"] = [s.name for s in solvers], [s.order for s in solvers]
     if "reuse" in first:  # points of a run with the reuse gene
         agg["reuse"] = [list(reuse_of(first.loc[k])) for k in agg["key"]]
     agg["n"] = cfg.n
