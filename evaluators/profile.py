@@ -72,8 +72,9 @@ RATES = {"sensitivity": x0_rates, "error": eps_rates}
 @torch.no_grad()
 def teacher_trajectory(unet, scheduler_config: dict, grid_steps: int = 100, n: int = 64, seed: int = 20_000,
                        guidance_scale: float = 1.0):
-    """(grid timesteps, states [G + 1, n, ...], eps [G, n, ...]) of the FP model's DDIM trajectory on bank images
-    0..n-1: states[i] is the sample at grid[i], states[G] the clean sample."""
+    """(grid timesteps, states [G + 1, n, ...], eps [G, n, ...]) of the FP model's DDIM trajectory (a flow model's:
+    Euler, the same step there) on bank images 0..n-1: states[i] is the sample at grid[i], states[G] the clean
+    sample."""
     sched = make_scheduler(scheduler_config)
     grid = list(uniform_timesteps(grid_steps, sched.config.num_train_timesteps))
     sched.set_timesteps(timesteps=grid)
@@ -82,9 +83,9 @@ def teacher_trajectory(unet, scheduler_config: dict, grid_steps: int = 100, n: i
     cond = adapter_for(inner).conditions(inner, range(n), device=device)
     x = NoiseBank(seed, sample_shape(unet)).initial(range(n)).to(device)
     states, eps = [x], []
-    for t in grid:
+    for k, t in enumerate(grid):
         e = guided_eps(unet, x, torch.full((n,), t, dtype=torch.int64, device=device), cond, guidance_scale)
-        x = sched.step(e, t, x).prev_sample
+        x = sched.step(e, sched.timesteps[k], x).prev_sample  # the scheduler's own time (a flow model's: sigma*N)
         eps.append(e)
         states.append(x)
     return grid, torch.stack(states), torch.stack(eps)
@@ -93,7 +94,7 @@ def teacher_trajectory(unet, scheduler_config: dict, grid_steps: int = 100, n: i
 def _jump(sched, x: torch.Tensor, eps: torch.Tensor, t: int, t_next: int | None) -> torch.Tensor:
     """One DDIM step from (x, eps) at ``t`` to ``t_next`` (None: the clean sample), clipping x0 as the sampler does."""
     sched.set_timesteps(timesteps=[t] if t_next is None else [t, t_next])
-    return sched.step(eps, t, x).prev_sample
+    return sched.step(eps, sched.timesteps[0], x).prev_sample
 
 
 def transition_costs(scheduler_config: dict, grid, states: torch.Tensor, eps: torch.Tensor) -> np.ndarray:

@@ -15,7 +15,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tmpq.core.adapters import adapter_for, conditioning_of, denoiser_of, rows, sample_shape, with_null
+from tmpq.core.adapters import (
+    adapter_for,
+    conditioning_of,
+    denoise,
+    denoiser_of,
+    rows,
+    sample_shape,
+    with_null,
+)
 from tmpq.core.errors import TmpqError
 from tmpq.core.sampler import NoiseBank, sample_batch
 from tmpq.core.schedules import make_timesteps
@@ -134,7 +142,7 @@ def _mid_features(unet, x: torch.Tensor, t: torch.Tensor, cond: dict) -> np.ndar
     try:
         with torch.no_grad():
             for i in range(0, len(t), 256):
-                adapter.call(unet, x[i:i + 256], t[i:i + 256], rows(cond, slice(i, i + 256)))
+                denoise(unet, x[i:i + 256], t[i:i + 256], rows(cond, slice(i, i + 256)))
     finally:
         h.remove()
     return torch.cat(feats).numpy()

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from tmpq.core.adapters import adapter_for, forward, sample_shape
+from tmpq.core.adapters import adapter_for, denoise, forward, index_time, sample_shape
 from tmpq.core.cost import call_bitops, output_macs, weight_bits
 from tmpq.core.errors import TmpqError
 from tmpq.core.sampler import model_dtype
@@ -159,7 +159,7 @@ class QuantSupernet(nn.Module):
         try:
             adapter, device = adapter_for(self.unet), self._device()
             x = torch.zeros(1, *sample_shape(self.unet), device=device, dtype=model_dtype(self.unet))
-            adapter.call(self.unet, x, torch.tensor([500], device=device), adapter.example(self.unet, 1, device))
+            denoise(self.unet, x, torch.tensor([500], device=device), adapter.example(self.unet, 1, device))
         finally:
             for h in hooks:
                 h.remove()
@@ -251,8 +251,10 @@ class QuantSupernet(nn.Module):
 
     # -- timestep groups ----------------------------------------------------------------------------------------
     def time_group_of(self, t) -> int:
-        """Group index of timestep(s) ``t``; every timestep of one denoiser call must fall in the same group."""
-        ts = torch.as_tensor(t).reshape(-1).contiguous()  # a pipeline may pass an expanded (stride-0) tensor
+        """Group index of the denoiser call at model time(s) ``t`` (what the denoiser is called with: tmpq's integer
+        timesteps on the DDPM axis, sigma * N on a flow axis, mapped back to the integer grid the groups' starts
+        live on); every timestep of one call must fall in the same group."""
+        ts = index_time(self.unet, torch.as_tensor(t).reshape(-1).contiguous())  # a pipeline may pass a stride-0 one
         if ts.numel() == 0:
             raise TmpqError("time_groups: a denoiser call without a timestep")
         starts = torch.as_tensor(self.time_starts, dtype=ts.dtype, device=ts.device)
@@ -343,13 +345,14 @@ def _forward_by_pass(unet: nn.Module, *args, **kwargs):
     its outputs put back in the caller's row order. Before calibration it is the class's forward."""
     net = unet._tmpq_pass_router
     run = type(unet).forward
-    if not net._calibrated or not args or not isinstance(args[0], torch.Tensor):
+    x = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))  # SD3's pipeline passes it by keyword
+    if not net._calibrated or not isinstance(x, torch.Tensor):
         return run(unet, *args, **kwargs)
-    n = args[0].shape[0]
+    n = x.shape[0]
     t = args[1] if len(args) > 1 else kwargs.get("timestep")
     if t is None:
         raise TmpqError("supernet: the denoiser was called without a timestep")
-    null = adapter_for(unet).null_rows(unet, kwargs, n).to(args[0].device)
+    null = adapter_for(unet).null_rows(unet, kwargs, n).to(x.device)
     if bool(null.all()) or not bool(null.any()):
         net.select_time_group(net.bank_row(t, bool(null[0])))
         return run(unet, *args, **kwargs)

@@ -86,3 +86,51 @@ def test_the_dit_trains_loads_and_samples_with_guidance(tmp_path):
     imgs = sample_images(m.unet, make_scheduler(embedded_scheduler_config()), [800, 400, 0], 3, labels=[1, 2, 3],
                          guidance_scale=2.0, progress=False)
     assert imgs.shape == (3, 1, 16, 16) and torch.isfinite(imgs).all()
+
+
+def test_a_flow_objective_trains_on_the_velocity_and_saves_a_flow_model(tmp_path, monkeypatch):
+    """``objective = "flow"``: the model sees x = (1 - sigma) x0 + sigma noise at model time sigma * 1000 and learns
+    noise - x0; the saved directory is a flow-matching model (FlowMatchEulerDiscreteScheduler with the shift)."""
+    import torch.nn.functional as F
+
+    import tmpq.jobs.train as tr
+    from tmpq.core.timeaxis import TimeAxis
+
+    seen = []
+    real = F.mse_loss
+
+    def spy(pred, target):
+        seen.append(target.detach().clone())
+        return real(pred, target)
+
+    monkeypatch.setattr(tr.F, "mse_loss", spy)
+    calls = []
+    cfg = DenoiserTrainConfig(steps=2, batch_size=4, warmup=1, objective="flow", shift=3.0)
+    real_model = tr._model
+
+    def model(c):
+        m = real_model(c)
+        m.register_forward_pre_hook(lambda _m, args: calls.append((args[0].detach().clone(), args[1].clone())))
+        return m
+
+    monkeypatch.setattr(tr, "_model", model)
+    man = train_denoiser(cfg, tmp_path / "m")
+    assert man["config"]["objective"] == "flow" and man["config"]["shift"] == 3.0
+    # re-draw the first step's batch from the same generator: the target is the velocity, the input the flow mix
+    gen = torch.Generator().manual_seed(0)
+    x_all, _ = tr.load_digits("all", 16)
+    idx = torch.randint(0, len(x_all), (4,), generator=gen)
+    x0 = x_all[idx]
+    noise = torch.randn(x0.shape, generator=gen)
+    t = torch.randint(0, 1000, (4,), generator=gen)
+    axis = TimeAxis("flow", 1000, 3.0)
+    sigma = torch.tensor([axis.sigma(int(v)) for v in t], dtype=torch.float32)
+    assert torch.allclose(seen[0], noise - x0)
+    assert torch.allclose(calls[0][1], sigma * 1000, atol=1e-3)
+    assert torch.allclose(calls[0][0], (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * noise, atol=1e-6)
+    m = load_model(tmp_path / "m")
+    assert m.time_axis == axis
+    assert json.loads((tmp_path / "m" / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == \
+        "FlowMatchEulerDiscreteScheduler"
+    with pytest.raises(tr.TmpqError, match="train.objective: must be one of ddpm, flow"):
+        DenoiserTrainConfig(objective="edm").validate()

@@ -13,6 +13,7 @@ from tmpq.core.choices import (
     GRANULARITIES,
     GUIDANCE_RANGES,
     MODES,
+    OBJECTIVES,
     RESOLUTIONS,
     ROUNDINGS,
     STRATEGIES,
@@ -98,7 +99,8 @@ def _parser_train(sub) -> None:
                                    "rerunning the same command resumes from it. Options left out take the defaults of "
                                    "tmpq.jobs.train.DenoiserTrainConfig.")
     t.add_argument("--arch", default=None, choices=ARCHS, help="denoiser (default: unet)")
-    t.add_argument("--out", default=None, help="output pipeline directory (default: results/train/mnist16-ARCH)")
+    t.add_argument("--out", default=None, help="output pipeline directory (default: results/train/mnist16-ARCH, "
+                   "-ARCH-flow with --objective flow)")
     t.add_argument("--steps", type=int, default=None, help="optimisation steps (default: 6000)")
     t.add_argument("--batch-size", type=int, default=None, help="images per step (default: 128)")
     t.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate, cosine decay (default: 1e-3)")
@@ -108,6 +110,9 @@ def _parser_train(sub) -> None:
     t.add_argument("--seed", type=int, default=None, help="seed of all randomness (default: 0)")
     t.add_argument("--resolution", type=int, default=None, choices=RESOLUTIONS, help="image size (default: 16)")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 2)")
+    t.add_argument("--objective", default=None, choices=OBJECTIVES, help="ddpm (epsilon, linear betas) or flow "
+                   "(rectified flow, velocity; saved with FlowMatchEulerDiscreteScheduler) (default: ddpm)")
+    t.add_argument("--shift", type=float, default=None, help="flow: the sigma shift of the time grid (default: 1)")
 
 
 def _parser_train_classifier(sub) -> None:

@@ -49,8 +49,10 @@ from tmpq.supernet.calib_data import CalibrationConfig, calibrate_to_file
 
 def cmd_train(args: argparse.Namespace) -> None:
     cfg = DenoiserTrainConfig(**_given(args, {k: k for k in ("arch", "steps", "batch_size", "lr", "ema_decay",
-                                                              "label_dropout", "seed", "resolution", "threads")}))
-    out = Path(args.out or f"results/train/mnist16-{'ddpm' if cfg.arch == 'unet' else cfg.arch}")
+                                                              "label_dropout", "seed", "resolution", "threads",
+                                                              "objective", "shift")}))
+    name = f"{cfg.arch}-flow" if cfg.objective == "flow" else ("ddpm" if cfg.arch == "unet" else cfg.arch)
+    out = Path(args.out or f"results/train/mnist16-{name}")
     manifest = train_denoiser(cfg, out, command=_command_line())
     print(f"saved the trained EMA model to {out} (final loss {manifest['metrics']['final_loss_mean_last100']:.4f})")
 

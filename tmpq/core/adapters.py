@@ -5,7 +5,7 @@ sensitivity probes, int8 profiling) goes through the adapter of the denoiser's c
 ``unet(x, t)``. An adapter says:
 
 - ``kind(model)``: ``"none"`` (unconditional), ``"class"`` (``class_labels``) or ``"text"``
-  (``encoder_hidden_states``);
+  (``encoder_hidden_states``; Stable Diffusion 3's also ``pooled_projections``);
 - ``eps(model, x, t, cond)``: the noise prediction for ``x`` at timesteps ``t`` under ``cond`` (a dict of keyword
   tensors with one row per sample, empty for unconditional models). A model that also predicts a variance
   (``out_channels = 2 * in_channels``, as DiT's) gives its first ``in_channels`` channels;
@@ -36,10 +36,11 @@ import weakref
 from collections.abc import Sequence
 
 import torch
-from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
+from diffusers import DiTTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel, UNet2DModel
 
 from tmpq.core.cost import output_macs
 from tmpq.core.errors import TmpqError
+from tmpq.core.timeaxis import TimeAxis
 
 KINDS = ("none", "class", "text")
 
@@ -51,13 +52,17 @@ class Conditioning:
     - ``guidance_scale``: classifier-free guidance of its sampling (1 = none);
     - ``null_label``: a class model's unconditional label (None: its adapter's; a class UNet has none);
     - ``prompt_embeds`` ``[P, L, D]``: a text model's prompts, encoded (image ``i`` takes prompt ``i % P``);
-    - ``null_embeds`` ``[1, L, D]``: the empty prompt's embedding (the null pass of a text model's guidance).
+    - ``null_embeds`` ``[1, L, D]``: the empty prompt's embedding (the null pass of a text model's guidance);
+    - ``pooled_embeds`` ``[P, D']`` / ``null_pooled`` ``[1, D']``: the same prompts' pooled embeddings, for a model
+      conditioned on both (Stable Diffusion 3's ``pooled_projections``; None for the others).
     """
 
     guidance_scale: float = 1.0
     null_label: int | None = None
     prompt_embeds: torch.Tensor | None = None
     null_embeds: torch.Tensor | None = None
+    pooled_embeds: torch.Tensor | None = None
+    null_pooled: torch.Tensor | None = None
 
     def replace(self, **changes) -> "Conditioning":
         """This conditioning with the given fields changed (``None`` values leave a field as it is)."""
@@ -70,6 +75,8 @@ _BOUND: "weakref.WeakKeyDictionary[torch.nn.Module, Conditioning]" = weakref.Wea
 # and its FP companions, held beside it the same way (not attributes of the module: a copy of the denoiser does not
 # drag a VAE along, and nothing is set on a diffusers module): "vae" and "text" ((encoder, tokenizer))
 _PARTS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+# and the time axis it was trained on (tmpq.core.timeaxis): DDPM unless its loader binds another
+_AXIS: "weakref.WeakKeyDictionary[torch.nn.Module, TimeAxis]" = weakref.WeakKeyDictionary()
 
 
 def denoiser_of(model):
@@ -95,12 +102,39 @@ class DenoiserAdapter:
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         return (int(model.config.in_channels), int(h), int(w))
 
+    def check(self, model) -> None:
+        """Refuse, in one line, a configuration this adapter would sample wrongly: a prediction whose channels are
+        neither the sample's nor twice them (a learned variance), i.e. extra input channels used as conditioning
+        (inpainting, concatenated control) or a different output space; a sample size that is not positive, or
+        that the denoiser's resolution steps (``size_multiple``) do not divide."""
+        cfg = model.config
+        name = type(model).__name__
+        c, h, w = self.sample_shape(model)
+        out = getattr(cfg, "out_channels", None) or c
+        if out not in (c, 2 * c):
+            raise TmpqError(f"{name}: out_channels = {out} with in_channels = {c}: tmpq samples denoisers that "
+                            f"predict the sample's own channels (or twice them, with a learned variance); extra "
+                            f"input channels used as conditioning are not served")
+        if min(h, w) < 1:
+            raise TmpqError(f"{name}: sample_size {cfg.sample_size!r} must be positive")
+        k = self.size_multiple(model)
+        if h % k or w % k:
+            raise TmpqError(f"{name}: sample_size {cfg.sample_size!r} is not a multiple of {k} (the model's "
+                            f"downsampling / patch size) in both dimensions, so its output would not have the "
+                            f"sample's shape")
+
+    def size_multiple(self, model) -> int:
+        """What each spatial dimension of a sample must be a multiple of (the patch size of a transformer)."""
+        return int(getattr(model.config, "patch_size", None) or 1)
+
     def call(self, model, x: torch.Tensor, t: torch.Tensor, cond: dict):
-        """One forward of ``model`` (the denoiser or a wrapper around it); returns what the model returns."""
+        """One forward of ``model`` (the denoiser or a wrapper around it) at model times ``t`` (what the model is
+        called with: :func:`model_time` of tmpq's integer timesteps); returns what the model returns."""
         return model(x, t, **cond)
 
     def eps(self, model, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
-        out = self.call(model, x, t, cond)
+        """The model's prediction (noise, or a flow model's velocity) at integer timesteps ``t`` of its axis."""
+        out = self.call(model, x, model_time(model, t), cond)
         out = out.sample if hasattr(out, "sample") else out[0] if isinstance(out, tuple) else out
         return out[:, : x.shape[1]] if out.shape[1] != x.shape[1] else out
 
@@ -208,6 +242,9 @@ class UNet2DAdapter(DenoiserAdapter):
     def feature_module(self, model):
         return model.mid_block
 
+    def size_multiple(self, model) -> int:
+        return 2 ** sum(1 for b in model.down_blocks if getattr(b, "downsamplers", None))
+
 
 class UNet2DConditionAdapter(DenoiserAdapter):
     """``UNet2DConditionModel`` (Stable Diffusion's): ``encoder_hidden_states`` from a text encoder; tmpq holds
@@ -223,6 +260,9 @@ class UNet2DConditionAdapter(DenoiserAdapter):
 
     def feature_module(self, model):
         return model.mid_block
+
+    def size_multiple(self, model) -> int:
+        return 2 ** sum(1 for b in model.down_blocks if getattr(b, "downsamplers", None))
 
 
 class DiTAdapter(DenoiserAdapter):
@@ -258,7 +298,63 @@ class DiTAdapter(DenoiserAdapter):
         return model.transformer_blocks[len(model.transformer_blocks) // 2]
 
 
-_REGISTRY: list[DenoiserAdapter] = [UNet2DAdapter(), UNet2DConditionAdapter(), DiTAdapter()]
+class SD3Adapter(DenoiserAdapter):
+    """``SD3Transformer2DModel`` (Stable Diffusion 3's MMDiT, a flow-matching model): called with the timestep by
+    keyword, ``encoder_hidden_states`` ``[L, joint_attention_dim]`` (the CLIP and T5 token embeddings) and
+    ``pooled_projections`` ``[pooled_projection_dim]`` (the two CLIP encoders' pooled outputs), both from the
+    pipeline's own ``encode_prompt`` (:func:`tmpq.core.model.encode_text`); the null pass of guidance is the empty
+    prompt's pair, as ``StableDiffusion3Pipeline`` computes it."""
+
+    cls = SD3Transformer2DModel
+
+    def kind(self, model) -> str:
+        return "text"
+
+    def call(self, model, x, t, cond):
+        return model(x, timestep=t, **cond)
+
+    def conditions(self, model, indices, labels=None, device=None) -> dict:
+        cond = super().conditions(model, indices, labels, device)  # the token embeddings; refuses without prompts
+        pooled = conditioning_of(model).pooled_embeds
+        if pooled is None:
+            raise TmpqError(f"{type(model).__name__} is conditioned on pooled prompt embeddings too: encode its "
+                            f"prompts with its pipeline's text encoders (model.prompts in a run config)")
+        idx = torch.tensor([int(i) % len(pooled) for i in indices])
+        return {**cond, "pooled_projections": pooled[idx].to(device)}
+
+    def null(self, model, cond: dict) -> dict:
+        out = super().null(model, {"encoder_hidden_states": cond["encoder_hidden_states"]})
+        empty, p = conditioning_of(model).null_pooled, cond["pooled_projections"]
+        if empty is None:
+            raise TmpqError(f"guidance: {type(model).__name__} has no empty-prompt pooled embedding")
+        return {**out, "pooled_projections": empty.to(p.device, p.dtype).expand(p.shape[0], -1)}
+
+    def example(self, model, n: int, device) -> dict:
+        c = conditioning_of(model)
+        if c.prompt_embeds is None or c.pooled_embeds is None:
+            return {"encoder_hidden_states": torch.zeros(n, 1, int(model.config.joint_attention_dim), device=device),
+                    "pooled_projections": torch.zeros(n, int(model.config.pooled_projection_dim), device=device)}
+        return self.conditions(model, range(n), device=device)
+
+    def default_pins(self, model) -> dict[str, list[int]]:
+        # as the DiT's: the layers that touch the image or the conditioning once per sample, not per image token:
+        # the patch embedding (the image's first layer), the timestep and pooled-text embedders and the caption
+        # projection (the text stream's first layer), the adaLN modulation Linears of both streams of every block
+        # (shift / scale / gate) and of the final norm, at W8A16; the output projection (the last layer) at W16A16.
+        # They are a small share of the MACs (the per-token attention and MLP Linears dominate); not measured here
+        embed = re.compile(r"time_text_embed\..+|context_embedder|norm_out\.linear"
+                           r"|transformer_blocks\.\d+\.norm1(_context)?\.linear")
+        cond = {name: [8, 16] for name, mod in model.named_modules()
+                if isinstance(mod, torch.nn.Linear) and embed.fullmatch(name)}
+        return {"pos_embed.proj": [8, 16], **cond, "proj_out": [16, 16]}
+
+    def feature_module(self, model):
+        # a block returns (text stream, image stream), and the last one None for its text stream: the middle
+        # block's image-stream MLP is the module whose output summarises the image
+        return model.transformer_blocks[len(model.transformer_blocks) // 2].ff
+
+
+_REGISTRY: list[DenoiserAdapter] = [UNet2DAdapter(), UNet2DConditionAdapter(), DiTAdapter(), SD3Adapter()]
 
 
 def register_adapter(adapter: DenoiserAdapter) -> None:
@@ -291,11 +387,13 @@ def conditioning_of(model) -> Conditioning:
 
 
 def set_conditioning(model, null_label: int | None = None, prompt_embeds: torch.Tensor | None = None,
-                     null_embeds: torch.Tensor | None = None) -> None:
+                     null_embeds: torch.Tensor | None = None, pooled_embeds: torch.Tensor | None = None,
+                     null_pooled: torch.Tensor | None = None) -> None:
     """Change the given fields of ``model``'s bound conditioning (e.g. the null label of a class UNet that a stock
     pipeline holds after ``apply_export``)."""
     bind_conditioning(model, conditioning_of(model).replace(null_label=null_label, prompt_embeds=prompt_embeds,
-                                                            null_embeds=null_embeds))
+                                                            null_embeds=null_embeds, pooled_embeds=pooled_embeds,
+                                                            null_pooled=null_pooled))
 
 
 def sample_shape(model) -> tuple[int, int, int]:
@@ -324,7 +422,7 @@ def unpack(batch) -> tuple[torch.Tensor, torch.Tensor, dict]:
 def forward(model, batch):
     """One denoiser call on a calibration batch, through the model's adapter (what observation passes run)."""
     x, t, cond = unpack(batch)
-    return adapter_for(model).call(model, x, t, cond)
+    return denoise(model, x, t, cond)
 
 
 def predict(model, batch) -> torch.Tensor:
@@ -369,32 +467,95 @@ def decoder_of(model):
 def set_text_encoder(model, encoder, tokenizer) -> None:
     """A text model's FP text encoder and tokenizer, held beside the denoiser as its VAE is (never quantized): they
     encode the run's prompts once (:func:`tmpq.core.model.encode_prompts`) and travel into its export."""
-    _PARTS.setdefault(denoiser_of(model), {})["text"] = (encoder, tokenizer)
+    set_text_parts(model, {"text_encoder": encoder, "tokenizer": tokenizer})
 
 
 def text_encoder_of(model):
     """``(text_encoder, tokenizer)`` of a text model loaded from a pipeline directory, or None."""
-    return _PARTS.get(denoiser_of(model), {}).get("text")
+    parts = text_parts_of(model)
+    return None if parts is None else (parts["text_encoder"], parts["tokenizer"])
+
+
+def set_text_parts(model, parts: dict) -> None:
+    """Every FP text part of a text model by its pipeline name (``text_encoder``, ``tokenizer`` and, for Stable
+    Diffusion 3, ``text_encoder_2`` / ``tokenizer_2`` / ``text_encoder_3`` / ``tokenizer_3``, a part the pipeline
+    runs without being None), held beside the denoiser as :func:`set_text_encoder` holds Stable Diffusion's pair."""
+    if parts.get("text_encoder") is None or parts.get("tokenizer") is None:
+        raise TmpqError("text encoder: a text_encoder and its tokenizer are needed")
+    _PARTS.setdefault(denoiser_of(model), {})["text"] = dict(parts)
+
+
+def text_parts_of(model) -> dict | None:
+    """The text parts of a text model by pipeline name (:func:`set_text_parts`), or None."""
+    parts = _PARTS.get(denoiser_of(model), {}).get("text")
+    return None if parts is None else dict(parts)
 
 
 def bind_like(copy, source) -> None:
-    """Give ``copy`` (a copy of ``source``'s denoiser) the conditioning, VAE and text encoder of ``source``: a copy
-    starts unbound, so that copying a denoiser never copies its companions."""
+    """Give ``copy`` (a copy of ``source``'s denoiser) the conditioning, time axis, VAE and text encoder of
+    ``source``: a copy starts unbound, so that copying a denoiser never copies its companions."""
     bind_conditioning(copy, conditioning_of(source))
+    bind_time_axis(copy, time_axis_of(source))
     parts = _PARTS.get(denoiser_of(source))
     if parts:
         _PARTS[denoiser_of(copy)] = dict(parts)
 
 
+def bind_time_axis(model, axis: TimeAxis) -> None:
+    """File the time axis ``model``'s denoiser was trained on (the model loaders call it)."""
+    _AXIS[denoiser_of(model)] = axis
+
+
+def time_axis_of(model) -> TimeAxis:
+    """The time axis bound to ``model``'s denoiser (DDPM when none is)."""
+    return _AXIS.get(denoiser_of(model), _DDPM)
+
+
+_DDPM = TimeAxis()
+
+
+def model_time(model, t: torch.Tensor) -> torch.Tensor:
+    """What ``model`` is called with at tmpq's integer timesteps ``t``: ``t`` itself on the DDPM axis (the same
+    tensor), sigma(t) * N (float32, as diffusers' flow pipelines call it) on a flow axis."""
+    axis = time_axis_of(model)
+    if not axis.flow:
+        return t
+    u = (t.double() + 1.0) / axis.num_train_timesteps
+    sigma = axis.shift * u / (1.0 + (axis.shift - 1.0) * u)
+    return (sigma.float() * axis.num_train_timesteps)
+
+
+def index_time(model, t: torch.Tensor) -> torch.Tensor:
+    """tmpq's integer timesteps of model times ``t`` (the inverse of :func:`model_time`, rounded to the grid): how
+    the supernet routes a call by its timestep, whether tmpq's sampler or a stock pipeline made it."""
+    axis = time_axis_of(model)
+    if not axis.flow:
+        return t
+    s = (t.double() / axis.num_train_timesteps).clamp(0.0, 1.0)
+    u = s / (axis.shift - (axis.shift - 1.0) * s)
+    return torch.round(u * axis.num_train_timesteps - 1.0).to(torch.int64)
+
+
+def denoise(model, x: torch.Tensor, t: torch.Tensor, cond: dict):
+    """One forward of ``model`` through its adapter at tmpq's integer timesteps ``t``; returns what the model
+    returns (hooks see the call as the model's own)."""
+    return adapter_for(model).call(model, x, model_time(model, t), cond)
+
+
 def decode(model, latents: torch.Tensor) -> torch.Tensor:
     """Images in [-1, 1] from the sampler's final ``latents``: through the model's VAE when it has one (latents
-    divided by its ``scaling_factor``), else the latents are the images."""
+    divided by its ``scaling_factor``, plus its ``shift_factor`` when its config has one), else the latents are the
+    images."""
     vae = decoder_of(model)
     if vae is None:
         return latents.clamp(-1.0, 1.0)
     scale = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
     dtype = next(vae.parameters()).dtype
-    return vae.decode(latents.to(dtype) / scale).sample.float().clamp(-1.0, 1.0)
+    z = latents.to(dtype) / scale
+    shift = getattr(vae.config, "shift_factor", None)
+    if shift:  # a VAE with a latent mean (SD3's, Flux's): its pipelines decode latents / scale + shift
+        z = z + float(shift)
+    return vae.decode(z).sample.float().clamp(-1.0, 1.0)
 
 
 @torch.no_grad()

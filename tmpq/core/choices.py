@@ -11,6 +11,8 @@ DTYPES = ("fp32", "bf16", "fp16")
 RESOLUTIONS = (16, 28)
 # denoisers tmpq train builds (tmpq.jobs.train)
 ARCHS = ("unet", "dit")
+# train.objective: what the embedded denoiser learns (tmpq.jobs.train)
+OBJECTIVES = ("ddpm", "flow")
 # weight quantizers (tmpq.quant): granularity, range observers, rounding, 2-bit weights
 GRANULARITIES = ("tensor", "channel", "group")
 OBSERVERS = ("minmax", "percentile", "mse")

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler
 
-from tmpq.core.adapters import adapter_for, decoder_of, set_decoder, set_text_encoder, text_encoder_of
+from tmpq.core.adapters import adapter_for, decoder_of, set_decoder, set_text_parts, text_parts_of
 from tmpq.core.errors import TmpqError
 from tmpq.core.model import (
     DENOISER_FOLDERS,
@@ -29,11 +29,13 @@ from tmpq.core.model import (
     LIVE_PREFIX,
     LoadedModel,
     ModelConfig,
+    bind_axis,
     condition,
     load_model,
+    pipeline_text_parts,
     serving,
 )
-from tmpq.core.timeaxis import check_served
+from tmpq.core.timeaxis import time_axis
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:
@@ -67,7 +69,8 @@ class DiffusionModel:
     """A diffusion model in memory: ``denoiser`` (a diffusers UNet / transformer with a denoiser adapter), its training
     ``scheduler_config``, its ``source`` (the ``model.path`` a run records), and optional ``guidance_scale`` /
     ``null_label`` (None: the run config's ``[model]`` values). A latent model's ``vae`` and a text model's
-    ``text`` (encoder, tokenizer) travel with it.
+    ``text`` (its text encoders and tokenizers by pipeline name; an (encoder, tokenizer) pair is read as Stable
+    Diffusion's) travel with it.
 
     Example:
         >>> m = DiffusionModel.load()            # the embedded MNIST DDPM
@@ -87,7 +90,8 @@ class DiffusionModel:
         self.guidance_scale = guidance_scale
         self.null_label = null_label
         self.vae = vae
-        self.text = text
+        # the text parts by pipeline name (an (encoder, tokenizer) pair is Stable Diffusion's text_encoder/tokenizer)
+        self.text = {"text_encoder": text[0], "tokenizer": text[1]} if isinstance(text, tuple) else text
         self.config(ModelConfig())  # checks guidance_scale / null_label now, as a run config would
 
     @staticmethod
@@ -105,14 +109,14 @@ class DiffusionModel:
         source = "embedded" if path in (None, "") else _source_of(path)
         m = load_model(ModelConfig(path=source))
         return cls(m.unet, m.scheduler_config, source, guidance_scale=guidance_scale, null_label=null_label,
-                   vae=decoder_of(m.unet), text=text_encoder_of(m.unet))
+                   vae=decoder_of(m.unet), text=text_parts_of(m.unet))
 
     @classmethod
     def from_pipeline(cls, pipe, *, guidance_scale: float | None = None,
                       null_label: int | None = None) -> "DiffusionModel":
         """A live diffusers pipeline (``.unet`` or ``.transformer``, ``.scheduler``; a latent one's ``.vae``, a text
-        one's ``.text_encoder`` + ``.tokenizer``), held by reference: nothing is copied until a job loads it, and
-        the pipeline itself is never modified."""
+        one's ``.text_encoder`` + ``.tokenizer``, Stable Diffusion 3's also ``_2`` / ``_3``), held by reference:
+        nothing is copied until a job loads it, and the pipeline itself is never modified."""
         denoiser = next((getattr(pipe, a) for a in DENOISER_FOLDERS
                          if isinstance(getattr(pipe, a, None), torch.nn.Module)), None)
         scheduler = getattr(pipe, "scheduler", None)
@@ -121,15 +125,17 @@ class DiffusionModel:
                             f"{type(pipe).__name__}")
         # the training noise schedule, whatever sampler the pipeline holds now (a DDIM or DPM-Solver scheduler
         # carries the same betas); the run's sampler is tmpq's own
-        check_served({**dict(scheduler.config), "_class_name": type(scheduler).__name__},
-                  "model: the pipeline's scheduler")
-        sched = {k: v for k, v in DDPMScheduler.from_config(scheduler.config).config.items() if not k.startswith("_")}
+        own = {**{k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")},
+               "_class_name": type(scheduler).__name__}
+        if time_axis(own, "model: the pipeline's scheduler") == "flow":  # flow matching: its own scheduler config
+            sched = own
+        else:  # the DDPM training noise schedule
+            sched = {k: v for k, v in DDPMScheduler.from_config(scheduler.config).config.items()
+                     if not k.startswith("_")}
         name = getattr(pipe, "name_or_path", None)
         source = _source_of(name) if name and Path(str(name)).is_dir() else LIVE_PREFIX + type(denoiser).__name__
-        encoder, tokenizer = getattr(pipe, "text_encoder", None), getattr(pipe, "tokenizer", None)
         return cls(denoiser, sched, source, guidance_scale=guidance_scale, null_label=null_label,
-                   vae=getattr(pipe, "vae", None),
-                   text=(encoder, tokenizer) if encoder is not None and tokenizer is not None else None)
+                   vae=getattr(pipe, "vae", None), text=pipeline_text_parts(pipe))
 
     @property
     def conditioning(self) -> str:
@@ -168,12 +174,14 @@ class DiffusionModel:
             upcast = dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False)
             set_decoder(unet, _copy_to(self.vae, device, torch.float32 if upcast else dtype))
         text = None
-        if self.text is not None:
-            text = (_copy_to(self.text[0], device, dtype), self.text[1])
-            set_text_encoder(unet, *text)
+        if self.text is not None:  # the encoders copied, the tokenizers shared
+            text = {n: _copy_to(v, device, dtype) if isinstance(v, torch.nn.Module) else v
+                    for n, v in self.text.items()}
+            set_text_parts(unet, text)
+        adapter_for(unet).check(unet)
         cond = condition(unet, cfg, text, device, "the pipeline has no text_encoder + tokenizer")
-        return LoadedModel(unet=unet, scheduler_config=dict(self.scheduler_config), path=Path(self.source),
-                           conditioning=cond)
+        sched = bind_axis(unet, self.scheduler_config, "model: the pipeline's scheduler")
+        return LoadedModel(unet=unet, scheduler_config=sched, path=Path(self.source), conditioning=cond)
 
     def __repr__(self) -> str:
         return (f"DiffusionModel({type(self.denoiser).__name__}, source={self.source!r}, "

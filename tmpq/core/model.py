@@ -27,15 +27,17 @@ from tmpq.core.adapters import (
     adapter_classes,
     adapter_for,
     bind_conditioning,
+    bind_time_axis,
     decoder_of,
+    denoiser_of,
     sample_shape,
     set_decoder,
-    set_text_encoder,
-    text_encoder_of,
+    set_text_parts,
+    text_parts_of,
 )
 from tmpq.core.choices import DTYPES as DTYPE_NAMES
 from tmpq.core.errors import TmpqError
-from tmpq.core.timeaxis import check_served
+from tmpq.core.timeaxis import TimeAxis, is_flow, time_axis
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tmpq never downloads weights
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -78,7 +80,8 @@ class ModelConfig:
       row; a class UNet has none, and diffusers has no convention for one).
     - ``prompts``: a text-conditional model's prompts (image ``i`` of every sampling is conditioned on prompt
       ``i % len(prompts)``; the null pass of guidance on the empty prompt), encoded once by the model directory's
-      own FP text encoder (``text_encoder/`` + ``tokenizer/``, the optional package ``transformers``).
+      own FP text encoder (``text_encoder/`` + ``tokenizer/``, the optional package ``transformers``; Stable
+      Diffusion 3's: its CLIP encoders and optional T5, through its pipeline's ``encode_prompt``).
     - ``dtype``: ``"fp32"`` | ``"bf16"`` | ``"fp16"``, the dtype the denoiser (and its VAE and text encoder) computes
       in. The sampler's state and scheduler arithmetic stay fp32 (:func:`tmpq.core.sampler.sample_batch`); quantizers
       compute in fp32 and round their output once to this dtype (:class:`tmpq.quant.quantizer.AffineQuantizer`).
@@ -151,6 +154,11 @@ class LoadedModel:
         return int(self.scheduler_config.get("num_train_timesteps", 1000))
 
     @property
+    def time_axis(self) -> TimeAxis:
+        """The time axis the denoiser was trained on (DDPM or flow matching; :mod:`tmpq.core.timeaxis`)."""
+        return TimeAxis.of(self.scheduler_config)
+
+    @property
     def sample_shape(self) -> tuple[int, int, int]:
         """The denoiser's sample (a latent model's latent)."""
         return sample_shape(self.unet)
@@ -196,7 +204,7 @@ def resolve_model_dir(path: str | os.PathLike | None) -> tuple[Path, Path, dict]
             raise TmpqError(f"malformed scheduler config {sched_file}: {exc}") from None
         if not isinstance(sched_cfg, dict):
             raise TmpqError(f"malformed scheduler config {sched_file}: expected a JSON object")
-        check_served(sched_cfg, str(sched_file))
+        time_axis(sched_cfg, str(sched_file))
     else:
         sched_cfg = embedded_scheduler_config()
     return root, unet_dir, sched_cfg
@@ -271,13 +279,27 @@ def _load_vae(root: Path, dtype: torch.dtype = torch.float32):
 TEXT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 
 
-def _load_text(root: Path, dtype: torch.dtype = torch.float32):
-    """The FP text encoder (in ``dtype``) and tokenizer of a text pipeline directory (``text_encoder/`` +
-    ``tokenizer/``, loaded with ``transformers`` from local files, safetensors only), or None without
-    ``text_encoder/``."""
-    te, tk = root / "text_encoder", root / "tokenizer"
-    if not (te / "config.json").is_file():
+# a text pipeline's encoders and tokenizers by folder, in pairs (Stable Diffusion: the first; Stable Diffusion 3: two
+# CLIP encoders with projection and, optionally, T5)
+TEXT_PARTS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"), ("text_encoder_3", "tokenizer_3"))
+
+
+def _load_text(root: Path, dtype: torch.dtype = torch.float32) -> dict | None:
+    """The FP text parts (encoders in ``dtype``) of a text pipeline directory, by folder name: ``text_encoder/`` +
+    ``tokenizer/`` and any further pair of :data:`TEXT_PARTS` present, loaded with ``transformers`` from local files,
+    safetensors only; None without ``text_encoder/``."""
+    if not (root / "text_encoder" / "config.json").is_file():
         return None
+    parts = {}
+    for te_name, tk_name in TEXT_PARTS:
+        if (root / te_name / "config.json").is_file():
+            parts[te_name], parts[tk_name] = _load_text_pair(root, te_name, tk_name, dtype)
+    return parts
+
+
+def _load_text_pair(root: Path, te_name: str, tk_name: str, dtype: torch.dtype):
+    """One text encoder (in ``dtype``) and its tokenizer from ``root/te_name`` and ``root/tk_name``."""
+    te, tk = root / te_name, root / tk_name
     try:
         import transformers
     except ImportError:
@@ -288,7 +310,7 @@ def _load_text(root: Path, dtype: torch.dtype = torch.float32):
     if cls is None:
         raise TmpqError(f"{te}: text encoder class {arch!r} is not in transformers {transformers.__version__}")
     if not tk.is_dir():
-        raise TmpqError(f"{root}: a text_encoder/ without its tokenizer/")
+        raise TmpqError(f"{root}: a {te_name}/ without its {tk_name}/")
     # transformers 4.56 renamed from_pretrained's torch_dtype to dtype
     key = "dtype" if tuple(int(v) for v in transformers.__version__.split(".")[:2]) >= (4, 56) else "torch_dtype"
     encoder = _from_pretrained(cls, te, "text encoder", TEXT_WEIGHTS, **_dtype_kw(dtype, key))
@@ -297,6 +319,15 @@ def _load_text(root: Path, dtype: torch.dtype = torch.float32):
     except Exception as exc:
         raise TmpqError(f"cannot load the tokenizer of {root}: {str(exc).splitlines()[0]}") from None
     return encoder, tokenizer
+
+
+def pipeline_text_parts(pipe) -> dict | None:
+    """The text parts a live pipeline holds (its attributes named in :data:`TEXT_PARTS` that are not None), or None
+    without a ``text_encoder`` and ``tokenizer``."""
+    parts = {n: getattr(pipe, n, None) for pair in TEXT_PARTS for n in pair}
+    if parts["text_encoder"] is None or parts["tokenizer"] is None:
+        return None
+    return {n: v for n, v in parts.items() if v is not None}
 
 
 @torch.no_grad()
@@ -310,18 +341,42 @@ def encode_prompts(encoder, tokenizer, prompts, device="cpu") -> torch.Tensor:
     return encoder.to(device)(ids.input_ids.to(device), attention_mask=mask)[0]
 
 
+@torch.no_grad()
+def encode_text(unet, parts: dict, prompts, device="cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(embeds, pooled)`` of ``prompts`` for ``unet``'s denoiser from its text ``parts`` (:data:`TEXT_PARTS`):
+    Stable Diffusion 3's (token embeddings ``[P, L, joint_attention_dim]`` and pooled ``[P, pooled_projection_dim]``)
+    from ``StableDiffusion3Pipeline.encode_prompt`` of a pipeline assembled from these parts, so that tmpq and the
+    stock pipeline condition alike; any other text model's from :func:`encode_prompts` (pooled None)."""
+    denoiser = denoiser_of(unet)
+    if not isinstance(denoiser, diffusers.SD3Transformer2DModel):
+        return encode_prompts(parts["text_encoder"], parts["tokenizer"], prompts, device), None
+    missing = [n for n in ("text_encoder_2", "tokenizer_2") if parts.get(n) is None]
+    if missing:
+        raise TmpqError(f"model.prompts: {type(denoiser).__name__} is conditioned by two CLIP text encoders; no "
+                        f"{missing[0]}")
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=denoiser, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=None,
+        **{n: (v.to(device) if isinstance(v, torch.nn.Module) else v)
+           for n, v in ((n, parts.get(n)) for pair in TEXT_PARTS for n in pair)})
+    embeds, _, pooled, _ = pipe.encode_prompt(prompt=list(prompts), prompt_2=None, prompt_3=None,
+                                              device=torch.device(device), do_classifier_free_guidance=False)
+    return embeds, pooled
+
+
 def condition(unet, cfg: ModelConfig, text, device, where: str) -> Conditioning:
-    """The :class:`Conditioning` of ``cfg`` for ``unet`` (``text``: its ``(encoder, tokenizer)`` or None, which
-    encode ``cfg.prompts`` and the empty prompt), bound to it; refuses prompts for a model without text conditioning
-    and guidance for a model that cannot guide. ``where`` names the model's source in messages."""
+    """The :class:`Conditioning` of ``cfg`` for ``unet`` (``text``: its text parts by pipeline name, or None; they
+    encode ``cfg.prompts`` and the empty prompt, :func:`encode_text`), bound to it; refuses prompts for a model
+    without text conditioning and guidance for a model that cannot guide. ``where`` names the model's source in
+    messages."""
     if cfg.prompts and adapter_for(unet).kind(unet) != "text":
         raise TmpqError(f"model.prompts: {type(unet).__name__} is not text-conditional")
     if cfg.prompts and text is None:
         raise TmpqError(f"model.prompts: {where} to encode them")
     cond = Conditioning(float(cfg.guidance_scale), cfg.null_label if cfg.null_label >= 0 else None)
     if text is not None:
-        cond = cond.replace(null_embeds=encode_prompts(*text, [""], device),
-                            prompt_embeds=encode_prompts(*text, cfg.prompts, device) if cfg.prompts else None)
+        null, null_pooled = encode_text(unet, text, [""], device)
+        embeds, pooled = encode_text(unet, text, cfg.prompts, device) if cfg.prompts else (None, None)
+        cond = cond.replace(null_embeds=null, prompt_embeds=embeds, null_pooled=null_pooled, pooled_embeds=pooled)
     bind_conditioning(unet, cond)
     if cond.guidance_scale != 1.0:
         adapter = adapter_for(unet)
@@ -384,35 +439,54 @@ def load_model(path: str | os.PathLike | ModelConfig | None = None, device: str 
         set_decoder(unet, vae.to(device))
     text = _load_text(root, dtype)
     if text is not None:
-        set_text_encoder(unet, *text)
+        set_text_parts(unet, text)
+    adapter_for(unet).check(unet)
     cond = condition(unet, cfg, text, device, f"{root} has no text_encoder/ + tokenizer/")
-    return LoadedModel(unet=unet, scheduler_config=dict(sched_cfg), path=root, conditioning=cond)
+    sched_cfg = bind_axis(unet, sched_cfg, f"{root}: scheduler config")
+    return LoadedModel(unet=unet, scheduler_config=sched_cfg, path=root, conditioning=cond)
+
+
+def bind_axis(unet, scheduler_config: dict, where: str) -> dict:
+    """Bind the time axis of ``scheduler_config`` to ``unet`` and return the config with a flow model's dynamic
+    shifting resolved at the denoiser's token count (:meth:`TimeAxis.resolved_config`)."""
+    c, h, w = sample_shape(unet)
+    patch = int(getattr(denoiser_of(unet).config, "patch_size", None) or 1)
+    resolved = TimeAxis.resolved_config(dict(scheduler_config), where, image_seq_len=(h // patch) * (w // patch))
+    bind_time_axis(unet, TimeAxis.of(resolved, where))
+    return resolved
 
 
 def save_pipeline_dir(unet: torch.nn.Module, scheduler_config: dict, out: Path, manifest: dict | None = None) -> None:
     """Write a pipeline directory (model_index.json, unet/ or transformer/, scheduler/, and a latent model's vae/, a
-    text model's text_encoder/ + tokenizer/) with safetensors weights, indexed as the stock diffusers pipeline of its
-    kind: ``DDPMPipeline`` (a pixel ``UNet2DModel``), ``StableDiffusionPipeline`` (a ``UNet2DConditionModel`` with
-    its VAE and text encoder), ``DiTPipeline`` (a ``DiTTransformer2DModel`` with its VAE); any other under tmpq's own
-    ``_class_name`` (diffusers has no pipeline for a pixel-space DiT; ``tmpq sample`` renders it)."""
+    text model's text_encoder/ + tokenizer/ and further text parts) with safetensors weights, indexed as the stock
+    diffusers pipeline of its kind: ``DDPMPipeline`` (a pixel ``UNet2DModel``), ``StableDiffusionPipeline`` (a
+    ``UNet2DConditionModel`` with its VAE and text encoder), ``DiTPipeline`` (a ``DiTTransformer2DModel`` with its
+    VAE), ``StableDiffusion3Pipeline`` (an ``SD3Transformer2DModel`` with its VAE and two or three text encoders);
+    any other under tmpq's own ``_class_name`` (diffusers has no pipeline for a pixel-space DiT; ``tmpq sample``
+    renders it)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     name = type(unet).__name__
     folder = "transformer" if "Transformer" in name else "unet"
     unet.save_pretrained(str(out / folder), safe_serialization=True)
-    DDPMScheduler(**scheduler_config).save_pretrained(str(out / "scheduler"))
-    vae, text = decoder_of(unet), text_encoder_of(unet)
-    index = {"_diffusers_version": _diffusers_version(), "scheduler": ["diffusers", "DDPMScheduler"],
+    if is_flow(scheduler_config):  # a flow model keeps its own scheduler class (stock pipelines sample with it)
+        sched_cls = getattr(diffusers, scheduler_config.get("_class_name") or "FlowMatchEulerDiscreteScheduler")
+        sched_cls.from_config(scheduler_config).save_pretrained(str(out / "scheduler"))
+    else:
+        sched_cls = DDPMScheduler
+        DDPMScheduler(**scheduler_config).save_pretrained(str(out / "scheduler"))
+    vae, text = decoder_of(unet), text_parts_of(unet)
+    index = {"_diffusers_version": _diffusers_version(), "scheduler": ["diffusers", sched_cls.__name__],
              folder: ["diffusers", name]}
     if vae is not None:
         vae.save_pretrained(str(out / "vae"), safe_serialization=True)
         index["vae"] = ["diffusers", type(vae).__name__]
-    if text is not None:
-        encoder, tokenizer = text
-        encoder.save_pretrained(str(out / "text_encoder"), safe_serialization=True)
-        tokenizer.save_pretrained(str(out / "tokenizer"))
-        index.update(text_encoder=["transformers", type(encoder).__name__],
-                     tokenizer=["transformers", type(tokenizer).__name__])
+    for part, obj in (text or {}).items():
+        if isinstance(obj, torch.nn.Module):
+            obj.save_pretrained(str(out / part), safe_serialization=True)
+        else:  # a tokenizer
+            obj.save_pretrained(str(out / part))
+        index[part] = ["transformers", type(obj).__name__]
     if name == "UNet2DModel" and vae is None and not unet.config.num_class_embeds:
         pipeline = "DDPMPipeline"
     elif name == "UNet2DConditionModel" and vae is not None and text is not None:
@@ -421,6 +495,10 @@ def save_pipeline_dir(unet: torch.nn.Module, scheduler_config: dict, out: Path, 
                      requires_safety_checker=False)
     elif name == "DiTTransformer2DModel" and vae is not None:
         pipeline = "DiTPipeline"
+    elif name == "SD3Transformer2DModel" and vae is not None and text is not None and "text_encoder_2" in text:
+        pipeline = "StableDiffusion3Pipeline"  # a part it runs without (T5) is named None, as diffusers saves it
+        index.update({n: [None, None] for pair in TEXT_PARTS for n in pair if n not in index},
+                     image_encoder=[None, None], feature_extractor=[None, None])
     else:  # tmpq.deploy.pipelines.TmpqPipeline (registered with diffusers): no stock pipeline samples it
         pipeline = "TmpqPipeline"
     index = {"_class_name": pipeline, **index}

@@ -27,9 +27,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 import torch.nn as nn
 
-from tmpq.core.adapters import denoiser_of
+from tmpq.core.adapters import denoiser_of, index_time
 from tmpq.core.errors import TmpqError
 
 
@@ -179,7 +180,8 @@ class DeepCache:
 
     def _pre_hook(self, _module, args, kwargs):
         t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-        t = int(t.flatten()[0]) if hasattr(t, "flatten") else int(t)
+        t = torch.as_tensor(t).flatten()[:1]
+        t = int(index_time(self.model, t)[0])  # the model time of the call, on tmpq's integer grid
         if t == self._last_t:  # another pass of the same step (the supernet's separate guidance passes)
             return
         self._last_t = t

@@ -21,6 +21,7 @@ from tmpq.core.adapters import (
     denoiser_of,
     guided_eps,
     sample_shape,
+    time_axis_of,
 )
 from tmpq.core.errors import TmpqError
 from tmpq.core.schedules import validate_timesteps
@@ -99,7 +100,8 @@ def sample_batch(unet: torch.nn.Module, scheduler: RespacedDDIMScheduler, timest
     models: balanced labels ``index % classes`` unless ``labels`` names them; text models: the model's prompts),
     guided as the model's :class:`~tmpq.core.adapters.Conditioning` says (``guidance_scale``, when given, in place of
     its scale: an export sampled at the caller's scale). ``on_step(k, t, x_t)``, if given, sees the
-    denoiser input of every step (calibration-data capture).
+    denoiser input of every step (calibration-data capture), at tmpq's integer timestep t (the denoiser itself is
+    called at its model time: :func:`tmpq.core.adapters.model_time`; a flow model's scheduler steps in sigma).
 
     Dtypes (``model.dtype``), as diffusers' pipelines that run a bf16 transformer on fp32 latents (e.g. Wan) do: the
     noise is drawn in fp32 on the CPU and moved to the device once; the sample ``x_t`` and every scheduler step stay
@@ -119,8 +121,10 @@ def sample_batch(unet: torch.nn.Module, scheduler: RespacedDDIMScheduler, timest
     sigma0 = float(scheduler.init_noise_sigma)
     if sigma0 != 1.0:  # sigma-space solvers (Euler, Heun) start from noise of their first sigma
         x = x * sigma0
+    axis = time_axis_of(inner)
     for k, t in enumerate(scheduler.timesteps.tolist()):
-        t = int(round(t))  # the schedule's integer timesteps (float32 in the sigma-space schedulers)
+        # the schedule's integer timesteps (float32 in the sigma-space schedulers; a flow scheduler holds model times)
+        t = axis.index_of(t) if axis.flow else int(round(t))
         t_in = torch.full((x.shape[0],), t, dtype=torch.int64, device=device)
         x_in = (x if ddim else scheduler.scale_model_input(x, scheduler.timesteps[k])).to(dtype)
         if on_step is not None:

@@ -38,10 +38,14 @@ _FLOW_REFUSED = ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas"
                  "stochastic_sampling", "use_beta_sigmas")
 
 
-def is_flow(config: dict) -> bool:
-    """Whether a scheduler config is of a flow-matching model."""
-    return bool(config.get("_class_name") in FLOW_SCHEDULERS or config.get("use_flow_sigmas")
-                or config.get("prediction_type") == "flow_prediction")
+def is_flow(config) -> bool:
+    """Whether a scheduler config (a dict, or a scheduler's ``.config``) is of a flow-matching model: a flow class
+    named, flow sigmas or flow prediction, or a config of the flow-matching schedulers' shape (a ``shift`` and no
+    DDPM ``beta_start``: what a ``FlowMatchEulerDiscreteScheduler``'s own ``.config`` holds, which names no class)."""
+    name = config.get("_class_name")
+    return bool(name in FLOW_SCHEDULERS or config.get("use_flow_sigmas")
+                or config.get("prediction_type") == "flow_prediction"
+                or (name is None and "shift" in config and "beta_start" not in config))
 
 
 @dataclass(frozen=True)
@@ -137,11 +141,3 @@ def time_axis(config: dict, where: str) -> str:
         return "flow"  # resolved when the model loads
     return TimeAxis.of(config, where).kind
 
-
-def check_served(config: dict, where: str) -> None:
-    """Refuse, in one line naming ``where``, a scheduler config of a model tmpq cannot sample yet: anything
-    :func:`time_axis` refuses, and flow matching (until every part that handles time speaks its axis)."""
-    if time_axis(config, where) == "flow":
-        raise TmpqError(f"{where}: {config.get('_class_name') or 'the scheduler'} is a flow-matching scheduler "
-                        f"(velocity prediction on sigmas); tmpq serves models trained on the DDPM time axis only, so "
-                        f"it refuses to sample this model as DDPM")

@@ -1,8 +1,9 @@
 """Deployable export of one searched candidate, and applying it to a stock diffusers model.
 
 An export directory is a complete diffusers pipeline directory (``model_index.json``, ``unet/`` or ``transformer/``,
-``scheduler/``, and a latent model's ``vae/``, a text model's ``text_encoder/`` + ``tokenizer/``: the FP weights,
-loadable by diffusers alone as a ``DDPMPipeline``, ``StableDiffusionPipeline`` or ``DiTPipeline``) plus
+``scheduler/``, and a latent model's ``vae/``, a text model's ``text_encoder/`` + ``tokenizer/`` (and further text
+parts): the FP weights, loadable by diffusers alone as a ``DDPMPipeline``, ``StableDiffusionPipeline``,
+``DiTPipeline`` or ``StableDiffusion3Pipeline``) plus
 
 - ``tmpq_export.json``: ``format`` / ``version``; the sampler (scheduler class, its config, the searched timesteps,
   eta); per-layer FQN -> ``{w_bits, a_bits, granularity, ...}``; ``modules_to_not_convert``; the candidate's
@@ -18,10 +19,11 @@ from pathlib import Path
 
 import torch
 
-from tmpq.core.adapters import set_conditioning
+from tmpq.core.adapters import bind_time_axis, set_conditioning
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import file_sha256, malformed, read_json
-from tmpq.core.model import ModelConfig, encode_prompts, load_model
+from tmpq.core.flow_solvers import FLOW_CLASSES
+from tmpq.core.model import ModelConfig, encode_text, load_model, pipeline_text_parts
 from tmpq.core.reuse import DeepCache, reuse_plan
 from tmpq.core.sampler import make_scheduler
 from tmpq.core.solvers import CLASSES, check_solver, needs_scaling
@@ -130,13 +132,15 @@ def apply_export(pipeline_or_unet, export_dir: str | Path):
         raise TmpqError(f"apply_export: expected a diffusers denoiser or a pipeline with .unet / .transformer, got "
                         f"{type(pipeline_or_unet).__name__}")
     check_finite(export_dir / QUANT_FILE)
+    bind_time_axis(unet, plan.sampler.time_axis)  # a flow model's calls come at sigma * N: routed on its grid
     if plan.null_label is not None:
         set_conditioning(unet, null_label=plan.null_label)
-    encoder, tokenizer = (getattr(pipeline_or_unet, a, None) for a in ("text_encoder", "tokenizer"))
+    parts = pipeline_text_parts(pipeline_or_unet)
     separate = net_config_of(manifest).get("guidance_ranges") == "separate"
-    if encoder is not None and tokenizer is not None and separate:
-        # the null pass is told by the empty prompt's embedding: the pipeline's own encoder gives it
-        set_conditioning(unet, null_embeds=encode_prompts(encoder, tokenizer, [""], next(encoder.parameters()).device))
+    if parts is not None and separate:
+        # the null pass is told by the empty prompt's embedding: the pipeline's own encoders give it
+        null, null_pooled = encode_text(unet, parts, [""], next(parts["text_encoder"].parameters()).device)
+        set_conditioning(unet, null_embeds=null, null_pooled=null_pooled)
     if next(unet.parameters()).device.type == "cpu":
         # tmpq's CPU layout (as load_model): the same conv kernels, hence bit-identical samples, on every path
         unet.to(memory_format=torch.channels_last)
@@ -167,13 +171,13 @@ def apply_export(pipeline_or_unet, export_dir: str | Path):
         object.__setattr__(unet, "tmpq_reuse", dc)
     if unet is not pipeline_or_unet:
         object.__setattr__(pipeline_or_unet, "save_pretrained", refuse_save)
-        solver = plan.sampler.solver
-        if needs_scaling(solver) and not _scales_inputs(pipeline_or_unet):
+        solver, flow = plan.sampler.solver, plan.sampler.time_axis.flow
+        if needs_scaling(solver, flow) and not _scales_inputs(pipeline_or_unet):
             raise TmpqError(f"apply_export: the export samples with {solver} (sigma space), but "
                             f"{type(pipeline_or_unet).__name__} neither scales its initial noise nor its model inputs "
                             f"(init_noise_sigma, scale_model_input); use a pipeline that does (Stable Diffusion's), "
                             f"tmpq sample {export_dir}, or a search with solvers ddim / dpm++ / unipc")
-        sched = CLASSES[solver].from_config(manifest["sampler"]["config"])
+        sched = (FLOW_CLASSES if flow else CLASSES)[solver].from_config(manifest["sampler"]["config"])
         sched.pin_timesteps(ts, default_steps=_default_steps(pipeline_or_unet))
         pipeline_or_unet.scheduler = sched
         pipeline_or_unet.tmpq_timesteps = ts

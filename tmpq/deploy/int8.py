@@ -37,7 +37,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
-from tmpq.core.adapters import adapter_for, denoiser_of, sample_shape
+from tmpq.core.adapters import adapter_for, denoise, denoiser_of, sample_shape
 from tmpq.core.devices import cpu_allocator
 from tmpq.core.model import load_model
 from tmpq.core.rowlog import cpu_info
@@ -517,9 +517,9 @@ def op_shares(unet, batch: int, t: int = 500) -> dict:
     tt = torch.full((batch,), t)
     adapter = adapter_for(unet)
     cond = adapter.example(denoiser_of(unet), batch, x.device)
-    adapter.call(unet, x, tt, cond)
+    denoise(unet, x, tt, cond)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        adapter.call(unet, x, tt, cond)
+        denoise(unet, x, tt, cond)
     rows = prof.key_averages()
     total = sum(r.self_cpu_time_total for r in rows) / 1e3
     mm = sum(r.self_cpu_time_total for r in rows if r.key in _MATMUL_OPS) / 1e3

@@ -24,6 +24,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 
 from tmpq.core.adapters import adapter_for
 from tmpq.core.errors import TmpqError
+from tmpq.core.model import bind_axis
 from tmpq.core.sampler import make_scheduler, sample_batch
 from tmpq.core.schedules import make_timesteps
 from tmpq.deploy.bundle import EXPORT_JSON, apply_export
@@ -90,7 +91,8 @@ class TmpqPipeline(DiffusionPipeline):
             timesteps, scheduler = list(self.tmpq_timesteps), self.scheduler
             guidance = plan.guidance_scale if guidance_scale is None else float(guidance_scale)
         else:
-            scheduler = make_scheduler(dict(self.scheduler.config))
+            config = bind_axis(unet, dict(self.scheduler.config), "TmpqPipeline: scheduler")  # a flow model's too
+            scheduler = make_scheduler(config)
             timesteps = make_timesteps("uniform", num_inference_steps or DEFAULT_STEPS,
                                        scheduler.config.num_train_timesteps)
             guidance = 1.0 if guidance_scale is None else float(guidance_scale)

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from tmpq.core.errors import TmpqError
 from tmpq.core.solvers import SOLVERS
+from tmpq.core.timeaxis import TimeAxis
 from tmpq.quant.layers import QuantConv2d, QuantLayer, QuantLinear
 
 PLAN_FORMAT = "tmpq.plan"
@@ -87,6 +88,7 @@ class SamplerPlan:
     order: int = 1
     eta: float = 0.0
     denoiser_calls: int | None = None
+    time_axis: TimeAxis = TimeAxis()  # the model's (exports of DDPM models name none)
 
 
 @dataclass(frozen=True)
@@ -130,7 +132,8 @@ class QuantPlan:
         null = manifest.get("conditioning", {}).get("null_label")
         return cls(layers=layers,
                    sampler=SamplerPlan(timesteps=tuple(int(t) for t in s["timesteps"]), solver=solver, order=int(order),
-                                       eta=float(s.get("eta", 0.0)), denoiser_calls=s.get("denoiser_calls")),
+                                       eta=float(s.get("eta", 0.0)), denoiser_calls=s.get("denoiser_calls"),
+                                       time_axis=_axis(s.get("time_axis"))),
                    reuse=ReusePlan(int(reuse["branch"]), tuple(int(k) for k in reuse["calls"])) if reuse else None,
                    guidance_scale=float(s.get("guidance_scale", 1.0)),
                    null_label=None if null is None else int(null))
@@ -151,10 +154,16 @@ class QuantPlan:
     def to_json(self) -> str:
         """The plan as JSON (keys sorted: the same plan always gives the same text)."""
         d = {"format": PLAN_FORMAT, "version": self.version,
-             "layers": {k: asdict(v) for k, v in sorted(self.layers.items())}, "sampler": asdict(self.sampler),
+             "layers": {k: asdict(v) for k, v in sorted(self.layers.items())}, "sampler": self._sampler_dict(),
              "reuse": asdict(self.reuse) if self.reuse else None, "guidance_scale": self.guidance_scale,
              "null_label": self.null_label}
         return json.dumps(d, indent=2, sort_keys=True) + "\n"
+
+    def _sampler_dict(self) -> dict:
+        d = asdict(self.sampler)
+        if not self.sampler.time_axis.flow:  # plans of DDPM models read as they did before flow models
+            del d["time_axis"]
+        return d
 
     @classmethod
     def from_json(cls, text: str, what: str = "quantization plan") -> QuantPlan:
@@ -172,7 +181,8 @@ class QuantPlan:
         try:
             layers = {str(k): _build(LayerOption, v, f"layers.{k}") for k, v in d["layers"].items()}
             sampler = _build(SamplerPlan, d["sampler"], "sampler")
-            sampler = SamplerPlan(**{**asdict(sampler), "timesteps": tuple(sampler.timesteps)})
+            sampler = SamplerPlan(**{**asdict(sampler), "timesteps": tuple(sampler.timesteps),
+                                     "time_axis": _axis(d["sampler"].get("time_axis"))})
             reuse = d.get("reuse")
             reuse = None if reuse is None else _build(ReusePlan, reuse, "reuse")
             if reuse is not None:
@@ -278,3 +288,12 @@ def torchao_api() -> dict:
 def exported_w8a8_config(codes: torch.Tensor, scale: torch.Tensor, act_scale: float, act_zero_point: int):
     """The torchao config of one converted matmul (:class:`W8A8Operands`' fields)."""
     return torchao_api()["Config"](codes, scale, act_scale, act_zero_point)
+
+
+def _axis(d) -> TimeAxis:
+    """The time axis of an export's sampler entry (DDPM when it names none)."""
+    if d is None:
+        return TimeAxis()
+    if not isinstance(d, dict) or d.get("kind") not in ("ddpm", "flow"):
+        raise TypeError("sampler.time_axis: expected an object with kind ddpm or flow")
+    return TimeAxis(str(d["kind"]), int(d["num_train_timesteps"]), float(d["shift"]))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ from tmpq.core.fileio import atomic_directory, file_sha256, malformed, read_json
 from tmpq.core.model import ModelConfig, load_model, save_pipeline_dir
 from tmpq.core.runlock import lock_inside
 from tmpq.core.sampler import make_scheduler
+from tmpq.core.flow_solvers import FlowRespaced
 from tmpq.core.solvers import CLASSES, STOCK
 from tmpq.core.version import __version__
 from tmpq.deploy.bundle import EXPORT_FORMAT, EXPORT_JSON, EXPORT_VERSION, QUANT_FILE
@@ -115,6 +117,7 @@ def export_candidate(run_path: str | Path, key: str, out: str | Path, command: s
                    if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)) and not any(
                        n == w or n == f"{w}.module" for w in wrapped)]
     sched = make_scheduler(m.scheduler_config, *cand.solver)
+    axis = m.time_axis
     # staged beside --out (missing parents created, plain directory modes), renamed into place; a failure leaves
     # nothing behind, and a full disk or read-only target is one line naming --out
     with lock_inside(out, "export"), atomic_directory(out, "export") as tmp:  # inside a run: its writer lock
@@ -139,12 +142,13 @@ def export_candidate(run_path: str | Path, key: str, out: str | Path, command: s
                 objectives.update({"final_fid_mean": float(r["fid_mean"]), "final_fid_seeds": int(r["seeds"]),
                                    "final_n": int(r["n"]),  # and every other metric validation computed
                                    **{f"final_{k}": float(r[k]) for k in ("fid_std", "kid_mean", "class_accuracy_mean")
-                                      if k in r and r[k] == r[k]}})
+                                      if k in r and r[k] is not None and r[k] == r[k]}})  # None: not computed
         manifest = {
             "format": EXPORT_FORMAT, "version": EXPORT_VERSION,
-            "sampler": {**_sampler_classes(cand.solver), "config": dict(sched.config), "timesteps": timesteps,
+            "sampler": {**_sampler_classes(cand.solver, sched), "config": dict(sched.config), "timesteps": timesteps,
                         "eta": 0.0, "guidance_scale": m.guidance_scale, "denoiser_calls": cand.calls,
-                        **({"reuse": {"branch": branch, "calls": list(cand.reuse)}} if cand.reuse else {})},
+                        **({"reuse": {"branch": branch, "calls": list(cand.reuse)}} if cand.reuse else {}),
+                        **({"time_axis": dataclasses.asdict(axis)} if axis.flow else {})},
             "conditioning": conditioning,
             **({"decoder": decoder} if decoder is not None else {}),
             "layers": layers,
@@ -177,8 +181,13 @@ def _checked_out(out: Path) -> Path:
     return out
 
 
-def _sampler_classes(solver: Solver) -> dict:
-    """The export's sampler entry naming its classes (and, beyond DDIM, the solver and its order)."""
+def _sampler_classes(solver: Solver, sched) -> dict:
+    """The export's sampler entry naming its classes (and, beyond DDIM, the solver and its order); a flow model's
+    always names its flow solver (DDIM is Euler there)."""
+    if isinstance(sched, FlowRespaced):
+        stock = next(c for c in type(sched).__mro__[1:] if c.__module__.startswith("diffusers."))
+        return {"class": f"{type(sched).__module__}.{type(sched).__name__}", "base_class": f"diffusers.{stock.__name__}",
+                "solver": sched.solver, "order": int(getattr(sched.config, "solver_order", None) or solver.order)}
     if solver.is_default:  # as exports before solvers said
         return {"class": "tmpq.core.sampler.RespacedDDIMScheduler", "base_class": "diffusers.DDIMScheduler"}
     cls = CLASSES[solver.name]

@@ -129,6 +129,9 @@ def time_groups(cfg: RunConfig, m, resumed_run: Path | None):
     in a re-profile can never change the space under a running search."""
 
     kind, T = cfg.search.grouping, m.num_train_timesteps
+    if kind in ("sensitivity", "error") and m.time_axis.flow:
+        raise TmpqError(f"search.grouping: {kind} profiles the DDPM noise schedule (alphas_cumprod); a flow-matching "
+                        f"model groups by quad, uniform or dp")
     choices = cfg.search.step_choices or (cfg.search.steps,)
     if kind in ("quad", "uniform"):
         per = {n: make_groups(kind, n, T) for n in choices}

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DModel
 from tqdm.auto import tqdm
 
-from tmpq.core.choices import ARCHS
+from tmpq.core.choices import ARCHS, OBJECTIVES
 from tmpq.core.data import data_fingerprint, load_digits
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import atomic_write
@@ -35,7 +35,10 @@ log = logging.getLogger(__name__)
 class DenoiserTrainConfig:
     """Hyper-parameters of ``tmpq train``: ``arch`` "unet" (the embedded unconditional DDPM) or "dit" (the embedded
     class-conditional pixel DiT, trained with ``label_dropout``: that share of the labels is replaced by the null
-    label, so that the model also learns the unconditional prediction classifier-free guidance needs)."""
+    label, so that the model also learns the unconditional prediction classifier-free guidance needs).
+    ``objective``: "ddpm" (epsilon on the 1000 linear-beta steps) or "flow" (rectified flow: velocity
+    noise - x0 on x = (1 - sigma) x0 + sigma noise, sigma of an index drawn uniformly from the 1000-step grid with
+    ``shift``, the model called at sigma * 1000; saved with a ``FlowMatchEulerDiscreteScheduler``)."""
 
     arch: str = "unet"
     label_dropout: float = 0.1
@@ -47,6 +50,8 @@ class DenoiserTrainConfig:
     seed: int = 0
     resolution: int = 16
     threads: int = 2
+    objective: str = "ddpm"
+    shift: float = 1.0
 
     def validate(self) -> None:
         if self.arch not in ARCHS:
@@ -60,6 +65,10 @@ class DenoiserTrainConfig:
             raise TmpqError(f"train.lr: must be in (0, 1), got {self.lr}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise TmpqError(f"train.ema_decay: must be in [0, 1), got {self.ema_decay}")
+        if self.objective not in OBJECTIVES:
+            raise TmpqError(f"train.objective: must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if not (isinstance(self.shift, (int, float)) and math.isfinite(self.shift) and self.shift > 0):
+            raise TmpqError(f"train.shift: must be a positive number, got {self.shift!r}")
 
 
 class EMA:
@@ -115,6 +124,11 @@ def _load_checkpoint(path: Path, cfg: DenoiserTrainConfig) -> dict | None:
     return state
 
 
+def flow_scheduler_config(shift: float = 1.0) -> dict:
+    """The scheduler config a flow-trained embedded model is saved with (diffusers' flow-matching Euler)."""
+    return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": float(shift)}
+
+
 def _model(cfg: DenoiserTrainConfig):
     if cfg.arch == "dit":
         return DiTTransformer2DModel(**embedded_dit_config(cfg.resolution))
@@ -137,8 +151,9 @@ def train_denoiser(cfg: DenoiserTrainConfig, out: Path, command: str = "", ckpt_
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     x_all, y_all = load_digits("all", cfg.resolution)
-    sched_cfg = embedded_scheduler_config()
-    noise_sched = DDPMScheduler(**sched_cfg)
+    flow = cfg.objective == "flow"
+    sched_cfg = flow_scheduler_config(cfg.shift) if flow else embedded_scheduler_config()
+    noise_sched = None if flow else DDPMScheduler(**sched_cfg)
     unet = _model(cfg)
     n_params = sum(p.numel() for p in unet.parameters())
     ema = EMA(unet, cfg.ema_decay)
@@ -171,13 +186,19 @@ def train_denoiser(cfg: DenoiserTrainConfig, out: Path, command: str = "", ckpt_
         x0 = x_all[idx]
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, sched_cfg["num_train_timesteps"], (cfg.batch_size,), generator=gen)
-        xt = noise_sched.add_noise(x0, noise, t)
+        if flow:  # rectified flow: the velocity, the model called at its model time sigma * N
+            u = (t.double() + 1.0) / sched_cfg["num_train_timesteps"]
+            sigma = (cfg.shift * u / (1.0 + (cfg.shift - 1.0) * u)).float()
+            s = sigma.view(-1, 1, 1, 1)
+            xt, target, t = (1.0 - s) * x0 + s * noise, noise - x0, sigma * sched_cfg["num_train_timesteps"]
+        else:
+            xt, target = noise_sched.add_noise(x0, noise, t), noise
         if null is None:
-            loss = F.mse_loss(unet(xt, t).sample, noise)
+            loss = F.mse_loss(unet(xt, t).sample, target)
         else:
             y = y_all[idx].clone()
             y[torch.rand(cfg.batch_size, generator=gen) < cfg.label_dropout] = null
-            loss = F.mse_loss(unet(xt, timestep=t, class_labels=y).sample, noise)
+            loss = F.mse_loss(unet(xt, timestep=t, class_labels=y).sample, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
