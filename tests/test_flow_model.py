@@ -84,6 +84,7 @@ def test_a_flow_model_searches_validates_and_exports_to_the_stock_pipeline(flow_
     from tmpq.deploy.bundle import load_export
     from tmpq.jobs.export import export_candidate
     from tmpq.jobs.run import load_run
+    from tmpq.jobs.validate import ValidateConfig, validate_run
 
     run = load_run(flow_run.path)
     ev = run.evaluations
@@ -92,7 +93,12 @@ def test_a_flow_model_searches_validates_and_exports_to_the_stock_pipeline(flow_
     front = run.pareto()
     key = front["key"].iloc[0]
     cand = run.candidate(key)
+    # validation re-calibrates the point along its own flow schedule (capture, routing and FID on the flow axis)
+    final = validate_run(run.path, ValidateConfig(keys=(key,), n=4, seeds=(1,), calib_per_step=2, batch_size=4),
+                         progress=False)
+    assert final["key"].tolist() == [key] and np.isfinite(final["fid_mean"]).all()
     man = export_candidate(run.path, key, tmp_path / "exp", command="test")
+    assert man["provenance"]["quantizers"].startswith("validated")
     assert man["sampler"]["time_axis"] == {"kind": "flow", "num_train_timesteps": 1000, "shift": SHIFT}
     assert man["sampler"]["solver"] in ("euler", "heun", "dpm++") and "Flow" in man["sampler"]["class"]
     index = json.loads((tmp_path / "exp" / "model_index.json").read_text())
