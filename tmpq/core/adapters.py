@@ -5,7 +5,8 @@ sensitivity probes, int8 profiling) goes through the adapter of the denoiser's c
 ``unet(x, t)``. An adapter says:
 
 - ``kind(model)``: ``"none"`` (unconditional), ``"class"`` (``class_labels``) or ``"text"``
-  (``encoder_hidden_states``; Stable Diffusion 3's also ``pooled_projections``);
+  (``encoder_hidden_states``; Stable Diffusion 3's also ``pooled_projections``, PixArt's also
+  ``encoder_attention_mask``);
 - ``eps(model, x, t, cond)``: the noise prediction for ``x`` at timesteps ``t`` under ``cond`` (a dict of keyword
   tensors with one row per sample, empty for unconditional models). A model that also predicts a variance
   (``out_channels = 2 * in_channels``, as DiT's) gives its first ``in_channels`` channels;
@@ -36,11 +37,17 @@ import weakref
 from collections.abc import Sequence
 
 import torch
-from diffusers import DiTTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel, UNet2DModel
+from diffusers import (
+    DiTTransformer2DModel,
+    PixArtTransformer2DModel,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
 
 from tmpq.core.cost import output_macs
 from tmpq.core.errors import TmpqError
-from tmpq.core.timeaxis import TimeAxis
+from tmpq.core.timeaxis import TimeAxis, is_flow
 
 KINDS = ("none", "class", "text")
 
@@ -54,7 +61,10 @@ class Conditioning:
     - ``prompt_embeds`` ``[P, L, D]``: a text model's prompts, encoded (image ``i`` takes prompt ``i % P``);
     - ``null_embeds`` ``[1, L, D]``: the empty prompt's embedding (the null pass of a text model's guidance);
     - ``pooled_embeds`` ``[P, D']`` / ``null_pooled`` ``[1, D']``: the same prompts' pooled embeddings, for a model
-      conditioned on both (Stable Diffusion 3's ``pooled_projections``; None for the others).
+      conditioned on both (Stable Diffusion 3's ``pooled_projections``; None for the others);
+    - ``prompt_mask`` ``[P, L]`` / ``null_mask`` ``[1, L]``: the tokenizer's attention masks of the prompts and of
+      the empty prompt, for a model that attends to the text tokens under them (PixArt's ``encoder_attention_mask``;
+      None for the others).
     """
 
     guidance_scale: float = 1.0
@@ -63,6 +73,8 @@ class Conditioning:
     null_embeds: torch.Tensor | None = None
     pooled_embeds: torch.Tensor | None = None
     null_pooled: torch.Tensor | None = None
+    prompt_mask: torch.Tensor | None = None
+    null_mask: torch.Tensor | None = None
 
     def replace(self, **changes) -> "Conditioning":
         """This conditioning with the given fields changed (``None`` values leave a field as it is)."""
@@ -126,6 +138,11 @@ class DenoiserAdapter:
     def size_multiple(self, model) -> int:
         """What each spatial dimension of a sample must be a multiple of (the patch size of a transformer)."""
         return int(getattr(model.config, "patch_size", None) or 1)
+
+    def scheduler_config(self, model, config: dict) -> dict:
+        """The model's noise-schedule config with what its own pipeline's sampler implies where the config is silent
+        (the loaders apply it to a directory's and a live pipeline's scheduler config); unchanged by default."""
+        return config
 
     def call(self, model, x: torch.Tensor, t: torch.Tensor, cond: dict):
         """One forward of ``model`` (the denoiser or a wrapper around it) at model times ``t`` (what the model is
@@ -354,7 +371,89 @@ class SD3Adapter(DenoiserAdapter):
         return model.transformer_blocks[len(model.transformer_blocks) // 2].ff
 
 
-_REGISTRY: list[DenoiserAdapter] = [UNet2DAdapter(), UNet2DConditionAdapter(), DiTAdapter(), SD3Adapter()]
+class PixArtAdapter(DenoiserAdapter):
+    """``PixArtTransformer2DModel`` (PixArt-Sigma's / -Alpha's DiT, DDPM axis, epsilon and a learned variance):
+    called with the timestep by keyword, ``encoder_hidden_states`` (the T5 encoder's last hidden state) with
+    ``encoder_attention_mask`` (the tokenizer's attention mask), both from the stock pipeline's own ``encode_prompt``
+    (:func:`tmpq.core.model.encode_masked`), and ``added_cond_kwargs``: ``{"resolution": None, "aspect_ratio":
+    None}`` as ``PixArtSigmaPipeline`` passes them, or, for a model whose ``use_additional_conditions`` asks for
+    them, the image's (height, width) in pixels and height / width, as ``PixArtAlphaPipeline`` computes them. The
+    null pass of guidance is the empty prompt's embedding and mask, as the stock pipeline's negative prompt."""
+
+    cls = PixArtTransformer2DModel
+
+    def kind(self, model) -> str:
+        return "text"
+
+    def call(self, model, x, t, cond):
+        return model(x, timestep=t, added_cond_kwargs=self.added_conditions(model, x, cond), **cond)
+
+    def added_conditions(self, model, x: torch.Tensor, cond: dict) -> dict:
+        """The ``added_cond_kwargs`` of a call on ``x``: None values unless the model uses additional conditions;
+        then, per row, ``resolution`` = (height, width) of the decoded image (the latent's size times the VAE's
+        scale factor, 2 ** (len(block_out_channels) - 1), 8 without a VAE) and ``aspect_ratio`` = height / width, in
+        the prompt embeddings' dtype, as ``PixArtAlphaPipeline`` passes them at its default size."""
+        if not getattr(denoiser_of(model), "use_additional_conditions", False):
+            return {"resolution": None, "aspect_ratio": None}
+        vae = decoder_of(model)
+        scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+        h, w = int(x.shape[-2]) * scale, int(x.shape[-1]) * scale
+        embeds = cond.get("encoder_hidden_states")
+        dtype = embeds.dtype if embeds is not None else x.dtype
+        n = x.shape[0]
+        return {"resolution": torch.tensor([h, w]).repeat(n, 1).to(dtype=dtype, device=x.device),
+                "aspect_ratio": torch.tensor([float(h / w)]).repeat(n, 1).to(dtype=dtype, device=x.device)}
+
+    def conditions(self, model, indices, labels=None, device=None) -> dict:
+        cond = super().conditions(model, indices, labels, device)  # the token embeddings; refuses without prompts
+        mask = conditioning_of(model).prompt_mask
+        if mask is None:
+            raise TmpqError(f"{type(model).__name__} attends to its prompts under their attention mask: encode its "
+                            f"prompts with its pipeline's text encoder (model.prompts in a run config)")
+        idx = torch.tensor([int(i) % len(mask) for i in indices])
+        return {**cond, "encoder_attention_mask": mask[idx].to(device)}
+
+    def null(self, model, cond: dict) -> dict:
+        out = super().null(model, {"encoder_hidden_states": cond["encoder_hidden_states"]})
+        empty, m = conditioning_of(model).null_mask, cond["encoder_attention_mask"]
+        if empty is None:
+            raise TmpqError(f"guidance: {type(model).__name__} has no empty-prompt attention mask")
+        return {**out, "encoder_attention_mask": empty.to(m.device, m.dtype).expand(m.shape[0], -1)}
+
+    def example(self, model, n: int, device) -> dict:
+        c = conditioning_of(model)
+        if c.prompt_embeds is None or c.prompt_mask is None:
+            dim = int(model.config.caption_channels or model.config.cross_attention_dim)
+            return {"encoder_hidden_states": torch.zeros(n, 1, dim, device=device),
+                    "encoder_attention_mask": torch.ones(n, 1, dtype=torch.int64, device=device)}
+        return self.conditions(model, range(n), device=device)
+
+    def scheduler_config(self, model, config: dict) -> dict:
+        # PixArt ships DPMSolverMultistepScheduler, whose config has no clip_sample: its sampler never clips the x0
+        # prediction, and its latents (the VAE's scaled posterior) often leave [-1, 1]. tmpq's DDIM would read the
+        # missing key as DDIM's default (clip) and damage the images: say explicitly that it does not clip
+        if is_flow(config) or "clip_sample" in config:
+            return config
+        return {**config, "clip_sample": False}
+
+    def default_pins(self, model) -> dict[str, list[int]]:
+        # as the DiT's: the layers that touch the image or run once per sample, not per image token: the patch
+        # embedding (the image's first layer), the adaLN-single path (the timestep embedder's Linears, any
+        # resolution / aspect-ratio embedders, and the one Linear that makes every block's shift / scale / gate:
+        # PixArt's blocks share it and keep only a learned table each) and the caption projection (the text
+        # stream's first layer, once per text token) at W8A16; the output projection (the last layer) at W16A16.
+        # They are a small share of the MACs (the per-token attention and MLP Linears dominate); not measured here
+        embed = re.compile(r"adaln_single\..+|caption_projection\..+")
+        cond = {name: [8, 16] for name, mod in model.named_modules()
+                if isinstance(mod, torch.nn.Linear) and embed.fullmatch(name)}
+        return {"pos_embed.proj": [8, 16], **cond, "proj_out": [16, 16]}
+
+    def feature_module(self, model):
+        return model.transformer_blocks[len(model.transformer_blocks) // 2]
+
+
+_REGISTRY: list[DenoiserAdapter] = [UNet2DAdapter(), UNet2DConditionAdapter(), DiTAdapter(), SD3Adapter(),
+                                    PixArtAdapter()]
 
 
 def register_adapter(adapter: DenoiserAdapter) -> None:
@@ -388,12 +487,14 @@ def conditioning_of(model) -> Conditioning:
 
 def set_conditioning(model, null_label: int | None = None, prompt_embeds: torch.Tensor | None = None,
                      null_embeds: torch.Tensor | None = None, pooled_embeds: torch.Tensor | None = None,
-                     null_pooled: torch.Tensor | None = None) -> None:
+                     null_pooled: torch.Tensor | None = None, prompt_mask: torch.Tensor | None = None,
+                     null_mask: torch.Tensor | None = None) -> None:
     """Change the given fields of ``model``'s bound conditioning (e.g. the null label of a class UNet that a stock
     pipeline holds after ``apply_export``)."""
     bind_conditioning(model, conditioning_of(model).replace(null_label=null_label, prompt_embeds=prompt_embeds,
                                                             null_embeds=null_embeds, pooled_embeds=pooled_embeds,
-                                                            null_pooled=null_pooled))
+                                                            null_pooled=null_pooled, prompt_mask=prompt_mask,
+                                                            null_mask=null_mask))
 
 
 def sample_shape(model) -> tuple[int, int, int]:

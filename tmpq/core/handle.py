@@ -129,9 +129,9 @@ class DiffusionModel:
                "_class_name": type(scheduler).__name__}
         if time_axis(own, "model: the pipeline's scheduler") == "flow":  # flow matching: its own scheduler config
             sched = own
-        else:  # the DDPM training noise schedule
-            sched = {k: v for k, v in DDPMScheduler.from_config(scheduler.config).config.items()
-                     if not k.startswith("_")}
+        else:  # the DDPM training noise schedule (with what the model's own sampler implies: its adapter's)
+            own_cfg = adapter_for(denoiser).scheduler_config(denoiser, dict(scheduler.config))
+            sched = {k: v for k, v in DDPMScheduler.from_config(own_cfg).config.items() if not k.startswith("_")}
         name = getattr(pipe, "name_or_path", None)
         source = _source_of(name) if name and Path(str(name)).is_dir() else LIVE_PREFIX + type(denoiser).__name__
         return cls(denoiser, sched, source, guidance_scale=guidance_scale, null_label=null_label,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib.resources
+import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -81,7 +82,8 @@ class ModelConfig:
     - ``prompts``: a text-conditional model's prompts (image ``i`` of every sampling is conditioned on prompt
       ``i % len(prompts)``; the null pass of guidance on the empty prompt), encoded once by the model directory's
       own FP text encoder (``text_encoder/`` + ``tokenizer/``, the optional package ``transformers``; Stable
-      Diffusion 3's: its CLIP encoders and optional T5, through its pipeline's ``encode_prompt``).
+      Diffusion 3's: its CLIP encoders and optional T5, PixArt's: its T5 with the attention masks, through its
+      pipeline's ``encode_prompt``).
     - ``dtype``: ``"fp32"`` | ``"bf16"`` | ``"fp16"``, the dtype the denoiser (and its VAE and text encoder) computes
       in. The sampler's state and scheduler arithmetic stay fp32 (:func:`tmpq.core.sampler.sample_batch`); quantizers
       compute in fp32 and round their output once to this dtype (:class:`tmpq.quant.quantizer.AffineQuantizer`).
@@ -363,9 +365,52 @@ def encode_text(unet, parts: dict, prompts, device="cpu") -> tuple[torch.Tensor,
     return embeds, pooled
 
 
+def pixart_pipeline(denoiser) -> type:
+    """The stock pipeline of a ``PixArtTransformer2DModel``: ``PixArtAlphaPipeline`` for one that uses additional
+    (resolution, aspect ratio) conditions (only that pipeline passes them), else ``PixArtSigmaPipeline``."""
+    if getattr(denoiser, "use_additional_conditions", False):
+        return diffusers.PixArtAlphaPipeline
+    return diffusers.PixArtSigmaPipeline
+
+
+@torch.no_grad()
+def encode_masked(unet, parts: dict, prompts, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(embeds [P, L, D], attention mask [P, L])`` of ``prompts`` for a PixArt denoiser, from the stock pipeline's
+    ``encode_prompt`` (:func:`pixart_pipeline`, assembled from the loaded T5 encoder and tokenizer) with what the
+    stock call passes by default: its ``max_sequence_length`` (Sigma's 300, Alpha's 120) and ``clean_caption``
+    (True: the captions cleaned as diffusers cleans them with ``bs4`` and ``ftfy`` installed; without them diffusers
+    itself falls back to lower-casing and stripping, with a warning, and so does tmpq, silently), so that tmpq and
+    ``pipe(prompt=...)`` condition alike in one environment."""
+    from diffusers.utils import is_bs4_available, is_ftfy_available
+
+    denoiser = denoiser_of(unet)
+    cls = pixart_pipeline(denoiser)
+    call = inspect.signature(cls.__call__).parameters
+    clean = bool(call["clean_caption"].default) and is_bs4_available() and is_ftfy_available()
+    pipe = cls(transformer=denoiser, scheduler=diffusers.DPMSolverMultistepScheduler(), vae=None,
+               text_encoder=parts["text_encoder"].to(device), tokenizer=parts["tokenizer"])
+    embeds, mask, _, _ = pipe.encode_prompt(list(prompts), do_classifier_free_guidance=False,
+                                            device=torch.device(device), clean_caption=clean,
+                                            max_sequence_length=call["max_sequence_length"].default)
+    return embeds, mask
+
+
+def text_conditioning(unet, parts: dict, prompts, device="cpu") -> dict:
+    """The :class:`Conditioning` fields of ``prompts`` and of the empty prompt for ``unet``'s denoiser, encoded by its
+    text ``parts`` (:func:`encode_text`; a PixArt model's with their attention masks, :func:`encode_masked`); the
+    prompts' fields are None without prompts."""
+    if isinstance(denoiser_of(unet), diffusers.PixArtTransformer2DModel):
+        null, null_mask = encode_masked(unet, parts, [""], device)
+        embeds, mask = encode_masked(unet, parts, prompts, device) if prompts else (None, None)
+        return dict(null_embeds=null, null_mask=null_mask, prompt_embeds=embeds, prompt_mask=mask)
+    null, null_pooled = encode_text(unet, parts, [""], device)
+    embeds, pooled = encode_text(unet, parts, prompts, device) if prompts else (None, None)
+    return dict(null_embeds=null, prompt_embeds=embeds, null_pooled=null_pooled, pooled_embeds=pooled)
+
+
 def condition(unet, cfg: ModelConfig, text, device, where: str) -> Conditioning:
     """The :class:`Conditioning` of ``cfg`` for ``unet`` (``text``: its text parts by pipeline name, or None; they
-    encode ``cfg.prompts`` and the empty prompt, :func:`encode_text`), bound to it; refuses prompts for a model
+    encode ``cfg.prompts`` and the empty prompt, :func:`text_conditioning`), bound to it; refuses prompts for a model
     without text conditioning and guidance for a model that cannot guide. ``where`` names the model's source in
     messages."""
     if cfg.prompts and adapter_for(unet).kind(unet) != "text":
@@ -374,9 +419,7 @@ def condition(unet, cfg: ModelConfig, text, device, where: str) -> Conditioning:
         raise TmpqError(f"model.prompts: {where} to encode them")
     cond = Conditioning(float(cfg.guidance_scale), cfg.null_label if cfg.null_label >= 0 else None)
     if text is not None:
-        null, null_pooled = encode_text(unet, text, [""], device)
-        embeds, pooled = encode_text(unet, text, cfg.prompts, device) if cfg.prompts else (None, None)
-        cond = cond.replace(null_embeds=null, prompt_embeds=embeds, null_pooled=null_pooled, pooled_embeds=pooled)
+        cond = cond.replace(**text_conditioning(unet, text, cfg.prompts, device))
     bind_conditioning(unet, cond)
     if cond.guidance_scale != 1.0:
         adapter = adapter_for(unet)
@@ -442,6 +485,7 @@ def load_model(path: str | os.PathLike | ModelConfig | None = None, device: str 
         set_text_parts(unet, text)
     adapter_for(unet).check(unet)
     cond = condition(unet, cfg, text, device, f"{root} has no text_encoder/ + tokenizer/")
+    sched_cfg = adapter_for(unet).scheduler_config(unet, sched_cfg)
     sched_cfg = bind_axis(unet, sched_cfg, f"{root}: scheduler config")
     return LoadedModel(unet=unet, scheduler_config=sched_cfg, path=root, conditioning=cond)
 
@@ -461,9 +505,10 @@ def save_pipeline_dir(unet: torch.nn.Module, scheduler_config: dict, out: Path, 
     text model's text_encoder/ + tokenizer/ and further text parts) with safetensors weights, indexed as the stock
     diffusers pipeline of its kind: ``DDPMPipeline`` (a pixel ``UNet2DModel``), ``StableDiffusionPipeline`` (a
     ``UNet2DConditionModel`` with its VAE and text encoder), ``DiTPipeline`` (a ``DiTTransformer2DModel`` with its
-    VAE), ``StableDiffusion3Pipeline`` (an ``SD3Transformer2DModel`` with its VAE and two or three text encoders);
-    any other under tmpq's own ``_class_name`` (diffusers has no pipeline for a pixel-space DiT; ``tmpq sample``
-    renders it)."""
+    VAE), ``StableDiffusion3Pipeline`` (an ``SD3Transformer2DModel`` with its VAE and two or three text encoders),
+    ``PixArtSigmaPipeline`` (a ``PixArtTransformer2DModel`` with its VAE and T5 encoder; ``PixArtAlphaPipeline`` for
+    one with additional conditions); any other under tmpq's own ``_class_name`` (diffusers has no pipeline for a
+    pixel-space DiT; ``tmpq sample`` renders it)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     name = type(unet).__name__
@@ -472,9 +517,11 @@ def save_pipeline_dir(unet: torch.nn.Module, scheduler_config: dict, out: Path, 
     if is_flow(scheduler_config):  # a flow model keeps its own scheduler class (stock pipelines sample with it)
         sched_cls = getattr(diffusers, scheduler_config.get("_class_name") or "FlowMatchEulerDiscreteScheduler")
         sched_cls.from_config(scheduler_config).save_pretrained(str(out / "scheduler"))
-    else:
+    else:  # the DDPM training noise schedule (of a config that another DDPM-axis scheduler wrote, its keys)
         sched_cls = DDPMScheduler
-        DDPMScheduler(**scheduler_config).save_pretrained(str(out / "scheduler"))
+        keep = inspect.signature(DDPMScheduler.__init__).parameters
+        ddpm = {k: v for k, v in scheduler_config.items() if k in keep or k.startswith("_")}
+        DDPMScheduler(**ddpm).save_pretrained(str(out / "scheduler"))
     vae, text = decoder_of(unet), text_parts_of(unet)
     index = {"_diffusers_version": _diffusers_version(), "scheduler": ["diffusers", sched_cls.__name__],
              folder: ["diffusers", name]}
@@ -499,6 +546,8 @@ def save_pipeline_dir(unet: torch.nn.Module, scheduler_config: dict, out: Path, 
         pipeline = "StableDiffusion3Pipeline"  # a part it runs without (T5) is named None, as diffusers saves it
         index.update({n: [None, None] for pair in TEXT_PARTS for n in pair if n not in index},
                      image_encoder=[None, None], feature_extractor=[None, None])
+    elif name == "PixArtTransformer2DModel" and vae is not None and text is not None:
+        pipeline = pixart_pipeline(unet).__name__  # PixArtSigmaPipeline (PixArtAlphaPipeline: additional conds)
     else:  # tmpq.deploy.pipelines.TmpqPipeline (registered with diffusers): no stock pipeline samples it
         pipeline = "TmpqPipeline"
     index = {"_class_name": pipeline, **index}

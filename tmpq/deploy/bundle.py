@@ -3,7 +3,7 @@
 An export directory is a complete diffusers pipeline directory (``model_index.json``, ``unet/`` or ``transformer/``,
 ``scheduler/``, and a latent model's ``vae/``, a text model's ``text_encoder/`` + ``tokenizer/`` (and further text
 parts): the FP weights, loadable by diffusers alone as a ``DDPMPipeline``, ``StableDiffusionPipeline``,
-``DiTPipeline`` or ``StableDiffusion3Pipeline``) plus
+``DiTPipeline``, ``StableDiffusion3Pipeline`` or ``PixArtSigmaPipeline``) plus
 
 - ``tmpq_export.json``: ``format`` / ``version``; the sampler (scheduler class, its config, the searched timesteps,
   eta); per-layer FQN -> ``{w_bits, a_bits, granularity, ...}``; ``modules_to_not_convert``; the candidate's
@@ -23,7 +23,7 @@ from tmpq.core.adapters import bind_time_axis, set_conditioning
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import file_sha256, malformed, read_json
 from tmpq.core.flow_solvers import FLOW_CLASSES
-from tmpq.core.model import ModelConfig, encode_text, load_model, pipeline_text_parts
+from tmpq.core.model import ModelConfig, load_model, pipeline_text_parts, text_conditioning
 from tmpq.core.reuse import DeepCache, reuse_plan
 from tmpq.core.sampler import make_scheduler
 from tmpq.core.solvers import CLASSES, check_solver, needs_scaling
@@ -139,8 +139,7 @@ def apply_export(pipeline_or_unet, export_dir: str | Path):
     separate = net_config_of(manifest).get("guidance_ranges") == "separate"
     if parts is not None and separate:
         # the null pass is told by the empty prompt's embedding: the pipeline's own encoders give it
-        null, null_pooled = encode_text(unet, parts, [""], next(parts["text_encoder"].parameters()).device)
-        set_conditioning(unet, null_embeds=null, null_pooled=null_pooled)
+        set_conditioning(unet, **text_conditioning(unet, parts, (), next(parts["text_encoder"].parameters()).device))
     if next(unet.parameters()).device.type == "cpu":
         # tmpq's CPU layout (as load_model): the same conv kernels, hence bit-identical samples, on every path
         unet.to(memory_format=torch.channels_last)
