@@ -5,7 +5,7 @@ sensitivity probes, int8 profiling) goes through the adapter of the denoiser's c
 ``unet(x, t)``. An adapter says:
 
 - ``kind(model)``: ``"none"`` (unconditional), ``"class"`` (``class_labels``) or ``"text"``
-  (``encoder_hidden_states``; Stable Diffusion 3's also ``pooled_projections``, PixArt's also
+  (``encoder_hidden_states``; Stable Diffusion 3's and Flux's also ``pooled_projections``, PixArt's also
   ``encoder_attention_mask``);
 - ``eps(model, x, t, cond)``: the noise prediction for ``x`` at timesteps ``t`` under ``cond`` (a dict of keyword
   tensors with one row per sample, empty for unconditional models). A model that also predicts a variance
@@ -15,7 +15,11 @@ sensitivity probes, int8 profiling) goes through the adapter of the denoiser's c
   ``null(model, cond)``: the unconditional counterpart that classifier-free guidance pairs with it;
 - ``default_pins(model)``: the layers kept at fixed bits when a config does not say (the layers that touch the
   image: the first and the last; a DiT also its adaLN conditioning path, which runs once per image);
-- ``feature_module(model)``: a module in the middle whose output summarises a sample (calibration strategy eda).
+- ``feature_module(model)``: a module in the middle whose output summarises a sample (calibration strategy eda);
+- ``model_time`` / ``index_time``: what the model is called with at tmpq's integer timesteps, and back;
+  ``tokens(model)``: the image tokens its dynamic shifting is resolved at; ``embeds_guidance(model)``: whether it
+  takes the guidance scale as an input (a guidance-distilled Flux: one pass, no null pass) instead of classifier-free
+  guidance.
 
 A wrapper around a denoiser (the quantized supernet) exposes it as ``.denoiser``; adapters see through it. Adapters
 are found by class, subclasses included, the most recently registered first: :func:`register_adapter` adds one for
@@ -39,6 +43,7 @@ from collections.abc import Sequence
 import torch
 from diffusers import (
     DiTTransformer2DModel,
+    FluxTransformer2DModel,
     PixArtTransformer2DModel,
     SD3Transformer2DModel,
     UNet2DConditionModel,
@@ -61,10 +66,13 @@ class Conditioning:
     - ``prompt_embeds`` ``[P, L, D]``: a text model's prompts, encoded (image ``i`` takes prompt ``i % P``);
     - ``null_embeds`` ``[1, L, D]``: the empty prompt's embedding (the null pass of a text model's guidance);
     - ``pooled_embeds`` ``[P, D']`` / ``null_pooled`` ``[1, D']``: the same prompts' pooled embeddings, for a model
-      conditioned on both (Stable Diffusion 3's ``pooled_projections``; None for the others);
+      conditioned on both (Stable Diffusion 3's and Flux's ``pooled_projections``; None for the others);
     - ``prompt_mask`` ``[P, L]`` / ``null_mask`` ``[1, L]``: the tokenizer's attention masks of the prompts and of
       the empty prompt, for a model that attends to the text tokens under them (PixArt's ``encoder_attention_mask``;
-      None for the others).
+      None for the others);
+    - ``embedded_guidance``: a guidance-distilled model's guidance scale, which it takes as an input of its one pass
+      (Flux's ``guidance`` with ``guidance_embeds``: no null pass, so its ``guidance_scale`` stays 1); None for the
+      others. :attr:`sampling_scale` is the scale a model samples at, whichever of the two it is.
     """
 
     guidance_scale: float = 1.0
@@ -75,6 +83,13 @@ class Conditioning:
     null_pooled: torch.Tensor | None = None
     prompt_mask: torch.Tensor | None = None
     null_mask: torch.Tensor | None = None
+    embedded_guidance: float | None = None
+
+    @property
+    def sampling_scale(self) -> float:
+        """The guidance scale sampling runs at: a guidance-distilled model's embedded guidance, else the classifier-free
+        ``guidance_scale``."""
+        return self.guidance_scale if self.embedded_guidance is None else self.embedded_guidance
 
     def replace(self, **changes) -> "Conditioning":
         """This conditioning with the given fields changed (``None`` values leave a field as it is)."""
@@ -143,6 +158,36 @@ class DenoiserAdapter:
         """The model's noise-schedule config with what its own pipeline's sampler implies where the config is silent
         (the loaders apply it to a directory's and a live pipeline's scheduler config); unchanged by default."""
         return config
+    def tokens(self, model) -> int:
+        """The image tokens of one sample, (H / patch) * (W / patch): the token count a flow model's dynamic shifting
+        is resolved at (:func:`tmpq.core.model.bind_axis`)."""
+        c, h, w = self.sample_shape(model)
+        patch = int(getattr(model.config, "patch_size", None) or 1)
+        return (h // patch) * (w // patch)
+
+    def embeds_guidance(self, model) -> bool:
+        """Whether the model takes the guidance scale as an input (a guidance-distilled model: one pass, no null
+        pass; :func:`guided_eps` routes the scale into its call) instead of classifier-free guidance."""
+        return False
+
+    def model_time(self, model, t: torch.Tensor) -> torch.Tensor:
+        """What the model is called with at tmpq's integer timesteps ``t``: ``t`` itself on the DDPM axis (the same
+        tensor), sigma(t) * N (float32, as diffusers' flow pipelines call it) on a flow axis."""
+        axis = time_axis_of(model)
+        if not axis.flow:
+            return t
+        u = (t.double() + 1.0) / axis.num_train_timesteps
+        sigma = axis.shift * u / (1.0 + (axis.shift - 1.0) * u)
+        return (sigma.float() * axis.num_train_timesteps)
+
+    def index_time(self, model, t: torch.Tensor) -> torch.Tensor:
+        """tmpq's integer timesteps of model times ``t`` (the inverse of :meth:`model_time`, rounded to the grid)."""
+        axis = time_axis_of(model)
+        if not axis.flow:
+            return t
+        s = (t.double() / axis.num_train_timesteps).clamp(0.0, 1.0)
+        u = s / (axis.shift - (axis.shift - 1.0) * s)
+        return torch.round(u * axis.num_train_timesteps - 1.0).to(torch.int64)
 
     def call(self, model, x: torch.Tensor, t: torch.Tensor, cond: dict):
         """One forward of ``model`` (the denoiser or a wrapper around it) at model times ``t`` (what the model is
@@ -452,8 +497,161 @@ class PixArtAdapter(DenoiserAdapter):
         return model.transformer_blocks[len(model.transformer_blocks) // 2]
 
 
+class FluxAdapter(SD3Adapter):
+    """``FluxTransformer2DModel`` (FLUX.1's MMDiT, a flow-matching model), called as ``FluxPipeline`` calls it.
+
+    Its sample is the VAE latent ``[C, H, W]`` (``C = in_channels / 4``), as every other model's, so that the noise
+    bank, calibration data, the solvers and the VAE decode stay image-shaped; :meth:`call` packs it into the
+    transformer's 2 x 2 patch tokens ``[(H / 2) * (W / 2), 4 C]`` (``hidden_states``, with their ``img_ids``) and
+    unpacks the prediction, exactly as ``FluxPipeline`` packs its latents. ``FluxPipeline`` draws its noise as the
+    unpacked latent (one ``randn`` per image from its generator) and packs it: with
+    :func:`tmpq.core.sampler.noise_generators` both start from the same numbers. Every step of a flow solver is
+    elementwise, so packing commutes with it.
+
+    - time: the transformer takes ``timestep = sigma`` (the pipeline divides the scheduler's sigma * 1000 by 1000;
+      the model multiplies by 1000 again): :meth:`model_time` is the flow axis' sigma * N / 1000, :meth:`index_time`
+      its inverse, so the supernet routes a stock pipeline's calls too;
+    - conditioning: ``encoder_hidden_states`` (T5's token embeddings, ``txt_ids`` all zero) and
+      ``pooled_projections`` (CLIP's pooled output), encoded by ``FluxPipeline.encode_prompt``;
+    - guidance: a guidance-distilled model (``guidance_embeds``, FLUX.1 dev) takes the scale as its ``guidance``
+      input, one pass, no null pass (:meth:`embeds_guidance`; the scale lives in
+      :attr:`Conditioning.embedded_guidance`); a model without (FLUX.1 schnell) samples unguided;
+    - the sample size: a transformer config has none. It is the latent of the VAE's ``sample_size`` (pixels, rounded
+      to the 2 x 2 packing as ``FluxPipeline.prepare_latents`` rounds a height), else ``FluxPipeline``'s default
+      latent of 128 x 128.
+    """
+
+    cls = FluxTransformer2DModel
+    DEFAULT_LATENT = 128  # FluxPipeline.default_sample_size: its latent height and width when the caller gives none
+
+    def sample_shape(self, model) -> tuple[int, int, int]:
+        vae = decoder_of(model)
+        size = getattr(vae.config, "sample_size", None) if vae is not None else None
+        if size is None:
+            h = w = self.DEFAULT_LATENT
+        else:
+            blocks = getattr(vae.config, "block_out_channels", None)
+            scale = 2 ** (len(blocks) - 1) if blocks else 8  # FluxPipeline.vae_scale_factor
+            ph, pw = (size, size) if isinstance(size, int) else tuple(size)
+            h, w = 2 * (int(ph) // (scale * 2)), 2 * (int(pw) // (scale * 2))
+        return (int(model.config.in_channels) // 4, int(h), int(w))
+
+    def check(self, model) -> None:
+        cfg = model.config
+        name = type(model).__name__
+        if int(cfg.in_channels) % 4 or int(getattr(cfg, "patch_size", 1) or 1) != 1:
+            raise TmpqError(f"{name}: in_channels = {cfg.in_channels} and patch_size = {cfg.patch_size}: tmpq packs "
+                            f"latents into 2 x 2 tokens as FluxPipeline does (in_channels a multiple of 4, patch 1)")
+        out = getattr(cfg, "out_channels", None) or cfg.in_channels
+        if out != cfg.in_channels:
+            raise TmpqError(f"{name}: out_channels = {out} with in_channels = {cfg.in_channels}: tmpq samples "
+                            f"denoisers that predict the sample's own channels; extra input channels used as "
+                            f"conditioning (Flux Fill / Depth / Canny) are not served")
+        c, h, w = self.sample_shape(model)
+        if min(h, w) < 2:
+            raise TmpqError(f"{name}: a latent of {h} x {w} is smaller than one 2 x 2 token (the VAE's sample_size)")
+
+    def size_multiple(self, model) -> int:
+        return 2
+
+    def tokens(self, model) -> int:
+        c, h, w = self.sample_shape(model)
+        return (h // 2) * (w // 2)
+
+    def embeds_guidance(self, model) -> bool:
+        return bool(getattr(model.config, "guidance_embeds", False))
+
+    def model_time(self, model, t):
+        return super().model_time(model, t) / 1000  # FluxPipeline: timestep / 1000, in the timestep's dtype
+
+    def index_time(self, model, t):
+        return super().index_time(model, torch.as_tensor(t) * 1000)
+
+    @staticmethod
+    def pack(x: torch.Tensor) -> torch.Tensor:
+        """``[B, C, H, W]`` latents as Flux's tokens ``[B, (H / 2) * (W / 2), 4 C]``, each token one 2 x 2 patch
+        (channel-major, then row, then column within the patch)."""
+        b, c, h, w = x.shape
+        return x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), 4 * c)
+
+    @staticmethod
+    def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """The inverse of :meth:`pack` for ``h`` x ``w`` latents."""
+        b, n, d = tokens.shape
+        return tokens.reshape(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, d // 4, h, w)
+
+    @staticmethod
+    def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
+        """``img_ids`` ``[(H / 2) * (W / 2), 3]`` of ``h`` x ``w`` latents: (0, token row, token column)."""
+        rows = torch.arange(h // 2, dtype=dtype, device=device).repeat_interleave(w // 2)
+        cols = torch.arange(w // 2, dtype=dtype, device=device).repeat(h // 2)
+        return torch.stack([torch.zeros_like(rows), rows, cols], dim=1)
+
+    def call(self, model, x, t, cond):
+        b, c, h, w = x.shape
+        cond = dict(cond)
+        text = cond.pop("encoder_hidden_states")
+        guidance = cond.pop("guidance", None)
+        inner = denoiser_of(model)
+        if self.embeds_guidance(inner) and guidance is None:
+            guidance = torch.full((b,), conditioning_of(inner).sampling_scale, dtype=torch.float32, device=x.device)
+        out = model(hidden_states=self.pack(x), timestep=t, guidance=guidance if self.embeds_guidance(inner) else None,
+                    encoder_hidden_states=text, txt_ids=torch.zeros(text.shape[1], 3, dtype=text.dtype,
+                                                                    device=text.device),
+                    img_ids=self.image_ids(h, w, x.device, x.dtype), return_dict=False, **cond)
+        return self.unpack(out[0], h, w)
+
+    def conditions(self, model, indices, labels=None, device=None) -> dict:
+        cond = super().conditions(model, indices, labels, device)
+        if self.embeds_guidance(model):
+            cond["guidance"] = torch.full((len(cond["pooled_projections"]),), conditioning_of(model).sampling_scale,
+                                          dtype=torch.float32, device=device)
+        return cond
+
+    def null(self, model, cond: dict) -> dict:
+        if self.embeds_guidance(model):
+            raise TmpqError(f"guidance: {type(model).__name__} (guidance_embeds) takes the guidance scale as an input, "
+                            f"in one pass: it has no null pass")
+        raise TmpqError(f"guidance: {type(model).__name__} without guidance_embeds samples unguided, as FluxPipeline "
+                        f"does (keep guidance_scale = 1)")
+
+    def null_rows(self, model, kwargs: dict, n: int) -> torch.Tensor:
+        return torch.zeros(n, dtype=torch.bool)  # no call of Flux is a null pass
+
+    def example(self, model, n: int, device) -> dict:
+        c = conditioning_of(model)
+        if c.prompt_embeds is not None and c.pooled_embeds is not None:
+            return self.conditions(model, range(n), device=device)
+        out = {"encoder_hidden_states": torch.zeros(n, 1, int(model.config.joint_attention_dim), device=device),
+               "pooled_projections": torch.zeros(n, int(model.config.pooled_projection_dim), device=device)}
+        if self.embeds_guidance(model):
+            out["guidance"] = torch.full((n,), c.sampling_scale, dtype=torch.float32, device=device)
+        return out
+
+    def default_pins(self, model) -> dict[str, list[int]]:
+        # as SD3's: the layers that touch the image or the conditioning once per sample rather than per image
+        # token, at W8A16: the image tokens' first layer (x_embedder), the timestep / guidance / pooled-text
+        # embedders, the text stream's first layer (context_embedder), and the adaLN modulation Linears (shift / scale
+        # / gate) of both streams of every double block (norm1, norm1_context), of every single block (norm.linear)
+        # and of the final norm; the output projection (the last layer, the velocity itself) at W16A16. The
+        # modulation Linears run once per sample (their MACs are a small share; the per-token attention and MLP
+        # Linears dominate) and their error shifts every token's features alike. Not measured on a trained Flux
+        embed = re.compile(r"time_text_embed\..+|context_embedder|x_embedder|norm_out\.linear"
+                           r"|transformer_blocks\.\d+\.norm1(_context)?\.linear"
+                           r"|single_transformer_blocks\.\d+\.norm\.linear")
+        cond = {name: [8, 16] for name, mod in model.named_modules()
+                if isinstance(mod, torch.nn.Linear) and embed.fullmatch(name)}
+        return {**cond, "proj_out": [16, 16]}
+
+    def feature_module(self, model):
+        # the middle double block's image-stream MLP (a single block's output holds the text tokens too)
+        if len(model.transformer_blocks):
+            return model.transformer_blocks[len(model.transformer_blocks) // 2].ff
+        return model.single_transformer_blocks[len(model.single_transformer_blocks) // 2].proj_mlp
+
+
 _REGISTRY: list[DenoiserAdapter] = [UNet2DAdapter(), UNet2DConditionAdapter(), DiTAdapter(), SD3Adapter(),
-                                    PixArtAdapter()]
+                                    PixArtAdapter(), FluxAdapter()]
 
 
 def register_adapter(adapter: DenoiserAdapter) -> None:
@@ -504,8 +702,15 @@ def sample_shape(model) -> tuple[int, int, int]:
 
 def guided_eps(model, x: torch.Tensor, t: torch.Tensor, cond: dict, guidance_scale: float = 1.0) -> torch.Tensor:
     """The (classifier-free guided) noise prediction: one batched call of the conditional and the null pass when
-    ``guidance_scale != 1``: ``eps_null + s * (eps_cond - eps_null)``."""
+    ``guidance_scale != 1``: ``eps_null + s * (eps_cond - eps_null)``.
+
+    A model that takes its guidance as an input (:meth:`DenoiserAdapter.embeds_guidance`, Flux with
+    ``guidance_embeds``) runs one pass with ``guidance_scale`` as that input (``cond["guidance"]``, as its pipeline
+    passes it); it never runs a null pass."""
     a = adapter_for(model)
+    if a.embeds_guidance(denoiser_of(model)):
+        scale = torch.full((x.shape[0],), float(guidance_scale), dtype=torch.float32, device=x.device)
+        return a.eps(model, x, t, {**cond, "guidance": scale})
     if guidance_scale == 1.0:
         return a.eps(model, x, t, cond)
     both = with_null(model, cond)  # refuses a model that cannot guide
@@ -616,25 +821,19 @@ _DDPM = TimeAxis()
 
 
 def model_time(model, t: torch.Tensor) -> torch.Tensor:
-    """What ``model`` is called with at tmpq's integer timesteps ``t``: ``t`` itself on the DDPM axis (the same
-    tensor), sigma(t) * N (float32, as diffusers' flow pipelines call it) on a flow axis."""
-    axis = time_axis_of(model)
-    if not axis.flow:
-        return t
-    u = (t.double() + 1.0) / axis.num_train_timesteps
-    sigma = axis.shift * u / (1.0 + (axis.shift - 1.0) * u)
-    return (sigma.float() * axis.num_train_timesteps)
+    """What ``model`` is called with at tmpq's integer timesteps ``t``, as its adapter says
+    (:meth:`DenoiserAdapter.model_time`): ``t`` itself on the DDPM axis (the same tensor), sigma(t) * N (float32, as
+    diffusers' flow pipelines call it) on a flow axis; Flux's transformer takes that divided by 1000, as
+    ``FluxPipeline`` calls it."""
+    inner = denoiser_of(model)
+    return adapter_for(inner).model_time(inner, t)
 
 
 def index_time(model, t: torch.Tensor) -> torch.Tensor:
     """tmpq's integer timesteps of model times ``t`` (the inverse of :func:`model_time`, rounded to the grid): how
     the supernet routes a call by its timestep, whether tmpq's sampler or a stock pipeline made it."""
-    axis = time_axis_of(model)
-    if not axis.flow:
-        return t
-    s = (t.double() / axis.num_train_timesteps).clamp(0.0, 1.0)
-    u = s / (axis.shift - (axis.shift - 1.0) * s)
-    return torch.round(u * axis.num_train_timesteps - 1.0).to(torch.int64)
+    inner = denoiser_of(model)
+    return adapter_for(inner).index_time(inner, t)
 
 
 def denoise(model, x: torch.Tensor, t: torch.Tensor, cond: dict):

@@ -115,8 +115,8 @@ class DiffusionModel:
     def from_pipeline(cls, pipe, *, guidance_scale: float | None = None,
                       null_label: int | None = None) -> "DiffusionModel":
         """A live diffusers pipeline (``.unet`` or ``.transformer``, ``.scheduler``; a latent one's ``.vae``, a text
-        one's ``.text_encoder`` + ``.tokenizer``, Stable Diffusion 3's also ``_2`` / ``_3``), held by reference:
-        nothing is copied until a job loads it, and the pipeline itself is never modified."""
+        one's ``.text_encoder`` + ``.tokenizer``, Stable Diffusion 3's also ``_2`` / ``_3``, Flux's ``_2``), held by
+        reference: nothing is copied until a job loads it, and the pipeline itself is never modified."""
         denoiser = next((getattr(pipe, a) for a in DENOISER_FOLDERS
                          if isinstance(getattr(pipe, a, None), torch.nn.Module)), None)
         scheduler = getattr(pipe, "scheduler", None)

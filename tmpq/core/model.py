@@ -76,14 +76,16 @@ class ModelConfig:
     - ``path``: ``"embedded"`` (the MNIST UNet), ``"embedded-dit"`` (the class-conditional MNIST DiT) or a local
       model directory.
     - ``guidance_scale``: classifier-free guidance of every sampling of the run (calibration, search, validation,
-      export); 1 = none. Class- and text-conditional models only.
+      export); 1 = none. Class- and text-conditional models only. A guidance-distilled model (Flux with
+      ``guidance_embeds``) takes it as its ``guidance`` input instead (one pass, as ``FluxPipeline``'s
+      ``guidance_scale``; its default there is 3.5, here 1 unless set); a Flux without (schnell) takes none.
     - ``null_label``: a class-conditional model's unconditional label, -1 = its adapter's (a DiT: its extra embedding
       row; a class UNet has none, and diffusers has no convention for one).
     - ``prompts``: a text-conditional model's prompts (image ``i`` of every sampling is conditioned on prompt
       ``i % len(prompts)``; the null pass of guidance on the empty prompt), encoded once by the model directory's
       own FP text encoder (``text_encoder/`` + ``tokenizer/``, the optional package ``transformers``; Stable
-      Diffusion 3's: its CLIP encoders and optional T5, PixArt's: its T5 with the attention masks, through its
-      pipeline's ``encode_prompt``).
+      Diffusion 3's: its CLIP encoders and optional T5, Flux's: its CLIP and T5 encoders, PixArt's: its T5 with the
+      attention masks, through its pipeline's ``encode_prompt``).
     - ``dtype``: ``"fp32"`` | ``"bf16"`` | ``"fp16"``, the dtype the denoiser (and its VAE and text encoder) computes
       in. The sampler's state and scheduler arithmetic stay fp32 (:func:`tmpq.core.sampler.sample_batch`); quantizers
       compute in fp32 and round their output once to this dtype (:class:`tmpq.quant.quantizer.AffineQuantizer`).
@@ -149,7 +151,8 @@ class LoadedModel:
 
     @property
     def guidance_scale(self) -> float:
-        return self.conditioning.guidance_scale
+        """The guidance scale it samples at (classifier-free, or a guidance-distilled model's guidance input)."""
+        return self.conditioning.sampling_scale
 
     @property
     def num_train_timesteps(self) -> int:
@@ -282,7 +285,7 @@ TEXT_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 
 
 # a text pipeline's encoders and tokenizers by folder, in pairs (Stable Diffusion: the first; Stable Diffusion 3: two
-# CLIP encoders with projection and, optionally, T5)
+# CLIP encoders with projection and, optionally, T5; Flux: CLIP and T5)
 TEXT_PARTS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"), ("text_encoder_3", "tokenizer_3"))
 
 
@@ -348,8 +351,11 @@ def encode_text(unet, parts: dict, prompts, device="cpu") -> tuple[torch.Tensor,
     """``(embeds, pooled)`` of ``prompts`` for ``unet``'s denoiser from its text ``parts`` (:data:`TEXT_PARTS`):
     Stable Diffusion 3's (token embeddings ``[P, L, joint_attention_dim]`` and pooled ``[P, pooled_projection_dim]``)
     from ``StableDiffusion3Pipeline.encode_prompt`` of a pipeline assembled from these parts, so that tmpq and the
-    stock pipeline condition alike; any other text model's from :func:`encode_prompts` (pooled None)."""
+    stock pipeline condition alike; Flux's (T5's token embeddings, CLIP's pooled output) from
+    ``FluxPipeline.encode_prompt`` likewise; any other text model's from :func:`encode_prompts` (pooled None)."""
     denoiser = denoiser_of(unet)
+    if isinstance(denoiser, diffusers.FluxTransformer2DModel):
+        return _encode_flux(denoiser, parts, prompts, device)
     if not isinstance(denoiser, diffusers.SD3Transformer2DModel):
         return encode_prompts(parts["text_encoder"], parts["tokenizer"], prompts, device), None
     missing = [n for n in ("text_encoder_2", "tokenizer_2") if parts.get(n) is None]
@@ -406,6 +412,22 @@ def text_conditioning(unet, parts: dict, prompts, device="cpu") -> dict:
     null, null_pooled = encode_text(unet, parts, [""], device)
     embeds, pooled = encode_text(unet, parts, prompts, device) if prompts else (None, None)
     return dict(null_embeds=null, prompt_embeds=embeds, null_pooled=null_pooled, pooled_embeds=pooled)
+def _encode_flux(denoiser, parts: dict, prompts, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flux's ``(embeds, pooled)`` of ``prompts``: ``FluxPipeline.encode_prompt`` (CLIP ``text_encoder`` pooled, T5
+    ``text_encoder_2`` tokens, at the pipeline call's default ``max_sequence_length``) of a pipeline assembled from
+    ``parts``."""
+    missing = [n for n in ("text_encoder_2", "tokenizer_2") if parts.get(n) is None]
+    if missing:
+        raise TmpqError(f"model.prompts: {type(denoiser).__name__} is conditioned by a CLIP and a T5 text encoder; no "
+                        f"{missing[0]}")
+    pipe = diffusers.FluxPipeline(
+        transformer=denoiser, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=None,
+        **{n: (v.to(device) if isinstance(v, torch.nn.Module) else v)
+           for n, v in ((n, parts.get(n)) for n in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"))})
+    max_len = inspect.signature(diffusers.FluxPipeline.__call__).parameters["max_sequence_length"].default
+    embeds, pooled, _ = pipe.encode_prompt(prompt=list(prompts), prompt_2=None, device=torch.device(device),
+                                           max_sequence_length=max_len)
+    return embeds, pooled
 
 
 def condition(unet, cfg: ModelConfig, text, device, where: str) -> Conditioning:
@@ -418,6 +440,8 @@ def condition(unet, cfg: ModelConfig, text, device, where: str) -> Conditioning:
     if cfg.prompts and text is None:
         raise TmpqError(f"model.prompts: {where} to encode them")
     cond = Conditioning(float(cfg.guidance_scale), cfg.null_label if cfg.null_label >= 0 else None)
+    if adapter_for(unet).embeds_guidance(unet):  # the scale is a model input (one pass): no classifier-free guidance
+        cond = Conditioning(1.0, cond.null_label, embedded_guidance=float(cfg.guidance_scale))
     if text is not None:
         cond = cond.replace(**text_conditioning(unet, text, cfg.prompts, device))
     bind_conditioning(unet, cond)
@@ -492,10 +516,11 @@ def load_model(path: str | os.PathLike | ModelConfig | None = None, device: str 
 
 def bind_axis(unet, scheduler_config: dict, where: str) -> dict:
     """Bind the time axis of ``scheduler_config`` to ``unet`` and return the config with a flow model's dynamic
-    shifting resolved at the denoiser's token count (:meth:`TimeAxis.resolved_config`)."""
-    c, h, w = sample_shape(unet)
-    patch = int(getattr(denoiser_of(unet).config, "patch_size", None) or 1)
-    resolved = TimeAxis.resolved_config(dict(scheduler_config), where, image_seq_len=(h // patch) * (w // patch))
+    shifting resolved at the denoiser's token count (:meth:`TimeAxis.resolved_config`; the adapter's ``tokens``:
+    (H / patch) * (W / patch), Flux's packed (H / 2) * (W / 2), the ``image_seq_len`` its pipeline computes mu
+    from)."""
+    inner = denoiser_of(unet)
+    resolved = TimeAxis.resolved_config(dict(scheduler_config), where, image_seq_len=adapter_for(inner).tokens(inner))
     bind_time_axis(unet, TimeAxis.of(resolved, where))
     return resolved
 
@@ -507,8 +532,9 @@ def save_pipeline_dir(unet: torch.nn.Module, scheduler_config: dict, out: Path, 
     ``UNet2DConditionModel`` with its VAE and text encoder), ``DiTPipeline`` (a ``DiTTransformer2DModel`` with its
     VAE), ``StableDiffusion3Pipeline`` (an ``SD3Transformer2DModel`` with its VAE and two or three text encoders),
     ``PixArtSigmaPipeline`` (a ``PixArtTransformer2DModel`` with its VAE and T5 encoder; ``PixArtAlphaPipeline`` for
-    one with additional conditions); any other under tmpq's own ``_class_name`` (diffusers has no pipeline for a
-    pixel-space DiT; ``tmpq sample`` renders it)."""
+    one with additional conditions), ``FluxPipeline`` (a ``FluxTransformer2DModel`` with its VAE, CLIP and T5); any
+    other under tmpq's own ``_class_name`` (diffusers has no pipeline for a pixel-space DiT; ``tmpq sample`` renders
+    it)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     name = type(unet).__name__
@@ -548,6 +574,9 @@ def save_pipeline_dir(unet: torch.nn.Module, scheduler_config: dict, out: Path, 
                      image_encoder=[None, None], feature_extractor=[None, None])
     elif name == "PixArtTransformer2DModel" and vae is not None and text is not None:
         pipeline = pixart_pipeline(unet).__name__  # PixArtSigmaPipeline (PixArtAlphaPipeline: additional conds)
+    elif name == "FluxTransformer2DModel" and vae is not None and text is not None and "text_encoder_2" in text:
+        pipeline = "FluxPipeline"  # CLIP + T5; its optional IP-adapter parts named None, as diffusers saves them
+        index.update(image_encoder=[None, None], feature_extractor=[None, None])
     else:  # tmpq.deploy.pipelines.TmpqPipeline (registered with diffusers): no stock pipeline samples it
         pipeline = "TmpqPipeline"
     index = {"_class_name": pipeline, **index}

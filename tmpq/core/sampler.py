@@ -112,8 +112,8 @@ def sample_batch(unet: torch.nn.Module, scheduler: RespacedDDIMScheduler, timest
     dtype = model_dtype(unet)
     inner = denoiser_of(unet)
     cond = adapter_for(inner).conditions(inner, indices, labels, device=device)
-    if guidance_scale is None:
-        guidance_scale = conditioning_of(inner).guidance_scale
+    if guidance_scale is None:  # the model's own: classifier-free, or a guidance-distilled model's guidance input
+        guidance_scale = conditioning_of(inner).sampling_scale
     ddim = isinstance(scheduler, RespacedDDIMScheduler)
     if eta > 0 and not ddim:
         raise TmpqError(f"eta: only the ddim solver takes eta > 0 ({type(scheduler).__name__} is deterministic)")

@@ -3,7 +3,7 @@
 An export directory is a complete diffusers pipeline directory (``model_index.json``, ``unet/`` or ``transformer/``,
 ``scheduler/``, and a latent model's ``vae/``, a text model's ``text_encoder/`` + ``tokenizer/`` (and further text
 parts): the FP weights, loadable by diffusers alone as a ``DDPMPipeline``, ``StableDiffusionPipeline``,
-``DiTPipeline``, ``StableDiffusion3Pipeline`` or ``PixArtSigmaPipeline``) plus
+``DiTPipeline``, ``StableDiffusion3Pipeline``, ``PixArtSigmaPipeline`` or ``FluxPipeline``) plus
 
 - ``tmpq_export.json``: ``format`` / ``version``; the sampler (scheduler class, its config, the searched timesteps,
   eta); per-layer FQN -> ``{w_bits, a_bits, granularity, ...}``; ``modules_to_not_convert``; the candidate's
@@ -109,8 +109,10 @@ def apply_export(pipeline_or_unet, export_dir: str | Path):
 
     The pipeline's own call then samples the exported schedule: its scheduler has the searched timesteps pinned
     (:meth:`~tmpq.core.sampler.RespacedDDIMScheduler.pin_timesteps`), installed whatever ``num_inference_steps`` the
-    pipeline passes by default (``DDPMPipeline``: 1000); an explicit count other than the schedule's raises one line
-    naming both. With eta = 0 and ``generator=tmpq.core.sampler.noise_generators(n, seed)``, ``pipe(batch_size=n, ...)``
+    pipeline passes by default (``DDPMPipeline``: 1000), and whatever sigmas and mu a flow pipeline passes
+    (``FluxPipeline``'s ``set_timesteps(sigmas=..., mu=...)``); an explicit count other than the schedule's raises one
+    line naming both. A Flux export is sampled at the resolution it was searched at (``height`` / ``width`` of its
+    VAE's ``sample_size``): the exported scheduler's shift is the one its dynamic shifting gives there. With eta = 0 and ``generator=tmpq.core.sampler.noise_generators(n, seed)``, ``pipe(batch_size=n, ...)``
     gives the images of ``tmpq sample DIR --n n --seed seed``. ``save_pretrained`` of the quantized pipeline / UNet
     raises one line (diffusers would write a model that reloads with random weights): the export is its saved form.
 
