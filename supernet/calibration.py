@@ -49,7 +49,8 @@ def calibrate(net, data: Iterable[tuple[torch.Tensor, torch.Tensor]], mode: str 
     nulls = [_null_rows(net, b) for b in batches] if P > 1 else None
     if P > 1 and not any(bool(m.any()) for m in nulls):
         raise TmpqError("supernet.guidance_ranges = separate: the calibration data have no null-pass inputs; "
-                        "calibrate with guidance (model.guidance_scale != 1)")
+                        "calibrate with classifier-free guidance (model.guidance_scale != 1; a guidance-distilled "
+                        "model, e.g. Flux with guidance_embeds, has no null pass: use shared ranges)")
     # (bank row, pass, timestep part) of every group that gets its own ranges
     jobs = [(p * G + g, p, part) for p in range(P) for g, part in enumerate(parts)]
     progress_meta: dict = {}

@@ -64,7 +64,7 @@ def test_the_null_pass_gets_its_own_calibrated_ranges_and_each_call_its_pass(nam
 
 
 def test_separate_ranges_need_calibration_with_guidance():
-    with pytest.raises(TmpqError, match="calibration data have no null-pass inputs; calibrate with guidance"):
+    with pytest.raises(TmpqError, match="calibration data have no null-pass inputs; calibrate with classifier-free guidance"):
         calibrated("dit", "separate", guidance=1.0)
     with pytest.raises(TmpqError, match="supernet.guidance_ranges: must be one of shared, separate"):
         SupernetConfig(guidance_ranges="split")

@@ -80,3 +80,19 @@ def test_ddpm_axis_schedulers_are_served_and_a_live_flow_pipeline_keeps_its_axis
         loaded = load_model(ModelConfig(path=m.source))
     mu = 0.5 + (1.15 - 0.5) * (64 - 16) / (256 - 16)
     assert loaded.time_axis.shift == pytest.approx(math.exp(mu))
+
+
+def test_dynamic_shifting_resolves_to_diffusers_mu_exactly_at_every_token_count():
+    """The static shift a dynamic-shifting config resolves to is exp(mu) of diffusers' own calculate_shift, to the
+    last bit, at every square token count 1..128^2 (a pinned export and the stock pipeline then agree on sigmas)."""
+    import math
+
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from tmpq.core.timeaxis import TimeAxis
+
+    cfg = {"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True, "base_image_seq_len": 256,
+           "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15}
+    for n in range(1, 129):
+        shift = TimeAxis.resolved_config(cfg, "x", n * n)["shift"]
+        assert shift == math.exp(calculate_shift(n * n, 256, 4096, 0.5, 1.15)), n

@@ -123,7 +123,8 @@ class TimeAxis:
                 raise TmpqError(f"{where}: dynamic shifting needs the model's token count")
             base_len, max_len = int(cfg.get("base_image_seq_len", 256)), int(cfg.get("max_image_seq_len", 4096))
             lo, hi = float(cfg.get("base_shift", 0.5)), float(cfg.get("max_shift", 1.15))
-            mu = lo + (hi - lo) * (image_seq_len - base_len) / (max_len - base_len)
+            m = (hi - lo) / (max_len - base_len)  # in diffusers' order of operations, so that mu is its value exactly
+            mu = image_seq_len * m + (lo - m * base_len)
             kind = cfg.get("time_shift_type", "exponential")
             if kind not in ("exponential", "linear"):
                 raise TmpqError(f"{where}: time_shift_type {kind!r} is not exponential or linear")
