@@ -151,7 +151,11 @@ class DenoiserAdapter:
                             f"sample's shape")
 
     def size_multiple(self, model) -> int:
-        """What each spatial dimension of a sample must be a multiple of (the patch size of a transformer)."""
+        """What each spatial dimension of a sample must be a multiple of: 2 per downsampling block of a UNet, the
+        patch size of a transformer."""
+        blocks = getattr(model, "down_blocks", None)
+        if blocks is not None:
+            return 2 ** sum(1 for b in blocks if getattr(b, "downsamplers", None))
         return int(getattr(model.config, "patch_size", None) or 1)
 
     def scheduler_config(self, model, config: dict) -> dict:
@@ -304,9 +308,6 @@ class UNet2DAdapter(DenoiserAdapter):
     def feature_module(self, model):
         return model.mid_block
 
-    def size_multiple(self, model) -> int:
-        return 2 ** sum(1 for b in model.down_blocks if getattr(b, "downsamplers", None))
-
 
 class UNet2DConditionAdapter(DenoiserAdapter):
     """``UNet2DConditionModel`` (Stable Diffusion's): ``encoder_hidden_states`` from a text encoder; tmpq holds
@@ -322,9 +323,6 @@ class UNet2DConditionAdapter(DenoiserAdapter):
 
     def feature_module(self, model):
         return model.mid_block
-
-    def size_multiple(self, model) -> int:
-        return 2 ** sum(1 for b in model.down_blocks if getattr(b, "downsamplers", None))
 
 
 class DiTAdapter(DenoiserAdapter):
@@ -360,6 +358,23 @@ class DiTAdapter(DenoiserAdapter):
         return model.transformer_blocks[len(model.transformer_blocks) // 2]
 
 
+def _per_prompt(values, indices, device, missing: str) -> torch.Tensor:
+    """The rows of a per-prompt tensor (``[P, ...]``) for noise-bank images ``indices`` (image i takes prompt
+    ``i % P``, as the token embeddings do); ``missing`` is the one-line error when the model has none."""
+    if values is None:
+        raise TmpqError(missing)
+    idx = torch.tensor([int(i) % len(values) for i in indices])
+    return values[idx].to(device)
+
+
+def _empty_rows(empty, like: torch.Tensor, missing: str) -> torch.Tensor:
+    """The empty prompt's ``[1, ...]`` tensor repeated for every row of ``like`` (the null pass of guidance), on its
+    device and dtype; ``missing`` is the one-line error when the model has none."""
+    if empty is None:
+        raise TmpqError(missing)
+    return empty.to(like.device, like.dtype).expand(like.shape[0], -1)
+
+
 class SD3Adapter(DenoiserAdapter):
     """``SD3Transformer2DModel`` (Stable Diffusion 3's MMDiT, a flow-matching model): called with the timestep by
     keyword, ``encoder_hidden_states`` ``[L, joint_attention_dim]`` (the CLIP and T5 token embeddings) and
@@ -377,19 +392,16 @@ class SD3Adapter(DenoiserAdapter):
 
     def conditions(self, model, indices, labels=None, device=None) -> dict:
         cond = super().conditions(model, indices, labels, device)  # the token embeddings; refuses without prompts
-        pooled = conditioning_of(model).pooled_embeds
-        if pooled is None:
-            raise TmpqError(f"{type(model).__name__} is conditioned on pooled prompt embeddings too: encode its "
-                            f"prompts with its pipeline's text encoders (model.prompts in a run config)")
-        idx = torch.tensor([int(i) % len(pooled) for i in indices])
-        return {**cond, "pooled_projections": pooled[idx].to(device)}
+        return {**cond, "pooled_projections": _per_prompt(
+            conditioning_of(model).pooled_embeds, indices, device,
+            f"{type(model).__name__} is conditioned on pooled prompt embeddings too: encode its prompts with its "
+            f"pipeline's text encoders (model.prompts in a run config)")}
 
     def null(self, model, cond: dict) -> dict:
         out = super().null(model, {"encoder_hidden_states": cond["encoder_hidden_states"]})
-        empty, p = conditioning_of(model).null_pooled, cond["pooled_projections"]
-        if empty is None:
-            raise TmpqError(f"guidance: {type(model).__name__} has no empty-prompt pooled embedding")
-        return {**out, "pooled_projections": empty.to(p.device, p.dtype).expand(p.shape[0], -1)}
+        return {**out, "pooled_projections": _empty_rows(conditioning_of(model).null_pooled, cond["pooled_projections"],
+                                                         f"guidance: {type(model).__name__} has no empty-prompt "
+                                                         f"pooled embedding")}
 
     def example(self, model, n: int, device) -> dict:
         c = conditioning_of(model)
@@ -451,19 +463,17 @@ class PixArtAdapter(DenoiserAdapter):
 
     def conditions(self, model, indices, labels=None, device=None) -> dict:
         cond = super().conditions(model, indices, labels, device)  # the token embeddings; refuses without prompts
-        mask = conditioning_of(model).prompt_mask
-        if mask is None:
-            raise TmpqError(f"{type(model).__name__} attends to its prompts under their attention mask: encode its "
-                            f"prompts with its pipeline's text encoder (model.prompts in a run config)")
-        idx = torch.tensor([int(i) % len(mask) for i in indices])
-        return {**cond, "encoder_attention_mask": mask[idx].to(device)}
+        return {**cond, "encoder_attention_mask": _per_prompt(
+            conditioning_of(model).prompt_mask, indices, device,
+            f"{type(model).__name__} attends to its prompts under their attention mask: encode its prompts with its "
+            f"pipeline's text encoder (model.prompts in a run config)")}
 
     def null(self, model, cond: dict) -> dict:
         out = super().null(model, {"encoder_hidden_states": cond["encoder_hidden_states"]})
-        empty, m = conditioning_of(model).null_mask, cond["encoder_attention_mask"]
-        if empty is None:
-            raise TmpqError(f"guidance: {type(model).__name__} has no empty-prompt attention mask")
-        return {**out, "encoder_attention_mask": empty.to(m.device, m.dtype).expand(m.shape[0], -1)}
+        return {**out, "encoder_attention_mask": _empty_rows(conditioning_of(model).null_mask,
+                                                             cond["encoder_attention_mask"],
+                                                             f"guidance: {type(model).__name__} has no empty-prompt "
+                                                             f"attention mask")}
 
     def example(self, model, n: int, device) -> dict:
         c = conditioning_of(model)

@@ -358,17 +358,24 @@ def encode_text(unet, parts: dict, prompts, device="cpu") -> tuple[torch.Tensor,
         return _encode_flux(denoiser, parts, prompts, device)
     if not isinstance(denoiser, diffusers.SD3Transformer2DModel):
         return encode_prompts(parts["text_encoder"], parts["tokenizer"], prompts, device), None
-    missing = [n for n in ("text_encoder_2", "tokenizer_2") if parts.get(n) is None]
-    if missing:
-        raise TmpqError(f"model.prompts: {type(denoiser).__name__} is conditioned by two CLIP text encoders; no "
-                        f"{missing[0]}")
-    pipe = diffusers.StableDiffusion3Pipeline(
-        transformer=denoiser, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=None,
-        **{n: (v.to(device) if isinstance(v, torch.nn.Module) else v)
-           for n, v in ((n, parts.get(n)) for pair in TEXT_PARTS for n in pair)})
+    names = [n for pair in TEXT_PARTS for n in pair]
+    pipe = _text_pipeline(diffusers.StableDiffusion3Pipeline, denoiser, parts, names, device,
+                          "is conditioned by two CLIP text encoders")
     embeds, _, pooled, _ = pipe.encode_prompt(prompt=list(prompts), prompt_2=None, prompt_3=None,
                                               device=torch.device(device), do_classifier_free_guidance=False)
     return embeds, pooled
+
+
+def _text_pipeline(cls, denoiser, parts: dict, names, device, needs: str):
+    """A stock pipeline ``cls`` of two text encoders or more, assembled from ``denoiser`` and the loaded text
+    ``parts`` named ``names`` (its VAE left out, its scheduler a stand-in: only ``encode_prompt`` is called); a
+    missing second encoder or tokenizer is one line (``needs``: what the model is conditioned by)."""
+    missing = [n for n in ("text_encoder_2", "tokenizer_2") if parts.get(n) is None]
+    if missing:
+        raise TmpqError(f"model.prompts: {type(denoiser).__name__} {needs}; no {missing[0]}")
+    return cls(transformer=denoiser, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=None,
+               **{n: (v.to(device) if isinstance(v, torch.nn.Module) else v)
+                  for n, v in ((n, parts.get(n)) for n in names)})
 
 
 def pixart_pipeline(denoiser) -> type:
@@ -416,14 +423,9 @@ def _encode_flux(denoiser, parts: dict, prompts, device) -> tuple[torch.Tensor, 
     """Flux's ``(embeds, pooled)`` of ``prompts``: ``FluxPipeline.encode_prompt`` (CLIP ``text_encoder`` pooled, T5
     ``text_encoder_2`` tokens, at the pipeline call's default ``max_sequence_length``) of a pipeline assembled from
     ``parts``."""
-    missing = [n for n in ("text_encoder_2", "tokenizer_2") if parts.get(n) is None]
-    if missing:
-        raise TmpqError(f"model.prompts: {type(denoiser).__name__} is conditioned by a CLIP and a T5 text encoder; no "
-                        f"{missing[0]}")
-    pipe = diffusers.FluxPipeline(
-        transformer=denoiser, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=None,
-        **{n: (v.to(device) if isinstance(v, torch.nn.Module) else v)
-           for n, v in ((n, parts.get(n)) for n in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"))})
+    names = ["text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
+    pipe = _text_pipeline(diffusers.FluxPipeline, denoiser, parts, names, device,
+                          "is conditioned by a CLIP and a T5 text encoder")
     max_len = inspect.signature(diffusers.FluxPipeline.__call__).parameters["max_sequence_length"].default
     embeds, pooled, _ = pipe.encode_prompt(prompt=list(prompts), prompt_2=None, device=torch.device(device),
                                            max_sequence_length=max_len)
