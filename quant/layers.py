@@ -105,7 +105,11 @@ class QuantLayer(nn.Module):
         self.bias_observing = False
         self._shift_sum: list[torch.Tensor] | None = None
         self._shift_n = 0
-        self._w_cache: dict[int, torch.Tensor] = {}
+        # one quantized weight at most (the active option's), and only when this layer may keep one
+        # (``keep_weight``, set by the supernet's weight budget): a copy per visited option made a supernet grow
+        # toward (K + 1) times its model
+        self.keep_weight = True
+        self._w_kept: tuple[int, torch.Tensor] | None = None
 
     # -- option switching ---------------------------------------------------------------------------------------
     def set_bits(self, w_index: int | None, a_index: int | None) -> None:
@@ -150,7 +154,7 @@ class QuantLayer(nn.Module):
             q.freeze()
             if hasattr(q, "init_rounding"):
                 q.init_rounding(self.module.weight)
-        self._w_cache.clear()
+        self._w_kept = None
 
     def freeze_activations(self, index: int | None = None) -> None:
         """Freeze the activation option(s) observed so far (all if ``index`` is None)."""
@@ -172,15 +176,22 @@ class QuantLayer(nn.Module):
         if torch.is_grad_enabled() and (self.module.weight.requires_grad or any(p.requires_grad for p in q.parameters())):
             return self._quantize_weight(q, self.module.weight)
         weight = self.module.weight
-        w = self._w_cache.get(self.w_index)
-        if w is None or w.stride() != weight.stride():  # (re)built in the weight's memory format: a channels-last
-            # model must not convert its weights in every conv call (empty_like keeps the weight's strides)
-            w = self._w_cache[self.w_index] = torch.empty_like(weight).copy_(self._quantize_weight(q, weight).detach())
+        kept = self._w_kept
+        if kept is not None and kept[0] == self.w_index and kept[1].stride() == weight.stride():
+            return kept[1]
+        # built in the weight's memory format: a channels-last model must not convert its weights in every conv
+        # call (empty_like keeps the weight's strides)
+        w = torch.empty_like(weight).copy_(self._quantize_weight(q, weight).detach())
+        self._w_kept = (self.w_index, w) if self.keep_weight else None
         return w
 
     def invalidate_cache(self) -> None:
-        """Forget cached quantized weights (call after changing weights or weight-quantizer state)."""
-        self._w_cache.clear()
+        """Forget the kept quantized weight (call after changing weights or weight-quantizer state)."""
+        self._w_kept = None
+
+    def kept_weight_bytes(self) -> int:
+        """Bytes of the quantized weight this layer keeps now (0 or one weight's size)."""
+        return 0 if self._w_kept is None else self._w_kept[1].numel() * self._w_kept[1].element_size()
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` as the active activation option quantizes it (fake quantization; unchanged at full precision)."""
@@ -258,7 +269,7 @@ class QuantLayer(nn.Module):
         raise NotImplementedError
 
     def load_state_dict(self, *args, **kwargs):
-        self._w_cache.clear()
+        self._w_kept = None
         return super().load_state_dict(*args, **kwargs)
 
 

@@ -19,6 +19,7 @@ from tmpq.quant.functional import (
     affine_params,
     channel_view,
     fake_quant,
+    fake_quant_channel_inference,
     fake_quant_inference,
     from_groups,
     qrange,
@@ -211,8 +212,10 @@ class AffineQuantizer(nn.Module):
                 return fake_quant_inference(x, self.scale, self.zero_point, self.qmin, self.qmax)
             return fake_quant(x, self.scale, self.zero_point, self.qmin, self.qmax)
         if self.granularity == "channel":
-            return fake_quant(x, channel_view(self.scale, x.ndim), channel_view(self.zero_point, x.ndim),
-                              self.qmin, self.qmax)
+            scale, zp = channel_view(self.scale, x.ndim), channel_view(self.zero_point, x.ndim)
+            if not (torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad)):
+                return fake_quant_channel_inference(x, scale, zp, self.qmin, self.qmax)
+            return fake_quant(x, scale, zp, self.qmin, self.qmax)
         g, pad = to_groups(x, self.group_size)
         out = fake_quant(g, self.scale.unsqueeze(-1), self.zero_point.unsqueeze(-1), self.qmin, self.qmax)
         return from_groups(out, x.shape, pad)

@@ -25,6 +25,10 @@ from tmpq.supernet.config import TIE_QKV, LayerInfo, SupernetConfig
 from tmpq.supernet.store import load_supernet, save_supernet, supernet_config_of
 
 
+# the kept quantized weights' share of the model's quantized-layer weights (see QuantSupernet.keep_weights)
+WEIGHT_BUDGET = 0.25
+
+
 def model_fingerprint(unet: nn.Module) -> str:
     """SHA-256 over the FP parameter names, shapes and values (identifies 'the same model')."""
     h = hashlib.sha256()
@@ -129,6 +133,7 @@ class QuantSupernet(nn.Module):
         if device.type != "cpu":  # the new quantizers join the denoiser on its device
             self.to(device)
         self.infos = self._profile()
+        self.keep_weights(WEIGHT_BUDGET)
         self._calibrated = False
         # timestep groups: group g holds the calibration timesteps t with time_starts[g-1] <= t < time_starts[g];
         # set by calibrate() / load(); until then no routing
@@ -142,6 +147,33 @@ class QuantSupernet(nn.Module):
 
     def _replace(self, fqn: str, new: nn.Module) -> None:
         replace_module(self.unet, fqn, new)
+
+    def keep_weights(self, budget: float = WEIGHT_BUDGET) -> list[str]:
+        """Let the layers whose quantized weight costs most to rebuild, relative to their own work, keep it while
+        their option is active; the rest quantize their weight at every call. ``budget``: the kept weights' size as a
+        fraction of the quantized layers' FP weights (0: none kept, 1: all), so the supernet stays within
+        ``1 + budget`` times the model's weight memory whatever options a search visits.
+
+        The order: fewest MACs per weight element first (a weight quantized per call costs a few passes over its
+        elements; a layer that does little work per element, a deep UNet conv at low resolution or a Linear over
+        few tokens, feels that most). Results are identical either way. Returns the FQNs that keep theirs."""
+        if not 0.0 <= budget <= 1.0:
+            raise TmpqError(f"weight budget: expected a fraction in [0, 1], got {budget}")
+        total = sum(info.params for info in self.infos)
+        room, kept = budget * total, []
+        for info in sorted(self.infos, key=lambda i: (i.macs / max(i.params, 1), i.fqn)):
+            layer = self.layers[info.fqn]
+            layer.keep_weight = info.params <= room
+            if layer.keep_weight:
+                room -= info.params
+                kept.append(info.fqn)
+            else:
+                layer.invalidate_cache()
+        return kept
+
+    def kept_weight_bytes(self) -> int:
+        """Bytes of quantized weights the layers keep now (bounded by :meth:`keep_weights`' budget)."""
+        return sum(layer.kept_weight_bytes() for layer in self.layers.values())
 
     # -- cost model ---------------------------------------------------------------------------------------------
     @torch.no_grad()
