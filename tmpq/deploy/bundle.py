@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from tmpq.core.adapters import bind_time_axis, set_conditioning
+from tmpq.core.adapters import adapter_for, bind_conditioning, bind_time_axis, conditioning_of, set_conditioning
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import file_sha256, malformed, read_json
 from tmpq.core.flow_solvers import FLOW_CLASSES
@@ -27,6 +27,7 @@ from tmpq.core.model import ModelConfig, load_model, pipeline_text_parts, text_c
 from tmpq.core.reuse import DeepCache, reuse_plan
 from tmpq.core.sampler import make_scheduler
 from tmpq.core.solvers import CLASSES, check_solver, needs_scaling
+from tmpq.deploy import int8 as cpu_int8  # the module (it imports this one): see tmpq.deploy.int8's imports
 from tmpq.deploy.plan import LayerOption, QuantPlan
 from tmpq.supernet import QuantSupernet
 from tmpq.supernet.store import read_supernet_file
@@ -35,6 +36,7 @@ EXPORT_FORMAT = "tmpq.export"
 EXPORT_VERSION = 1
 EXPORT_JSON = "tmpq_export.json"
 QUANT_FILE = "quantizers.safetensors"
+KERNELS = ("fake", "int8")  # apply_export's kernels: fake quantization everywhere, or oneDNN int8 where it is exact
 
 
 def read_export(path: str | Path, verify: bool = True) -> dict:
@@ -101,7 +103,7 @@ def _check_manifest(m: dict) -> None:
         raise TypeError("conditioning.prompts: expected a list of non-empty strings")
 
 
-def apply_export(pipeline_or_unet, export_dir: str | Path):
+def apply_export(pipeline_or_unet, export_dir: str | Path, kernels: str = "fake"):
     """Quantize a stock diffusers denoiser (or a pipeline holding one as ``.unet`` or ``.transformer``) in place as
     exported, with the exported conditioning settings (a class model's null label);
     a pipeline also gets the exported sampler (its solver's respaced scheduler, :mod:`tmpq.core.solvers`: DDIM
@@ -116,6 +118,13 @@ def apply_export(pipeline_or_unet, export_dir: str | Path):
     gives the images of ``tmpq sample DIR --n n --seed seed``. ``save_pretrained`` of the quantized pipeline / UNet
     raises one line (diffusers would write a model that reloads with random weights): the export is its saved form.
 
+    ``kernels``: ``"fake"`` (default) runs every quantized layer as fake quantization (float kernels on the
+    quantized values: exact, not faster); ``"int8"`` then converts every layer that PyTorch's oneDNN int8 kernels run
+    exactly (W8A8 and below: :mod:`tmpq.deploy.int8`) on a CPU model, each checked against its fake-quant twin on a
+    few samples along the exported schedule (noise the user does not draw); the others stay fake-quant, named in
+    ``denoiser.tmpq_int8["layers"]`` with the reason (the summary beside them). The exported reuse of deep features
+    runs on the converted model.
+
     Returns the same object. Refuses a model whose weights differ from the exported one.
 
     Example:
@@ -124,6 +133,8 @@ def apply_export(pipeline_or_unet, export_dir: str | Path):
         >>> images = pipe(batch_size=4).images  # the exported steps, not DDPMPipeline's 1000  # doctest: +SKIP
     """
 
+    if not isinstance(kernels, str) or kernels not in KERNELS:
+        raise TmpqError(f"apply_export: kernels must be one of {', '.join(map(repr, KERNELS))}, got {kernels!r}")
     export_dir = Path(export_dir)
     manifest = read_export(export_dir)
     with malformed(export_dir / EXPORT_JSON, "export manifest"):
@@ -133,6 +144,10 @@ def apply_export(pipeline_or_unet, export_dir: str | Path):
     if not isinstance(unet, torch.nn.Module):
         raise TmpqError(f"apply_export: expected a diffusers denoiser or a pipeline with .unet / .transformer, got "
                         f"{type(pipeline_or_unet).__name__}")
+    if kernels == "int8" and next(unet.parameters()).device.type != "cpu":
+        raise TmpqError(f"apply_export: kernels='int8' runs oneDNN's CPU kernels, but the model is on "
+                        f"{next(unet.parameters()).device}: move it to the CPU first (tmpq speed --device cuda "
+                        f"measures the GPU int8 path)")
     check_finite(export_dir / QUANT_FILE)
     bind_time_axis(unet, plan.sampler.time_axis)  # a flow model's calls come at sigma * N: routed on its grid
     if plan.null_label is not None:
@@ -163,6 +178,11 @@ def apply_export(pipeline_or_unet, export_dir: str | Path):
     # diffusers would write the wrapped layers' keys, which a stock model ignores (with a warning) on reload
     object.__setattr__(unet, "save_pretrained", refuse_save)
     ts = list(plan.sampler.timesteps)
+    if kernels == "int8":
+        # before the reuse is installed: the probe runs every layer at every step (a reused call skips the deep
+        # layers) and leaves the reuse counters to the user's calls. The reuse wraps the deep blocks' forward, which
+        # calls whatever layer modules the blocks hold by then: the int8 ones
+        _deploy_int8(unet, plan, manifest, parts, export_dir)
     if plan.reuse is not None and plan.reuse.calls:
         # the exported reuse of deep features, driven by the denoiser's own calls (a stock pipeline's loop has no
         # step hook): a call at the schedule's first timestep starts a trajectory
@@ -184,6 +204,28 @@ def apply_export(pipeline_or_unet, export_dir: str | Path):
         pipeline_or_unet.tmpq_timesteps = ts
         pipeline_or_unet.tmpq_plan = plan
     return pipeline_or_unet
+
+
+def _deploy_int8(unet, plan: QuantPlan, manifest: dict, parts: dict | None, export_dir: Path) -> None:
+    """:func:`tmpq.deploy.int8.deploy_int8` on tmpq's sampler of the exported schedule. A text model that a
+    stock pipeline holds has no prompts bound (its pipeline encodes them per call): the probe borrows the exported
+    prompts, encoded by the pipeline's own text parts, and the model's conditioning is restored after it."""
+    sampler = plan.sampler
+    sched = make_scheduler(manifest["sampler"]["config"], sampler.solver, sampler.order)
+    saved = conditioning_of(unet)
+    if adapter_for(unet).kind(unet) == "text" and saved.prompt_embeds is None:
+        prompts = tuple(manifest.get("conditioning", {}).get("prompts") or ())
+        if parts is None or not prompts:
+            raise TmpqError(f"apply_export: kernels='int8' checks each layer on samples of the export {export_dir}, "
+                            f"and this text-conditional {type(unet).__name__} has no prompts to sample with: pass "
+                            f"the whole pipeline (its text encoder encodes the exported prompts), or use "
+                            f"tmpq.load_export(DIR, kernels='int8')")
+        device = next(parts["text_encoder"].parameters()).device
+        set_conditioning(unet, **text_conditioning(unet, parts, prompts, device))
+    try:
+        cpu_int8.deploy_int8(unet, sched, list(sampler.timesteps), plan)
+    finally:
+        bind_conditioning(unet, saved)
 
 
 def check_finite(quant_file: Path) -> None:
@@ -266,14 +308,16 @@ def _default_steps(pipeline) -> int | None:
     return param.default if param is not None and isinstance(param.default, int) else None
 
 
-def load_export(export_dir: str | Path, device: str = "cpu", prompts=None):
+def load_export(export_dir: str | Path, device: str = "cpu", prompts=None, kernels: str = "fake"):
     """``(unet, scheduler, timesteps, manifest)`` of an export directory: the FP model it contains, quantized, with
     the searched model's conditioning settings (its null label, a text model's prompts unless ``prompts`` names
-    others; the guidance scale is ``manifest["sampler"]["guidance_scale"]``)."""
+    others; the guidance scale is ``manifest["sampler"]["guidance_scale"]``); ``kernels`` as :func:`apply_export`."""
+    if not isinstance(kernels, str) or kernels not in KERNELS:  # before loading anything
+        raise TmpqError(f"load_export: kernels must be one of {', '.join(map(repr, KERNELS))}, got {kernels!r}")
     manifest = read_export(export_dir)
     prompts = tuple(prompts or manifest.get("conditioning", {}).get("prompts") or ())
     m = load_model(ModelConfig(path=str(export_dir), prompts=prompts), device=device)
-    apply_export(m.unet, export_dir)
+    apply_export(m.unet, export_dir, kernels=kernels)
     with malformed(Path(export_dir) / EXPORT_JSON, "export manifest"):
         s = QuantPlan.from_export(manifest).sampler
     return m.unet, make_scheduler(m.scheduler_config, s.solver, s.order), list(s.timesteps), manifest

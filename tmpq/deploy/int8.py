@@ -1,4 +1,4 @@
-"""Real low-bit kernels on CPU for an exported model (``tmpq speed``).
+"""Real low-bit kernels on CPU for an exported model (``apply_export(..., kernels="int8")``, ``tmpq speed``).
 
 PyTorch's oneDNN int8 kernels (``torch.ops.onednn.qconv2d_pointwise`` / ``qlinear_pointwise``, the ones PyTorch's
 own x86 int8 lowering uses) take uint8 activations with a static per-tensor scale and zero-point, int8 weights with
@@ -43,7 +43,9 @@ from tmpq.core.model import load_model
 from tmpq.core.rowlog import cpu_info
 from tmpq.core.sampler import make_scheduler, sample_images
 from tmpq.core.schedules import make_timesteps
-from tmpq.deploy.bundle import load_export
+# bundle deploys this module's kernels (apply_export(kernels="int8")) and measure_speed loads exports through
+# bundle: each imports the other as a module, whose names are read at call time, so either may load first
+from tmpq.deploy import bundle
 from tmpq.deploy.plan import FP_BITS, LayerOption, QuantPlan
 from tmpq.evaluators.features import make_extractor
 from tmpq.evaluators.quality import embedded_reference, score_features
@@ -446,6 +448,27 @@ def to_int8(unet: nn.Module, probe: Callable[[nn.Module], object], tol: float = 
                            tol=tol, per_group=per_group, what="int8 kernel", lacks=_lacks)
 
 
+def schedule_probe(scheduler, timesteps, n: int = 4, seed: int = 2) -> Callable[[nn.Module], object]:
+    """The conversion check's real inputs: ``n`` images along ``timesteps`` on the noise bank's seed ``seed``, noise
+    that neither the user's samples (``tmpq sample``'s seed 0) nor ``tmpq speed``'s timed runs use."""
+    return lambda u: sample_images(u, scheduler, list(timesteps), n, seed=seed, batch_size=n, progress=False)
+
+
+def deploy_int8(unet: nn.Module, scheduler, timesteps, plan: QuantPlan) -> dict:
+    """Run an exported model on oneDNN int8 where the kernels run it exactly (in place; ``apply_export(...,
+    kernels="int8")``): :func:`to_int8` checked on :func:`schedule_probe`'s samples, every other layer fake-quant and
+    named. Keeps ``unet.tmpq_int8`` = ``int8_summary`` + ``"cpu"`` (:func:`describe_cpu_int8`) + ``"layers"`` (one row
+    per quantized layer: ``int8`` and, where False, ``why``) and returns it. A PyTorch without oneDNN int8 kernels
+    leaves every layer fake-quant, each with that reason, and says so in one warning line."""
+    _, rows = to_int8(unet, schedule_probe(scheduler, timesteps), plan=plan)
+    info = {**int8_summary(rows), "cpu": describe_cpu_int8(), "layers": rows}
+    unet.tmpq_int8 = info
+    if not onednn_available():
+        warnings.warn(f"kernels='int8': this PyTorch build has no oneDNN int8 kernels, so all {len(rows)} quantized "
+                      f"layers stay fake-quant (tmpq_int8['layers'] names each)", RuntimeWarning, stacklevel=3)
+    return info
+
+
 def int8_summary(rows: list[dict]) -> dict:
     """The check over a ``to_int8`` result: layers run int8, fallbacks, the worst checked error."""
     checked = [r["check_err"] for r in rows if r["check_err"] is not None]
@@ -533,23 +556,23 @@ def measure_speed(export_dir, n: int = 256, batch_size: int = 256, fid_n: int = 
     ``compile``: also each of the four with a ``torch.compile``'d forward (``compiled_timings``)."""
 
     fp = load_model(export_dir)  # the export holds the FP weights: the FP reference is the same model
-    unet, sched, ts, manifest = load_export(export_dir)
+    unet, sched, ts, manifest = bundle.load_export(export_dir)
     T = fp.num_train_timesteps
     rows = {"fp_100_uniform_s": time_sampling(fp.unet, make_scheduler(fp.scheduler_config),
                                               make_timesteps("uniform", 100, T), n, batch_size),
             "fp_export_schedule_s": time_sampling(fp.unet, sched, ts, n, batch_size),
             "fakequant_export_s": time_sampling(unet, sched, ts, n, batch_size)}
     fq_imgs = sample_images(unet, sched, ts, n, seed=0, batch_size=batch_size, progress=False)
-    # the check's real inputs: a few images along the exported schedule, on noise the timed runs do not use
-    unet, layers = to_int8(unet, lambda u: sample_images(u, sched, ts, 4, seed=2, batch_size=4, progress=False),
-                           plan=QuantPlan.from_export(manifest))
+    # the int8 model as apply_export(kernels="int8") deploys it (its probe, then its reuse)
+    unet = bundle.load_export(export_dir, kernels="int8")[0]
+    layers = unet.tmpq_int8["layers"]
     rows["int8_export_s"] = time_sampling(unet, sched, ts, n, batch_size)
     i8_imgs = sample_images(unet, sched, ts, n, seed=0, batch_size=batch_size, progress=False)
     rows["int8_vs_fakequant_pixel_mse"] = float((i8_imgs - fq_imgs).pow(2).mean())
     if fid_n and fp.sample_shape[0] == 1:
         ext = make_extractor("domain")
         ref = embedded_reference(ext)
-        for name, u in (("fakequant", load_export(export_dir)[0]), ("int8", unet)):
+        for name, u in (("fakequant", bundle.load_export(export_dir)[0]), ("int8", unet)):
             imgs = sample_images(u, sched, ts, fid_n, seed=1, batch_size=batch_size, progress=False)
             rows[f"{name}_fid_n{fid_n}"] = score_features(ext(imgs), ref)["fid"]
     reuse = getattr(unet, "tmpq_reuse", None)  # an export that reuses deep features: its timings above reused
@@ -570,6 +593,6 @@ def measure_speed(export_dir, n: int = 256, batch_size: int = 256, fid_n: int = 
     if compile:
         fp100 = (make_scheduler(fp.scheduler_config), make_timesteps("uniform", 100, T))
         rows.update(compiled_timings({"fp_100_uniform": (fp.unet, *fp100), "fp_export_schedule": (fp.unet, sched, ts),
-                                      "fakequant_export": (load_export(export_dir)[0], sched, ts),
+                                      "fakequant_export": (bundle.load_export(export_dir)[0], sched, ts),
                                       "int8_export": (unet, sched, ts)}, n, batch_size))
     return rows
