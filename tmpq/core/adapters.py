@@ -5,7 +5,7 @@ sensitivity probes, int8 profiling) goes through the adapter of the denoiser's c
 ``unet(x, t)``. An adapter says:
 
 - ``kind(model)``: ``"none"`` (unconditional), ``"class"`` (``class_labels``) or ``"text"``
-  (``encoder_hidden_states``; Stable Diffusion 3's and Flux's also ``pooled_projections``, PixArt's also
+  (``encoder_hidden_states``; Stable Diffusion 3's and Flux's also ``pooled_projections``, PixArt's and Sana's also
   ``encoder_attention_mask``);
 - ``eps(model, x, t, cond)``: the noise prediction for ``x`` at timesteps ``t`` under ``cond`` (a dict of keyword
   tensors with one row per sample, empty for unconditional models). A model that also predicts a variance
@@ -46,6 +46,7 @@ from diffusers import (
     FluxTransformer2DModel,
     PixArtTransformer2DModel,
     SD3Transformer2DModel,
+    SanaTransformer2DModel,
     UNet2DConditionModel,
     UNet2DModel,
 )
@@ -660,8 +661,59 @@ class FluxAdapter(SD3Adapter):
         return model.single_transformer_blocks[len(model.single_transformer_blocks) // 2].proj_mlp
 
 
+class SanaAdapter(PixArtAdapter):
+    """``SanaTransformer2DModel`` (Sana's linear-attention DiT on a deep-compression autoencoder's latents, flow
+    matching), called as ``SanaPipeline`` calls it: the timestep by keyword, ``encoder_hidden_states`` (Gemma 2's
+    last hidden state) with ``encoder_attention_mask``, both from the stock pipeline's own ``encode_prompt``
+    (:func:`tmpq.core.model.encode_sana`: its default complex human instruction and 300 tokens), and no
+    ``added_cond_kwargs``. The prompts, the empty prompt and the null pass are PixArt's (embeddings and masks).
+
+    - time: ``SanaPipeline`` calls the transformer with the scheduler's timestep (sigma * N on the flow axis of its
+      ``DPMSolverMultistepScheduler`` with ``use_flow_sigmas``) times the config's ``timestep_scale``;
+      :meth:`model_time` is that product (in float32, in the pipeline's order), :meth:`index_time` its inverse;
+    - not served: ``guidance_embeds`` (Sana-Sprint: ``SanaSprintPipeline`` and its SCM sampler), refused in one line.
+    """
+
+    cls = SanaTransformer2DModel
+
+    def check(self, model) -> None:
+        if getattr(model.config, "guidance_embeds", False):
+            raise TmpqError(f"{type(model).__name__}: guidance_embeds = True (Sana-Sprint, sampled by "
+                            f"SanaSprintPipeline's consistency sampler) is not served; tmpq serves SanaPipeline's "
+                            f"models")
+        super().check(model)
+
+    def call(self, model, x, t, cond):
+        return model(x, timestep=t, **cond)
+
+    def timestep_scale(self, model) -> float:
+        return float(getattr(model.config, "timestep_scale", 1.0) or 1.0)
+
+    def model_time(self, model, t):
+        return super().model_time(model, t) * self.timestep_scale(model)  # SanaPipeline: t * timestep_scale
+
+    def index_time(self, model, t):
+        return super().index_time(model, torch.as_tensor(t) / self.timestep_scale(model))
+
+    def scheduler_config(self, model, config: dict) -> dict:
+        return config  # not PixArt's DDPM-axis clip_sample default: Sana's schedulers are flow schedulers
+
+    def default_pins(self, model) -> dict[str, list[int]]:
+        # as PixArt's: the layers that touch the image or run once per sample, not per image token: the patch
+        # embedding (the image's first layer, a Conv2d), the adaLN-single path (the timestep embedder's Linears and
+        # time_embed.linear, the t_block that makes every block's shift / scale / gate; the blocks and the final norm
+        # keep only learned scale_shift_tables, parameters, not layers) and the caption projection (the text stream's
+        # first layer, once per text token) at W8A16; the output projection (the last layer) at W16A16. The blocks'
+        # attention Linears and GLUMBConv convolutions are searched. Not measured on a trained Sana
+        embed = re.compile(r"time_embed\..+|caption_projection\..+")
+        cond = {name: [8, 16] for name, mod in model.named_modules()
+                if isinstance(mod, torch.nn.Linear) and embed.fullmatch(name)}
+        return {"patch_embed.proj": [8, 16], **cond, "proj_out": [16, 16]}
+
+
 _REGISTRY: list[DenoiserAdapter] = [UNet2DAdapter(), UNet2DConditionAdapter(), DiTAdapter(), SD3Adapter(),
                                     PixArtAdapter(), FluxAdapter()]
+_REGISTRY.append(SanaAdapter())
 
 
 def register_adapter(adapter: DenoiserAdapter) -> None:

@@ -172,7 +172,10 @@ class LoadedModel:
     def image_channels(self) -> int:
         """Channels of the images metrics see (a latent model's VAE output)."""
         vae = decoder_of(self.unet)
-        return int(vae.config.out_channels) if vae is not None else self.sample_shape[0]
+        if vae is None:
+            return self.sample_shape[0]
+        # AutoencoderDC's config names only in_channels (it reconstructs them)
+        return int(getattr(vae.config, "out_channels", None) or vae.config.in_channels)
 
 
 def check_safetensors(path: Path) -> None:
@@ -215,7 +218,7 @@ def resolve_model_dir(path: str | os.PathLike | None) -> tuple[Path, Path, dict]
     return root, unet_dir, sched_cfg
 
 
-VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
+VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny", "AutoencoderDC")  # DC: Sana's deep-compression autoencoder
 
 
 def _config_key(config_file: Path, what: str, key: str, default=None):
@@ -408,10 +411,36 @@ def encode_masked(unet, parts: dict, prompts, device="cpu") -> tuple[torch.Tenso
     return embeds, mask
 
 
+@torch.no_grad()
+def encode_sana(unet, parts: dict, prompts, device="cpu", empty: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(embeds [P, L, D], attention mask [P, L])`` of ``prompts`` for a Sana denoiser, from the stock
+    ``SanaPipeline.encode_prompt`` (a pipeline assembled from the loaded Gemma 2 encoder and tokenizer) with what the
+    stock call passes by default: its ``max_sequence_length`` (300), ``complex_human_instruction`` (prepended to every
+    prompt, then the first token and the last ``max_sequence_length - 1`` kept) and ``clean_caption`` (False; where
+    True, as :func:`encode_masked` reads it). ``empty``: the pipeline's negative prompt, the empty one, encoded as the
+    stock call encodes it for guidance (without the instruction, padded to ``max_sequence_length``), once per prompt
+    of ``prompts`` (pass one)."""
+    from diffusers.utils import is_bs4_available, is_ftfy_available
+
+    call = inspect.signature(diffusers.SanaPipeline.__call__).parameters
+    clean = bool(call["clean_caption"].default) and is_bs4_available() and is_ftfy_available()
+    pipe = diffusers.SanaPipeline(transformer=denoiser_of(unet), scheduler=diffusers.DPMSolverMultistepScheduler(),
+                                  vae=None, text_encoder=parts["text_encoder"].to(device), tokenizer=parts["tokenizer"])
+    embeds, mask, null, null_mask = pipe.encode_prompt(
+        list(prompts), do_classifier_free_guidance=empty, negative_prompt="", device=torch.device(device),
+        clean_caption=clean, max_sequence_length=call["max_sequence_length"].default,
+        complex_human_instruction=call["complex_human_instruction"].default)
+    return (null, null_mask) if empty else (embeds, mask)
+
+
 def text_conditioning(unet, parts: dict, prompts, device="cpu") -> dict:
     """The :class:`Conditioning` fields of ``prompts`` and of the empty prompt for ``unet``'s denoiser, encoded by its
-    text ``parts`` (:func:`encode_text`; a PixArt model's with their attention masks, :func:`encode_masked`); the
-    prompts' fields are None without prompts."""
+    text ``parts`` (:func:`encode_text`; a PixArt model's with their attention masks, :func:`encode_masked`; a Sana
+    model's likewise, :func:`encode_sana`); the prompts' fields are None without prompts."""
+    if isinstance(denoiser_of(unet), diffusers.SanaTransformer2DModel):
+        null, null_mask = encode_sana(unet, parts, [""], device, empty=True)
+        embeds, mask = encode_sana(unet, parts, prompts, device) if prompts else (None, None)
+        return dict(null_embeds=null, null_mask=null_mask, prompt_embeds=embeds, prompt_mask=mask)
     if isinstance(denoiser_of(unet), diffusers.PixArtTransformer2DModel):
         null, null_mask = encode_masked(unet, parts, [""], device)
         embeds, mask = encode_masked(unet, parts, prompts, device) if prompts else (None, None)
@@ -534,7 +563,8 @@ def save_pipeline_dir(unet: torch.nn.Module, scheduler_config: dict, out: Path, 
     ``UNet2DConditionModel`` with its VAE and text encoder), ``DiTPipeline`` (a ``DiTTransformer2DModel`` with its
     VAE), ``StableDiffusion3Pipeline`` (an ``SD3Transformer2DModel`` with its VAE and two or three text encoders),
     ``PixArtSigmaPipeline`` (a ``PixArtTransformer2DModel`` with its VAE and T5 encoder; ``PixArtAlphaPipeline`` for
-    one with additional conditions), ``FluxPipeline`` (a ``FluxTransformer2DModel`` with its VAE, CLIP and T5); any
+    one with additional conditions), ``FluxPipeline`` (a ``FluxTransformer2DModel`` with its VAE, CLIP and T5),
+    ``SanaPipeline`` (a ``SanaTransformer2DModel`` with its ``AutoencoderDC`` and Gemma 2 encoder); any
     other under tmpq's own ``_class_name`` (diffusers has no pipeline for a pixel-space DiT; ``tmpq sample`` renders
     it)."""
     out = Path(out)
@@ -576,6 +606,8 @@ def save_pipeline_dir(unet: torch.nn.Module, scheduler_config: dict, out: Path, 
                      image_encoder=[None, None], feature_extractor=[None, None])
     elif name == "PixArtTransformer2DModel" and vae is not None and text is not None:
         pipeline = pixart_pipeline(unet).__name__  # PixArtSigmaPipeline (PixArtAlphaPipeline: additional conds)
+    elif name == "SanaTransformer2DModel" and vae is not None and text is not None:
+        pipeline = "SanaPipeline"  # AutoencoderDC, Gemma 2 and its tokenizer
     elif name == "FluxTransformer2DModel" and vae is not None and text is not None and "text_encoder_2" in text:
         pipeline = "FluxPipeline"  # CLIP + T5; its optional IP-adapter parts named None, as diffusers saves them
         index.update(image_encoder=[None, None], feature_extractor=[None, None])
