@@ -3,7 +3,7 @@
 An export directory is a complete diffusers pipeline directory (``model_index.json``, ``unet/`` or ``transformer/``,
 ``scheduler/``, and a latent model's ``vae/``, a text model's ``text_encoder/`` + ``tokenizer/`` (and further text
 parts): the FP weights, loadable by diffusers alone as a ``DDPMPipeline``, ``StableDiffusionPipeline``,
-``DiTPipeline``, ``StableDiffusion3Pipeline``, ``PixArtSigmaPipeline`` or ``FluxPipeline``) plus
+``DiTPipeline``, ``StableDiffusion3Pipeline``, ``PixArtSigmaPipeline``, ``FluxPipeline`` or ``SanaPipeline``) plus
 
 - ``tmpq_export.json``: ``format`` / ``version``; the sampler (scheduler class, its config, the searched timesteps,
   eta); per-layer FQN -> ``{w_bits, a_bits, granularity, ...}``; ``modules_to_not_convert``; the candidate's
