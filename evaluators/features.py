@@ -35,8 +35,11 @@ class FeatureExtractor:
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor, progress: bool = False) -> np.ndarray:
+        if images.ndim == 5:  # videos [N, C, F, H, W] (a video model's decoded samples): scored as their N * F frames
+            images = images.transpose(1, 2).flatten(0, 1)
         if images.ndim != 4:
-            raise TmpqError(f"{self.name} extractor: images must be [N, C, H, W], got shape {tuple(images.shape)}")
+            raise TmpqError(f"{self.name} extractor: images must be [N, C, H, W] (or videos [N, C, F, H, W]), got "
+                            f"shape {tuple(images.shape)}")
         out = []
         for i in tqdm(range(0, len(images), self.batch_size), desc=f"features ({self.name})", disable=not progress,
                       unit="batch", dynamic_ncols=True):

@@ -5,7 +5,7 @@ sensitivity probes, int8 profiling) goes through the adapter of the denoiser's c
 ``unet(x, t)``. An adapter says:
 
 - ``kind(model)``: ``"none"`` (unconditional), ``"class"`` (``class_labels``) or ``"text"``
-  (``encoder_hidden_states``; Stable Diffusion 3's and Flux's also ``pooled_projections``, PixArt's also
+  (``encoder_hidden_states``; Stable Diffusion 3's and Flux's also ``pooled_projections``, PixArt's and Sana's also
   ``encoder_attention_mask``);
 - ``eps(model, x, t, cond)``: the noise prediction for ``x`` at timesteps ``t`` under ``cond`` (a dict of keyword
   tensors with one row per sample, empty for unconditional models). A model that also predicts a variance
@@ -42,12 +42,15 @@ from collections.abc import Sequence
 
 import torch
 from diffusers import (
+    AutoencoderKLWan,
     DiTTransformer2DModel,
     FluxTransformer2DModel,
     PixArtTransformer2DModel,
     SD3Transformer2DModel,
+    SanaTransformer2DModel,
     UNet2DConditionModel,
     UNet2DModel,
+    WanTransformer3DModel,
 )
 
 from tmpq.core.cost import output_macs
@@ -660,8 +663,58 @@ class FluxAdapter(SD3Adapter):
         return model.single_transformer_blocks[len(model.single_transformer_blocks) // 2].proj_mlp
 
 
+class SanaAdapter(PixArtAdapter):
+    """``SanaTransformer2DModel`` (Sana's linear-attention DiT on a deep-compression autoencoder's latents, flow
+    matching), called as ``SanaPipeline`` calls it: the timestep by keyword, ``encoder_hidden_states`` (Gemma 2's
+    last hidden state) with ``encoder_attention_mask``, both from the stock pipeline's own ``encode_prompt``
+    (:func:`tmpq.core.model.encode_sana`: its default complex human instruction and 300 tokens), and no
+    ``added_cond_kwargs``. The prompts, the empty prompt and the null pass are PixArt's (embeddings and masks).
+
+    - time: ``SanaPipeline`` calls the transformer with the scheduler's timestep (sigma * N on the flow axis of its
+      ``DPMSolverMultistepScheduler`` with ``use_flow_sigmas``) times the config's ``timestep_scale``;
+      :meth:`model_time` is that product (in float32, in the pipeline's order), :meth:`index_time` its inverse;
+    - not served: ``guidance_embeds`` (Sana-Sprint: ``SanaSprintPipeline`` and its SCM sampler), refused in one line.
+    """
+
+    cls = SanaTransformer2DModel
+
+    def check(self, model) -> None:
+        if getattr(model.config, "guidance_embeds", False):
+            raise TmpqError(f"{type(model).__name__}: guidance_embeds = True (Sana-Sprint, sampled by "
+                            f"SanaSprintPipeline's consistency sampler) is not served; tmpq serves SanaPipeline's "
+                            f"models")
+        super().check(model)
+
+    def call(self, model, x, t, cond):
+        return model(x, timestep=t, **cond)
+
+    def timestep_scale(self, model) -> float:
+        return float(getattr(model.config, "timestep_scale", 1.0) or 1.0)
+
+    def model_time(self, model, t):
+        return super().model_time(model, t) * self.timestep_scale(model)  # SanaPipeline: t * timestep_scale
+
+    def index_time(self, model, t):
+        return super().index_time(model, torch.as_tensor(t) / self.timestep_scale(model))
+
+    def scheduler_config(self, model, config: dict) -> dict:
+        return config  # not PixArt's DDPM-axis clip_sample default: Sana's schedulers are flow schedulers
+
+    def default_pins(self, model) -> dict[str, list[int]]:
+        # as PixArt's: the layers that touch the image or run once per sample, not per image token: the patch
+        # embedding (the image's first layer, a Conv2d), the adaLN-single path (the timestep embedder's Linears and
+        # time_embed.linear, the t_block that makes every block's shift / scale / gate; the blocks and the final norm
+        # keep only learned scale_shift_tables, parameters, not layers) and the caption projection (the text stream's
+        # first layer, once per text token) at W8A16; the output projection (the last layer) at W16A16. The blocks'
+        # attention Linears and GLUMBConv convolutions are searched. Not measured on a trained Sana
+        embed = re.compile(r"time_embed\..+|caption_projection\..+")
+        cond = {name: [8, 16] for name, mod in model.named_modules()
+                if isinstance(mod, torch.nn.Linear) and embed.fullmatch(name)}
+        return {"patch_embed.proj": [8, 16], **cond, "proj_out": [16, 16]}
+
+
 _REGISTRY: list[DenoiserAdapter] = [UNet2DAdapter(), UNet2DConditionAdapter(), DiTAdapter(), SD3Adapter(),
-                                    PixArtAdapter(), FluxAdapter()]
+                                    PixArtAdapter(), FluxAdapter(), SanaAdapter()]  # (WanAdapter: below)
 
 
 def register_adapter(adapter: DenoiserAdapter) -> None:
@@ -859,6 +912,8 @@ def decode(model, latents: torch.Tensor) -> torch.Tensor:
     vae = decoder_of(model)
     if vae is None:
         return latents.clamp(-1.0, 1.0)
+    if isinstance(vae, AutoencoderKLWan):  # a video VAE: its own per-channel latent statistics
+        return _decode_wan(vae, latents)
     scale = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
     dtype = next(vae.parameters()).dtype
     z = latents.to(dtype) / scale
@@ -870,8 +925,8 @@ def decode(model, latents: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def decoder_cost(model) -> dict | None:
-    """The FP VAE decoder's cost per decoded image (reported beside the denoiser's, never searched): its Conv2d /
-    Linear MACs, measured with hooks on one decode, and the BitOPs of those MACs at 32 x 32 bits. None without a
+    """The FP VAE decoder's cost per decoded image (a video model's: per video) (reported beside the denoiser's, never
+    searched): its Conv2d / Conv3d / Linear MACs, measured with hooks on one decode, and the BitOPs of those MACs at 32 x 32 bits. None without a
     VAE."""
     vae = decoder_of(model)
     if vae is None:
@@ -881,7 +936,9 @@ def decoder_cost(model) -> dict | None:
     def hook(mod, inp, out):
         macs.append(output_macs(out, mod.weight))
 
-    hooks = [m.register_forward_hook(hook) for m in vae.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    # Conv3d: a video VAE's (causal) 3-D convolutions; the image VAEs have none
+    hooks = [m.register_forward_hook(hook) for m in vae.modules()
+             if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear))]
     try:
         latent = torch.zeros(1, *sample_shape(model), device=next(vae.parameters()).device)
         decode(model, latent)
@@ -889,3 +946,104 @@ def decoder_cost(model) -> dict | None:
         for h in hooks:
             h.remove()
     return {"class": type(vae).__name__, "macs": sum(macs), "bitops_fp32": sum(macs) * 32 * 32}
+
+
+def _decode_wan(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Videos ``[B, 3, F', H', W']`` in [-1, 1] from Wan latents ``[B, C, F, H, W]``, as ``WanPipeline`` decodes them
+    (in its order of operations: latents / (1 / std) + mean, per channel, in the VAE's dtype)."""
+    dtype = next(vae.parameters()).dtype
+    z = latents.to(dtype)
+    view = (1, int(vae.config.z_dim), 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean).view(view).to(z.device, z.dtype)
+    inv_std = (1.0 / torch.tensor(vae.config.latents_std).view(view)).to(z.device, z.dtype)
+    return vae.decode(z / inv_std + mean, return_dict=False)[0].float().clamp(-1.0, 1.0)
+
+
+class WanAdapter(DenoiserAdapter):
+    """``WanTransformer3DModel`` (Wan 2.1's text-to-video DiT, flow matching), called as ``WanPipeline`` calls it.
+
+    - the sample is a video latent ``[C, F, H, W]`` (frames included; the noise bank, calibration data and the flow
+      solvers act elementwise on any shape): the transformer config's ``sample_size`` ``[F, H, W]`` in latent units
+      when it has one (a key diffusers keeps and saves), else ``WanPipeline``'s default call (81 frames of 480 x 832
+      pixels) through the VAE's ``scale_factor_temporal`` / ``scale_factor_spatial`` (4 and 8):
+      ``(num_frames - 1) // 4 + 1`` latent frames. The VAE decodes a video ``[B, 3, F', H', W']``
+      (:func:`_decode_wan`); feature extractors score a video as its frames (:mod:`tmpq.evaluators.features`);
+    - time: ``timestep`` = sigma * N of the flow axis, one per video (``t.expand(B)``, float32), as every flow model
+      here; UniPC with ``use_flow_sigmas`` / ``flow_shift`` (Wan's repositories) and ``FlowMatchEulerDiscreteScheduler``
+      are both read as the flow axis;
+    - conditioning: ``encoder_hidden_states``, UMT5's token embeddings, zeroed past each prompt's length, from
+      ``WanPipeline.encode_prompt`` (:func:`tmpq.core.model.encode_text`); no attention mask, no pooled embedding;
+    - guidance: classifier-free, the null pass at the empty prompt (``WanPipeline``'s default negative prompt),
+      which it runs as a second call: ``guidance_ranges = "separate"`` runs tmpq's passes the same way. Wan 2.2's
+      two-stage sampling (``transformer_2`` / ``boundary_ratio``, ``guidance_scale_2``) and per-token timesteps
+      (``expand_timesteps``) are refused where a pipeline sets them; image-conditioned (I2V) transformers too.
+    """
+
+    cls = WanTransformer3DModel
+    DEFAULT_VIDEO = (81, 480, 832)  # WanPipeline.__call__'s num_frames, height, width
+
+    def kind(self, model) -> str:
+        return "text"
+
+    def sample_shape(self, model) -> tuple[int, int, int, int]:
+        size = getattr(model.config, "sample_size", None)
+        c = int(model.config.in_channels)
+        if size is None:
+            vae = decoder_of(model)
+            st = int(getattr(vae.config, "scale_factor_temporal", 4)) if vae is not None else 4
+            ss = int(getattr(vae.config, "scale_factor_spatial", 8)) if vae is not None else 8
+            frames, h, w = self.DEFAULT_VIDEO
+            return (c, (frames - 1) // st + 1, h // ss, w // ss)
+        if not (isinstance(size, (list, tuple)) and len(size) == 3
+                and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+            raise TmpqError(f"{type(model).__name__}: sample_size {size!r} must be [frames, height, width] of the "
+                            f"latent video (positive integers)")
+        return (c, *(int(v) for v in size))
+
+    def check(self, model) -> None:
+        cfg, name = model.config, type(model).__name__
+        if getattr(cfg, "image_dim", None) or getattr(cfg, "added_kv_proj_dim", None):
+            raise TmpqError(f"{name}: an image-conditioned (image-to-video) transformer (image_dim / "
+                            f"added_kv_proj_dim set); tmpq serves Wan's text-to-video transformer")
+        out = getattr(cfg, "out_channels", None) or cfg.in_channels
+        if out != cfg.in_channels:
+            raise TmpqError(f"{name}: out_channels = {out} with in_channels = {cfg.in_channels}: tmpq samples "
+                            f"denoisers that predict the sample's own channels")
+        shape, patch = self.sample_shape(model)[1:], tuple(int(p) for p in cfg.patch_size)
+        if any(s % p for s, p in zip(shape, patch)):
+            raise TmpqError(f"{name}: a latent video of {list(shape)} (frames, height, width) is not a multiple of "
+                            f"the patch size {list(patch)}")
+
+    def size_multiple(self, model) -> int:
+        return int(model.config.patch_size[1])
+
+    def tokens(self, model) -> int:
+        n = 1
+        for s, p in zip(self.sample_shape(model)[1:], model.config.patch_size):
+            n *= int(s) // int(p)
+        return n
+
+    def call(self, model, x, t, cond):
+        return model(hidden_states=x, timestep=t, return_dict=False, **cond)
+
+    def example(self, model, n: int, device) -> dict:
+        if conditioning_of(model).prompt_embeds is None:
+            return {"encoder_hidden_states": torch.zeros(n, 1, int(model.config.text_dim), device=device)}
+        return self.conditions(model, range(n), device=device)
+
+    def default_pins(self, model) -> dict[str, list[int]]:
+        # as the other DiTs': what runs once per video or once per text token rather than per video token: the
+        # condition embedder's Linears (timestep embedder, the time projection that makes every block's shift /
+        # scale / gate, the text projection: the text stream's first layer) at W8A16, the output projection (the
+        # last layer, the velocity itself) at W16A16. The patch embedding is a Conv3d, which tmpq does not wrap: it
+        # stays FP (not in the search space, not in the BitOPs), as the blocks' and the output's scale_shift_table
+        # parameters do. Not measured on a trained Wan
+        cond = {name: [8, 16] for name, mod in model.named_modules()
+                if isinstance(mod, torch.nn.Linear) and name.startswith("condition_embedder.")}
+        return {**cond, "proj_out": [16, 16]}
+
+    def feature_module(self, model):
+        return model.blocks[len(model.blocks) // 2]
+
+
+_REGISTRY.append(WanAdapter())

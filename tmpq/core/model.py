@@ -172,7 +172,10 @@ class LoadedModel:
     def image_channels(self) -> int:
         """Channels of the images metrics see (a latent model's VAE output)."""
         vae = decoder_of(self.unet)
-        return int(vae.config.out_channels) if vae is not None else self.sample_shape[0]
+        if vae is None:
+            return self.sample_shape[0]
+        # AutoencoderDC's config names only in_channels (it reconstructs them)
+        return int(getattr(vae.config, "out_channels", None) or vae.config.in_channels)
 
 
 def check_safetensors(path: Path) -> None:
@@ -215,7 +218,7 @@ def resolve_model_dir(path: str | os.PathLike | None) -> tuple[Path, Path, dict]
     return root, unet_dir, sched_cfg
 
 
-VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
+VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny", "AutoencoderDC", "AutoencoderKLWan")  # DC: Sana's deep-compression autoencoder; KLWan: Wan's video VAE
 
 
 def _config_key(config_file: Path, what: str, key: str, default=None):
@@ -249,6 +252,43 @@ def _from_pretrained(cls: type, folder: Path, what: str = "model", weights: tupl
         raise TmpqError(f"cannot load {cls.__name__} from {folder}: {str(exc).splitlines()[0]}") from None
     check_finite(model, folder)
     return model.eval().requires_grad_(False)
+
+
+def _load_keep_fp32(cls: type, folder: Path, dtype: torch.dtype):
+    """A denoiser whose class keeps some modules in fp32 (``_keep_in_fp32_modules``, Wan's time embedder, norms and
+    scale-shift tables). diffusers loads such a class only with ``low_cpu_mem_usage``, which needs the package
+    ``accelerate``: with it, its own ``from_pretrained``; without it, the same model built from its config (unknown
+    config keys kept, as ``from_pretrained`` keeps them) with the safetensors weights loaded strictly, cast to
+    ``dtype`` except the parameters of those modules (diffusers' rule: a name containing one of them)."""
+    from diffusers.utils import is_accelerate_available
+
+    if is_accelerate_available():
+        return _from_pretrained(cls, folder, **_dtype_kw(dtype))
+    from safetensors.torch import load_file
+
+    _from_pretrained_checks(folder)
+    try:
+        model = cls.from_config(cls.load_config(str(folder), local_files_only=True))
+        model.load_state_dict(load_file(str(folder / WEIGHTS_NAME)), strict=True)
+    except Exception as exc:
+        raise TmpqError(f"cannot load {cls.__name__} from {folder}: {str(exc).splitlines()[0]}") from None
+    if dtype != torch.float32:
+        keep = tuple(cls._keep_in_fp32_modules)
+        for name, p in model.named_parameters():
+            if not any(k in name.split(".") for k in keep):
+                p.data = p.data.to(dtype)
+    check_finite(model, folder)
+    return model.eval().requires_grad_(False)
+
+
+def _from_pretrained_checks(folder: Path) -> None:
+    """What :func:`_from_pretrained` checks of a diffusers weights folder before loading: a safetensors file, complete
+    (pickled ``.bin`` weights refused)."""
+    if not (folder / WEIGHTS_NAME).is_file():
+        if any(folder.glob("*.bin")):
+            raise TmpqError(f"{folder} has only pickled .bin weights; convert them to safetensors first")
+        raise TmpqError(f"no {WEIGHTS_NAME} in model directory {folder}")
+    check_safetensors(folder / WEIGHTS_NAME)
 
 
 @torch.no_grad()
@@ -356,6 +396,8 @@ def encode_text(unet, parts: dict, prompts, device="cpu") -> tuple[torch.Tensor,
     denoiser = denoiser_of(unet)
     if isinstance(denoiser, diffusers.FluxTransformer2DModel):
         return _encode_flux(denoiser, parts, prompts, device)
+    if isinstance(denoiser, diffusers.WanTransformer3DModel):
+        return _encode_wan(denoiser, parts, prompts, device), None
     if not isinstance(denoiser, diffusers.SD3Transformer2DModel):
         return encode_prompts(parts["text_encoder"], parts["tokenizer"], prompts, device), None
     names = [n for pair in TEXT_PARTS for n in pair]
@@ -408,10 +450,36 @@ def encode_masked(unet, parts: dict, prompts, device="cpu") -> tuple[torch.Tenso
     return embeds, mask
 
 
+@torch.no_grad()
+def encode_sana(unet, parts: dict, prompts, device="cpu", empty: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(embeds [P, L, D], attention mask [P, L])`` of ``prompts`` for a Sana denoiser, from the stock
+    ``SanaPipeline.encode_prompt`` (a pipeline assembled from the loaded Gemma 2 encoder and tokenizer) with what the
+    stock call passes by default: its ``max_sequence_length`` (300), ``complex_human_instruction`` (prepended to every
+    prompt, then the first token and the last ``max_sequence_length - 1`` kept) and ``clean_caption`` (False; where
+    True, as :func:`encode_masked` reads it). ``empty``: the pipeline's negative prompt, the empty one, encoded as the
+    stock call encodes it for guidance (without the instruction, padded to ``max_sequence_length``), once per prompt
+    of ``prompts`` (pass one)."""
+    from diffusers.utils import is_bs4_available, is_ftfy_available
+
+    call = inspect.signature(diffusers.SanaPipeline.__call__).parameters
+    clean = bool(call["clean_caption"].default) and is_bs4_available() and is_ftfy_available()
+    pipe = diffusers.SanaPipeline(transformer=denoiser_of(unet), scheduler=diffusers.DPMSolverMultistepScheduler(),
+                                  vae=None, text_encoder=parts["text_encoder"].to(device), tokenizer=parts["tokenizer"])
+    embeds, mask, null, null_mask = pipe.encode_prompt(
+        list(prompts), do_classifier_free_guidance=empty, negative_prompt="", device=torch.device(device),
+        clean_caption=clean, max_sequence_length=call["max_sequence_length"].default,
+        complex_human_instruction=call["complex_human_instruction"].default)
+    return (null, null_mask) if empty else (embeds, mask)
+
+
 def text_conditioning(unet, parts: dict, prompts, device="cpu") -> dict:
     """The :class:`Conditioning` fields of ``prompts`` and of the empty prompt for ``unet``'s denoiser, encoded by its
-    text ``parts`` (:func:`encode_text`; a PixArt model's with their attention masks, :func:`encode_masked`); the
-    prompts' fields are None without prompts."""
+    text ``parts`` (:func:`encode_text`; a PixArt model's with their attention masks, :func:`encode_masked`; a Sana
+    model's likewise, :func:`encode_sana`); the prompts' fields are None without prompts."""
+    if isinstance(denoiser_of(unet), diffusers.SanaTransformer2DModel):
+        null, null_mask = encode_sana(unet, parts, [""], device, empty=True)
+        embeds, mask = encode_sana(unet, parts, prompts, device) if prompts else (None, None)
+        return dict(null_embeds=null, null_mask=null_mask, prompt_embeds=embeds, prompt_mask=mask)
     if isinstance(denoiser_of(unet), diffusers.PixArtTransformer2DModel):
         null, null_mask = encode_masked(unet, parts, [""], device)
         embeds, mask = encode_masked(unet, parts, prompts, device) if prompts else (None, None)
@@ -430,6 +498,32 @@ def _encode_flux(denoiser, parts: dict, prompts, device) -> tuple[torch.Tensor, 
     embeds, pooled, _ = pipe.encode_prompt(prompt=list(prompts), prompt_2=None, device=torch.device(device),
                                            max_sequence_length=max_len)
     return embeds, pooled
+
+
+def _encode_wan(denoiser, parts: dict, prompts, device) -> torch.Tensor:
+    """Wan's token embeddings of ``prompts``: ``WanPipeline.encode_prompt`` (UMT5's last hidden state, zeroed past
+    each prompt's tokens, at the pipeline call's default ``max_sequence_length``) of a pipeline assembled from the
+    loaded UMT5 encoder and tokenizer (its VAE left out, its scheduler a stand-in)."""
+    pipe = diffusers.WanPipeline(transformer=denoiser, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(), vae=None,
+                                 text_encoder=parts["text_encoder"].to(device), tokenizer=parts["tokenizer"])
+    max_len = inspect.signature(diffusers.WanPipeline.__call__).parameters["max_sequence_length"].default
+    embeds, _ = pipe.encode_prompt(prompt=list(prompts), do_classifier_free_guidance=False,
+                                   device=torch.device(device), max_sequence_length=max_len)
+    return embeds
+
+
+def refuse_two_stage(index: dict, where: str) -> None:
+    """Refuse, in one line, a Wan 2.2 pipeline config (a ``model_index.json`` or a live pipeline's config) that tmpq
+    would sample wrongly: two-stage sampling (``transformer_2`` / ``boundary_ratio``: a second denoiser for the
+    low-noise steps, with its own ``guidance_scale_2``) or per-token timesteps (``expand_timesteps``)."""
+    second = index.get("transformer_2")
+    if isinstance(second, (list, tuple)):  # an index entry: [library, class], [None, None] when absent
+        second = second[0] if second else None
+    if index.get("boundary_ratio") is not None or second is not None:
+        raise TmpqError(f"{where}: a two-stage pipeline (transformer_2 / boundary_ratio, Wan 2.2's high- and "
+                        f"low-noise experts) is not served: tmpq searches one denoiser")
+    if index.get("expand_timesteps"):
+        raise TmpqError(f"{where}: expand_timesteps (Wan 2.2's per-token timesteps) is not served")
 
 
 def condition(unet, cfg: ModelConfig, text, device, where: str) -> Conditioning:
@@ -499,9 +593,12 @@ def load_model(path: str | os.PathLike | ModelConfig | None = None, device: str 
                         f"directory); pass it again, e.g. tmpq.export(run, model=pipe)")
     dtype = cfg.torch_dtype
     root, unet_dir, sched_cfg = resolve_model_dir(cfg.path)
-    unet = _from_pretrained(denoiser_class(unet_dir / "config.json"), unet_dir, low_cpu_mem_usage=False,
-                            **_dtype_kw(dtype)).to(device)
-    if device == "cpu":
+    cls = denoiser_class(unet_dir / "config.json")
+    if getattr(cls, "_keep_in_fp32_modules", None):  # Wan's: diffusers loads it only with low_cpu_mem_usage
+        unet = _load_keep_fp32(cls, unet_dir, dtype).to(device)
+    else:
+        unet = _from_pretrained(cls, unet_dir, low_cpu_mem_usage=False, **_dtype_kw(dtype)).to(device)
+    if device == "cpu" and image_convs(unet):
         unet.to(memory_format=torch.channels_last)  # measured 1.4x faster sampling on 2 CPU cores (52 -> 73 img/s)
     vae = _load_vae(root, dtype)
     if vae is not None:
@@ -510,10 +607,20 @@ def load_model(path: str | os.PathLike | ModelConfig | None = None, device: str 
     if text is not None:
         set_text_parts(unet, text)
     adapter_for(unet).check(unet)
+    if isinstance(unet, diffusers.WanTransformer3DModel) and (root / "model_index.json").is_file():
+        idx = root / "model_index.json"
+        refuse_two_stage({k: _config_key(idx, "pipeline", k) for k in ("transformer_2", "boundary_ratio",
+                                                                        "expand_timesteps")}, str(idx))
     cond = condition(unet, cfg, text, device, f"{root} has no text_encoder/ + tokenizer/")
     sched_cfg = adapter_for(unet).scheduler_config(unet, sched_cfg)
     sched_cfg = bind_axis(unet, sched_cfg, f"{root}: scheduler config")
     return LoadedModel(unet=unet, scheduler_config=sched_cfg, path=root, conditioning=cond)
+
+
+def image_convs(unet) -> bool:
+    """Whether tmpq's CPU layout (``channels_last``) applies to ``unet``: not to a video denoiser, whose Conv3d
+    weights (Wan's patch embedding) have no 4-D channels-last layout."""
+    return not any(isinstance(m, torch.nn.Conv3d) for m in unet.modules())
 
 
 def bind_axis(unet, scheduler_config: dict, where: str) -> dict:
@@ -534,7 +641,9 @@ def save_pipeline_dir(unet: torch.nn.Module, scheduler_config: dict, out: Path, 
     ``UNet2DConditionModel`` with its VAE and text encoder), ``DiTPipeline`` (a ``DiTTransformer2DModel`` with its
     VAE), ``StableDiffusion3Pipeline`` (an ``SD3Transformer2DModel`` with its VAE and two or three text encoders),
     ``PixArtSigmaPipeline`` (a ``PixArtTransformer2DModel`` with its VAE and T5 encoder; ``PixArtAlphaPipeline`` for
-    one with additional conditions), ``FluxPipeline`` (a ``FluxTransformer2DModel`` with its VAE, CLIP and T5); any
+    one with additional conditions), ``FluxPipeline`` (a ``FluxTransformer2DModel`` with its VAE, CLIP and T5),
+    ``SanaPipeline`` (a ``SanaTransformer2DModel`` with its ``AutoencoderDC`` and Gemma 2 encoder), ``WanPipeline`` (a
+    ``WanTransformer3DModel`` with its video VAE and UMT5); any
     other under tmpq's own ``_class_name`` (diffusers has no pipeline for a pixel-space DiT; ``tmpq sample`` renders
     it)."""
     out = Path(out)
@@ -576,9 +685,14 @@ def save_pipeline_dir(unet: torch.nn.Module, scheduler_config: dict, out: Path, 
                      image_encoder=[None, None], feature_extractor=[None, None])
     elif name == "PixArtTransformer2DModel" and vae is not None and text is not None:
         pipeline = pixart_pipeline(unet).__name__  # PixArtSigmaPipeline (PixArtAlphaPipeline: additional conds)
+    elif name == "SanaTransformer2DModel" and vae is not None and text is not None:
+        pipeline = "SanaPipeline"  # AutoencoderDC, Gemma 2 and its tokenizer
     elif name == "FluxTransformer2DModel" and vae is not None and text is not None and "text_encoder_2" in text:
         pipeline = "FluxPipeline"  # CLIP + T5; its optional IP-adapter parts named None, as diffusers saves them
         index.update(image_encoder=[None, None], feature_extractor=[None, None])
+    elif name == "WanTransformer3DModel" and vae is not None and text is not None:
+        pipeline = "WanPipeline"  # Wan 2.1's one-stage text-to-video, as WanPipeline.save_pretrained writes it
+        index.update(transformer_2=[None, None], boundary_ratio=None, expand_timesteps=False)
     else:  # tmpq.deploy.pipelines.TmpqPipeline (registered with diffusers): no stock pipeline samples it
         pipeline = "TmpqPipeline"
     index = {"_class_name": pipeline, **index}

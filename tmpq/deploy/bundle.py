@@ -3,7 +3,7 @@
 An export directory is a complete diffusers pipeline directory (``model_index.json``, ``unet/`` or ``transformer/``,
 ``scheduler/``, and a latent model's ``vae/``, a text model's ``text_encoder/`` + ``tokenizer/`` (and further text
 parts): the FP weights, loadable by diffusers alone as a ``DDPMPipeline``, ``StableDiffusionPipeline``,
-``DiTPipeline``, ``StableDiffusion3Pipeline``, ``PixArtSigmaPipeline`` or ``FluxPipeline``) plus
+``DiTPipeline``, ``StableDiffusion3Pipeline``, ``PixArtSigmaPipeline``, ``FluxPipeline``, ``SanaPipeline`` or ``WanPipeline``) plus
 
 - ``tmpq_export.json``: ``format`` / ``version``; the sampler (scheduler class, its config, the searched timesteps,
   eta); per-layer FQN -> ``{w_bits, a_bits, granularity, ...}``; ``modules_to_not_convert``; the candidate's
@@ -23,7 +23,14 @@ from tmpq.core.adapters import adapter_for, bind_conditioning, bind_time_axis, c
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import file_sha256, malformed, read_json
 from tmpq.core.flow_solvers import FLOW_CLASSES
-from tmpq.core.model import ModelConfig, load_model, pipeline_text_parts, text_conditioning
+from tmpq.core.model import (
+    ModelConfig,
+    image_convs,
+    load_model,
+    pipeline_text_parts,
+    refuse_two_stage,
+    text_conditioning,
+)
 from tmpq.core.reuse import DeepCache, reuse_plan
 from tmpq.core.sampler import make_scheduler
 from tmpq.core.solvers import CLASSES, check_solver, needs_scaling
@@ -149,6 +156,10 @@ def apply_export(pipeline_or_unet, export_dir: str | Path, kernels: str = "fake"
                         f"{next(unet.parameters()).device}: move it to the CPU first (tmpq speed --device cuda "
                         f"measures the GPU int8 path)")
     check_finite(export_dir / QUANT_FILE)
+    if unet is not pipeline_or_unet and getattr(pipeline_or_unet, "config", None) is not None:
+        # a Wan 2.2 pipeline: a second transformer for the low-noise steps, or per-token timesteps
+        refuse_two_stage({**pipeline_or_unet.config, "transformer_2": getattr(pipeline_or_unet, "transformer_2", None)},
+                         f"apply_export: {type(pipeline_or_unet).__name__}")
     bind_time_axis(unet, plan.sampler.time_axis)  # a flow model's calls come at sigma * N: routed on its grid
     if plan.null_label is not None:
         set_conditioning(unet, null_label=plan.null_label)
@@ -157,7 +168,7 @@ def apply_export(pipeline_or_unet, export_dir: str | Path, kernels: str = "fake"
     if parts is not None and separate:
         # the null pass is told by the empty prompt's embedding: the pipeline's own encoders give it
         set_conditioning(unet, **text_conditioning(unet, parts, (), next(parts["text_encoder"].parameters()).device))
-    if next(unet.parameters()).device.type == "cpu":
+    if next(unet.parameters()).device.type == "cpu" and image_convs(unet):
         # tmpq's CPU layout (as load_model): the same conv kernels, hence bit-identical samples, on every path
         unet.to(memory_format=torch.channels_last)
     net = QuantSupernet.from_file(unet, export_dir / QUANT_FILE)
