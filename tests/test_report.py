@@ -104,3 +104,19 @@ def test_save_grid_lays_images_out_with_white_gaps(tmp_path):
     assert (g[:2] == 255).all() and (g[:, 8:10] == 255).all() and (g[8:12, 10:16] == 255).all()  # gaps, empty cell
     one = np.array(Image.open(save_grid(imgs[:1], tmp_path / "one.png", nrow=8, scale=1)))
     assert one.shape == (4, 5) and (one[1:3, 1:4] == 0).all() and one[0].min() == 255  # a lone image keeps its border
+
+
+def test_save_grid_lays_each_video_out_as_a_row_of_its_frames(tmp_path):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from tmpq.core.grid import save_grid
+
+    # 2 videos of 3 frames, 1 x 1 pixel each: video v, frame f has value (v * 3 + f) / 3 - 1
+    vids = torch.tensor([[[-1.0, -2 / 3, -1 / 3]], [[0.0, 1 / 3, 2 / 3]]]).reshape(2, 1, 3, 1, 1)
+    g = np.array(Image.open(save_grid(vids, tmp_path / "v.png", scale=1)))
+    assert g.shape == (2 * 2 + 1, 3 * 2 + 1)  # 2 rows (videos) x 3 columns (frames), 1-pixel gaps
+    cells = g[1::2, 1::2]
+    expected = ((vids.reshape(2, 3) + 1) * 127.5).round().numpy()
+    assert (cells == expected).all()

@@ -9,13 +9,17 @@ from torchvision.utils import make_grid
 
 def save_grid(images: torch.Tensor, path: Path | str, nrow: int = 8, scale: int = 4, pad: int = 1) -> Path:
     """Save images in [-1, 1] ([N, C, H, W], C = 1 or 3) as one PNG grid, upscaled ``scale`` times (nearest); a
-    1-channel batch gives a grayscale PNG.
+    1-channel batch gives a grayscale PNG. Videos ``[N, C, F, H, W]`` (a video model's samples) give one row of
+    ``F`` frames per video (``nrow`` is then the frame count).
 
     Example:
         >>> save_grid(torch.zeros(4, 1, 16, 16), "/tmp/g.png", nrow=2)  # doctest: +SKIP
     """
     from PIL import Image
 
+    if images.ndim == 5:  # videos: each a row of its frames
+        nrow = images.shape[2]
+        images = images.transpose(1, 2).flatten(0, 1)
     x = ((images.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).cpu()
     c = x.shape[1]
     grid = make_grid(x, nrow=max(1, min(nrow, len(x))), padding=pad, pad_value=255)  # uint8 [3, H, W]
