@@ -13,6 +13,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from tmpq.core.adapters import adapter_for, forward, select, unpack
+from tmpq.core.devices import release_freed_memory
 from tmpq.core.errors import TmpqError
 from tmpq.quant.reconstruct import capture_block, reconstruct_block
 from tmpq.supernet.calib_data import MODES
@@ -100,6 +101,7 @@ def calibrate(net, data: Iterable[tuple[torch.Tensor, torch.Tensor]], mode: str 
                 net.time_starts = []
     for layer in net.layers.values():
         layer.invalidate_cache()
+    release_freed_memory()  # calibration's transients need not stay resident through the search
     net.time_starts, net._live_group = starts, (jobs[-1][0] if banked else None)
     net._calibrated = True
     net.set_fp()

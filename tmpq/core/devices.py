@@ -72,6 +72,17 @@ def tune_cpu_allocator() -> str:
     return _allocator
 
 
+def release_freed_memory() -> bool:
+    """Hand the memory this process has freed back to the system (glibc's ``malloc_trim``), e.g. after calibration,
+    whose transient tensors (each option's quantized weights, observers' inputs) would otherwise stay resident through
+    the whole search: measured 300 MiB of 2.1 GiB on a 0.22 B-parameter UNet supernet. True where it ran (glibc)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
 def cpu_allocator() -> str:
     """What :func:`tune_cpu_allocator` put in effect in this process ("stock": glibc's defaults)."""
     return _allocator
