@@ -353,12 +353,14 @@ def part_grouping_speed(args, log: RowLog) -> None:
     val = [r for r in log.rows.values() if r["kind"] == "grouping-validated"]
     if ref is None or not val:
         raise SystemExit("--part grouping-speed: needs the FP DDIM 100-step row and --part grouping-validate first")
-    within = [r for r in val if np.mean(list(r["fid_seeds"].values())) <= 1.15 * ref["fid"]
-              and r["source"].startswith("runs/")]
+    within = [r for r in val if np.mean(list(r["fid_seeds"].values())) <= 1.15 * ref["fid"]]
     if not within:
         raise SystemExit("--part grouping-speed: no validated search point here within 1.15x FP 100 steps")
     pick = min(within, key=lambda r: (parse_solver(r["solver"]).calls(len(r["timesteps"])) - r["reused"],
                                       r["bitops_frac"]))
+    if not pick["source"].startswith("runs/"):  # chosen among all the points, never silently among the others
+        raise SystemExit(f"--part grouping-speed: the pick, {pick['name']} ({pick['key']}), comes from "
+                         f"{pick['source']}, whose run is kept only as raw logs here: export it from there first")
     tag = f"search-{pick['name']}"
     if log.has(kind="speed", name=tag):
         return
@@ -391,8 +393,11 @@ def _validated_fids(run_path: Path, key: str, n: int, seeds=(1, 2)) -> dict[str,
 
 
 def _proxy_best(ev, max_bitops: float):
-    """The ``ok`` row of evaluations frame ``ev`` with the best proxy at no more than ``max_bitops``; None if none."""
-    ev = ev[(ev["status"] == "ok") & (ev["bitops"] <= max_bitops)]
+    """The ``ok`` row of evaluations frame ``ev`` with the best (non-NaN) proxy at no more than ``max_bitops``; None
+    if none (also for a frame without objective columns: a run whose every evaluation failed)."""
+    if not {"status", "bitops", "fid_proxy"} <= set(ev.columns):
+        return None
+    ev = ev[(ev["status"] == "ok") & (ev["bitops"] <= max_bitops) & ev["fid_proxy"].notna()]
     return ev.loc[ev["fid_proxy"].idxmin()] if len(ev) else None
 
 
@@ -532,6 +537,9 @@ def _proxy_gbitops(ev) -> np.ndarray:
 def _reference_point(pts: dict) -> tuple[np.ndarray, np.ndarray]:
     """One reference point for all runs, by the rule fixed before the gene runs: 1.1 x the worst proxy and the largest
     BitOPs any run evaluated; and the same point with the proxy on log10."""
+    bad = [name for name, p in pts.items() if not np.isfinite(p).all()]
+    if bad:  # max() would carry the NaN into the point, and every hypervolume against it would read 0
+        raise ValueError(f"reference point: non-finite proxy or BitOPs in run(s) {', '.join(map(str, bad))}")
     refpt = np.array([1.1 * max(p[:, 0].max() for p in pts.values()), 1.1 * max(p[:, 1].max() for p in pts.values())])
     return refpt, log_proxy(refpt[None, :])[0]
 
