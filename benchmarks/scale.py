@@ -169,6 +169,20 @@ def one(args) -> list[dict]:
     return rows
 
 
+def table(rows: list[dict]) -> str:
+    """The report's table (markdown) from the rows of ``rows.jsonl``, old and new side by side per size."""
+    out = ["| code | UNet width | params | FP weights MiB | FP sampling peak MiB | search peak MiB | search / FP (process) "
+           "| search / FP (above the interpreter) | kept quantized weights MiB | candidate / FP time |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted((r for r in rows if "stages" in r), key=lambda r: (r["family"], r["scale"], r["label"])):
+        s, kept = r["stages"], r["stages"]["search"].get("kept_weight_mib")
+        out.append(f"| {r['label']} | x{r['scale']} | {r['params'] / 1e6:.0f} M | {r['weight_mib']:.0f} | "
+                   f"{s['fp_sample']['peak_mib']:.0f} | {s['search']['peak_mib']:.0f} | "
+                   f"{r['search_peak_over_fp_peak']:.2f} | {r['search_over_fp_above_base']:.2f} | "
+                   f"{'a copy per visited option' if kept is None else kept} | {r['candidate_over_fp_time']:.2f} |")
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", default="sd15", help="sd15 (UNet, --widths), pixart or sd35 (DiTs, --blocks)")
@@ -187,8 +201,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--label", default="new", help="which code is measured (e.g. new, old)")
     ap.add_argument("--out", type=Path, default=Path("results/scale"))
+    ap.add_argument("--table", action="store_true", help="print the report's table from <out>/rows.jsonl and stop")
     ap.add_argument("--one", type=float, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.table:
+        print(table([json.loads(line) for line in (args.out / "rows.jsonl").read_text().splitlines() if line.strip()]))
+        return
     if args.one is not None:
         args.scale = args.one
         print("ROWS " + json.dumps(one(args)), flush=True)
