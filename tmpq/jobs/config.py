@@ -382,6 +382,10 @@ def config_from_dict(data: dict) -> RunConfig:
     cfg = _build(RunConfig, data, "")
     s = cfg.search
     if s.step_choices and s.steps not in s.step_choices:
+        given = isinstance(data.get("search"), dict) and "steps" in data["search"]
+        if not given:  # the step count is the default: the choices are what the user set
+            raise TmpqError(f"search.step_choices: {list(s.step_choices)} must include search.steps ({s.steps}, its "
+                            f"default; set search.steps to one of them)")
         raise TmpqError(f"search.steps: {s.steps} must be one of search.step_choices {list(s.step_choices)}")
     if s.engine == "random" and s.mutation_prob:
         raise TmpqError(f"search.mutation_prob: engine random does not mutate; leave it at 0 (got {s.mutation_prob})")
