@@ -37,10 +37,23 @@ class Outcome:
     wall_s: float = 0.0
     worker: str = ""
     error: str = ""
+    peak_mib: float = 0.0  # the worker process's peak resident memory so far (0: not known on this system)
 
 
 def _worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def peak_resident_mib() -> float:
+    """This process's peak resident memory in MiB (Linux ``VmHWM``); 0.0 where the system does not say."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0.0
 
 
 def run_task(evaluator, task: Task) -> Outcome:
@@ -48,10 +61,11 @@ def run_task(evaluator, task: Task) -> Outcome:
     t0 = time.perf_counter()
     try:
         obj = evaluator.evaluate(task.candidate)
-        return Outcome("ok", obj, time.perf_counter() - t0, _worker_name())
+        return Outcome("ok", obj, time.perf_counter() - t0, _worker_name(), peak_mib=peak_resident_mib())
     except Exception as exc:  # a failed evaluation is a row, not a crash of the search
         return Outcome("failed", {}, time.perf_counter() - t0, _worker_name(),
-                       f"{type(exc).__name__}: {exc}".splitlines()[0] + " | " + traceback.format_exc(limit=2)[-300:])
+                       f"{type(exc).__name__}: {exc}".splitlines()[0] + " | " + traceback.format_exc(limit=2)[-300:],
+                       peak_mib=peak_resident_mib())
 
 
 class LocalExecutor:

@@ -54,6 +54,7 @@ class EvalResult:
     generation: int = 0
     origin: str = ""
     version: int = RESULT_VERSION
+    peak_mib: float = 0.0  # the evaluating worker's peak resident memory so far, MiB (0: not recorded)
 
     def __post_init__(self):
         if self.status not in ("ok", "failed"):
@@ -93,7 +94,8 @@ class EvalResult:
 _CANDIDATE_FIELDS = ("timesteps", "bits", "solver", "order", "reuse")
 _FIELD_TYPES = {"key": str, "status": str, "timesteps": list, "bits": list, "objectives": dict, "proxy": dict,
                 "n_images": int, "seed": int, "wall_s": (float, int), "worker": str, "error": str, "generation": int,
-                "origin": str, "version": int, "solver": str, "order": int, "reuse": list}
+                "origin": str, "version": int, "solver": str, "order": int, "reuse": list,
+                "peak_mib": (float, int)}
 
 
 class RunDir:
@@ -229,7 +231,8 @@ def results_frame(results: list[EvalResult]):
                "steps": len(c.timesteps), "proxy": r.proxy.get("name", ""),
                "proxy_version": r.proxy.get("version", ""), "n_images": r.n_images, "seed": r.seed,
                "wall_s": r.wall_s, "worker": r.worker, "error": r.error, "generation": r.generation,
-               "origin": r.origin, **c.solver.fields(), **({"reuse": list(c.reuse)} if c.reuse else {})}
+               "origin": r.origin, "peak_mib": r.peak_mib, **c.solver.fields(),
+               **({"reuse": list(c.reuse)} if c.reuse else {})}
         row.update(r.objectives)
         rows.append(row)
     df = pd.DataFrame(rows)

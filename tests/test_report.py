@@ -44,6 +44,8 @@ def test_report_files(reported):
 
     names = [b["name"] for b in json.loads((out / "baselines.json").read_text())]
     assert {n.split()[-1] for n in names} == {"2", "3"} and "2/3 steps" in page
+    peak = load_run(reported).evaluations["peak_mib"].max()
+    assert peak > 100 and f"peak resident memory: {peak:.0f} MiB" in page  # the search's memory, as logged
     srcs = re.findall(r'<img src="([^"]+)"', page)
     assert srcs and all(not s.startswith("/") for s in srcs)  # relative: the folder can be moved or served
 

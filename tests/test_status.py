@@ -24,10 +24,15 @@ def test_status_reports_generations_failures_and_best_points_read_only(tiny_mode
     assert sum(g["evaluations"] for g in st["per_generation"]) == st["evaluations"]
     assert st["per_generation"][1]["best_proxy"] <= st["per_generation"][0]["best_proxy"]
     assert st["best"] and st["best"][0]["fid_proxy"] == min(b["fid_proxy"] for b in st["best"])
+    # every row logs its worker's peak resident memory: at least the model and torch, at most the machine
+    with open("/proc/meminfo") as f:
+        total_mib = int(f.readline().split()[1]) / 1024
+    assert all(100 < g["peak_mib"] < total_mib for g in st["per_generation"])
     code, out, _ = run_cli(["status", run.path, "--json"], capsys)
     assert code == 0 and json.loads(out)["evaluations"] == st["evaluations"]
     code, out, _ = run_cli(["status", run.path], capsys)
     assert code == 0 and "generation 2/2 logged" in out and "best points" in out
+    assert f"worker peak memory {st['per_generation'][1]['peak_mib']:.0f} MiB" in out
     assert _digests(run.path) == before
     code, _, err = run_cli(["status", tmp_path / "nope"], capsys)
     assert code == 2 and err.strip().startswith("tmpq: error:")

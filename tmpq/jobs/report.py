@@ -270,6 +270,9 @@ def _write_report(run_path: str | Path, baselines: bool, grids: bool, progress: 
                       + (f"; Kendall τ between the search proxy and the final FID: <b>{tau:.3f}</b>" if tau == tau
                          else "") + ".</p>")
     fp_img = f'<img src="{names["fp"]}" alt="FP reference samples">' if "fp" in names else ""
+    peak = float(evaluations["peak_mib"].max()) if "peak_mib" in evaluations else 0.0
+    memory_note = (f" Evaluating workers' peak resident memory: {peak:.0f} MiB (the largest any row logged)."
+                   if peak > 0 else "")
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>tmpq report: {html.escape(run.path.name)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse}}
@@ -278,7 +281,7 @@ code{{font-size:12px}}tr.exported{{background:#fff3d6}}</style></head><body>
 <h1>tmpq search report: {html.escape(run.path.name)}</h1>
 <p>{len(evaluations)} evaluations, {len(front)} Pareto points; {'/'.join(map(str, space.step_choices))} steps
 ({html.escape(space.groups.kind)} time groups); bits W{list(space.w_bits)} × A{list(space.a_bits)}; proxy <code>{html.escape(str(proxy['name']))}</code>
-at N = {proxy['n_images']}.</p>
+at N = {proxy['n_images']}.{memory_note}</p>
 {final_note}
 <h2>Pareto front</h2><img src="{plot}" alt="Pareto plot">
 <h2>Uniform baselines (same supernet, same proxy)</h2>

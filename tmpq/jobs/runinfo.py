@@ -141,7 +141,9 @@ def run_status(run) -> dict:
             best = min(best, float(ok["fid_proxy"].min()))
         per_gen.append({"generation": int(g), "evaluations": int(len(rows)),
                         "failed": int((rows["status"] != "ok").sum()),
-                        "eval_s": round(float(rows["wall_s"].sum()), 1), "best_proxy": best})
+                        "eval_s": round(float(rows["wall_s"].sum()), 1), "best_proxy": best,
+                        # the largest worker peak resident memory its rows recorded (0: rows before it was logged)
+                        "peak_mib": float(rows["peak_mib"].max()) if "peak_mib" in rows else 0.0})
     front = pareto_frame(ev, run_objectives(cfg))
     cols = [c for c in ("key", "fid_proxy", "bitops", "steps", "solver") if c in front]
     age = time.time() - rd.log_path.stat().st_mtime if rd.log_path.is_file() else None
@@ -192,8 +194,9 @@ def status_text(st: dict) -> str:
              f"  validation: {val_line}",
              f"  exports: {exp_line}"]
     for g in st["per_generation"]:
+        peak = f", worker peak memory {g['peak_mib']:.0f} MiB" if g.get("peak_mib") else ""
         lines.append(f"  generation {g['generation'] + 1}: {g['evaluations']} evaluations ({g['failed']} failed), "
-                     f"{g['eval_s']:.0f} evaluation-s, best proxy so far {g['best_proxy']:.4g}")
+                     f"{g['eval_s']:.0f} evaluation-s, best proxy so far {g['best_proxy']:.4g}{peak}")
     if st["best"]:
         lines.append("best points (lowest proxy on the front):")
         lines.append(pd.DataFrame(st["best"]).to_string(index=False))

@@ -299,7 +299,7 @@ def _search(cfg: RunConfig, run: RunDir, space: SearchSpace, sn_file: Path, exec
                 res = EvalResult(key=task.key, status=out.status, candidate=cand, objectives=objectives,
                                  proxy=proxy_info, n_images=cfg.proxy.n_images, seed=cfg.proxy.seed,
                                  wall_s=round(out.wall_s, 3), worker=out.worker, error=out.error, generation=gen,
-                                 origin=engine.name)
+                                 origin=engine.name, peak_mib=out.peak_mib)
                 run.append(res)
                 logged[task.key] = res
             F = np.array([[logged[c.key].objectives.get(o, np.inf) if logged[c.key].status == "ok" else np.inf
