@@ -203,8 +203,10 @@ def test_step_gene_bits_only_holds_the_reference_schedule_and_bad_spaces_are_ref
     from tmpq.jobs.config import config_from_dict
 
     assert config_from_dict({"search": {"steps": 5, "step_choices": [3, 5]}}).search.step_choices == (3, 5)
-    with pytest.raises(TmpqError, match="search.steps: 10 must be one of"):
-        config_from_dict({"search": {"step_choices": [3, 5]}})
+    with pytest.raises(TmpqError, match=r"^search.step_choices: \[3, 5\] must include search.steps \(10, its default"):
+        config_from_dict({"search": {"step_choices": [3, 5]}})  # the key the user set is named first
+    with pytest.raises(TmpqError, match="^search.steps: 7 must be one of search.step_choices"):
+        config_from_dict({"search": {"steps": 7, "step_choices": [3, 5]}})
     with pytest.raises(TmpqError, match="search.step_choices"):
         config_from_dict({"search": {"steps": 5, "step_choices": [5, 5]}})
 
