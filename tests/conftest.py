@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -90,3 +93,11 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
         torch.set_num_threads(threads)
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def run_stock(script: str, args: dict) -> dict:
+    """Run ``script`` (a stock-pipeline check: ``python -c script ARGS``) in a fresh interpreter with ``args`` as JSON
+    and load the tensors it saved to ``args["out"]`` (safely: ``weights_only``)."""
+    res = subprocess.run([sys.executable, "-c", script, json.dumps(args)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    return torch.load(args["out"], weights_only=True)

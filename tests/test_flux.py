@@ -17,6 +17,7 @@ import sys
 import pytest
 import torch
 
+from tests.conftest import run_stock
 from tests.test_sd3 import rgb_reference, t5_tokenizer
 from tests.test_text_pipeline import byte_level_vocab
 from tmpq.core.errors import TmpqError
@@ -175,10 +176,7 @@ def test_flux_calibrates_searches_validates_exports_and_the_stock_pipeline_repro
     exports = [tmp_path / "exp", tmp_path / "exp2"]
     args = {"exports": [str(e) for e in exports], "prompts": PROMPTS[:2], "guidance": GUIDANCE,
             "out": str(tmp_path / "stock.pt")}
-    res = subprocess.run([sys.executable, "-c", STOCK, json.dumps(args)], capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0, res.stderr
-    stock = torch.load(tmp_path / "stock.pt", weights_only=True)
+    stock = run_stock(STOCK, args)
     for i, (exp, k) in enumerate(zip(exports, (key, other))):
         unet, sched, ts, _ = load_export(exp)
         ref = sample_images(unet, sched, ts, 2, seed=0, guidance_scale=GUIDANCE, progress=False)

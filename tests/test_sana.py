@@ -19,6 +19,8 @@ import sys
 import pytest
 import torch
 
+from tests.conftest import run_stock
+from tests.test_sd3 import rgb_reference
 from tmpq.core.errors import TmpqError
 from tmpq.jobs.config import config_from_dict
 
@@ -72,17 +74,6 @@ def tiny_sana(out, seed: int = 3, timestep_scale: float = 1.0):
 def sana_dir(tmp_path_factory):
     return tiny_sana(tmp_path_factory.mktemp("sana") / "sana")
 
-
-def rgb_reference(path):
-    """Reference statistics of random 32x32 RGB images under the random extractor (validation's FID needs one)."""
-    from tmpq.evaluators.candidate import scoring_extractor
-    from tmpq.evaluators.fid import FeatureStats
-
-    ext = scoring_extractor(3)
-    g = torch.Generator().manual_seed(0)
-    stats = FeatureStats.from_features(ext(torch.rand(32, 3, SIZE, SIZE, generator=g) * 2 - 1))
-    stats.meta["extractor"] = {"name": ext.name, "fingerprint": ext.fingerprint}
-    return stats.save(path)
 
 
 def run_config(model_dir, reference):
@@ -148,7 +139,7 @@ def test_sana_calibrates_searches_validates_exports_and_the_stock_pipeline_repro
             "caption_projection.linear_2"} == set(pins) - {"patch_embed.proj", "proj_out"}
     del m
 
-    run = run_search(run_config(sana_dir, rgb_reference(tmp_path / "ref.npz")), tmp_path / "run", progress=False)
+    run = run_search(run_config(sana_dir, rgb_reference(tmp_path / "ref.npz", SIZE)), tmp_path / "run", progress=False)
     rows = [json.loads(line) for line in run.log_path.read_text().splitlines()]
     assert len(rows) == 4 and {r["status"] for r in rows} == {"ok"}
     space = json.loads((run.path / "search_space.json").read_text())["layers"]
@@ -179,10 +170,7 @@ def test_sana_calibrates_searches_validates_exports_and_the_stock_pipeline_repro
     exports = [tmp_path / "exp", tmp_path / "exp2"]
     args = {"exports": [str(e) for e in exports], "prompts": PROMPTS[:2], "out": str(tmp_path / "stock.pt"),
             "size": SIZE}
-    res = subprocess.run([sys.executable, "-c", STOCK, json.dumps(args)], capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0, res.stderr
-    stock = torch.load(tmp_path / "stock.pt", weights_only=True)
+    stock = run_stock(STOCK, args)
     for i, (exp, k) in enumerate(zip(exports, (key, other))):
         unet, sched, ts, _ = load_export(exp)
         ref = sample_images(unet, sched, ts, 2, seed=0, guidance_scale=2.0, progress=False)

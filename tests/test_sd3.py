@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 
+from tests.conftest import run_stock
 from tests.test_text_pipeline import byte_level_vocab
 from tmpq.core.errors import TmpqError
 from tmpq.jobs.config import config_from_dict
@@ -98,14 +99,15 @@ def run_config(model_dir, reference):
     return dataclasses.replace(cfg, proxy=dataclasses.replace(cfg.proxy, name="paired-feat"))  # RGB: no digits
 
 
-def rgb_reference(path):
-    """Reference statistics of random 16x16 RGB images under the random extractor (validation's FID needs one)."""
+def rgb_reference(path, size: int = 16):
+    """Reference statistics of random ``size`` x ``size`` RGB images (or video frames) under the random extractor
+    (validation's FID needs one)."""
     from tmpq.evaluators.candidate import scoring_extractor
     from tmpq.evaluators.fid import FeatureStats
 
     ext = scoring_extractor(3)
     g = torch.Generator().manual_seed(0)
-    stats = FeatureStats.from_features(ext(torch.rand(32, 3, 16, 16, generator=g) * 2 - 1))
+    stats = FeatureStats.from_features(ext(torch.rand(32, 3, size, size, generator=g) * 2 - 1))
     stats.meta["extractor"] = {"name": ext.name, "fingerprint": ext.fingerprint}
     return stats.save(path)
 
@@ -181,10 +183,7 @@ def test_sd3_calibrates_searches_validates_exports_and_the_stock_pipeline_reprod
 
     exports = [tmp_path / "exp", tmp_path / "exp2"]
     args = {"exports": [str(e) for e in exports], "prompts": PROMPTS[:2], "out": str(tmp_path / "stock.pt")}
-    res = subprocess.run([sys.executable, "-c", STOCK, json.dumps(args)], capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0, res.stderr
-    stock = torch.load(tmp_path / "stock.pt", weights_only=True)
+    stock = run_stock(STOCK, args)
     for i, (exp, k) in enumerate(zip(exports, (key, other))):
         unet, sched, ts, _ = load_export(exp)
         ref = sample_images(unet, sched, ts, 2, seed=0, guidance_scale=2.0, progress=False)

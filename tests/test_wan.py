@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.test_sd3 import t5_tokenizer
+from tests.conftest import run_stock
+from tests.test_sd3 import rgb_reference, t5_tokenizer
 from tmpq.core.errors import TmpqError
 from tmpq.jobs.config import config_from_dict
 
@@ -64,17 +63,6 @@ def tiny_wan(out, **pipeline_config):
 def wan_dir(tmp_path_factory):
     return tiny_wan(tmp_path_factory.mktemp("wan") / "wan")
 
-
-def rgb_reference(path):
-    """Reference statistics of random 32x32 RGB frames under the random extractor (validation's FID needs one)."""
-    from tmpq.evaluators.candidate import scoring_extractor
-    from tmpq.evaluators.fid import FeatureStats
-
-    ext = scoring_extractor(3)
-    g = torch.Generator().manual_seed(0)
-    stats = FeatureStats.from_features(ext(torch.rand(32, 3, 32, 32, generator=g) * 2 - 1))
-    stats.meta["extractor"] = {"name": ext.name, "fingerprint": ext.fingerprint}
-    return stats.save(path)
 
 
 def run_config(model_dir, reference):
@@ -142,7 +130,7 @@ def test_wan_calibrates_searches_validates_exports_and_the_stock_pipeline_reprod
     assert cost["class"] == "AutoencoderKLWan" and cost["macs"] > 0
     del m
 
-    run = run_search(run_config(wan_dir, rgb_reference(tmp_path / "ref.npz")), tmp_path / "run", progress=False)
+    run = run_search(run_config(wan_dir, rgb_reference(tmp_path / "ref.npz", 32)), tmp_path / "run", progress=False)
     rows = [json.loads(line) for line in run.log_path.read_text().splitlines()]
     assert len(rows) == 4 and {r["status"] for r in rows} == {"ok"}, rows
     space = json.loads((run.path / "search_space.json").read_text())["layers"]
@@ -171,10 +159,7 @@ def test_wan_calibrates_searches_validates_exports_and_the_stock_pipeline_reprod
     exports = [tmp_path / "exp", tmp_path / "exp2"]
     args = {"exports": [str(e) for e in exports], "prompts": PROMPTS, "out": str(tmp_path / "stock.pt"),
             "guidance": GUIDANCE, "video": VIDEO}
-    res = subprocess.run([sys.executable, "-c", STOCK, json.dumps(args)], capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0, res.stderr
-    stock = torch.load(tmp_path / "stock.pt", weights_only=True)
+    stock = run_stock(STOCK, args)
     for i, (exp, k) in enumerate(zip(exports, (key, other))):
         unet, sched, ts, _ = load_export(exp)
         ref = sample_images(unet, sched, ts, 2, seed=0, guidance_scale=GUIDANCE, progress=False)
