@@ -54,19 +54,19 @@ SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=1
 
 
 def _family(name: str, scale: float):
-    """(model, latent size, text tokens, text width) of a family at ``scale`` (sd15: width multiplier; the
-    transformers: number of blocks)."""
+    """(model, text tokens, text width) of a family at ``scale`` (sd15: width multiplier; the transformers: number
+    of blocks)."""
     import diffusers
 
     if name == "sd15":
         cfg = dict(SD15_UNET, block_out_channels=[max(32, int(c * scale) // 32 * 32) for c in SD15_UNET["block_out_channels"]])
-        return diffusers.UNet2DConditionModel(**cfg), 4, 77, 768
+        return diffusers.UNet2DConditionModel(**cfg), 77, 768
     if name == "pixart":
-        return diffusers.PixArtTransformer2DModel(**dict(PIXART_SIGMA, num_layers=int(scale))), 4, 120, 4096
+        return diffusers.PixArtTransformer2DModel(**dict(PIXART_SIGMA, num_layers=int(scale))), 120, 4096
     if name == "sd35":
         n = int(scale)
         cfg = dict(SD35_MEDIUM, num_layers=n, dual_attention_layers=[i for i in SD35_MEDIUM["dual_attention_layers"] if i < n])
-        return diffusers.SD3Transformer2DModel(**cfg), 16, 77, 4096
+        return diffusers.SD3Transformer2DModel(**cfg), 77, 4096
     raise SystemExit(f"--family: unknown {name!r}; choose sd15, pixart or sd35")
 
 
@@ -103,7 +103,7 @@ def one(args) -> list[dict]:
     _reset_peak()
     stage("start", t0)  # the interpreter with torch and diffusers imported: the base every later peak includes
     t0 = time.perf_counter()
-    model, _, tokens, width = _family(args.family, args.scale)
+    model, tokens, width = _family(args.family, args.scale)
     model = model.to(dtype).eval().requires_grad_(False)
     params = sum(p.numel() for p in model.parameters())
     model.register_to_config(sample_size=args.latent)
