@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tmpq.core.adapters import adapter_for, denoiser_of
+from tmpq.core.adapters import adapter_for, conditioning_of, denoiser_of, image_labels
 from tmpq.core.data import data_fingerprint, load_digits
 from tmpq.core.errors import TmpqError
 from tmpq.core.sampler import sample_images
@@ -103,6 +103,8 @@ def digit_class_accuracy(unet: torch.nn.Module, imgs: torch.Tensor) -> float | N
     channel, 16 x 16); None otherwise."""
     inner = denoiser_of(unet)
     a = adapter_for(inner)
-    if a.kind(inner) != "class" or not set(a.classes(inner)) <= set(range(10)) or imgs.shape[1:] != (1, 16, 16):
+    classes = a.classes(inner) if a.kind(inner) == "class" else conditioning_of(inner).prompt_labels or ()
+    labels = image_labels(inner, range(len(imgs)))
+    if labels is None or not set(classes) <= set(range(10)) or imgs.shape[1:] != (1, 16, 16):
         return None
-    return class_accuracy(imgs, a.conditions(inner, range(len(imgs)))["class_labels"])
+    return class_accuracy(imgs, labels)

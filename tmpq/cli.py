@@ -91,10 +91,15 @@ def _add_supernet_options(q: argparse.ArgumentParser) -> None:
 
 def _parser_train(sub) -> None:
     t = sub.add_parser("train", help="train an embedded MNIST denoiser (reproduces the committed weights)",
-                       description="Train an embedded 16x16 MNIST denoiser (epsilon loss, 1000 linear-beta steps, EMA): "
-                                   "--arch unet, the unconditional DDPM (tmpq/assets/mnist16-ddpm), or --arch dit, the "
+                       description="Train an embedded 16x16 MNIST denoiser (epsilon loss on 1000 linear-beta steps, or the "
+                                   "rectified-flow "
+                                   "velocity with --objective flow; EMA): "
+                                   "--arch unet, the unconditional DDPM (tmpq/assets/mnist16-ddpm), --arch dit, the "
                                    "class-conditional pixel DiT with label dropout for guidance "
-                                   "(tmpq/assets/mnist16-dit), and save it as a pipeline directory with a manifest. "
+                                   "(tmpq/assets/mnist16-dit), or --arch mmdit --objective flow, the class-conditional "
+                                   "rectified-flow MMDiT (Stable Diffusion 3's transformer, its class given as learned "
+                                   "text tokens; tmpq/assets/mnist16-flow), and save it as a pipeline directory with a "
+                                   "manifest. "
                                    "The training state is checkpointed every 250 steps into OUT/.train-checkpoint.pt; "
                                    "rerunning the same command resumes from it. Options left out take the defaults of "
                                    "tmpq.jobs.train.DenoiserTrainConfig.")
@@ -105,7 +110,7 @@ def _parser_train(sub) -> None:
     t.add_argument("--batch-size", type=int, default=None, help="images per step (default: 128)")
     t.add_argument("--lr", type=float, default=None, help="peak AdamW learning rate, cosine decay (default: 1e-3)")
     t.add_argument("--ema-decay", type=float, default=None, help="EMA decay of the saved weights (default: 0.999)")
-    t.add_argument("--label-dropout", type=float, default=None, help="dit: share of labels replaced by the null "
+    t.add_argument("--label-dropout", type=float, default=None, help="dit, mmdit: share of labels replaced by the null "
                    "label (default: 0.1)")
     t.add_argument("--seed", type=int, default=None, help="seed of all randomness (default: 0)")
     t.add_argument("--resolution", type=int, default=None, choices=RESOLUTIONS, help="image size (default: 16)")

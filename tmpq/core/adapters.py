@@ -75,7 +75,10 @@ class Conditioning:
       None for the others);
     - ``embedded_guidance``: a guidance-distilled model's guidance scale, which it takes as an input of its one pass
       (Flux's ``guidance`` with ``guidance_embeds``: no null pass, so its ``guidance_scale`` stays 1); None for the
-      others. :attr:`sampling_scale` is the scale a model samples at, whichever of the two it is.
+      others. :attr:`sampling_scale` is the scale a model samples at, whichever of the two it is;
+    - ``prompt_labels``: the class each row of ``prompt_embeds`` stands for, when a text-conditioned model takes
+      learned class tokens as its text (the embedded MMDiT: :data:`tmpq.core.model.CLASS_TOKENS_NAME`); sampling then
+      takes class labels, and class accuracy is measured; None for a model conditioned on prompts.
     """
 
     guidance_scale: float = 1.0
@@ -87,6 +90,7 @@ class Conditioning:
     prompt_mask: torch.Tensor | None = None
     null_mask: torch.Tensor | None = None
     embedded_guidance: float | None = None
+    prompt_labels: tuple[int, ...] | None = None
 
     @property
     def sampling_scale(self) -> float:
@@ -218,15 +222,16 @@ class DenoiserAdapter:
         kind = self.kind(model)
         if kind == "class":
             return {"class_labels": _labels(indices, labels, self.classes(model), device)}
-        if labels is not None:
-            raise TmpqError(f"labels: {type(model).__name__} is not class-conditional")
         if kind == "text":
+            indices = prompt_indices(model, indices, labels)
             embeds = conditioning_of(model).prompt_embeds
             if embeds is None:
                 raise TmpqError(f"{type(model).__name__} is text-conditional: give prompts (model.prompts in a run "
                                 f"config) so that tmpq can condition it")
             idx = torch.tensor([int(i) % len(embeds) for i in indices])
             return {"encoder_hidden_states": embeds[idx].to(device)}
+        if labels is not None:
+            raise TmpqError(f"labels: {type(model).__name__} is not class-conditional")
         return {}
 
     def null(self, model, cond: dict) -> dict:
@@ -361,6 +366,32 @@ class DiTAdapter(DenoiserAdapter):
         return model.transformer_blocks[len(model.transformer_blocks) // 2]
 
 
+def prompt_indices(model, indices: Sequence[int], labels=None) -> list[int]:
+    """The noise-bank indices that pick each image's prompt row (image i takes row ``i % P``): ``indices`` as they
+    are, or, given class ``labels`` (one int for all, or one per image), the row of each label, for a model whose
+    prompts are learned class tokens (:attr:`Conditioning.prompt_labels`); other text models refuse labels."""
+    if labels is None:
+        return list(indices)
+    known = conditioning_of(model).prompt_labels
+    if known is None:
+        raise TmpqError(f"labels: {type(denoiser_of(model)).__name__} is conditioned on prompts, not on class labels")
+    return [known.index(v) for v in _labels(indices, labels, list(known), None).tolist()]
+
+
+def image_labels(model, indices: Sequence[int]) -> torch.Tensor | None:
+    """The class label each of the images ``indices`` is conditioned on (balanced over the classes, as sampling
+    conditions them): a class model's labels, a class-token model's prompt labels; None for any other model."""
+    inner = denoiser_of(model)
+    adapter = adapter_for(inner)
+    kind = adapter.kind(inner)
+    if kind == "class":
+        return adapter.conditions(inner, indices)["class_labels"]
+    known = conditioning_of(inner).prompt_labels
+    if kind == "text" and known is not None:
+        return torch.tensor([known[int(i) % len(known)] for i in indices], dtype=torch.int64)
+    return None
+
+
 def _per_prompt(values, indices, device, missing: str) -> torch.Tensor:
     """The rows of a per-prompt tensor (``[P, ...]``) for noise-bank images ``indices`` (image i takes prompt
     ``i % P``, as the token embeddings do); ``missing`` is the one-line error when the model has none."""
@@ -394,7 +425,8 @@ class SD3Adapter(DenoiserAdapter):
         return model(x, timestep=t, **cond)
 
     def conditions(self, model, indices, labels=None, device=None) -> dict:
-        cond = super().conditions(model, indices, labels, device)  # the token embeddings; refuses without prompts
+        indices = prompt_indices(model, indices, labels)  # class labels of a class-token model: their rows
+        cond = super().conditions(model, indices, None, device)  # the token embeddings; refuses without prompts
         return {**cond, "pooled_projections": _per_prompt(
             conditioning_of(model).pooled_embeds, indices, device,
             f"{type(model).__name__} is conditioned on pooled prompt embeddings too: encode its prompts with its "

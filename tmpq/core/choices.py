@@ -10,7 +10,7 @@ DTYPES = ("fp32", "bf16", "fp16")
 # image sizes of the embedded MNIST data (tmpq.core.data)
 RESOLUTIONS = (16, 28)
 # denoisers tmpq train builds (tmpq.jobs.train)
-ARCHS = ("unet", "dit")
+ARCHS = ("unet", "dit", "mmdit")
 # train.objective: what the embedded denoiser learns (tmpq.jobs.train)
 OBJECTIVES = ("ddpm", "flow")
 # weight quantizers (tmpq.quant): granularity, range observers, rounding, 2-bit weights

@@ -29,6 +29,7 @@ from tmpq.core.adapters import (
     adapter_for,
     bind_conditioning,
     bind_time_axis,
+    conditioning_of,
     decoder_of,
     denoiser_of,
     sample_shape,
@@ -47,7 +48,8 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 ASSETS = Path(str(importlib.resources.files("tmpq").joinpath("assets")))
 EMBEDDED_MODEL_DIR = ASSETS / "mnist16-ddpm"
 EMBEDDED_DIT_DIR = ASSETS / "mnist16-dit"
-EMBEDDED = {"embedded": EMBEDDED_MODEL_DIR, "embedded-dit": EMBEDDED_DIT_DIR}
+EMBEDDED_FLOW_DIR = ASSETS / "mnist16-flow"
+EMBEDDED = {"embedded": EMBEDDED_MODEL_DIR, "embedded-dit": EMBEDDED_DIT_DIR, "embedded-flow": EMBEDDED_FLOW_DIR}
 DENOISER_FOLDERS = ("unet", "transformer")
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 # model.dtype: the dtype the FP denoiser (and its VAE / text encoder) computes in
@@ -130,6 +132,72 @@ def embedded_dit_config(resolution: int = 16) -> dict:
         num_embeds_ada_norm=10,
         norm_type="ada_norm_zero",
     )
+
+
+def embedded_mmdit_config(resolution: int = 16) -> dict:
+    """The architecture of the embedded class-conditional flow MMDiT (Stable Diffusion 3's ``SD3Transformer2DModel``
+    on pixels): patch 2 (64 image tokens at 16x16), 4 joint blocks of 3 heads x 32, the digit class given as its
+    family takes text: 4 learned tokens of width 64 through the caption projection into the joint attention, and a
+    learned pooled vector of width 64 added to the timestep embedding (:data:`CLASS_TOKENS_NAME`)."""
+    return dict(
+        sample_size=resolution,
+        patch_size=2,
+        in_channels=1,
+        out_channels=1,
+        num_layers=4,
+        attention_head_dim=32,
+        num_attention_heads=3,
+        joint_attention_dim=64,
+        caption_projection_dim=96,
+        pooled_projection_dim=64,
+        pos_embed_max_size=resolution // 2,
+    )
+
+
+# a model directory's learned class conditioning, beside model_index.json: "prompt_embeds" [labels, L, D] and
+# "pooled_prompt_embeds" [labels, D'], row c for class c and the null label (the null pass of guidance) last: the
+# embedded MMDiT's text. The stock pipeline takes them as its prompt_embeds / pooled_prompt_embeds (and negative_*).
+CLASS_TOKENS_NAME = "class_tokens.safetensors"
+
+
+def load_class_tokens(root: Path, unet, dtype: torch.dtype = torch.float32) -> dict | None:
+    """The :class:`Conditioning` fields of a model directory's learned class tokens (:data:`CLASS_TOKENS_NAME`), or
+    None when it has none; a file that does not fit the denoiser is refused in one line naming it."""
+    path = Path(root) / CLASS_TOKENS_NAME
+    if not path.is_file():
+        return None
+    from safetensors.torch import load_file
+
+    check_safetensors(path)
+    t = load_file(str(path))
+    config = getattr(unet, "config", {})
+    joint, pooled = config.get("joint_attention_dim"), config.get("pooled_projection_dim")
+    if joint is None or pooled is None:
+        raise TmpqError(f"{path}: class tokens condition a joint-attention transformer with pooled projections "
+                        f"(SD3Transformer2DModel), not {type(unet).__name__}")
+    tok, pool = t.get("prompt_embeds"), t.get("pooled_prompt_embeds")
+    if tok is None or pool is None or set(t) != {"prompt_embeds", "pooled_prompt_embeds"}:
+        raise TmpqError(f"{path}: expected exactly the tensors prompt_embeds and pooled_prompt_embeds, got "
+                        f"{sorted(t)}")
+    n = tok.shape[0]
+    if tok.dim() != 3 or tok.shape[2] != joint or pool.shape != (n, pooled) or n < 2:
+        raise TmpqError(f"{path}: prompt_embeds {list(tok.shape)} and pooled_prompt_embeds {list(pool.shape)} must be "
+                        f"[classes + 1, tokens, {joint}] and [classes + 1, {pooled}] (the null label last)")
+    if not (torch.isfinite(tok).all() and torch.isfinite(pool).all()):
+        raise TmpqError(f"{path}: holds non-finite values (NaN / inf)")
+    tok, pool = tok.to(dtype), pool.to(dtype)
+    return {"prompt_embeds": tok[:-1], "null_embeds": tok[-1:], "pooled_embeds": pool[:-1], "null_pooled": pool[-1:],
+            "prompt_labels": tuple(range(n - 1))}
+
+
+def save_class_tokens(unet, out: Path) -> None:
+    """Write the learned class tokens bound to ``unet`` (:func:`load_class_tokens`' fields) into ``out``."""
+    from safetensors.torch import save_file
+
+    c = conditioning_of(unet)
+    save_file({"prompt_embeds": torch.cat([c.prompt_embeds, c.null_embeds]).float().contiguous(),
+               "pooled_prompt_embeds": torch.cat([c.pooled_embeds, c.null_pooled]).float().contiguous()},
+              str(Path(out) / CLASS_TOKENS_NAME), metadata={"labels": "digit classes 0-9, then the null label 10"})
 
 
 def embedded_scheduler_config() -> dict:
@@ -526,11 +594,11 @@ def refuse_two_stage(index: dict, where: str) -> None:
         raise TmpqError(f"{where}: expand_timesteps (Wan 2.2's per-token timesteps) is not served")
 
 
-def condition(unet, cfg: ModelConfig, text, device, where: str) -> Conditioning:
+def condition(unet, cfg: ModelConfig, text, device, where: str, tokens: dict | None = None) -> Conditioning:
     """The :class:`Conditioning` of ``cfg`` for ``unet`` (``text``: its text parts by pipeline name, or None; they
     encode ``cfg.prompts`` and the empty prompt, :func:`text_conditioning`), bound to it; refuses prompts for a model
     without text conditioning and guidance for a model that cannot guide. ``where`` names the model's source in
-    messages."""
+    messages; ``tokens``: learned class tokens in place of text (:func:`load_class_tokens`)."""
     if cfg.prompts and adapter_for(unet).kind(unet) != "text":
         raise TmpqError(f"model.prompts: {type(unet).__name__} is not text-conditional")
     if cfg.prompts and text is None:
@@ -540,6 +608,8 @@ def condition(unet, cfg: ModelConfig, text, device, where: str) -> Conditioning:
         cond = Conditioning(1.0, cond.null_label, embedded_guidance=float(cfg.guidance_scale))
     if text is not None:
         cond = cond.replace(**text_conditioning(unet, text, cfg.prompts, device))
+    if tokens is not None:
+        cond = cond.replace(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in tokens.items()})
     bind_conditioning(unet, cond)
     if cond.guidance_scale != 1.0:
         adapter = adapter_for(unet)
@@ -611,7 +681,11 @@ def load_model(path: str | os.PathLike | ModelConfig | None = None, device: str 
         idx = root / "model_index.json"
         refuse_two_stage({k: _config_key(idx, "pipeline", k) for k in ("transformer_2", "boundary_ratio",
                                                                         "expand_timesteps")}, str(idx))
-    cond = condition(unet, cfg, text, device, f"{root} has no text_encoder/ + tokenizer/")
+    tokens = load_class_tokens(root, unet, dtype)
+    if tokens is not None and (text is not None or cfg.prompts):
+        raise TmpqError(f"{root}: conditioned on learned class tokens ({CLASS_TOKENS_NAME}), so it takes "
+                        f"{'no model.prompts' if cfg.prompts else 'no text encoder'}")
+    cond = condition(unet, cfg, text, device, f"{root} has no text_encoder/ + tokenizer/", tokens)
     sched_cfg = adapter_for(unet).scheduler_config(unet, sched_cfg)
     sched_cfg = bind_axis(unet, sched_cfg, f"{root}: scheduler config")
     return LoadedModel(unet=unet, scheduler_config=sched_cfg, path=root, conditioning=cond)
@@ -660,6 +734,8 @@ def save_pipeline_dir(unet: torch.nn.Module, scheduler_config: dict, out: Path, 
         ddpm = {k: v for k, v in scheduler_config.items() if k in keep or k.startswith("_")}
         DDPMScheduler(**ddpm).save_pretrained(str(out / "scheduler"))
     vae, text = decoder_of(unet), text_parts_of(unet)
+    if conditioning_of(unet).prompt_labels is not None:
+        save_class_tokens(unet, out)
     index = {"_diffusers_version": _diffusers_version(), "scheduler": ["diffusers", sched_cls.__name__],
              folder: ["diffusers", name]}
     if vae is not None:

