@@ -50,6 +50,31 @@ def test_report_files(reported):
     assert srcs and all(not s.startswith("/") for s in srcs)  # relative: the folder can be moved or served
 
 
+def test_report_says_how_far_each_front_point_is_from_the_searchs_seeds(reported):
+    """"From seed": a point's genes against the nearest uniform option of the first generation (0 = a seed)."""
+    import numpy as np
+
+    from tmpq.core.candidate import Candidate
+    from tmpq.jobs.report import seed_distances
+    from tmpq.jobs.run import load_run
+
+    run = load_run(reported)
+    front, space = run.pareto(), run.space
+    seeds = space.uniform_seeds(max(1, run.config["search"]["population"] // 2))
+    got = seed_distances(space, run.config, front)
+    assert set(got) == set(front["key"])
+    for _, p in front.iterrows():
+        genome = space.encode(Candidate.from_dict(p))
+        assert got[p["key"]] == min(int(np.sum(genome != s)) for s in seeds)
+    seed_keys = {space.decode(s).key for s in seeds}
+    assert all(got[k] == 0 for k in set(front["key"]) & seed_keys)
+    assert all(got[k] > 0 for k in set(front["key"]) - seed_keys)
+    page = (reported / "report" / "report.html").read_text()
+    assert "<th>from seed</th>" in page and page.count("a seed</td>") == sum(v == 0 for v in got.values())
+    no_seeds = {**run.config, "search": {**run.config["search"], "uniform_seeds": False}}
+    assert seed_distances(space, no_seeds, front) == {}
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (make setup installs it)")
 def test_report_renders_in_headless_chromium_with_all_images(reported, tmp_path):
     page = reported / "report" / "report.html"

@@ -62,9 +62,36 @@ def test_validate_is_resumable_and_writes_the_summary(tiny_run, validated, monke
         raise AssertionError("finished points must not be recomputed")
 
     monkeypatch.setattr(fin, "recalibrate_point", no_work)
+    monkeypatch.setattr(fin, "_score_fp", no_work)
     again = fin.validate_run(tiny_run, cfg, progress=False)
     assert again["fid_mean"].tolist() == df["fid_mean"].tolist()
     assert len((tiny_run / "final" / "rows.jsonl").read_text().splitlines()) == len(rows)
+
+
+def test_validation_scores_the_fp_model_on_each_points_own_schedule(tiny_run, validated):
+    """fp_fid_mean: the FP model sampled on the point's timesteps with its solver, the same N, noise seeds, extractor
+    and reference, so that fid_mean / fp_fid_mean is what the point's quantization adds."""
+    from tmpq.core.sampler import make_scheduler, sample_images
+    from tmpq.evaluators.candidate import quality_reference, scoring_extractor
+    from tmpq.evaluators.quality import score_features
+    from tmpq.jobs.run import load_run
+    from tmpq.jobs.validate import _model
+
+    fp_rows = [json.loads(r) for r in (tiny_run / "final" / "fp_rows.jsonl").read_text().splitlines()]
+    schedules = {(tuple(r["timesteps"]), r["solver"], r["order"]) for r in fp_rows}
+    assert len(fp_rows) == 2 * len(schedules) and {r["seed"] for r in fp_rows} == {1, 2}  # one row per schedule+seed
+    assert validated["fp_fid_mean"].notna().all()
+    p = validated.iloc[0]
+    cand = Candidate.from_dict(p)
+    cfg = load_run(tiny_run).config
+    m = _model(cfg)
+    ext = scoring_extractor(1)
+    ref = quality_reference(cfg["proxy"].get("reference", ""), ext, 1)
+    fids = [score_features(ext(sample_images(m.unet, make_scheduler(m.scheduler_config, *cand.solver),
+                                             list(cand.timesteps), 16, seed=s, batch_size=16, progress=False)),
+                           ref)["fid"] for s in (1, 2)]
+    assert abs(sum(fids) / 2 - p["fp_fid_mean"]) <= 1e-9 * max(1.0, p["fp_fid_mean"])
+    assert all(p["fid_mean"] != f for f in fids)  # the quantized point's FID is not the FP one
 
 
 def test_distillation_never_worsens_the_tuning_loss(tiny_run):
@@ -112,7 +139,8 @@ def test_export_of_a_validated_point_reproduces_the_validated_samples_in_a_fresh
         return imgs
 
     monkeypatch.setattr(fin, "sample_images", recording)  # the name the validate job calls
-    cfg = fin.ValidateConfig(top_k=1, n=6, seeds=(2,), calib_per_step=4, distill_iters=3, batch_size=6)
+    cfg = fin.ValidateConfig(top_k=1, n=6, seeds=(2,), calib_per_step=4, distill_iters=3, batch_size=6,
+                             fp_reference=False)  # the quantized point's draw only
     key = fin.validate_run(fresh_run, cfg, progress=False)["key"].iloc[0]
     monkeypatch.undo()
     assert len(drawn) == 1 and drawn[0]["seed"] == 2 and drawn[0]["n"] == 6

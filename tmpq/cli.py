@@ -264,7 +264,8 @@ def _parser_validate(sub) -> None:
                         description="For each Pareto point (or the top K by proxy, or --candidate keys): "
                                     "re-calibrate at exactly its allocation with calibration data captured along "
                                     "its own schedule, optionally reconstruct (BRECQ/AdaRound) and distil "
-                                    "quantizer scales from the FP teacher, then FID/KID at N over several seeds. "
+                                    "quantizer scales from the FP teacher, then FID/KID at N over several seeds, "
+                                    "beside the FP model's FID on the point's own schedule and solver (fp_fid_mean). "
                                     "Writes RUN/final.parquet and RUN/final.json; resumable per point and seed.")
     va.add_argument("run", help="run directory")
     va.add_argument("--top-k", type=int, default=0, help="validate the K best points by proxy (default: the whole "
@@ -279,6 +280,8 @@ def _parser_validate(sub) -> None:
     va.add_argument("--distill-iters", type=int, default=0, help="quantizer-scale distillation steps, 0 = off "
                     "(default: %(default)s)")
     va.add_argument("--batch-size", type=int, default=256, help="images per UNet batch (default: %(default)s)")
+    va.add_argument("--no-fp-reference", action="store_true", help="skip the FP model's FID on each point's own "
+                    "schedule (the reference that shows what quantization adds)")
     _add_threads(va)
 
 

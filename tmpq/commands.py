@@ -307,10 +307,10 @@ def cmd_validate(args: argparse.Namespace) -> None:
     cfg = ValidateConfig(top_k=args.top_k, n=args.n, seeds=tuple(_parse_int_list(args.seeds, "seeds")),
                          calib_per_step=args.calib_per_step, recon_iters=args.recon_iters,
                          distill_iters=args.distill_iters, batch_size=args.batch_size,
-                         keys=tuple(args.candidate or ()))
+                         keys=tuple(args.candidate or ()), fp_reference=not args.no_fp_reference)
     df = validate_run(args.run, cfg, progress=True)
 
-    cols = ["key", "fid_mean", "fid_std", "class_accuracy_mean", "seeds", "fid_proxy", "bitops"]
+    cols = ["key", "fid_mean", "fid_std", "fp_fid_mean", "class_accuracy_mean", "seeds", "fid_proxy", "bitops"]
     print(df[[c for c in cols if c in df]].to_string(index=False))  # class accuracy: digit class models
 
     summary = read_json(Path(args.run) / "final.json", "validation summary")

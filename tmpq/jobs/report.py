@@ -16,6 +16,8 @@ import json
 import shlex
 from pathlib import Path
 
+import numpy as np
+
 from tmpq.core import runlock
 from tmpq.core.candidate import Candidate
 from tmpq.core.errors import TmpqError
@@ -187,16 +189,45 @@ def _bits_heatmap(bits, names: dict[str, str], exported: frozenset[str], out: Pa
     return "bits.png"
 
 
-def _front_rows(front, run_path: Path, names: dict[str, str], grids: dict[str, str], fin, exports) -> list[str]:
-    """The front table's rows (by BitOPs): name and key, objectives, final FID, the export (its directory when
-    exported, else the ``tmpq export`` command that writes it where ``tmpq status`` and the report find it), the
-    schedule and the sample grid."""
+def seed_distances(space, cfg: dict, front) -> dict[str, int]:
+    """Per front point, how many genes it differs in from the nearest seed of the search's first generation (the
+    uniform options the engine started from, :meth:`SearchSpace.uniform_seeds`): 0 is a seed itself, 1 one gene
+    away. Empty when the search started without seeds."""
+    search = cfg.get("search", {})
+    if not search.get("uniform_seeds", True):
+        return {}
+    seeds = space.uniform_seeds(max(1, int(search.get("population", 2)) // 2))
+    if not seeds:
+        return {}
+    grid = np.stack(seeds)
+    out = {}
+    for _, p in front.iterrows():
+        try:
+            out[p["key"]] = int((grid != space.encode(Candidate.from_dict(p))).sum(axis=1).min())
+        except TmpqError:  # a point this space cannot encode (an older run's layout): no distance shown
+            continue
+    return out
+
+
+def _seed_text(d: int | None) -> str:
+    return "–" if d is None else "a seed" if d == 0 else "1 gene" if d == 1 else f"{d} genes"
+
+
+def _front_rows(front, run_path: Path, names: dict[str, str], grids: dict[str, str], fin, exports,
+                seeds: dict[str, int]) -> list[str]:
+    """The front table's rows (by BitOPs): name and key, objectives, final FID (and the FP model's on the point's
+    own schedule), the distance to the nearest search seed, the export (its directory when exported, else the
+    ``tmpq export`` command that writes it where ``tmpq status`` and the report find it), the schedule and the
+    sample grid."""
     exported = dict(zip(exports["key"], exports["path"]))
     rows = []
     for _, p in front.sort_values("bitops").iterrows():
         k = p["key"]
         fid = (f"{_fmt(fin.loc[k, 'fid_mean'])} ± {_fmt(fin.loc[k, 'fid_std'], '.2g')}"
                if fin is not None and k in fin.index else "–")
+        fp = fin.loc[k, "fp_fid_mean"] if fin is not None and k in fin.index and "fp_fid_mean" in fin else None
+        if fp is not None and fp == fp:
+            fid += f"<br><small>FP on its schedule {_fmt(fp)} ({fin.loc[k, 'fid_mean'] / fp:.2f}x)</small>"
         img = f'<img src="{grids[k]}" alt="samples of {k}">' if k in grids else ""
         if k in exported:
             export = f'<b>exported</b>: <code>{html.escape(exported[k])}</code>'
@@ -208,6 +239,7 @@ def _front_rows(front, run_path: Path, names: dict[str, str], grids: dict[str, s
         rows.append(f"<tr{style}><td><b>{names[k]}</b><br><code>{html.escape(k)}</code></td>"
                     f"<td>{_fmt(p['fid_proxy'])}</td><td>{_fmt(p['bitops'] / 1e9)}</td>"
                     f"<td>{_fmt(p.get('size_mb', float('nan')), '.3f')}</td><td>{fid}</td>"
+                    f"<td>{_seed_text(seeds.get(k))}</td>"
                     f"<td>{html.escape(str(list(p['timesteps'])))}</td><td>{export}</td><td>{img}</td></tr>")
     return rows
 
@@ -259,7 +291,7 @@ def _write_report(run_path: str | Path, baselines: bool, grids: bool, progress: 
     heat = _bits_heatmap(bits, names_of, exported, out)
     names = _grids(front, ev_factory, out, progress) if grids else {}
     fin = final.set_index("key") if final is not None else None
-    rows = _front_rows(front, run.path, names_of, names, fin, exports)
+    rows = _front_rows(front, run.path, names_of, names, fin, exports, seed_distances(space, cfg, front))
     pinned = sorted(set(bits.loc[bits["pinned"], "layer"]))
     base_rows = "".join(f"<tr><td>{html.escape(b['name'])}</td><td>{_fmt(b['fid_proxy'])}</td>"
                         f"<td>{_fmt(b['bitops'] / 1e9)}</td></tr>" for b in base)
@@ -289,8 +321,11 @@ at N = {proxy['n_images']}.{memory_note}</p>
 <h2>Front points</h2>
 <p>FP reference (teacher: {html.escape(str(proxy['teacher_schedule']))} DDIM {proxy['teacher_steps']} steps,
 the same {GRID_N} noise-bank images as every grid below):</p>{fp_img}
-<table><tr><th>point</th><th>proxy</th><th>GBitOPs</th><th>size MB</th><th>final FID</th><th>timesteps</th>
-<th>export</th><th>samples</th></tr>{''.join(rows)}</table>
+<p>Final FID: validated at large N (mean ± std over its seeds), with the FP model's FID on the point's own schedule
+and solver under it (same N and noise: the ratio is what quantization and reuse add). From seed: how many genes the
+point differs in from the nearest uniform option the search started from ("a seed": it is one).</p>
+<table><tr><th>point</th><th>proxy</th><th>GBitOPs</th><th>size MB</th><th>final FID</th><th>from seed</th>
+<th>timesteps</th><th>export</th><th>samples</th></tr>{''.join(rows)}</table>
 <h2>Per-layer bits of the front points</h2>
 <p>Weight and activation bits of every searched layer (rows) at every front point (columns, named as in the table;
 the exported point outlined). {len(pinned)} pinned layers, held at their pins, are not shown{

@@ -7,6 +7,11 @@ Resumable per (point, seed): rows go to ``RUN/final/rows.jsonl`` as they finish;
 are kept as ``RUN/final/<key>.safetensors`` (a pinned supernet file, which ``tmpq export`` prefers over the search
 supernet). ``RUN/final.parquet`` (one row per point: mean / std over seeds) and ``RUN/final.json`` (rank correlation
 of the search proxy with the final FID) are rewritten atomically after every point.
+
+Beside each point the FP model is scored on the point's own schedule and solver (same N, noise seeds, extractor and
+reference; ``RUN/final/fp_rows.jsonl``, shared by points that sample the same schedule): ``fp_fid`` in its rows and
+``fp_fid_mean`` in the summary, so that a point's FID splits into what its steps cost and what its quantization
+(and reuse) adds, ``fid_mean / fp_fid_mean``, its compression loss.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import atomic_write, atomic_write_bytes, read_parquet
 from tmpq.core.model import ModelConfig, load_model
 from tmpq.core.reuse import reusing
+from tmpq.core.fileio import parse_row
 from tmpq.core.rowlog import RowLog
 from tmpq.core.sampler import make_scheduler, sample_images
 from tmpq.evaluators.candidate import (
@@ -55,6 +61,7 @@ class ValidateConfig:
     distill_lr: float = 1e-4
     batch_size: int = 256
     keys: tuple[str, ...] = field(default_factory=tuple)  # explicit candidate keys (overrides top_k)
+    fp_reference: bool = True       # also score the FP model on each point's own schedule (fp_fid)
 
     def validate(self) -> None:
         if self.top_k < 0:
@@ -181,13 +188,16 @@ def validate_run(run_path: str | Path, cfg: ValidateConfig, progress: bool = Tru
         log = RowLog(out / "rows.jsonl", ("key", "seed", "n", "settings"), parse=final_row)  # read before any write
         out.mkdir(exist_ok=True)
         settings = json.dumps({k: v for k, v in asdict(cfg).items()
-                               if k not in ("top_k", "keys", "seeds", "batch_size")}, sort_keys=True)
+                               if k not in ("top_k", "keys", "seeds", "batch_size", "fp_reference")}, sort_keys=True)
+        fp_log = RowLog(out / "fp_rows.jsonl", ("timesteps", "solver", "order", "seed", "n"), parse=fp_row)
         ext = None
         ref = None
         for i, (_, p) in enumerate(points.iterrows()):
             key = p["key"]
             todo = [s for s in cfg.seeds if not log.has(key=key, seed=s, n=cfg.n, settings=settings)]
-            if not todo:
+            cand = Candidate.from_dict(p)  # a point of a run with the reuse gene samples with its reuse
+            fp_todo = [s for s in cfg.seeds if cfg.fp_reference and not fp_log.has(**_fp_key(cand, s, cfg.n))]
+            if not todo and not fp_todo:
                 continue
             if ext is None:
                 ext = scoring_extractor(channels, proxy.get("extractor", "auto"), proxy.get("inception_weights", ""))
@@ -195,7 +205,11 @@ def validate_run(run_path: str | Path, cfg: ValidateConfig, progress: bool = Tru
             if progress:
                 print(f"validate point {i + 1}/{len(points)} {key}: {len(p['timesteps'])} steps, proxy "
                       f"{p['fid_proxy']:.4g}, {p['bitops'] / 1e9:.3g} GBitOPs", flush=True)
-            cand = Candidate.from_dict(p)  # a point of a run with the reuse gene samples with its reuse
+            for seed in fp_todo:  # the FP model on this point's schedule and solver, without reuse
+                _score_fp(run_cfg, cand, seed, cfg, ext, ref, fp_log, progress)
+            if not todo:
+                _write_summary(run.path, log, settings, cfg, fp_log)
+                continue
             branch = int(run_cfg.get("search", {}).get("reuse_branch", 0))
             net, sched, info = recalibrate_point(run.path, cand, cfg, progress)
             net.save(out / f"{key}.safetensors")
@@ -213,11 +227,41 @@ def validate_run(run_path: str | Path, cfg: ValidateConfig, progress: bool = Tru
                             "bits": cand.fields()["bits"], "bitops": float(p["bitops"]),
                             "fid_proxy": float(p["fid_proxy"]), "sample_s": round(time.perf_counter() - t0, 1),
                             **cand.solver.fields(), **({"reuse": list(cand.reuse)} if cand.reuse else {}), **info})
-            _write_summary(run.path, log, settings, cfg)
-        return _write_summary(run.path, log, settings, cfg)
+            _write_summary(run.path, log, settings, cfg, fp_log)
+        return _write_summary(run.path, log, settings, cfg, fp_log)
 
 
-def _write_summary(run_path: Path, log, settings: str, cfg: ValidateConfig):
+def _fp_key(cand: Candidate, seed: int, n: int) -> dict:
+    return {"timesteps": list(cand.timesteps), "solver": cand.solver.name, "order": cand.solver.order, "seed": seed,
+            "n": n}
+
+
+def fp_row(line: str) -> dict:
+    """One row of ``final/fp_rows.jsonl``; a row without the fields the summary reads raises (one line via RowLog)."""
+    row = parse_row(line)
+    for name, kind in (("timesteps", list), ("solver", str), ("order", int), ("seed", int), ("n", int),
+                       ("fid", (int, float))):
+        if not isinstance(row[name], kind) or isinstance(row[name], bool):
+            raise TypeError(f"{name}: expected {getattr(kind, '__name__', 'a number')}, got {type(row[name]).__name__}")
+    return row
+
+
+def _score_fp(run_cfg: dict, cand: Candidate, seed: int, cfg: ValidateConfig, ext, ref, fp_log, progress: bool):
+    """FP FID (and class accuracy) of the run's model on ``cand``'s timesteps and solver, ``cfg.n`` images of noise
+    seed ``seed``: the reference that shows what the point's quantization adds to what its schedule costs."""
+    m = _model(run_cfg)
+    sched = make_scheduler(m.scheduler_config, *cand.solver)
+    t0 = time.perf_counter()
+    imgs = sample_images(m.unet, sched, list(cand.timesteps), cfg.n, seed=seed, batch_size=cfg.batch_size,
+                         progress=progress, desc=f"FP on its schedule, seed {seed}")
+    s = score_features(ext(imgs), ref)
+    acc = digit_class_accuracy(m.unet, imgs)
+    fp_log.append({**_fp_key(cand, seed, cfg.n), "fid": s["fid"], "kid": s.get("kid"),
+                   **({"class_accuracy": acc} if acc is not None else {}),
+                   "sample_s": round(time.perf_counter() - t0, 1)})
+
+
+def _write_summary(run_path: Path, log, settings: str, cfg: ValidateConfig, fp_log=None):
     import pandas as pd
     from scipy.stats import kendalltau, spearmanr
 
@@ -239,6 +283,13 @@ def _write_summary(run_path: Path, log, settings: str, cfg: ValidateConfig):
     if "reuse" in first:  # points of a run with the reuse gene
         agg["reuse"] = [list(reuse_of(first.loc[k])) for k in agg["key"]]
     agg["n"] = cfg.n
+    if fp_log is not None and fp_log.rows:  # the FP model on each point's own schedule, over the same seeds
+        fp = []
+        for k in agg["key"]:
+            c = Candidate.from_dict(first.loc[k].to_dict() | {"key": k})
+            got = [fp_log.rows.get(fp_log.key(_fp_key(c, sd, cfg.n))) for sd in df[df["key"] == k]["seed"]]
+            fp.append(sum(r["fid"] for r in got) / len(got) if got and all(got) else float("nan"))
+        agg["fp_fid_mean"] = fp
     agg = agg.sort_values("bitops").reset_index(drop=True)
     atomic_write(run_path / "final.parquet", lambda f: agg.to_parquet(f, index=False))
     summary = {"version": FINAL_VERSION, "points": len(agg), "n": cfg.n, "seeds": list(cfg.seeds),
