@@ -6,6 +6,8 @@ options, and cost. Resumable: finished rows live in <out>/rows.jsonl.
 
 A class model whose classes are digits also gets class accuracy in every quality row. Part ``ranges``: separate vs
 shared guidance-pass activation ranges (``supernet.guidance_ranges``) at W8A8 and W6A6, ``--quality-steps`` uniform.
+Part ``streams``: a joint-attention transformer's per-stream vs shared activation ranges (``supernet.stream_ranges``),
+the same options and steps (``--schedule``).
 
 Fidelity: ``--n-alloc`` random allocations spanning the BitOPs range (stratified by BitOPs quantile), each scored
 (paired pixel MSE to the FP teacher on the same noise, and FID at ``--fid-n``) with the shared supernet of each
@@ -154,6 +156,8 @@ def main() -> None:
         time_groups_few_steps(args, log, fresh_unet, sched, ext, ref, batches)
     if "ranges" in parts:
         guidance_ranges(args, log, fresh_unet, sched, ext, ref, batches)
+    if "streams" in parts:
+        stream_ranges(args, log, fresh_unet, sched, ext, ref, batches)
     write_report(out, log, args)
 
 
@@ -177,6 +181,29 @@ def guidance_ranges(args, log: RowLog, fresh_unet, sched, ext, ref, batches) -> 
             log.append({"kind": "ranges", "mode": ranges, "name": f"W{w}A{a}", "n": args.quality_n,
                         "seed": args.seed, "steps": args.quality_steps, "time_groups": args.time_groups,
                         "guidance_scale": args.guidance, **quality(net, imgs, ext, ref)})
+
+
+def stream_ranges(args, log: RowLog, fresh_unet, sched, ext, ref, batches) -> None:
+    """A joint-attention transformer's activation ranges per stream (``supernet.stream_ranges = "separate"``) vs one
+    range per image / text projection pair (``"shared"``): the same calibration data and time groups, W8A8 and
+    W6A6 at ``--quality-steps`` uniform steps, ``--quality-n`` images, the same noise."""
+    ts_q = make_timesteps(args.schedule, args.quality_steps)
+    for ranges in ("separate", "shared"):
+        todo = [(w, a) for w, a in ((8, 8), (6, 6))
+                if not log.has(kind="streams", mode=ranges, name=f"W{w}A{a}", n=args.quality_n, seed=args.seed)]
+        if not todo:
+            continue
+        net = QuantSupernet(fresh_unet(), SupernetConfig(time_groups=args.time_groups, stream_ranges=ranges,
+                                                         guidance_ranges=args.guidance_ranges))
+        net.calibrate(batches, mode="per-option")
+        for w, a in todo:
+            net.set_uniform(w, a)
+            imgs = sample_images(net.unet, sched, ts_q, args.quality_n, seed=args.seed, guidance_scale=args.guidance,
+                                 desc=f"W{w}A{a} {ranges} stream ranges")
+            log.append({"kind": "streams", "mode": ranges, "name": f"W{w}A{a}", "n": args.quality_n,
+                        "seed": args.seed, "steps": args.quality_steps, "schedule": args.schedule,
+                        "time_groups": args.time_groups, "guidance_scale": args.guidance,
+                        **quality(net, imgs, ext, ref)})
 
 
 def time_groups_few_steps(args, log: RowLog, fresh_unet, sched, ext, ref, batches) -> None:
@@ -401,6 +428,16 @@ def write_report(out: Path, log: RowLog, args) -> None:
                   f"uniform DDIM {r0['steps']} steps, time_groups {r0['time_groups']}, N = {r0['n']}, seed "
                   f"{r0['seed']})", "", "| option | ranges | FID | class accuracy |", "|---|---|---:|---:|"]
         for r in sorted(ranges, key=lambda r: (r["name"], r["mode"])):
+            acc = f"{r['class_accuracy']:.3f}" if "class_accuracy" in r else "-"
+            lines.append(f"| {r['name']} | {r['mode']} | {r['fid']:.3f} | {acc} |")
+    streams = [r for r in rows if r["kind"] == "streams"]
+    if streams:
+        r0 = streams[0]
+        lines += ["", f"## Joint-attention activation ranges: per stream vs shared per projection pair (guidance "
+                  f"{r0['guidance_scale']}, {r0['schedule']} {r0['steps']} steps, time_groups {r0['time_groups']}, "
+                  f"N = {r0['n']}, seed {r0['seed']})", "", "| option | stream ranges | FID | class accuracy |",
+                  "|---|---|---:|---:|"]
+        for r in sorted(streams, key=lambda r: (r["name"], r["mode"])):
             acc = f"{r['class_accuracy']:.3f}" if "class_accuracy" in r else "-"
             lines.append(f"| {r['name']} | {r['mode']} | {r['fid']:.3f} | {acc} |")
     strat = [r for r in rows if r["kind"] == "strategy"]

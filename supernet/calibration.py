@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from tmpq.core.adapters import adapter_for, forward, select, unpack
 from tmpq.core.devices import release_freed_memory
 from tmpq.core.errors import TmpqError
+from tmpq.quant.functional import affine_params
 from tmpq.quant.reconstruct import capture_block, reconstruct_block
 from tmpq.supernet.calib_data import MODES
 
@@ -89,6 +90,8 @@ def calibrate(net, data: Iterable[tuple[torch.Tensor, torch.Tensor]], mode: str 
         desc = (f" [time group {row % G + 1}/{len(parts)}{', null pass' if p else ''}]" if len(jobs) > 1 else "")
         _calibrate_activations(net, group, mode, seed, progress, desc, done if j == len(done_groups) else [],
                                checkpoint if not banked else None)
+        if net.config.stream_ranges == "shared":
+            tie_stream_ranges(net)
         done = []
         if banked:
             for layer in net.layers.values():
@@ -108,6 +111,29 @@ def calibrate(net, data: Iterable[tuple[torch.Tensor, torch.Tensor]], mode: str 
     if checkpoint is not None:
         net.save(checkpoint, progress={"mode": mode, "done_a_bits": list(net.config.a_bits), "time_starts": starts,
                                         "done_groups": [row for row, _, _ in jobs], "complete": True})
+
+
+@torch.no_grad()
+def tie_stream_ranges(net) -> None:
+    """``supernet.stream_ranges = "shared"``: each pair of a joint attention's image- and text-stream projections
+    (the adapter's ``stream_pairs``) gets, per activation option, the one range that covers both of the ranges they
+    were calibrated to (a symmetric grid: the larger scale; an asymmetric one: the union of the two intervals)."""
+    for a, b in adapter_for(net.unet).stream_pairs(net.unet):
+        la, lb = net.layers.get(a), net.layers.get(b)
+        if la is None or lb is None:
+            continue  # a pair with a layer left FP (exclude / include): nothing to share
+        for qa, qb in zip(la.activation_quantizers(), lb.activation_quantizers()):
+            if qa.symmetric:
+                scale, zp = torch.maximum(qa.scale, qb.scale), torch.zeros_like(qa.zero_point)
+            else:
+                lo = torch.minimum((qa.qmin - qa.zero_point) * qa.scale, (qb.qmin - qb.zero_point) * qb.scale)
+                hi = torch.maximum((qa.qmax - qa.zero_point) * qa.scale, (qb.qmax - qb.zero_point) * qb.scale)
+                scale, zp = affine_params(lo, hi, qa.bits, qa.symmetric)
+            for q in (qa, qb):
+                q.scale.data.copy_(scale)
+                q.zero_point.copy_(zp)
+        la.invalidate_cache()
+        lb.invalidate_cache()
 
 
 def _null_rows(net, batch) -> torch.Tensor:

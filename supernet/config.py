@@ -5,7 +5,7 @@ import json
 import re
 from dataclasses import asdict, dataclass
 
-from tmpq.core.choices import GUIDANCE_RANGES, ROUNDINGS, TWO_BIT
+from tmpq.core.choices import GUIDANCE_RANGES, ROUNDINGS, STREAM_RANGES, TWO_BIT
 from tmpq.core.cost import LayerCost
 from tmpq.core.errors import TmpqError
 from tmpq.quant.binarize import BINARY_BITS
@@ -67,6 +67,12 @@ class SupernetConfig:
       serve the conditional and the null pass alike; ``"separate"`` calibrates a second bank for the null pass
       (each time group twice) and switches by each call's conditioning (a call that batches both passes, as stock
       pipelines do, runs as one call per pass). Needs calibration with guidance; weights stay shared.
+    - ``stream_ranges``: a joint-attention transformer (MMDiT: Stable Diffusion 3) projects its image and text
+      tokens with separate Linears, so by default (``"separate"``) each stream's attention projections have their own
+      activation ranges; ``"shared"`` gives each pair of a block (``to_q`` / ``add_q_proj``, ``to_k`` / ``add_k_proj``,
+      ``to_v`` / ``add_v_proj``, ``to_out.0`` / ``to_add_out``) one range covering both streams, per option and time
+      group: what a kernel that runs the joint sequence through one fused projection sees. The adapter names the
+      pairs (``DenoiserAdapter.stream_pairs``); a model without them is unaffected.
 
     This dataclass is the one source of these defaults: a run config's ``[supernet]`` section is this class, and
     ``tmpq calibrate`` fills only the options given on its command line.
@@ -92,6 +98,7 @@ class SupernetConfig:
     block_types: tuple[str, ...] = ("ResnetBlock2D", "Attention", "Downsample2D", "Upsample2D", "TimestepEmbedding")
     time_groups: int = 4
     guidance_ranges: str = "shared"
+    stream_ranges: str = "separate"
 
     def __post_init__(self):
         if self.group_size is None:  # files and callers before group_size = 0 meant "unset"
@@ -153,12 +160,18 @@ class SupernetConfig:
         if self.guidance_ranges not in GUIDANCE_RANGES:
             raise TmpqError(f"supernet.guidance_ranges: must be one of {', '.join(GUIDANCE_RANGES)}, got "
                             f"{self.guidance_ranges!r}")
+        if self.stream_ranges not in STREAM_RANGES:
+            raise TmpqError(f"supernet.stream_ranges: must be one of {', '.join(STREAM_RANGES)}, got "
+                            f"{self.stream_ranges!r}")
         if self.guidance_ranges == "separate" and self.w_rounding == "adaround":
             raise TmpqError("supernet.guidance_ranges: separate does not combine with w_rounding = adaround (block "
                             "reconstruction runs on batches of both passes)")
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        d = asdict(self)
+        if d["stream_ranges"] == "separate":  # the files written before the key existed, byte for byte
+            del d["stream_ranges"]
+        return json.dumps(d, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "SupernetConfig":

@@ -101,3 +101,47 @@ def test_labels_are_refused_for_a_model_conditioned_on_prompts():
     bind_conditioning(t, Conditioning(prompt_embeds=torch.zeros(2, 3, 8), pooled_embeds=torch.zeros(2, 8)))
     with pytest.raises(TmpqError, match="labels: SD3Transformer2DModel is conditioned on prompts, not on class labels"):
         adapter_for(t).conditions(t, range(2), labels=[1, 2])
+
+
+@pytest.mark.parametrize("ranges", ["separate", "shared"])
+def test_stream_ranges_tie_each_joint_attention_pair_or_leave_each_stream_its_own(mmdit_dir, ranges):
+    """supernet.stream_ranges: "shared" gives each image / text projection pair of a joint attention one range per
+    option and time group that covers both streams' calibrated ranges; "separate" (the default) leaves them apart."""
+    from tmpq.core.adapters import adapter_for
+    from tmpq.core.sampler import make_scheduler
+    from tmpq.supernet import QuantSupernet, SupernetConfig
+    from tmpq.supernet.calib_data import make_calib_data
+
+    def calibrated(r):
+        m = load_model(ModelConfig(path=str(mmdit_dir)))
+        data = make_calib_data(m.unet, make_scheduler(m.scheduler_config), "uniform", n_steps=4, per_step=4,
+                               sampler_steps=8, seed=0)
+        net = QuantSupernet(m.unet, SupernetConfig(w_bits=(8,), a_bits=(8, 6), time_groups=2, stream_ranges=r))
+        net.calibrate(list(data.batches(8)), progress=False)
+        return net, adapter_for(m.unet).stream_pairs(m.unet)
+
+    net, pairs = calibrated(ranges)
+    apart, _ = calibrated("separate")
+    assert len(pairs) == 4 * 4 - 1  # 4 blocks x (q, k, v, out), the last block's text stream without its out
+    for a, b in pairs:
+        for g in range(2):
+            for lay in (net.layers[a], net.layers[b], apart.layers[a], apart.layers[b]):
+                lay.load_time_group(g)
+            for j in range(2):
+                qa, qb = net.layers[a].a_quant[j], net.layers[b].a_quant[j]
+                pa, pb = apart.layers[a].a_quant[j], apart.layers[b].a_quant[j]
+                if ranges == "separate":
+                    assert torch.equal(qa.scale, pa.scale) and torch.equal(qb.scale, pb.scale)
+                    continue
+                assert torch.equal(qa.scale, qb.scale) and torch.equal(qa.zero_point, qb.zero_point)
+                lo = lambda q: float((q.qmin - q.zero_point) * q.scale)  # noqa: E731
+                hi = lambda q: float((q.qmax - q.zero_point) * q.scale)  # noqa: E731
+                tol = 1e-6 + float(qa.scale)  # the union's zero point rounds to the grid
+                assert lo(qa) <= min(lo(pa), lo(pb)) + tol and hi(qa) >= max(hi(pa), hi(pb)) - tol
+    if ranges == "separate":
+        assert any(not torch.equal(apart.layers[a].a_quant[0].scale, apart.layers[b].a_quant[0].scale)
+                   for a, b in pairs)
+    assert "stream_ranges" not in SupernetConfig().to_json()  # files of the default stay as they were written
+    assert SupernetConfig.from_json(SupernetConfig(stream_ranges="shared").to_json()).stream_ranges == "shared"
+    with pytest.raises(TmpqError, match="supernet.stream_ranges: must be one of separate, shared"):
+        SupernetConfig(stream_ranges="joint")

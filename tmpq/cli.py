@@ -17,6 +17,7 @@ from tmpq.core.choices import (
     RESOLUTIONS,
     ROUNDINGS,
     STRATEGIES,
+    STREAM_RANGES,
 )
 from tmpq.core.errors import TmpqError
 from tmpq.search.engines import ENGINES
@@ -87,6 +88,9 @@ def _add_supernet_options(q: argparse.ArgumentParser) -> None:
     q.add_argument("--guidance-ranges", default=None, choices=GUIDANCE_RANGES, help="with guidance: one set "
                    "of activation ranges for both passes, or a separate one for the null pass (default: "
                    "supernet.guidance_ranges)")
+    q.add_argument("--stream-ranges", default=None, choices=STREAM_RANGES, help="joint attention (SD3): each "
+                   "stream's projections their own activation ranges, or one shared by each image / text pair "
+                   "(default: supernet.stream_ranges)")
 
 
 def _parser_train(sub) -> None:

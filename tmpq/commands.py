@@ -213,7 +213,7 @@ def supernet_config(args: argparse.Namespace) -> SupernetConfig:
     the rest (those of a run config's ``[supernet]``)."""
     kw = _given(args, {"tie_qkv": "tie_qkv", "rounding": "w_rounding", "w_granularity": "w_granularity",
                        "group_size": "group_size", "time_groups": "time_groups",
-                       "guidance_ranges": "guidance_ranges"})
+                       "guidance_ranges": "guidance_ranges", "stream_ranges": "stream_ranges"})
     if args.preset is not None:
         kw["w_bits"] = kw["a_bits"] = BIT_PRESETS[args.preset]
     for arg in ("w_bits", "a_bits"):
@@ -326,8 +326,10 @@ def cmd_run(args: argparse.Namespace) -> None:
                         **({"seeds": tuple(_parse_int_list(args.seeds, "seeds"))} if args.seeds else {}))
     s = main_job(cfg, Path(args.run_dir), job)
     b = s["best"]
+    fp = b.get("fp_fid_mean")
+    fp = f", FP on the same schedule {fp:.3f}" if isinstance(fp, (int, float)) and fp == fp else ""
     print(f"\ndone in {sum(s['timings'].values()):.0f} s: best point under {s['budget']}: {b['key']} "
-          f"(FID {b['fid_mean']:.3f} at N = {job.validate_n}, {b['bitops'] / 1e9:.3g} GBitOPs, "
+          f"(FID {b['fid_mean']:.3f}{fp} at N = {job.validate_n}, {b['bitops'] / 1e9:.3g} GBitOPs, "
           f"timesteps {list(b['timesteps'])})")
     print(f"report: {s['report']}")
     print(f"export: {s['export']}  (tmpq sample {s['export']}; tmpq.apply_export(pipeline, \"{s['export']}\"))")

@@ -275,6 +275,11 @@ class DenoiserAdapter:
     def default_pins(self, model) -> dict[str, list[int]]:
         return {}
 
+    def stream_pairs(self, model) -> list[tuple[str, str]]:
+        """(image-stream Linear, text-stream Linear) FQN pairs of a joint attention, whose activation ranges
+        ``supernet.stream_ranges = "shared"`` ties; none for a model without joint attention."""
+        return []
+
     def feature_module(self, model):
         return None
 
@@ -456,6 +461,18 @@ class SD3Adapter(DenoiserAdapter):
         cond = {name: [8, 16] for name, mod in model.named_modules()
                 if isinstance(mod, torch.nn.Linear) and embed.fullmatch(name)}
         return {"pos_embed.proj": [8, 16], **cond, "proj_out": [16, 16]}
+
+    def stream_pairs(self, model) -> list[tuple[str, str]]:
+        # the joint attention of every block: each image-stream projection and its text-stream twin (the last
+        # block's text stream ends before its output projection)
+        names = {name for name, _ in model.named_modules()}  # Linears, or the layers a supernet wraps them in
+        out = []
+        for i in range(len(model.transformer_blocks)):
+            a = f"transformer_blocks.{i}.attn"
+            out += [(f"{a}.{img}", f"{a}.{txt}") for img, txt in (("to_q", "add_q_proj"), ("to_k", "add_k_proj"),
+                                                                  ("to_v", "add_v_proj"), ("to_out.0", "to_add_out"))
+                    if f"{a}.{img}" in names and f"{a}.{txt}" in names]
+        return out
 
     def feature_module(self, model):
         # a block returns (text stream, image stream), and the last one None for its text stream: the middle

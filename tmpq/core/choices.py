@@ -20,6 +20,8 @@ ROUNDINGS = ("nearest", "adaround")
 TWO_BIT = ("multibasis", "affine")
 # supernet.guidance_ranges: one set of activation ranges for both guidance passes, or one for the null pass
 GUIDANCE_RANGES = ("shared", "separate")
+# supernet.stream_ranges: a joint-attention transformer's image and text projections ranged apart, or tied
+STREAM_RANGES = ("separate", "shared")
 # calibration.strategy and calibration.mode (tmpq.supernet.calib_data)
 STRATEGIES = ("uniform", "ndtc", "eda")
 MODES = ("per-option", "random-path")

@@ -134,7 +134,7 @@ class RunConfig:
 # ``config_version`` into their resolved config (not into the fingerprint); a config of a newer version is refused.
 # Adding a key: append it here with CONFIG_VERSION + 1 and raise CONFIG_VERSION (tests/test_config_version.py
 # fails on a key that is neither of version 1 nor listed).
-CONFIG_VERSION = 3
+CONFIG_VERSION = 4
 LATER_KEYS: dict[str, tuple[int, object]] = {
     # 2: keys added to the run's own sections one by one
     "search.step_choices": (2, []), "proxy.reference": (2, ""), "search.mutation_prob": (2, 0.0),
@@ -150,6 +150,8 @@ LATER_KEYS: dict[str, tuple[int, object]] = {
     "supernet.pin": (3, "auto"), "supernet.split_skip": (3, True), "supernet.tie": (3, []),
     "supernet.w_symmetric": (3, True),
     "proxy.batch_size": (3, 128),
+    # 4: keys added one by one again
+    "supernet.stream_ranges": (4, "separate"),
 }
 
 # choices of the run's own sections (the supernet, calibration and proxy classes check theirs as well)

@@ -70,7 +70,7 @@ def validated_frame(run_path: Path):
     df = read_parquet(path, "validation summary", ("key", "fid_mean", "fid_std", "bitops", "n", "timesteps"))
     with malformed(path, "validation summary"):
         df = df.assign(gbitops=df["bitops"] / 1e9, steps=[len(t) for t in df["timesteps"]])
-    extra = [c for c in ("class_accuracy_mean", "solver", "order", "reuse") if c in df]
+    extra = [c for c in ("fp_fid_mean", "class_accuracy_mean", "solver", "order", "reuse") if c in df]
     return df[[c for c in VALIDATED_COLUMNS if c in df] + extra].reset_index(drop=True)
 
 
