@@ -75,9 +75,11 @@ def read_table(path: Path) -> dict:
     with malformed(path, "latency table"):
         if d.get("format") != TABLE_FORMAT or d.get("version") != TABLE_VERSION:
             raise ValueError(f"not a {TABLE_FORMAT} v{TABLE_VERSION} (format {d.get('format')!r})")
-        for fqn, e in d["layers"].items():
+        if not isinstance(d["fingerprint"], dict) or not isinstance(d["layers"], dict):
+            raise TypeError("fingerprint and layers: expected JSON objects")
+        for e in d["layers"].values():
             float(e["int8"]), float(e["fp"])
-        float(d["remainder"])
+        float(d["remainder"]), float(d.get("remainder_reuse", 0.0))
         [(int(w), int(a)) for w, a in d["int8_options"]]
     return d
 
