@@ -12,8 +12,9 @@ How (:func:`measure_table`), on two fresh copies of the calibrated supernet over
 - *int8*: every layer at its widest int8 option, converted and checked as deployment does (:func:`to_int8`);
 - *fp*: every layer at its widest other option (pins as pinned), left in fake quantization.
 
-Each is timed on real denoiser calls (batch ``batch``, median of ``repeats``): once plain, once with a timing hook
-on every quantized layer (each layer's own wall inside the real call, so cache effects are those of the call).
+Each is timed on real denoiser calls (batch ``batch``) in ``repeats`` rounds, medians over the rounds: a plain call,
+a call with a timing hook on every quantized layer (each layer's own wall inside the real call, so cache effects are
+those of the call) and, with reuse, a reuse call right after a full one.
 ``remainder`` = plain call - sum of the int8 layers + the sampler's own per-call work (a short sampling run minus its
 calls): norms, attention softmax, activations, the scheduler step. ``remainder_reuse`` is the same for a call that
 reuses deep features (:class:`tmpq.core.reuse.DeepCache`): the call runs the shallow layers only. All in seconds per
@@ -116,56 +117,55 @@ def _widest(layer, options: set, int8: bool) -> tuple[int, int]:
 
 @torch.no_grad()
 def _time_calls(unet, fqns: list[str], batch: int, repeats: int, t: int, reuse_branch: int) -> dict:
-    """Median plain call, median per-layer wall inside hooked calls, and (``reuse_branch``) a reuse call's median:
-    seconds per call of ``batch`` samples."""
+    """Median plain call, median per-layer wall inside hooked calls and (``reuse_branch``) a reuse call's median,
+    in seconds per call of ``batch`` samples. Measured in ``repeats`` rounds of one call of each kind, so that a
+    burst of load from other processes spoils a sample of each rather than every sample of one."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, *sample_shape(unet), generator=g)
     tt = torch.full((batch,), t)
     cond = adapter_for(unet).example(denoiser_of(unet), batch, x.device)
-    call = lambda: denoise(unet, x, tt, cond)  # noqa: E731
+
+    def call() -> float:
+        t0 = time.perf_counter()
+        denoise(unet, x, tt, cond)
+        return time.perf_counter() - t0
+
     call()
     call()
-
-    def walls(fn, n):
-        out = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t0)
-        return out
-
-    plain = statistics.median(walls(call, repeats))
     acc = dict.fromkeys(fqns, 0.0)  # this call's wall per layer (a layer called twice in a call sums)
     start: dict[str, float] = {}
-    handles = []
-    for f in fqns:
-        mod = unet.get_submodule(f)
-        handles.append(mod.register_forward_pre_hook(lambda _m, _a, f=f: start.__setitem__(f, time.perf_counter())))
-        handles.append(mod.register_forward_hook(
-            lambda _m, _a, _o, f=f: acc.__setitem__(f, acc[f] + time.perf_counter() - start[f])))
-    per: dict[str, list[float]] = {f: [] for f in fqns}
-    try:
-        for _ in range(repeats):
-            acc.update(dict.fromkeys(fqns, 0.0))
+
+    def hooked() -> None:
+        handles = []
+        for f in fqns:
+            mod = unet.get_submodule(f)
+            handles.append(mod.register_forward_pre_hook(
+                lambda _m, _a, f=f: start.__setitem__(f, time.perf_counter())))
+            handles.append(mod.register_forward_hook(
+                lambda _m, _a, _o, f=f: acc.__setitem__(f, acc[f] + time.perf_counter() - start[f])))
+        acc.update(dict.fromkeys(fqns, 0.0))
+        try:
             call()
-            for f in fqns:
-                per[f].append(acc[f])
-    finally:
-        for h in handles:
-            h.remove()
-    layer_s = {f: statistics.median(xs) for f, xs in per.items()}
-    out = {"call_s": plain, "layer_s": layer_s}
-    if reuse_branch:
-        reuse = []
-        with DeepCache(unet, (False, True), reuse_branch) as dc:
-            for _ in range(repeats + 1):
+        finally:
+            for h in handles:
+                h.remove()
+
+    plain, reuse, per = [], [], {f: [] for f in fqns}
+    for _ in range(repeats):
+        if reuse_branch:  # a full call (timed: a plain sample) that fills the cache, then a reuse call
+            with DeepCache(unet, (False, True), reuse_branch) as dc:
                 dc.on_step(0)
-                call()
+                plain.append(call())
                 dc.on_step(1)
-                t0 = time.perf_counter()
-                call()
-                reuse.append(time.perf_counter() - t0)
-        out["reuse_call_s"] = statistics.median(reuse[1:])
+                reuse.append(call())
+        else:
+            plain.append(call())
+        hooked()
+        for f in fqns:
+            per[f].append(acc[f])
+    out = {"call_s": statistics.median(plain), "layer_s": {f: statistics.median(xs) for f, xs in per.items()}}
+    if reuse_branch:
+        out["reuse_call_s"] = statistics.median(reuse)
     return out
 
 

@@ -185,7 +185,8 @@ def prepare_run(cfg: RunConfig, run_path: Path, resume: bool = False,
     """A search's start-up without its search: load the model, refuse a proxy it cannot serve, place the time groups
     (a resumed run keeps its stored ones), build the space, create (or, with ``resume``, reopen under the same
     fingerprint) the run directory and give it a calibrated ``supernet.safetensors`` (copied from
-    ``calibration.supernet_file`` when set, else calibrated here, resumably). Returns (run, space, supernet file);
+    ``calibration.supernet_file`` when set, else calibrated here, resumably) and, with ``search.cost = "latency"``,
+    its latency table (:func:`latency_table`, attached to the space). Returns (run, space, supernet file);
     the run holds its writer lock (``run.lock``, taken before anything is written: a resume takes it first of all,
     a new run as it is created) until the caller releases it or exits."""
 
@@ -224,7 +225,7 @@ def prepare_run(cfg: RunConfig, run_path: Path, resume: bool = False,
 
 
 # timed denoiser calls per configuration of a latency table (medians; the tables of a search are measured once per run)
-LATENCY_REPEATS = 5
+LATENCY_REPEATS = 7
 
 
 def latency_table(cfg: RunConfig, run_path: Path, sn_file: Path, progress: bool = True) -> dict:
