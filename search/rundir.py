@@ -247,10 +247,11 @@ def results_frame(results: list[EvalResult]):
 
 
 def run_objectives(config: dict) -> tuple[str, ...]:
-    """The objectives a run minimises, from its resolved config: the proxy and BitOPs, and the weight size with
-    ``search.size_objective``."""
-    extra = ("size_mb",) if config.get("search", {}).get("size_objective") else ()
-    return ("fid_proxy", "bitops", *extra)
+    """The objectives a run minimises, from its resolved config: the proxy and BitOPs (``latency_s``, the predicted
+    seconds per image, with ``search.cost = "latency"``), and the weight size with ``search.size_objective``."""
+    search = config.get("search", {})
+    extra = ("size_mb",) if search.get("size_objective") else ()
+    return ("fid_proxy", "latency_s" if search.get("cost", "bitops") == "latency" else "bitops", *extra)
 
 
 def pareto_frame(df, objectives: tuple[str, ...] = ("fid_proxy", "bitops")):

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tmpq.core.candidate import DEFAULT_SOLVER, Candidate, Solver
-from tmpq.core.cost import LayerCost, call_bitops, weight_bits
+from tmpq.core.cost import LayerCost, call_bitops, call_latency, weight_bits
 from tmpq.core.errors import TmpqError
 from tmpq.search.groups import TimeGroups
 
@@ -34,6 +34,8 @@ SPACE_FORMAT = "tmpq.search-space"
 SPACE_VERSION = 1
 # search.axes: what a search may change (SearchSpace.restrict)
 AXES = ("joint", "time", "bits")
+# search.cost: the second objective, BitOPs (analytic) or latency (measured on the deployment backend)
+COSTS = ("bitops", "latency")
 
 
 @dataclass(frozen=True)
@@ -57,8 +59,19 @@ class SearchSpace:
     # reuse of deep features as a gene (0: none): the depth of the shallow part, and the layers a reuse call skips
     reuse_branch: int = 0
     deep_layers: tuple[str, ...] = ()
+    # the measured latency table (search.cost = "latency"; tmpq.core.cost.latency_entries): not part of to_dict,
+    # the run keeps it in its own file
+    latency_table: dict | None = field(default=None, compare=False)
 
     def __post_init__(self):
+        if self.latency_table is not None:
+            t = self.latency_table
+            missing = [lay.fqn for lay in self.layers if lay.fqn not in t.get("layers", {})]
+            if missing:
+                raise TmpqError(f"latency table: no entry for layer {missing[0]} ({len(missing)} missing): measured "
+                                f"for another model or supernet")
+            if self.reuse_branch and "remainder_reuse" not in t:
+                raise TmpqError("latency table: no reuse remainder, but the space has reuse genes")
         if self.reuse_branch and self.per_group_bits:
             raise TmpqError("search.reuse: reuse genes do not combine with bits per time group")
         if self.reuse_branch and any(s == "heun" for s, _o in self.solver_choices):
@@ -221,6 +234,18 @@ class SearchSpace:
         deep = frozenset(self.deep_layers)
         reuse = set(cand.reuse)
         return float(sum(call_bitops(self.layers, alloc, deep if k in reuse else frozenset())
+                         for k, alloc in enumerate(self._step_bits(cand))))
+
+    def latency(self, cand: Candidate) -> float:
+        """Predicted seconds per image of the whole sampling from the measured table: per denoiser call the remainder
+        plus each layer's int8 or fp entry by its option (a reuse call: the shallow layers and the reuse remainder)."""
+        t = self.latency_table
+        if t is None:
+            raise TmpqError("search.cost: this search space has no latency table (set search.cost = \"latency\")")
+        deep = frozenset(self.deep_layers)
+        int8 = frozenset((int(w), int(a)) for w, a in t["int8_options"])
+        reuse = set(cand.reuse)
+        return float(sum(call_latency(self.layers, alloc, t, int8, deep if k in reuse else frozenset(), k in reuse)
                          for k, alloc in enumerate(self._step_bits(cand))))
 
     def size_mb(self, cand: Candidate) -> float:

@@ -45,7 +45,7 @@ def _hand_list_fingerprint(cfg: RunConfig, model_fp: str) -> str:
                                   ("proxy", "inception_weights", ""), ("supernet", "time_groups", 1),
                                   ("search", "uniform_seeds", True),
                                   ("search", "size_objective", False), ("search", "solvers", []),
-                                  ("search", "reuse_branch", 0)):
+                                  ("search", "reuse_branch", 0), ("search", "cost", "bitops")):
         if config[section].get(key) == default:
             del config[section][key]
     for section, owner in (("model", ModelConfig()), ("supernet", SupernetConfig()), ("proxy", ProxyConfig())):
@@ -76,7 +76,8 @@ def _variants():
            "model.prompts": ["a"], "supernet.a_symmetric": True, "supernet.block_types": ["Attention"],
            "supernet.exclude": ["conv_out"], "supernet.guidance_ranges": "separate", "supernet.include": ["down*"],
            "supernet.pin": {"conv_in": [8, 16]}, "supernet.split_skip": False, "supernet.tie": ["(a)\\.b"],
-           "supernet.w_symmetric": False, "proxy.batch_size": 64, "supernet.stream_ranges": "shared"}
+           "supernet.w_symmetric": False, "proxy.batch_size": 64, "supernet.stream_ranges": "shared",
+           "search.cost": "latency"}
     assert set(off) == set(LATER_KEYS)
     for key, value in off.items():
         yield RunConfig().with_(**{key: value})

@@ -419,7 +419,8 @@ def cmd_pareto(args: argparse.Namespace) -> None:
     if front.empty:
         print("no successful evaluations yet")
         return
-    cols = [c for c in ("key", "fid_proxy", "bitops", "size_mb", "steps", "solver", "timesteps", "generation")
+    cols = [c for c in ("key", "fid_proxy", "bitops", "latency_s", "size_mb", "steps", "solver", "timesteps",
+                        "generation")
             if c in front]
     with pd.option_context("display.max_colwidth", 60, "display.width", 160):
         print(front[cols].to_string(index=False))

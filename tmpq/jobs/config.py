@@ -27,7 +27,7 @@ from tmpq.search.budget import FP_FRACTION, UNIFORM_OPTION
 from tmpq.search.engines import ENGINES
 from tmpq.search.executors import EXECUTORS
 from tmpq.search.groups import GROUPINGS
-from tmpq.search.space import AXES
+from tmpq.search.space import AXES, COSTS
 from tmpq.supernet.calib_data import CalibrationConfig
 from tmpq.supernet.config import SupernetConfig
 
@@ -78,6 +78,10 @@ class SearchSection:
     # reuse of deep features (DeepCache) as a gene: 0 = never; k >= 1 gives every denoiser call after the first a
     # recompute / reuse gene, the shallow part being the first and last k blocks (tmpq.core.reuse)
     reuse_branch: int = 0
+    # the second objective: "bitops" (analytic) or "latency" (predicted seconds per image on the deployment backend,
+    # from a per-layer table measured at the run's start and kept as latency.json: tmpq.deploy.latency); the BitOPs
+    # budget constrains either way
+    cost: str = "bitops"
 
 
 @dataclass(frozen=True)
@@ -150,8 +154,8 @@ LATER_KEYS: dict[str, tuple[int, object]] = {
     "supernet.pin": (3, "auto"), "supernet.split_skip": (3, True), "supernet.tie": (3, []),
     "supernet.w_symmetric": (3, True),
     "proxy.batch_size": (3, 128),
-    # 4: keys added one by one again
-    "supernet.stream_ranges": (4, "separate"),
+    # 4: keys added one by one again (the joint-attention ranges; the second objective)
+    "supernet.stream_ranges": (4, "separate"), "search.cost": (4, "bitops"),
 }
 
 # choices of the run's own sections (the supernet, calibration and proxy classes check theirs as well)
@@ -159,6 +163,7 @@ CHOICES = {
     "search.engine": ENGINES,
     "search.grouping": GROUPINGS,
     "search.axes": AXES,
+    "search.cost": COSTS,
     "executor.kind": EXECUTORS,
 }
 # noise-bank and engine seeds: NumPy's and pymoo's seeding takes 0 <= seed < 2**32

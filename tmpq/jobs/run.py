@@ -10,11 +10,13 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
 
+from tmpq.core.cost import LATENCY_FILE, latency_entries
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import malformed, read_json
 from tmpq.jobs.config import config_from_dict
@@ -53,11 +55,17 @@ class Run:
 
     @property
     def space(self):
-        """The run's ``SearchSpace`` (``search_space.json``)."""
+        """The run's ``SearchSpace`` (``search_space.json``), with its measured latency table (``latency.json``)
+        where the run has one (``search.cost = "latency"``), so ``space.latency(candidate)`` predicts any point."""
 
         path = self.path / "search_space.json"
         with malformed(path, "search space"):
-            return SearchSpace.from_dict(read_json(path, "search space"))
+            space = SearchSpace.from_dict(read_json(path, "search space"))
+        table = self.path / LATENCY_FILE
+        if table.is_file():
+            with malformed(table, "latency table"):
+                space = dataclasses.replace(space, latency_table=latency_entries(read_json(table, "latency table")))
+        return space
 
     @property
     def evaluations(self):

@@ -145,7 +145,7 @@ def run_status(run) -> dict:
                         # the largest worker peak resident memory its rows recorded (0: rows before it was logged)
                         "peak_mib": float(rows["peak_mib"].max()) if "peak_mib" in rows else 0.0})
     front = pareto_frame(ev, run_objectives(cfg))
-    cols = [c for c in ("key", "fid_proxy", "bitops", "steps", "solver") if c in front]
+    cols = [c for c in ("key", "fid_proxy", "bitops", "latency_s", "steps", "solver") if c in front]
     age = time.time() - rd.log_path.stat().st_mtime if rd.log_path.is_file() else None
     done = len(per_gen) >= gens > 0 and per_gen[-1]["generation"] == gens - 1
     val_rows = validation_rows(path)

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tmpq.core import runlock
+from tmpq.core.cost import latency_entries
 from tmpq.core.data import data_fingerprint
 from tmpq.core.devices import resolve_device, tune_cpu_allocator
 from tmpq.core.errors import TmpqError
@@ -28,6 +29,8 @@ from tmpq.core.model import ModelConfig, load_model
 from tmpq.core.reuse import reused_layers
 from tmpq.core.sampler import make_scheduler
 from tmpq.core.solvers import parse_solver
+from tmpq.deploy.latency import TABLE_FILE, check_fingerprint, latency_fingerprint, measure_table, read_table, \
+    write_table
 from tmpq.evaluators.candidate import (
     PROXY_VERSION,
     CandidateEvaluator,
@@ -182,7 +185,8 @@ def prepare_run(cfg: RunConfig, run_path: Path, resume: bool = False,
     """A search's start-up without its search: load the model, refuse a proxy it cannot serve, place the time groups
     (a resumed run keeps its stored ones), build the space, create (or, with ``resume``, reopen under the same
     fingerprint) the run directory and give it a calibrated ``supernet.safetensors`` (copied from
-    ``calibration.supernet_file`` when set, else calibrated here, resumably). Returns (run, space, supernet file);
+    ``calibration.supernet_file`` when set, else calibrated here, resumably) and, with ``search.cost = "latency"``,
+    its latency table (:func:`latency_table`, attached to the space). Returns (run, space, supernet file);
     the run holds its writer lock (``run.lock``, taken before anything is written: a resume takes it first of all,
     a new run as it is created) until the caller releases it or exits."""
 
@@ -210,11 +214,40 @@ def prepare_run(cfg: RunConfig, run_path: Path, resume: bool = False,
             atomic_write_bytes(sn_file, given.read_bytes())
         if not sn_file.is_file():  # resumable per option through supernet.partial.safetensors beside it
             calibrate_to_file(net, make_scheduler(m.scheduler_config), sn_file, cfg.calibration, progress=progress)
+        if cfg.search.cost == "latency":
+            table = latency_table(cfg, run.path, sn_file, progress)
+            space = dataclasses.replace(space, latency_table=latency_entries(table))
     except BaseException:
         if lock is not None:
             lock.release()
         raise
     return run, space, sn_file
+
+
+# timed denoiser calls per configuration of a latency table (medians; the tables of a search are measured once per run)
+LATENCY_REPEATS = 7
+
+
+def latency_table(cfg: RunConfig, run_path: Path, sn_file: Path, progress: bool = True) -> dict:
+    """The run's latency table (``search.cost = "latency"``): read back from ``RUN/latency.json`` when the run has
+    one, refused in one line when it was measured on another fingerprint (machine, int8 ISA, torch, threads, batch);
+    else measured on this process's CPU at ``proxy.batch_size`` images per call over the calibrated supernet and
+    written atomically. The supernet file must exist."""
+    path = Path(run_path) / TABLE_FILE
+    fingerprint = latency_fingerprint(cfg.proxy.batch_size)
+    if path.is_file():
+        table = read_table(path)
+        check_fingerprint(table, fingerprint, path)
+        return table
+
+    def load_net():
+        return QuantSupernet.from_file(load_model(cfg.model, device="cpu").unet, sn_file)
+
+    table = measure_table(load_net, load_model(cfg.model, device="cpu").scheduler_config,
+                          batch=cfg.proxy.batch_size, repeats=LATENCY_REPEATS, reuse_branch=cfg.search.reuse_branch,
+                          progress=progress)
+    write_table(path, table)
+    return table
 
 
 def worker_spec(cfg: RunConfig, sn_file: Path, threads: int | None = None) -> WorkerSpec:
@@ -296,6 +329,8 @@ def _search(cfg: RunConfig, run: RunDir, space: SearchSpace, sn_file: Path, exec
                 if out.status == "ok":
                     objectives["bitops"] = space.bitops(cand)
                     objectives["size_mb"] = space.size_mb(cand)
+                    if space.latency_table is not None:
+                        objectives["latency_s"] = space.latency(cand)
                 res = EvalResult(key=task.key, status=out.status, candidate=cand, objectives=objectives,
                                  proxy=proxy_info, n_images=cfg.proxy.n_images, seed=cfg.proxy.seed,
                                  wall_s=round(out.wall_s, 3), worker=out.worker, error=out.error, generation=gen,
