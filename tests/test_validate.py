@@ -74,8 +74,8 @@ def test_validation_scores_the_fp_model_on_each_points_own_schedule(tiny_run, va
     from tmpq.core.sampler import make_scheduler, sample_images
     from tmpq.evaluators.candidate import quality_reference, scoring_extractor
     from tmpq.evaluators.quality import score_features
+    from tmpq.core.model import ModelConfig, load_model
     from tmpq.jobs.run import load_run
-    from tmpq.jobs.validate import _model
 
     fp_rows = [json.loads(r) for r in (tiny_run / "final" / "fp_rows.jsonl").read_text().splitlines()]
     schedules = {(tuple(r["timesteps"]), r["solver"], r["order"]) for r in fp_rows}
@@ -84,7 +84,7 @@ def test_validation_scores_the_fp_model_on_each_points_own_schedule(tiny_run, va
     p = validated.iloc[0]
     cand = Candidate.from_dict(p)
     cfg = load_run(tiny_run).config
-    m = _model(cfg)
+    m = load_model(ModelConfig(**cfg["model"]))
     ext = scoring_extractor(1)
     ref = quality_reference(cfg["proxy"].get("reference", ""), ext, 1)
     fids = [score_features(ext(sample_images(m.unet, make_scheduler(m.scheduler_config, *cand.solver),
