@@ -11,7 +11,8 @@ The model: ``embedded-flow`` (tmpq/assets/mnist16-flow), a class-conditional rec
 Rules, fixed before the runs:
 - guidance: FP Euler on the ``trailing`` sigmas (1, 1 - 1/n, ..., 1/n: diffusers' flow spacing for few steps) at
   16 steps, N = 1,000, noise seed 1; the tuned scale is the lowest-FID one among 1.5, 2, 3, 4 (scale 1, no guidance,
-  is measured beside them and is the grid's other arm whatever it scores).
+  is measured beside them and is the grid's other arm whatever it scores). ``configs/flow.toml`` (the main job)
+  samples at whichever of 1 and the tuned scale has the lower FID in these rows.
 - fp: every solver of ``--solvers`` at 4 / 8 / 16 / 28 / 50 trailing steps, at guidance 1 and at the tuned scale,
   N = ``--n`` (default 2,000), noise seed 0; FID against the 5,000 real digits in the domain classifier's feature
   space and class accuracy (the domain classifier reads image i as the class it asked for, i mod 10).

@@ -90,6 +90,8 @@ def main() -> None:
     ap.add_argument("--modes", default="per-option,random-path")
     ap.add_argument("--strategy", default="uniform")
     ap.add_argument("--quality-steps", type=int, default=100)
+    ap.add_argument("--quality-schedule", default="uniform", help="schedule of the quality, ranges and streams parts "
+                    "(trailing: a flow model's sigmas from 1)")
     ap.add_argument("--quality-n", type=int, default=2000)
     ap.add_argument("--quality-options", default="", help="comma list of uniform options to score (e.g. W8A8; "
                     "default: W8A8, W6A6, W4A8 and the lowest)")
@@ -166,7 +168,7 @@ def guidance_ranges(args, log: RowLog, fresh_unet, sched, ext, ref, batches) -> 
     time groups, W8A8 and W6A6 at ``--quality-steps`` uniform DDIM, ``--quality-n`` images, the same noise."""
     if args.guidance == 1.0:
         raise SystemExit("part ranges: needs --guidance != 1 (the null pass exists only with guidance)")
-    ts_q = make_timesteps("uniform", args.quality_steps)
+    ts_q = make_timesteps(args.quality_schedule, args.quality_steps)
     for ranges in ("shared", "separate"):
         todo = [(w, a) for w, a in ((8, 8), (6, 6))
                 if not log.has(kind="ranges", mode=ranges, name=f"W{w}A{a}", n=args.quality_n, seed=args.seed)]
@@ -187,7 +189,7 @@ def stream_ranges(args, log: RowLog, fresh_unet, sched, ext, ref, batches) -> No
     """A joint-attention transformer's activation ranges per stream (``supernet.stream_ranges = "separate"``) vs one
     range per image / text projection pair (``"shared"``): the same calibration data and time groups, W8A8 and
     W6A6 at ``--quality-steps`` uniform steps, ``--quality-n`` images, the same noise."""
-    ts_q = make_timesteps(args.schedule, args.quality_steps)
+    ts_q = make_timesteps(args.quality_schedule, args.quality_steps)
     for ranges in ("separate", "shared"):
         todo = [(w, a) for w, a in ((8, 8), (6, 6))
                 if not log.has(kind="streams", mode=ranges, name=f"W{w}A{a}", n=args.quality_n, seed=args.seed)]
@@ -201,7 +203,7 @@ def stream_ranges(args, log: RowLog, fresh_unet, sched, ext, ref, batches) -> No
             imgs = sample_images(net.unet, sched, ts_q, args.quality_n, seed=args.seed, guidance_scale=args.guidance,
                                  desc=f"W{w}A{a} {ranges} stream ranges")
             log.append({"kind": "streams", "mode": ranges, "name": f"W{w}A{a}", "n": args.quality_n,
-                        "seed": args.seed, "steps": args.quality_steps, "schedule": args.schedule,
+                        "seed": args.seed, "steps": args.quality_steps, "schedule": args.quality_schedule,
                         "time_groups": args.time_groups, "guidance_scale": args.guidance,
                         **quality(net, imgs, ext, ref)})
 
@@ -255,7 +257,7 @@ def fidelity(args, log: RowLog, fresh_unet, cfg, batches, score, teacher) -> Non
 
 def quality_and_cost(args, log: RowLog, fresh_unet, sched, ext, ref, batches, parts) -> None:
     """Uniform options at ``--quality-steps`` uniform DDIM vs FP; timing and memory."""
-    ts_q = make_timesteps("uniform", args.quality_steps)
+    ts_q = make_timesteps(args.quality_schedule, args.quality_steps)
     fp_row = (baseline_fp_row(args.fp_from_baseline, args.quality_steps, args.quality_n, args.seed,
                               args.guidance)
               if args.fp_from_baseline else None)
