@@ -33,7 +33,7 @@ _NAMES = {
     "Candidate": "tmpq.core.candidate", "Solver": "tmpq.core.candidate",
     "TmpqPipeline": "tmpq.deploy.pipelines", "apply_export": "tmpq.deploy.bundle", "load_export": "tmpq.deploy.bundle", "read_export": "tmpq.deploy.bundle",
     "RunConfig": "tmpq.jobs.config", "Run": "tmpq.jobs.run", "load_run": "tmpq.jobs.run",
-    "validate": "tmpq.api", "export": "tmpq.api", "run": "tmpq.api",
+    "validate": "tmpq.api", "export": "tmpq.api", "pick": "tmpq.api", "run": "tmpq.api",
 }
 __all__ = sorted([*_NAMES, "search"])
 

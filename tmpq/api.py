@@ -27,15 +27,16 @@ from tmpq.core.handle import DiffusionModel
 from tmpq.deploy.bundle import EXPORT_JSON, apply_export, load_export, read_export
 from tmpq.jobs.config import RunConfig, resolve_config
 from tmpq.jobs.export import ensure_export, export_candidate
-from tmpq.jobs.main import MainJobConfig, front_within, main_job
+from tmpq.jobs.main import MainJobConfig, main_job
+from tmpq.jobs.pick import pick_fastest_within, pick_key
 from tmpq.jobs.run import Run, load_run
 from tmpq.jobs.search import run_search
-from tmpq.jobs.validate import ValidateConfig, best_validated, validate_run
-from tmpq.search.budget import budget_bitops
+from tmpq.jobs.validate import ValidateConfig, validate_run
+from tmpq.search.pick import check_rule
 from tmpq.supernet.store import read_supernet_file
 
 __all__ = ["DenoiserAdapter", "DiffusionModel", "Run", "RunConfig", "apply_export", "export", "load_export",
-           "load_run", "read_export", "register_adapter", "run", "search", "validate"]
+           "load_run", "pick", "read_export", "register_adapter", "run", "search", "validate"]
 
 
 def _handle(model) -> DiffusionModel | str | None:
@@ -110,48 +111,66 @@ def validate(run, *, model=None, progress: bool = True, **options):
         return validate_run(run_path, ValidateConfig(**options), progress=progress)
 
 
-def pick(run, budget: str | None = None) -> str:
-    """The key the main job exports under ``budget`` (``None``: the run's ``search.bitops_budget``, as the main job):
-    the validated point of lowest mean FID within it, or, before any validation, the point of lowest proxy on the
-    front within it (the one the main job validates first)."""
-    run = run if isinstance(run, Run) else load_run(run)
-    budget = run.config["search"]["bitops_budget"] if budget is None else budget
-    limit = budget_bitops(run.space, budget)
-    best = best_validated(run.path, limit)
-    if best is not None:
-        return str(best["key"])
-    eligible = front_within(run, limit)
-    if eligible.empty:
-        raise TmpqError(f"export: no Pareto point of {run.path} is within the budget {budget}; pass key= or "
-                        "budget='none'")
-    return str(eligible.iloc[0]["key"])
+def _picked(run, budget: str | None, rule: str | None, ratio, reference, progress: bool = False):
+    """``(key, figures)`` of :func:`pick` (figures: the rule's, ``None`` for the budget pick)."""
+    if rule is None:
+        if ratio is not None or reference is not None:
+            raise TmpqError("pick: ratio and reference apply to a rule (rule='fastest-within')")
+        return pick_key(run, budget), None
+    check_rule(rule, "rule")
+    if budget is not None:
+        raise TmpqError("pick: give a budget or a rule, not both")
+    if ratio is None:
+        raise TmpqError(f"pick: the rule {rule} needs a FID ratio (ratio=1.1)")
+    figures = pick_fastest_within(run, ratio, reference, progress=progress)
+    return figures["key"], figures
+
+
+def pick(run, budget: str | None = None, *, rule: str | None = None, ratio: float | None = None,
+         reference: float | None = None) -> str:
+    """The key of the point to export. By default the main job's: under ``budget`` (``None``: the run's
+    ``search.bitops_budget``) the validated point of lowest mean FID, or, before any validation, the point of lowest
+    proxy on the front within it (the one the main job validates first).
+
+    ``rule="fastest-within", ratio=R``: among the validated points whose mean FID is within ``R`` x the reference
+    FID, the one of lowest predicted latency per image (the run's latency table; a BitOPs run gets one measured on
+    this CPU and stored as ``RUN/latency.json``). The reference is ``reference`` when given, else the lowest FP FID
+    on any validated point's own schedule (``fp_fid_mean``). See :func:`tmpq.search.pick.fastest_within`."""
+    return _picked(run, budget, rule, ratio, reference)[0]
 
 
 def export(run, key: str | None = None, out: str | os.PathLike | None = None, *, model=None,
-           budget: str | None = None) -> Path:
+           budget: str | None = None, rule: str | None = None, ratio: float | None = None,
+           reference: float | None = None) -> Path:
     """Export candidate ``key`` of a run (``tmpq export``; ``None``: :func:`pick` under ``budget``, by default the
-    run's ``search.bitops_budget`` as the main job) to ``out``
+    run's ``search.bitops_budget`` as the main job, or by ``rule`` / ``ratio`` / ``reference``, recorded in the
+    manifest's provenance) to ``out``
     (``None``: ``RUN/export``, where the main job puts it; an ``out`` that holds this key's export is kept, any
     other non-empty one refused). Returns the export directory, for :func:`tmpq.apply_export`."""
     run_path = _run_path(run)
+    if key is not None and (budget is not None or rule is not None):
+        raise TmpqError("export: give a key, a budget or a rule, not several")
     with _serve_for(run_path, model):
-        key = pick(run_path, budget) if key is None else key
+        figures = None
+        if key is None:
+            key, figures = _picked(run_path, budget, rule, ratio, reference)
         if out is None:
-            return ensure_export(run_path, key, run_path / "export", command="tmpq.export")
+            return ensure_export(run_path, key, run_path / "export", command="tmpq.export", pick=figures)
         out = Path(out)
         manifest = out / EXPORT_JSON
         if manifest.is_file():
             with malformed(manifest, "export manifest"):
                 if read_json(manifest, "export manifest")["provenance"]["candidate"] == key:
                     return out
-        export_candidate(run_path, key, out, command="tmpq.export")
+        export_candidate(run_path, key, out, command="tmpq.export", pick=figures)
         return out
 
 
 def run(model, config=None, run_dir: str | os.PathLike = "results/runs/demo", *, progress: bool = True,
         **job) -> dict:
     """The main job (``tmpq run``): calibrate, search, validate, export, report; resumable. ``job`` are
-    :class:`tmpq.jobs.main.MainJobConfig` fields (``top_k``, ``validate_n``, ``seeds``, ``budget``). Returns its
+    :class:`tmpq.jobs.main.MainJobConfig` fields (``top_k``, ``validate_n``, ``seeds``, ``budget``, ``pick``:
+    ``"fastest-within 1.10"`` exports the fastest validated point within 1.10 x the FP reference FID). Returns its
     summary: ``{"run", "report", "export", "best", "timings"}``."""
     names = {f.name for f in dataclasses.fields(MainJobConfig)}
     unknown = sorted(set(job) - names)

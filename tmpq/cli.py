@@ -304,6 +304,10 @@ def _parser_run(sub) -> None:
     rn.add_argument("--budget", default=None, help="export budget: BitOPs <= this uniform option at the "
                     "config's search.steps (w6a6), a share of the FP model ('1%% fp100': 1 %% of its BitOPs at 100 "
                     "steps), a number, or none (default: the config's search.bitops_budget)")
+    rn.add_argument("--pick", nargs=2, metavar=("RULE", "RATIO"), default=None,
+                    help="export by rule instead of the lowest FID: 'fastest-within 1.10' = among the validated "
+                         "points within the budget whose mean FID is within 1.10 x the FP reference FID, the one of "
+                         "lowest predicted latency per image (the run's latency table, measured for a BitOPs run)")
     _add_threads(rn)
 
 
@@ -344,12 +348,25 @@ def _parser_report(sub) -> None:
 
 def _parser_export(sub) -> None:
     ex = sub.add_parser("export", help="export one candidate of a run for deployment",
-                        description="Write a deployable export of one evaluated candidate: a DDPMPipeline directory "
+                        description="Write a deployable export of one evaluated candidate (named by --candidate, or "
+                                    "chosen by --pick or --budget): a DDPMPipeline directory "
                                     "(FP weights) plus tmpq_export.json (searched timesteps, per-layer bits, "
                                     "provenance, file hashes) and quantizers.safetensors. Apply it to a stock "
                                     "pipeline with tmpq.apply_export(pipe, DIR); render it with tmpq sample DIR.")
     ex.add_argument("run", help="run directory")
-    ex.add_argument("--candidate", required=True, help="candidate key (the key column of tmpq pareto RUN)")
+    which = ex.add_mutually_exclusive_group(required=True)
+    which.add_argument("--candidate", help="candidate key (the key column of tmpq pareto RUN)")
+    which.add_argument("--pick", nargs=2, metavar=("RULE", "RATIO"), default=None,
+                       help="choose by rule: 'fastest-within 1.10' = among the validated points (tmpq validate) whose "
+                            "mean FID is within 1.10 x the reference FID, the one of lowest predicted latency per "
+                            "image (the run's latency table; a BitOPs run gets one measured on this CPU and stored as "
+                            "RUN/latency.json); recorded in the manifest's provenance")
+    which.add_argument("--budget", default=None, help="the main job's choice under this BitOPs budget (as tmpq run "
+                       "--budget): the validated point of lowest mean FID within it, before validation the front "
+                       "point of lowest proxy")
+    ex.add_argument("--reference", type=float, default=None, metavar="FID",
+                    help="with --pick: the reference FID (default: the lowest FP FID on any validated point's own "
+                         "schedule, fp_fid_mean of final.parquet)")
     ex.add_argument("--out", required=True, help="new export directory")
     _add_threads(ex)
 

@@ -34,15 +34,17 @@ from tmpq.evaluators.quality import (
     evaluate_schedule,
     load_reference,
 )
-from tmpq.jobs.config import config_from_dict, config_with, parse_override, resolve_config
+from tmpq.jobs.config import check_budget_spec, config_from_dict, config_with, parse_override, resolve_config
 from tmpq.jobs.export import export_candidate
 from tmpq.jobs.main import MainJobConfig, main_job
+from tmpq.jobs.pick import pick_fastest_within, pick_key
 from tmpq.jobs.report import write_report
 from tmpq.jobs.run import load_run
 from tmpq.jobs.runinfo import print_status
 from tmpq.jobs.search import dp_schedules, run_search
 from tmpq.jobs.train import DenoiserTrainConfig, train_denoiser
 from tmpq.jobs.validate import ValidateConfig, validate_run
+from tmpq.search.pick import check_reference, parse_pick
 from tmpq.supernet import QuantSupernet, SupernetConfig
 from tmpq.supernet.calib_data import CalibrationConfig, calibrate_to_file
 
@@ -323,14 +325,18 @@ def cmd_run(args: argparse.Namespace) -> None:
     _set_threads(args.threads)
     cfg = _run_config(args, resolve_config(args.config))
     job = MainJobConfig(**_given(args, {"top_k": "top_k", "validate_n": "validate_n", "budget": "budget"}),
-                        **({"seeds": tuple(_parse_int_list(args.seeds, "seeds"))} if args.seeds else {}))
+                        **({"seeds": tuple(_parse_int_list(args.seeds, "seeds"))} if args.seeds else {}),
+                        **({"pick": " ".join(args.pick)} if args.pick else {}))
     s = main_job(cfg, Path(args.run_dir), job)
     b = s["best"]
     fp = b.get("fp_fid_mean")
     fp = f", FP on the same schedule {fp:.3f}" if isinstance(fp, (int, float)) and fp == fp else ""
-    print(f"\ndone in {sum(s['timings'].values()):.0f} s: best point under {s['budget']}: {b['key']} "
+    which = f"{job.pick} point" if job.pick else "best point"
+    print(f"\ndone in {sum(s['timings'].values()):.0f} s: {which} under {s['budget']}: {b['key']} "
           f"(FID {b['fid_mean']:.3f}{fp} at N = {job.validate_n}, {b['bitops'] / 1e9:.3g} GBitOPs, "
           f"timesteps {list(b['timesteps'])})")
+    if "pick" in s:
+        print(_pick_line(s["pick"]))
     print(f"report: {s['report']}")
     print(f"export: {s['export']}  (tmpq sample {s['export']}; tmpq.apply_export(pipeline, \"{s['export']}\"))")
 
@@ -406,11 +412,35 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"wrote {path} (open it in a browser)")
 
 
+def _pick_line(p: dict) -> str:
+    """The figures of a pick rule, for people."""
+    ref = "the FP model on its best validated schedule" if p["reference"] == "fp" else "given"
+    return (f"picked by {p['rule']} {p['ratio']:g}: FID {p['fid_mean']:.4g} = {p['fid_ratio']:.3f} x the reference "
+            f"{p['reference_fid']:.4g} ({ref}), predicted {p['latency_s'] * 1e3:.3g} ms per image "
+            f"({p['latency_table']['backend']}, {p['latency_table']['threads']} threads)")
+
+
 def cmd_export(args: argparse.Namespace) -> None:
+    if args.reference is not None and args.pick is None:
+        raise TmpqError("--reference: applies to --pick only")
+    figures = None
+    if args.pick is not None:
+        _rule, ratio = parse_pick(args.pick, "--pick")
+        if args.reference is not None:
+            check_reference(args.reference)
+    if args.budget is not None:
+        check_budget_spec(args.budget, "--budget")
     _set_threads(args.threads)
-    man = export_candidate(args.run, args.candidate, args.out, command=_command_line())
+    if args.pick is not None:
+        figures = pick_fastest_within(args.run, ratio, args.reference, progress=True)
+        key = figures["key"]
+    else:
+        key = args.candidate if args.candidate is not None else pick_key(args.run, args.budget, "--budget")
+    if figures is not None:
+        print(_pick_line(figures))
+    man = export_candidate(args.run, key, args.out, command=_command_line(), pick=figures)
     n_layers = len(man["layers"])
-    print(f"exported candidate {args.candidate} to {args.out}: {len(man['sampler']['timesteps'])} steps "
+    print(f"exported candidate {key} to {args.out}: {len(man['sampler']['timesteps'])} steps "
           f"{man['sampler']['timesteps']}, {n_layers} quantized layers; render it with: tmpq sample {args.out}")
 
 

@@ -41,9 +41,10 @@ def _select_state(net, layer_bits: dict[str, tuple[int, int]]) -> dict[str, torc
     return out
 
 
-def ensure_export(run_path: str | Path, key: str, out: str | Path, command: str = "") -> Path:
-    """``out`` holding the export of candidate ``key``: kept when it already is, else (re)written. Resumable jobs
-    (``tmpq run``, benchmarks) call this instead of re-exporting on every rerun."""
+def ensure_export(run_path: str | Path, key: str, out: str | Path, command: str = "", pick: dict | None = None) -> Path:
+    """``out`` holding the export of candidate ``key``: kept when it already is, else (re)written (``pick``: as in
+    :func:`export_candidate`). Resumable jobs (``tmpq run``, benchmarks) call this instead of re-exporting on every
+    rerun."""
     out = Path(out)
     manifest = out / EXPORT_JSON
     if manifest.is_file():
@@ -54,12 +55,15 @@ def ensure_export(run_path: str | Path, key: str, out: str | Path, command: str 
     with lock_inside(out, "export"):  # an export inside a run (tmpq run's RUN/export) is written by its one writer
         if out.exists():
             shutil.rmtree(out)
-        export_candidate(run_path, key, out, command=command)
+        export_candidate(run_path, key, out, command=command, pick=pick)
     return out
 
 
-def export_candidate(run_path: str | Path, key: str, out: str | Path, command: str = "") -> dict:
+def export_candidate(run_path: str | Path, key: str, out: str | Path, command: str = "",
+                     pick: dict | None = None) -> dict:
     """Write the export of candidate ``key`` of a search run to ``out`` (atomically: a crash leaves no half export).
+    ``pick``: the rule that chose ``key`` and the figures it used (:func:`tmpq.jobs.pick.pick_fastest_within`),
+    recorded as ``provenance.pick``; an export chosen by key or budget has no such entry (as before).
 
     Returns the export manifest (the content of ``tmpq_export.json``).
     """
@@ -159,7 +163,7 @@ def export_candidate(run_path: str | Path, key: str, out: str | Path, command: s
                            "candidate": key, "run_fingerprint": cfg.get("fingerprint"), "quantizers": source,
                            "model_fingerprint": pinned.fingerprint, "model": model_path,
                            "search_supernet_format": meta.get("format"), "tmpq_version": __version__,
-                           "command": command},
+                           "command": command, **({"pick": pick} if pick is not None else {})},
         }
         manifest["files"] = {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*"))
                              if p.is_file()}

@@ -1,5 +1,6 @@
 """The main job (``tmpq run``): calibrate the supernet -> search -> validate the best points under a BitOPs budget ->
-export the best validated point -> HTML report. Every stage is resumable, so rerunning the same command after an
+export the best validated point (or, with ``pick``, the one a pick rule chooses: :mod:`tmpq.jobs.pick`) -> HTML
+report. Every stage is resumable, so rerunning the same command after an
 interruption continues where it stopped.
 """
 from __future__ import annotations
@@ -15,11 +16,13 @@ from tmpq.core.fileio import atomic_write_bytes
 from tmpq.core.runlock import keep_run_locks
 from tmpq.jobs.config import check_budget_options, check_budget_spec
 from tmpq.jobs.export import ensure_export
+from tmpq.jobs.pick import as_row, front_within, pick_fastest_within
 from tmpq.jobs.report import write_report
 from tmpq.jobs.run import load_run
 from tmpq.jobs.search import run_search
 from tmpq.jobs.validate import ValidateConfig, best_validated, validate_run
 from tmpq.search.budget import budget_bitops
+from tmpq.search.pick import parse_pick
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,10 @@ class MainJobConfig:
     # export budget: BitOPs <= this uniform option at search.steps, a share of the FP model, a number or "none";
     # None = the config's search.bitops_budget (so a config's "none" is not overridden by a default)
     budget: str | None = None
+    # which validated point to export: None = the lowest mean FID under the budget (as before); "fastest-within R":
+    # the lowest predicted latency per image among those within R x the reference FID (tmpq.search.pick), under
+    # the budget too (the run's latency table; a BitOPs run gets one measured)
+    pick: str | None = None
 
     def validate(self) -> ValidateConfig:
         """Refuse bad values of the job's own options (flags of ``tmpq run``) before anything is written; returns the
@@ -38,23 +45,14 @@ class MainJobConfig:
             raise TmpqError(f"--top-k: must be an integer in [1, 1000], got {self.top_k!r}")
         if self.budget is not None:
             check_budget_spec(self.budget, "--budget")
+        if self.pick is not None:
+            parse_pick(self.pick, "--pick")
         cfg = ValidateConfig(n=self.validate_n, seeds=tuple(self.seeds))
         try:
             cfg.validate()
         except TmpqError as exc:
             raise TmpqError(str(exc).replace("--n:", "--validate-n:", 1)) from None
         return cfg
-
-
-def front_within(run, limit: float | None):
-    """The run's Pareto points within ``limit`` BitOPs (``None``: all), best proxy first: the points the main job
-    validates, and the one it exports before any validation exists."""
-    front = run.pareto()
-    if front.empty:
-        return front
-    if limit is not None:
-        front = front[front["bitops"] <= limit]
-    return front.sort_values("fid_proxy")
 
 
 def export_budget(cfg, job: MainJobConfig) -> str:
@@ -103,18 +101,26 @@ def _main_job(cfg, run_path: str | Path, job: MainJobConfig, progress: bool) -> 
     validate_run(run_path, dataclasses.replace(validation, keys=keys), progress=progress)
     timings["validate_s"] = round(time.perf_counter() - t0, 1)
 
-    t0 = stage("export the best validated point")
-    best = best_validated(run_path, limit)
-    if best is None:  # pragma: no cover - validate_run wrote at least one row above
-        raise TmpqError("validation produced no points")
-    export_dir = ensure_export(run_path, best["key"], run_path / "export", command="tmpq run")
+    picked = None
+    if job.pick is None:
+        t0 = stage("export the best validated point")
+        best = best_validated(run_path, limit)
+        if best is None:  # pragma: no cover - validate_run wrote at least one row above
+            raise TmpqError("validation produced no points")
+    else:
+        t0 = stage(f"export the {job.pick} point")
+        _rule, ratio = parse_pick(job.pick, "--pick")
+        picked = pick_fastest_within(run_path, ratio, bitops_limit=limit, progress=progress)
+        best = as_row(run_path, picked["key"])
+    export_dir = ensure_export(run_path, best["key"], run_path / "export", command="tmpq run", pick=picked)
     timings["export_s"] = round(time.perf_counter() - t0, 1)
 
     t0 = stage("report")
     report = write_report(run_path, progress=progress)
     timings["report_s"] = round(time.perf_counter() - t0, 1)
     summary = {"run": str(run_path), "budget": budget, "report": str(report), "export": str(export_dir),
-               "best": {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in best.items()}, "timings": timings}
+               "best": {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in best.items()}, "timings": timings,
+               **({"pick": picked} if picked is not None else {})}
 
     atomic_write_bytes(run_path / "main_job.json", (json.dumps(summary, indent=2, default=str) + "\n").encode())
     return summary

@@ -4,8 +4,9 @@
   scored with the same supernet and proxy, and (when ``tmpq validate`` ran) the final FID of the validated points;
 - a sample grid for every front point beside the FP reference (same noise-bank images);
 - a heat map of the per-layer weight / activation bits of every front point;
-- the front table (each point named P1, P2, ... by BitOPs, its final FID when validated, the exported point marked,
-  and the ``tmpq export`` command of every other point).
+- the front table (each point named P1, P2, ... by BitOPs, its predicted latency per image when the run has a
+  latency table, its final FID when validated, the exported point marked, the point ``tmpq export --pick
+  fastest-within 1.10`` would choose marked, and the ``tmpq export`` command of every other point).
 
 Baselines and grids are computed once and cached under ``RUN/report/`` (a rerun only rewrites the page).
 """
@@ -24,8 +25,10 @@ from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import atomic_write_bytes, malformed, read_json, read_parquet
 from tmpq.core.grid import save_grid
 from tmpq.core.schedules import make_timesteps
+from tmpq.jobs.pick import validated_points
 from tmpq.jobs.run import load_run
 from tmpq.jobs.search import WorkerSpec
+from tmpq.search.pick import REPORT_RATIO, fastest_within
 from tmpq.search.rundir import RunDir
 
 GRID_N = 16
@@ -214,11 +217,12 @@ def _seed_text(d: int | None) -> str:
 
 
 def _front_rows(front, run_path: Path, names: dict[str, str], grids: dict[str, str], fin, exports,
-                seeds: dict[str, int]) -> list[str]:
-    """The front table's rows (by BitOPs): name and key, objectives, final FID (and the FP model's on the point's
-    own schedule), the distance to the nearest search seed, the export (its directory when exported, else the
-    ``tmpq export`` command that writes it where ``tmpq status`` and the report find it), the schedule and the
-    sample grid."""
+                seeds: dict[str, int], latency: dict[str, float] | None = None, picked: str | None = None) -> list[str]:
+    """The front table's rows (by BitOPs): name and key (``picked``: marked as the fastest-within point),
+    objectives, the predicted latency in ms per image (``latency``: seconds per key, where the run has a table),
+    final FID (and the FP model's on the point's own schedule), the distance to the nearest search seed, the export
+    (its directory when exported, else the ``tmpq export`` command that writes it where ``tmpq status`` and the
+    report find it), the schedule and the sample grid."""
     exported = dict(zip(exports["key"], exports["path"]))
     rows = []
     for _, p in front.sort_values("bitops").iterrows():
@@ -236,12 +240,35 @@ def _front_rows(front, run_path: Path, names: dict[str, str], grids: dict[str, s
                               str(run_path / "exports" / k[:8])])
             export = f"<code>{html.escape(cmd)}</code>"
         style = ' class="exported"' if k in exported else ""
-        rows.append(f"<tr{style}><td><b>{names[k]}</b><br><code>{html.escape(k)}</code></td>"
-                    f"<td>{_fmt(p['fid_proxy'])}</td><td>{_fmt(p['bitops'] / 1e9)}</td>"
+        mark = f"<br><small><b>fastest within {REPORT_RATIO:.2f}×</b></small>" if k == picked else ""
+        ms = f"<td>{_fmt(latency[k] * 1e3, '.3g')}</td>" if latency is not None else ""
+        rows.append(f"<tr{style}><td><b>{names[k]}</b><br><code>{html.escape(k)}</code>{mark}</td>"
+                    f"<td>{_fmt(p['fid_proxy'])}</td><td>{_fmt(p['bitops'] / 1e9)}</td>{ms}"
                     f"<td>{_fmt(p.get('size_mb', float('nan')), '.3f')}</td><td>{fid}</td>"
                     f"<td>{_seed_text(seeds.get(k))}</td>"
                     f"<td>{html.escape(str(list(p['timesteps'])))}</td><td>{export}</td><td>{img}</td></tr>")
     return rows
+
+
+def _fastest_note(run, final, has_table: bool, names: dict[str, str]) -> tuple[str | None, str]:
+    """The key ``tmpq export --pick fastest-within 1.10`` would choose (``None`` when there is none: no validation,
+    no latency table, no point within) and the page's line about it."""
+    if final is None:
+        return None, ""
+    cmd = f"tmpq export {shlex.quote(str(run.path))} --pick fastest-within {REPORT_RATIO:.2f} --out DIR"
+    if not has_table:
+        return None, (f"<p>Fastest within {REPORT_RATIO:.2f}× the FP reference FID: this run has no latency table "
+                      f"(a BitOPs search); <code>{html.escape(cmd)}</code> measures one and picks.</p>")
+    try:
+        p = fastest_within(validated_points(run), REPORT_RATIO)
+    except TmpqError as exc:
+        return None, f"<p>Fastest within {REPORT_RATIO:.2f}×: {html.escape(str(exc))}.</p>"
+    name = names.get(p["key"], "a point off the current front")
+    return p["key"], (f"<p>Fastest within {REPORT_RATIO:.2f}× the reference FID {_fmt(p['reference_fid'])} (the FP "
+                      f"model on its best validated schedule): <b>{html.escape(name)}</b> "
+                      f"<code>{html.escape(p['key'])}</code>, FID {_fmt(p['fid_mean'])} ({p['fid_ratio']:.2f}×), "
+                      f"predicted {_fmt(p['latency_s'] * 1e3, '.3g')} ms per image; export it with "
+                      f"<code>{html.escape(cmd)}</code>.</p>")
 
 
 def write_report(run_path: str | Path, baselines: bool = True, grids: bool = True, progress: bool = False) -> Path:
@@ -291,7 +318,11 @@ def _write_report(run_path: str | Path, baselines: bool, grids: bool, progress: 
     heat = _bits_heatmap(bits, names_of, exported, out)
     names = _grids(front, ev_factory, out, progress) if grids else {}
     fin = final.set_index("key") if final is not None else None
-    rows = _front_rows(front, run.path, names_of, names, fin, exports, seed_distances(space, cfg, front))
+    latency = ({p["key"]: space.latency(Candidate.from_dict(p)) for _, p in front.iterrows()}
+               if space.latency_table is not None else None)
+    picked, pick_note = _fastest_note(run, final, latency is not None, names_of)
+    rows = _front_rows(front, run.path, names_of, names, fin, exports, seed_distances(space, cfg, front), latency,
+                       picked)
     pinned = sorted(set(bits.loc[bits["pinned"], "layer"]))
     base_rows = "".join(f"<tr><td>{html.escape(b['name'])}</td><td>{_fmt(b['fid_proxy'])}</td>"
                         f"<td>{_fmt(b['bitops'] / 1e9)}</td></tr>" for b in base)
@@ -314,7 +345,7 @@ code{{font-size:12px}}tr.exported{{background:#fff3d6}}</style></head><body>
 <p>{len(evaluations)} evaluations, {len(front)} Pareto points; {'/'.join(map(str, space.step_choices))} steps
 ({html.escape(space.groups.kind)} time groups); bits W{list(space.w_bits)} × A{list(space.a_bits)}; proxy <code>{html.escape(str(proxy['name']))}</code>
 at N = {proxy['n_images']}.{memory_note}</p>
-{final_note}
+{final_note}{pick_note}
 <h2>Pareto front</h2><img src="{plot}" alt="Pareto plot">
 <h2>Uniform baselines (same supernet, same proxy)</h2>
 <table><tr><th>config</th><th>proxy</th><th>GBitOPs</th></tr>{base_rows}</table>
@@ -324,7 +355,7 @@ the same {GRID_N} noise-bank images as every grid below):</p>{fp_img}
 <p>Final FID: validated at large N (mean ± std over its seeds), with the FP model's FID on the point's own schedule
 and solver under it (same N and noise: the ratio is what quantization and reuse add). From seed: how many genes the
 point differs in from the nearest uniform option the search started from ("a seed": it is one).</p>
-<table><tr><th>point</th><th>proxy</th><th>GBitOPs</th><th>size MB</th><th>final FID</th><th>from seed</th>
+<table><tr><th>point</th><th>proxy</th><th>GBitOPs</th>{'<th>ms / image</th>' if latency is not None else ''}<th>size MB</th><th>final FID</th><th>from seed</th>
 <th>timesteps</th><th>export</th><th>samples</th></tr>{''.join(rows)}</table>
 <h2>Per-layer bits of the front points</h2>
 <p>Weight and activation bits of every searched layer (rows) at every front point (columns, named as in the table;
