@@ -202,9 +202,20 @@ def test_int8_kernels_hold_the_exported_weights_and_stay_close(exported, tmp_pat
     # the int8 kernels compute what fake quantization computes (same activation quantizers, same weight grid)
     assert float((out - ref).pow(2).mean() / ref.pow(2).mean()) < 1e-8, (err(out), err(ref))
     r = subprocess.run([sys.executable, "-m", "tmpq", "speed", str(root / "exp"), "--n", "8", "--batch-size", "8",
-                        "--out", str(tmp_path / "speed.json"), "--threads", "1"], capture_output=True, text=True)
+                        "--out", str(tmp_path / "speed.json"), "--threads", "1", "--fp-reference", "ddim:2"],
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-1500:]
     rows = json.loads((tmp_path / "speed.json").read_text())
+    # the FP reference sampler, timed in the same run, and the one summary line of ratios
+    assert rows["fp_reference"]["timesteps"] == [999, 499] and rows["fp_reference_s"] > 0
+    summary = next(ln for ln in r.stdout.splitlines() if ln.startswith("summary: int8 "))
+    assert f"{rows['fp_reference_s'] / rows['int8_export_s']:.2f}x the FP reference (ddim 2 trailing)" in summary
+    assert f"{rows['fp_100_uniform_s'] / rows['int8_export_s']:.2f}x FP DDIM 100" in summary
+    assert rows["int8_small_batch_s_per_image"] > 0 and isinstance(rows["int8_timing_suspect"], bool)
+    assert ("suspect" in summary) == rows["int8_timing_suspect"]
+    bad = subprocess.run([sys.executable, "-m", "tmpq", "speed", str(root / "exp"), "--fp-reference", "ddim"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--fp-reference: expected SOLVER:STEPS[:SPACING]" in bad.stderr
     assert rows["int8_layers"] == n_quant - len(wide) and rows["int8_export_s"] > 0
     # the profiled conv / Linear share is a real fraction and the Amdahl bound follows from it
     share = rows["op_shares"]["fp"]["conv_linear_share"]

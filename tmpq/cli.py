@@ -329,6 +329,10 @@ def _parser_speed(sub) -> None:
     sp.add_argument("--device", default="cpu",
                     help="cpu (default: oneDNN int8 kernels), cuda or cuda:N (torchao int8 matmuls on the GPU, FP also "
                          "under bf16 autocast; needs the gpu extra, pip install 'tmpq[gpu]'), or auto")
+    sp.add_argument("--fp-reference", default=None, metavar="SOLVER:STEPS[:SPACING]",
+                    help="also time this FP sampler in the same run (e.g. unipc-2:7:dp, the fastest FP configuration "
+                         "of the export's quality in your FP grid; spacing uniform, trailing (default), quad or dp) "
+                         "and print int8's ratio to it")
     sp.add_argument("--compile", action="store_true",
                     help="also time each model with a torch.compile'd forward (the warm-up batch compiles; a model "
                          "that does not compile is named with its error)")

@@ -375,7 +375,7 @@ def cmd_speed(args: argparse.Namespace) -> None:
         print(f"CPU: {describe_cpu_int8()}", flush=True)
         print(f"CPU allocator (every timing below): {cpu_allocator()}", flush=True)
         rows = measure_speed(args.export, n=args.n, batch_size=args.batch_size, fid_n=args.fid_n,
-                             compile=args.compile)
+                             compile=args.compile, fp_reference=_fp_reference(args.fp_reference, args.export))
         rows["threads"] = args.threads
         layers = rows["layers"]
         print(f"{'FP, uniform DDIM 100 steps':36s} {rows['fp_100_uniform_s']:8.2f} s")
@@ -388,6 +388,9 @@ def cmd_speed(args: argparse.Namespace) -> None:
               f"of the exact magnitude among the int8 layers ({rows['check_worst_err']:.1e} among all checked; "
               f"tolerance {CHECK_TOL:.0e}); int8 vs fake-quant images: pixel MSE "
               f"{rows['int8_vs_fakequant_pixel_mse']:.1e}")
+        if "fp_reference_s" in rows:
+            print(f"{'FP reference, ' + rows['fp_reference']['label']:36s} {rows['fp_reference_s']:8.2f} s")
+        print(_speed_summary(rows))
         sh = rows["op_shares"]
         print(f"conv + Linear share of one denoiser call: FP {sh['fp']['conv_linear_share']:.0%} of "
               f"{sh['fp']['total_ms']:.0f} ms, int8 {sh['int8']['conv_linear_share']:.0%} of "
@@ -404,6 +407,43 @@ def cmd_speed(args: argparse.Namespace) -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
         print(f"wrote {args.out}")
+
+
+def _fp_reference(spec: str | None, export: str) -> tuple | None:
+    """``--fp-reference SOLVER:STEPS[:SPACING]`` as ``(label, solver, order, timesteps)`` on the export's model (spacing
+    uniform, trailing, quad, or dp: the DP-optimal timesteps of that step count for the model)."""
+    if spec is None:
+        return None
+    from tmpq.core.schedules import SCHEDULES
+    from tmpq.core.solvers import parse_solver
+
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or not parts[1].isdigit() or int(parts[1]) < 1:
+        raise TmpqError(f"--fp-reference: expected SOLVER:STEPS[:SPACING] (e.g. unipc-2:7:dp), got {spec!r}")
+    solver, steps, spacing = parts[0], int(parts[1]), parts[2] if len(parts) == 3 else "trailing"
+    if spacing not in (*SCHEDULES, "dp"):
+        raise TmpqError(f"--fp-reference: spacing must be one of {', '.join((*SCHEDULES, 'dp'))}, got {spacing!r}")
+    s = parse_solver(solver)
+    m = load_model(export)
+    if spacing == "dp":
+        ts = dp_schedules(m.unet, m.scheduler_config, [steps], guidance_scale=m.guidance_scale)[steps]
+    else:
+        ts = make_timesteps(spacing, steps, m.num_train_timesteps)
+    return f"{solver} {steps} {spacing}", s.name, s.order, list(ts)
+
+
+def _speed_summary(rows: dict) -> str:
+    """One line of ratios: int8 against FP DDIM 100 steps, FP on the exported schedule, fake quantization and, when
+    timed, the FP reference; with the small-batch check."""
+    i8 = rows["int8_export_s"]
+    parts = [f"{rows['fp_100_uniform_s'] / i8:.2f}x FP DDIM 100", f"{rows['fp_export_schedule_s'] / i8:.2f}x FP on "
+             f"the exported schedule", f"{rows['fakequant_export_s'] / i8:.2f}x fake quantization"]
+    if "fp_reference_s" in rows:
+        parts.append(f"{rows['fp_reference_s'] / i8:.2f}x the FP reference ({rows['fp_reference']['label']})")
+    check = (f"; suspect: int8 per image {i8 / rows['images'] * 1e3:.2f} ms at batch {rows['batch_size']} vs "
+             f"{rows['int8_small_batch_s_per_image'] * 1e3:.2f} ms at batch {min(16, rows['images'])}, or slower than fake quantization "
+             f"(shared cores? rerun)" if rows.get("int8_timing_suspect") else "")
+    return "summary: int8 " + ", ".join(parts) + check
 
 
 def cmd_report(args: argparse.Namespace) -> None:

@@ -549,11 +549,17 @@ def op_shares(unet, batch: int, t: int = 500) -> dict:
     return {"total_ms": total, "conv_linear_ms": mm, "conv_linear_share": mm / total if total else 0.0}
 
 
-def measure_speed(export_dir, n: int = 256, batch_size: int = 256, fid_n: int = 0, compile: bool = False) -> dict:
+def measure_speed(export_dir, n: int = 256, batch_size: int = 256, fid_n: int = 0, compile: bool = False,
+                  fp_reference: tuple | None = None) -> dict:
     """Wall-clock of an export (``tmpq speed``): FP at 100 uniform DDIM steps, FP and fake quantization at the
     exported schedule, real int8 kernels at the exported schedule; the pixel MSE between int8 and fake-quant images
     on the same noise and, with ``fid_n``, both FIDs (embedded 1-channel models only). Times are medians of 3.
-    ``compile``: also each of the four with a ``torch.compile``'d forward (``compiled_timings``)."""
+    ``compile``: also each of the four with a ``torch.compile``'d forward (``compiled_timings``).
+    ``fp_reference``: ``(label, solver, order, timesteps)`` of an FP sampler to time in the same run (the fastest FP
+    configuration of the quality the export reaches, which the caller knows from an FP grid): ``fp_reference_s`` and
+    ``speedup_int8_vs_fp_reference``. The int8 time is checked against a small-batch timing of the same model
+    (``int8_small_batch_s_per_image``): a large-batch time per image more than twice the small-batch one marks the
+    run ``int8_timing_suspect`` (shared cores), as does int8 slower than fake quantization."""
 
     fp = load_model(export_dir)  # the export holds the FP weights: the FP reference is the same model
     unet, sched, ts, manifest = bundle.load_export(export_dir)
@@ -567,6 +573,17 @@ def measure_speed(export_dir, n: int = 256, batch_size: int = 256, fid_n: int = 
     unet = bundle.load_export(export_dir, kernels="int8")[0]
     layers = unet.tmpq_int8["layers"]
     rows["int8_export_s"] = time_sampling(unet, sched, ts, n, batch_size)
+    small = min(16, n)
+    rows["int8_small_batch_s_per_image"] = time_sampling(unet, sched, ts, small, small) / small
+    per_image = rows["int8_export_s"] / n
+    rows["int8_timing_suspect"] = bool(per_image > 2 * rows["int8_small_batch_s_per_image"]
+                                       or rows["int8_export_s"] > rows["fakequant_export_s"])
+    if fp_reference is not None:
+        label, solver, order, ref_ts = fp_reference
+        rows["fp_reference"] = {"label": label, "solver": solver, "order": order, "timesteps": list(ref_ts)}
+        rows["fp_reference_s"] = time_sampling(fp.unet, make_scheduler(fp.scheduler_config, solver, order),
+                                               list(ref_ts), n, batch_size)
+        rows["speedup_int8_vs_fp_reference"] = rows["fp_reference_s"] / rows["int8_export_s"]
     i8_imgs = sample_images(unet, sched, ts, n, seed=0, batch_size=batch_size, progress=False)
     rows["int8_vs_fakequant_pixel_mse"] = float((i8_imgs - fq_imgs).pow(2).mean())
     if fid_n and fp.sample_shape[0] == 1:
