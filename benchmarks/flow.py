@@ -108,7 +108,9 @@ def write_report(out: Path, log: RowLog) -> None:
     g = sorted((r for r in rows if r["kind"] == "guidance"), key=lambda r: r["guidance"])
     if g:
         lines += ["## Guidance scale", "", f"FP Euler, {g[0]['steps']} steps, N = {g[0]['n']}, noise seed "
-                  f"{g[0]['seed']}. Tuned scale (lowest FID among the guided ones): **{tuned_scale(rows):g}**.", "",
+                  f"{g[0]['seed']}. Tuned scale (lowest FID among the guided ones): **{tuned_scale(rows):g}**. "
+                  "Images/s: the sampling's own wall clock, taken beside other jobs on the same cores (not a timing; "
+                  "guidance doubles the denoiser calls).", "",
                   "| guidance | FID | class accuracy | images/s |", "|---:|---:|---:|---:|"]
         lines += [f"| {r['guidance']:g} | {r['fid']:.4f} | {r['class_accuracy']:.3f} | {r['images_per_s']:.0f} |"
                   for r in g]

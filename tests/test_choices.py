@@ -12,7 +12,7 @@ from tmpq.quant import layers, quantizer
 from tmpq.search.engines import ENGINES
 from tmpq.search.executors import EXECUTORS
 from tmpq.search.groups import GROUPINGS
-from tmpq.search.space import AXES
+from tmpq.search.space import AXES, COSTS
 from tmpq.supernet import calib_data, calibration
 from tmpq.supernet import config as supernet_config
 
@@ -26,9 +26,10 @@ def test_the_parser_spells_out_no_choices():
 
 def test_the_config_checks_and_the_owners_use_the_same_tuples():
     assert config.CHOICES == {"search.engine": ENGINES, "search.grouping": GROUPINGS, "search.axes": AXES,
-                              "executor.kind": EXECUTORS}
+                              "search.cost": COSTS, "executor.kind": EXECUTORS}
     assert all(config.CHOICES[k] is v for k, v in (("search.engine", ENGINES), ("search.grouping", GROUPINGS),
-                                                    ("search.axes", AXES), ("executor.kind", EXECUTORS)))
+                                                    ("search.axes", AXES), ("search.cost", COSTS),
+                                                    ("executor.kind", EXECUTORS)))
     assert tuple(model.DTYPES) == names.DTYPES and data.RESOLUTIONS is names.RESOLUTIONS
     assert train.ARCHS is names.ARCHS
     assert quantizer.GRANULARITIES is names.GRANULARITIES and quantizer.OBSERVERS is names.OBSERVERS

@@ -22,8 +22,8 @@ from tmpq.core.grid import save_grid
 from tmpq.core.model import ModelConfig, load_model
 from tmpq.core.runlock import lock_inside
 from tmpq.core.sampler import make_scheduler, sample_images
-from tmpq.core.schedules import make_timesteps, validate_timesteps
-from tmpq.core.solvers import sched_order
+from tmpq.core.schedules import SCHEDULES, make_timesteps, validate_timesteps
+from tmpq.core.solvers import parse_solver, sched_order
 from tmpq.deploy.bundle import load_export
 from tmpq.deploy.int8 import CHECK_TOL, describe_cpu_int8, measure_speed
 from tmpq.deploy.torchao_int8 import describe_device, measure_speed_torchao
@@ -414,9 +414,6 @@ def _fp_reference(spec: str | None, export: str) -> tuple | None:
     uniform, trailing, quad, or dp: the DP-optimal timesteps of that step count for the model)."""
     if spec is None:
         return None
-    from tmpq.core.schedules import SCHEDULES
-    from tmpq.core.solvers import parse_solver
-
     parts = spec.split(":")
     if len(parts) not in (2, 3) or not parts[1].isdigit() or int(parts[1]) < 1:
         raise TmpqError(f"--fp-reference: expected SOLVER:STEPS[:SPACING] (e.g. unipc-2:7:dp), got {spec!r}")
