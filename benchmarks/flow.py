@@ -2,6 +2,8 @@
 
     .venv/bin/python -m benchmarks.flow --part guidance     # the guidance scale of configs/flow.toml (rule below)
     .venv/bin/python -m benchmarks.flow --part fp           # FID + class accuracy per flow solver and step count
+    .venv/bin/python -m benchmarks.flow --part keep --run results/runs/flow --wall-s 316
+                                                            # keep a finished `tmpq run --config configs/flow.toml`
     .venv/bin/python -m benchmarks.flow --part report       # README.md from the committed rows only
 
 The model: ``embedded-flow`` (tmpq/assets/mnist16-flow), a class-conditional rectified-flow MMDiT
@@ -74,6 +76,10 @@ def run(args) -> None:
         for g in SCALES:
             _evaluate(log, dict(kind="guidance", solver="euler", steps=16, guidance=g, n=1000, seed=1), "euler", 16,
                       g, 1000, 1, model)
+    elif args.part == "keep":
+        if not args.run:
+            raise SystemExit("part keep: give --run RUN_DIR")
+        keep_run(Path(args.run), Path(args.out), args.wall_s)
     elif args.part == "fp":
         scale = tuned_scale(list(log.rows.values()))
         if scale is None:
@@ -84,6 +90,82 @@ def run(args) -> None:
                     _evaluate(log, dict(kind="fp", solver=solver, steps=steps, guidance=g, n=args.n, seed=0), solver,
                               steps, g, args.n, 0, model)
     write_report(Path(args.out), log)
+
+
+RAW = ("evaluations.jsonl", "final/rows.jsonl", "final/fp_rows.jsonl", "main_job.json", "config.resolved.json",
+       "search_space.json")
+
+
+def keep_run(run: Path, out: Path, wall_s: float | None) -> None:
+    """Copy the run files the report reads into ``OUT/raw`` (the evaluation log gzipped), with the job's measured
+    wall clock (``/usr/bin/time``'s, given by the caller) beside them."""
+    import gzip
+
+    raw = out / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for name in RAW:
+        data = (run / name).read_bytes()
+        dst = raw / name.replace("/", "-")
+        if name == "evaluations.jsonl":
+            (raw / "evaluations.jsonl.gz").write_bytes(gzip.compress(data, mtime=0))
+        else:
+            dst.write_bytes(data)
+    if wall_s is not None:
+        (raw / "wall.json").write_text(json.dumps({"wall_s": wall_s, "command": "/usr/bin/time -v tmpq run --config "
+                                                   "configs/flow.toml --run-dir results/runs/flow"}) + "\n")
+
+
+def _main_job_lines(out: Path) -> list[str]:
+    import gzip
+
+    import pandas as pd
+
+    from tmpq.jobs.report import seed_distances
+    from tmpq.search.space import SearchSpace
+
+    raw = out / "raw"
+    if not (raw / "main_job.json").is_file():
+        return []
+    job = json.loads((raw / "main_job.json").read_text())
+    cfg = json.loads((raw / "config.resolved.json").read_text())
+    ev = [json.loads(x) for x in gzip.decompress((raw / "evaluations.jsonl.gz").read_bytes()).decode().splitlines()]
+    fin = [json.loads(x) for x in (raw / "final-rows.jsonl").read_text().splitlines() if x.strip()]
+    fp = [json.loads(x) for x in (raw / "final-fp_rows.jsonl").read_text().splitlines() if x.strip()]
+    space = SearchSpace.from_dict(json.loads((raw / "search_space.json").read_text()))
+    first = pd.DataFrame(fin).drop_duplicates("key")
+    dist = seed_distances(space, cfg, first)
+    wall = json.loads((raw / "wall.json").read_text()) if (raw / "wall.json").is_file() else None
+    t = job["timings"]
+    lines = ["## The main job", "", f"`tmpq run --config configs/flow.toml --run-dir results/runs/flow` (guidance "
+             f"{cfg['model'].get('guidance_scale', 1.0):g}, {len(ev)} evaluations, "
+             f"{sum(r['status'] == 'ok' for r in ev)} ok; validation N = {fin[0]['n']} x noise seeds "
+             f"{sorted({r['seed'] for r in fin})}): "
+             + (f"**{wall['wall_s'] / 60:.1f} min** wall clock (`/usr/bin/time`), alone on the machine below; "
+                if wall else "") + "stages: " + ", ".join(f"{k[:-2]} {v / 60:.1f} min" for k, v in t.items())
+             + f". Exported under the {job['budget']} budget: `{job['best']['key']}`.", "",
+             "| point | solver | steps | GBitOPs | proxy FID@128 | FID per seed | FID (mean) | FP FID on its schedule "
+             "(mean) | FID / FP on its schedule | class accuracy | from seed |", "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---|"]
+    by: dict = {}
+    for r in fin:
+        by.setdefault(r["key"], []).append(r)
+    for key, rs in sorted(by.items(), key=lambda kv: kv[1][0]["bitops"]):
+        r0 = rs[0]
+        fid = sum(r["fid"] for r in rs) / len(rs)
+        fps = [r["fid"] for r in fp if r["timesteps"] == r0["timesteps"] and r["solver"] == r0.get("solver", "ddim")
+               and r["order"] == r0.get("order", 1) and r["n"] == r0["n"] and r["seed"] in {x["seed"] for x in rs}]
+        fpm = sum(fps) / len(fps) if len(fps) == len(rs) else float("nan")
+        acc = sum(r.get("class_accuracy", float("nan")) for r in rs) / len(rs)
+        d = dist.get(key)
+        seed_txt = "-" if d is None else "a seed" if d == 0 else f"{d} gene{'s' if d > 1 else ''}"
+        mark = " (exported)" if key == job["best"]["key"] else ""
+        lines.append(f"| `{key}`{mark} | {r0.get('solver', 'ddim')}-{r0.get('order', 1)} | {len(r0['timesteps'])} | "
+                     f"{r0['bitops'] / 1e9:.3g} | {r0['fid_proxy']:.4g} | "
+                     + " / ".join(f"{r['fid']:.4f}" for r in sorted(rs, key=lambda r: r["seed"]))
+                     + f" | {fid:.4f} | {fpm:.4f} | {fid / fpm:.2f}x | {acc:.3f} | {seed_txt} |")
+    lines += ["", "Raw rows: `raw/evaluations.jsonl.gz` (every evaluation), `raw/final-rows.jsonl` (validation), "
+              "`raw/final-fp_rows.jsonl` (the FP model on each point's schedule, same N and noise), "
+              "`raw/main_job.json`, `raw/config.resolved.json`, `raw/search_space.json`.", ""]
+    return lines
 
 
 def write_report(out: Path, log: RowLog) -> None:
@@ -115,6 +197,7 @@ def write_report(out: Path, log: RowLog) -> None:
         lines += [f"| {r['guidance']:g} | {r['fid']:.4f} | {r['class_accuracy']:.3f} | {r['images_per_s']:.0f} |"
                   for r in g]
         lines.append("")
+    lines += _main_job_lines(out)
     fp = [r for r in rows if r["kind"] == "fp"]
     if fp:
         scales = sorted({r["guidance"] for r in fp})
@@ -142,7 +225,9 @@ def write_report(out: Path, log: RowLog) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", required=True, choices=("guidance", "fp", "report"))
+    ap.add_argument("--part", required=True, choices=("guidance", "fp", "keep", "report"))
+    ap.add_argument("--run", default="", help="part keep: the finished run directory")
+    ap.add_argument("--wall-s", type=float, default=None, help="part keep: its measured wall clock, seconds")
     ap.add_argument("--model", default=MODEL)
     ap.add_argument("--solvers", type=lambda s: s.split(","), default=list(SOLVERS))
     ap.add_argument("--steps", type=lambda s: [int(v) for v in s.split(",")], default=list(STEPS))
