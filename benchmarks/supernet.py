@@ -399,7 +399,8 @@ def write_report(out: Path, log: RowLog, args) -> None:
         fp = quality.get("fp")
         steps = next(iter(quality.values()))["steps"]
         acc = any("class_accuracy" in r for r in quality.values())
-        lines += ["", f"## Quality: uniform options, uniform DDIM {steps} steps, N = {n}, noise seed {seed}", "",
+        lines += ["", f"## Quality: uniform options, {args.quality_schedule} DDIM (a flow model: Euler) {steps} steps, "
+                  f"N = {n}, noise seed {seed}", "",
                   "| config | FID | vs FP | KID x1e3 |" + (" class accuracy |" if acc else ""),
                   "|---|---:|---:|---:|" + ("---:|" if acc else "")]
         for name, r in quality.items():
@@ -437,11 +438,11 @@ def write_report(out: Path, log: RowLog, args) -> None:
         r0 = streams[0]
         lines += ["", f"## Joint-attention activation ranges: per stream vs shared per projection pair (guidance "
                   f"{r0['guidance_scale']}, {r0['schedule']} {r0['steps']} steps, time_groups {r0['time_groups']}, "
-                  f"N = {r0['n']}, seed {r0['seed']})", "", "| option | stream ranges | FID | class accuracy |",
-                  "|---|---|---:|---:|"]
-        for r in sorted(streams, key=lambda r: (r["name"], r["mode"])):
+                  f"N = {r0['n']})", "", "| option | stream ranges | noise seed | FID | class accuracy |",
+                  "|---|---|---:|---:|---:|"]
+        for r in sorted(streams, key=lambda r: (r["name"], r["mode"], r["seed"])):
             acc = f"{r['class_accuracy']:.3f}" if "class_accuracy" in r else "-"
-            lines.append(f"| {r['name']} | {r['mode']} | {r['fid']:.3f} | {acc} |")
+            lines.append(f"| {r['name']} | {r['mode']} | {r['seed']} | {r['fid']:.3f} | {acc} |")
     strat = [r for r in rows if r["kind"] == "strategy"]
     if strat:
         lines += ["", f"## Calibration data strategies (per-option, {args.schedule} {args.steps} steps, N = {args.fid_n})",
