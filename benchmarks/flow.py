@@ -215,6 +215,10 @@ def write_report(out: Path, log: RowLog) -> None:
                     cells.append("-" if r is None else f"{r['fid']:.3f} / {r['class_accuracy']:.3f}")
                 lines.append(f"| {st} | " + " | ".join(cells) + " |")
             lines.append("")
+    if (out / "supernet" / "README.md").is_file():
+        lines += ["## Further reports", "", "- [supernet/README.md](supernet/README.md): uniform W8A8 / W6A6 against FP "
+                  "at 28 Euler steps over two noise seeds, ranking fidelity, fake-quant cost, per-stream vs shared "
+                  "joint-attention ranges", ""]
     machines = sorted({r["machine"] for r in rows if r.get("machine")})
     if machines:
         lines += ["## Machine", "", *(f"- {m}" for m in machines), "",
