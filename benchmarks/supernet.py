@@ -168,44 +168,39 @@ def guidance_ranges(args, log: RowLog, fresh_unet, sched, ext, ref, batches) -> 
     time groups, W8A8 and W6A6 at ``--quality-steps`` uniform DDIM, ``--quality-n`` images, the same noise."""
     if args.guidance == 1.0:
         raise SystemExit("part ranges: needs --guidance != 1 (the null pass exists only with guidance)")
-    ts_q = make_timesteps(args.quality_schedule, args.quality_steps)
-    for ranges in ("shared", "separate"):
-        todo = [(w, a) for w, a in ((8, 8), (6, 6))
-                if not log.has(kind="ranges", mode=ranges, name=f"W{w}A{a}", n=args.quality_n, seed=args.seed)]
-        if not todo:
-            continue
-        net = QuantSupernet(fresh_unet(), SupernetConfig(time_groups=args.time_groups, guidance_ranges=ranges))
-        net.calibrate(batches, mode="per-option")
-        for w, a in todo:
-            net.set_uniform(w, a)
-            imgs = sample_images(net.unet, sched, ts_q, args.quality_n, seed=args.seed, guidance_scale=args.guidance,
-                                 desc=f"W{w}A{a} {ranges} ranges")
-            log.append({"kind": "ranges", "mode": ranges, "name": f"W{w}A{a}", "n": args.quality_n,
-                        "seed": args.seed, "steps": args.quality_steps, "time_groups": args.time_groups,
-                        "guidance_scale": args.guidance, **quality(net, imgs, ext, ref)})
+    _range_arms(args, log, fresh_unet, sched, ext, ref, batches, "ranges", ("shared", "separate"),
+                lambda r: SupernetConfig(time_groups=args.time_groups, guidance_ranges=r), "ranges", {})
 
 
 def stream_ranges(args, log: RowLog, fresh_unet, sched, ext, ref, batches) -> None:
     """A joint-attention transformer's activation ranges per stream (``supernet.stream_ranges = "separate"``) vs one
     range per image / text projection pair (``"shared"``): the same calibration data and time groups, W8A8 and
     W6A6 at ``--quality-steps`` uniform steps, ``--quality-n`` images, the same noise."""
+    _range_arms(args, log, fresh_unet, sched, ext, ref, batches, "streams", ("separate", "shared"),
+                lambda r: SupernetConfig(time_groups=args.time_groups, stream_ranges=r,
+                                         guidance_ranges=args.guidance_ranges),
+                "stream ranges", {"schedule": args.quality_schedule})
+
+
+def _range_arms(args, log: RowLog, fresh_unet, sched, ext, ref, batches, kind: str, modes, config, label: str,
+                extra: dict) -> None:
+    """One supernet per activation-range mode (``config(mode)``), calibrated on the same data, W8A8 and W6A6 sampled
+    on the same noise at ``--quality-steps`` of ``--quality-schedule``; rows of ``kind`` (with ``extra`` fields)."""
     ts_q = make_timesteps(args.quality_schedule, args.quality_steps)
-    for ranges in ("separate", "shared"):
+    for ranges in modes:
         todo = [(w, a) for w, a in ((8, 8), (6, 6))
-                if not log.has(kind="streams", mode=ranges, name=f"W{w}A{a}", n=args.quality_n, seed=args.seed)]
+                if not log.has(kind=kind, mode=ranges, name=f"W{w}A{a}", n=args.quality_n, seed=args.seed)]
         if not todo:
             continue
-        net = QuantSupernet(fresh_unet(), SupernetConfig(time_groups=args.time_groups, stream_ranges=ranges,
-                                                         guidance_ranges=args.guidance_ranges))
+        net = QuantSupernet(fresh_unet(), config(ranges))
         net.calibrate(batches, mode="per-option")
         for w, a in todo:
             net.set_uniform(w, a)
             imgs = sample_images(net.unet, sched, ts_q, args.quality_n, seed=args.seed, guidance_scale=args.guidance,
-                                 desc=f"W{w}A{a} {ranges} stream ranges")
-            log.append({"kind": "streams", "mode": ranges, "name": f"W{w}A{a}", "n": args.quality_n,
-                        "seed": args.seed, "steps": args.quality_steps, "schedule": args.quality_schedule,
-                        "time_groups": args.time_groups, "guidance_scale": args.guidance,
-                        **quality(net, imgs, ext, ref)})
+                                 desc=f"W{w}A{a} {ranges} {label}")
+            log.append({"kind": kind, "mode": ranges, "name": f"W{w}A{a}", "n": args.quality_n, "seed": args.seed,
+                        "steps": args.quality_steps, **extra, "time_groups": args.time_groups,
+                        "guidance_scale": args.guidance, **quality(net, imgs, ext, ref)})
 
 
 def time_groups_few_steps(args, log: RowLog, fresh_unet, sched, ext, ref, batches) -> None:

@@ -19,15 +19,20 @@ REPORT_RATIO = 1.10
 _ROUNDING = 1e-9
 
 
+def _positive(value, where: str, what: str, example: str) -> float:
+    """``value`` as a float, refused in one line naming ``where`` and ``what`` it is unless a finite number > 0."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TmpqError(f"{where}: {what} must be a number{example}, got {value!r}") from None
+    if isinstance(value, bool) or not math.isfinite(number) or number <= 0:
+        raise TmpqError(f"{where}: {what} must be a finite number > 0{example}, got {value!r}")
+    return number
+
+
 def check_ratio(ratio, where: str = "--pick") -> float:
     """``ratio`` as a float, refused in one line naming ``where`` unless a finite number > 0."""
-    try:
-        value = float(ratio)
-    except (TypeError, ValueError):
-        raise TmpqError(f"{where}: the FID ratio must be a number (e.g. 1.10), got {ratio!r}") from None
-    if isinstance(ratio, bool) or not math.isfinite(value) or value <= 0:
-        raise TmpqError(f"{where}: the FID ratio must be a finite number > 0 (e.g. 1.10), got {ratio!r}")
-    return value
+    return _positive(ratio, where, "the FID ratio", " (e.g. 1.10)")
 
 
 def check_rule(rule, where: str = "--pick") -> str:
@@ -38,13 +43,7 @@ def check_rule(rule, where: str = "--pick") -> str:
 
 def check_reference(reference, where: str = "--reference") -> float:
     """A given reference FID: a finite number > 0."""
-    try:
-        value = float(reference)
-    except (TypeError, ValueError):
-        raise TmpqError(f"{where}: the reference FID must be a number, got {reference!r}") from None
-    if isinstance(reference, bool) or not math.isfinite(value) or value <= 0:
-        raise TmpqError(f"{where}: the reference FID must be a finite number > 0, got {reference!r}")
-    return value
+    return _positive(reference, where, "the reference FID", "")
 
 
 def parse_pick(spec, where: str = "--pick") -> tuple[str, float]:

@@ -166,10 +166,7 @@ def load_class_tokens(root: Path, unet, dtype: torch.dtype = torch.float32) -> d
     path = Path(root) / CLASS_TOKENS_NAME
     if not path.is_file():
         return None
-    from safetensors.torch import load_file
-
-    check_safetensors(path)
-    t = load_file(str(path))
+    t = check_safetensors(path)
     config = getattr(unet, "config", {})
     joint, pooled = config.get("joint_attention_dim"), config.get("pooled_projection_dim")
     if joint is None or pooled is None:
@@ -246,12 +243,13 @@ class LoadedModel:
         return int(getattr(vae.config, "out_channels", None) or vae.config.in_channels)
 
 
-def check_safetensors(path: Path) -> None:
-    """Read a safetensors file fully; a damaged or truncated one raises a one-line ``TmpqError``."""
+def check_safetensors(path: Path) -> dict:
+    """Read a safetensors file fully and return its tensors; a damaged or truncated one raises a one-line
+    ``TmpqError``."""
     from safetensors.torch import load_file
 
     try:
-        load_file(str(path))
+        return load_file(str(path))
     except Exception as exc:  # safetensors raises several types for a damaged file
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise TmpqError(f"corrupt or truncated weights file {path}: {msg}") from None

@@ -27,7 +27,7 @@ from tmpq.core.grid import save_grid
 from tmpq.core.schedules import make_timesteps
 from tmpq.jobs.pick import validated_points
 from tmpq.jobs.run import load_run
-from tmpq.jobs.search import WorkerSpec
+from tmpq.jobs.search import WorkerSpec, first_generation_seeds
 from tmpq.search.pick import REPORT_RATIO, fastest_within
 from tmpq.search.rundir import RunDir
 
@@ -197,9 +197,7 @@ def seed_distances(space, cfg: dict, front) -> dict[str, int]:
     uniform options the engine started from, :meth:`SearchSpace.uniform_seeds`): 0 is a seed itself, 1 one gene
     away. Empty when the search started without seeds."""
     search = cfg.get("search", {})
-    if not search.get("uniform_seeds", True):
-        return {}
-    seeds = space.uniform_seeds(max(1, int(search.get("population", 2)) // 2))
+    seeds = first_generation_seeds(space, int(search.get("population", 2)), search.get("uniform_seeds", True))
     if not seeds:
         return {}
     grid = np.stack(seeds)

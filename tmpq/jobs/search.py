@@ -264,6 +264,12 @@ def proxy_record(cfg: RunConfig) -> dict:
     return {"name": cfg.proxy.name, "version": PROXY_VERSION, "n_images": cfg.proxy.n_images}
 
 
+def first_generation_seeds(space: SearchSpace, population: int, uniform: bool = True) -> list:
+    """The genomes a search's first generation starts from: the uniform options at every step choice, at most half
+    of the population (none with ``search.uniform_seeds = false``); the report measures front points against them."""
+    return space.uniform_seeds(max(1, population // 2)) if uniform else []
+
+
 def run_search(cfg: RunConfig, run_path: Path, resume: bool = False, executor=None, progress: bool = True) -> RunDir:
     """Run (or resume) a search; returns the run directory. ``executor`` overrides the configured one (tests). The
     run's writer lock is held from before calibration to the end (released on return, or by the kernel on a kill)."""
@@ -295,8 +301,7 @@ def _search(cfg: RunConfig, run: RunDir, space: SearchSpace, sn_file: Path, exec
                 print("Ray workers: " + ", ".join(executor.names), flush=True)
         else:
             executor = LocalExecutor(spec)
-    # the first generation starts from the uniform options at every step choice (at most half of it)
-    seeds = space.uniform_seeds(max(1, cfg.search.population // 2)) if cfg.search.uniform_seeds else []
+    seeds = first_generation_seeds(space, cfg.search.population, cfg.search.uniform_seeds)
     storage = study_name = None
     if cfg.search.engine == "optuna":  # a persistent study: resume continues it from engine.generation
         # One process per study, also in an external storage many runs share: the study is named once per run

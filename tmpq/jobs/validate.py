@@ -205,8 +205,8 @@ def validate_run(run_path: str | Path, cfg: ValidateConfig, progress: bool = Tru
             if progress:
                 print(f"validate point {i + 1}/{len(points)} {key}: {len(p['timesteps'])} steps, proxy "
                       f"{p['fid_proxy']:.4g}, {p['bitops'] / 1e9:.3g} GBitOPs", flush=True)
-            for seed in fp_todo:  # the FP model on this point's schedule and solver, without reuse
-                _score_fp(run_cfg, cand, seed, cfg, ext, ref, fp_log, progress)
+            if fp_todo:  # the FP model on this point's schedule and solver, without reuse
+                _score_fp(run_cfg, cand, fp_todo, cfg, ext, ref, fp_log, progress)
             if not todo:
                 _write_summary(run.path, log, settings, cfg, fp_log)
                 continue
@@ -246,19 +246,21 @@ def fp_row(line: str) -> dict:
     return row
 
 
-def _score_fp(run_cfg: dict, cand: Candidate, seed: int, cfg: ValidateConfig, ext, ref, fp_log, progress: bool):
-    """FP FID (and class accuracy) of the run's model on ``cand``'s timesteps and solver, ``cfg.n`` images of noise
-    seed ``seed``: the reference that shows what the point's quantization adds to what its schedule costs."""
+def _score_fp(run_cfg: dict, cand: Candidate, seeds, cfg: ValidateConfig, ext, ref, fp_log, progress: bool):
+    """FP FID (and class accuracy) of the run's model on ``cand``'s timesteps and solver, ``cfg.n`` images of each
+    noise seed in ``seeds`` (the model loaded once for them): the reference that shows what the point's quantization
+    adds to what its schedule costs."""
     m = _model(run_cfg)
     sched = make_scheduler(m.scheduler_config, *cand.solver)
-    t0 = time.perf_counter()
-    imgs = sample_images(m.unet, sched, list(cand.timesteps), cfg.n, seed=seed, batch_size=cfg.batch_size,
-                         progress=progress, desc=f"FP on its schedule, seed {seed}")
-    s = score_features(ext(imgs), ref)
-    acc = digit_class_accuracy(m.unet, imgs)
-    fp_log.append({**_fp_key(cand, seed, cfg.n), "fid": s["fid"], "kid": s.get("kid"),
-                   **({"class_accuracy": acc} if acc is not None else {}),
-                   "sample_s": round(time.perf_counter() - t0, 1)})
+    for seed in seeds:
+        t0 = time.perf_counter()
+        imgs = sample_images(m.unet, sched, list(cand.timesteps), cfg.n, seed=seed, batch_size=cfg.batch_size,
+                             progress=progress, desc=f"FP on its schedule, seed {seed}")
+        s = score_features(ext(imgs), ref)
+        acc = digit_class_accuracy(m.unet, imgs)
+        fp_log.append({**_fp_key(cand, seed, cfg.n), "fid": s["fid"], "kid": s.get("kid"),
+                       **({"class_accuracy": acc} if acc is not None else {}),
+                       "sample_s": round(time.perf_counter() - t0, 1)})
 
 
 def _write_summary(run_path: Path, log, settings: str, cfg: ValidateConfig, fp_log=None):
@@ -286,7 +288,7 @@ def _write_summary(run_path: Path, log, settings: str, cfg: ValidateConfig, fp_l
     if fp_log is not None and fp_log.rows:  # the FP model on each point's own schedule, over the same seeds
         fp = []
         for k in agg["key"]:
-            c = Candidate.from_dict(first.loc[k].to_dict() | {"key": k})
+            c = Candidate.from_dict(first.loc[k])
             got = [fp_log.rows.get(fp_log.key(_fp_key(c, sd, cfg.n))) for sd in df[df["key"] == k]["seed"]]
             fp.append(sum(r["fid"] for r in got) / len(got) if got and all(got) else float("nan"))
         agg["fp_fid_mean"] = fp
