@@ -19,7 +19,7 @@ from tmpq.core.devices import cpu_allocator, resolve_device, tune_cpu_allocator
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import malformed, read_json
 from tmpq.core.grid import save_grid
-from tmpq.core.model import ModelConfig, load_model
+from tmpq.core.model import ModelConfig, load_model, resolve_model_dir
 from tmpq.core.runlock import lock_inside
 from tmpq.core.sampler import make_scheduler, sample_images
 from tmpq.core.schedules import SCHEDULES, make_timesteps, validate_timesteps
@@ -421,11 +421,11 @@ def _fp_reference(spec: str | None, export: str) -> tuple | None:
     if spacing not in (*SCHEDULES, "dp"):
         raise TmpqError(f"--fp-reference: spacing must be one of {', '.join((*SCHEDULES, 'dp'))}, got {spacing!r}")
     s = parse_solver(solver)
-    m = load_model(export)
-    if spacing == "dp":
+    if spacing == "dp":  # the DP needs the model's FP trajectory; the named spacings only its step count
+        m = load_model(export)
         ts = dp_schedules(m.unet, m.scheduler_config, [steps], guidance_scale=m.guidance_scale)[steps]
     else:
-        ts = make_timesteps(spacing, steps, m.num_train_timesteps)
+        ts = make_timesteps(spacing, steps, int(resolve_model_dir(export)[2].get("num_train_timesteps", 1000)))
     return f"{solver} {steps} {spacing}", s.name, s.order, list(ts)
 
 
