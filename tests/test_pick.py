@@ -75,7 +75,8 @@ VALIDATE = dict(n=16, seeds=(1,), calib_per_step=4, batch_size=16)
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A tiny latency search and a tiny BitOPs search of one model, each validated (3 and 2 points)."""
+    """A tiny latency search over 2, 3 or 6 steps (its front's top 3 validated: the step count trades FID for time on
+    any machine, so the front holds several points) and a tiny BitOPs search of one model (2 points validated)."""
     from tests.conftest import tiny_unet
     from tmpq.core.model import embedded_scheduler_config, save_pipeline_dir
     from tmpq.jobs.search import run_search
@@ -84,7 +85,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("pick")
     save_pipeline_dir(tiny_unet(), embedded_scheduler_config(), root / "tiny-ddpm")
     lat = tiny_cfg(root / "tiny-ddpm", cost="latency", generations=3, population=8).with_(
-        **{"proxy.batch_size": 8, "supernet.w_bits": [16, 8, 4]})
+        **{"proxy.batch_size": 8, "supernet.w_bits": [16, 8, 4], "search.step_choices": [2, 3, 6]})
     run_search(lat, root / "latency", progress=False)
     validate_run(root / "latency", ValidateConfig(top_k=3, **VALIDATE), progress=False)
     bit = tiny_cfg(root / "tiny-ddpm", generations=2, population=6).with_(**{"proxy.batch_size": 8})
@@ -115,7 +116,7 @@ def _expected(run_path, ratio, reference=None):
 def test_export_pick_on_a_latency_run_records_the_rule_and_its_figures(runs, tmp_path, capsys):
     run = runs["latency"]
     fin = pd.read_parquet(run / "final.parquet")
-    assert len(fin) == 3 and fin["fp_fid_mean"].notna().all()
+    assert len(fin) >= 2 and fin["fp_fid_mean"].notna().all()
     ratio = float(fin["fid_mean"].max() / fin["fp_fid_mean"].min()) * 1.01  # every validated point within
     best, fin, ref = _expected(run, ratio)
     assert fin["latency_s"].nunique() > 1  # the points differ in latency: the pick is not a tie-break
