@@ -148,10 +148,12 @@ class CandidateEvaluator:
     @torch.no_grad()
     def images(self, cand: Candidate, n: int | None = None, seed: int | None = None) -> torch.Tensor:
         """The candidate's images (the proxy's bank images by default): its bits (the FP model for ``bits=None``),
-        its solver, and its reused calls at this evaluator's ``reuse_branch``."""
+        its convolution algorithms (Winograd options), its solver, and its reused calls at this evaluator's
+        ``reuse_branch``."""
         n = self.cfg.n_images if n is None else n
         seed = self.cfg.seed if seed is None else seed
         on_step = None
+        self.net.set_algos(cand.algos if cand.bits is not None else ())  # FP: direct convs (set_fp ignores algos)
         if cand.bits is None:
             self.net.set_fp()
         elif cand.per_group:

@@ -36,6 +36,15 @@ from tmpq.quant.quantizer import (
     QuantError,
     fake_quant_in_fp32,
 )
+from tmpq.quant.winograd import (
+    WinogradConv2d,
+    conv_padding,
+    group_stages,
+    transformed_input,
+    transformed_weight,
+    why_not_winograd,
+    winograd_conv2d,
+)
 
 
 def _fp32(t: torch.Tensor) -> torch.Tensor:
@@ -273,8 +282,113 @@ class QuantLayer(nn.Module):
         return super().load_state_dict(*args, **kwargs)
 
 
+class WinogradTile(nn.Module):
+    """The Winograd F(m, 3) option of one conv at one tile size m: ``U``'s quantizer per weight option (symmetric, one
+    grid per tile position x output channel, the layer's weight observer) and ``V``'s ranges per activation option
+    and tile position (``v_lo`` / ``v_hi`` [activation options, alpha^2]; +-inf until observed)."""
+
+    def __init__(self, conv: nn.Conv2d, m: int, w_bits: Sequence[int], a_options: int, w_observer: str):
+        super().__init__()
+        self.m = int(m)
+        p = (self.m + 2) ** 2
+        self.u_quant = nn.ModuleList(AffineQuantizer(b, True, "channel", channels=p * conv.out_channels,
+                                                     observer=w_observer) for b in w_bits)
+        self.register_buffer("v_lo", torch.full((a_options, p), float("inf")))
+        self.register_buffer("v_hi", torch.full((a_options, p), float("-inf")))
+
+    @torch.no_grad()
+    def calibrate_weights(self, weight: torch.Tensor) -> None:
+        """Observe the transformed weight once and freeze every weight option's ``U`` grid; forget ``V``'s ranges
+        (a calibration starts afresh)."""
+        u = transformed_weight(weight, self.m)
+        for q in self.u_quant:
+            q.reset()
+            q.observe(u)
+            q.freeze()
+        self.v_lo.fill_(float("inf"))
+        self.v_hi.fill_(float("-inf"))
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor, a_index: int, padding: tuple[int, int]) -> None:
+        """Widen activation option ``a_index``'s ``V`` ranges to cover the tiles of ``x`` (in float32)."""
+        v = transformed_input(x.float() if x.dtype in LOW_PRECISION else x, self.m, padding).float()
+        self.v_lo[a_index] = torch.minimum(self.v_lo[a_index], v.amin((1, 2)))
+        self.v_hi[a_index] = torch.maximum(self.v_hi[a_index], v.amax((1, 2)))
+
+
 class QuantConv2d(QuantLayer):
-    """``nn.Conv2d`` with switchable quantizer options (shares the wrapped module's weight and bias)."""
+    """``nn.Conv2d`` with switchable quantizer options (shares the wrapped module's weight and bias).
+
+    With :meth:`add_winograd` (a 3x3, stride-1 conv of a supernet with ``winograd`` tiles) it also holds, per tile
+    size m, a Winograd F(m, 3) option (:class:`WinogradTile`) that serves every (w, a) option: ``algo`` = m runs
+    :func:`tmpq.quant.winograd.winograd_conv2d` with ``U`` on the active weight option's grid and ``V`` on the active
+    activation option's per-position ranges, no input / ``M`` quantization, and the conv's own bias (no bias
+    correction: what :class:`tmpq.quant.winograd.WinogradConv2d` and its int8 path run). ``V``'s ranges are observed
+    while the layer observes its activation ranges, one set for every timestep group and guidance pass (they are not
+    banked: the time-group routing switches the direct option's ranges only). ``U`` is recomputed at every call
+    (never kept: a kept ``U`` would be alpha^2 / 9 times the weight). Full precision (no option active) is always the
+    direct conv."""
+
+    wino_tiles: tuple[int, ...] = ()
+    algo = 0
+
+    def add_winograd(self, tiles: Sequence[int], w_observer: str = "mse") -> None:
+        """Give this conv a Winograd option per tile size in ``tiles``, ``U`` observed by ``w_observer`` (refused,
+        one line, for an ineligible conv or a 1-bit weight option)."""
+        why = why_not_winograd(self.module)
+        if why is not None:
+            raise QuantError(f"Winograd: {why}")
+        self.wino_tiles = tuple(int(m) for m in tiles)
+        self.wino = nn.ModuleList(WinogradTile(self.module, m, self.w_bits, len(self.a_bits), w_observer)
+                                  for m in self.wino_tiles).to(self.module.weight.device)
+        self.algo = 0
+
+    def set_algo(self, m: int) -> None:
+        """Direct convolution (0) or the Winograd option of tile size ``m``."""
+        if m and m not in self.wino_tiles:
+            raise QuantError(f"Winograd tile {m} is not an option of this layer (tiles {list(self.wino_tiles)})")
+        self.algo = int(m)
+
+    def calibrate_weights(self) -> None:
+        super().calibrate_weights()
+        for tile in getattr(self, "wino", ()):
+            tile.calibrate_weights(self.module.weight)
+
+    def winograd_stages(self) -> dict:
+        """The active Winograd option's ``U`` / ``V`` fake quantizers (:func:`tmpq.quant.winograd.group_stages`)."""
+        tile = self.wino[self.wino_tiles.index(self.algo)]
+        aq = self.a_quant[self.a_index]
+        return group_stages(tile.u_quant[self.w_index], tile.v_lo[self.a_index], tile.v_hi[self.a_index], aq.bits,
+                            aq.symmetric)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.wino_tiles and not self.bias_observing and self.a_index is not None:
+            if self.observing:
+                for tile in self.wino:
+                    tile.observe(x, self.a_index, conv_padding(self.module))
+            elif self.algo and self.w_index is not None:
+                dtype = x.dtype
+                y = winograd_conv2d(x.float() if dtype in LOW_PRECISION else x, self.module.weight, self.module.bias,
+                                    self.algo, conv_padding(self.module), stages=self.winograd_stages())
+                return y.to(dtype)
+        return super().forward(x)
+
+    def winograd_module(self) -> WinogradConv2d:
+        """The live Winograd option as a calibrated standalone :class:`tmpq.quant.winograd.WinogradConv2d` over the
+        same conv (its ``U`` grid and ``V`` ranges copied; the same outputs)."""
+        if not self.algo or self.w_index is None or self.a_index is None:
+            raise QuantError("winograd_module: no Winograd option is active (set_algo and set_bits first)")
+        tile = self.wino[self.wino_tiles.index(self.algo)]
+        uq, aq = tile.u_quant[self.w_index], self.a_quant[self.a_index]
+        wc = WinogradConv2d(self.module, self.algo, uq.bits, aq.bits, "group", w_observer=uq.observer,
+                            a_symmetric=aq.symmetric).to(self.module.weight.device)
+        with torch.no_grad():
+            wc.u_quant.load_state_dict(uq.state_dict())
+            wc.v_lo.copy_(tile.v_lo[self.a_index])
+            wc.v_hi.copy_(tile.v_hi[self.a_index])
+            wc.observed.fill_(True)
+            wc.frozen.fill_(True)
+        return wc
 
     def _op(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         m = self.module

@@ -146,18 +146,8 @@ def winograd_conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None 
     if s_G is not None:
         g = s_G.to(x.dtype)[:, None] * g
         at = at / s_G.to(x.dtype)[None, :]
-    n, cin, h, wd = x.shape
-    cout = w.shape[0]
-    ph, pw = _pair(padding)
-    ho, wo = h + 2 * ph - 2, wd + 2 * pw - 2
-    if ho < 1 or wo < 1:
-        raise QuantError(f"winograd_conv2d: input {h}x{wd} with padding {padding} leaves no output")
-    th, tw = -(-ho // m), -(-wo // m)
-    xp = F.pad(x, (pw, tw * m + 2 - wd - pw, ph, th * m + 2 - h - ph))  # whole tiles; crop below
-    if "input" in stages:
-        xp = stages["input"](xp)
-    d = xp.unfold(2, alpha, m).unfold(3, alpha, m)  # [N, Cin, th, tw, alpha, alpha]
-    v = (bt @ d @ bt.T).permute(4, 5, 0, 2, 3, 1).reshape(alpha * alpha, n * th * tw, cin)
+    cin, cout = x.shape[1], w.shape[0]
+    v, (n, th, tw, ho, wo) = _input_tiles(x, bt, m, padding, stages.get("input"))
     u = (g @ w.to(x.dtype) @ g.T).permute(2, 3, 0, 1).reshape(alpha * alpha, cout, cin)
     if "V" in stages:
         v = stages["V"](v)
@@ -171,6 +161,71 @@ def winograd_conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None 
     if bias is not None:
         y = y + bias.to(y.dtype)[None, :, None, None]
     return y
+
+
+def why_not_winograd(conv: nn.Module) -> str | None:
+    """Why ``conv`` cannot run as Winograd ``F(m, 3)`` (None: it can): only 3x3, stride-1, dilation-1, groups-1,
+    zero-padded ``nn.Conv2d`` layers."""
+    if not isinstance(conv, nn.Conv2d):
+        return f"not an nn.Conv2d ({type(conv).__name__})"
+    bad = [f"{k} {v}" for k, v, ok in (("kernel_size", conv.kernel_size, (3, 3)), ("stride", conv.stride, (1, 1)),
+                                        ("dilation", conv.dilation, (1, 1)), ("groups", conv.groups, 1),
+                                        ("padding_mode", conv.padding_mode, "zeros")) if v != ok]
+    if bad:
+        return f"only 3x3, stride-1, dilation-1, groups-1 zero-padded convs; got {', '.join(map(str, bad))}"
+    return None
+
+
+def conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
+    """A 3x3 conv's padding as two integers (``"valid"``: 0, ``"same"``: 1)."""
+    padding = conv.padding
+    if isinstance(padding, str):
+        return (0, 0) if padding == "valid" else (1, 1)
+    return tuple(padding)
+
+
+def transformed_weight(weight: torch.Tensor, m: int, s_G: torch.Tensor | None = None) -> torch.Tensor:
+    """The transformed weight ``U`` as its quantizer observes it: ``(G g G^T)`` in float64 (``G`` scaled by ``s_G``),
+    rows ``[alpha^2 * Cout]`` (tile position major) by ``Cin`` columns, rounded once to float32."""
+    _, g, _ = transforms(m)
+    w = weight.detach().double()
+    gs = g if s_G is None else s_G.double()[:, None] * g
+    return (gs @ w @ gs.T).permute(2, 3, 0, 1).reshape(-1, w.shape[1]).float()
+
+
+def transformed_input(x: torch.Tensor, m: int, padding: int | tuple[int, int]) -> torch.Tensor:
+    """The transformed input tiles ``V`` [alpha^2, tiles, Cin] of ``x`` as :func:`winograd_conv2d` computes them
+    (unit scales, ``x``'s dtype): what a calibration observes the ranges of."""
+    _, _, bt = transforms(m)
+    return _input_tiles(x, bt.to(device=x.device, dtype=x.dtype), m, padding)[0]
+
+
+def _input_tiles(x: torch.Tensor, bt: torch.Tensor, m: int, padding, input_stage: Stage | None = None):
+    """``V`` [alpha^2, tiles, Cin] of ``x`` under ``B^T`` = ``bt`` (the zero-padded input through ``input_stage``
+    first) and the output geometry ``(N, tiles high, tiles wide, out_h, out_w)``."""
+    alpha = m + 2
+    n, cin, h, wd = x.shape
+    ph, pw = _pair(padding)
+    ho, wo = h + 2 * ph - 2, wd + 2 * pw - 2
+    if ho < 1 or wo < 1:
+        raise QuantError(f"winograd_conv2d: input {h}x{wd} with padding {padding} leaves no output")
+    th, tw = -(-ho // m), -(-wo // m)
+    xp = F.pad(x, (pw, tw * m + 2 - wd - pw, ph, th * m + 2 - h - ph))  # whole tiles; crop below
+    if input_stage is not None:
+        xp = input_stage(xp)
+    d = xp.unfold(2, alpha, m).unfold(3, alpha, m)  # [N, Cin, th, tw, alpha, alpha]
+    v = (bt @ d @ bt.T).permute(4, 5, 0, 2, 3, 1).reshape(alpha * alpha, n * th * tw, cin)
+    return v, (n, th, tw, ho, wo)
+
+
+def group_stages(u_quant: nn.Module, v_lo: torch.Tensor, v_hi: torch.Tensor, a_bits: int,
+                 a_symmetric: bool) -> dict[str, Stage]:
+    """The ``U`` / ``V`` fake quantizers of group granularity at unit scales: ``U`` by ``u_quant`` (one grid per
+    tile position x output channel), ``V`` on the grid covering ``[v_lo[p], v_hi[p]]`` per tile position ``p`` (what
+    :class:`WinogradConv2d` with ``granularity="group"``, no input / ``M`` bits, and unit scales runs)."""
+    lo, hi = v_lo[:, None, None], v_hi[:, None, None]
+    return {"V": lambda t: _fq_range(t, lo, hi, a_bits, a_symmetric),
+            "U": lambda t: u_quant(t.reshape(-1, t.shape[-1])).reshape(t.shape)}
 
 
 def _fq_range(t: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
@@ -201,15 +256,10 @@ class WinogradConv2d(nn.Module):
         super().__init__()
         if not isinstance(conv, nn.Conv2d):
             raise QuantError(f"WinogradConv2d wraps an nn.Conv2d, got {type(conv).__name__}")
-        padding = conv.padding
-        if isinstance(padding, str):
-            padding = (0, 0) if padding == "valid" else (1, 1)
-        bad = [f"{k} {v}" for k, v, ok in (("kernel_size", conv.kernel_size, (3, 3)), ("stride", conv.stride, (1, 1)),
-                                            ("dilation", conv.dilation, (1, 1)), ("groups", conv.groups, 1),
-                                            ("padding_mode", conv.padding_mode, "zeros")) if v != ok]
-        if bad:
-            raise QuantError(f"WinogradConv2d: only 3x3, stride-1, dilation-1, groups-1 zero-padded convs; got "
-                             f"{', '.join(map(str, bad))}")
+        padding = conv_padding(conv)
+        why = why_not_winograd(conv)
+        if why is not None:
+            raise QuantError(f"WinogradConv2d: {why}")
         if m not in POINTS:
             raise QuantError(f"m: F({m}, 3) is not available; choose one of {', '.join(map(str, TILES))}")
         if granularity not in WINOGRAD_GRANULARITIES:
@@ -326,10 +376,7 @@ class WinogradConv2d(nn.Module):
         """(Re)observe the transformed weight ``U`` under the current ``s_G`` and freeze its quantizer."""
         if self.u_quant is None:
             return
-        _, g, _ = transforms(self.m)
-        w = self.module.weight.detach().double()
-        gs = self.s_G.double()[:, None] * g
-        u = (gs @ w @ gs.T).permute(2, 3, 0, 1).reshape(-1, w.shape[1]).float()
+        u = transformed_weight(self.module.weight, self.m, self.s_G)
         self.u_quant.reset()
         self.u_quant.observe(u)
         self.u_quant.freeze()

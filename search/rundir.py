@@ -80,7 +80,7 @@ class EvalResult:
             if not isinstance(value, kind) or isinstance(value, bool):
                 raise TypeError(f"{name}: expected {kind[0].__name__ if isinstance(kind, tuple) else kind.__name__}, "
                                 f"got {type(value).__name__}")
-        for name in ("timesteps", "reuse"):
+        for name in ("timesteps", "reuse", "algos"):
             if not all(isinstance(t, int) and not isinstance(t, bool) for t in d.get(name, ())):
                 raise TypeError(f"{name}: expected integers")
         if not all(isinstance(v, (int, float)) or v is None for v in d.get("objectives", {}).values()):
@@ -91,11 +91,11 @@ class EvalResult:
         return cls(candidate=cand, **d)
 
 
-_CANDIDATE_FIELDS = ("timesteps", "bits", "solver", "order", "reuse")
+_CANDIDATE_FIELDS = ("timesteps", "bits", "solver", "order", "reuse", "algos")
 _FIELD_TYPES = {"key": str, "status": str, "timesteps": list, "bits": list, "objectives": dict, "proxy": dict,
                 "n_images": int, "seed": int, "wall_s": (float, int), "worker": str, "error": str, "generation": int,
                 "origin": str, "version": int, "solver": str, "order": int, "reuse": list,
-                "peak_mib": (float, int)}
+                "peak_mib": (float, int), "algos": list}
 
 
 class RunDir:
@@ -232,7 +232,7 @@ def results_frame(results: list[EvalResult]):
                "proxy_version": r.proxy.get("version", ""), "n_images": r.n_images, "seed": r.seed,
                "wall_s": r.wall_s, "worker": r.worker, "error": r.error, "generation": r.generation,
                "origin": r.origin, "peak_mib": r.peak_mib, **c.solver.fields(),
-               **({"reuse": list(c.reuse)} if c.reuse else {})}
+               **({"reuse": list(c.reuse)} if c.reuse else {}), **({"algos": list(c.algos)} if c.algos else {})}
         row.update(r.objectives)
         rows.append(row)
     df = pd.DataFrame(rows)
@@ -241,6 +241,8 @@ def results_frame(results: list[EvalResult]):
         df["order"] = df["order"].fillna(1).astype(int)
     if "reuse" in df:  # a run with the reuse gene: rows without reuse say so with an empty list
         df["reuse"] = [v if isinstance(v, list) else [] for v in df["reuse"]]
+    if "algos" in df:  # a run with the algorithm gene: all-direct rows say so with an empty list
+        df["algos"] = [v if isinstance(v, list) else [] for v in df["algos"]]
     if not rows:
         df = pd.DataFrame(columns=["key", "status", "timesteps", "bits", "steps", "proxy", "generation", "origin"])
     return df

@@ -17,6 +17,12 @@ With reuse (``reuse_branch`` > 0, ``deep_layers`` the layers a reuse call skips,
 genome ends with one 0/1 gene per denoiser call after the first, up to the most calls any step choice and solver
 makes: gene k-1 = 1 makes call k reuse the deep features of the last full call; the genes past a candidate's own
 calls are unused. A reuse call costs the BitOPs of the shallow layers only.
+
+With Winograd tiles (``wino_tiles``: the supernet's ``winograd``, tile sizes m of F(m, 3)), the genome ends with one
+algorithm gene per eligible layer (a layer whose ``wino`` is set: a 3x3, stride-1 conv), in layer order, over
+``0..len(wino_tiles)``: 0 = direct convolution, k = Winograd with tile ``wino_tiles[k - 1]``; shared by all steps.
+Such a layer costs its Winograd-domain multiplications and transform operations
+(:func:`tmpq.core.cost.winograd_bitops`); its stored weight is unchanged. Without tiles the genome is what it was.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tmpq.core.candidate import DEFAULT_SOLVER, Candidate, Solver
-from tmpq.core.cost import LayerCost, call_bitops, call_latency, weight_bits
+from tmpq.core.cost import WINOGRAD_TILES, LayerCost, call_bitops, call_latency, weight_bits
 from tmpq.core.errors import TmpqError
 from tmpq.search.groups import TimeGroups
 
@@ -62,8 +68,25 @@ class SearchSpace:
     # the measured latency table (search.cost = "latency"; tmpq.core.cost.latency_entries): not part of to_dict,
     # the run keeps it in its own file
     latency_table: dict | None = field(default=None, compare=False)
+    # Winograd F(m, 3) tile sizes an eligible layer may use besides direct convolution (empty: no algorithm genes)
+    wino_tiles: tuple[int, ...] = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "wino_tiles", tuple(int(m) for m in self.wino_tiles))
+        if self.wino_tiles:
+            tiles = list(self.wino_tiles)
+            if any(m not in WINOGRAD_TILES for m in tiles) or tiles != sorted(set(tiles)):
+                raise TmpqError(f"supernet.winograd: tile sizes must be distinct, ascending, each one of "
+                                f"{list(WINOGRAD_TILES)}, got {tiles}")
+            if not self.wino_layers:
+                raise TmpqError("supernet.winograd: no quantized layer is a Winograd-eligible 3x3 convolution "
+                                "(stride 1, dilation 1, groups 1, zeros padding, not pinned)")
+            if self.per_group_bits:
+                raise TmpqError("supernet.winograd: algorithm genes do not combine with bits per time group "
+                                "(search.per_group_bits)")
+            if self.latency_table is not None:
+                raise TmpqError("search.cost: \"latency\" does not combine with supernet.winograd (the latency table "
+                                "has no Winograd entries)")
         if self.latency_table is not None:
             t = self.latency_table
             missing = [lay.fqn for lay in self.layers if lay.fqn not in t.get("layers", {})]
@@ -127,9 +150,27 @@ class SearchSpace:
         return self.max_calls - 1 if self.reuse_branch else 0
 
     @property
+    def wino_layers(self) -> tuple[int, ...]:
+        """Indices (into ``layers``) of the Winograd-eligible layers, in order: one algorithm gene each."""
+        return tuple(i for i, lay in enumerate(self.layers) if lay.wino is not None)
+
+    @property
+    def algo_genes(self) -> int:
+        return len(self.wino_layers) if self.wino_tiles else 0
+
+    @property
+    def reuse_start(self) -> int:
+        """Index of the first reuse gene (= where the algorithm genes start when there are none)."""
+        return self.bits_start + 2 * self.num_genes * self.bit_blocks + (1 if len(self.solvers) > 1 else 0)
+
+    @property
+    def algo_start(self) -> int:
+        """Index of the first algorithm gene (the genome's last ones)."""
+        return self.reuse_start + self.reuse_genes
+
+    @property
     def genome_length(self) -> int:
-        return (self.bits_start + 2 * self.num_genes * self.bit_blocks + (1 if len(self.solvers) > 1 else 0)
-                + self.reuse_genes)
+        return self.algo_start + self.algo_genes
 
     @property
     def solver_choices(self) -> tuple[Solver, ...]:
@@ -143,8 +184,8 @@ class SearchSpace:
         else:
             time = list(self.groups.sizes)
         solver = [len(self.solvers)] if len(self.solvers) > 1 else []
-        return np.array(time + [len(self.w_bits)] * nb + [len(self.a_bits)] * nb + solver + [2] * self.reuse_genes,
-                        dtype=np.int64)
+        return np.array(time + [len(self.w_bits)] * nb + [len(self.a_bits)] * nb + solver + [2] * self.reuse_genes
+                        + [len(self.wino_tiles) + 1] * self.algo_genes, dtype=np.int64)
 
     def _time_decode(self, g: np.ndarray) -> tuple[int, ...]:
         if not self.step_groups:
@@ -180,13 +221,15 @@ class SearchSpace:
             bits = tuple(tuple(pairs[b * self.num_genes:(b + 1) * self.num_genes]) for b in range(self.n_steps))
         else:
             bits = tuple(pairs)
-        r = self.reuse_genes
-        solver = self.solver_choices[int(g[-1 - r]) if len(self.solvers) > 1 else 0]
+        r0 = self.reuse_start
+        solver = self.solver_choices[int(g[r0 - 1]) if len(self.solvers) > 1 else 0]
         reuse = ()
-        if r:
+        if self.reuse_genes:
             calls = solver.calls(len(ts))
-            reuse = tuple(k for k in range(1, calls) if g[len(g) - r + k - 1])
-        return Candidate(ts, bits, solver, reuse, per_group=self.per_group_bits)
+            reuse = tuple(k for k in range(1, calls) if g[r0 + k - 1])
+        tiles = (0,) + self.wino_tiles
+        algos = tuple(tiles[int(v)] for v in g[self.algo_start:])
+        return Candidate(ts, bits, solver, reuse, per_group=self.per_group_bits, algos=algos)
 
     def encode(self, cand: Candidate) -> np.ndarray:
         offs = self._time_encode(cand.timesteps)
@@ -217,7 +260,21 @@ class SearchSpace:
                                 f"{list(cand.reuse)}")
         if self.reuse_genes:
             reuse = [1 if k in cand.reuse else 0 for k in range(1, self.reuse_genes + 1)]
-        return np.array(list(offs) + w_idx + a_idx + solver + reuse, dtype=np.int64)
+        return np.array(list(offs) + w_idx + a_idx + solver + reuse + self._algo_encode(cand), dtype=np.int64)
+
+    def _algo_encode(self, cand: Candidate) -> list[int]:
+        if not cand.algos:
+            return [0] * self.algo_genes
+        if not self.algo_genes:
+            raise TmpqError("candidate algos: the space has no algorithm genes (supernet.winograd)")
+        if len(cand.algos) != self.algo_genes or any(m and m not in self.wino_tiles for m in cand.algos):
+            raise TmpqError(f"candidate algos: expected {self.algo_genes} entries, each 0 (direct) or one of "
+                            f"{list(self.wino_tiles)}, got {list(cand.algos)}")
+        return [self.wino_tiles.index(m) + 1 if m else 0 for m in cand.algos]
+
+    def algo_map(self, cand: Candidate) -> dict[str, int]:
+        """fqn -> Winograd tile m of the candidate's Winograd layers (empty when all direct)."""
+        return {self.layers[i].fqn: m for i, m in zip(self.wino_layers, cand.algos) if m}
 
     # -- analytic cost ----------------------------------------------------------------------------------------------
     def _step_bits(self, cand: Candidate) -> list[tuple]:
@@ -230,10 +287,12 @@ class SearchSpace:
 
     def bitops(self, cand: Candidate) -> float:
         """BitOPs of the whole schedule per sample: sum over denoiser calls and layers of MACs * b_w * b_a (a call
-        that reuses deep features: the shallow layers only)."""
+        that reuses deep features: the shallow layers only; a Winograd layer: its Winograd-domain multiplications
+        and transform operations)."""
         deep = frozenset(self.deep_layers)
         reuse = set(cand.reuse)
-        return float(sum(call_bitops(self.layers, alloc, deep if k in reuse else frozenset())
+        algos = self.algo_map(cand) if cand.algos else None
+        return float(sum(call_bitops(self.layers, alloc, deep if k in reuse else frozenset(), algos)
                          for k, alloc in enumerate(self._step_bits(cand))))
 
     def latency(self, cand: Candidate) -> float:
@@ -299,8 +358,9 @@ class SearchSpace:
 
     # -- single-axis restriction -----------------------------------------------------------------------------------
     def restrict(self, axes: str, fixed_bits: tuple[int, int] | None = None) -> "SearchSpace":
-        """``joint`` (everything free), ``time`` (every bit gene held at the uniform option ``fixed_bits``) or
-        ``bits`` (every time gene held at its group's seed offset: for quad groups, quadratic DDIM)."""
+        """``joint`` (everything free), ``time`` (every bit gene held at the uniform option ``fixed_bits``, every
+        algorithm gene at direct) or ``bits`` (every time gene held at its group's seed offset: for quad groups,
+        quadratic DDIM; the algorithm genes stay free)."""
         from dataclasses import replace
 
         n = self.bits_start
@@ -308,7 +368,7 @@ class SearchSpace:
             return replace(self, fixed=())
         if axes == "bits":  # the reference step count on its groups' seed schedule
             time = self._time_encode(self.groups.schedule(self.groups.seed_offsets()))
-            r0 = self.genome_length - self.reuse_genes  # reuse belongs to the time axis: held at "never"
+            r0 = self.reuse_start  # reuse belongs to the time axis: held at "never"
             return replace(self, fixed=tuple((i, int(o)) for i, o in enumerate(time))
                            + tuple((r0 + j, 0) for j in range(self.reuse_genes)))
         if axes == "time":
@@ -318,7 +378,9 @@ class SearchSpace:
                                 f"(W{list(self.w_bits)} A{list(self.a_bits)})")
             nb = self.num_genes * self.bit_blocks
             wi, ai = self.w_bits.index(fixed_bits[0]), self.a_bits.index(fixed_bits[1])
-            return replace(self, fixed=tuple((n + j, wi) for j in range(nb)) + tuple((n + nb + j, ai) for j in range(nb)))
+            return replace(self, fixed=tuple((n + j, wi) for j in range(nb))
+                           + tuple((n + nb + j, ai) for j in range(nb))
+                           + tuple((self.algo_start + j, 0) for j in range(self.algo_genes)))
         raise TmpqError(f"search.axes: unknown {axes!r}; choose {', '.join(AXES[:-1])} or {AXES[-1]}")
 
     def _hold(self, g: np.ndarray) -> np.ndarray:
@@ -354,40 +416,53 @@ class SearchSpace:
     # -- persistence ----------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {"format": SPACE_FORMAT, "version": SPACE_VERSION, "groups": self.groups.to_dict(),
-                "layers": [lay.__dict__ | {"pinned": list(lay.pinned) if lay.pinned else None} for lay in self.layers],
+                "layers": [_layer_dict(lay) for lay in self.layers],
                 "num_genes": self.num_genes, "w_bits": list(self.w_bits), "a_bits": list(self.a_bits),
                 "per_group_bits": self.per_group_bits, "other_params": self.other_params,
                 "bitops_budget": self.bitops_budget, "size_budget_mb": self.size_budget_mb, "extra": self.extra,
                 "fixed": [list(f) for f in self.fixed], "step_groups": [g.to_dict() for g in self.step_groups],
                 **({"solvers": [list(s) for s in self.solvers]} if self.solvers else {}),
                 **({"reuse_branch": self.reuse_branch, "deep_layers": list(self.deep_layers)}
-                   if self.reuse_branch else {})}
+                   if self.reuse_branch else {}),
+                **({"wino_tiles": list(self.wino_tiles)} if self.wino_tiles else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "SearchSpace":
         if d.get("format") != SPACE_FORMAT:
             raise TmpqError(f"not a tmpq search space (format {d.get('format')!r})")
         layers = tuple(LayerCost(lay["fqn"], int(lay["macs"]), int(lay["params"]), lay["gene"],
-                                 tuple(lay["pinned"]) if lay["pinned"] else None) for lay in d["layers"])
+                                 tuple(lay["pinned"]) if lay["pinned"] else None,
+                                 tuple(int(v) for v in lay["wino"]) if lay.get("wino") else None)
+                       for lay in d["layers"])
         return cls(TimeGroups.from_dict(d["groups"]), layers, int(d["num_genes"]), tuple(d["w_bits"]),
                    tuple(d["a_bits"]), bool(d["per_group_bits"]), int(d["other_params"]), d["bitops_budget"],
                    d["size_budget_mb"], dict(d.get("extra", {})),
                    tuple((int(i), int(v)) for i, v in d.get("fixed", [])),
                    tuple(TimeGroups.from_dict(g) for g in d.get("step_groups", [])),
                    tuple(Solver(str(s), int(o)) for s, o in d.get("solvers", [])), int(d.get("reuse_branch", 0)),
-                   tuple(str(f) for f in d.get("deep_layers", [])))
+                   tuple(str(f) for f in d.get("deep_layers", [])),
+                   wino_tiles=tuple(int(m) for m in d.get("wino_tiles", [])))
 
     @classmethod
     def from_supernet(cls, net, groups: TimeGroups, per_group_bits: bool = False,
                       step_groups: Sequence[TimeGroups] = (), solvers: Sequence[tuple[str, int]] = (),
                       reuse_branch: int = 0, reused: Sequence[str] = (), **budgets) -> "SearchSpace":
         """Build the space from a ``QuantSupernet``'s layer table (the only torch-touching constructor); with
-        ``reuse_branch``, ``reused`` names the modules a reuse call skips (:func:`tmpq.core.reuse.reused_layers`)."""
-        layers = tuple(LayerCost(i.fqn, i.macs, i.params, i.gene, i.pinned) for i in net.infos)
+        ``reuse_branch``, ``reused`` names the modules a reuse call skips (:func:`tmpq.core.reuse.reused_layers`);
+        the Winograd tiles are the supernet's ``winograd`` and the eligible layers those its table gives a ``wino``."""
+        layers = tuple(LayerCost(i.fqn, i.macs, i.params, i.gene, i.pinned, getattr(i, "wino", None))
+                       for i in net.infos)
         other = sum(p.numel() for p in net.unet.parameters()) - sum(i.params for i in net.infos)
         names = set(reused)
         deep = tuple(i.fqn for i in net.infos if i.fqn in names) if reuse_branch else ()
         return cls(groups, layers, net.num_genes, net.config.w_bits, net.config.a_bits, per_group_bits, other,
                    step_groups=tuple(sorted(step_groups, key=lambda g: g.n)),
                    solvers=tuple(Solver(*s) for s in solvers),
-                   reuse_branch=reuse_branch, deep_layers=deep, **budgets)
+                   reuse_branch=reuse_branch, deep_layers=deep,
+                   wino_tiles=tuple(getattr(net.config, "winograd", ()) or ()), **budgets)
+
+
+def _layer_dict(lay: LayerCost) -> dict:
+    """A layer's entry of search_space.json: its fields, ``wino`` only for an eligible layer (older files unchanged)."""
+    d = {k: v for k, v in lay.__dict__.items() if k != "wino"} | {"pinned": list(lay.pinned) if lay.pinned else None}
+    return d | ({"wino": list(lay.wino)} if lay.wino is not None else {})

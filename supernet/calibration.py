@@ -102,6 +102,7 @@ def calibrate(net, data: Iterable[tuple[torch.Tensor, torch.Tensor]], mode: str 
                 net.save(checkpoint, progress={"mode": mode, "time_starts": starts, "done_groups": done_groups,
                                                 "complete": False})
                 net.time_starts = []
+    check_finite_winograd(net)
     for layer in net.layers.values():
         layer.invalidate_cache()
     release_freed_memory()  # calibration's transients need not stay resident through the search
@@ -196,6 +197,22 @@ def check_finite_ranges(net) -> None:
                         raise TmpqError(f"calibration: layer {name}: non-finite {kind} {what} ({tname} of its "
                                         f"{q.bits}-bit option); the model or the calibration data produce NaN or "
                                         f"infinite {kind}s there")
+
+
+@torch.no_grad()
+def check_finite_winograd(net) -> None:
+    """Refuse a calibration that left a Winograd option's ``V`` ranges or ``U`` grid non-finite (a layer that never
+    observed an activation option, or NaN inputs): one line naming the layer, the tile and the option."""
+    for name, layer in net.layers.items():
+        for tile in getattr(layer, "wino", ()):
+            for j, b in enumerate(layer.a_bits):
+                if not bool(torch.isfinite(tile.v_lo[j]).all() and torch.isfinite(tile.v_hi[j]).all()):
+                    raise TmpqError(f"calibration: layer {name}: non-finite Winograd F({tile.m}, 3) input-tile ranges "
+                                    f"of its {b}-bit activation option (it observed no finite inputs there)")
+            for q in tile.u_quant:
+                if not bool(torch.isfinite(q.scale).all()):
+                    raise TmpqError(f"calibration: layer {name}: non-finite Winograd F({tile.m}, 3) weight grid of "
+                                    f"its {q.bits}-bit option; the model's weights hold NaN or infinite values")
 
 
 def blocks(net) -> list[tuple[str, nn.Module]]:

@@ -10,6 +10,7 @@ from tmpq.core.cost import LayerCost
 from tmpq.core.errors import TmpqError
 from tmpq.quant.binarize import BINARY_BITS
 from tmpq.quant.quantizer import GRANULARITIES, OBSERVERS, SUPPORTED_BITS
+from tmpq.quant.winograd import TILES
 
 # ties the q, k, v projections of each diffusers ``Attention`` module into one gene (``tie_qkv``): the capture is the
 # module's path, so a UNet's self- and cross-attention (``attn1`` / ``attn2``) and a DiT's blocks tie per module
@@ -73,6 +74,13 @@ class SupernetConfig:
       ``to_v`` / ``add_v_proj``, ``to_out.0`` / ``to_add_out``) one range covering both streams, per option and time
       group: what a kernel that runs the joint sequence through one fused projection sees. The adapter names the
       pairs (``DenoiserAdapter.stream_pairs``); a model without them is unaffected.
+    - ``winograd``: tile sizes m (2, 4, 6; ascending) of Winograd F(m, 3) options: every searchable 3x3, stride-1,
+      dilation-1, groups-1, zero-padded Conv2d gets, per m, a calibrated Winograd option serving each of its
+      (w, a) options (``U`` at the w bits per tile position x output channel with ``w_observer``, ``V`` at the a
+      bits per tile position, no input / ``M`` quantization, the conv's own bias: ``quant.layers``), and the
+      search an algorithm gene per such layer. Empty (the default): no Winograd state at all. A pin
+      ``[w_bits, a_bits, m]`` (m one of these tiles) fixes a layer at Winograd F(m, 3): what an exported Winograd
+      point pins (the cost model counts pinned layers as direct).
 
     This dataclass is the one source of these defaults: a run config's ``[supernet]`` section is this class, and
     ``tmpq calibrate`` fills only the options given on its command line.
@@ -99,6 +107,7 @@ class SupernetConfig:
     time_groups: int = 4
     guidance_ranges: str = "shared"
     stream_ranges: str = "separate"
+    winograd: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.group_size is None:  # files and callers before group_size = 0 meant "unset"
@@ -118,6 +127,8 @@ class SupernetConfig:
         object.__setattr__(self, "exclude", tuple(self.exclude))
         object.__setattr__(self, "tie", tuple(self.tie))
         object.__setattr__(self, "block_types", tuple(self.block_types))
+        if isinstance(self.winograd, (list, tuple)):
+            object.__setattr__(self, "winograd", tuple(self.winograd))
         self.validate()
 
     def validate(self) -> None:
@@ -129,11 +140,23 @@ class SupernetConfig:
                 raise TmpqError(f"supernet.{key}: repeated bit-width in {list(bits)}")
             for b in bits:
                 _check_bits(f"supernet.{key}", b, weight=key == "w_bits")
+        w = self.winograd
+        if not isinstance(w, tuple) or not all(isinstance(m, int) and not isinstance(m, bool) for m in w):
+            raise TmpqError(f"supernet.winograd: must be a list of tile sizes, got {w!r}")
+        if any(m not in TILES for m in w) or list(w) != sorted(set(w)):
+            raise TmpqError(f"supernet.winograd: tile sizes must be distinct, ascending, each one of "
+                            f"{', '.join(map(str, TILES))}; got {list(w)}")
+        if w and 1 in self.w_bits:
+            raise TmpqError("supernet.winograd: 1-bit weight options (a sign basis) have no affine grid for the "
+                            "transformed weight; drop 1 from supernet.w_bits or the Winograd tiles")
         for pat, wa in (self.pin.items() if isinstance(self.pin, dict) else ()):
-            if not isinstance(wa, (list, tuple)) or len(wa) != 2:
-                raise TmpqError(f"supernet.pin.{pat}: must be [w_bits, a_bits], got {wa!r}")
+            if not isinstance(wa, (list, tuple)) or len(wa) not in (2, 3):
+                raise TmpqError(f"supernet.pin.{pat}: must be [w_bits, a_bits] (or [w_bits, a_bits, m]), got {wa!r}")
             _check_bits(f"supernet.pin.{pat}", wa[0], weight=True)
             _check_bits(f"supernet.pin.{pat}", wa[1], weight=False)
+            if len(wa) == 3 and (isinstance(wa[2], bool) or wa[2] not in w or wa[0] == 1):
+                raise TmpqError(f"supernet.pin.{pat}: the Winograd tile {wa[2]!r} must be one of supernet.winograd "
+                                f"{list(w)} (with weights of >= 2 bits)")
         for t in self.tie:
             try:
                 groups = re.compile(t).groups
@@ -171,6 +194,8 @@ class SupernetConfig:
         d = asdict(self)
         if d["stream_ranges"] == "separate":  # the files written before the key existed, byte for byte
             del d["stream_ranges"]
+        if not d["winograd"]:  # likewise
+            del d["winograd"]
         return json.dumps(d, sort_keys=True)
 
     @classmethod
@@ -187,7 +212,16 @@ class SupernetConfig:
 @dataclass(frozen=True)
 class LayerInfo(LayerCost):
     """One quantized layer: the cost model's fields (FQN, MACs per sample per denoiser call, weight count, gene: None
-    if pinned, pinned bits) and the wrapped module's kind and input split (skip concatenations)."""
+    if pinned, pinned bits, ``wino``: (in_channels, out_channels, out_h, out_w) per sample of a Winograd-eligible
+    conv of a supernet with ``winograd`` tiles, else None) and the wrapped module's kind and input split (skip
+    concatenations)."""
 
     kind: str = ""
     split: int | None = None
+
+    def table_row(self) -> dict:
+        """The layer's fields as a dict (``wino`` only for a Winograd-eligible layer: old tables unchanged)."""
+        d = dict(self.__dict__)
+        if d.get("wino") is None:
+            d.pop("wino", None)
+        return d

@@ -97,7 +97,7 @@ def load_supernet(net, path: Path | str, allow_partial: bool = False) -> dict:
         missing, unexpected = net.unet.load_state_dict(state, strict=False)
     except RuntimeError as exc:
         raise TmpqError(f"supernet file {path} does not fit: {str(exc).splitlines()[0]}") from None
-    missing = [k for k in missing if ".w_quant." in k or ".a_quant" in k]
+    missing = [k for k in missing if ".w_quant." in k or ".a_quant" in k or ".wino." in k]
     if missing or unexpected:
         raise TmpqError(f"supernet file {path} does not fit: missing {missing[:2]}, unexpected {unexpected[:2]}")
     for layer in net.layers.values():

@@ -19,7 +19,8 @@ from tmpq.core.adapters import adapter_for, denoise, forward, index_time, sample
 from tmpq.core.cost import call_bitops, output_macs, weight_bits
 from tmpq.core.errors import TmpqError
 from tmpq.core.sampler import model_dtype
-from tmpq.quant.layers import WRAPPERS, QuantLayer, correct_bias, replace_module, wrap
+from tmpq.quant.layers import WRAPPERS, QuantConv2d, QuantLayer, correct_bias, replace_module, wrap
+from tmpq.quant.winograd import why_not_winograd
 from tmpq.supernet import calibration
 from tmpq.supernet.config import TIE_QKV, LayerInfo, SupernetConfig
 from tmpq.supernet.store import load_supernet, save_supernet, supernet_config_of
@@ -33,7 +34,7 @@ def model_fingerprint(unet: nn.Module) -> str:
     """SHA-256 over the FP parameter names, shapes and values (identifies 'the same model')."""
     h = hashlib.sha256()
     for name, p in sorted(unet.state_dict().items()):
-        if ".w_quant." in name or ".a_quant" in name:
+        if ".w_quant." in name or ".a_quant" in name or ".wino." in name:
             continue
         h.update(name.replace(".module.", ".").encode())
         h.update(str(tuple(p.shape)).encode())
@@ -104,8 +105,11 @@ class QuantSupernet(nn.Module):
         self.genes: list[tuple[str, ...]] = []
         gene_of_key: dict[str, int] = {}
         self._pinned: dict[str, tuple[int, int]] = {}
+        # Winograd: the searchable eligible convs (an algorithm gene each, in layer order) and the pinned ones
+        self.wino_layers: list[str] = []
         for name, mod in selected:
-            pin = next((tuple(wa) for p, wa in config.pin.items() if fnmatch.fnmatchcase(name, p)), None)
+            pat, pin = next(((p, tuple(wa)) for p, wa in config.pin.items() if fnmatch.fnmatchcase(name, p)),
+                            (None, None))
             w_opts, a_opts = ((pin[0],), (pin[1],)) if pin else (config.w_bits, config.a_bits)
             layer = wrap(mod, w_bits=w_opts, a_bits=a_opts, w_symmetric=config.w_symmetric,
                          w_granularity=config.w_granularity, group_size=config.group_size,
@@ -114,8 +118,17 @@ class QuantSupernet(nn.Module):
                          w_two_bit=config.w_two_bit, time_groups=config.time_groups * self.passes)
             self._replace(name, layer)
             self.layers[name] = layer
+            if pin and len(pin) == 3:  # fixed at Winograd F(m, 3)
+                why = why_not_winograd(mod) if isinstance(layer, QuantConv2d) else "not a Conv2d"
+                if why is not None:
+                    raise TmpqError(f"supernet.pin.{pat}: layer {name} cannot run Winograd F({pin[2]}, 3) ({why})")
+                layer.add_winograd((pin[2],), config.w_observer)
+                layer.set_algo(pin[2])
+            elif config.winograd and not pin and isinstance(layer, QuantConv2d) and why_not_winograd(mod) is None:
+                layer.add_winograd(config.winograd, config.w_observer)
+                self.wino_layers.append(name)
             if pin:
-                self._pinned[name] = pin
+                self._pinned[name] = pin[:2]
                 continue
             key = name
             for rx in tie_res:
@@ -133,6 +146,7 @@ class QuantSupernet(nn.Module):
         if device.type != "cpu":  # the new quantizers join the denoiser on its device
             self.to(device)
         self.infos = self._profile()
+        self.wino_layers = [i.fqn for i in self.infos if i.wino is not None]  # (a layer the profile never ran: none)
         self.keep_weights(WEIGHT_BUDGET)
         self._calibrated = False
         # timestep groups: group g holds the calibration timesteps t with time_starts[g-1] <= t < time_starts[g];
@@ -180,10 +194,12 @@ class QuantSupernet(nn.Module):
     def _profile(self) -> list[LayerInfo]:
         """Per-layer MACs per sample per denoiser call, from one forward with hooks (profiled once)."""
         macs: dict[str, int] = {}
+        hw: dict[str, tuple[int, int]] = {}
         hooks = []
         for name, layer in self.layers.items():
             def hook(mod, inp, out, name=name):
                 macs[name] = output_macs(out, mod.module.weight)
+                hw[name] = (int(out.shape[-2]), int(out.shape[-1]))
             hooks.append(layer.register_forward_hook(hook))
         saved = {n: (lay.w_index, lay.a_index) for n, lay in self.layers.items()}
         for lay in self.layers.values():
@@ -198,10 +214,13 @@ class QuantSupernet(nn.Module):
             for n, (w, a) in saved.items():
                 self.layers[n].set_bits(w, a)
         infos = []
+        wino = set(self.wino_layers)
         for name, layer in self.layers.items():
-            infos.append(LayerInfo(fqn=name, kind=type(layer.module).__name__, macs=macs.get(name, 0),
-                                   params=layer.module.weight.numel(), gene=self._gene_of.get(name),
-                                   pinned=self._pinned.get(name), split=layer.split))
+            conv = layer.module
+            shape = (conv.in_channels, conv.out_channels, *hw[name]) if name in wino and name in hw else None
+            infos.append(LayerInfo(fqn=name, kind=type(conv).__name__, macs=macs.get(name, 0),
+                                   params=conv.weight.numel(), gene=self._gene_of.get(name),
+                                   pinned=self._pinned.get(name), wino=shape, split=layer.split))
         return infos
 
     @property
@@ -217,7 +236,7 @@ class QuantSupernet(nn.Module):
         return len(self.genes)
 
     def layer_table(self) -> list[dict]:
-        return [info.__dict__ for info in self.infos]
+        return [info.table_row() for info in self.infos]
 
     def bitops(self, allocation: Sequence[tuple[int, int]]) -> int:
         """BitOPs of one denoiser call for one sample: sum over layers of MACs * b_w * b_a (pinned at their bits)."""
@@ -234,11 +253,21 @@ class QuantSupernet(nn.Module):
         alloc = self._check_allocation(allocation)
         return {i.fqn: tuple(i.pinned) if i.pinned else tuple(alloc[i.gene]) for i in self.infos}
 
-    def pinned_config(self, allocation: Sequence[tuple[int, int]]) -> SupernetConfig:
-        """This config with every quantized layer pinned to its bits under ``allocation``: the supernet of exactly
-        that allocation (one option per layer, no genes), to calibrate it alone or to export it."""
+    def layer_algos(self, algos: Sequence[int] = ()) -> dict[str, int]:
+        """FQN -> Winograd tile m of the layers ``algos`` runs by Winograd (direct layers left out), pinned
+        Winograd layers included."""
+        out = {n: m for n, m in zip(self.wino_layers, self._check_algos(algos)) if m}
+        out.update({n: lay.algo for n, lay in self.layers.items() if n in self._pinned and getattr(lay, "algo", 0)})
+        return out
+
+    def pinned_config(self, allocation: Sequence[tuple[int, int]], algos: Sequence[int] = ()) -> SupernetConfig:
+        """This config with every quantized layer pinned to its bits under ``allocation`` (and, with ``algos``, the
+        Winograd layers to ``[w, a, m]``): the supernet of exactly that allocation (one option per layer, no genes),
+        to calibrate it alone or to export it."""
         d = json.loads(self.config.to_json())
-        d["pin"] = {fqn: [w, a] for fqn, (w, a) in sorted(self.layer_bits(allocation).items())}
+        wino = self.layer_algos(algos)
+        d["pin"] = {fqn: [w, a, wino[fqn]] if fqn in wino else [w, a]
+                    for fqn, (w, a) in sorted(self.layer_bits(allocation).items())}
         d["tie"], d["tie_qkv"] = [], False
         return SupernetConfig.from_json(json.dumps(d))
 
@@ -269,6 +298,23 @@ class QuantSupernet(nn.Module):
                 layer.set_bits(0, 0)
             else:
                 layer.set_bits(w_idx[alloc[g][0]], a_idx[alloc[g][1]])
+
+    def _check_algos(self, algos: Sequence[int]) -> list[int]:
+        algos = [int(m) for m in algos]
+        if not algos:
+            return [0] * len(self.wino_layers)
+        tiles = self.config.winograd
+        if len(algos) != len(self.wino_layers) or any(m and m not in tiles for m in algos):
+            raise TmpqError(f"algos: expected {len(self.wino_layers)} entries (one per Winograd-eligible conv), each "
+                            f"0 (direct) or one of supernet.winograd {list(tiles)}, got {algos}")
+        return algos
+
+    def set_algos(self, algos: Sequence[int]) -> None:
+        """Run each Winograd-eligible conv (:attr:`wino_layers`, in order) directly (0) or by its calibrated Winograd
+        F(m, 3) option at its live (w, a) option; ``()``: all direct. Shared by every timestep group (the
+        Winograd ``V`` ranges are one set for all of them); full precision (:meth:`set_fp`) is always direct."""
+        for name, m in zip(self.wino_layers, self._check_algos(algos)):
+            self.layers[name].set_algo(m)
 
     def set_uniform(self, w_bits: int, a_bits: int) -> None:
         self.set_bits([(w_bits, a_bits)] * self.num_genes)
@@ -347,7 +393,7 @@ class QuantSupernet(nn.Module):
     # -- persistence (tmpq.supernet.store) ----------------------------------------------------------------------
     def quantizer_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().contiguous().cpu() for k, v in self.unet.state_dict().items()
-                if ".w_quant." in k or ".a_quant" in k}
+                if ".w_quant." in k or ".a_quant" in k or ".wino." in k}
 
     def save(self, path: Path | str, progress: dict | None = None) -> Path:
         """Save the quantizer state and its metadata (:func:`tmpq.supernet.store.save_supernet`)."""

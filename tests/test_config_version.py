@@ -77,7 +77,7 @@ def _variants():
            "supernet.exclude": ["conv_out"], "supernet.guidance_ranges": "separate", "supernet.include": ["down*"],
            "supernet.pin": {"conv_in": [8, 16]}, "supernet.split_skip": False, "supernet.tie": ["(a)\\.b"],
            "supernet.w_symmetric": False, "proxy.batch_size": 64, "supernet.stream_ranges": "shared",
-           "search.cost": "latency"}
+           "search.cost": "latency", "supernet.winograd": [2, 4]}
     assert set(off) == set(LATER_KEYS)
     for key, value in off.items():
         yield RunConfig().with_(**{key: value})

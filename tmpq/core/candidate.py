@@ -1,9 +1,9 @@
 """The values a search passes whole from its genome to its rows: :class:`Solver` (a sampler and its order) and
-:class:`Candidate` (schedule, bits, solver, reuse, bits layout). Pure Python.
+:class:`Candidate` (schedule, bits, solver, reuse, bits layout, convolution algorithms). Pure Python.
 
 A candidate's key and its row fields are what they were before each gene existed: a DDIM candidate writes no solver,
-a candidate without reuse no reuse, and the bits layout is the bits' own nesting (one allocation, or one per time
-group), so keys and logs of older runs stay byte-identical (tests/test_run_compat.py).
+a candidate without reuse no reuse, an all-direct candidate no algorithms, and the bits layout is the bits' own
+nesting (one allocation, or one per time group), so keys and logs of older runs stay byte-identical (tests/test_run_compat.py).
 """
 from __future__ import annotations
 
@@ -67,6 +67,9 @@ class Candidate:
     group in ascending time order (``bits[g]`` serves the schedule's step in group g: the schedule runs from the last
     group to the first). ``None``: the FP model, the reference point of a schedule (no key). ``reuse``: the denoiser
     calls (0-based, ascending, never 0) that reuse the deep features of the last full call (:mod:`tmpq.core.reuse`).
+    ``algos``: one entry per Winograd-eligible 3x3 conv (the space's layers in order, eligible ones only), the tile
+    size m of its Winograd F(m, 3) or 0 for direct convolution, shared by every step; all-direct is normalised to
+    ``()``, so it is the same candidate (key, row) as one of a run without the algorithm gene.
 
     Example:
         >>> c = Candidate((800, 50, 0), ((8, 8), (6, 6)))
@@ -79,6 +82,7 @@ class Candidate:
     solver: Solver = DEFAULT_SOLVER
     reuse: tuple[int, ...] = ()
     per_group: bool = False
+    algos: tuple[int, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
@@ -86,6 +90,10 @@ class Candidate:
             object.__setattr__(self, "bits", _tuplify(self.bits))
         object.__setattr__(self, "solver", Solver(str(self.solver[0]), int(self.solver[1])))
         object.__setattr__(self, "reuse", tuple(int(k) for k in self.reuse))
+        algos = tuple(int(m) for m in self.algos)
+        if any(m < 0 for m in algos):
+            raise TmpqError(f"candidate algos: tile sizes must be >= 0 (0 = direct), got {list(algos)}")
+        object.__setattr__(self, "algos", algos if any(algos) else ())
         if self.bits is not None and nested(self.bits) != self.per_group:
             raise TmpqError("candidate bits: " + ("one allocation per time group needs per_group=True" if
                                                   nested(self.bits) else "per_group=True needs one allocation per "
@@ -110,14 +118,17 @@ class Candidate:
             d["s"] = self.solver.label
         if self.reuse:  # and candidates without reuse the keys they had before it
             d["r"] = list(self.reuse)
+        if self.algos:  # and all-direct candidates the keys they had before the algorithm gene
+            d["w"] = list(self.algos)
         blob = json.dumps(d, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def fields(self) -> dict:
-        """The candidate's fields of a row (no key): timesteps and bits as lists, the solver and reuse only when
-        they are not the defaults."""
+        """The candidate's fields of a row (no key): timesteps and bits as lists, the solver, reuse and algorithms
+        only when they are not the defaults."""
         return {"timesteps": list(self.timesteps), "bits": _listify(self.bits), **self.solver.fields(),
-                **({"reuse": list(self.reuse)} if self.reuse else {})}
+                **({"reuse": list(self.reuse)} if self.reuse else {}),
+                **({"algos": list(self.algos)} if self.algos else {})}
 
     def to_dict(self) -> dict:
         return {**self.fields(), "key": self.key}
@@ -127,7 +138,7 @@ class Candidate:
         """From a row (a dict or a pandas row) of any run: the layout of the bits is their nesting."""
         bits = _tuplify(_plain(d["bits"]))
         return cls(tuple(int(t) for t in _plain(d["timesteps"])), bits, Solver.of(d), reuse_of(d),
-                   per_group=nested(bits))
+                   per_group=nested(bits), algos=algos_of(d))
 
 
 def reuse_of(row) -> tuple[int, ...]:
@@ -135,6 +146,13 @@ def reuse_of(row) -> tuple[int, ...]:
     (rows of runs before the reuse gene, and NaN cells of a frame whose other rows reuse)."""
     v = row.get("reuse") if hasattr(row, "get") else None
     return tuple(int(k) for k in _plain(v)) if isinstance(v, (list, tuple)) or hasattr(v, "tolist") else ()
+
+
+def algos_of(row) -> tuple[int, ...]:
+    """The convolution algorithms of a row (a dict or a pandas row); () when all direct (rows of runs without the
+    algorithm gene, and NaN cells of a frame whose other rows use Winograd)."""
+    v = row.get("algos") if hasattr(row, "get") else None
+    return tuple(int(m) for m in _plain(v)) if isinstance(v, (list, tuple)) or hasattr(v, "tolist") else ()
 
 
 def nested(bits) -> bool:

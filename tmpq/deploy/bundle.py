@@ -9,7 +9,10 @@ parts): the FP weights, loadable by diffusers alone as a ``DDPMPipeline``, ``Sta
   eta); per-layer FQN -> ``{w_bits, a_bits, granularity, ...}``; ``modules_to_not_convert``; the candidate's
   metrics; provenance (run, candidate key, fingerprints, tmpq version); SHA-256 of every file;
 - ``quantizers.safetensors``: the calibrated quantizer state of exactly the exported bit-widths (one option per
-  layer), in tmpq's supernet-file format with every layer pinned, so loading verifies model and config.
+  layer), in tmpq's supernet-file format with every layer pinned, so loading verifies model and config. A layer the
+  point runs by Winograd F(m, 3) is pinned ``[w_bits, a_bits, m]`` and its entry in ``tmpq_export.json`` says
+  ``"winograd": m``; the file then holds its transformed weight's grid (``U`` per tile position x output channel) and
+  its input tiles' ranges (``V`` per tile position) beside its direct quantizers.
 
 ``apply_export(pipeline_or_unet, DIR)`` turns a stock pipeline / UNet of the same model into the exported model.
 """
@@ -36,6 +39,7 @@ from tmpq.core.sampler import make_scheduler
 from tmpq.core.solvers import CLASSES, check_solver, needs_scaling
 from tmpq.deploy import int8 as cpu_int8  # the module (it imports this one): see tmpq.deploy.int8's imports
 from tmpq.deploy.plan import LayerOption, QuantPlan
+from tmpq.quant.layers import replace_module
 from tmpq.supernet import QuantSupernet
 from tmpq.supernet.store import read_supernet_file
 
@@ -125,9 +129,13 @@ def apply_export(pipeline_or_unet, export_dir: str | Path, kernels: str = "fake"
     gives the images of ``tmpq sample DIR --n n --seed seed``. ``save_pretrained`` of the quantized pipeline / UNet
     raises one line (diffusers would write a model that reloads with random weights): the export is its saved form.
 
+    A layer exported with ``"winograd": m`` becomes a calibrated :class:`tmpq.quant.winograd.WinogradConv2d` (its
+    ``U`` grid and ``V`` ranges from the quantizer file): tmpq's own samples of the point ran the same computation.
+
     ``kernels``: ``"fake"`` (default) runs every quantized layer as fake quantization (float kernels on the
     quantized values: exact, not faster); ``"int8"`` then converts every layer that PyTorch's oneDNN int8 kernels run
-    exactly (W8A8 and below: :mod:`tmpq.deploy.int8`) on a CPU model, each checked against its fake-quant twin on a
+    exactly (W8A8 and below: :mod:`tmpq.deploy.int8`; the Winograd layers on int8 GEMMs,
+    :mod:`tmpq.deploy.winograd_int8`) on a CPU model, each checked against its fake-quant twin on a
     few samples along the exported schedule (noise the user does not draw); the others stay fake-quant, named in
     ``denoiser.tmpq_int8["layers"]`` with the reason (the summary beside them). The exported reuse of deep features
     runs on the converted model.
@@ -174,6 +182,8 @@ def apply_export(pipeline_or_unet, export_dir: str | Path, kernels: str = "fake"
     net = QuantSupernet.from_file(unet, export_dir / QUANT_FILE)
     net.set_bits([])
     _check_bits(plan, net, export_dir)
+    for fqn in net.layer_algos():  # the Winograd layers (pinned [w, a, m]): a calibrated WinogradConv2d each
+        replace_module(unet, fqn, net.layers[fqn].winograd_module())
     # keep the wrapper reachable without registering it as a submodule: it holds ``unet`` itself, and a module
     # cycle sends .eval() / .to() / state_dict() of the user's model (or pipeline) into infinite recursion
     object.__setattr__(unet, "tmpq_supernet", net)
@@ -252,12 +262,15 @@ def check_finite(quant_file: Path) -> None:
 
 def _check_bits(plan: QuantPlan, net: QuantSupernet, export_dir: Path) -> None:
     """The loaded quantizers carry the manifest's bits, layer for layer (else one line naming the first layer)."""
+    def show(o: LayerOption) -> str:
+        return f"W{o.w_bits}A{o.a_bits}" + (f" Winograd F({o.winograd}, 3)" if o.winograd else "")
+
     for fqn, layer in net.layers.items():
         opt, live = plan.layers.get(fqn), LayerOption.of(layer)
-        if opt is None or (opt.w_bits, opt.a_bits) != (live.w_bits, live.a_bits):
-            want = "absent" if opt is None else f"W{opt.w_bits}A{opt.a_bits}"
-            raise TmpqError(f"export {export_dir}: layer {fqn} is W{live.w_bits}A{live.a_bits} in {QUANT_FILE} but "
-                            f"{want} in {EXPORT_JSON}")
+        if opt is None or (opt.w_bits, opt.a_bits, opt.winograd) != (live.w_bits, live.a_bits, live.winograd):
+            want = "absent" if opt is None else show(opt)
+            raise TmpqError(f"export {export_dir}: layer {fqn} is {show(live)} in {QUANT_FILE} but {want} in "
+                            f"{EXPORT_JSON}")
 
 
 def _passes_labels(pipeline_or_unet, unet) -> bool:

@@ -46,7 +46,8 @@ from tmpq.core.schedules import make_timesteps
 # bundle deploys this module's kernels (apply_export(kernels="int8")) and measure_speed loads exports through
 # bundle: each imports the other as a module, whose names are read at call time, so either may load first
 from tmpq.deploy import bundle
-from tmpq.deploy.plan import FP_BITS, LayerOption, QuantPlan
+from tmpq.deploy import winograd_int8
+from tmpq.deploy.plan import CHECK_TOL, FP_BITS, LayerOption, QuantPlan
 from tmpq.evaluators.features import make_extractor
 from tmpq.evaluators.quality import embedded_reference, score_features
 from tmpq.quant.layers import QuantConv2d, QuantLayer, QuantLinear, replace_module
@@ -59,9 +60,6 @@ def onednn_available() -> bool:
 
 _INT8_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
 _VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
-# A converted layer agrees with fake quantization when its largest error is at most this fraction of the exact
-# sum of |products| behind each output (float32 accumulation: ~1e-7 of it; a saturated 16-bit pair: ~1e-3)
-CHECK_TOL = 1e-5
 
 
 @functools.cache
@@ -457,10 +455,13 @@ def schedule_probe(scheduler, timesteps, n: int = 4, seed: int = 2) -> Callable[
 def deploy_int8(unet: nn.Module, scheduler, timesteps, plan: QuantPlan) -> dict:
     """Run an exported model on oneDNN int8 where the kernels run it exactly (in place; ``apply_export(...,
     kernels="int8")``): :func:`to_int8` checked on :func:`schedule_probe`'s samples, every other layer fake-quant and
-    named. Keeps ``unet.tmpq_int8`` = ``int8_summary`` + ``"cpu"`` (:func:`describe_cpu_int8`) + ``"layers"`` (one row
+    named; the export's Winograd layers (:class:`tmpq.quant.winograd.WinogradConv2d`) through
+    :func:`tmpq.deploy.winograd_int8.deploy`, checked and named alike. Keeps ``unet.tmpq_int8`` = ``int8_summary`` + ``"cpu"`` (:func:`describe_cpu_int8`) + ``"layers"`` (one row
     per quantized layer: ``int8`` and, where False, ``why``) and returns it. A PyTorch without oneDNN int8 kernels
     leaves every layer fake-quant, each with that reason, and says so in one warning line."""
-    _, rows = to_int8(unet, schedule_probe(scheduler, timesteps), plan=plan)
+    probe = schedule_probe(scheduler, timesteps)
+    _, rows = to_int8(unet, probe, plan=plan)
+    rows += winograd_int8.deploy(unet, probe)  # the export's Winograd layers (apply_export built them)
     info = {**int8_summary(rows), "cpu": describe_cpu_int8(), "layers": rows}
     unet.tmpq_int8 = info
     if not onednn_available():

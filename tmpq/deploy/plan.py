@@ -27,6 +27,10 @@ from tmpq.quant.layers import QuantConv2d, QuantLayer, QuantLinear
 PLAN_FORMAT = "tmpq.plan"
 PLAN_VERSION = 1
 FP_BITS = 32  # a full-precision operand
+# A converted layer agrees with fake quantization when its largest error is at most this fraction of the exact
+# sum of |products| behind each output (float32 accumulation: ~1e-7 of it; a saturated 16-bit pair: ~1e-3); shared by
+# the direct int8 kernels (tmpq.deploy.int8) and the Winograd ones (tmpq.deploy.winograd_int8)
+CHECK_TOL = 1e-5
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class LayerOption:
     group_size: int | None = None
     split: int | None = None  # a conv over a skip concatenation: its first half's channels
     kind: str = ""  # Conv2d / Linear
+    winograd: int = 0  # the tile m of a conv run by Winograd F(m, 3) (0: direct; left out of files at 0)
 
     @classmethod
     def of(cls, layer: QuantLayer) -> LayerOption:
@@ -55,11 +60,14 @@ class LayerOption:
                    a_symmetric=bool(aq.symmetric) if aq is not None else False,
                    a_granularity=aq.granularity if aq is not None else "tensor",
                    group_size=getattr(wq, "group_size", None) if wq is not None and wq.granularity == "group" else None,
-                   split=layer.split, kind=type(layer.module).__name__)
+                   split=layer.split, kind=type(layer.module).__name__,
+                   winograd=int(getattr(layer, "algo", 0)) if wq is not None and aq is not None else 0)
 
     def why_not_w8a8(self) -> str | None:
         """Why this option is not an int8 weight grid times per-channel scales on 8-bit per-tensor activations
         (None: it is), whatever the layer's geometry and the kernels."""
+        if self.winograd:
+            return f"Winograd F({self.winograd}, 3) (its int8 path is tmpq.deploy.winograd_int8's)"
         if self.w_bits >= FP_BITS:
             return "full-precision weights"
         if self.granularity == "multibasis":
@@ -127,7 +135,8 @@ class QuantPlan:
                 granularity=str(v.get("granularity", "channel")), w_symmetric=bool(v.get("w_symmetric", True)),
                 a_symmetric=bool(v.get("a_symmetric", False)),
                 group_size=v.get("group_size") if v.get("granularity") == "group" else None,
-                split=v.get("split"), kind=str(v.get("kind", "")))
+                split=v.get("split"), kind=str(v.get("kind", "")),
+                winograd=_int(v.get("winograd", 0), f"layers.{fqn}.winograd"))
         reuse = s.get("reuse")
         null = manifest.get("conditioning", {}).get("null_label")
         return cls(layers=layers,
@@ -154,7 +163,7 @@ class QuantPlan:
     def to_json(self) -> str:
         """The plan as JSON (keys sorted: the same plan always gives the same text)."""
         d = {"format": PLAN_FORMAT, "version": self.version,
-             "layers": {k: asdict(v) for k, v in sorted(self.layers.items())}, "sampler": self._sampler_dict(),
+             "layers": {k: _layer_dict(v) for k, v in sorted(self.layers.items())}, "sampler": self._sampler_dict(),
              "reuse": asdict(self.reuse) if self.reuse else None, "guidance_scale": self.guidance_scale,
              "null_label": self.null_label}
         return json.dumps(d, indent=2, sort_keys=True) + "\n"
@@ -224,6 +233,14 @@ class W8A8Operands(NamedTuple):
     scale: torch.Tensor
     act_scale: float
     act_zero_point: int
+
+
+def _layer_dict(opt: LayerOption) -> dict:
+    """A layer's entry of the plan file (``winograd`` only for a Winograd layer: plans before it read unchanged)."""
+    d = asdict(opt)
+    if not d["winograd"]:
+        del d["winograd"]
+    return d
 
 
 def _int(v, name: str) -> int:

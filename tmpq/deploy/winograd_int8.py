@@ -36,12 +36,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tmpq.deploy.int8 import CHECK_TOL
+from tmpq.deploy.plan import CHECK_TOL
 from tmpq.quant.functional import affine_params, fake_quant, qrange
+from tmpq.quant.layers import replace_module
 from tmpq.quant.quantizer import LOW_PRECISION, QuantError
 from tmpq.quant.winograd import WinogradConv2d, transforms, winograd_conv2d
 
-__all__ = ["CHECK_TOL", "WinogradInt8Conv2d", "check", "convert", "int_mm_available", "why_not_int8"]
+__all__ = ["CHECK_TOL", "WinogradInt8Conv2d", "check", "convert", "deploy", "int_mm_available", "why_not_int8"]
 
 
 def int_mm_available() -> bool:
@@ -254,3 +255,35 @@ def convert(layer: WinogradConv2d, xs: list[torch.Tensor], tol: float = CHECK_TO
     row["why"] = (f"its int8 GEMMs disagree with fake quantization (error {c['err']:.1e} of the exact magnitude, "
                   f"tolerance {tol:.0e}; relative MSE {c['rel_mse']:.1e})")
     return layer, row
+
+
+def deploy(unet: nn.Module, probe, tol: float = CHECK_TOL, per_layer: int = 2) -> list[dict]:
+    """Every calibrated :class:`WinogradConv2d` of ``unet`` (an export's Winograd layers) on int8 GEMMs where that is
+    exact, in place: ``probe(unet)`` runs the model once on real inputs, each layer's first ``per_layer`` inputs
+    there check its conversion (:func:`convert`); a layer that falls back stays fake-quant. Returns :func:`convert`'s
+    rows (``parts``: 1 converted, 0 not, as :func:`tmpq.deploy.int8.convert_checked`'s rows count them)."""
+    layers = {n: m for n, m in unet.named_modules() if isinstance(m, WinogradConv2d)}
+    if not layers:
+        return []
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
+
+    def grab(name):
+        def hook(_mod, args):
+            if len(seen[name]) < per_layer:
+                seen[name].append(args[0].detach().clone())
+        return hook
+
+    handles = [lay.register_forward_pre_hook(grab(n)) for n, lay in layers.items()]
+    try:
+        with torch.no_grad():
+            probe(unet)
+    finally:
+        for h in handles:
+            h.remove()
+    rows = []
+    for name, layer in layers.items():
+        module, row = convert(layer, seen[name], tol, name)
+        if module is not layer:
+            replace_module(unet, name, module)
+        rows.append({**row, "parts": int(row["int8"])})
+    return rows

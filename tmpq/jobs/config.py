@@ -138,7 +138,7 @@ class RunConfig:
 # ``config_version`` into their resolved config (not into the fingerprint); a config of a newer version is refused.
 # Adding a key: append it here with CONFIG_VERSION + 1 and raise CONFIG_VERSION (tests/test_config_version.py
 # fails on a key that is neither of version 1 nor listed).
-CONFIG_VERSION = 4
+CONFIG_VERSION = 5
 LATER_KEYS: dict[str, tuple[int, object]] = {
     # 2: keys added to the run's own sections one by one
     "search.step_choices": (2, []), "proxy.reference": (2, ""), "search.mutation_prob": (2, 0.0),
@@ -156,6 +156,8 @@ LATER_KEYS: dict[str, tuple[int, object]] = {
     "proxy.batch_size": (3, 128),
     # 4: keys added one by one again (the joint-attention ranges; the second objective)
     "supernet.stream_ranges": (4, "separate"), "search.cost": (4, "bitops"),
+    # 5: the convolution algorithm as a gene
+    "supernet.winograd": (5, []),
 }
 
 # choices of the run's own sections (the supernet, calibration and proxy classes check theirs as well)
@@ -200,7 +202,7 @@ FREE_TEXT = {"model.path", "model.prompts", "supernet.include", "supernet.exclud
 
 # lists that may be empty (an empty list means "none")
 EMPTY_OK = {"model.prompts", "search.solvers", "search.step_choices", "supernet.exclude", "supernet.tie",
-            "supernet.block_types"}
+            "supernet.block_types", "supernet.winograd"}
 
 
 def _show(value) -> str:
@@ -398,6 +400,12 @@ def config_from_dict(data: dict) -> RunConfig:
         raise TmpqError(f"search.mutation_prob: engine random does not mutate; leave it at 0 (got {s.mutation_prob})")
     if s.step_choices and s.per_group_bits:
         raise TmpqError("search.per_group_bits: bits per time group need a fixed step count (drop search.step_choices)")
+    if cfg.supernet.winograd and s.cost == "latency":
+        raise TmpqError("search.cost: \"latency\" does not combine with supernet.winograd (the latency table has no "
+                        "Winograd entries); use search.cost = \"bitops\" or drop the Winograd tiles")
+    if cfg.supernet.winograd and s.per_group_bits:
+        raise TmpqError("search.per_group_bits: bits per time group do not combine with supernet.winograd (the "
+                        "algorithm genes are shared by all steps)")
     if s.grouping in ("sensitivity", "error", "dp") and cfg.model.dtype != "fp32":
         raise TmpqError(f"search.grouping: {s.grouping} groups are profiled in fp32 only, not with model.dtype = "
                         f"{cfg.model.dtype} (use quad or uniform)")

@@ -26,8 +26,10 @@ from tmpq.supernet import QuantSupernet
 from tmpq.supernet.store import read_supernet_file
 
 
-def _select_state(net, layer_bits: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
-    """Quantizer tensors of the chosen option of every layer, re-indexed to option 0."""
+def _select_state(net, layer_bits: dict[str, tuple[int, int]],
+                  layer_algos: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
+    """Quantizer tensors of the chosen option of every layer, re-indexed to option 0 (a Winograd layer's: its tile's
+    ``U`` grid of that weight option and ``V`` ranges of that activation option, as tile 0)."""
     state = net.quantizer_state()
     out = {}
     for fqn, layer in net.layers.items():
@@ -38,6 +40,14 @@ def _select_state(net, layer_bits: dict[str, tuple[int, int]]) -> dict[str, torc
             for k, v in state.items():
                 if k.startswith(prefix):
                     out[f"{fqn}.{kind}.0.{k[len(prefix):]}"] = v
+        m = (layer_algos or {}).get(fqn)
+        if m:
+            ti = layer.wino_tiles.index(m)
+            prefix = f"{fqn}.wino.{ti}.u_quant.{wi}."
+            out.update({f"{fqn}.wino.0.u_quant.0.{k[len(prefix):]}": v for k, v in state.items()
+                        if k.startswith(prefix)})
+            for side in ("v_lo", "v_hi"):
+                out[f"{fqn}.wino.0.{side}"] = state[f"{fqn}.wino.{ti}.{side}"][ai:ai + 1].clone()
     return out
 
 
@@ -100,18 +110,20 @@ def export_candidate(run_path: str | Path, key: str, out: str | Path, command: s
     if validated.is_file():
         # tmpq validate re-calibrated this point at exactly its bits along its own schedule: export that state
         pinned = QuantSupernet.from_file(m.unet, validated)
-        layer_bits = {fqn: tuple(wa) for fqn, wa in pinned.config.pin.items()}
+        layer_bits = {fqn: tuple(wa[:2]) for fqn, wa in pinned.config.pin.items()}
+        layer_algos = {fqn: int(wa[2]) for fqn, wa in pinned.config.pin.items() if len(wa) == 3}
         source = "validated (tmpq validate: re-calibrated at this allocation along this schedule)"
     else:
         net = QuantSupernet.from_file(copy.deepcopy(fp_unet), sn_file)
         bits = list(cand.bits)
         layer_bits = net.layer_bits(bits)
-        state = _select_state(net, layer_bits)
+        layer_algos = net.layer_algos(cand.algos)
+        state = _select_state(net, layer_bits, layer_algos)
         # the pinned single-option supernet over the FP model: its file verifies on load
-        pinned = QuantSupernet(m.unet, net.pinned_config(bits))
+        pinned = QuantSupernet(m.unet, net.pinned_config(bits, cand.algos))
         pinned.time_starts = list(net.time_starts)  # the same timestep groups (banks re-indexed with the options)
         missing, unexpected = pinned.unet.load_state_dict(state, strict=False)
-        missing = [k for k in missing if ".w_quant." in k or ".a_quant" in k]
+        missing = [k for k in missing if ".w_quant." in k or ".a_quant" in k or ".wino." in k]
         if missing or unexpected:  # pragma: no cover - a bug, not a user error
             raise TmpqError(f"export: quantizer state does not fit ({missing[:2]}, {unexpected[:2]})")
         source = "search supernet (shared weights, not re-calibrated)"
@@ -134,7 +146,8 @@ def export_candidate(run_path: str | Path, key: str, out: str | Path, command: s
             layers[info.fqn] = {"w_bits": w, "a_bits": a, "granularity": lay.w_quant[0].granularity,
                                 "w_symmetric": lay.w_quant[0].symmetric, "a_symmetric": lay.a_quant[0].symmetric,
                                 "group_size": getattr(lay.w_quant[0], "group_size", None), "split": info.split,
-                                "kind": info.kind, "macs": info.macs}
+                                "kind": info.kind, "macs": info.macs,
+                                **({"winograd": layer_algos[info.fqn]} if info.fqn in layer_algos else {})}
         objectives = {k: float(row[k]) for k in ("fid_proxy", "bitops", "size_mb", "paired_feat",
                                                  "paired_pixel_mse") if k in row and row[k] == row[k]}
         final = run.path / "final.parquet"

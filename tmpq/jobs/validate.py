@@ -25,7 +25,7 @@ import torch
 
 from tmpq.core import runlock
 from tmpq.core.adapters import bind_like, conditioning_of, predict, rows
-from tmpq.core.candidate import Candidate, Solver, reuse_of
+from tmpq.core.candidate import Candidate, Solver, algos_of, reuse_of
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import atomic_write, atomic_write_bytes, read_parquet
 from tmpq.core.model import ModelConfig, load_model
@@ -117,8 +117,8 @@ def _model(run_cfg: dict):
 
 
 def recalibrate_point(run_path: Path, cand: Candidate, cfg: ValidateConfig, progress: bool = True):
-    """A pinned supernet for exactly the candidate's allocation, calibrated on data along its schedule with its
-    solver (without its reuse); returns (net, scheduler, info)."""
+    """A pinned supernet for exactly the candidate's allocation (and its Winograd layers), calibrated on data along its
+    schedule with its solver (without its reuse); returns (net, scheduler, info)."""
     if cand.per_group:
         raise TmpqError("validate: per-time-group bits are not validated yet (one allocation per point)")
 
@@ -140,7 +140,8 @@ def recalibrate_point(run_path: Path, cand: Candidate, cfg: ValidateConfig, prog
     probe = frozen_copy(m.unet)
     bind_like(probe, m.unet)  # profiled with the model's own conditioning
     probe = QuantSupernet(probe, base)
-    net = QuantSupernet(m.unet, probe.pinned_config(list(cand.bits)))
+    # Winograd layers pinned to [w, a, m]: their V ranges re-observed along the point's schedule as well
+    net = QuantSupernet(m.unet, probe.pinned_config(list(cand.bits), cand.algos))
     del probe
     t0 = time.perf_counter()
     data = _capture_along(teacher, sched, list(cand.timesteps), cfg.calib_per_step, cfg.calib_seed)
@@ -226,7 +227,8 @@ def validate_run(run_path: str | Path, cfg: ValidateConfig, progress: bool = Tru
                             "kid": s.get("kid"), "kid_std": s.get("kid_std"), "timesteps": list(cand.timesteps),
                             "bits": cand.fields()["bits"], "bitops": float(p["bitops"]),
                             "fid_proxy": float(p["fid_proxy"]), "sample_s": round(time.perf_counter() - t0, 1),
-                            **cand.solver.fields(), **({"reuse": list(cand.reuse)} if cand.reuse else {}), **info})
+                            **cand.solver.fields(), **({"reuse": list(cand.reuse)} if cand.reuse else {}),
+                            **({"algos": list(cand.algos)} if cand.algos else {}), **info})
             _write_summary(run.path, log, settings, cfg, fp_log)
         return _write_summary(run.path, log, settings, cfg, fp_log)
 
@@ -284,6 +286,8 @@ def _write_summary(run_path: Path, log, settings: str, cfg: ValidateConfig, fp_l
         agg["solver"], agg["order"] = [s.name for s in solvers], [s.order for s in solvers]
     if "reuse" in first:  # points of a run with the reuse gene
         agg["reuse"] = [list(reuse_of(first.loc[k])) for k in agg["key"]]
+    if "algos" in first:  # points of a run with the algorithm gene
+        agg["algos"] = [list(algos_of(first.loc[k])) for k in agg["key"]]
     agg["n"] = cfg.n
     if fp_log is not None and fp_log.rows:  # the FP model on each point's own schedule, over the same seeds
         fp = []
