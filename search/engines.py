@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tmpq.core.cost import layer_bits, winograd_bitops
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import atomic_write_bytes
 from tmpq.search.space import SearchSpace
@@ -31,7 +32,11 @@ ENGINES = ("pymoo", "optuna", "paper-ea", "random")
 
 
 def repair(space: SearchSpace, genome: np.ndarray, rng: np.random.Generator, tries: int = 200) -> np.ndarray:
-    """Make a genome feasible by lowering random bit genes one option at a time (time genes are kept)."""
+    """Make a genome feasible one random move at a time (time genes are kept): a bit gene one option lower (or a
+    solver / reuse gene one index on), or an algorithm gene to the algorithm that is cheapest for its conv at the
+    conv's current bits, offered only when that is strictly cheaper than its current one. A larger Winograd tile is
+    not always cheaper (on a conv with few channels the FP32 transforms outweigh the products saved), so algorithm
+    genes are never stepped blindly; a space without them walks exactly as before."""
     g = np.array(genome, dtype=np.int64)
     if space.feasible(space.decode(g)):
         return g
@@ -39,14 +44,35 @@ def repair(space: SearchSpace, genome: np.ndarray, rng: np.random.Generator, tri
     ub = space.upper_bounds()
     for _ in range(tries):
         held = {i for i, _ in space.fixed}
-        raisable = [i for i in range(n, len(g)) if g[i] < ub[i] - 1 and i not in held]  # options: high -> low bits
-        if not raisable:
+        raisable = [i for i in range(n, space.algo_start) if g[i] < ub[i] - 1 and i not in held]  # high -> low bits
+        cheaper = _cheaper_algos(space, g, held) if space.algo_genes else {}
+        moves = raisable + list(cheaper)
+        if not moves:
             break
-        i = int(rng.choice(raisable))
-        g[i] += 1
+        i = int(rng.choice(moves))
+        g[i] = cheaper[i] if i in cheaper else g[i] + 1
         if space.feasible(space.decode(g)):
             return g
     return space.sample_feasible(rng)
+
+
+def _cheaper_algos(space: SearchSpace, g: np.ndarray, held: set[int]) -> dict[int, int]:
+    """Free algorithm genes whose conv has a strictly cheaper algorithm at its current bits: gene index -> that
+    algorithm's value (0 = direct, k = tile ``wino_tiles[k - 1]``). Per call, as the cost model counts it; the
+    ranking holds over the whole schedule, since a conv runs at the same bits on every call it runs."""
+    alloc = space.decode(g).bits
+    out = {}
+    for j, li in enumerate(space.wino_layers):
+        i = space.algo_start + j
+        if i in held:
+            continue
+        lay = space.layers[li]
+        w, a = layer_bits(lay, alloc)
+        costs = [lay.macs * w * a] + [winograd_bitops(lay, m, w, a)["total"] for m in space.wino_tiles]
+        best = int(np.argmin(costs))
+        if costs[best] < costs[int(g[i])]:
+            out[i] = best
+    return out
 
 
 class Engine:

@@ -200,6 +200,10 @@ def _parser_calibrate(sub) -> None:
                                     "defaults of a run config's [supernet] and [calibration] sections "
                                     "(configs/default.toml), so the file fits a run with those sections.")
     _add_supernet_options(ca)
+    ca.add_argument("--winograd", nargs="+", default=None, metavar="M", help="Winograd F(m, 3) tile sizes (2, 4, "
+                    "6; e.g. --winograd 2 4): every eligible 3x3 stride-1 conv gets a calibrated Winograd option per "
+                    "tile beside direct convolution, and a search an algorithm gene per such conv (default: "
+                    "supernet.winograd, none)")
     ca.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale of the captured "
                     "trajectories; calibration then covers both passes (default: model.guidance_scale, 1 = none)")
     ca.add_argument("--null-label", type=int, default=None, help="class-conditional UNets: the label the model was "

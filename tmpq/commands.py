@@ -15,6 +15,7 @@ import torch
 
 from tmpq.core.adapters import decoder_cost, set_conditioning
 from tmpq.core.choices import BIT_PRESETS
+from tmpq.core.cost import WINOGRAD_TILES
 from tmpq.core.devices import cpu_allocator, resolve_device, tune_cpu_allocator
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import malformed, read_json
@@ -40,7 +41,7 @@ from tmpq.jobs.main import MainJobConfig, main_job
 from tmpq.jobs.pick import pick_fastest_within, pick_key
 from tmpq.jobs.report import write_report
 from tmpq.jobs.run import load_run
-from tmpq.jobs.runinfo import print_status
+from tmpq.jobs.runinfo import print_status, winograd_summary
 from tmpq.jobs.search import dp_schedules, run_search
 from tmpq.jobs.train import DenoiserTrainConfig, train_denoiser
 from tmpq.jobs.validate import ValidateConfig, validate_run
@@ -221,7 +222,19 @@ def supernet_config(args: argparse.Namespace) -> SupernetConfig:
     for arg in ("w_bits", "a_bits"):
         if getattr(args, arg) is not None and args.preset is None:
             kw[arg] = tuple(_parse_int_list(getattr(args, arg), "--" + arg.replace("_", "-")))
+    if getattr(args, "winograd", None) is not None:
+        kw["winograd"] = _winograd_tiles(args.winograd)
     return SupernetConfig(**kw)
+
+
+def _winograd_tiles(values: list[str]) -> tuple[int, ...]:
+    """``--winograd 2 4`` (or ``2,4``): the tile sizes, ascending; a tile F(m, 3) does not have is one line."""
+    tiles = _parse_int_list(",".join(values), "--winograd")
+    bad = [m for m in tiles if m not in WINOGRAD_TILES]
+    if bad:
+        raise TmpqError(f"--winograd: no Winograd F({bad[0]}, 3); tile sizes are "
+                        f"{', '.join(map(str, WINOGRAD_TILES))}")
+    return tuple(sorted(set(tiles)))
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
@@ -250,8 +263,8 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
     if out.suffix != ".safetensors":
         raise TmpqError(f"--out must end in .safetensors, got {out}")
     model_cfg = _model_config(args)
+    cfg = supernet_config(args)  # refused before the model loads
     m = load_model(model_cfg)
-    cfg = supernet_config(args)
     net = QuantSupernet(m.unet, cfg)
     t0 = time.perf_counter()
     cal = CalibrationConfig(**_given(args, {"mode": "mode", "strategy": "strategy", "calib_steps": "steps",
@@ -265,7 +278,9 @@ def cmd_calibrate(args: argparse.Namespace) -> None:
                 "strategy": cal.strategy, "calib_pairs": info["calib_pairs"], "wall_s": round(wall, 1),
                 "reconstruction": info["reconstruction"]}
         out.with_name(out.name + ".json").write_text(json.dumps(side, indent=2) + "\n")
-    print(f"wrote {out} ({len(net.layers)} layers x {len(cfg.w_bits)} W / {len(cfg.a_bits)} A options, "
+    wino = (f", Winograd {', '.join(f'F({m},3)' for m in cfg.winograd)} on "
+            f"{len(net.wino_layers)} eligible convs" if cfg.winograd else "")
+    print(f"wrote {out} ({len(net.layers)} layers x {len(cfg.w_bits)} W / {len(cfg.a_bits)} A options{wino}, "
           f"{info['calib_pairs']} calibration pairs, {wall:.0f} s)")
 
 
@@ -486,9 +501,11 @@ def cmd_pareto(args: argparse.Namespace) -> None:
     if front.empty:
         print("no successful evaluations yet")
         return
-    cols = [c for c in ("key", "fid_proxy", "bitops", "latency_s", "size_mb", "steps", "solver", "timesteps",
-                        "generation")
+    cols = [c for c in ("key", "fid_proxy", "bitops", "latency_s", "size_mb", "steps", "solver", "algos",
+                        "timesteps", "generation")
             if c in front]
+    if "algos" in front:  # a run with the algorithm gene: its Winograd convs per point, not the raw per-conv list
+        front = front.assign(algos=[winograd_summary(a) for a in front["algos"]])
     with pd.option_context("display.max_colwidth", 60, "display.width", 160):
         print(front[cols].to_string(index=False))
 

@@ -6,7 +6,9 @@
 - a heat map of the per-layer weight / activation bits of every front point;
 - the front table (each point named P1, P2, ... by BitOPs, its predicted latency per image when the run has a
   latency table, its final FID when validated, the exported point marked, the point ``tmpq export --pick
-  fastest-within 1.10`` would choose marked, and the ``tmpq export`` command of every other point).
+  fastest-within 1.10`` would choose marked, and the ``tmpq export`` command of every other point);
+- a run with the algorithm gene (``supernet.winograd``) only: per front point and validated point, how many convs
+  run Winograd at which tile ("F(4,3) x 7, F(2,3) x 3").
 
 Baselines and grids are computed once and cached under ``RUN/report/`` (a rerun only rewrites the page).
 """
@@ -27,6 +29,7 @@ from tmpq.core.grid import save_grid
 from tmpq.core.schedules import make_timesteps
 from tmpq.jobs.pick import validated_points
 from tmpq.jobs.run import load_run
+from tmpq.jobs.runinfo import winograd_summary
 from tmpq.jobs.search import WorkerSpec, first_generation_seeds
 from tmpq.search.pick import REPORT_RATIO, fastest_within
 from tmpq.search.rundir import RunDir
@@ -215,12 +218,14 @@ def _seed_text(d: int | None) -> str:
 
 
 def _front_rows(front, run_path: Path, names: dict[str, str], grids: dict[str, str], fin, exports,
-                seeds: dict[str, int], latency: dict[str, float] | None = None, picked: str | None = None) -> list[str]:
+                seeds: dict[str, int], latency: dict[str, float] | None = None, picked: str | None = None,
+                wino: bool = False) -> list[str]:
     """The front table's rows (by BitOPs): name and key (``picked``: marked as the fastest-within point),
     objectives, the predicted latency in ms per image (``latency``: seconds per key, where the run has a table),
     final FID (and the FP model's on the point's own schedule), the distance to the nearest search seed, the export
     (its directory when exported, else the ``tmpq export`` command that writes it where ``tmpq status`` and the
-    report find it), the schedule and the sample grid."""
+    report find it), the schedule and the sample grid (``wino``: a run with the algorithm gene, whose points also
+    say how many convs run Winograd at which tile)."""
     exported = dict(zip(exports["key"], exports["path"]))
     rows = []
     for _, p in front.sort_values("bitops").iterrows():
@@ -240,12 +245,31 @@ def _front_rows(front, run_path: Path, names: dict[str, str], grids: dict[str, s
         style = ' class="exported"' if k in exported else ""
         mark = f"<br><small><b>fastest within {REPORT_RATIO:.2f}×</b></small>" if k == picked else ""
         ms = f"<td>{_fmt(latency[k] * 1e3, '.3g')}</td>" if latency is not None else ""
+        algo = f"<td>{html.escape(winograd_summary(p.get('algos')))}</td>" if wino else ""
         rows.append(f"<tr{style}><td><b>{names[k]}</b><br><code>{html.escape(k)}</code>{mark}</td>"
                     f"<td>{_fmt(p['fid_proxy'])}</td><td>{_fmt(p['bitops'] / 1e9)}</td>{ms}"
                     f"<td>{_fmt(p.get('size_mb', float('nan')), '.3f')}</td><td>{fid}</td>"
-                    f"<td>{_seed_text(seeds.get(k))}</td>"
+                    f"<td>{_seed_text(seeds.get(k))}</td>{algo}"
                     f"<td>{html.escape(str(list(p['timesteps'])))}</td><td>{export}</td><td>{img}</td></tr>")
     return rows
+
+
+def _wino_header(space) -> str:
+    """The front table's column of a run with the algorithm gene: its tiles and how many convs could use them."""
+    tiles = ", ".join(f"F({m},3)" for m in space.wino_tiles)
+    return (f'<th title="tiles {html.escape(tiles)}">Winograd convs<br><small>of {len(space.wino_layers)} '
+            f'eligible</small></th>')
+
+
+def _validated_algos(final, names: dict[str, str]) -> str:
+    """A run with the algorithm gene: each validated point's Winograd convs beside its final FID (a point off the
+    current front included)."""
+    rows = "".join(f"<tr><td>{html.escape(names.get(p['key'], 'off the front'))} <code>{html.escape(p['key'])}"
+                   f"</code></td><td>{_fmt(p['fid_mean'])}</td><td>{_fmt(p['bitops'] / 1e9)}</td>"
+                   f"<td>{html.escape(winograd_summary(p.get('algos')))}</td></tr>"
+                   for _, p in final.sort_values("bitops").iterrows())
+    return ("<h3>Validated points: convolution algorithms</h3><table><tr><th>point</th><th>final FID</th>"
+            f"<th>GBitOPs</th><th>Winograd convs</th></tr>{rows}</table>")
 
 
 def _fastest_note(run, final, has_table: bool, names: dict[str, str]) -> tuple[str | None, str]:
@@ -319,8 +343,9 @@ def _write_report(run_path: str | Path, baselines: bool, grids: bool, progress: 
     latency = ({p["key"]: space.latency(Candidate.from_dict(p)) for _, p in front.iterrows()}
                if space.latency_table is not None else None)
     picked, pick_note = _fastest_note(run, final, latency is not None, names_of)
+    wino = bool(space.wino_tiles)
     rows = _front_rows(front, run.path, names_of, names, fin, exports, seed_distances(space, cfg, front), latency,
-                       picked)
+                       picked, wino)
     pinned = sorted(set(bits.loc[bits["pinned"], "layer"]))
     base_rows = "".join(f"<tr><td>{html.escape(b['name'])}</td><td>{_fmt(b['fid_proxy'])}</td>"
                         f"<td>{_fmt(b['bitops'] / 1e9)}</td></tr>" for b in base)
@@ -354,8 +379,8 @@ the same {GRID_N} noise-bank images as every grid below):</p>{fp_img}
 and solver under it (same N and noise: the ratio is what quantization and reuse add). From seed: how many genes the
 point differs in from the nearest uniform option the search started from ("a seed": it is one).</p>
 <table><tr><th>point</th><th>proxy</th><th>GBitOPs</th>{'<th>ms / image</th>' if latency is not None else ''}<th>size MB</th><th>final FID</th><th>from seed</th>
-<th>timesteps</th><th>export</th><th>samples</th></tr>{''.join(rows)}</table>
-<h2>Per-layer bits of the front points</h2>
+{_wino_header(space) if wino else ''}<th>timesteps</th><th>export</th><th>samples</th></tr>{''.join(rows)}</table>
+{_validated_algos(final, names_of) if wino and final is not None else ''}<h2>Per-layer bits of the front points</h2>
 <p>Weight and activation bits of every searched layer (rows) at every front point (columns, named as in the table;
 the exported point outlined). {len(pinned)} pinned layers, held at their pins, are not shown{
 ': ' + html.escape(', '.join(pinned)) if pinned else ''}. In Python: <code>tmpq.load_run(RUN).bits_table()</code>.</p>

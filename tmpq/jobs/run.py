@@ -26,7 +26,7 @@ from tmpq.search.space import SearchSpace
 
 # the run's log fields that are not objectives (results_frame's own columns)
 _LOG_FIELDS = {"key", "status", "timesteps", "bits", "steps", "proxy", "proxy_version", "n_images", "seed", "wall_s",
-               "worker", "error", "generation", "origin", "solver", "order", "reuse"}
+               "worker", "error", "generation", "origin", "solver", "order", "reuse", "algos"}
 # objective columns of the log renamed for people (the unit in the name) or left out of ``results`` (a repeat)
 _READABLE = {"bitops": "gbitops", "kid_small": "kid_proxy"}
 _REPEATS = {"fid_small", "eval_s"}  # the fid proxy's own value again; the evaluator's share of wall_s
@@ -92,7 +92,7 @@ class Run:
 
     def results(self, front: bool = False):
         """The evaluations for people (``front``: the Pareto points only), one row per logged evaluation: key, status,
-        generation, origin, steps, timesteps (solver / order / reuse where the run has them), one column per
+        generation, origin, steps, timesteps (solver / order / reuse / algos where the run has them), one column per
         objective with its unit (``fid_proxy``: the search proxy's value, ``gbitops``: GBitOPs per image over the
         whole schedule, ``size_mb``: weights in MB; ``kid_proxy`` and the paired companions where logged),
         ``fid_final`` (the validated mean FID, NaN where not validated), ``export`` (its directory, "" if none),
@@ -105,7 +105,7 @@ class Run:
         objectives = [c for c in df.columns if c not in _LOG_FIELDS and c not in repeats]
         objectives.sort(key=lambda c: (self._objectives + (c,)).index(c))  # the run's own objectives first
         out = df[[c for c in ("key", "status", "generation", "origin", "steps", "timesteps", "solver", "order",
-                              "reuse") if c in df]].copy()
+                              "reuse", "algos") if c in df]].copy()
         for c in objectives:
             out[_READABLE.get(c, c)] = df[c] / 1e9 if c == "bitops" else df[c]
         fin = self.validated.set_index("key")["fid_mean"]

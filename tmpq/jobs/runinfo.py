@@ -61,7 +61,8 @@ def calibration_state(run_path: Path, config: dict) -> dict:
 def validated_frame(run_path: Path):
     """The validated points (``RUN/final.parquet``, written by ``tmpq validate``), one row each, readable columns:
     final FID mean / std over seeds at N images, KID, the search proxy, GBitOPs and the schedule (plus class accuracy,
-    solver, reuse where the run has them). Empty, with these columns, before any validation."""
+    solver, reuse and the convolution algorithms ``algos`` where the run has them). Empty, with these columns,
+    before any validation."""
     import pandas as pd
 
     path = run_path / "final.parquet"
@@ -70,8 +71,17 @@ def validated_frame(run_path: Path):
     df = read_parquet(path, "validation summary", ("key", "fid_mean", "fid_std", "bitops", "n", "timesteps"))
     with malformed(path, "validation summary"):
         df = df.assign(gbitops=df["bitops"] / 1e9, steps=[len(t) for t in df["timesteps"]])
-    extra = [c for c in ("fp_fid_mean", "class_accuracy_mean", "solver", "order", "reuse") if c in df]
+    extra = [c for c in ("fp_fid_mean", "class_accuracy_mean", "solver", "order", "reuse", "algos") if c in df]
     return df[[c for c in VALIDATED_COLUMNS if c in df] + extra].reset_index(drop=True)
+
+
+def winograd_summary(algos) -> str:
+    """How many convs of a point run Winograd and at which tile, largest tile first: "F(4,3) x 7, F(2,3) x 3";
+    "all direct" for none (``algos``: a row's list, one tile per eligible conv, 0 = direct; empty or NaN = all
+    direct)."""
+    vals = [int(m) for m in algos] if isinstance(algos, (list, tuple)) or hasattr(algos, "tolist") else []
+    counts = {m: vals.count(m) for m in sorted(set(vals) - {0}, reverse=True)}
+    return ", ".join(f"F({m},3) x {n}" for m, n in counts.items()) or "all direct"
 
 
 ROW_FIELDS = {"key": str, "seed": int, "n": int, "settings": str, "fid": (int, float), "bitops": (int, float),
