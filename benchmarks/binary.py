@@ -308,13 +308,15 @@ def write_report(out: Path, rows: dict, fp_cost: dict) -> None:
         lines += ["", "Decision rule (PROTOCOL.md): BinaryDM helps at an activation width when its FID is below the "
                   "plain binarizer's on every seed.", ""]
         for a in (32, 8, 4):
+            if not any(arm.endswith(f"-a{a}") for arm, _s in fid):
+                continue  # this width was not part of the run
             d = [fid[(f"binarydm-a{a}", s)] - fid[(f"plain-a{a}", s)] for s in seeds
                  if (f"binarydm-a{a}", s) in fid and (f"plain-a{a}", s) in fid]
             lines.append(f"- A{a}: **{_verdict(fid, a, seeds)}** (FID BinaryDM - plain per seed: "
                          + ", ".join(f"{x:+.3f}" for x in d) + ")")
-        lines += ["", "Caveats: N = 1,000 at 10 DDIM steps is far below the issue's N = 10,000 at 100 steps (FID is "
-                  "biased upwards at small N; the FP row at the same N and steps is the reference, not the baseline "
-                  "table's N = 10,000 value); 150 QAT iterations is a short budget; the LRM weight (0.1) and the "
+        lines += ["", f"Caveats: N = {r0['n']:,} at {r0['steps']} DDIM steps is far below the issue's N = 10,000 at 100 "
+                  "steps (FID is biased upwards at small N; an FP row at the same N and steps is the reference, not "
+                  f"the baseline table's N = 10,000 value); {r0['iters']} QAT iterations is a short budget; the LRM weight (0.1) and the "
                   "progressive stage length (5 % of the iterations per group) were not tuned; BinaryDM's two-basis "
                   "layers make it larger and costlier than the plain binarizer (columns size / OPs), as the paper's "
                   "W1.1 count says. The final paper version (evolvable-basis binarizer, which regularises the two "
