@@ -8,6 +8,7 @@ import sys
 
 from tmpq.core.choices import (
     ARCHS,
+    BACKENDS,
     BIT_PRESETS,
     DTYPES,
     GRANULARITIES,
@@ -152,6 +153,12 @@ def _parser_sample(sub) -> None:
                    "export's searched one, else 1 = none)")
     s.add_argument("--null-label", type=int, default=None, help="class-conditional UNets: the label the model "
                    "was trained to treat as unconditional (a DiT's is its extra embedding row)")
+    s.add_argument("--backend", default="fake", choices=BACKENDS,
+                   help="what an export's quantized layers run on: fake (default: fake quantization, tmpq's own "
+                        "samples bit for bit), int8 (oneDNN int8 kernels on the CPU), torchao (torchao's int8 "
+                        "matmuls on --device), auto (int8 on the CPU, torchao on CUDA when installed, else fake); "
+                        "every real-kernel layer is checked against fake quantization at conversion, the others "
+                        "stay fake-quant and are counted")
     _add_prompt(s)
     _add_dtype(s)
 
@@ -333,6 +340,10 @@ def _parser_speed(sub) -> None:
     sp.add_argument("--device", default="cpu",
                     help="cpu (default: oneDNN int8 kernels), cuda or cuda:N (torchao int8 matmuls on the GPU, FP also "
                          "under bf16 autocast; needs the gpu extra, pip install 'tmpq[gpu]'), or auto")
+    sp.add_argument("--backend", default="auto", choices=BACKENDS,
+                    help="the real backend timed beside fake quantization: auto (default: int8 on the CPU, torchao "
+                         "on CUDA), int8 (oneDNN, CPU only) or torchao (on --device, the CPU included); fake is "
+                         "refused (fake quantization is always timed)")
     sp.add_argument("--fp-reference", default=None, metavar="SOLVER:STEPS[:SPACING]",
                     help="also time this FP sampler in the same run (e.g. unipc-2:7:dp, the fastest FP configuration "
                          "of the export's quality in your FP grid; spacing uniform, trailing (default), quad or dp) "

@@ -102,14 +102,22 @@ def cmd_sample(args: argparse.Namespace) -> None:
         if args.dtype not in (None, "fp32"):
             raise TmpqError(f"sample: --dtype {args.dtype} applies to --model sampling, not to an export")
 
-        unet, sched, ts, manifest = load_export(args.export, device=resolve_device(args.device, "--device"),
-                                                prompts=args.prompt)
-        label, guidance = "exported", float(manifest["sampler"].get("guidance_scale", 1.0))
         if args.timesteps:
             raise TmpqError("sample: an export brings its own searched timesteps; --timesteps does not apply")
         if args.solver or args.order:
             raise TmpqError("sample: an export brings its own sampler; --solver / --order do not apply")
+        unet, sched, ts, manifest = load_export(args.export, device=resolve_device(args.device, "--device"),
+                                                prompts=args.prompt, backend=args.backend)
+        label, guidance = "exported", float(manifest["sampler"].get("guidance_scale", 1.0))
+        b = unet.tmpq_backend
+        if b["requested"] != "fake":
+            why = f" ({b['why']})" if b["why"] else ""
+            print(f"backend: {b['requested']} installed {b['installed']} on {b['device']}{why}: "
+                  f"{b['int8_layers']} layers on real int8 kernels, {b['fallbacks']} left fake-quant", flush=True)
     else:
+        if args.backend != "fake":
+            raise TmpqError(f"sample: --backend {args.backend} applies to an export (the FP model has no quantized "
+                            f"layers)")
         if args.dtype not in (None, "fp32") and not args.timesteps and "dp" in args.schedule.replace(" ", "").split(","):
             raise TmpqError(f"--dtype {args.dtype}: --schedule dp profiles the model in fp32 only (use uniform or quad)")
         m = load_model(dataclasses.replace(_model_config(args), **({"dtype": args.dtype} if args.dtype else {})),
@@ -359,6 +367,13 @@ def cmd_run(args: argparse.Namespace) -> None:
 def cmd_speed(args: argparse.Namespace) -> None:
     _set_threads(args.threads)
     device = resolve_device(args.device, "--device")  # a CUDA name without CUDA: one line, before any work
+    backend = args.backend if args.backend != "auto" else "int8" if device == "cpu" else "torchao"
+    if backend == "fake":
+        raise TmpqError("speed: --backend fake: fake quantization is always timed; give the real backend to time "
+                        "beside it (int8, torchao or auto)")
+    if backend == "int8" and device != "cpu":
+        raise TmpqError(f"speed: --backend int8 runs oneDNN's CPU kernels, but --device is {device}: use --backend "
+                        f"torchao (or auto) there")
     labels = {"fp_100_uniform": "FP, uniform DDIM 100 steps", "fp_100_uniform_bf16": "FP bf16, uniform DDIM 100 steps",
               "fp_export_schedule": "FP, exported schedule", "fp_export_schedule_bf16": "FP bf16, exported schedule",
               "fakequant_export": "fake quantization, exported", "int8_export": "real int8 kernels, exported",
@@ -371,7 +386,7 @@ def cmd_speed(args: argparse.Namespace) -> None:
         for key, err in rows.get("compile_errors", {}).items():
             print(f"  torch.compile failed for {labels.get(key, key)}: {err}")
 
-    if device != "cpu":  # torchao's int8 matmuls on the device (tmpq.deploy.torchao_int8)
+    if backend == "torchao":  # torchao's int8 matmuls on the device (tmpq.deploy.torchao_int8)
         print(f"Device: {describe_device(device)}", flush=True)
         rows = measure_speed_torchao(args.export, device, n=args.n, batch_size=args.batch_size, fid_n=args.fid_n,
                                      compile=args.compile)

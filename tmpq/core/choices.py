@@ -27,3 +27,5 @@ STRATEGIES = ("uniform", "ndtc", "eda")
 MODES = ("per-option", "random-path")
 # named bit options (tmpq profile / calibrate --preset): the same list for weights and activations
 BIT_PRESETS = {"paper": (8, 7, 6, 5)}
+# apply_export / load_export backend= (alias kernels=), tmpq sample --backend (tmpq.deploy.bundle)
+BACKENDS = ("fake", "int8", "torchao", "auto")

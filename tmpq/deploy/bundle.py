@@ -14,7 +14,8 @@ parts): the FP weights, loadable by diffusers alone as a ``DDPMPipeline``, ``Sta
   ``"winograd": m``; the file then holds its transformed weight's grid (``U`` per tile position x output channel) and
   its input tiles' ranges (``V`` per tile position) beside its direct quantizers.
 
-``apply_export(pipeline_or_unet, DIR)`` turns a stock pipeline / UNet of the same model into the exported model.
+``apply_export(pipeline_or_unet, DIR, backend=...)`` turns a stock pipeline / UNet of the same model into the exported
+model, on fake quantization (the default) or on real int8 kernels checked against it.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from tmpq.core.adapters import adapter_for, bind_conditioning, bind_time_axis, conditioning_of, set_conditioning
+from tmpq.core.choices import BACKENDS
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import file_sha256, malformed, read_json
 from tmpq.core.flow_solvers import FLOW_CLASSES
@@ -38,7 +40,8 @@ from tmpq.core.reuse import DeepCache, reuse_plan
 from tmpq.core.sampler import make_scheduler
 from tmpq.core.solvers import CLASSES, check_solver, needs_scaling
 from tmpq.deploy import int8 as cpu_int8  # the module (it imports this one): see tmpq.deploy.int8's imports
-from tmpq.deploy.plan import LayerOption, QuantPlan
+from tmpq.deploy import torchao_int8 as ao_int8  # likewise
+from tmpq.deploy.plan import LayerOption, QuantPlan, torchao_api
 from tmpq.quant.layers import replace_module
 from tmpq.supernet import QuantSupernet
 from tmpq.supernet.store import read_supernet_file
@@ -47,7 +50,53 @@ EXPORT_FORMAT = "tmpq.export"
 EXPORT_VERSION = 1
 EXPORT_JSON = "tmpq_export.json"
 QUANT_FILE = "quantizers.safetensors"
-KERNELS = ("fake", "int8")  # apply_export's kernels: fake quantization everywhere, or oneDNN int8 where it is exact
+KERNELS = BACKENDS  # apply_export's backend= (and its alias kernels=): fake, int8 (oneDNN, CPU), torchao, auto
+
+
+class _NotGiven:
+    """The default of ``kernels=``, the alias of ``backend=``: told apart from any value a caller passes."""
+
+    def __repr__(self) -> str:
+        return "<not given>"
+
+
+NOT_GIVEN = _NotGiven()
+
+
+def requested_backend(backend, kernels, where: str) -> str:
+    """The backend a call asks for: ``backend`` (None: not given), or its alias ``kernels``, else ``"fake"``. An
+    unknown value, or both given and different, is one line naming them (before anything is loaded)."""
+    for name, value in (("backend", backend), ("kernels", kernels)):
+        if (name == "backend" and value is None) or value is NOT_GIVEN:
+            continue
+        if not isinstance(value, str) or value not in BACKENDS:
+            raise TmpqError(f"{where}: {name} must be one of {', '.join(map(repr, BACKENDS))}, got {value!r}")
+    if backend is not None and kernels is not NOT_GIVEN and backend != kernels:
+        raise TmpqError(f"{where}: backend={backend!r} and kernels={kernels!r} disagree (kernels is the old name of "
+                        f"backend): give one of them")
+    return backend if backend is not None else "fake" if kernels is NOT_GIVEN else kernels
+
+
+def resolve_backend(requested: str, device: torch.device) -> tuple[str, str | None]:
+    """What ``requested`` installs on a model on ``device``, and why ``"auto"`` settled for fake quantization
+    (None where it did not): auto takes oneDNN int8 on a CPU model, torchao on a CUDA one when torchao imports.
+    ``"int8"`` off the CPU and ``"torchao"`` without torchao are one-line refusals."""
+    if requested == "auto":
+        if device.type == "cpu":
+            return "int8", None
+        if device.type != "cuda":
+            return "fake", f"no real int8 backend runs a model on {device} (int8: the CPU, torchao: CUDA)"
+        try:
+            torchao_api()
+        except TmpqError as exc:
+            return "fake", str(exc)
+        return "torchao", None
+    if requested == "int8" and device.type != "cpu":
+        raise TmpqError(f"apply_export: backend='int8' runs oneDNN's CPU kernels, but the model is on {device}: move "
+                        f"it to the CPU first, or use backend='torchao' (or 'auto') for torchao's int8 matmuls there")
+    if requested == "torchao":
+        torchao_api()  # one line when torchao is absent
+    return requested, None
 
 
 def read_export(path: str | Path, verify: bool = True) -> dict:
@@ -114,7 +163,7 @@ def _check_manifest(m: dict) -> None:
         raise TypeError("conditioning.prompts: expected a list of non-empty strings")
 
 
-def apply_export(pipeline_or_unet, export_dir: str | Path, kernels: str = "fake"):
+def apply_export(pipeline_or_unet, export_dir: str | Path, backend: str | None = None, kernels=NOT_GIVEN):
     """Quantize a stock diffusers denoiser (or a pipeline holding one as ``.unet`` or ``.transformer``) in place as
     exported, with the exported conditioning settings (a class model's null label);
     a pipeline also gets the exported sampler (its solver's respaced scheduler, :mod:`tmpq.core.solvers`: DDIM
@@ -132,13 +181,23 @@ def apply_export(pipeline_or_unet, export_dir: str | Path, kernels: str = "fake"
     A layer exported with ``"winograd": m`` becomes a calibrated :class:`tmpq.quant.winograd.WinogradConv2d` (its
     ``U`` grid and ``V`` ranges from the quantizer file): tmpq's own samples of the point ran the same computation.
 
-    ``kernels``: ``"fake"`` (default) runs every quantized layer as fake quantization (float kernels on the
-    quantized values: exact, not faster); ``"int8"`` then converts every layer that PyTorch's oneDNN int8 kernels run
-    exactly (W8A8 and below: :mod:`tmpq.deploy.int8`; the Winograd layers on int8 GEMMs,
-    :mod:`tmpq.deploy.winograd_int8`) on a CPU model, each checked against its fake-quant twin on a
-    few samples along the exported schedule (noise the user does not draw); the others stay fake-quant, named in
-    ``denoiser.tmpq_int8["layers"]`` with the reason (the summary beside them). The exported reuse of deep features
-    runs on the converted model.
+    ``backend`` (default ``"fake"``; ``kernels`` is its old name, same values, and both given must agree):
+    ``"fake"`` runs every quantized layer as fake quantization (float kernels on the quantized values: tmpq's own
+    samples, bit for bit where tmpq's are, not faster). The real backends then convert every layer their kernels run
+    exactly, each checked against its fake-quant twin on a few samples along the exported schedule (noise the user
+    does not draw); the others stay fake-quant, named in ``denoiser.tmpq_int8["layers"]`` with the reason (the
+    summary beside them):
+
+    - ``"int8"``: PyTorch's oneDNN int8 kernels on a CPU model (W8A8 and below: :mod:`tmpq.deploy.int8`; the
+      Winograd layers on int8 GEMMs, :mod:`tmpq.deploy.winograd_int8`); a model elsewhere is refused;
+    - ``"torchao"``: torchao's int8 matmuls on the model's device (:func:`tmpq.deploy.torchao_int8.deploy_torchao`:
+      cuBLAS on CUDA, PyTorch's int8 matmul on the CPU; Winograd layers stay fake-quant); refused without torchao;
+    - ``"auto"``: ``"int8"`` on a CPU model, ``"torchao"`` on a CUDA model when torchao imports, else ``"fake"``
+      with the reason recorded.
+
+    What was installed is ``denoiser.tmpq_backend`` (and ``pipeline.tmpq_backend``): ``{"requested", "installed",
+    "device", "int8_layers", "fallbacks" (quantized layers the real backend left fake-quant), "why" (why auto
+    installed fake quantization, else None)}``. The exported reuse of deep features runs on the converted model.
 
     Returns the same object. Refuses a model whose weights differ from the exported one.
 
@@ -148,8 +207,7 @@ def apply_export(pipeline_or_unet, export_dir: str | Path, kernels: str = "fake"
         >>> images = pipe(batch_size=4).images  # the exported steps, not DDPMPipeline's 1000  # doctest: +SKIP
     """
 
-    if not isinstance(kernels, str) or kernels not in KERNELS:
-        raise TmpqError(f"apply_export: kernels must be one of {', '.join(map(repr, KERNELS))}, got {kernels!r}")
+    requested = requested_backend(backend, kernels, "apply_export")
     export_dir = Path(export_dir)
     manifest = read_export(export_dir)
     with malformed(export_dir / EXPORT_JSON, "export manifest"):
@@ -159,10 +217,8 @@ def apply_export(pipeline_or_unet, export_dir: str | Path, kernels: str = "fake"
     if not isinstance(unet, torch.nn.Module):
         raise TmpqError(f"apply_export: expected a diffusers denoiser or a pipeline with .unet / .transformer, got "
                         f"{type(pipeline_or_unet).__name__}")
-    if kernels == "int8" and next(unet.parameters()).device.type != "cpu":
-        raise TmpqError(f"apply_export: kernels='int8' runs oneDNN's CPU kernels, but the model is on "
-                        f"{next(unet.parameters()).device}: move it to the CPU first (tmpq speed --device cuda "
-                        f"measures the GPU int8 path)")
+    device = next(unet.parameters()).device
+    installed, why_fake = resolve_backend(requested, device)
     check_finite(export_dir / QUANT_FILE)
     if unet is not pipeline_or_unet and getattr(pipeline_or_unet, "config", None) is not None:
         # a Wan 2.2 pipeline: a second transformer for the low-noise steps, or per-token timesteps
@@ -199,11 +255,16 @@ def apply_export(pipeline_or_unet, export_dir: str | Path, kernels: str = "fake"
     # diffusers would write the wrapped layers' keys, which a stock model ignores (with a warning) on reload
     object.__setattr__(unet, "save_pretrained", refuse_save)
     ts = list(plan.sampler.timesteps)
-    if kernels == "int8":
+    info = None
+    if installed != "fake":
         # before the reuse is installed: the probe runs every layer at every step (a reused call skips the deep
         # layers) and leaves the reuse counters to the user's calls. The reuse wraps the deep blocks' forward, which
         # calls whatever layer modules the blocks hold by then: the int8 ones
-        _deploy_int8(unet, plan, manifest, parts, export_dir)
+        info = _deploy_real(unet, plan, manifest, parts, export_dir, installed)
+    record = {"requested": requested, "installed": installed, "device": str(device),
+              "int8_layers": info["int8_layers"] if info else 0, "fallbacks": info["fallback_layers"] if info else 0,
+              "why": why_fake}
+    unet.tmpq_backend = record
     if plan.reuse is not None and plan.reuse.calls:
         # the exported reuse of deep features, driven by the denoiser's own calls (a stock pipeline's loop has no
         # step hook): a call at the schedule's first timestep starts a trajectory
@@ -224,27 +285,31 @@ def apply_export(pipeline_or_unet, export_dir: str | Path, kernels: str = "fake"
         pipeline_or_unet.scheduler = sched
         pipeline_or_unet.tmpq_timesteps = ts
         pipeline_or_unet.tmpq_plan = plan
+        pipeline_or_unet.tmpq_backend = record
     return pipeline_or_unet
 
 
-def _deploy_int8(unet, plan: QuantPlan, manifest: dict, parts: dict | None, export_dir: Path) -> None:
-    """:func:`tmpq.deploy.int8.deploy_int8` on tmpq's sampler of the exported schedule. A text model that a
-    stock pipeline holds has no prompts bound (its pipeline encodes them per call): the probe borrows the exported
-    prompts, encoded by the pipeline's own text parts, and the model's conditioning is restored after it."""
+def _deploy_real(unet, plan: QuantPlan, manifest: dict, parts: dict | None, export_dir: Path, backend: str) -> dict:
+    """The real ``backend`` (:func:`tmpq.deploy.int8.deploy_int8` or
+    :func:`tmpq.deploy.torchao_int8.deploy_torchao`) on tmpq's sampler of the exported schedule; returns its
+    ``tmpq_int8`` summary. A text model that a stock pipeline holds has no prompts bound (its pipeline encodes them
+    per call): the probe borrows the exported prompts, encoded by the pipeline's own text parts, and the model's
+    conditioning is restored after it."""
     sampler = plan.sampler
     sched = make_scheduler(manifest["sampler"]["config"], sampler.solver, sampler.order)
     saved = conditioning_of(unet)
     if adapter_for(unet).kind(unet) == "text" and saved.prompt_embeds is None:
         prompts = tuple(manifest.get("conditioning", {}).get("prompts") or ())
         if parts is None or not prompts:
-            raise TmpqError(f"apply_export: kernels='int8' checks each layer on samples of the export {export_dir}, "
-                            f"and this text-conditional {type(unet).__name__} has no prompts to sample with: pass "
-                            f"the whole pipeline (its text encoder encodes the exported prompts), or use "
-                            f"tmpq.load_export(DIR, kernels='int8')")
+            raise TmpqError(f"apply_export: backend={backend!r} checks each layer on samples of the export "
+                            f"{export_dir}, and this text-conditional {type(unet).__name__} has no prompts to sample "
+                            f"with: pass the whole pipeline (its text encoder encodes the exported prompts), or use "
+                            f"tmpq.load_export(DIR, backend={backend!r})")
         device = next(parts["text_encoder"].parameters()).device
         set_conditioning(unet, **text_conditioning(unet, parts, prompts, device))
+    deploy = cpu_int8.deploy_int8 if backend == "int8" else ao_int8.deploy_torchao
     try:
-        cpu_int8.deploy_int8(unet, sched, list(sampler.timesteps), plan)
+        return deploy(unet, sched, list(sampler.timesteps), plan)
     finally:
         bind_conditioning(unet, saved)
 
@@ -332,16 +397,17 @@ def _default_steps(pipeline) -> int | None:
     return param.default if param is not None and isinstance(param.default, int) else None
 
 
-def load_export(export_dir: str | Path, device: str = "cpu", prompts=None, kernels: str = "fake"):
+def load_export(export_dir: str | Path, device: str = "cpu", prompts=None, backend: str | None = None,
+                kernels=NOT_GIVEN):
     """``(unet, scheduler, timesteps, manifest)`` of an export directory: the FP model it contains, quantized, with
     the searched model's conditioning settings (its null label, a text model's prompts unless ``prompts`` names
-    others; the guidance scale is ``manifest["sampler"]["guidance_scale"]``); ``kernels`` as :func:`apply_export`."""
-    if not isinstance(kernels, str) or kernels not in KERNELS:  # before loading anything
-        raise TmpqError(f"load_export: kernels must be one of {', '.join(map(repr, KERNELS))}, got {kernels!r}")
+    others; the guidance scale is ``manifest["sampler"]["guidance_scale"]``); ``backend`` (alias ``kernels``) as
+    :func:`apply_export`: what it installed is ``unet.tmpq_backend``."""
+    requested = requested_backend(backend, kernels, "load_export")  # before loading anything
     manifest = read_export(export_dir)
     prompts = tuple(prompts or manifest.get("conditioning", {}).get("prompts") or ())
     m = load_model(ModelConfig(path=str(export_dir), prompts=prompts), device=device)
-    apply_export(m.unet, export_dir, kernels=kernels)
+    apply_export(m.unet, export_dir, backend=requested)
     with malformed(Path(export_dir) / EXPORT_JSON, "export manifest"):
         s = QuantPlan.from_export(manifest).sampler
     return m.unet, make_scheduler(m.scheduler_config, s.solver, s.order), list(s.timesteps), manifest

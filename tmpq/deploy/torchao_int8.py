@@ -1,4 +1,5 @@
-"""Real int8 kernels for an exported model through torchao (``tmpq speed --device cuda``; the same code runs on CPU).
+"""Real int8 kernels for an exported model through torchao (``apply_export(..., backend="torchao")``, ``tmpq speed
+--device cuda``; the same code runs on CPU).
 
 What runs int8: every quantized layer whose exported option is W8A8-representable (``int8.why_not_w8a8``: <= 8-bit
 symmetric per-channel weights, <= 8-bit per-tensor activations, an ungrouped zero-padded conv or a Linear). For each
@@ -51,7 +52,9 @@ from tmpq.core.devices import resolve_device
 from tmpq.core.model import load_model
 from tmpq.core.sampler import make_scheduler, sample_images
 from tmpq.core.schedules import make_timesteps
-from tmpq.deploy.bundle import load_export
+# bundle deploys this module's kernels (apply_export(backend="torchao")) and measure_speed_torchao loads exports
+# through bundle: each imports the other as a module, whose names are read at call time, so either may load first
+from tmpq.deploy import bundle
 from tmpq.deploy.int8 import (
     CHECK_TOL,
     SplitInt8Conv2d,
@@ -60,6 +63,7 @@ from tmpq.deploy.int8 import (
     compiled_timings,
     convert_checked,
     int8_summary,
+    schedule_probe,
     time_sampling,
     why_not_geometry,
     why_not_w8a8,
@@ -68,6 +72,7 @@ from tmpq.deploy.plan import QuantPlan, W8A8Operands, exported_w8a8_config, torc
 from tmpq.evaluators.features import make_extractor
 from tmpq.evaluators.quality import embedded_reference, score_features
 from tmpq.quant.layers import QuantConv2d, QuantLayer, QuantLinear, replace_module
+from tmpq.quant.winograd import WinogradConv2d
 
 
 def ExportedW8A8Config(codes: torch.Tensor, scale: torch.Tensor, act_scale: float, act_zero_point: int):
@@ -253,6 +258,29 @@ def to_torchao_int8(unet: nn.Module, probe: Callable[[nn.Module], object], devic
                                backend="torchao")
 
 
+def deploy_torchao(unet: nn.Module, scheduler, timesteps, plan: QuantPlan) -> dict:
+    """Run an exported model on torchao's int8 matmuls where they run it exactly, on the model's device (in place;
+    ``apply_export(..., backend="torchao")``): :func:`to_torchao_int8` checked on
+    :func:`tmpq.deploy.int8.schedule_probe`'s samples (32 images on CUDA, as ``tmpq speed --device cuda`` checks, so
+    that every matmul takes cuBLAS's int8 kernel; 4 elsewhere), every other layer fake-quant and named. The export's
+    Winograd layers stay fake-quant, named (this path runs direct matmuls only). Keeps ``unet.tmpq_int8`` =
+    ``int8_summary`` + ``"device"`` (:func:`describe_device`) + ``"layers"`` and returns it."""
+    device = str(next(unet.parameters()).device)
+    probe = schedule_probe(scheduler, timesteps, n=32 if device.startswith("cuda") else 4)
+    _, rows = to_torchao_int8(unet, probe, device=device, plan=plan)
+    for name, m in unet.named_modules():
+        if isinstance(m, WinogradConv2d):
+            opt = plan.layers.get(name)
+            rows.append({"fqn": name, "kind": "WinogradConv2d", "w_bits": opt.w_bits if opt else None,
+                         "a_bits": opt.a_bits if opt else None, "int8": False,
+                         "why": "a Winograd layer: the torchao path runs direct matmuls only (backend='int8' runs it "
+                                "on int8 GEMMs on the CPU)", "parts": 0, "check_err": None, "check_rel_mse": None,
+                         "backend": "torchao"})
+    info = {**int8_summary(rows), "device": describe_device(device), "layers": rows}
+    unet.tmpq_int8 = info
+    return info
+
+
 def torchao_layers(unet: nn.Module) -> int:
     """How many matmul weights in ``unet`` are torchao ``Int8Tensor``s."""
     cls = torchao_api()["Int8Tensor"]
@@ -277,7 +305,7 @@ def measure_speed_torchao(export_dir, device: str = "cuda", n: int = 256, batch_
     dev = resolve_device(device, "--device")
     torchao_api()
     fp = load_model(export_dir, device=dev)
-    unet, sched, ts, manifest = load_export(export_dir, device=dev)
+    unet, sched, ts, manifest = bundle.load_export(export_dir, device=dev)
     T = fp.num_train_timesteps
     sched100, ts100 = make_scheduler(fp.scheduler_config), make_timesteps("uniform", 100, T)
     bf16 = lambda: torch.autocast(dev.split(":")[0], dtype=torch.bfloat16)  # noqa: E731
@@ -305,7 +333,7 @@ def measure_speed_torchao(export_dir, device: str = "cuda", n: int = 256, batch_
     if fid_n and fp.sample_shape[0] == 1:
         ext = make_extractor("domain")
         ref = embedded_reference(ext)
-        for name, u in (("fakequant", load_export(export_dir, device=dev)[0]), ("torchao_int8", unet)):
+        for name, u in (("fakequant", bundle.load_export(export_dir, device=dev)[0]), ("torchao_int8", unet)):
             imgs = sample_images(u, sched, ts, fid_n, seed=1, batch_size=batch_size, progress=False)
             rows[f"{name}_fid_n{fid_n}"] = score_features(ext(imgs), ref)["fid"]
     if compile:
@@ -313,7 +341,7 @@ def measure_speed_torchao(export_dir, device: str = "cuda", n: int = 256, batch_
             "fp_100_uniform": (fp.unet, sched100, ts100), "fp_100_uniform_bf16": (fp.unet, sched100, ts100,
                                                                                    torch.bfloat16),
             "fp_export_schedule": (fp.unet, sched, ts), "fp_export_schedule_bf16": (fp.unet, sched, ts, torch.bfloat16),
-            "fakequant_export": (load_export(export_dir, device=dev)[0], sched, ts),
+            "fakequant_export": (bundle.load_export(export_dir, device=dev)[0], sched, ts),
             "torchao_int8_export": (unet, sched, ts)}, n, batch_size, repeats))
     rows.update({"device": describe_device(dev), "torchao": torchao_version(), "images": n,
                  "batch_size": batch_size, "steps": len(ts), **int8_summary(layers), "layers": layers,
