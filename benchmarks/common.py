@@ -5,7 +5,7 @@ from pathlib import Path
 
 from tmpq.core.rowlog import RowLog, command_line, machine
 
-__all__ = ["RowLog", "baseline_fp_row", "command_line", "findings", "keep_gzip", "keep_raw", "log_proxy", "machine",
+__all__ = ["RowLog", "baseline_fp_row", "calibrated_supernet", "command_line", "findings", "keep_gzip", "keep_raw", "log_proxy", "machine",
            "kept_evaluations", "read_gzip", "run_evaluations"]
 
 
@@ -107,3 +107,26 @@ def cpu_setup(threads: int) -> None:
 
     torch.set_num_threads(threads)
     tune_cpu_allocator()
+
+
+def calibrated_supernet(cfg, path: Path, label: str = "") -> Path:
+    """The supernet of run config ``cfg`` (its model, supernet and calibration settings) calibrated once into
+    ``path`` (resumable per option) and kept for every search of a benchmark; an existing file is returned as is.
+    ``label`` names it in the timing line (nothing printed without one)."""
+    import time
+
+    from tmpq.core.model import load_model
+    from tmpq.core.sampler import make_scheduler
+    from tmpq.supernet import QuantSupernet
+    from tmpq.supernet.calib_data import calibrate_to_file
+
+    path = Path(path)
+    if path.is_file():
+        return path
+    m = load_model(cfg.model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    calibrate_to_file(QuantSupernet(m.unet, cfg.supernet), make_scheduler(m.scheduler_config), path, cfg.calibration)
+    if label:
+        print(f"calibrated the {label} supernet in {time.perf_counter() - t0:.0f} s -> {path}", flush=True)
+    return path

@@ -31,6 +31,7 @@ import numpy as np
 
 from benchmarks.common import (
     RowLog,
+    calibrated_supernet,
     cpu_setup,
     findings,
     keep_raw,
@@ -53,23 +54,13 @@ FP_SCHEDULES = [(sched, n) for sched in ("uniform", "quad") for n in (5, 10, 20)
 def supernet_file(args, out: Path) -> Path:
     """Calibrate the benchmark's supernet (the default but for ``run_pins``) once (resumable per option) and keep it
     for every part."""
-    from tmpq.core.model import load_model
-    from tmpq.core.sampler import make_scheduler
     from tmpq.jobs.config import config_from_dict
-    from tmpq.supernet import QuantSupernet
-    from tmpq.supernet.calib_data import calibrate_to_file
 
     path = out / "supernet.safetensors"
     if path.is_file():
         return path
     cpu_setup(args.threads)
-    cfg = config_from_dict(run_pins(args))
-    m = load_model(cfg.model)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    calibrate_to_file(QuantSupernet(m.unet, cfg.supernet), make_scheduler(m.scheduler_config), path, cfg.calibration)
-    print(f"calibrated the shared supernet in {time.perf_counter() - t0:.0f} s -> {path}", flush=True)
-    return path
+    return calibrated_supernet(config_from_dict(run_pins(args)), path, "shared")
 
 
 def run_pins(args) -> dict:

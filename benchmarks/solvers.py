@@ -34,6 +34,7 @@ import numpy as np
 
 from benchmarks.common import (
     RowLog,
+    calibrated_supernet,
     cpu_setup,
     findings,
     keep_raw,
@@ -159,20 +160,10 @@ def _search(args, log: RowLog, name: str, cfg) -> Path:
 
 def _supernet(args) -> Path:
     """The demo's supernet, calibrated once for every search here."""
-    from tmpq.core.model import load_model
-    from tmpq.core.sampler import make_scheduler
     from tmpq.jobs.config import load_config
-    from tmpq.supernet import QuantSupernet
-    from tmpq.supernet.calib_data import calibrate_to_file
 
-    path = Path(args.out) / "supernet.safetensors"
-    if not path.is_file():
-        cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.toml")
-        m = load_model(cfg.model)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        calibrate_to_file(QuantSupernet(m.unet, cfg.supernet), make_scheduler(m.scheduler_config), path,
-                          cfg.calibration)
-    return path
+    return calibrated_supernet(load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.toml"),
+                               Path(args.out) / "supernet.safetensors")
 
 
 def part_gene(args, log: RowLog) -> None:

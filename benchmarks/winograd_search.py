@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import RowLog, cpu_setup, keep_gzip, log_proxy
+from benchmarks.common import RowLog, calibrated_supernet, cpu_setup, keep_gzip, log_proxy
 from tmpq.core.candidate import Candidate
 from tmpq.core.rowlog import cpu_info
 from tmpq.search.pareto import hypervolume_2d, non_dominated
@@ -59,22 +59,10 @@ def arm_config(arm: str, seed: int, sn: Path | None, proxy_n: int = PROXY_N, pop
 
 def supernet_file(out: Path, arm: str) -> Path:
     """The arm's supernet, calibrated once with the demo's calibration settings (resumable per option)."""
-    from tmpq.core.model import load_model
-    from tmpq.core.sampler import make_scheduler
     from tmpq.jobs.config import config_from_dict
-    from tmpq.supernet import QuantSupernet
-    from tmpq.supernet.calib_data import calibrate_to_file
 
-    path = out / f"search-supernet-{arm}.safetensors"
-    if path.is_file():
-        return path
-    cfg = config_from_dict(arm_config(arm, SEEDS[0], None))
-    m = load_model(cfg.model)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    calibrate_to_file(QuantSupernet(m.unet, cfg.supernet), make_scheduler(m.scheduler_config), path, cfg.calibration)
-    print(f"calibrated the {arm} supernet in {time.perf_counter() - t0:.0f} s -> {path}", flush=True)
-    return path
+    return calibrated_supernet(config_from_dict(arm_config(arm, SEEDS[0], None)),
+                               out / f"search-supernet-{arm}.safetensors", arm)
 
 
 # -- the measures (pure: hand-made fronts in the tests) ---------------------------------------------------------------

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tmpq.core.cost import layer_bits, winograd_bitops
+from tmpq.core.cost import layer_bitops, layer_bits
 from tmpq.core.errors import TmpqError
 from tmpq.core.fileio import atomic_write_bytes
 from tmpq.search.space import SearchSpace
@@ -68,7 +68,7 @@ def _cheaper_algos(space: SearchSpace, g: np.ndarray, held: set[int]) -> dict[in
             continue
         lay = space.layers[li]
         w, a = layer_bits(lay, alloc)
-        costs = [lay.macs * w * a] + [winograd_bitops(lay, m, w, a)["total"] for m in space.wino_tiles]
+        costs = [layer_bitops(lay, w, a, m) for m in (0, *space.wino_tiles)]
         best = int(np.argmin(costs))
         if costs[best] < costs[int(g[i])]:
             out[i] = best

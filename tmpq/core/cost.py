@@ -46,9 +46,14 @@ def call_bitops(layers: Iterable, allocation: Sequence[tuple[int, int]], skip: f
         if lay.fqn in skip:
             continue
         w, a = layer_bits(lay, allocation)
-        m = algos.get(lay.fqn, 0) if algos else 0
-        total += winograd_bitops(lay, m, w, a)["total"] if m else lay.macs * w * a
+        total += layer_bitops(lay, w, a, algos.get(lay.fqn, 0) if algos else 0)
     return total
+
+
+def layer_bitops(lay, w: int, a: int, m: int = 0) -> int:
+    """BitOPs of one call of layer ``lay`` for one sample at (w, a) bits: MACs x w x a directly (``m`` = 0), else
+    :func:`winograd_bitops` of Winograd F(m, 3)."""
+    return winograd_bitops(lay, m, w, a)["total"] if m else lay.macs * w * a
 
 
 # an FP32 addition or multiplication of the Winograd transforms, in bit-operations

@@ -47,7 +47,7 @@ from tmpq.core.schedules import make_timesteps
 # bundle: each imports the other as a module, whose names are read at call time, so either may load first
 from tmpq.deploy import bundle
 from tmpq.deploy import winograd_int8
-from tmpq.deploy.plan import CHECK_TOL, FP_BITS, LayerOption, QuantPlan
+from tmpq.deploy.plan import CHECK_TOL, FP_BITS, LayerOption, QuantPlan, capture_inputs
 from tmpq.evaluators.features import make_extractor
 from tmpq.evaluators.quality import embedded_reference, score_features
 from tmpq.quant.layers import QuantConv2d, QuantLayer, QuantLinear, replace_module
@@ -316,28 +316,6 @@ def _int8_single(layer: QuantLayer) -> nn.Module:
     return Int8Linear(w, scale, bias, aq)
 
 
-def _capture_inputs(unet: nn.Module, layers: dict[str, QuantLayer], probe: Callable[[nn.Module], object],
-                    per_group: int) -> dict[str, dict[int, list[torch.Tensor]]]:
-    """The first ``per_group`` inputs of each layer per time group on the probe run (fake quantization)."""
-    seen: dict[str, dict[int, list[torch.Tensor]]] = {n: {} for n in layers}
-
-    def grab(name):
-        def hook(mod, args):
-            bucket = seen[name].setdefault(mod.live_group, [])
-            if len(bucket) < per_group:
-                bucket.append(args[0].detach().clone())
-        return hook
-
-    handles = [lay.register_forward_pre_hook(grab(n)) for n, lay in layers.items()]
-    try:
-        with torch.no_grad():
-            probe(unet)
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
-
-
 @torch.no_grad()
 def check_layer(layer: QuantLayer, module: nn.Module, xs: list[torch.Tensor]) -> dict:
     """How far an int8 module is from its fake-quant twin on inputs ``xs`` (the twin's live time group).
@@ -392,7 +370,8 @@ def convert_checked(unet: nn.Module, plan: QuantPlan, make_kernel: Callable[[str
     """
     layers = {n: m for n, m in unet.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))}
     why = {n: plan.why_not_w8a8(n) or (why_not(n, m) if why_not is not None else None) for n, m in layers.items()}
-    inputs = _capture_inputs(unet, {n: m for n, m in layers.items() if why[n] is None}, probe, per_group)
+    inputs = capture_inputs(unet, {n: m for n, m in layers.items() if why[n] is None}, probe, per_group,
+                            bucket=lambda mod: mod.live_group)
     rows, made = [], {}
     for name, layer in layers.items():
         opt = plan.layers.get(name)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import NamedTuple
 
@@ -31,6 +31,30 @@ FP_BITS = 32  # a full-precision operand
 # sum of |products| behind each output (float32 accumulation: ~1e-7 of it; a saturated 16-bit pair: ~1e-3); shared by
 # the direct int8 kernels (tmpq.deploy.int8) and the Winograd ones (tmpq.deploy.winograd_int8)
 CHECK_TOL = 1e-5
+
+
+def capture_inputs(unet: nn.Module, layers: Mapping[str, nn.Module], probe: Callable[[nn.Module], object],
+                   per_bucket: int, bucket: Callable[[nn.Module], object] = lambda _mod: 0) -> dict[str, dict]:
+    """The inputs a real-kernel conversion checks each layer on: ``probe(unet)`` runs once (no grad) with a pre-hook
+    on every layer of ``layers``, which keeps the first ``per_bucket`` inputs of each ``bucket(layer)`` (e.g. its live
+    time group; by default one bucket, 0). Returns fqn -> {bucket: [inputs]}."""
+    seen: dict[str, dict] = {n: {} for n in layers}
+
+    def grab(name):
+        def hook(mod, args):
+            kept = seen[name].setdefault(bucket(mod), [])
+            if len(kept) < per_bucket:
+                kept.append(args[0].detach().clone())
+        return hook
+
+    handles = [lay.register_forward_pre_hook(grab(n)) for n, lay in layers.items()]
+    try:
+        with torch.no_grad():
+            probe(unet)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tmpq.deploy.plan import CHECK_TOL
+from tmpq.deploy.plan import CHECK_TOL, capture_inputs
 from tmpq.quant.functional import affine_params, fake_quant, qrange
 from tmpq.quant.layers import replace_module
 from tmpq.quant.quantizer import LOW_PRECISION, QuantError
@@ -265,24 +265,10 @@ def deploy(unet: nn.Module, probe, tol: float = CHECK_TOL, per_layer: int = 2) -
     layers = {n: m for n, m in unet.named_modules() if isinstance(m, WinogradConv2d)}
     if not layers:
         return []
-    seen: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
-
-    def grab(name):
-        def hook(_mod, args):
-            if len(seen[name]) < per_layer:
-                seen[name].append(args[0].detach().clone())
-        return hook
-
-    handles = [lay.register_forward_pre_hook(grab(n)) for n, lay in layers.items()]
-    try:
-        with torch.no_grad():
-            probe(unet)
-    finally:
-        for h in handles:
-            h.remove()
+    seen = capture_inputs(unet, layers, probe, per_layer)
     rows = []
     for name, layer in layers.items():
-        module, row = convert(layer, seen[name], tol, name)
+        module, row = convert(layer, seen[name].get(0, []), tol, name)
         if module is not layer:
             replace_module(unet, name, module)
         rows.append({**row, "parts": int(row["int8"])})
