@@ -227,12 +227,13 @@ def results_frame(results: list[EvalResult]):
     rows = []
     for r in results:
         c = r.candidate
-        row = {"key": r.key, "status": r.status, "timesteps": list(c.timesteps), "bits": c.fields()["bits"],
+        f = c.fields()
+        row = {"key": r.key, "status": r.status, "timesteps": f["timesteps"], "bits": f["bits"],
                "steps": len(c.timesteps), "proxy": r.proxy.get("name", ""),
                "proxy_version": r.proxy.get("version", ""), "n_images": r.n_images, "seed": r.seed,
                "wall_s": r.wall_s, "worker": r.worker, "error": r.error, "generation": r.generation,
-               "origin": r.origin, "peak_mib": r.peak_mib, **c.solver.fields(),
-               **({"reuse": list(c.reuse)} if c.reuse else {}), **({"algos": list(c.algos)} if c.algos else {})}
+               "origin": r.origin, "peak_mib": r.peak_mib,
+               **f}  # its solver / reuse / algos where not the defaults
         row.update(r.objectives)
         rows.append(row)
     df = pd.DataFrame(rows)

@@ -227,8 +227,7 @@ def validate_run(run_path: str | Path, cfg: ValidateConfig, progress: bool = Tru
                             "kid": s.get("kid"), "kid_std": s.get("kid_std"), "timesteps": list(cand.timesteps),
                             "bits": cand.fields()["bits"], "bitops": float(p["bitops"]),
                             "fid_proxy": float(p["fid_proxy"]), "sample_s": round(time.perf_counter() - t0, 1),
-                            **cand.solver.fields(), **({"reuse": list(cand.reuse)} if cand.reuse else {}),
-                            **({"algos": list(cand.algos)} if cand.algos else {}), **info})
+                            **cand.fields(), **info})  # + solver / reuse / algos where not the defaults
             _write_summary(run.path, log, settings, cfg, fp_log)
         return _write_summary(run.path, log, settings, cfg, fp_log)
 
